@@ -1,0 +1,15 @@
+"""The ``smc`` command line: one click group, with commands registered from sibling modules.
+
+Role: entry point (``smc = smc.cli:main``). Each command family lives in its own private module
+and registers itself on :data:`cli`; errors from the SMC exception tree become one clear line on
+stderr and exit code 1, never a traceback.
+Concurrency: one command per process.
+"""
+
+from __future__ import annotations
+
+from smc.cli import _log as _log
+from smc.cli import _serve as _serve
+from smc.cli._app import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,251 @@
+"""Avro codec for SMC events: single-object encoding with the writer schema's fingerprint.
+
+Role: turns :class:`~smc.events.Event` values into bytes and back. Every record is
+``C3 01`` + the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing
+Canonical Form + the Avro binary body (the Avro specification's single-object encoding), so a
+consumer holding only ``schemas/`` can decode every event ever written. Records are always
+written with the newest version of their schema and read into the newest version (Avro schema
+resolution fills fields added later from their defaults).
+Concurrency: a :class:`Codec` is immutable after construction; share it between threads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from smc.events._errors import DecodeError, InvalidEvent, UnknownSchema
+from smc.events._fastdecode import UnsupportedSchema, compile_decoder
+from smc.events._types import (
+    EVENT_TYPES,
+    Endpoint,
+    EndpointsChanged,
+    Envelope,
+    Event,
+    ServicePort,
+    ServiceUpserted,
+    TrustBundleChanged,
+    WorkloadJoined,
+    WorkloadPort,
+)
+
+__all__ = ["MAGIC", "Codec", "SchemaInfo", "default_codec", "schemas_dir"]
+
+MAGIC = b"\xc3\x01"
+_FILE_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)\.v(?P<version>\d+)\.avsc$")
+
+# Fields whose Avro array of records maps to a tuple of these dataclasses.
+_NESTED: Mapping[type[Event], Mapping[str, type]] = {
+    ServiceUpserted: {"ports": ServicePort},
+    EndpointsChanged: {"endpoints": Endpoint},
+    WorkloadJoined: {"ports": WorkloadPort},
+}
+_TUPLES: Mapping[type[Event], tuple[str, ...]] = {TrustBundleChanged: ("roots_pem",)}
+
+
+def schemas_dir() -> Path:
+    """The directory holding the ``*.avsc`` files (shipped inside the package)."""
+    return Path(__file__).resolve().parent / "schemas"
+
+
+class SchemaInfo:
+    """One version of one record schema, with its fingerprint."""
+
+    __slots__ = ("fingerprint", "name", "parsed", "path", "version")
+
+    def __init__(self, *, name: str, version: int, parsed: Any, fp: bytes, path: Path) -> None:
+        self.name = name
+        self.version = version
+        self.parsed = parsed
+        self.fingerprint = fp
+        self.path = path
+
+
+def _new(cls: Any, values: dict[str, Any]) -> Any:
+    # Frozen dataclasses without slots: filling __dict__ is the fast, exact construction path.
+    obj = cls.__new__(cls)
+    obj.__dict__.update(values)
+    return obj
+
+
+def _make_decoder(cls: type[Event]) -> Callable[[dict[str, Any]], Event]:
+    nested = dict(_NESTED.get(cls, {}))
+    tuples = _TUPLES.get(cls, ())
+
+    def decode(d: dict[str, Any]) -> Event:
+        d["envelope"] = _new(Envelope, d["envelope"])
+        for name, sub in nested.items():
+            d[name] = tuple([_new(sub, x) for x in d[name]])
+        for name in tuples:
+            d[name] = tuple(d[name])
+        return _new(cls, d)  # type: ignore[no-any-return]
+
+    return decode
+
+
+def _make_encoder(cls: type[Event]) -> Callable[[Event], dict[str, Any]]:
+    names = [f.name for f in fields(cls) if f.name != "envelope"]
+    env_names = [f.name for f in fields(Envelope)]
+    nested = {n: [f.name for f in fields(sub)] for n, sub in _NESTED.get(cls, {}).items()}
+
+    def encode(ev: Event) -> dict[str, Any]:
+        env = ev.envelope
+        out: dict[str, Any] = {"envelope": {n: getattr(env, n) for n in env_names}}
+        for n in names:
+            v = getattr(ev, n)
+            sub = nested.get(n)
+            if sub is not None:
+                v = [{k: getattr(x, k) for k in sub} for x in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            out[n] = v
+        return out
+
+    return encode
+
+
+class Codec:
+    """Encodes and decodes events against the schemas in a directory."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory or schemas_dir()
+        self.by_fingerprint: dict[bytes, SchemaInfo] = {}
+        self.latest: dict[str, SchemaInfo] = {}
+        for path in sorted(self.directory.glob("*.avsc")):
+            m = _FILE_RE.match(path.name)
+            if m is None:
+                raise UnknownSchema(where=str(path), reason="schema file name is not NAME.vN.avsc")
+            raw = json.loads(path.read_text())
+            parsed = parse_schema(raw)
+            fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+            info = SchemaInfo(
+                name=m["name"], version=int(m["version"]), parsed=parsed, fp=fp, path=path
+            )
+            self.by_fingerprint[fp] = info
+            cur = self.latest.get(info.name)
+            if cur is None or cur.version < info.version:
+                self.latest[info.name] = info
+        missing = sorted(set(EVENT_TYPES) - set(self.latest))
+        if missing:
+            raise UnknownSchema(where=str(self.directory), reason=f"no schema for {missing}")
+        self._decoders = {name: _make_decoder(cls) for name, cls in EVENT_TYPES.items()}
+        self._encoders = {cls: _make_encoder(cls) for cls in EVENT_TYPES.values()}
+        self._headers = {info.name: MAGIC + info.fingerprint for info in self.latest.values()}
+        classes: dict[str, type] = {
+            "smc.events.Envelope": Envelope,
+            "smc.registry.ServicePort": ServicePort,
+            "smc.registry.Endpoint": Endpoint,
+            "smc.registry.WorkloadPort": WorkloadPort,
+            **EVENT_TYPES,
+        }
+        self._fast: dict[bytes, Callable[[bytes, int], tuple[Any, int]]] = {}
+        for info in self.latest.values():
+            try:
+                self._fast[info.fingerprint] = compile_decoder(info.parsed, classes=classes)
+            except UnsupportedSchema:  # pragma: no cover - all SMC schemas are supported
+                continue
+
+    def fingerprint_of(self, event_type: str) -> bytes:
+        """The fingerprint new records of ``event_type`` are written with."""
+        return self.latest[event_type].fingerprint
+
+    def encode(self, event: Event) -> bytes:
+        """Single-object encode ``event`` with the newest schema of its type."""
+        cls = type(event)
+        enc = self._encoders.get(cls)
+        if enc is None:
+            raise InvalidEvent(event_type=cls.__name__, field="<type>", reason="not an SMC event")
+        info = self.latest[cls.TYPE]
+        buf = io.BytesIO()
+        buf.write(self._headers[cls.TYPE])
+        try:
+            schemaless_writer(buf, info.parsed, enc(event))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InvalidEvent(
+                event_type=cls.TYPE, field=_field_hint(exc), reason=str(exc)
+            ) from exc
+        return buf.getvalue()
+
+    def header(self, data: bytes, *, where: str) -> SchemaInfo:
+        """The writer schema of a record, from its header."""
+        if len(data) < 10 or data[:2] != MAGIC:
+            raise DecodeError(where=where, reason="not an Avro single-object record (bad magic)")
+        info = self.by_fingerprint.get(data[2:10])
+        if info is None:
+            raise UnknownSchema(
+                where=where, reason=f"unknown writer schema fingerprint {data[2:10].hex()}"
+            )
+        return info
+
+    def decode_dict(self, data: bytes, *, where: str = "?") -> tuple[str, dict[str, Any]]:
+        """Decode a record into (event type, plain dict in the newest schema's shape)."""
+        info = self.header(data, where=where)
+        latest = self.latest[info.name]
+        bio = io.BytesIO(data)
+        bio.seek(10)
+        try:
+            if latest is info:
+                d = schemaless_reader(bio, info.parsed, None)
+            else:
+                d = schemaless_reader(bio, info.parsed, latest.parsed)
+        except Exception as exc:  # fastavro raises many types on corrupt input
+            raise DecodeError(where=where, reason=f"corrupt {info.name} body: {exc!r}") from exc
+        if bio.tell() != len(data):
+            raise DecodeError(
+                where=where,
+                reason=f"corrupt {info.name} body: {len(data) - bio.tell()} trailing bytes",
+            )
+        if not isinstance(d, dict):
+            raise DecodeError(where=where, reason="record body is not an Avro record")
+        return info.name, d
+
+    def decode(self, data: bytes, *, where: str = "?") -> Event:
+        """Decode a record into its event dataclass."""
+        fast = self._fast.get(data[2:10]) if data[:2] == MAGIC else None
+        if fast is not None:
+            try:
+                event, end = fast(data, 10)
+            except (IndexError, ValueError, UnicodeDecodeError) as exc:
+                info = self.by_fingerprint[data[2:10]]
+                raise DecodeError(where=where, reason=f"corrupt {info.name} body: {exc!r}") from exc
+            if end != len(data):
+                info = self.by_fingerprint[data[2:10]]
+                raise DecodeError(
+                    where=where,
+                    reason=f"corrupt {info.name} body: {len(data) - end} trailing bytes",
+                )
+            return event  # type: ignore[no-any-return]
+        name, d = self.decode_dict(data, where=where)
+        decoder = self._decoders.get(name)
+        if decoder is None:
+            raise UnknownSchema(where=where, reason=f"unknown event type {name}")
+        try:
+            return decoder(d)
+        except (KeyError, TypeError) as exc:
+            raise DecodeError(where=where, reason=f"{name} lacks field {exc}") from exc
+
+
+def _field_hint(exc: BaseException) -> str:
+    m = re.search(r"(?:field|for) ['\"]?([A-Za-z_][\w.]*)", str(exc))
+    return m.group(1) if m else "<unknown>"
+
+
+_DEFAULT: Codec | None = None
+
+
+def default_codec() -> Codec:
+    """The process-wide codec over the packaged schemas (built on first use)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Codec()
+    return _DEFAULT

@@ -1,0 +1,133 @@
+"""The ``EventLog`` protocol every log backend implements, and the values it trades in.
+
+Role: the narrow interface between sources/projections and storage. A log holds one stream per
+domain (``smc.registry``, ``smc.policy``, ``smc.certs``), each split in partitions; records of
+one aggregate stay in one partition, in order. A :class:`Position` is the next offset to read per
+(stream, partition). Records carry raw bytes: decoding is the codec's job (raw payloads stay
+apart from translation).
+Concurrency: implementations document their own; the protocol is synchronous (blocking) so it
+can be driven from a thread (``asyncio.to_thread``) or a plain CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from smc.events._types import Event
+
+__all__ = ["Appended", "EventLog", "Position", "Record", "TopicPartition"]
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Record:
+    """One record as stored: where it is, when it was appended, and its encoded event."""
+
+    stream: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: str
+    value: bytes
+
+    @property
+    def where(self) -> str:
+        return f"{self.stream}[{self.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Appended:
+    """Outcome of appending one event: where it lives and whether it was new."""
+
+    event_id: str
+    stream: str
+    partition: int
+    offset: int
+    duplicate: bool
+
+
+class Position:
+    """Next offset to read per (stream, partition); immutable; JSON-friendly via ``to_json``."""
+
+    __slots__ = ("_offsets",)
+
+    def __init__(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        self._offsets: dict[TopicPartition, int] = dict(offsets or {})
+
+    def get(self, tp: TopicPartition) -> int:
+        return self._offsets.get(tp, 0)
+
+    def items(self) -> Iterator[tuple[TopicPartition, int]]:
+        return iter(sorted(self._offsets.items()))
+
+    def advanced(self, records: Sequence[Record]) -> Position:
+        offsets = dict(self._offsets)
+        for r in records:
+            tp = (r.stream, r.partition)
+            if r.offset + 1 > offsets.get(tp, 0):
+                offsets[tp] = r.offset + 1
+        return Position(offsets)
+
+    def covers(self, other: Position) -> bool:
+        """True when this position is at or past ``other`` on every partition ``other`` names."""
+        return all(self.get(tp) >= off for tp, off in other.items())
+
+    def to_json(self) -> dict[str, int]:
+        return {f"{s}:{p}": o for (s, p), o in self.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, int]) -> Position:
+        out: dict[TopicPartition, int] = {}
+        for k, v in data.items():
+            stream, _, part = k.rpartition(":")
+            out[(stream, int(part))] = int(v)
+        return cls(out)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Position) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.items()))
+
+    def __repr__(self) -> str:
+        return f"Position({self.to_json()})"
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """A durable, append-only, partitioned log of encoded events."""
+
+    url: str
+    #: True when the backend itself drops an append whose event id it already holds.
+    dedupes_on_append: bool
+
+    def append(self, events: Sequence[Event]) -> list[Appended]:
+        """Append events durably; returns once every one is acknowledged (or raises).
+
+        Idempotent by event id where ``dedupes_on_append``; otherwise duplicates may be stored
+        and the projection runner drops them by id.
+        """
+        ...
+
+    def read(
+        self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0
+    ) -> list[Record]:
+        """Records at or after ``start``, in order within each partition.
+
+        Waits up to ``timeout`` seconds for at least one record when none is available yet.
+        """
+        ...
+
+    def end_position(self) -> Position:
+        """The position just past the last record of every partition (the high watermarks)."""
+        ...
+
+    def position_at(self, when: datetime) -> Position:
+        """The first position whose records were appended at or after ``when``."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,286 @@
+"""The projection runner: rebuilds projections from the log (from zero or a checkpoint) and tails it.
+
+Role: the only code that feeds events to projections. It decodes each record, drops events
+whose id it has already applied (logs that cannot refuse duplicates on append, i.e. Kafka), and
+applies the event to every projection of its stream. A record that cannot be decoded or applied
+stops the runner with an error naming its offset; nothing after it is applied (so nothing is
+skipped or lost), and the state holds every event before it, whole. Checkpoints are data: the
+position, each projection's state and the de-duplication set, written together atomically.
+Concurrency: ``catch_up``/``step`` are synchronous and run on the caller's thread; ``run`` is a
+coroutine that reads the log in a worker thread and applies events on the event-loop thread, so
+readers on that loop always see whole events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smc.events import (
+    Codec,
+    Event,
+    EventLog,
+    LogUnavailable,
+    Position,
+    Record,
+    default_codec,
+)
+from smc.projections._base import Projection
+from smc.projections._errors import CheckpointError, ProjectionError
+
+__all__ = ["Checkpoint", "CheckpointStore", "ProjectionRunner"]
+
+log = logging.getLogger("smc.projections")
+
+CHECKPOINT_FORMAT = 1
+
+
+def _id_hash(event_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    """A position plus every projection's state and the ids already applied, as data."""
+
+    position: Position
+    states: dict[str, dict[str, Any]]
+    digests: dict[str, str]
+    seen: frozenset[int]
+    applied: int
+
+    def to_json(self) -> dict[str, Any]:
+        packed = struct.pack(f"<{len(self.seen)}Q", *sorted(self.seen))
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "position": self.position.to_json(),
+            "states": self.states,
+            "digests": self.digests,
+            "seen": base64.b64encode(packed).decode(),
+            "applied": self.applied,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
+        try:
+            if data.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"checkpoint format {data.get('format')!r} not supported")
+            raw = base64.b64decode(data["seen"])
+            seen = frozenset(struct.unpack(f"<{len(raw) // 8}Q", raw))
+            return cls(
+                position=Position.from_json(data["position"]),
+                states=dict(data["states"]),
+                digests=dict(data["digests"]),
+                seen=seen,
+                applied=int(data["applied"]),
+            )
+        except (KeyError, TypeError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"checkpoint is malformed: {exc!r}") from exc
+
+
+class CheckpointStore:
+    """Checkpoints in one JSON file, replaced atomically (write, fsync, rename)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> Checkpoint | None:
+        if not self.path.exists():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from exc
+        return Checkpoint.from_json(data)
+
+    def save(self, cp: Checkpoint) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(cp.to_json(), f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class ProjectionRunner:
+    """Feeds log records to projections, from zero or a checkpoint, then follows the tail."""
+
+    def __init__(
+        self,
+        *,
+        log: EventLog,
+        projections: Sequence[Projection],
+        codec: Codec | None = None,
+        batch: int = 5000,
+    ) -> None:
+        self.log = log
+        self.projections = list(projections)
+        self.codec = codec or default_codec()
+        self.batch = batch
+        self.position = Position()
+        self.applied = 0
+        self.duplicates = 0
+        self._dedupe = not log.dedupes_on_append
+        self._seen: set[int] = set()
+        self._by_stream: dict[str, list[Projection]] = {}
+        for p in self.projections:
+            for s in p.streams:
+                self._by_stream.setdefault(s, []).append(p)
+        self.caught_up = asyncio.Event()
+        self.listeners: list[Callable[[list[Event]], None]] = []
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            position=self.position,
+            states={p.name: p.checkpoint() for p in self.projections},
+            digests={p.name: p.digest() for p in self.projections},
+            seen=frozenset(self._seen),
+            applied=self.applied,
+        )
+
+    def restore(self, cp: Checkpoint) -> None:
+        names = {p.name for p in self.projections}
+        if set(cp.states) != names:
+            raise CheckpointError(
+                f"checkpoint holds projections {sorted(cp.states)}, runner has {sorted(names)}"
+            )
+        for p in self.projections:
+            p.restore(cp.states[p.name])
+            if p.digest() != cp.digests[p.name]:
+                raise CheckpointError(f"checkpoint of {p.name} does not match its digest")
+        self.position = cp.position
+        self._seen = set(cp.seen)
+        self.applied = cp.applied
+
+    def digests(self) -> dict[str, str]:
+        return {p.name: p.digest() for p in self.projections}
+
+    # -- applying ---------------------------------------------------------------------------
+    def apply_records(self, records: Sequence[Record]) -> list[Event]:
+        """Decode and apply records in order; returns the events applied (duplicates dropped).
+
+        On an undecodable or unappliable record, raises; the position then points at that
+        record and every record before it is applied whole.
+        """
+        decode = self.codec.decode
+        by_stream = self._by_stream
+        seen = self._seen
+        dedupe = self._dedupe
+        done: list[Event] = []
+        k = 0
+        try:
+            for rec in records:
+                event = decode(rec.value, where=rec.where)
+                if dedupe:
+                    h = _id_hash(event.envelope.event_id)
+                    if h in seen:
+                        self.duplicates += 1
+                        k += 1
+                        continue
+                for p in by_stream.get(rec.stream, ()):
+                    try:
+                        p.apply(event)
+                    except Exception as exc:
+                        raise ProjectionError(
+                            projection=p.name, where=rec.where, reason=repr(exc)
+                        ) from exc
+                if dedupe:
+                    seen.add(h)
+                done.append(event)
+                self.applied += 1
+                k += 1
+        finally:
+            if k:
+                self.position = self.position.advanced(records[:k])
+        return done
+
+    def step(self, *, timeout: float = 0.0, until: Position | None = None) -> list[Event]:
+        """Read one batch after the current position (below ``until``) and apply it."""
+        recs = self.log.read(start=self.position, max_records=self.batch, timeout=timeout)
+        if until is not None:
+            recs = [r for r in recs if r.offset < until.get((r.stream, r.partition))]
+        events = self.apply_records(recs)
+        for cb in self.listeners:
+            cb(events)
+        return events
+
+    def catch_up(
+        self,
+        *,
+        until: Position | None = None,
+        progress: Callable[[int], None] | None = None,
+        stall_timeout: float = 30.0,
+    ) -> int:
+        """Apply everything before ``until`` and the log's end now; returns events applied.
+
+        Offsets are contiguous per partition on every backend, so this ends exactly at
+        ``until``; if the log stops answering for ``stall_timeout`` seconds first, raises
+        :class:`~smc.events.LogUnavailable`.
+        """
+        end = self.log.end_position()
+        if until is not None:
+            end = Position({tp: min(off, until.get(tp)) for tp, off in end.items()})
+        target = end
+        start = self.applied
+        last_progress = time.monotonic()
+        while not self.position.covers(target):
+            before = self.position
+            self.step(timeout=0.5, until=target)
+            if progress is not None:
+                progress(self.applied - start)
+            if self.position != before:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > stall_timeout:
+                raise LogUnavailable(
+                    f"log {self.log.url} stalled at {self.position} before reaching {target}"
+                )
+        return self.applied - start
+
+    async def run(
+        self,
+        *,
+        stop: asyncio.Event,
+        retry_max: float = 5.0,
+    ) -> None:
+        """Catch up, set :attr:`caught_up`, then follow the log until ``stop`` is set.
+
+        An unreachable log is retried with exponential backoff (capped at ``retry_max``
+        seconds); decode and apply errors propagate (the caller exits non-zero).
+        """
+        attempt = 0
+        target: Position | None = None
+        while not stop.is_set():
+            try:
+                if target is None:
+                    target = await asyncio.to_thread(self.log.end_position)
+                recs = await asyncio.to_thread(
+                    self.log.read, start=self.position, max_records=self.batch, timeout=0.2
+                )
+                attempt = 0
+            except LogUnavailable as exc:
+                delay = min(retry_max, 0.1 * 2**attempt) * (0.5 + random.random() / 2)
+                attempt += 1
+                log.warning("log unavailable (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            for i in range(0, len(recs), 1000):
+                events = self.apply_records(recs[i : i + 1000])
+                for cb in self.listeners:
+                    cb(events)
+                await asyncio.sleep(0)
+            if not self.caught_up.is_set() and self.position.covers(target):
+                log.info("projections caught up at %s (%d events)", self.position, self.applied)
+                self.caught_up.set()

@@ -1,0 +1,115 @@
+"""The snapshot cache: the latest consistent :class:`Snapshot` per node id, with change watches.
+
+Role: the snapshot builder publishes per-proxy snapshots here with :meth:`SnapshotCache.set_snapshot`
+(which refuses inconsistent ones); the ADS server sees only the narrow :class:`SnapshotSource`
+protocol (``get`` and ``watch``). A watch is a plain callback, so an open stream costs one set entry
+here and no task.
+
+Concurrency: the cache may be written from any thread; a watch callback always runs on the event
+loop that registered it (directly when the writer is on that loop, else via
+``call_soon_threadsafe``). Reads are lock-free dictionary lookups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from smc.xds._snapshot import Snapshot
+
+__all__ = ["SnapshotCache", "SnapshotSource", "Unwatch"]
+
+Unwatch = Callable[[], None]
+
+
+class SnapshotSource(Protocol):
+    """What the ADS server needs from a cache."""
+
+    def get(self, node_id: str) -> Snapshot | None:
+        """The current snapshot of ``node_id``, or None if none was published yet."""
+        ...
+
+    def watch(self, node_id: str, callback: Callable[[], None]) -> Unwatch:
+        """Call ``callback`` (on the caller's event loop) whenever ``node_id``'s snapshot changes;
+        returns a function that removes the watch."""
+        ...
+
+
+class _Watch:
+    __slots__ = ("callback", "loop")
+
+    def __init__(self, callback: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        self.callback = callback
+        self.loop = loop
+
+
+class SnapshotCache:
+    """Latest snapshot per node id; implements :class:`SnapshotSource`."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        self._watches: dict[str, set[_Watch]] = {}
+        self._lock = threading.Lock()
+
+    def set_snapshot(self, *, node_id: str, snapshot: Snapshot) -> bool:
+        """Publish ``snapshot`` for ``node_id`` after checking its consistency.
+
+        Raises :class:`~smc.xds.InconsistentSnapshot` (and keeps the previous snapshot) if a
+        referenced EDS/RDS/SDS resource is missing. Returns False, and wakes nobody, when the
+        content equals the current snapshot's.
+        """
+        if not node_id:
+            raise ValueError("node_id must be a non-empty string")
+        snapshot.check_consistency(node_id=node_id)
+        with self._lock:
+            if snapshot.same_content(self._snapshots.get(node_id)):
+                return False
+            self._snapshots[node_id] = snapshot
+            watches = list(self._watches.get(node_id, ()))
+        self._notify(watches)
+        return True
+
+    def clear(self, *, node_id: str) -> None:
+        """Forget ``node_id``'s snapshot (open streams keep what they were sent)."""
+        with self._lock:
+            self._snapshots.pop(node_id, None)
+
+    def get(self, node_id: str) -> Snapshot | None:
+        return self._snapshots.get(node_id)
+
+    def node_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._snapshots)
+
+    def watch(self, node_id: str, callback: Callable[[], None]) -> Unwatch:
+        entry = _Watch(callback, asyncio.get_running_loop())
+        with self._lock:
+            self._watches.setdefault(node_id, set()).add(entry)
+
+        def unwatch() -> None:
+            with self._lock:
+                bucket = self._watches.get(node_id)
+                if bucket is not None:
+                    bucket.discard(entry)
+                    if not bucket:
+                        del self._watches[node_id]
+
+        return unwatch
+
+    def watch_count(self) -> int:
+        with self._lock:
+            return sum(len(b) for b in self._watches.values())
+
+    @staticmethod
+    def _notify(watches: list[_Watch]) -> None:
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for w in watches:
+            if w.loop is current:
+                w.callback()
+            elif not w.loop.is_closed():
+                w.loop.call_soon_threadsafe(w.callback)

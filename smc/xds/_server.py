@@ -1,0 +1,627 @@
+"""The ADS server: state-of-the-world and delta xDS for Envoy on one grpc.aio port.
+
+Role: serves ``envoy.service.discovery.v3.AggregatedDiscoveryService`` (both
+``StreamAggregatedResources`` and ``DeltaAggregatedResources``) from a :class:`SnapshotSource`
+keyed by node id. Protocol rules followed: a fresh nonce per response; a request whose
+``response_nonce`` names the stream's latest response for that type is an ACK, or a NACK when
+``error_detail`` is set (recorded per node and type, counted, logged, and never answered by
+re-sending the rejected content); per-type versions; LDS/CDS wildcard and EDS/RDS/SDS named
+subscriptions (a name requested before it exists is sent when it appears); SotW sends every
+resource of a wildcard type and only the requested ones of a named type; delta sends only what
+changed plus ``removed_resources`` and honours ``initial_resource_versions``. Pushes go in the
+order CDS -> EDS -> LDS -> RDS -> SDS and at most one response is in flight per stream and type;
+LDS and RDS wait while a CDS or EDS response is un-ACKed (make-before-break: Envoy ACKs CDS once
+the new clusters warmed, so a listener or route never points at a cluster Envoy lacks). Streams are
+accepted at once but answered only after :meth:`AdsServer.mark_ready`.
+
+Concurrency: everything runs on the one event loop of the grpc.aio server. Each stream is one
+handler coroutine plus one reader task feeding a queue; snapshot changes arrive as a callback from
+the cache that enqueues a single coalesced wake-up. Per-stream state is a few slotted objects:
+per type the subscription, the last nonce, the version sent and ACKed, and (SotW) one content key
+or (delta) the ``name -> version`` map the client holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from smc.xds._cache import SnapshotSource, Unwatch
+from smc.xds._snapshot import ResourceEntry, Snapshot
+from smc.xds._types import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    WILDCARD_TYPES,
+    short_name,
+)
+
+__all__ = ["AdsServer", "NackRecord", "ProxyStatus", "TypeStatus", "XdsMetrics"]
+
+_log = logging.getLogger("smc.xds.server")
+
+StreamKind = Literal["sotw", "delta"]
+
+_EOF = object()
+_CHANGED = object()
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+# ---------------------------------------------------------------------- public records
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NackRecord:
+    """One NACK: which node rejected which version of which type, when, and why."""
+
+    node_id: str
+    type_url: str
+    version: str
+    nonce: str
+    message: str
+    code: int
+    at: float  # wall-clock seconds (time.time())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TypeStatus:
+    """Debug view of one type on one stream."""
+
+    type_url: str
+    wildcard: bool
+    names: tuple[str, ...]
+    sent_version: str | None
+    acked_version: str | None
+    last_nonce: str | None
+    pending: bool
+    last_nack: NackRecord | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProxyStatus:
+    """Debug view of one connected ADS stream."""
+
+    node_id: str
+    stream_id: int
+    kind: StreamKind
+    peer: str
+    connected_at: float
+    types: Mapping[str, TypeStatus]
+
+
+class XdsMetrics:
+    """Prometheus metrics of the ADS server, registered in the given registry. Labels carry only
+    the resource type and stream kind, never node ids."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.pushes = Counter(
+            "smc_xds_pushes", "xDS responses sent", ["type", "kind"], registry=registry
+        )
+        self.resources_sent = Counter(
+            "smc_xds_resources_sent",
+            "Resources carried by xDS responses",
+            ["type"],
+            registry=registry,
+        )
+        self.bytes_sent = Counter(
+            "smc_xds_resource_bytes_sent",
+            "Serialised resource bytes sent",
+            ["type"],
+            registry=registry,
+        )
+        self.push_latency = Histogram(
+            "smc_xds_push_latency_seconds",
+            "Time from a snapshot change (or request) to the response being written",
+            ["type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ack_latency = Histogram(
+            "smc_xds_ack_latency_seconds",
+            "Time from a response being written to its ACK or NACK",
+            ["type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.nacks = Counter("smc_xds_nacks", "NACKs received", ["type"], registry=registry)
+        self.connected = Gauge(
+            "smc_xds_connected_proxies", "Open ADS streams", ["kind"], registry=registry
+        )
+
+
+# ---------------------------------------------------------------------- per-stream state
+
+
+class _TypeState:
+    __slots__ = (
+        "acked_version",
+        "held",
+        "last_nack",
+        "names",
+        "nonce",
+        "pending",
+        "sent_at",
+        "sent_key",
+        "sent_version",
+        "wildcard",
+    )
+
+    def __init__(self) -> None:
+        self.wildcard = False
+        self.names: frozenset[str] | set[str] = frozenset()
+        self.nonce: str | None = None
+        self.sent_version: str | None = None
+        self.acked_version: str | None = None
+        self.pending = False
+        self.sent_at = 0.0
+        self.last_nack: NackRecord | None = None
+        # SotW: content key of the last response (None: nothing sent on this stream yet).
+        self.sent_key: object = None
+        # Delta: name -> version the client holds (from initial_resource_versions and our sends).
+        self.held: dict[str, str] = {}
+
+
+class _Stream:
+    __slots__ = (
+        "changed",
+        "connected_at",
+        "id",
+        "kind",
+        "node_id",
+        "nonces",
+        "peer",
+        "queue",
+        "since",
+        "types",
+        "unwatch",
+    )
+
+    def __init__(self, *, stream_id: int, kind: StreamKind, peer: str) -> None:
+        self.id = stream_id
+        self.kind: StreamKind = kind
+        self.peer = peer
+        self.node_id = ""
+        self.connected_at = time.time()
+        self.types: dict[str, _TypeState] = {}
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.changed = False
+        self.since: float | None = None
+        self.nonces = 0
+        self.unwatch: Unwatch | None = None
+
+    def wake(self) -> None:
+        if not self.changed:
+            self.changed = True
+            if self.since is None:
+                self.since = time.monotonic()
+            self.queue.put_nowait(_CHANGED)
+
+    def next_nonce(self) -> str:
+        self.nonces += 1
+        return f"{self.id}.{self.nonces}"
+
+
+# ---------------------------------------------------------------------- server
+
+#: Make-before-break: a listener or route push waits while a cluster or endpoint push is
+#: un-ACKed. Envoy ACKs CDS only once the new clusters have warmed (got their EDS), so EDS must
+#: never wait for the CDS ACK, and nothing CDS/EDS/SDS need waits for LDS/RDS (no cycle).
+HOLD_FOR: dict[str, tuple[str, ...]] = {
+    LISTENER: (CLUSTER, ENDPOINT),
+    ROUTE: (CLUSTER, ENDPOINT),
+}
+
+
+def _pending(stream: _Stream, type_url: str) -> bool:
+    ts = stream.types.get(type_url)
+    return ts is not None and ts.pending
+
+
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """Aggregated Discovery Service (SotW and delta) over a :class:`SnapshotSource`."""
+
+    def __init__(
+        self,
+        *,
+        cache: SnapshotSource,
+        registry: CollectorRegistry | None = None,
+        metrics: XdsMetrics | None = None,
+    ) -> None:
+        """``registry``: where to register new metrics (a private one if None); or pass the
+        ``metrics`` of an earlier server (a restart in the same process) to keep counting."""
+        self._cache = cache
+        if metrics is None:
+            metrics = XdsMetrics(registry if registry is not None else CollectorRegistry())
+        self.metrics = metrics
+        self._ready = False
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._nacks: dict[tuple[str, str], NackRecord] = {}
+        self._server: grpc.aio.Server | None = None
+        self._port: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        """Mount the ADS service on a caller-owned grpc.aio server."""
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
+
+    async def start(self, *, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start an own grpc.aio server on ``host:port`` (0: any free port); returns the port."""
+        if self._server is not None:
+            raise RuntimeError("AdsServer already started")
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self.add_to(server)
+        bound: int = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the ADS server to {host}:{port}")
+        await server.start()
+        self._server, self._port = server, bound
+        return bound
+
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop the own server; open streams end (Envoy keeps its config and reconnects)."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def mark_ready(self) -> None:
+        """Open the gate: from now on streams are answered (call once projections caught up)."""
+        if self._ready:
+            return
+        self._ready = True
+        for stream in list(self._streams.values()):
+            stream.wake()
+
+    # ------------------------------------------------------------------ debug
+
+    def proxies(self) -> list[ProxyStatus]:
+        """One entry per open stream (a node may have several), sorted by node id."""
+        out = []
+        for s in self._streams.values():
+            types = {
+                t: TypeStatus(
+                    type_url=t,
+                    wildcard=ts.wildcard,
+                    names=tuple(sorted(ts.names)),
+                    sent_version=ts.sent_version,
+                    acked_version=ts.acked_version,
+                    last_nonce=ts.nonce,
+                    pending=ts.pending,
+                    last_nack=ts.last_nack,
+                )
+                for t, ts in s.types.items()
+            }
+            out.append(
+                ProxyStatus(
+                    node_id=s.node_id,
+                    stream_id=s.id,
+                    kind=s.kind,
+                    peer=s.peer,
+                    connected_at=s.connected_at,
+                    types=types,
+                )
+            )
+        out.sort(key=lambda p: (p.node_id, p.stream_id))
+        return out
+
+    def nacks(self, *, node_id: str | None = None) -> list[NackRecord]:
+        """The last NACK per (node, type), kept after the stream closes; newest first."""
+        found = [r for (n, _), r in self._nacks.items() if node_id is None or n == node_id]
+        found.sort(key=lambda r: r.at, reverse=True)
+        return found
+
+    # ------------------------------------------------------------------ gRPC methods
+
+    async def StreamAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._serve(request_iterator, context, "sotw")
+
+    async def DeltaAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._serve(request_iterator, context, "delta")
+
+    # ------------------------------------------------------------------ stream loop
+
+    async def _serve(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: StreamKind
+    ) -> None:
+        stream = _Stream(stream_id=next(self._ids), kind=kind, peer=str(context.peer()))
+        queue = stream.queue
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    queue.put_nowait(request)
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+            finally:
+                queue.put_nowait(_EOF)
+
+        reader = asyncio.create_task(read())
+        self._streams[stream.id] = stream
+        self.metrics.connected.labels(kind).inc()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _EOF:
+                    return
+                closed = await self._handle(stream, item, context)
+                while not closed and not queue.empty():
+                    item = queue.get_nowait()
+                    if item is _EOF:
+                        closed = True
+                        break
+                    closed = await self._handle(stream, item, context)
+                await self._push(stream, context)
+                if closed:
+                    return
+        finally:
+            reader.cancel()
+            if stream.unwatch is not None:
+                stream.unwatch()
+            self._streams.pop(stream.id, None)
+            self.metrics.connected.labels(kind).dec()
+
+    async def _handle(self, stream: _Stream, item: Any, context: grpc.aio.ServicerContext) -> bool:
+        """Apply one queue item; returns True when the stream must end."""
+        if item is _CHANGED:
+            stream.changed = False
+            return False
+        if not item.type_url:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request has no type_url")
+            return True
+        if not stream.node_id:
+            node_id = item.node.id if item.HasField("node") else ""
+            if not node_id:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the first request of a stream must carry node.id",
+                )
+                return True
+            stream.node_id = node_id
+            stream.unwatch = self._cache.watch(node_id, stream.wake)
+        if stream.since is None:
+            stream.since = time.monotonic()
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("request from %s: %s", stream.node_id, str(item).replace("\n", " ")[:300])
+        if stream.kind == "sotw":
+            self._on_sotw_request(stream, item)
+        else:
+            self._on_delta_request(stream, item)
+        return False
+
+    def _on_reply(self, stream: _Stream, ts: _TypeState, type_url: str, request: Any) -> None:
+        """``request`` answers our latest response of ``type_url``: record the ACK or NACK."""
+        if ts.pending:
+            self.metrics.ack_latency.labels(short_name(type_url)).observe(
+                time.monotonic() - ts.sent_at
+            )
+        ts.pending = False
+        if request.HasField("error_detail"):
+            record = NackRecord(
+                node_id=stream.node_id,
+                type_url=type_url,
+                version=ts.sent_version or "",
+                nonce=request.response_nonce,
+                message=request.error_detail.message,
+                code=request.error_detail.code,
+                at=time.time(),
+            )
+            ts.last_nack = record
+            self._nacks[(stream.node_id, type_url)] = record
+            self.metrics.nacks.labels(short_name(type_url)).inc()
+            _log.warning(
+                "NACK from %s for %s version %s (nonce %s): %s",
+                stream.node_id,
+                short_name(type_url),
+                record.version,
+                record.nonce,
+                record.message,
+            )
+        else:
+            ts.acked_version = ts.sent_version
+
+    def _on_sotw_request(self, stream: _Stream, request: discovery_pb2.DiscoveryRequest) -> None:
+        type_url = request.type_url
+        ts = stream.types.get(type_url)
+        if ts is None:
+            # First request of this type on this stream: an initial request whatever nonce it
+            # carries (after a reconnect Envoy may still send an old stream's nonce).
+            ts = stream.types[type_url] = _TypeState()
+            if request.version_info:
+                ts.acked_version = request.version_info
+        elif request.response_nonce:
+            if request.response_nonce != ts.nonce:
+                return  # stale: a newer response is on its way, the client will re-request
+            self._on_reply(stream, ts, type_url, request)
+        names = request.resource_names
+        if type_url in WILDCARD_TYPES and not names and (ts.sent_key is None or ts.wildcard):
+            ts.wildcard = True
+            ts.names = frozenset()
+        else:
+            ts.wildcard = "*" in names
+            ts.names = frozenset(n for n in names if n != "*")
+
+    def _on_delta_request(
+        self, stream: _Stream, request: discovery_pb2.DeltaDiscoveryRequest
+    ) -> None:
+        type_url = request.type_url
+        ts = stream.types.get(type_url)
+        subscribe = request.resource_names_subscribe
+        unsubscribe = request.resource_names_unsubscribe
+        if ts is None:
+            ts = stream.types[type_url] = _TypeState()
+            ts.names = set()
+            ts.held = dict(request.initial_resource_versions)
+            if type_url in WILDCARD_TYPES and not subscribe:
+                ts.wildcard = True
+        else:
+            if request.response_nonce and request.response_nonce == ts.nonce:
+                self._on_reply(stream, ts, type_url, request)
+            for name in subscribe:
+                # A (re-)subscribed name is sent again even if the client once held it.
+                ts.held.pop(name, None)
+        names = ts.names
+        assert isinstance(names, set)
+        for name in subscribe:
+            if name == "*":
+                ts.wildcard = True
+            else:
+                names.add(name)
+        for name in unsubscribe:
+            if name == "*":
+                ts.wildcard = False
+            else:
+                names.discard(name)
+                ts.held.pop(name, None)
+
+    # ------------------------------------------------------------------ pushing
+
+    async def _push(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
+        if not self._ready or not stream.node_id:
+            return
+        snapshot = self._cache.get(stream.node_id)
+        if snapshot is None:
+            return
+        in_flight = False
+        for type_url in PUSH_ORDER:
+            ts = stream.types.get(type_url)
+            if ts is None:
+                continue
+            if ts.pending:
+                in_flight = True
+                continue
+            if any(_pending(stream, dep) for dep in HOLD_FOR.get(type_url, ())):
+                in_flight = True
+                continue
+            if stream.kind == "sotw":
+                response: Any = self._sotw_response(stream, ts, type_url, snapshot)
+            else:
+                response = self._delta_response(stream, ts, type_url, snapshot)
+            if response is None:
+                continue
+            await context.write(response)
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug(
+                    "sent %s %s nonce %s to %s",
+                    stream.kind,
+                    short_name(type_url),
+                    ts.nonce,
+                    stream.node_id,
+                )
+            now = time.monotonic()
+            label = short_name(type_url)
+            self.metrics.pushes.labels(label, stream.kind).inc()
+            if stream.since is not None:
+                self.metrics.push_latency.labels(label).observe(now - stream.since)
+            ts.pending = True
+            ts.sent_at = now
+            in_flight = True
+        if not in_flight:
+            stream.since = None
+
+    def _count(self, type_url: str, entries: list[ResourceEntry]) -> None:
+        label = short_name(type_url)
+        self.metrics.resources_sent.labels(label).inc(len(entries))
+        self.metrics.bytes_sent.labels(label).inc(sum(len(e.value) for e in entries))
+
+    def _sotw_response(
+        self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
+    ) -> discovery_pb2.DiscoveryResponse | None:
+        all_entries = snapshot.entries(type_url)
+        version = snapshot.version(type_url)
+        key: object
+        if ts.wildcard:
+            chosen = list(all_entries.values())
+            key = version
+        else:
+            chosen = [e for n in ts.names if (e := all_entries.get(n)) is not None]
+            key = frozenset((e.name, e.version) for e in chosen)
+        if ts.sent_key is None:
+            if not ts.wildcard and not chosen and ts.names:
+                return None  # named resources that do not exist yet: sent when they appear
+        elif key == ts.sent_key:
+            return None
+        nonce = stream.next_nonce()
+        response = discovery_pb2.DiscoveryResponse(
+            version_info=version, type_url=type_url, nonce=nonce
+        )
+        add = response.resources.add
+        for entry in chosen:
+            add(type_url=type_url, value=entry.value)
+        ts.sent_key = key
+        ts.sent_version = version
+        ts.nonce = nonce
+        self._count(type_url, chosen)
+        return response
+
+    def _delta_response(
+        self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
+    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
+        all_entries = snapshot.entries(type_url)
+        held = ts.held
+        if ts.wildcard:
+            scope: Any = all_entries
+            removed = [n for n in held if n not in all_entries]
+        else:
+            scope = ts.names
+            removed = [n for n in held if n not in all_entries and n in ts.names]
+        changed = [
+            e for n in scope if (e := all_entries.get(n)) is not None and held.get(n) != e.version
+        ]
+        first = ts.nonce is None
+        # The first request of a type always gets an answer (maybe empty): it completes Envoy's
+        # initial fetch and, after a reconnect, confirms the versions the client holds.
+        if not changed and not removed and not first:
+            return None
+        version = snapshot.version(type_url)
+        nonce = stream.next_nonce()
+        response = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version, type_url=type_url, nonce=nonce, removed_resources=removed
+        )
+        add = response.resources.add
+        for entry in changed:
+            resource = add(name=entry.name, version=entry.version)
+            resource.resource.type_url = type_url
+            resource.resource.value = entry.value
+            held[entry.name] = entry.version
+        for name in removed:
+            del held[name]
+        ts.sent_version = version
+        ts.nonce = nonce
+        self._count(type_url, changed)
+        return response

@@ -1,0 +1,395 @@
+"""Immutable, content-versioned snapshots of the Envoy resources served to one proxy.
+
+Role: a :class:`Snapshot` holds, per type URL, ``name -> resource`` in serialised form with a
+per-resource version (a hash of ``SerializeToString(deterministic=True)``) and a per-type version
+(the XOR of a 128-bit hash of each ``(name, version)`` pair: order-free and updated in O(changes)). Equal content gives equal versions across
+processes and restarts, so an unchanged resource is never re-sent and a restarted server agrees
+with what Envoy already holds. Identical resources in many per-proxy snapshots share one
+:class:`ResourceEntry` (interned by content), so a resource common to 1,000 proxies is stored
+once. :meth:`Snapshot.check_consistency` verifies that every EDS, RDS and SDS (over ADS) name a
+cluster or listener references is present.
+
+Concurrency: snapshots are frozen and safe to share between threads and tasks; building one may
+run in any thread (the intern table is guarded by a lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import config_source_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from google.protobuf.message import DecodeError, Message
+
+from smc.xds._errors import InconsistentSnapshot, InvalidResource
+from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, MESSAGE_CLASSES, ROUTE, SECRET
+
+__all__ = ["ResourceEntry", "Snapshot", "TypeResources", "make_entry", "resource_name"]
+
+_HCM_URL = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+_UPSTREAM_TLS_URL = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
+_DOWNSTREAM_TLS_URL = "type.googleapis.com/" + tls_pb2.DownstreamTlsContext.DESCRIPTOR.full_name
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
+class ResourceEntry:
+    """One serialised resource: type, name, content version, deterministic bytes, and the
+    ``(type_url, name)`` pairs it references (EDS/RDS/SDS over ADS). Make with :func:`make_entry`."""
+
+    type_url: str
+    name: str
+    version: str
+    value: bytes
+    refs: tuple[tuple[str, str], ...] = ()
+    mix: int = 0  # 128-bit hash of (name, version); a type's version is the XOR of its entries'
+
+
+@dataclass(frozen=True, slots=True)
+class TypeResources:
+    """All resources of one type in a snapshot, with the type's content version (the XOR of the
+    entries' ``mix``: order-independent, so it is updated in O(changes) by :meth:`Snapshot.replace`)."""
+
+    version: str
+    entries: Mapping[str, ResourceEntry]
+    mix: int = 0
+
+    @classmethod
+    def of(cls, entries: dict[str, ResourceEntry], mix: int | None = None) -> TypeResources:
+        if mix is None:
+            mix = 0
+            for e in entries.values():
+                mix ^= e.mix
+        return cls(version=_mix_version(mix), entries=MappingProxyType(entries), mix=mix)
+
+
+_intern_lock = threading.Lock()
+_interned: weakref.WeakValueDictionary[tuple[str, str, str], ResourceEntry] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def make_entry(resource: Message, *, type_url: str | None = None) -> ResourceEntry:
+    """Serialise ``resource`` once into an interned :class:`ResourceEntry`.
+
+    The type URL is inferred from the message class unless given. Equal content yields the very
+    same entry object while any snapshot holds it, so a builder can make shared resources once and
+    compose many per-proxy snapshots with :meth:`Snapshot.from_entries` at no serialisation cost.
+    Raises :class:`InvalidResource` for an unsupported type, a mismatched class or an empty name.
+    """
+    url = type_url or "type.googleapis.com/" + resource.DESCRIPTOR.full_name
+    expected = MESSAGE_CLASSES.get(url)
+    if expected is None:
+        raise InvalidResource(
+            f"unsupported type URL {url!r}; expected one of {sorted(MESSAGE_CLASSES)}"
+        )
+    if not isinstance(resource, expected):
+        raise InvalidResource(
+            f"{url} resource is a {type(resource).__name__}, expected {expected.DESCRIPTOR.full_name}"
+        )
+    name = resource_name(url, resource)
+    if not name:
+        raise InvalidResource(f"{url} resource has an empty name")
+    value = resource.SerializeToString(deterministic=True)
+    version = _digest(value)
+    key = (url, name, version)
+    with _intern_lock:
+        found = _interned.get(key)
+    if found is not None:
+        return found
+    refs = tuple(_references(url, name, resource))
+    made = ResourceEntry(
+        type_url=url, name=name, version=version, value=value, refs=refs, mix=_mix(name, version)
+    )
+    with _intern_lock:
+        return _interned.setdefault(key, made)
+
+
+def resource_name(type_url: str, resource: Message) -> str:
+    """The xDS name of a resource (``cluster_name`` for a ClusterLoadAssignment, else ``name``)."""
+    if type_url == ENDPOINT:
+        return str(resource.cluster_name)  # type: ignore[attr-defined]
+    return str(resource.name)  # type: ignore[attr-defined]
+
+
+def _kind(type_url: str) -> str:
+    return type_url.rsplit(".", 1)[-1]
+
+
+def _mix_version(mix: int) -> str:
+    return format(mix, "032x")
+
+
+def _mix(name: str, version: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(f"{name}\0{version}".encode(), digest_size=16).digest(), "big"
+    )
+
+
+def _is_ads(source: config_source_pb2.ConfigSource) -> bool:
+    # A reference only points into this snapshot when it is fetched over ADS (or left unset).
+    return source.WhichOneof("config_source_specifier") in (None, "ads")
+
+
+def _sds_names(common: tls_pb2.CommonTlsContext) -> Iterator[str]:
+    for sds in common.tls_certificate_sds_secret_configs:
+        if sds.name and _is_ads(sds.sds_config):
+            yield sds.name
+    if common.HasField("validation_context_sds_secret_config"):
+        sds = common.validation_context_sds_secret_config
+        if sds.name and _is_ads(sds.sds_config):
+            yield sds.name
+    if common.HasField("combined_validation_context"):
+        sds = common.combined_validation_context.validation_context_sds_secret_config
+        if sds.name and _is_ads(sds.sds_config):
+            yield sds.name
+
+
+def _unpack(any_msg: Any, cls: type[Message], where: str) -> Message:
+    msg = cls()
+    try:
+        msg.ParseFromString(any_msg.value)
+    except DecodeError as exc:
+        raise InvalidResource(
+            f"{where}: typed_config is not a valid {cls.DESCRIPTOR.full_name}: {exc}"
+        ) from exc
+    return msg
+
+
+def _references(type_url: str, name: str, resource: Message) -> Iterator[tuple[str, str]]:
+    """The ``(type_url, name)`` of every EDS/RDS/SDS resource ``resource`` needs over ADS."""
+    if type_url == CLUSTER:
+        assert isinstance(resource, cluster_pb2.Cluster)
+        who = f"Cluster {name!r}"
+        if (
+            resource.WhichOneof("cluster_discovery_type") == "type"
+            and resource.type == cluster_pb2.Cluster.EDS
+        ):
+            eds = resource.eds_cluster_config
+            if _is_ads(eds.eds_config):
+                yield ENDPOINT, eds.service_name or name
+        ts = resource.transport_socket
+        if ts.HasField("typed_config") and ts.typed_config.type_url == _UPSTREAM_TLS_URL:
+            tls = _unpack(ts.typed_config, tls_pb2.UpstreamTlsContext, f"{who} transport_socket")
+            assert isinstance(tls, tls_pb2.UpstreamTlsContext)
+            for secret in _sds_names(tls.common_tls_context):
+                yield SECRET, secret
+    elif type_url == LISTENER:
+        assert isinstance(resource, listener_pb2.Listener)
+        who = f"Listener {name!r}"
+        chains = list(resource.filter_chains)
+        if resource.HasField("default_filter_chain"):
+            chains.append(resource.default_filter_chain)
+        for chain in chains:
+            for flt in chain.filters:
+                if flt.HasField("typed_config") and flt.typed_config.type_url == _HCM_URL:
+                    hcm = _unpack(
+                        flt.typed_config,
+                        hcm_pb2.HttpConnectionManager,
+                        f"{who} filter {flt.name!r}",
+                    )
+                    assert isinstance(hcm, hcm_pb2.HttpConnectionManager)
+                    if hcm.WhichOneof("route_specifier") == "rds" and _is_ads(
+                        hcm.rds.config_source
+                    ):
+                        yield ROUTE, hcm.rds.route_config_name
+            ts = chain.transport_socket
+            if ts.HasField("typed_config") and ts.typed_config.type_url == _DOWNSTREAM_TLS_URL:
+                tls = _unpack(
+                    ts.typed_config, tls_pb2.DownstreamTlsContext, f"{who} transport_socket"
+                )
+                assert isinstance(tls, tls_pb2.DownstreamTlsContext)
+                for secret in _sds_names(tls.common_tls_context):
+                    yield SECRET, secret
+
+
+def _collect_refs(
+    entries: Iterable[ResourceEntry],
+) -> Mapping[str, Mapping[str, tuple[str, ...]]]:
+    """``{type_url: {referenced name: sorted referrers}}`` over ``entries``."""
+    refs: dict[str, dict[str, set[str]]] = {}
+    for entry in entries:
+        who = f"{_kind(entry.type_url)} {entry.name!r}"
+        for ref_type, ref_name in entry.refs:
+            refs.setdefault(ref_type, {}).setdefault(ref_name, set()).add(who)
+    return MappingProxyType(
+        {
+            t: MappingProxyType({n: tuple(sorted(who)) for n, who in names.items()})
+            for t, names in refs.items()
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The resources of one proxy, per type URL, with content-derived versions. Build with
+    :meth:`build` or :meth:`from_resources`; never mutate (it is frozen)."""
+
+    types: Mapping[str, TypeResources]
+    _refs: Mapping[str, Mapping[str, tuple[str, ...]]] = field(repr=False)
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[ResourceEntry]) -> Snapshot:
+        """Assemble from entries made by :func:`make_entry` (no serialisation happens here);
+        raises :class:`InvalidResource` on two entries of one type with the same name."""
+        by_type: dict[str, dict[str, ResourceEntry]] = {}
+        for entry in entries:
+            bucket = by_type.setdefault(entry.type_url, {})
+            if entry.name in bucket:
+                raise InvalidResource(f"{entry.type_url}: duplicate name {entry.name!r}")
+            bucket[entry.name] = entry
+        types = {t: TypeResources.of(b) for t, b in by_type.items()}
+        refs = _collect_refs(e for b in by_type.values() for e in b.values() if e.refs)
+        return cls(types=MappingProxyType(types), _refs=refs)
+
+    def replace(
+        self, *, upsert: Iterable[ResourceEntry] = (), remove: Iterable[tuple[str, str]] = ()
+    ) -> Snapshot:
+        """A new snapshot with ``upsert`` entries added or replaced and ``remove``
+        ``(type_url, name)`` pairs dropped. Unchanged types are shared with this snapshot, and
+        versions update in O(changes), so a small change to many per-proxy snapshots is cheap."""
+        changed: dict[str, dict[str, ResourceEntry]] = {}
+        mixes: dict[str, int] = {}
+        refs_dirty = False
+
+        def bucket(type_url: str) -> dict[str, ResourceEntry]:
+            found = changed.get(type_url)
+            if found is None:
+                old = self.types.get(type_url)
+                found = changed[type_url] = dict(old.entries) if old is not None else {}
+                mixes[type_url] = old.mix if old is not None else 0
+            return found
+
+        for type_url, name in remove:
+            b = bucket(type_url)
+            gone = b.pop(name, None)
+            if gone is not None:
+                mixes[type_url] ^= gone.mix
+                refs_dirty = refs_dirty or bool(gone.refs)
+        for entry in upsert:
+            b = bucket(entry.type_url)
+            old_entry = b.get(entry.name)
+            if old_entry is not None:
+                mixes[entry.type_url] ^= old_entry.mix
+                refs_dirty = refs_dirty or bool(old_entry.refs)
+            b[entry.name] = entry
+            mixes[entry.type_url] ^= entry.mix
+            refs_dirty = refs_dirty or bool(entry.refs)
+        if not changed:
+            return self
+        types = dict(self.types)
+        for type_url, b in changed.items():
+            types[type_url] = TypeResources.of(b, mixes[type_url])
+        refs = self._refs
+        if refs_dirty:
+            refs = _collect_refs(e for t in types.values() for e in t.entries.values() if e.refs)
+        return Snapshot(types=MappingProxyType(types), _refs=refs)
+
+    @classmethod
+    def from_resources(cls, resources: Mapping[str, Iterable[Message]]) -> Snapshot:
+        """Build from ``{type_url: resources}``; raises :class:`InvalidResource` on a resource of
+        the wrong message type, without a name, or with a name already used in its type."""
+        entries: list[ResourceEntry] = []
+        for type_url, items in resources.items():
+            if type_url not in MESSAGE_CLASSES:
+                raise InvalidResource(
+                    f"unsupported type URL {type_url!r}; expected one of {sorted(MESSAGE_CLASSES)}"
+                )
+            for index, resource in enumerate(items):
+                try:
+                    entries.append(make_entry(resource, type_url=type_url))
+                except InvalidResource as exc:
+                    raise InvalidResource(f"resource #{index}: {exc}") from None
+        return cls.from_entries(entries)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        listeners: Iterable[Message] = (),
+        routes: Iterable[Message] = (),
+        clusters: Iterable[Message] = (),
+        endpoints: Iterable[Message] = (),
+        secrets: Iterable[Message] = (),
+    ) -> Snapshot:
+        """Build from typed lists: Listener, RouteConfiguration, Cluster, ClusterLoadAssignment,
+        Secret messages."""
+        return cls.from_resources(
+            {
+                LISTENER: listeners,
+                ROUTE: routes,
+                CLUSTER: clusters,
+                ENDPOINT: endpoints,
+                SECRET: secrets,
+            }
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    def version(self, type_url: str) -> str:
+        """The content version of all resources of ``type_url`` (stable for equal content)."""
+        found = self.types.get(type_url)
+        return found.version if found is not None else _mix_version(0)
+
+    def entries(self, type_url: str) -> Mapping[str, ResourceEntry]:
+        """``name -> ResourceEntry`` for ``type_url`` (empty if the type is absent)."""
+        found = self.types.get(type_url)
+        return found.entries if found is not None else MappingProxyType({})
+
+    def names(self, type_url: str) -> frozenset[str]:
+        return frozenset(self.entries(type_url))
+
+    def resource(self, type_url: str, name: str) -> Message | None:
+        """The resource ``name`` decoded back into its message (None if absent)."""
+        entry = self.entries(type_url).get(name)
+        if entry is None:
+            return None
+        return MESSAGE_CLASSES[type_url].FromString(entry.value)
+
+    def resources(self, type_url: str) -> dict[str, Message]:
+        """All resources of ``type_url`` decoded (for config dumps and tests)."""
+        cls = MESSAGE_CLASSES[type_url]
+        return {n: cls.FromString(e.value) for n, e in self.entries(type_url).items()}
+
+    def versions(self) -> dict[str, str]:
+        """``type_url -> version`` for every type the snapshot holds."""
+        return {t: r.version for t, r in self.types.items()}
+
+    def same_content(self, other: Snapshot | None) -> bool:
+        return other is not None and self.versions() == other.versions()
+
+    # ------------------------------------------------------------------ consistency
+
+    def missing_references(self) -> dict[str, dict[str, tuple[str, ...]]]:
+        """``{type_url: {missing name: referrers}}`` for every referenced name not present."""
+        missing: dict[str, dict[str, tuple[str, ...]]] = {}
+        for type_url, wanted in self._refs.items():
+            have = self.entries(type_url)
+            gone = {name: who for name, who in wanted.items() if name not in have}
+            if gone:
+                missing[type_url] = gone
+        return missing
+
+    def consistent(self) -> bool:
+        """True when every EDS/RDS/SDS name referenced by clusters and listeners is present."""
+        return not self.missing_references()
+
+    def check_consistency(self, *, node_id: str | None = None) -> None:
+        """Raise :class:`InconsistentSnapshot` naming each missing resource and its referrers."""
+        missing = self.missing_references()
+        if missing:
+            raise InconsistentSnapshot(missing=missing, node_id=node_id)
