@@ -13,8 +13,11 @@ from smc.events._errors import (
     LogUnavailable,
     UnknownSchema,
 )
+from smc.events._kafka import KafkaLog
+from smc.events._kafka_topics import DEFAULT_TOPICS, TopicSetupError, ensure_topics
 from smc.events._log import Appended, EventLog, Position, Record, TopicPartition
 from smc.events._open import open_log
+from smc.events._sqlite import SqliteLog
 from smc.events._types import (
     CERTS,
     EVENT_TYPES,
@@ -46,6 +49,7 @@ from smc.events._types import (
 
 __all__ = [
     "CERTS",
+    "DEFAULT_TOPICS",
     "EVENT_TYPES",
     "MAGIC",
     "POLICY",
@@ -64,6 +68,7 @@ __all__ = [
     "EventError",
     "EventLog",
     "InvalidEvent",
+    "KafkaLog",
     "LogError",
     "LogUnavailable",
     "MeshConfigChanged",
@@ -75,8 +80,10 @@ __all__ = [
     "ServiceRemoved",
     "ServiceUpserted",
     "SmiResourceApplied",
+    "SqliteLog",
     "SmiResourceDeleted",
     "TopicPartition",
+    "TopicSetupError",
     "TrustBundleChanged",
     "UnknownSchema",
     "WorkloadJoined",
@@ -84,6 +91,7 @@ __all__ = [
     "WorkloadPort",
     "default_codec",
     "deterministic_id",
+    "ensure_topics",
     "make_event",
     "open_log",
     "schemas_dir",

@@ -11,6 +11,7 @@ per log object and must come from one thread at a time (the runner's).
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
 
 __all__ = ["KafkaLog"]
+
+_rdlog = logging.getLogger("smc.events.kafka")
 
 
 class KafkaLog:
@@ -59,6 +62,7 @@ class KafkaLog:
                 "compression.type": "lz4",
                 "message.timeout.ms": int(timeout * 1000),
                 "error_cb": self._on_error,
+                "logger": _rdlog,
                 **extra,
             }
         )
@@ -73,6 +77,7 @@ class KafkaLog:
                 "fetch.wait.max.ms": 100,
                 "fetch.queue.backoff.ms": 10,
                 "error_cb": self._on_error,
+                "logger": _rdlog,
                 **{k: v for k, v in extra.items() if k.startswith(("security.", "sasl.", "ssl."))},
             }
         )

@@ -243,7 +243,21 @@ def ensure_topics(
             raise TopicSetupError(
                 f"cannot create topics on {bootstrap}: " + "; ".join(sorted(failures))
             )
-        metadata = admin.list_topics(timeout=timeout)
+        # Metadata of new topics reaches every broker a little later: wait for it (bounded).
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            metadata = admin.list_topics(timeout=timeout)
+            ready = all(
+                s.name in metadata.topics
+                and metadata.topics[s.name].error is None
+                and len(metadata.topics[s.name].partitions) == s.partitions
+                for s in missing
+            )
+            if ready or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
 
     problems: list[str] = []
     to_verify = specs  # created topics too: catches a cluster that altered or refused a config

@@ -44,13 +44,17 @@ class CertRecord:
 
 
 class CertsProjection:
-    """Certificate lifecycle, rebuilt from ``smc.certs``."""
+    """Certificate lifecycle, rebuilt from ``smc.certs``.
+
+    State is kept per identity (the aggregate of certificate events), so events of different
+    identities commute whatever order partitions are read in.
+    """
 
     name = "certs"
     streams = frozenset({CERTS})
 
     def __init__(self) -> None:
-        self.by_serial: dict[str, CertRecord] = {}
+        self.certs: dict[str, dict[str, CertRecord]] = {}
         self.current: dict[str, str] = {}
         self.trust: dict[str, tuple[str, ...]] = {}
 
@@ -64,19 +68,19 @@ class CertsProjection:
                 issuer=event.issuer,
                 fingerprint=event.fingerprint,
             )
+            mine = dict(self.certs.get(event.identity, {}))
             prev = self.current.get(event.identity)
-            self.by_serial[event.serial] = rec
+            if prev is not None and prev != event.serial and prev in mine:
+                if mine[prev].status == "active":
+                    mine[prev] = replace(mine[prev], status="superseded")
+            mine[event.serial] = rec
+            self.certs[event.identity] = mine
             self.current[event.identity] = event.serial
-            if prev is not None and prev != event.serial and prev in self.by_serial:
-                old = self.by_serial[prev]
-                if old.status == "active":
-                    self.by_serial[prev] = replace(old, status="superseded")
         elif isinstance(event, CertificateRevoked):
-            revoked = self.by_serial.get(event.serial)
-            if revoked is not None:
-                self.by_serial[event.serial] = replace(
-                    revoked, status="revoked", reason=event.reason
-                )
+            mine = self.certs.get(event.identity, {})
+            old = mine.get(event.serial)
+            if old is not None:
+                mine[event.serial] = replace(old, status="revoked", reason=event.reason)
             if self.current.get(event.identity) == event.serial:
                 del self.current[event.identity]
         elif isinstance(event, TrustBundleChanged):
@@ -85,25 +89,33 @@ class CertsProjection:
     # -- queries ----------------------------------------------------------------------------
     def current_cert(self, identity: str) -> CertRecord | None:
         serial = self.current.get(identity)
-        return self.by_serial.get(serial) if serial else None
+        return self.certs.get(identity, {}).get(serial) if serial else None
+
+    def all_certs(self) -> list[CertRecord]:
+        return sorted(
+            (r for m in self.certs.values() for r in m.values()),
+            key=lambda r: (r.identity, r.not_before, r.serial),
+        )
 
     def revoked(self) -> set[str]:
-        return {s for s, r in self.by_serial.items() if r.status == "revoked"}
+        return {r.serial for m in self.certs.values() for r in m.values() if r.status == "revoked"}
 
     # -- state as data ----------------------------------------------------------------------
     def _plain(self) -> dict[str, Any]:
         return {
             "certs": {
-                s: [
-                    r.identity,
-                    _ms(r.not_before),
-                    _ms(r.not_after),
-                    r.issuer,
-                    r.fingerprint,
-                    r.status,
-                    r.reason,
-                ]
-                for s, r in self.by_serial.items()
+                ident: {
+                    s: [
+                        _ms(r.not_before),
+                        _ms(r.not_after),
+                        r.issuer,
+                        r.fingerprint,
+                        r.status,
+                        r.reason,
+                    ]
+                    for s, r in m.items()
+                }
+                for ident, m in self.certs.items()
             },
             "current": dict(self.current),
             "trust": {k: list(v) for k, v in self.trust.items()},
@@ -116,18 +128,21 @@ class CertsProjection:
         return self._plain()
 
     def restore(self, data: dict[str, Any]) -> None:
-        by_serial = {}
-        for s, (ident, nb, na, issuer, fp, status, reason) in data["certs"].items():
-            by_serial[s] = CertRecord(
-                serial=s,
-                identity=ident,
-                not_before=_EPOCH + timedelta(milliseconds=nb),
-                not_after=_EPOCH + timedelta(milliseconds=na),
-                issuer=issuer,
-                fingerprint=fp,
-                status=status,
-                reason=reason,
-            )
-        self.by_serial = by_serial
+        certs: dict[str, dict[str, CertRecord]] = {}
+        for ident, m in data["certs"].items():
+            certs[ident] = {
+                s: CertRecord(
+                    serial=s,
+                    identity=ident,
+                    not_before=_EPOCH + timedelta(milliseconds=nb),
+                    not_after=_EPOCH + timedelta(milliseconds=na),
+                    issuer=issuer,
+                    fingerprint=fp,
+                    status=status,
+                    reason=reason,
+                )
+                for s, (nb, na, issuer, fp, status, reason) in m.items()
+            }
+        self.certs = certs
         self.current = dict(data["current"])
         self.trust = {k: tuple(v) for k, v in data["trust"].items()}

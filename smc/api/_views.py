@@ -1,0 +1,160 @@
+"""Plain JSON views of the projections, shared by ``smc get`` and the HTTP API.
+
+Role: turns registry/policy projection state into sorted, JSON-able rows (services, workloads,
+policies, traffic targets, splits, mesh config) and answers policy checks through
+:class:`~smc.projections._policyview.PolicyView`.
+Concurrency: pure reads of the projections; call on the thread that applies events to them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from smc.api._changes import BACKS_LABEL_PREFIX, MANAGED_BY_LABEL
+from smc.projections import PolicyProjection, RegistryProjection
+from smc.projections._policyview import PolicyView
+
+__all__ = [
+    "meshconfig_view",
+    "policies_view",
+    "policy_check",
+    "services_view",
+    "workloads_view",
+]
+
+
+def services_view(registry: RegistryProjection) -> list[dict[str, Any]]:
+    """Every service, sorted by namespace/name, with ports and endpoint count."""
+    out = []
+    for (ns, name), s in sorted(registry.services.items()):
+        eps = registry.endpoints_of(ns, name)
+        out.append(
+            {
+                "namespace": ns,
+                "name": name,
+                "backing": s.backing,
+                "ports": [
+                    {
+                        "name": p.name,
+                        "port": p.port,
+                        "protocol": p.protocol,
+                        "targetPort": p.target_port,
+                    }
+                    for p in s.ports
+                ],
+                "selector": dict(s.selector),
+                "managedBy": dict(s.labels).get(MANAGED_BY_LABEL),
+                "endpoints": [
+                    {"address": e.address, "port": e.port, "workload": e.workload, "ready": e.ready}
+                    for e in eps
+                ],
+            }
+        )
+    return out
+
+
+def workloads_view(registry: RegistryProjection) -> list[dict[str, Any]]:
+    """Every workload (pods and VMs), sorted by kind/namespace/name."""
+    out = []
+    for (kind, ns, name), w in sorted(registry.workloads.items()):
+        labels = dict(w.labels)
+        out.append(
+            {
+                "kind": kind,
+                "namespace": ns,
+                "name": name,
+                "address": w.address,
+                "serviceAccount": w.service_account,
+                "identity": w.identity,
+                "labels": {
+                    k: v
+                    for k, v in labels.items()
+                    if k != MANAGED_BY_LABEL and not k.startswith(BACKS_LABEL_PREFIX)
+                },
+                "services": sorted(
+                    k[len(BACKS_LABEL_PREFIX) :] for k in labels if k.startswith(BACKS_LABEL_PREFIX)
+                ),
+                "managedBy": labels.get(MANAGED_BY_LABEL),
+                "ports": [
+                    {"name": p.name, "port": p.port, "protocol": p.protocol} for p in w.ports
+                ],
+            }
+        )
+    return out
+
+
+def policies_view(policy: PolicyProjection, *, kind: str | None = None) -> list[dict[str, Any]]:
+    """Stored SMI resources (optionally of one kind), with their canonical manifests."""
+    out = []
+    for (k, ns, name), r in sorted(policy.resources.items()):
+        if kind is not None and k != kind:
+            continue
+        out.append(
+            {
+                "kind": k,
+                "namespace": ns,
+                "name": name,
+                "apiVersion": r.api_version,
+                "manifest": r.manifest(),
+            }
+        )
+    return out
+
+
+def meshconfig_view(policy: PolicyProjection) -> dict[str, Any]:
+    """The mesh configuration in force."""
+    m = policy.mesh
+    settings = dict(m.settings)
+    return {
+        "resource": settings.get("resource"),
+        "permissiveTrafficMode": m.permissive,
+        "trustDomain": m.trust_domain,
+        "certificateLifetimeSeconds": m.cert_lifetime_seconds,
+        "settings": settings,
+    }
+
+
+def policy_check(
+    view: PolicyView,
+    *,
+    source: str,
+    destination: str,
+    path: str | None = None,
+    method: str | None = None,
+    port: int | None = None,
+) -> dict[str, Any]:
+    """Whether ``source`` may reach ``destination`` (identities ``ns/sa``), and why."""
+    allowed = view.is_allowed(
+        source=source, destination=destination, path=path, method=method, port=port
+    )
+    grants = [g for g in view.allowed_sources(destination) if g.source == source]
+    if view.permissive:
+        reason = "permissive traffic mode"
+    elif allowed:
+        reason = "allowed by " + ", ".join(sorted({g.target for g in grants}))
+    elif grants:
+        reason = "no rule of " + ", ".join(sorted({g.target for g in grants})) + " matches"
+    else:
+        reason = f"no TrafficTarget lets {source} reach {destination} (deny by default)"
+    return {
+        "allowed": allowed,
+        "decision": "allow" if allowed else "deny",
+        "reason": reason,
+        "source": source,
+        "destination": destination,
+        "sourceSpiffeId": view.spiffe_id(source),
+        "destinationSpiffeId": view.spiffe_id(destination),
+        "grants": [
+            {
+                "trafficTarget": g.target,
+                "port": g.port,
+                "http": [
+                    {"name": m.name, "pathRegex": m.path_regex, "methods": list(m.methods)}
+                    for m in g.http
+                ],
+                "tcpPorts": None if g.tcp_ports is None else list(g.tcp_ports),
+                "udpPorts": None if g.udp_ports is None else list(g.udp_ports),
+            }
+            for g in grants
+        ],
+    }

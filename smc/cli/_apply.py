@@ -1,0 +1,394 @@
+"""``smc apply``, ``smc delete``, ``smc get`` and ``smc policy check``: the declarative mesh API.
+
+Role: kubectl-style commands. ``apply``/``delete`` read manifests from files, directories
+(recursively: ``*.yaml``, ``*.yml``, ``*.json``) or stdin (``-``), rebuild the registry and policy
+projections from the log, and append the changes through :class:`smc.api.MeshChanges` with the
+actor recorded (``--as NAME``, default ``$USER``). Each document is reported created /
+configured / unchanged / deleted / error; valid documents apply even when others fail, and the
+exit code is 1 if any failed. ``get`` and ``policy check`` read the projections only.
+Concurrency: one command per process; everything runs on the main thread.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from smc.api import (
+    ChangeReport,
+    MeshChanges,
+    meshconfig_view,
+    policies_view,
+    policy_check,
+    services_view,
+    workloads_view,
+)
+from smc.cli._app import cli, open_log_from
+from smc.events import EventLog, Position
+from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
+from smc.projections._policyview import PolicyView
+from smc.smi import ManifestError, Resource, load_documents
+
+__all__ = ["apply_cmd", "delete_cmd", "get_cmd", "policy_group", "read_manifests"]
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_manifests(paths: tuple[str, ...]) -> tuple[list[Resource], list[ManifestError]]:
+    """Resources and errors from files, directories (recursive) and ``-`` (stdin)."""
+    resources: list[Resource] = []
+    errors: list[ManifestError] = []
+    for given in paths:
+        if given == "-":
+            sources: list[tuple[str, Path | None]] = [("-", None)]
+        else:
+            p = Path(given)
+            if p.is_dir():
+                found = sorted(
+                    f for f in p.rglob("*") if f.is_file() and f.suffix in MANIFEST_SUFFIXES
+                )
+                if not found:
+                    errors.append(
+                        ManifestError(
+                            document=given,
+                            path="",
+                            reason="directory holds no *.yaml, *.yml or *.json file",
+                        )
+                    )
+                sources = [(str(f), f) for f in found]
+            else:
+                sources = [(given, p)]
+        for label, path in sources:
+            try:
+                if path is None:
+                    text = sys.stdin.buffer.read().decode("utf-8")
+                else:
+                    text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                errors.append(
+                    ManifestError(document=label, path="", reason=f"not UTF-8 (byte {exc.start})")
+                )
+                continue
+            except OSError as exc:
+                errors.append(
+                    ManifestError(document=label, path="", reason=f"cannot read: {exc.strerror}")
+                )
+                continue
+            res = load_documents(text, source=label)
+            resources.extend(res.resources)
+            errors.extend(res.errors)
+    return resources, errors
+
+
+def _projections(log: EventLog) -> tuple[RegistryProjection, PolicyProjection]:
+    registry, policy = RegistryProjection(), PolicyProjection()
+    ProjectionRunner(log=log, projections=[registry, policy]).catch_up()
+    return registry, policy
+
+
+def _print_report(report: ChangeReport, *, output: str, dry_run: bool) -> None:
+    if output == "json":
+        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        return
+    suffix = " (dry run)" if dry_run else ""
+    for r in report.results:
+        if r.errors:
+            for e in r.errors:
+                click.echo(f"error: {e}", err=True)
+        else:
+            click.echo(f"{r.document} {r.status}{suffix}")
+
+
+def _change(
+    ctx: click.Context,
+    *,
+    verb: str,
+    files: tuple[str, ...],
+    actor: str | None,
+    request_id: str | None,
+    dry_run: bool,
+    output: str,
+    ignore_not_found: bool = False,
+) -> None:
+    resources, errors = read_manifests(files)
+    log = open_log_from(ctx)
+    registry, policy = _projections(log)
+    changes = MeshChanges(log=log, registry=registry, policy=policy)
+    who = actor or _default_actor()
+    rid = request_id or str(uuid.uuid4())
+    if verb == "apply":
+        plan = changes.plan_apply(
+            resources, actor=who, source="cli", request_id=rid, load_errors=errors
+        )
+    else:
+        plan = changes.plan_delete(
+            resources,
+            actor=who,
+            source="cli",
+            request_id=rid,
+            load_errors=errors,
+            ignore_not_found=ignore_not_found,
+        )
+    if dry_run:
+        report = ChangeReport(plan=plan, appended=(), target=Position())
+    else:
+        report = changes.commit(plan)
+    _print_report(report, output=output, dry_run=dry_run)
+    if not plan.results:
+        click.echo("error: no objects passed to " + verb, err=True)
+        sys.exit(1)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _default_actor() -> str:
+    try:
+        return getpass.getuser() or "unknown"
+    except (KeyError, OSError):
+        return "unknown"
+
+
+_FILE_OPT = click.option(
+    "-f",
+    "--filename",
+    "files",
+    multiple=True,
+    required=True,
+    help="Manifest file, directory (recursive) or - for stdin; repeatable.",
+)
+_AS_OPT = click.option("--as", "actor", default=None, help="Actor recorded on events ($USER).")
+_RID_OPT = click.option(
+    "--request-id", default=None, help="Idempotency key (a retry with it applies once)."
+)
+_DRY_OPT = click.option("--dry-run", is_flag=True, help="Show what would change; append nothing.")
+_OUT_OPT = click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+
+
+@cli.command("apply")
+@_FILE_OPT
+@_AS_OPT
+@_RID_OPT
+@_DRY_OPT
+@_OUT_OPT
+@click.pass_context
+def apply_cmd(
+    ctx: click.Context,
+    files: tuple[str, ...],
+    actor: str | None,
+    request_id: str | None,
+    dry_run: bool,
+    output: str,
+) -> None:
+    """Create or update mesh resources from manifests (like kubectl apply)."""
+    _change(
+        ctx,
+        verb="apply",
+        files=files,
+        actor=actor,
+        request_id=request_id,
+        dry_run=dry_run,
+        output=output,
+    )
+
+
+@cli.command("delete")
+@_FILE_OPT
+@_AS_OPT
+@_RID_OPT
+@_DRY_OPT
+@_OUT_OPT
+@click.option("--ignore-not-found", is_flag=True, help="Missing resources are not an error.")
+@click.pass_context
+def delete_cmd(
+    ctx: click.Context,
+    files: tuple[str, ...],
+    actor: str | None,
+    request_id: str | None,
+    dry_run: bool,
+    output: str,
+    ignore_not_found: bool,
+) -> None:
+    """Delete the mesh resources named by manifests (like kubectl delete -f)."""
+    _change(
+        ctx,
+        verb="delete",
+        files=files,
+        actor=actor,
+        request_id=request_id,
+        dry_run=dry_run,
+        output=output,
+        ignore_not_found=ignore_not_found,
+    )
+
+
+_GET_KINDS = ("services", "workloads", "policies", "traffictargets", "splits", "meshconfig")
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _labels(m: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(m.items())) or "-"
+
+
+@cli.command("get")
+@click.argument("what", type=click.Choice(_GET_KINDS))
+@click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@click.pass_context
+def get_cmd(ctx: click.Context, what: str, output: str) -> None:
+    """List services, workloads, policies, traffic targets, splits or the mesh config."""
+    registry, policy = _projections(open_log_from(ctx))
+    data: Any
+    if what == "services":
+        data = services_view(registry)
+    elif what == "workloads":
+        data = workloads_view(registry)
+    elif what == "policies":
+        data = policies_view(policy)
+    elif what == "traffictargets":
+        data = policies_view(policy, kind="TrafficTarget")
+    elif what == "splits":
+        data = policies_view(policy, kind="TrafficSplit")
+    else:
+        data = meshconfig_view(policy)
+    if output == "json":
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    if what == "services":
+        _table(
+            "services",
+            ["NAMESPACE", "NAME", "BACKING", "PORTS", "SELECTOR", "ENDPOINTS"],
+            [
+                [
+                    s["namespace"],
+                    s["name"],
+                    s["backing"],
+                    ",".join(f"{p['port']}/{p['protocol']}" for p in s["ports"]),
+                    _labels(s["selector"]),
+                    str(len(s["endpoints"])),
+                ]
+                for s in data
+            ],
+        )
+    elif what == "workloads":
+        _table(
+            "workloads",
+            ["KIND", "NAMESPACE", "NAME", "ADDRESS", "IDENTITY", "LABELS"],
+            [
+                [
+                    w["kind"],
+                    w["namespace"],
+                    w["name"],
+                    w["address"],
+                    w["identity"],
+                    _labels(w["labels"]),
+                ]
+                for w in data
+            ],
+        )
+    elif what == "meshconfig":
+        _table(
+            "mesh config",
+            ["SETTING", "VALUE"],
+            [[k, json.dumps(v)] for k, v in data.items() if k != "settings"],
+        )
+    elif what == "traffictargets":
+        rows = []
+        for r in data:
+            spec = r["manifest"]["spec"]
+            dest = spec["destination"]
+            rows.append(
+                [
+                    r["namespace"],
+                    r["name"],
+                    f"{dest['namespace']}/{dest['name']}",
+                    ",".join(f"{s['namespace']}/{s['name']}" for s in spec["sources"]),
+                    ",".join(f"{x['kind']}/{x['name']}" for x in spec["rules"]),
+                ]
+            )
+        _table("traffic targets", ["NAMESPACE", "NAME", "DESTINATION", "SOURCES", "RULES"], rows)
+    elif what == "splits":
+        rows = []
+        for r in data:
+            spec = r["manifest"]["spec"]
+            rows.append(
+                [
+                    r["namespace"],
+                    r["name"],
+                    spec["service"],
+                    ",".join(f"{b['service']}={b['weight']}" for b in spec["backends"]),
+                    ",".join(m["name"] for m in spec.get("matches", [])) or "-",
+                ]
+            )
+        _table("traffic splits", ["NAMESPACE", "NAME", "SERVICE", "BACKENDS", "MATCHES"], rows)
+    else:
+        _table(
+            "policies",
+            ["KIND", "NAMESPACE", "NAME", "API VERSION"],
+            [[r["kind"], r["namespace"], r["name"], r["apiVersion"]] for r in data],
+        )
+
+
+@cli.group("policy")
+def policy_group() -> None:
+    """Query the policy in force."""
+
+
+def _identity(value: str, name: str) -> str:
+    ns, sep, sa = value.partition("/")
+    if not sep or not ns or not sa or "/" in sa:
+        raise click.BadParameter(f"{value!r} is not namespace/serviceaccount", param_hint=name)
+    return value
+
+
+@policy_group.command("check")
+@click.option("--from", "source", required=True, help="Source identity ns/serviceaccount.")
+@click.option("--to", "destination", required=True, help="Destination identity ns/sa.")
+@click.option("--path", default=None, help="HTTP path (implies HTTP).")
+@click.option("--method", default=None, help="HTTP method (implies HTTP).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Destination port.")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def policy_check_cmd(
+    ctx: click.Context,
+    source: str,
+    destination: str,
+    path: str | None,
+    method: str | None,
+    port: int | None,
+    output: str,
+) -> None:
+    """Print allow or deny for traffic from one identity to another."""
+    _identity(source, "--from")
+    _identity(destination, "--to")
+    registry, policy = _projections(open_log_from(ctx))
+    result = policy_check(
+        PolicyView(registry=registry, policy=policy),
+        source=source,
+        destination=destination,
+        path=path,
+        method=method,
+        port=port,
+    )
+    if output == "json":
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        click.echo(f"{result['decision']}: {result['reason']}")

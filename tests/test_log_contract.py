@@ -1,0 +1,165 @@
+"""One contract every EventLog backend passes (SQLite file and a real Kafka broker)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from eventgen import service
+from smc.events import (
+    EventLog,
+    MeshConfigChanged,
+    Position,
+    Record,
+    deterministic_id,
+    default_codec,
+    make_event,
+)
+from smc.projections import ProjectionRunner, all_projections
+
+
+def read_all(log: EventLog, start: Position | None = None) -> list[Record]:
+    pos = start or Position()
+    end = log.end_position()
+    out: list[Record] = []
+    deadline = time.monotonic() + 30
+    while not pos.covers(end) and time.monotonic() < deadline:
+        recs = log.read(start=pos, max_records=500, timeout=0.5)
+        out.extend(recs)
+        pos = pos.advanced(recs)
+    return out
+
+
+def test_append_then_read_in_order(any_log: EventLog) -> None:
+    events = [service(i % 5, actor=f"user{i}") for i in range(40)]
+    acks = any_log.append(events)
+    assert [a.event_id for a in acks] == [e.event_id for e in events]
+    assert not any(a.duplicate for a in acks)
+    recs = read_all(any_log)
+    assert len(recs) == 40
+    codec = default_codec()
+    decoded = [codec.decode(r.value) for r in recs]
+    assert sorted(e.event_id for e in decoded) == sorted(e.event_id for e in events)
+    # one aggregate's events keep their append order, offsets are contiguous per partition
+    by_agg: dict[str, list[str]] = defaultdict(list)
+    for e in decoded:
+        by_agg[e.aggregate].append(e.event_id)
+    for agg, ids in by_agg.items():
+        assert ids == [e.event_id for e in events if e.aggregate == agg]
+    by_part: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for r in recs:
+        by_part[(r.stream, r.partition)].append(r.offset)
+        assert r.key == codec.decode(r.value).aggregate
+    for offs in by_part.values():
+        assert offs == list(range(offs[0], offs[0] + len(offs)))
+    assert any_log.end_position() == Position().advanced(recs)
+
+
+def test_streams_are_separate(any_log: EventLog) -> None:
+    any_log.append([service(1)])
+    any_log.append(
+        [
+            make_event(
+                MeshConfigChanged,
+                source="cli",
+                actor="ops",
+                permissive=True,
+                trust_domain="example.org",
+                cert_lifetime_seconds=3600,
+            )
+        ]
+    )
+    streams = {r.stream for r in read_all(any_log)}
+    assert streams == {"smc.registry", "smc.policy"}
+
+
+def test_read_from_a_position(any_log: EventLog) -> None:
+    any_log.append([service(i) for i in range(10)])
+    first = read_all(any_log)
+    mid = Position().advanced(first[:4])
+    rest = read_all(any_log, mid)
+    got = {(r.stream, r.partition, r.offset) for r in rest}
+    expected = {
+        (r.stream, r.partition, r.offset)
+        for r in first
+        if r.offset >= mid.get((r.stream, r.partition))
+    }
+    assert got == expected
+
+
+def test_duplicate_appends_are_applied_once(any_log: EventLog) -> None:
+    eid = deterministic_id("api", "request-1", "svc1")
+    ev = service(1, event_id=eid)
+    any_log.append([ev])
+    again = any_log.append([ev, service(2)])
+    if any_log.dedupes_on_append:
+        assert again[0].duplicate
+    any_log.append([ev])
+    runner = ProjectionRunner(log=any_log, projections=all_projections())
+    runner.catch_up()
+    assert runner.applied == 2
+    reg = runner.projections[0]
+    assert sorted(reg.services) == [("ns", "svc1"), ("ns", "svc2")]  # type: ignore[attr-defined]
+
+
+def test_position_at_time(any_log: EventLog) -> None:
+    any_log.append([service(i) for i in range(3)])
+    time.sleep(0.05)
+    mark = datetime.now(UTC)
+    time.sleep(0.05)
+    late = [service(i, actor="late") for i in range(3, 6)]
+    any_log.append(late)
+    recs = read_all(any_log, any_log.position_at(mark))
+    assert sorted(default_codec().decode(r.value).event_id for r in recs) == sorted(
+        e.event_id for e in late
+    )
+
+
+def test_tail_wakes_on_append(log_factory: Callable[[], EventLog]) -> None:
+    reader = log_factory()
+    writer = log_factory()
+    writer.append([service(0)])
+    pos = Position().advanced(read_all(reader))
+    got: list[Record] = []
+
+    def tail() -> None:
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            got.extend(reader.read(start=pos, max_records=10, timeout=1.0))
+
+    t = threading.Thread(target=tail)
+    t.start()
+    time.sleep(0.3)
+    writer.append([service(1)])
+    t.join(25)
+    assert [default_codec().decode(r.value).name for r in got] == ["svc1"]  # type: ignore[attr-defined]
+
+
+def test_log_survives_reopen(log_factory: Callable[[], EventLog]) -> None:
+    first = log_factory()
+    first.append([service(i) for i in range(5)])
+    first.close()
+    second = log_factory()
+    assert len(read_all(second)) == 5
+
+
+def test_unreachable_log_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from smc.events import LogError, LogUnavailable, open_log
+    from smc.events._kafka import KafkaLog
+
+    with pytest.raises(LogError, match="unknown scheme"):
+        open_log("mysql://x")
+    log = KafkaLog("127.0.0.1:1", timeout=1.0)
+    with pytest.raises(LogUnavailable, match="127.0.0.1:1"):
+        log.end_position()
+    with pytest.raises(LogUnavailable):
+        log.append([service(1)])
+    d = tmp_path / "dir"
+    d.mkdir()
+    with pytest.raises(LogUnavailable):
+        open_log(f"sqlite:///{d}")
