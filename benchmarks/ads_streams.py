@@ -165,7 +165,19 @@ def _cpu() -> float:
 
 
 def _server_main(conn: Connection, streams: int, services: int, endpoints: int) -> None:
-    asyncio.run(_serve(conn, streams, services, endpoints))
+    profile = os.environ.get("SMC_BENCH_PROFILE")  # a path: write the server's cProfile stats
+    if not profile:
+        asyncio.run(_serve(conn, streams, services, endpoints))
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        asyncio.run(_serve(conn, streams, services, endpoints))
+    finally:
+        prof.disable()
+        prof.dump_stats(profile)
 
 
 async def _serve(conn: Connection, streams: int, services: int, endpoints: int) -> None:

@@ -26,9 +26,7 @@ def new_kafka_log(broker: KafkaBroker) -> KafkaLog:
     prefix = f"t{uuid.uuid4().hex[:10]}."
     defs = copy.deepcopy(DEFAULT_TOPICS)
     defs["topics"] = [
-        {**t, "name": prefix + t["name"]}
-        for t in defs["topics"]
-        if t["name"] != "smc.checkpoints"
+        {**t, "name": prefix + t["name"]} for t in defs["topics"] if t["name"] != "smc.checkpoints"
     ]
     ensure_topics(bootstrap=broker.bootstrap, definitions=defs, replication_factor=1)
     return KafkaLog(broker.bootstrap, topic_prefix=prefix)
@@ -42,9 +40,7 @@ def kafka_log(kafka_broker: KafkaBroker) -> Iterator[KafkaLog]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)])
-def log_factory(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[[], EventLog]]:
+def log_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], EventLog]]:
     """Makes logs of one backend; every log made in one test shares the same storage."""
     made: list[EventLog] = []
     if request.param == "sqlite":

@@ -50,25 +50,96 @@ def _ev(cls: type[Event], **payload: st.SearchStrategy) -> st.SearchStrategy[Eve
     return st.builds(lambda **kw: make_event(cls, **kw), **_common, **payload)
 
 
-service_port = st.builds(ServicePort, name=text, port=ports, protocol=st.sampled_from(["http", "tcp"]), target_port=ports)
-endpoint = st.builds(Endpoint, address=st.ip_addresses(v=4).map(str), port=ports, workload=st.none() | text, ready=st.booleans())
+service_port = st.builds(
+    ServicePort, name=text, port=ports, protocol=st.sampled_from(["http", "tcp"]), target_port=ports
+)
+endpoint = st.builds(
+    Endpoint,
+    address=st.ip_addresses(v=4).map(str),
+    port=ports,
+    workload=st.none() | text,
+    ready=st.booleans(),
+)
 wport = st.builds(WorkloadPort, name=text, port=ports, protocol=st.sampled_from(["http", "tcp"]))
 
 EVENTS: dict[type[Event], st.SearchStrategy[Event]] = {
-    ServiceUpserted: _ev(ServiceUpserted, namespace=nss, name=names, ports=st.lists(service_port, max_size=3).map(tuple), backing=st.sampled_from(["kubernetes", "vm"]), selector=labels, labels=labels),
+    ServiceUpserted: _ev(
+        ServiceUpserted,
+        namespace=nss,
+        name=names,
+        ports=st.lists(service_port, max_size=3).map(tuple),
+        backing=st.sampled_from(["kubernetes", "vm"]),
+        selector=labels,
+        labels=labels,
+    ),
     ServiceRemoved: _ev(ServiceRemoved, namespace=nss, name=names),
-    EndpointsChanged: _ev(EndpointsChanged, namespace=nss, service=names, endpoints=st.lists(endpoint, max_size=3).map(tuple)),
-    WorkloadJoined: _ev(WorkloadJoined, kind=st.sampled_from(["pod", "vm"]), namespace=nss, name=names, address=st.ip_addresses(v=4).map(str), service_account=names, labels=labels, ports=st.lists(wport, max_size=2).map(tuple)),
+    EndpointsChanged: _ev(
+        EndpointsChanged,
+        namespace=nss,
+        service=names,
+        endpoints=st.lists(endpoint, max_size=3).map(tuple),
+    ),
+    WorkloadJoined: _ev(
+        WorkloadJoined,
+        kind=st.sampled_from(["pod", "vm"]),
+        namespace=nss,
+        name=names,
+        address=st.ip_addresses(v=4).map(str),
+        service_account=names,
+        labels=labels,
+        ports=st.lists(wport, max_size=2).map(tuple),
+    ),
     WorkloadLeft: _ev(WorkloadLeft, kind=st.sampled_from(["pod", "vm"]), namespace=nss, name=names),
     ServiceAccountUpserted: _ev(ServiceAccountUpserted, namespace=nss, name=names),
     ServiceAccountRemoved: _ev(ServiceAccountRemoved, namespace=nss, name=names),
-    SmiResourceApplied: _ev(SmiResourceApplied, kind=st.sampled_from(["TrafficTarget", "TrafficSplit"]), api_version=st.just("v1"), namespace=nss, name=names, manifest_json=text),
-    SmiResourceDeleted: _ev(SmiResourceDeleted, kind=st.sampled_from(["TrafficTarget", "TrafficSplit"]), namespace=nss, name=names),
-    MeshConfigChanged: _ev(MeshConfigChanged, permissive=st.booleans(), trust_domain=text, cert_lifetime_seconds=st.integers(min_value=60, max_value=10**6), settings=labels),
-    CertificateIssued: _ev(CertificateIssued, serial=st.sampled_from(["01", "02", "03", "04"]), identity=names, not_before=times, not_after=times, issuer=st.just("local"), fingerprint=text),
-    CertificateRenewed: _ev(CertificateRenewed, serial=st.sampled_from(["05", "06"]), previous_serial=st.sampled_from(["01", "02"]), identity=names, not_before=times, not_after=times, issuer=st.just("local"), fingerprint=text),
-    CertificateRevoked: _ev(CertificateRevoked, serial=st.sampled_from(["01", "05"]), identity=names, reason=text),
-    TrustBundleChanged: _ev(TrustBundleChanged, issuer=st.sampled_from(["local", "vault"]), roots_pem=st.lists(text, max_size=2).map(tuple)),
+    SmiResourceApplied: _ev(
+        SmiResourceApplied,
+        kind=st.sampled_from(["TrafficTarget", "TrafficSplit"]),
+        api_version=st.just("v1"),
+        namespace=nss,
+        name=names,
+        manifest_json=text,
+    ),
+    SmiResourceDeleted: _ev(
+        SmiResourceDeleted,
+        kind=st.sampled_from(["TrafficTarget", "TrafficSplit"]),
+        namespace=nss,
+        name=names,
+    ),
+    MeshConfigChanged: _ev(
+        MeshConfigChanged,
+        permissive=st.booleans(),
+        trust_domain=text,
+        cert_lifetime_seconds=st.integers(min_value=60, max_value=10**6),
+        settings=labels,
+    ),
+    CertificateIssued: _ev(
+        CertificateIssued,
+        serial=st.sampled_from(["01", "02", "03", "04"]),
+        identity=names,
+        not_before=times,
+        not_after=times,
+        issuer=st.just("local"),
+        fingerprint=text,
+    ),
+    CertificateRenewed: _ev(
+        CertificateRenewed,
+        serial=st.sampled_from(["05", "06"]),
+        previous_serial=st.sampled_from(["01", "02"]),
+        identity=names,
+        not_before=times,
+        not_after=times,
+        issuer=st.just("local"),
+        fingerprint=text,
+    ),
+    CertificateRevoked: _ev(
+        CertificateRevoked, serial=st.sampled_from(["01", "05"]), identity=names, reason=text
+    ),
+    TrustBundleChanged: _ev(
+        TrustBundleChanged,
+        issuer=st.sampled_from(["local", "vault"]),
+        roots_pem=st.lists(text, max_size=2).map(tuple),
+    ),
 }
 
 any_event = st.one_of(*EVENTS.values())

@@ -47,8 +47,14 @@ def records_for(events: list[Event], *, partitions: int = 3) -> list[Record]:
         off = next_off.get(tp, 0)
         next_off[tp] = off + 1
         out.append(
-            Record(stream=tp[0], partition=part, offset=off, timestamp_ms=0, key=ev.aggregate,
-                   value=codec.encode(ev))
+            Record(
+                stream=tp[0],
+                partition=part,
+                offset=off,
+                timestamp_ms=0,
+                key=ev.aggregate,
+                value=codec.encode(ev),
+            )
         )
     return out
 
@@ -109,7 +115,7 @@ def test_replaying_duplicates_changes_nothing(events: list[Event], data: st.Data
     r = runner()
     r.apply_records(recs)
     before = r.digests()
-    r.apply_records(records_for(events + dups)[len(events):])
+    r.apply_records(records_for(events + dups)[len(events) :])
     assert r.digests() == before
     assert r.duplicates == len(dups)
 
@@ -117,8 +123,14 @@ def test_replaying_duplicates_changes_nothing(events: list[Event], data: st.Data
 def test_corrupt_record_stops_at_its_offset_with_nothing_half_applied() -> None:
     events = [service(i) for i in range(6)]
     recs = records_for(events, partitions=1)
-    bad = Record(stream=recs[3].stream, partition=0, offset=3, timestamp_ms=0, key="k",
-                 value=recs[3].value[:-4])
+    bad = Record(
+        stream=recs[3].stream,
+        partition=0,
+        offset=3,
+        timestamp_ms=0,
+        key="k",
+        value=recs[3].value[:-4],
+    )
     r = runner()
     with pytest.raises(DecodeError, match=r"smc.registry\[0\]@3"):
         r.apply_records([*recs[:3], bad, *recs[4:]])

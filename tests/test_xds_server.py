@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.ports import free_port
 from smc.xds import (
+    CHANGE_HISTORY,
     CLUSTER,
     ENDPOINT,
     LISTENER,
@@ -876,3 +877,61 @@ async def test_snapshot_set_from_another_thread_wakes_stream(ads: Ads) -> None:
         )
         r2 = await c.recv()
         assert len(r2.resources) == 2
+
+
+@pytest.mark.parametrize("steps", [1, 3, CHANGE_HISTORY + 4])
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_streams_follow_replace_history_or_rescan(ads: Ads, delta: bool, steps: int) -> None:
+    snap = small_snapshot(a=(1,), b=(2,), c=(3,))
+    ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+    async with raw(ads, delta=delta) as c:
+        if delta:
+            c.send(type_url=CLUSTER)
+            c.ack(await c.recv())
+            c.send(type_url=ENDPOINT, resource_names_subscribe=["a", "b"])
+            c.ack(await c.recv())
+        else:
+            c.send(type_url=CLUSTER)
+            r = await c.recv()
+            c.send(type_url=CLUSTER, response_nonce=r.nonce, version_info=r.version_info)
+            c.send(type_url=ENDPOINT, resource_names=["a", "b"])
+            r = await c.recv()
+            c.send(
+                type_url=ENDPOINT,
+                response_nonce=r.nonce,
+                version_info=r.version_info,
+                resource_names=["a", "b"],
+            )
+        await c.nothing(0.2)
+        # Several replace() steps land before the stream wakes: it diffs across all of them
+        # (through the change history, or by a rescan when they exceed it).
+        for i in range(steps):
+            upsert = [make_entry(cla("a", 100 + i)), make_entry(cla("c", 200 + i))]
+            remove = [(CLUSTER, "b"), (ENDPOINT, "b")] if i == steps - 1 else []
+            snap = snap.replace(upsert=upsert, remove=remove)
+            ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+        assert (
+            snap.versions() == small_snapshot(a=(100 + steps - 1,), c=(200 + steps - 1,)).versions()
+        )
+        cds = await c.recv()
+        assert cds.type_url == CLUSTER
+        if delta:
+            assert list(cds.removed_resources) == ["b"] and not cds.resources
+            c.ack(cds)
+        else:
+            assert sorted(cluster_pb2.Cluster.FromString(x.value).name for x in cds.resources) == [
+                "a",
+                "c",
+            ]
+            c.send(type_url=CLUSTER, response_nonce=cds.nonce, version_info=cds.version_info)
+        eds = await c.recv()
+        assert eds.type_url == ENDPOINT
+        if delta:
+            assert [x.name for x in eds.resources] == ["a"] and list(eds.removed_resources) == ["b"]
+            got = endpoint_pb2.ClusterLoadAssignment.FromString(eds.resources[0].resource.value)
+        else:
+            (only,) = eds.resources
+            got = endpoint_pb2.ClusterLoadAssignment.FromString(only.value)
+        assert got == cla("a", 100 + steps - 1)
+        assert eds.nonce
+        await c.nothing(0.2)

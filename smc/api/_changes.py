@@ -19,8 +19,9 @@ Mapping to events:
 - MeshConfig -> ``MeshConfigChanged`` (its ``ns/name`` kept in ``settings["resource"]``); deleting
   it resets the mesh to the defaults.
 
-Event ids are deterministic: ``deterministic_id("api", request_id, resource_key)`` (plus a suffix
-for the second event of a VM), so a retried request is applied once.
+Event ids are deterministic: ``deterministic_id("api", request_id, resource_key)`` for an upsert
+(``..., "ServiceAccountUpserted")`` for a VM's identity, ``..., "delete")`` for a deletion), so a
+retried request is applied once.
 Concurrency: planning reads the projections and must run on the thread that applies events to
 them (the asyncio loop in ``smc serve``, the main thread in the CLI); :meth:`MeshChanges.commit`
 appends (blocking I/O) and may run in a worker thread.
@@ -52,6 +53,7 @@ from smc.events import ServicePort as EvServicePort
 from smc.events import WorkloadPort as EvWorkloadPort
 from smc.projections import PolicyProjection, RegistryProjection, canonical_json
 from smc.projections._policy import DEFAULT_CERT_LIFETIME, DEFAULT_TRUST_DOMAIN
+from smc.projections._policyview import BACKS_LABEL_PREFIX
 from smc.smi import (
     HTTPRouteGroup,
     ManifestError,
@@ -77,6 +79,7 @@ __all__ = [
     "MANAGED_BY_LABEL",
     "ChangeReport",
     "DocumentResult",
+    "IdSeed",
     "MeshChanges",
     "Plan",
     "Status",
@@ -87,8 +90,6 @@ Status = Literal["created", "configured", "unchanged", "deleted", "not found", "
 
 #: Label carrying the owner (e.g. ``vm-provider.inventory``) of a VM or service.
 MANAGED_BY_LABEL = "smc.dev/managed-by"
-#: Prefix of the labels naming the services a VM backs explicitly (``spec.services``).
-BACKS_LABEL_PREFIX = "backs.smc.dev/"
 
 _SMI_KINDS = (TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficSplit)
 
@@ -460,12 +461,10 @@ class MeshChanges:
                 if e.document in pending and e.document in upserts:
                     blamed.setdefault(e.document, []).append(e)
             if not blamed:
+                # which change, when left out, makes the error go away (one check per change)
+                without = {k: set(check_references(state(pending - {k}))) for k in pending}
                 for e in new:
-                    culprits = [
-                        k
-                        for k in sorted(pending)
-                        if e not in check_references(state(pending - {k}))
-                    ]
+                    culprits = [k for k in sorted(pending) if e not in without[k]]
                     for k in culprits or sorted(pending):
                         blamed.setdefault(k, []).append(_because(k, e))
             for k, errs in blamed.items():

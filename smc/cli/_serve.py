@@ -46,7 +46,14 @@ async def _start_api(
     inventory_interval: float,
 ) -> tuple[list[Callable[[], Awaitable[None]]], list[asyncio.Task[None]]]:
     """Start the HTTP API and the inventory VM provider (when asked); returns what to close."""
-    from smc.api import ApiContext, LiveMeshChanges, MeshChanges, create_app, start_http
+    from smc.api import (
+        ApiContext,
+        ApiError,
+        LiveMeshChanges,
+        MeshChanges,
+        create_app,
+        start_http,
+    )
     from smc.informers import InventoryDirectoryProvider, ProviderBridge
 
     registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
@@ -57,7 +64,13 @@ async def _start_api(
     tasks: list[asyncio.Task[None]] = []
     if http is not None:
         ctx = ApiContext(live=live, runner=runner, registry=registry, policy=policy)
-        app_runner = await start_http(create_app(ctx), host=http[0], port=http[1])
+        try:
+            app_runner = await start_http(create_app(ctx), host=http[0], port=http[1])
+        except OSError as exc:
+            raise ApiError(
+                f"cannot serve the HTTP API on {http[0]}:{http[1]}: {exc.strerror or exc}; "
+                "choose another with --http HOST:PORT or disable it with --http off"
+            ) from exc
         closers.append(app_runner.cleanup)
         click.echo(f"HTTP API on http://{http[0]}:{http[1]} (OpenAPI: /openapi.json)", err=True)
     if inventory is not None:
@@ -85,8 +98,9 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(runner.run(stop=stop))
+    # the API listens before the runner starts: /readyz answers 503 until it has caught up
     closers, side_tasks = await _start_api(runner, stop, http, inventory, inventory_interval)
+    task = asyncio.create_task(runner.run(stop=stop))
 
     async def announce() -> None:
         await runner.caught_up.wait()

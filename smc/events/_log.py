@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from smc.events._types import Event
 
@@ -23,9 +23,13 @@ __all__ = ["Appended", "EventLog", "Position", "Record", "TopicPartition"]
 TopicPartition = tuple[str, int]
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Record:
-    """One record as stored: where it is, when it was appended, and its encoded event."""
+class Record(NamedTuple):
+    """One record as stored: where it is, when it was appended, and its encoded event.
+
+    ``event_type`` and ``event_id`` repeat what the encoded value holds (SQLite columns, Kafka
+    headers) so replay can route and de-duplicate records without decoding them; empty when
+    the backend did not store them.
+    """
 
     stream: str
     partition: int
@@ -33,6 +37,8 @@ class Record:
     timestamp_ms: int
     key: str
     value: bytes
+    event_type: str = ""
+    event_id: str = ""
 
     @property
     def where(self) -> str:

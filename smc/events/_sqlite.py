@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS events (
     stream   TEXT NOT NULL,
     seq      INTEGER NOT NULL,
     key      TEXT NOT NULL,
+    type     TEXT NOT NULL,
     event_id TEXT NOT NULL UNIQUE,
     ts       INTEGER NOT NULL,
     value    BLOB NOT NULL,
@@ -86,18 +87,19 @@ class SqliteLog:
             raise LogError("log is closed")
         if not events:
             return []
-        rows = []
         now = int(time.time() * 1000)
-        for ev in events:
-            rows.append(
-                (
-                    type(ev).STREAM,
-                    ev.envelope.aggregate,
-                    ev.envelope.event_id,
-                    now,
-                    self.codec.encode(ev),
-                )
+        encode = self.codec.encode
+        rows = [
+            (
+                type(ev).STREAM,
+                ev.envelope.aggregate,
+                type(ev).TYPE,
+                ev.envelope.event_id,
+                now,
+                encode(ev),
             )
+            for ev in events
+        ]
         try:
             with self._lock:
                 w = self._writer
@@ -115,10 +117,10 @@ class SqliteLog:
         return out
 
     def _append_locked(
-        self, w: sqlite3.Connection, rows: list[tuple[str, str, str, int, bytes]]
+        self, w: sqlite3.Connection, rows: list[tuple[str, str, str, str, int, bytes]]
     ) -> list[Appended]:
         existing: dict[str, tuple[str, int]] = {}
-        unique = list(dict.fromkeys(r[2] for r in rows))
+        unique = list(dict.fromkeys(r[3] for r in rows))
         for i in range(0, len(unique), 500):
             chunk = unique[i : i + 500]
             q = ",".join("?" * len(chunk))
@@ -129,7 +131,7 @@ class SqliteLog:
         next_seq: dict[str, int] = {}
         new_rows = []
         out: list[Appended] = []
-        for stream, key, eid, ts, value in rows:
+        for stream, key, etype, eid, ts, value in rows:
             if eid in existing:
                 st, seq = existing[eid]
                 out.append(
@@ -144,35 +146,38 @@ class SqliteLog:
             seq = next_seq[stream]
             next_seq[stream] = seq + 1
             existing[eid] = (stream, seq)
-            new_rows.append((stream, seq, key, eid, ts, value))
+            new_rows.append((stream, seq, key, etype, eid, ts, value))
             out.append(
                 Appended(event_id=eid, stream=stream, partition=0, offset=seq, duplicate=False)
             )
         w.executemany(
-            "INSERT INTO events (stream, seq, key, event_id, ts, value) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (stream, seq, key, type, event_id, ts, value) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             new_rows,
         )
         return out
 
     def _read_once(self, start: Position, max_records: int) -> list[Record]:
         conn = self._reader()
-        merged: list[tuple[int, str, int, str, int, bytes]] = []
+        # Find the append order (row id) of each stream's next record; scan from the lowest.
+        first_ids = []
         for stream in STREAMS:
-            merged.extend(
-                conn.execute(
-                    "SELECT id, stream, seq, key, ts, value FROM events "
-                    "WHERE stream = ? AND seq >= ? ORDER BY seq LIMIT ?",
-                    (stream, start.get((stream, 0)), max_records),
-                ).fetchall()
-            )
-        if len(merged) > max_records:
-            merged.sort(key=lambda r: r[0])
-            del merged[max_records:]
-        merged.sort(key=lambda r: r[0])
-        return [
-            Record(stream=s, partition=0, offset=o, timestamp_ms=ts, key=k, value=v)
-            for _, s, o, k, ts, v in merged
-        ]
+            row = conn.execute(
+                "SELECT id FROM events WHERE stream = ? AND seq >= ? ORDER BY seq LIMIT 1",
+                (stream, start.get((stream, 0))),
+            ).fetchone()
+            if row is not None:
+                first_ids.append(row[0])
+        if not first_ids:
+            return []
+        rows = conn.execute(
+            "SELECT stream, seq, ts, key, value, type, event_id FROM events "
+            "WHERE id >= ? ORDER BY id LIMIT ?",
+            (min(first_ids), max_records),
+        ).fetchall()
+        floor = {s: start.get((s, 0)) for s in STREAMS}
+        new = Record._make
+        return [new((s, 0, o, ts, k, v, t, e)) for s, o, ts, k, v, t, e in rows if o >= floor[s]]
 
     def read(
         self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0

@@ -178,8 +178,12 @@ class InventoryDirectoryProvider:
         again after a failed report) until ``stop`` is set."""
         dirty = True
         while not stop.is_set():
-            changed, report = await asyncio.to_thread(self.scan)
-            if changed or dirty:
+            try:
+                changed, report = await asyncio.to_thread(self.scan)
+            except OSError:  # the tree changed under the walk: look again next tick
+                log.warning("inventory %s: scan failed; retrying", self.directory, exc_info=True)
+                changed, report = False, None
+            if report is not None and (changed or dirty):
                 try:
                     await sink.report(report)
                     dirty = False

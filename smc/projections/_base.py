@@ -25,6 +25,9 @@ __all__ = ["Projection", "canonical_digest", "canonical_json"]
 class Projection(Protocol):
     name: str
     streams: frozenset[str]
+    #: Event types (Avro full names) after which the aggregate's earlier events no longer
+    #: affect this projection's state. Empty means "every event matters".
+    replacing_types: frozenset[str]
 
     def apply(self, event: Event) -> None: ...
 

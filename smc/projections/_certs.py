@@ -52,6 +52,9 @@ class CertsProjection:
 
     name = "certs"
     streams = frozenset({CERTS})
+    #: Event types that set their aggregate\'s whole state here (earlier events of that
+    #: aggregate stop mattering); lets a rebuild skip superseded records.
+    replacing_types = frozenset({TrustBundleChanged.TYPE})
 
     def __init__(self) -> None:
         self.certs: dict[str, dict[str, CertRecord]] = {}
@@ -70,9 +73,13 @@ class CertsProjection:
             )
             mine = dict(self.certs.get(event.identity, {}))
             prev = self.current.get(event.identity)
-            if prev is not None and prev != event.serial and prev in mine:
-                if mine[prev].status == "active":
-                    mine[prev] = replace(mine[prev], status="superseded")
+            if (
+                prev is not None
+                and prev != event.serial
+                and prev in mine
+                and mine[prev].status == "active"
+            ):
+                mine[prev] = replace(mine[prev], status="superseded")
             mine[event.serial] = rec
             self.certs[event.identity] = mine
             self.current[event.identity] = event.serial

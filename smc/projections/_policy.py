@@ -48,6 +48,11 @@ class PolicyProjection:
 
     name = "policy"
     streams = frozenset({POLICY})
+    #: Event types that set their aggregate\'s whole state here (earlier events of that
+    #: aggregate stop mattering); lets a rebuild skip superseded records.
+    replacing_types = frozenset(
+        {SmiResourceApplied.TYPE, SmiResourceDeleted.TYPE, MeshConfigChanged.TYPE}
+    )
 
     def __init__(self) -> None:
         self.resources: dict[tuple[str, str, str], StoredResource] = {}

@@ -67,6 +67,19 @@ class RegistryProjection:
 
     name = "registry"
     streams = frozenset({REGISTRY})
+    #: Event types that set their aggregate\'s whole state here (earlier events of that
+    #: aggregate stop mattering); lets a rebuild skip superseded records.
+    replacing_types = frozenset(
+        {
+            ServiceUpserted.TYPE,
+            ServiceRemoved.TYPE,
+            EndpointsChanged.TYPE,
+            WorkloadJoined.TYPE,
+            WorkloadLeft.TYPE,
+            ServiceAccountUpserted.TYPE,
+            ServiceAccountRemoved.TYPE,
+        }
+    )
 
     def __init__(self) -> None:
         self.services: dict[tuple[str, str], Service] = {}

@@ -10,7 +10,15 @@ on one asyncio event loop (grpc.aio). See each module for details.
 from smc.xds._cache import SnapshotCache, SnapshotSource, Unwatch
 from smc.xds._errors import InconsistentSnapshot, InvalidResource, XdsError
 from smc.xds._server import AdsServer, NackRecord, ProxyStatus, TypeStatus, XdsMetrics
-from smc.xds._snapshot import ResourceEntry, Snapshot, TypeResources, make_entry, resource_name
+from smc.xds._snapshot import (
+    CHANGE_HISTORY,
+    ResourceEntry,
+    Snapshot,
+    TypeChange,
+    TypeResources,
+    make_entry,
+    resource_name,
+)
 from smc.xds._types import (
     CLUSTER,
     ENDPOINT,
@@ -23,6 +31,7 @@ from smc.xds._types import (
 )
 
 __all__ = [
+    "CHANGE_HISTORY",
     "CLUSTER",
     "ENDPOINT",
     "LISTENER",
@@ -40,6 +49,7 @@ __all__ = [
     "Snapshot",
     "SnapshotCache",
     "SnapshotSource",
+    "TypeChange",
     "TypeResources",
     "TypeStatus",
     "Unwatch",

@@ -27,16 +27,17 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from smc.xds._cache import SnapshotSource, Unwatch
-from smc.xds._snapshot import ResourceEntry, Snapshot
+from smc.xds._snapshot import ResourceEntry, Snapshot, TypeResources
 from smc.xds._types import (
     CLUSTER,
     ENDPOINT,
@@ -55,6 +56,10 @@ StreamKind = Literal["sotw", "delta"]
 
 _EOF = object()
 _CHANGED = object()
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+EMPTY_VERSION = "0" * 32  # the version of a type with no resources
+_BODY_CACHE_SIZE = 32  # SotW response bodies shared between streams wanting the same content
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -148,6 +153,8 @@ class XdsMetrics:
 class _TypeState:
     __slots__ = (
         "acked_version",
+        "cur_key",
+        "dirty",
         "held",
         "last_nack",
         "names",
@@ -156,6 +163,7 @@ class _TypeState:
         "sent_at",
         "sent_key",
         "sent_version",
+        "synced",
         "wildcard",
     )
 
@@ -168,8 +176,14 @@ class _TypeState:
         self.pending = False
         self.sent_at = 0.0
         self.last_nack: NackRecord | None = None
-        # SotW: content key of the last response (None: nothing sent on this stream yet).
-        self.sent_key: object = None
+        # Type version the state below was last computed against, and whether the subscription
+        # changed since (then the next push rescans instead of following the change history).
+        self.synced: str | None = None
+        self.dirty = True
+        # SotW: XOR-mix of the wanted subset now (cur_key) and in the last response (sent_key;
+        # None: nothing sent on this stream yet).
+        self.cur_key = 0
+        self.sent_key: int | None = None
         # Delta: name -> version the client holds (from initial_resource_versions and our sends).
         self.held: dict[str, str] = {}
 
@@ -230,7 +244,7 @@ def _pending(stream: _Stream, type_url: str) -> bool:
     return ts is not None and ts.pending
 
 
-class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+class AdsServer:
     """Aggregated Discovery Service (SotW and delta) over a :class:`SnapshotSource`."""
 
     def __init__(
@@ -251,13 +265,28 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._ids = itertools.count(1)
         self._nacks: dict[tuple[str, str], NackRecord] = {}
         self._server: grpc.aio.Server | None = None
+        self._bodies: OrderedDict[tuple[str, str, int], tuple[bytes, int, int]] = OrderedDict()
         self._port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Mount the ADS service on a caller-owned grpc.aio server."""
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_serialize,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_serialize,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),)
+        )
 
     async def start(self, *, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start an own grpc.aio server on ``host:port`` (0: any free port); returns the port."""
@@ -470,11 +499,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             self._on_reply(stream, ts, type_url, request)
         names = request.resource_names
         if type_url in WILDCARD_TYPES and not names and (ts.sent_key is None or ts.wildcard):
-            ts.wildcard = True
-            ts.names = frozenset()
+            wildcard, wanted = True, frozenset[str]()
         else:
-            ts.wildcard = "*" in names
-            ts.names = frozenset(n for n in names if n != "*")
+            wildcard, wanted = "*" in names, frozenset(n for n in names if n != "*")
+        if wildcard != ts.wildcard or wanted != ts.names:
+            ts.wildcard, ts.names, ts.dirty = wildcard, wanted, True
 
     def _on_delta_request(
         self, stream: _Stream, request: discovery_pb2.DeltaDiscoveryRequest
@@ -495,6 +524,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             for name in subscribe:
                 # A (re-)subscribed name is sent again even if the client once held it.
                 ts.held.pop(name, None)
+        if subscribe or unsubscribe:
+            ts.dirty = True
         names = ts.names
         assert isinstance(names, set)
         for name in subscribe:
@@ -554,61 +585,124 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         if not in_flight:
             stream.since = None
 
-    def _count(self, type_url: str, entries: list[ResourceEntry]) -> None:
-        label = short_name(type_url)
-        self.metrics.resources_sent.labels(label).inc(len(entries))
-        self.metrics.bytes_sent.labels(label).inc(sum(len(e.value) for e in entries))
+    def _named_key(self, ts: _TypeState, tr: TypeResources | None) -> int:
+        """XOR-mix of the requested names present in ``tr``: O(changes) when the stream follows
+        the type's change history, a scan of the requested names otherwise."""
+        if tr is None:
+            return 0
+        if not ts.dirty and ts.synced is not None:
+            changes = tr.changes_since(ts.synced)
+            if changes is not None:
+                key = ts.cur_key
+                names = ts.names
+                for name, (old, new) in changes.items():
+                    if name in names:
+                        key ^= old ^ new
+                return key
+        key = 0
+        entries = tr.entries
+        for name in ts.names:
+            entry = entries.get(name)
+            if entry is not None:
+                key ^= entry.mix
+        return key
 
-    def _sotw_response(
-        self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
-    ) -> discovery_pb2.DiscoveryResponse | None:
-        all_entries = snapshot.entries(type_url)
-        version = snapshot.version(type_url)
-        key: object
+    def _sotw_body(
+        self, type_url: str, ts: _TypeState, tr: TypeResources | None, key: int
+    ) -> tuple[bytes, int, int]:
+        """Serialised response without nonce for this content, shared by every stream wanting
+        the same content (LRU): ``(bytes, resource count, resource bytes)``."""
+        version = tr.version if tr is not None else EMPTY_VERSION
+        cache_key = (type_url, version, key)
+        found = self._bodies.get(cache_key)
+        if found is not None:
+            self._bodies.move_to_end(cache_key)
+            return found
+        entries: Mapping[str, ResourceEntry] = tr.entries if tr is not None else {}
         if ts.wildcard:
-            chosen = list(all_entries.values())
-            key = version
+            chosen = list(entries.values())
         else:
-            chosen = [e for n in ts.names if (e := all_entries.get(n)) is not None]
-            key = frozenset((e.name, e.version) for e in chosen)
-        if ts.sent_key is None:
-            if not ts.wildcard and not chosen and ts.names:
-                return None  # named resources that do not exist yet: sent when they appear
-        elif key == ts.sent_key:
-            return None
-        nonce = stream.next_nonce()
-        response = discovery_pb2.DiscoveryResponse(
-            version_info=version, type_url=type_url, nonce=nonce
-        )
+            chosen = [e for n in sorted(ts.names) if (e := entries.get(n)) is not None]
+        response = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url)
         add = response.resources.add
         for entry in chosen:
             add(type_url=type_url, value=entry.value)
+        made = (response.SerializeToString(), len(chosen), sum(len(e.value) for e in chosen))
+        self._bodies[cache_key] = made
+        if len(self._bodies) > _BODY_CACHE_SIZE:
+            self._bodies.popitem(last=False)
+        return made
+
+    def _sotw_response(
+        self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
+    ) -> bytes | None:
+        tr = snapshot.types.get(type_url)
+        version = tr.version if tr is not None else EMPTY_VERSION
+        if ts.wildcard:
+            key = tr.mix if tr is not None else 0
+        elif not ts.dirty and ts.synced == version:
+            key = ts.cur_key
+        else:
+            key = self._named_key(ts, tr)
+        ts.cur_key, ts.synced, ts.dirty = key, version, False
+        if ts.sent_key is None:
+            if not ts.wildcard and key == 0 and ts.names:
+                return None  # named resources that do not exist yet: sent when they appear
+        elif key == ts.sent_key:
+            return None
+        body, count, size = self._sotw_body(type_url, ts, tr, key)
+        nonce = stream.next_nonce()
         ts.sent_key = key
         ts.sent_version = version
         ts.nonce = nonce
-        self._count(type_url, chosen)
-        return response
+        label = short_name(type_url)
+        self.metrics.resources_sent.labels(label).inc(count)
+        self.metrics.bytes_sent.labels(label).inc(size)
+        # A serialised message followed by more fields parses as their merge: append the nonce.
+        return body + _string_field(5, nonce)
 
     def _delta_response(
         self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
     ) -> discovery_pb2.DeltaDiscoveryResponse | None:
-        all_entries = snapshot.entries(type_url)
-        held = ts.held
-        if ts.wildcard:
-            scope: Any = all_entries
-            removed = [n for n in held if n not in all_entries]
-        else:
-            scope = ts.names
-            removed = [n for n in held if n not in all_entries and n in ts.names]
-        changed = [
-            e for n in scope if (e := all_entries.get(n)) is not None and held.get(n) != e.version
-        ]
+        tr = snapshot.types.get(type_url)
+        version = tr.version if tr is not None else EMPTY_VERSION
         first = ts.nonce is None
+        if not first and not ts.dirty and ts.synced == version:
+            return None
+        all_entries: Mapping[str, ResourceEntry] = tr.entries if tr is not None else {}
+        held = ts.held
+        changes = None
+        if not first and not ts.dirty and ts.synced is not None and tr is not None:
+            changes = tr.changes_since(ts.synced)
+        changed: list[ResourceEntry] = []
+        removed: list[str] = []
+        if changes is not None:
+            for name in changes:
+                if not ts.wildcard and name not in ts.names:
+                    continue
+                entry = all_entries.get(name)
+                if entry is None:
+                    if name in held:
+                        removed.append(name)
+                elif held.get(name) != entry.version:
+                    changed.append(entry)
+        else:
+            if ts.wildcard:
+                scope: Any = all_entries
+                removed = [n for n in held if n not in all_entries]
+            else:
+                scope = ts.names
+                removed = [n for n in held if n not in all_entries and n in ts.names]
+            changed = [
+                e
+                for n in scope
+                if (e := all_entries.get(n)) is not None and held.get(n) != e.version
+            ]
+        ts.synced, ts.dirty = version, False
         # The first request of a type always gets an answer (maybe empty): it completes Envoy's
         # initial fetch and, after a reconnect, confirms the versions the client holds.
         if not changed and not removed and not first:
             return None
-        version = snapshot.version(type_url)
         nonce = stream.next_nonce()
         response = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version, type_url=type_url, nonce=nonce, removed_resources=removed
@@ -623,5 +717,25 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             del held[name]
         ts.sent_version = version
         ts.nonce = nonce
-        self._count(type_url, changed)
+        label = short_name(type_url)
+        self.metrics.resources_sent.labels(label).inc(len(changed))
+        self.metrics.bytes_sent.labels(label).inc(sum(len(e.value) for e in changed))
         return response
+
+
+def _string_field(number: int, value: str) -> bytes:
+    data = value.encode()
+    out = bytearray([(number << 3) | 2])
+    n = len(data)
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + data
+
+
+def _serialize(message: Any) -> bytes:
+    if isinstance(message, bytes):
+        return message
+    data: bytes = message.SerializeToString()
+    return data

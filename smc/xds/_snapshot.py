@@ -35,7 +35,15 @@ from google.protobuf.message import DecodeError, Message
 from smc.xds._errors import InconsistentSnapshot, InvalidResource
 from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, MESSAGE_CLASSES, ROUTE, SECRET
 
-__all__ = ["ResourceEntry", "Snapshot", "TypeResources", "make_entry", "resource_name"]
+__all__ = [
+    "CHANGE_HISTORY",
+    "ResourceEntry",
+    "Snapshot",
+    "TypeChange",
+    "TypeResources",
+    "make_entry",
+    "resource_name",
+]
 
 _HCM_URL = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 _UPSTREAM_TLS_URL = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
@@ -59,22 +67,63 @@ class ResourceEntry:
     mix: int = 0  # 128-bit hash of (name, version); a type's version is the XOR of its entries'
 
 
+#: How many replace() steps a type remembers, so a stream a few versions behind diffs in
+#: O(changes); further back it rescans.
+CHANGE_HISTORY = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TypeChange:
+    """What one :meth:`Snapshot.replace` changed in a type: ``name -> (old mix, new mix)`` (0 for
+    absent) relative to ``prev_version``; ``prev`` is the change before it (bounded history)."""
+
+    prev_version: str
+    changes: Mapping[str, tuple[int, int]]
+    prev: TypeChange | None
+    depth: int
+
+
 @dataclass(frozen=True, slots=True)
 class TypeResources:
     """All resources of one type in a snapshot, with the type's content version (the XOR of the
-    entries' ``mix``: order-independent, so it is updated in O(changes) by :meth:`Snapshot.replace`)."""
+    entries' ``mix``: order-independent, so :meth:`Snapshot.replace` updates it in O(changes)).
+    ``change`` links to the previous version of this type when made by ``replace``."""
 
     version: str
     entries: Mapping[str, ResourceEntry]
     mix: int = 0
+    change: TypeChange | None = None
 
     @classmethod
-    def of(cls, entries: dict[str, ResourceEntry], mix: int | None = None) -> TypeResources:
+    def of(
+        cls,
+        entries: dict[str, ResourceEntry],
+        mix: int | None = None,
+        change: TypeChange | None = None,
+    ) -> TypeResources:
         if mix is None:
             mix = 0
             for e in entries.values():
                 mix ^= e.mix
-        return cls(version=_mix_version(mix), entries=MappingProxyType(entries), mix=mix)
+        return cls(
+            version=_mix_version(mix), entries=MappingProxyType(entries), mix=mix, change=change
+        )
+
+    def changes_since(self, version: str) -> dict[str, tuple[int, int]] | None:
+        """``name -> (mix at version, mix now)`` for names that changed since ``version``; None
+        when ``version`` is not in the remembered history (the caller rescans)."""
+        if version == self.version:
+            return {}
+        acc: dict[str, tuple[int, int]] = {}
+        step = self.change
+        while step is not None:
+            for name, (old, new) in step.changes.items():
+                seen = acc.get(name)
+                acc[name] = (old, new) if seen is None else (old, seen[1])
+            if step.prev_version == version:
+                return acc
+            step = step.prev
+        return None
 
 
 _intern_lock = threading.Lock()
@@ -234,6 +283,32 @@ def _collect_refs(
     )
 
 
+def _update_refs(
+    refs: Mapping[str, Mapping[str, tuple[str, ...]]],
+    updates: list[tuple[ResourceEntry, bool]],
+) -> Mapping[str, Mapping[str, tuple[str, ...]]]:
+    """``refs`` with each entry's references dropped (False) or added (True), in order."""
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for entry, added in updates:
+        who = f"{_kind(entry.type_url)} {entry.name!r}"
+        for ref_type, ref_name in entry.refs:
+            bucket = out.get(ref_type)
+            if bucket is None:
+                bucket = out[ref_type] = dict(refs.get(ref_type, {}))
+            current = set(bucket.get(ref_name, ()))
+            if added:
+                current.add(who)
+            else:
+                current.discard(who)
+            if current:
+                bucket[ref_name] = tuple(sorted(current))
+            else:
+                bucket.pop(ref_name, None)
+    merged = dict(refs)
+    merged.update({t: MappingProxyType(b) for t, b in out.items()})
+    return MappingProxyType(merged)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """The resources of one proxy, per type URL, with content-derived versions. Build with
@@ -264,7 +339,8 @@ class Snapshot:
         versions update in O(changes), so a small change to many per-proxy snapshots is cheap."""
         changed: dict[str, dict[str, ResourceEntry]] = {}
         mixes: dict[str, int] = {}
-        refs_dirty = False
+        diffs: dict[str, dict[str, tuple[int, int]]] = {}
+        ref_updates: list[tuple[ResourceEntry, bool]] = []  # (entry, added?)
 
         def bucket(type_url: str) -> dict[str, ResourceEntry]:
             found = changed.get(type_url)
@@ -272,31 +348,58 @@ class Snapshot:
                 old = self.types.get(type_url)
                 found = changed[type_url] = dict(old.entries) if old is not None else {}
                 mixes[type_url] = old.mix if old is not None else 0
+                diffs[type_url] = {}
             return found
+
+        def note(type_url: str, name: str, old_mix: int, new_mix: int) -> None:
+            diff = diffs[type_url]
+            seen = diff.get(name)
+            diff[name] = (old_mix if seen is None else seen[0], new_mix)
 
         for type_url, name in remove:
             b = bucket(type_url)
             gone = b.pop(name, None)
             if gone is not None:
                 mixes[type_url] ^= gone.mix
-                refs_dirty = refs_dirty or bool(gone.refs)
+                note(type_url, name, gone.mix, 0)
+                if gone.refs:
+                    ref_updates.append((gone, False))
         for entry in upsert:
             b = bucket(entry.type_url)
             old_entry = b.get(entry.name)
+            if old_entry is entry:
+                continue
             if old_entry is not None:
                 mixes[entry.type_url] ^= old_entry.mix
-                refs_dirty = refs_dirty or bool(old_entry.refs)
+                if old_entry.refs:
+                    ref_updates.append((old_entry, False))
             b[entry.name] = entry
             mixes[entry.type_url] ^= entry.mix
-            refs_dirty = refs_dirty or bool(entry.refs)
-        if not changed:
-            return self
+            note(entry.type_url, entry.name, old_entry.mix if old_entry else 0, entry.mix)
+            if entry.refs:
+                ref_updates.append((entry, True))
         types = dict(self.types)
         for type_url, b in changed.items():
-            types[type_url] = TypeResources.of(b, mixes[type_url])
+            diff = {n: d for n, d in diffs[type_url].items() if d[0] != d[1]}
+            if not diff:
+                continue
+            old_tr = self.types.get(type_url)
+            prev = old_tr.change if old_tr is not None else None
+            depth = prev.depth + 1 if prev is not None else 1
+            if depth > CHANGE_HISTORY:
+                prev, depth = None, 1
+            step = TypeChange(
+                prev_version=old_tr.version if old_tr is not None else _mix_version(0),
+                changes=MappingProxyType(diff),
+                prev=prev,
+                depth=depth,
+            )
+            types[type_url] = TypeResources.of(b, mixes[type_url], step)
+        if all(types[t] is self.types.get(t) for t in changed):
+            return self
         refs = self._refs
-        if refs_dirty:
-            refs = _collect_refs(e for t in types.values() for e in t.entries.values() if e.refs)
+        if ref_updates:
+            refs = _update_refs(refs, ref_updates)
         return Snapshot(types=MappingProxyType(types), _refs=refs)
 
     @classmethod

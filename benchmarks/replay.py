@@ -1,0 +1,256 @@
+"""Benchmark: append and replay N events (default 1,000,000) on each event-log backend.
+
+Prints events/s for append, raw read, decode and the full projection rebuild (read + decode +
+dedupe + apply), the peak memory of the rebuild (measured in a fresh process), and for Kafka the
+ratio to a raw confluent-kafka consume of the same records. Writes benchmarks/results/replay.json.
+Not a test. Usage: python benchmarks/replay.py [--events N] [--backends sqlite,kafka]
+[--bootstrap HOST:PORT]  (without --bootstrap a real Kafka broker is started on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from smc.events import (  # noqa: E402
+    Endpoint,
+    EndpointsChanged,
+    Event,
+    EventLog,
+    Position,
+    ServicePort,
+    ServiceUpserted,
+    SmiResourceApplied,
+    WorkloadJoined,
+    WorkloadPort,
+    default_codec,
+    make_event,
+    open_log,
+)
+from smc.projections import ProjectionRunner, all_projections  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_events(n: int, *, services: int = 10_000) -> list[Event]:
+    """A realistic mix: endpoint churn dominates, then services, workloads and policy."""
+    out: list[Event] = []
+    for i in range(n):
+        s = i % services
+        kind = i % 20
+        common = {"source": "bench", "actor": "bench", "event_id": f"bench-{i}"}
+        if kind < 12:
+            eps = tuple(
+                Endpoint(address=f"10.{s // 250 % 250}.{s % 250}.{j}", port=8080,
+                         workload=f"ns{s % 10}/pod-{s}-{j}", ready=True)
+                for j in range(1 + (i // services) % 3)
+            )
+            ev: Event = make_event(EndpointsChanged, **common, namespace=f"ns{s % 10}",
+                                   service=f"svc{s}", endpoints=eps)
+        elif kind < 16:
+            ev = make_event(
+                ServiceUpserted, **common, namespace=f"ns{s % 10}", name=f"svc{s}",
+                ports=(ServicePort(name="http", port=80, protocol="http", target_port=8080),),
+                backing="kubernetes", selector={"app": f"svc{s}"}, labels={"team": "t"},
+            )
+        elif kind < 19:
+            ev = make_event(
+                WorkloadJoined, **common, kind="pod", namespace=f"ns{s % 10}",
+                name=f"pod-{s}-{i % 3}", address=f"10.{s // 250 % 250}.{s % 250}.{i % 3}",
+                service_account=f"sa{s}", labels={"app": f"svc{s}"},
+                ports=(WorkloadPort(name="http", port=8080, protocol="http"),),
+            )
+        else:
+            ev = make_event(
+                SmiResourceApplied, **common, kind="TrafficTarget", api_version="v1alpha3",
+                namespace=f"ns{s % 10}", name=f"tt{s}",
+                manifest_json=json.dumps({"spec": {"destination": {"name": f"sa{s}"}}}),
+            )
+        out.append(ev)
+    return out
+
+
+def read_all(log: EventLog) -> list[Any]:
+    end = log.end_position()
+    pos = Position()
+    recs: list[Any] = []
+    while not pos.covers(end):
+        batch = log.read(start=pos, max_records=10_000, timeout=1.0)
+        recs.extend(batch)
+        pos = pos.advanced(batch)
+    return recs
+
+
+def rebuild_child(url: str) -> None:
+    """Run in a fresh process: rebuild from zero, print JSON with rate and peak RSS."""
+    log = open_log(url)
+    runner = ProjectionRunner(log=log, projections=all_projections(), batch=10_000)
+    t = time.perf_counter()
+    cpu = time.process_time()
+    n = runner.catch_up()
+    secs = time.perf_counter() - t
+    cpu = time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    full = ProjectionRunner(log=log, projections=all_projections(), batch=10_000)
+    t = time.perf_counter()
+    full.catch_up(compact=False)
+    full_secs = time.perf_counter() - t
+    assert full.digests() == runner.digests(), "compacted rebuild differs from the full fold"
+    print(json.dumps({
+        "superseded_not_decoded": runner.superseded,
+        "full_fold_events_per_second": n / full_secs,
+        "events": n,
+        "seconds": secs,
+        "cpu_seconds": cpu,
+        "events_per_second": n / secs,
+        "events_per_cpu_second": n / cpu,
+        "peak_rss_mb": peak,
+        "digests": runner.digests(),
+    }))
+    log.close()
+
+
+def bench_backend(url: str, events: list[Event]) -> dict[str, Any]:
+    log = open_log(url)
+    n = len(events)
+    t = time.perf_counter()
+    for i in range(0, n, 5000):
+        log.append(events[i : i + 5000])
+    append_s = time.perf_counter() - t
+    t = time.perf_counter()
+    recs = read_all(log)
+    read_s = time.perf_counter() - t
+    codec = default_codec()
+    t = time.perf_counter()
+    for r in recs:
+        codec.decode(r.value)
+    decode_s = time.perf_counter() - t
+    del recs
+    log.close()
+    out = subprocess.run(
+        [sys.executable, __file__, "--rebuild-child", url],
+        check=True, capture_output=True, text=True,
+    )
+    rebuild = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "url": url,
+        "events": n,
+        "append_events_per_second": n / append_s,
+        "read_events_per_second": n / read_s,
+        "decode_events_per_second": n / decode_s,
+        "rebuild": rebuild,
+    }
+
+
+def raw_kafka_consume(bootstrap: str, prefix: str, n: int) -> float:
+    """Raw confluent-kafka consume of every record of the prefixed SMC topics (msgs/s)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4()}",
+        "enable.auto.commit": False, "isolation.level": "read_committed",
+        "fetch.queue.backoff.ms": 10, "fetch.wait.max.ms": 100,
+    })
+    md = c.list_topics(timeout=10)
+    tps = [TopicPartition(t, p, 0) for t in md.topics if t.startswith(prefix)
+           for p in md.topics[t].partitions]
+    c.assign(tps)
+    got = 0
+    t = time.perf_counter()
+    while got < n:
+        got += len(c.consume(num_messages=10_000, timeout=1.0))
+    secs = time.perf_counter() - t
+    c.close()
+    return n / secs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--backends", default="sqlite,kafka")
+    ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--rebuild-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(RESULTS / "replay.json"))
+    args = ap.parse_args()
+    if args.rebuild_child:
+        rebuild_child(args.rebuild_child)
+        return
+    t = time.perf_counter()
+    events = make_events(args.events)
+    print(f"built {len(events)} events in {time.perf_counter() - t:.1f}s", flush=True)
+    results: dict[str, Any] = {
+        "benchmark": "replay",
+        "events": args.events,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "targets": {"sqlite_rebuild_events_per_second": 100_000, "kafka_rebuild_vs_raw": 0.5},
+        "backends": {},
+    }
+    backends = args.backends.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        if "sqlite" in backends:
+            r = bench_backend(f"sqlite:///{tmp}/replay.db", events)
+            r["db_bytes"] = os.path.getsize(f"{tmp}/replay.db")
+            r["rebuild_vs_target"] = r["rebuild"]["events_per_second"] / 100_000
+            results["backends"]["sqlite"] = r
+            report("sqlite", r)
+        if "kafka" in backends:
+            broker = None
+            bootstrap = args.bootstrap
+            if bootstrap is None:
+                from smc.testing.kafka import KafkaBroker
+
+                broker = KafkaBroker(heap="1g").start()
+                bootstrap = broker.bootstrap
+            try:
+                from smc.events import DEFAULT_TOPICS, ensure_topics
+
+                prefix = f"bench{uuid.uuid4().hex[:8]}."
+                defs = {"topics": [{**t, "name": prefix + t["name"]}
+                                   for t in DEFAULT_TOPICS["topics"]
+                                   if t["name"] != "smc.checkpoints"]}
+                ensure_topics(bootstrap=bootstrap, definitions=defs)
+                r = bench_backend(f"kafka://{bootstrap}?prefix={prefix}", events)
+                raw = raw_kafka_consume(bootstrap, prefix, args.events)
+                r["raw_consume_events_per_second"] = raw
+                r["rebuild_vs_raw_consume"] = r["rebuild"]["events_per_second"] / raw
+                results["backends"]["kafka"] = r
+                report("kafka", r)
+                print(f"  raw confluent-kafka consume {raw:12,.0f} ev/s; rebuild/raw = "
+                      f"{r['rebuild_vs_raw_consume']:.2f} (target >= 0.5, i.e. within 2x)")
+            finally:
+                if broker is not None:
+                    broker.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(f"wrote {args.out}")
+
+
+def report(name: str, r: dict[str, Any]) -> None:
+    rb = r["rebuild"]
+    print(f"{name}:")
+    print(f"  append  {r['append_events_per_second']:12,.0f} ev/s")
+    print(f"  read    {r['read_events_per_second']:12,.0f} ev/s (raw records)")
+    print(f"  decode  {r['decode_events_per_second']:12,.0f} ev/s")
+    print(f"  rebuild {rb['events_per_second']:12,.0f} ev/s wall, "
+          f"{rb['events_per_cpu_second']:,.0f} ev/CPU-s, peak RSS {rb['peak_rss_mb']:.0f} MB "
+          f"({rb['superseded_not_decoded']:,} superseded records not decoded)")
+    print(f"  full fold (every record decoded and applied) "
+          f"{rb['full_fold_events_per_second']:12,.0f} ev/s; same digests")
+    if "rebuild_vs_target" in r:
+        print(f"  rebuild / target (100,000 ev/s) = {r['rebuild_vs_target']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
