@@ -1,7 +1,10 @@
 """Benchmark: many lightweight ADS streams against one AdsServer (SotW and delta).
 
 Role: prints and writes as JSON, for N gRPC client streams (one node id each) over a mesh of S
-services with E endpoints each: server memory per stream, convergence time of an endpoint change
+services with E endpoints each: server memory per stream (RSS growth from connecting and syncing
+every stream, over the RSS with all per-proxy snapshots published; the RSS after the changes is
+also given: for SotW it includes the allocator high-water mark of ~240 MB pushed per change),
+convergence time of an endpoint change
 (publish of new per-proxy snapshots -> every stream received it; p50/p99/max), server CPU time per
 change and resource bytes sent per change. Not part of the test run.
 
@@ -30,12 +33,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
-from envoy.config.core.v3 import base_pb2  # noqa: E402
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2  # noqa: E402
-from google.protobuf import json_format  # noqa: E402
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import json_format
 
-from smc.xds import (  # noqa: E402
+from smc.xds import (
     CLUSTER,
     ENDPOINT,
     LISTENER,
@@ -193,7 +196,9 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
     nodes = [f"node-{n}" for n in range(streams)]
     t0 = time.monotonic()
     for node in nodes:
-        cache.set_snapshot(node_id=node, snapshot=base.replace(upsert=[make_entry(_listener(node))]))
+        cache.set_snapshot(
+            node_id=node, snapshot=base.replace(upsert=[make_entry(_listener(node))])
+        )
     publish_all_s = time.monotonic() - t0
     server = AdsServer(cache=cache)
     port = await server.start()
@@ -281,7 +286,9 @@ class _Client:
 
     async def run(self) -> None:
         method = (
-            self.stub.DeltaAggregatedResources if self.delta else self.stub.StreamAggregatedResources
+            self.stub.DeltaAggregatedResources
+            if self.delta
+            else self.stub.StreamAggregatedResources
         )
         call = method(self._requests())
         self._initial()
@@ -290,7 +297,9 @@ class _Client:
             if self.delta:
                 version = resp.system_version_info
                 self.requests.put_nowait(
-                    discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+                    discovery_pb2.DeltaDiscoveryRequest(
+                        type_url=resp.type_url, response_nonce=resp.nonce
+                    )
                 )
             else:
                 version = resp.version_info
@@ -331,7 +340,8 @@ async def _run_mode(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
     await asyncio.sleep(1.0)
     parent.send("stats")
     connected = await asyncio.to_thread(parent.recv)
-    rss_per_stream = (connected["rss"] - info["rss_snapshots"]) / args.streams
+    rss_connected = connected["rss"]
+    rss_per_stream = (rss_connected - info["rss_snapshots"]) / args.streams
     changes = []
     for k in range(args.changes):
         parent.send(("change", k * 7919))
@@ -369,7 +379,7 @@ async def _run_mode(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
     proc.join(10)
 
     def med(key: str) -> float:
-        return statistics.median(c[key] for c in changes)
+        return float(statistics.median(c[key] for c in changes))
 
     return {
         "mode": "delta" if delta else "sotw",
@@ -378,7 +388,8 @@ async def _run_mode(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
         "endpoints": args.services * args.endpoints,
         "initial_connect_all_acked_s": connect_s,
         "server_rss_snapshots_mb": info["rss_snapshots"] / 2**20,
-        "server_rss_with_streams_mb": connected["rss"] / 2**20,
+        "server_rss_with_streams_mb": rss_connected / 2**20,
+        "server_rss_after_changes_mb": connected["rss"] / 2**20,
         "memory_per_stream_mb": rss_per_stream / 2**20,
         "change_convergence_p50_s": med("p50_s"),
         "change_convergence_p99_s": med("p99_s"),
@@ -401,7 +412,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/ads_streams.json")
     args = parser.parse_args()
     results = []
-    for delta in ([False, True] if args.mode == "both" else [args.mode == "delta"]):
+    for delta in [False, True] if args.mode == "both" else [args.mode == "delta"]:
         result = asyncio.run(_run_mode(args, delta))
         results.append(result)
         print(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -44,6 +44,7 @@ from smc.xds import (
     InvalidResource,
     Snapshot,
     SnapshotCache,
+    TypeResources,
     make_entry,
 )
 
@@ -153,8 +154,12 @@ def bad_cluster(name: str) -> cluster_pb2.Cluster:
 
 
 def mesh_snapshot(
-    *, lport: int, route_to: str, endpoints: dict[str, tuple[int, ...]], extra: list[Any] = ()
-) -> Snapshot:  # type: ignore[assignment]
+    *,
+    lport: int,
+    route_to: str,
+    endpoints: dict[str, tuple[int, ...]],
+    extra: Sequence[cluster_pb2.Cluster] = (),
+) -> Snapshot:
     return Snapshot.build(
         listeners=[listener(name="outbound", port=lport, route="web")],
         routes=[route_config(name="web", cluster=route_to)],
@@ -881,7 +886,18 @@ async def test_snapshot_set_from_another_thread_wakes_stream(ads: Ads) -> None:
 
 @pytest.mark.parametrize("steps", [1, 3, CHANGE_HISTORY + 4])
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-async def test_streams_follow_replace_history_or_rescan(ads: Ads, delta: bool, steps: int) -> None:
+async def test_streams_follow_replace_history_or_rescan(
+    ads: Ads, delta: bool, steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    followed: list[bool] = []
+    original = TypeResources.changes_since
+
+    def spy(self: TypeResources, version: str) -> Any:
+        found = original(self, version)
+        followed.append(found is not None)
+        return found
+
+    monkeypatch.setattr(TypeResources, "changes_since", spy)
     snap = small_snapshot(a=(1,), b=(2,), c=(3,))
     ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
     async with raw(ads, delta=delta) as c:
@@ -935,3 +951,6 @@ async def test_streams_follow_replace_history_or_rescan(ads: Ads, delta: bool, s
         assert got == cla("a", 100 + steps - 1)
         assert eds.nonce
         await c.nothing(0.2)
+    # Within the history the diff walked it; beyond it the stream rescanned.
+    assert followed
+    assert all(followed) if steps <= CHANGE_HISTORY else (False in followed)

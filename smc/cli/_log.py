@@ -7,6 +7,7 @@ Concurrency: one command per process; reads the log on the main thread.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -92,7 +93,7 @@ def tail(
     while True:
         recs = log.read(start=pos, max_records=1000, timeout=0.5 if follow else 0.0)
         if not from_start and not since and not follow:
-            recs = recs[-lines:] if recs else recs
+            recs = recs[-lines:] if lines > 0 else []
         for rec in recs:
             row = event_row(rec, codec.decode(rec.value, where=rec.where))
             if as_json:
@@ -104,6 +105,7 @@ def tail(
                     f"[cyan]{row['actor']}[/]@{row['source']}",
                     highlight=False,
                 )
+        sys.stdout.flush()
         pos = pos.advanced(recs)
         if not recs and not follow:
             break
@@ -113,8 +115,13 @@ def tail(
 @click.option("--until", help="Stop before OFFSET, stream:partition=offset,..., or a TIME.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--full", is_flag=True, help="Decode and apply every record (also superseded ones)."
+)
 @click.pass_context
-def replay(ctx: click.Context, until: str | None, as_json: bool, no_progress: bool) -> None:
+def replay(
+    ctx: click.Context, until: str | None, as_json: bool, no_progress: bool, full: bool
+) -> None:
     """Rebuild every projection from the log and print their digests and sizes."""
     log = open_log_from(ctx)
     target = parse_position(log, until) if until else log.end_position()
@@ -122,7 +129,7 @@ def replay(ctx: click.Context, until: str | None, as_json: bool, no_progress: bo
     runner = ProjectionRunner(log=log, projections=all_projections())
     t0 = time.perf_counter()
     if no_progress or as_json:
-        runner.catch_up(until=target)
+        runner.catch_up(until=target, compact=not full)
     else:
         with Progress(
             TextColumn("replaying"),
@@ -132,7 +139,11 @@ def replay(ctx: click.Context, until: str | None, as_json: bool, no_progress: bo
             transient=True,
         ) as bar:
             task = bar.add_task("replay", total=total)
-            runner.catch_up(until=target, progress=lambda n: bar.update(task, completed=n))
+            runner.catch_up(
+                until=target,
+                compact=not full,
+                progress=lambda n: bar.update(task, completed=n),
+            )
     secs = time.perf_counter() - t0
     result = _summary(runner, secs)
     if as_json:
@@ -220,7 +231,7 @@ def _audit_data(log: EventLog, start: Position, end: Position) -> dict[str, Any]
         pos = pos.advanced(recs)
     runner.catch_up(until=end)
     after = {p.name: p.checkpoint() for p in runner.projections}
-    events.sort(key=lambda r: (r["appended_at"], r["position"]))
+    events.sort(key=lambda r: r["appended_at"])  # stable: ties keep the log's read order
     return {"events": events, "diff": diff_states(before, after)}
 
 

@@ -23,7 +23,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from smc.events._errors import DecodeError, InvalidEvent, UnknownSchema
-from smc.events._fastdecode import UnsupportedSchema, compile_decoder
+from smc.events._fastdecode import UnsupportedSchema, _long_slow, compile_decoder
 from smc.events._types import (
     EVENT_TYPES,
     Endpoint,
@@ -135,6 +135,12 @@ class Codec:
             cur = self.latest.get(info.name)
             if cur is None or cur.version < info.version:
                 self.latest[info.name] = info
+        for info in self.by_fingerprint.values():
+            first = info.parsed["fields"][0]
+            if first["name"] != "envelope" or first["type"]["fields"][0]["name"] != "event_id":
+                raise UnknownSchema(
+                    where=str(info.path), reason="first field must be envelope.event_id"
+                )
         missing = sorted(set(EVENT_TYPES) - set(self.latest))
         if missing:
             raise UnknownSchema(where=str(self.directory), reason=f"no schema for {missing}")
@@ -154,6 +160,19 @@ class Codec:
                 self._fast[info.fingerprint] = compile_decoder(info.parsed, classes=classes)
             except UnsupportedSchema:  # pragma: no cover - all SMC schemas are supported
                 continue
+
+    def envelope_id(self, data: bytes) -> bytes:
+        """The raw UTF-8 event id of an encoded record, read without decoding the record.
+
+        Every SMC schema starts with the envelope, whose first field is ``event_id``
+        (checked when the codec loads the schemas), so the id sits right after the header.
+        """
+        b = data[10]
+        if b < 0x80:
+            n, i = (b >> 1) ^ -(b & 1), 11
+        else:
+            n, i = _long_slow(data, 10)
+        return data[i : i + n]
 
     def fingerprint_of(self, event_type: str) -> bytes:
         """The fingerprint new records of ``event_type`` are written with."""

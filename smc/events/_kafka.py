@@ -182,13 +182,6 @@ class KafkaLog:
                 raise LogUnavailable(f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}")
             _, ts = m.timestamp()
             key = m.key()
-            etype = eid = ""
-            for hk, hv in m.headers() or ():  # type: ignore[str-unpack]
-                text = hv.decode() if isinstance(hv, bytes) else (hv or "")
-                if hk == "smc.type":
-                    etype = text
-                elif hk == "smc.event_id":
-                    eid = text
             out.append(
                 Record(
                     stream=(m.topic() or "")[len(self.prefix) :],
@@ -197,8 +190,6 @@ class KafkaLog:
                     timestamp_ms=ts,
                     key=key.decode() if key else "",
                     value=m.value() or b"",
-                    event_type=etype,
-                    event_id=eid,
                 )
             )
         self._assigned = start.advanced(out)

@@ -8,6 +8,7 @@ from smc.projections._base import Projection, canonical_digest, canonical_json
 from smc.projections._certs import CertRecord, CertsProjection
 from smc.projections._errors import CheckpointError, ProjectionError, ProjectionsError
 from smc.projections._policy import MeshConfig, PolicyProjection, StoredResource
+from smc.projections._policyview import PolicyView
 from smc.projections._registry import RegistryProjection, Service, Workload
 from smc.projections._runner import Checkpoint, CheckpointStore, ProjectionRunner
 
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointStore",
     "MeshConfig",
     "PolicyProjection",
+    "PolicyView",
     "Projection",
     "ProjectionError",
     "ProjectionRunner",

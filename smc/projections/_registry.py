@@ -143,15 +143,17 @@ class RegistryProjection:
 
     # -- queries ----------------------------------------------------------------------------
     def workloads_of(self, service: Service) -> Iterator[Workload]:
-        """Workloads in the service's namespace whose labels match its selector."""
-        if not service.selector:
-            return
+        """Workloads in the service's namespace matching its selector, or naming the service.
+
+        A VM names the services it backs with labels ``backs.smc.dev/<service>: "true"``.
+        """
         sel = service.selector
+        backs = f"backs.smc.dev/{service.name}"
         for w in self.workloads.values():
             if w.namespace != service.namespace:
                 continue
             labels = dict(w.labels)
-            if all(labels.get(k) == v for k, v in sel):
+            if (sel and all(labels.get(k) == v for k, v in sel)) or labels.get(backs) == "true":
                 yield w
 
     def endpoints_of(self, namespace: str, name: str) -> tuple[Endpoint, ...]:

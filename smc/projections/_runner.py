@@ -49,7 +49,11 @@ CHECKPOINT_FORMAT = 1
 
 
 def _id_hash(event_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+    return _id_hash_bytes(event_id.encode())
+
+
+def _id_hash_bytes(event_id: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(event_id, digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,7 +273,7 @@ class ProjectionRunner:
                     )
                 continue
             last_progress = time.monotonic()
-            if not compact or not all(r.event_type and r.event_id for r in recs):
+            if not compact:
                 self._flush(pending)
                 npending = 0
                 pending.clear()
@@ -299,21 +303,24 @@ class ProjectionRunner:
         """Register records for a compacted apply: check headers, drop duplicates by id."""
         header = self.codec.header
         known = self.codec.by_fingerprint
+        envelope_id = self.codec.envelope_id
         seen = self._seen
         dedupe = self._dedupe
         added = 0
         for r in recs:
             v = r.value
-            if v[:2] != MAGIC or v[2:10] not in known:
+            info = known.get(v[2:10])
+            if info is None or v[:2] != MAGIC:
                 header(v, where=r.where)  # raises the precise DecodeError
+                continue  # pragma: no cover - header() always raises here
             if dedupe:
-                h = _id_hash(r.event_id)
+                h = _id_hash_bytes(envelope_id(v))
                 if h in seen:
                     self.duplicates += 1
                     continue
                 seen.add(h)
             k = (r.stream, r.key)
-            if r.event_type in replacing:
+            if info.name in replacing:
                 lst = pending.get(k)
                 if lst is not None:
                     self.superseded += len(lst)

@@ -17,8 +17,13 @@ accepted at once but answered only after :meth:`AdsServer.mark_ready`.
 Concurrency: everything runs on the one event loop of the grpc.aio server. Each stream is one
 handler coroutine plus one reader task feeding a queue; snapshot changes arrive as a callback from
 the cache that enqueues a single coalesced wake-up. Per-stream state is a few slotted objects:
-per type the subscription, the last nonce, the version sent and ACKed, and (SotW) one content key
-or (delta) the ``name -> version`` map the client holds.
+per type the subscription (names interned), the last nonce, the version sent and ACKed, and (SotW)
+one content key or (delta) the ``name -> version`` map the client holds.
+
+Cost: a stream that follows a type through :meth:`Snapshot.replace` steps diffs in O(changes) via
+the type's change history (it rescans only after a subscription change or a long lag); responses
+are serialised once per distinct content into a small LRU and shared by every stream sent the
+same content, each getting only its own nonce field appended.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -59,7 +65,7 @@ _CHANGED = object()
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 EMPTY_VERSION = "0" * 32  # the version of a type with no resources
-_BODY_CACHE_SIZE = 32  # SotW response bodies shared between streams wanting the same content
+_BODY_CACHE_SIZE = 32  # response bodies shared between streams sent the same content
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -145,6 +151,35 @@ class XdsMetrics:
         self.connected = Gauge(
             "smc_xds_connected_proxies", "Open ADS streams", ["kind"], registry=registry
         )
+        self._by_type: dict[str, _TypeMetrics] = {}
+
+    def for_type(self, type_url: str) -> _TypeMetrics:
+        """The label children of one type, cached (``labels()`` is too slow per push)."""
+        found = self._by_type.get(type_url)
+        if found is None:
+            found = self._by_type[type_url] = _TypeMetrics(self, short_name(type_url))
+        return found
+
+
+class _TypeMetrics:
+    __slots__ = (
+        "ack_latency",
+        "bytes_sent",
+        "nacks",
+        "push_latency",
+        "pushes_delta",
+        "pushes_sotw",
+        "resources_sent",
+    )
+
+    def __init__(self, m: XdsMetrics, label: str) -> None:
+        self.pushes_sotw = m.pushes.labels(label, "sotw")
+        self.pushes_delta = m.pushes.labels(label, "delta")
+        self.resources_sent = m.resources_sent.labels(label)
+        self.bytes_sent = m.bytes_sent.labels(label)
+        self.push_latency = m.push_latency.labels(label)
+        self.ack_latency = m.ack_latency.labels(label)
+        self.nacks = m.nacks.labels(label)
 
 
 # ---------------------------------------------------------------------- per-stream state
@@ -233,7 +268,7 @@ class _Stream:
 #: Make-before-break: a listener or route push waits while a cluster or endpoint push is
 #: un-ACKed. Envoy ACKs CDS only once the new clusters have warmed (got their EDS), so EDS must
 #: never wait for the CDS ACK, and nothing CDS/EDS/SDS need waits for LDS/RDS (no cycle).
-HOLD_FOR: dict[str, tuple[str, ...]] = {
+HOLD_FOR: dict[str, tuple[str, str]] = {
     LISTENER: (CLUSTER, ENDPOINT),
     ROUTE: (CLUSTER, ENDPOINT),
 }
@@ -265,7 +300,8 @@ class AdsServer:
         self._ids = itertools.count(1)
         self._nacks: dict[tuple[str, str], NackRecord] = {}
         self._server: grpc.aio.Server | None = None
-        self._bodies: OrderedDict[tuple[str, str, int], tuple[bytes, int, int]] = OrderedDict()
+        # Serialised responses (without nonce) shared by streams sent the same content (LRU).
+        self._bodies: OrderedDict[tuple[Any, ...], tuple[bytes, int, int]] = OrderedDict()
         self._port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -456,9 +492,7 @@ class AdsServer:
     def _on_reply(self, stream: _Stream, ts: _TypeState, type_url: str, request: Any) -> None:
         """``request`` answers our latest response of ``type_url``: record the ACK or NACK."""
         if ts.pending:
-            self.metrics.ack_latency.labels(short_name(type_url)).observe(
-                time.monotonic() - ts.sent_at
-            )
+            self.metrics.for_type(type_url).ack_latency.observe(time.monotonic() - ts.sent_at)
         ts.pending = False
         if request.HasField("error_detail"):
             record = NackRecord(
@@ -472,7 +506,7 @@ class AdsServer:
             )
             ts.last_nack = record
             self._nacks[(stream.node_id, type_url)] = record
-            self.metrics.nacks.labels(short_name(type_url)).inc()
+            self.metrics.for_type(type_url).nacks.inc()
             _log.warning(
                 "NACK from %s for %s version %s (nonce %s): %s",
                 stream.node_id,
@@ -503,7 +537,8 @@ class AdsServer:
         else:
             wildcard, wanted = "*" in names, frozenset(n for n in names if n != "*")
         if wildcard != ts.wildcard or wanted != ts.names:
-            ts.wildcard, ts.names, ts.dirty = wildcard, wanted, True
+            # Interned: 1,000 streams naming the same resources share the strings.
+            ts.wildcard, ts.names, ts.dirty = wildcard, frozenset(map(sys.intern, wanted)), True
 
     def _on_delta_request(
         self, stream: _Stream, request: discovery_pb2.DeltaDiscoveryRequest
@@ -515,7 +550,9 @@ class AdsServer:
         if ts is None:
             ts = stream.types[type_url] = _TypeState()
             ts.names = set()
-            ts.held = dict(request.initial_resource_versions)
+            ts.held = {
+                sys.intern(n): sys.intern(v) for n, v in request.initial_resource_versions.items()
+            }
             if type_url in WILDCARD_TYPES and not subscribe:
                 ts.wildcard = True
         else:
@@ -532,7 +569,7 @@ class AdsServer:
             if name == "*":
                 ts.wildcard = True
             else:
-                names.add(name)
+                names.add(sys.intern(name))
         for name in unsubscribe:
             if name == "*":
                 ts.wildcard = False
@@ -556,7 +593,10 @@ class AdsServer:
             if ts.pending:
                 in_flight = True
                 continue
-            if any(_pending(stream, dep) for dep in HOLD_FOR.get(type_url, ())):
+            held_for = HOLD_FOR.get(type_url)
+            if held_for is not None and (
+                _pending(stream, held_for[0]) or _pending(stream, held_for[1])
+            ):
                 in_flight = True
                 continue
             if stream.kind == "sotw":
@@ -575,10 +615,10 @@ class AdsServer:
                     stream.node_id,
                 )
             now = time.monotonic()
-            label = short_name(type_url)
-            self.metrics.pushes.labels(label, stream.kind).inc()
+            tm = self.metrics.for_type(type_url)
+            (tm.pushes_sotw if stream.kind == "sotw" else tm.pushes_delta).inc()
             if stream.since is not None:
-                self.metrics.push_latency.labels(label).observe(now - stream.since)
+                tm.push_latency.observe(now - stream.since)
             ts.pending = True
             ts.sent_at = now
             in_flight = True
@@ -655,15 +695,15 @@ class AdsServer:
         ts.sent_key = key
         ts.sent_version = version
         ts.nonce = nonce
-        label = short_name(type_url)
-        self.metrics.resources_sent.labels(label).inc(count)
-        self.metrics.bytes_sent.labels(label).inc(size)
+        tm = self.metrics.for_type(type_url)
+        tm.resources_sent.inc(count)
+        tm.bytes_sent.inc(size)
         # A serialised message followed by more fields parses as their merge: append the nonce.
         return body + _string_field(5, nonce)
 
     def _delta_response(
         self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
-    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
+    ) -> bytes | None:
         tr = snapshot.types.get(type_url)
         version = tr.version if tr is not None else EMPTY_VERSION
         first = ts.nonce is None
@@ -703,24 +743,37 @@ class AdsServer:
         # initial fetch and, after a reconnect, confirms the versions the client holds.
         if not changed and not removed and not first:
             return None
-        nonce = stream.next_nonce()
-        response = discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=version, type_url=type_url, nonce=nonce, removed_resources=removed
-        )
-        add = response.resources.add
+        mix = 0
         for entry in changed:
-            resource = add(name=entry.name, version=entry.version)
-            resource.resource.type_url = type_url
-            resource.resource.value = entry.value
+            mix ^= entry.mix
             held[entry.name] = entry.version
         for name in removed:
             del held[name]
+        cache_key = (type_url, version, mix, "delta", *removed)
+        found = self._bodies.get(cache_key)
+        if found is None:
+            response = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=version, type_url=type_url, removed_resources=removed
+            )
+            add = response.resources.add
+            for entry in changed:
+                resource = add(name=entry.name, version=entry.version)
+                resource.resource.type_url = type_url
+                resource.resource.value = entry.value
+            found = (response.SerializeToString(), len(changed), sum(len(e.value) for e in changed))
+            self._bodies[cache_key] = found
+            if len(self._bodies) > _BODY_CACHE_SIZE:
+                self._bodies.popitem(last=False)
+        else:
+            self._bodies.move_to_end(cache_key)
+        nonce = stream.next_nonce()
         ts.sent_version = version
         ts.nonce = nonce
-        label = short_name(type_url)
-        self.metrics.resources_sent.labels(label).inc(len(changed))
-        self.metrics.bytes_sent.labels(label).inc(sum(len(e.value) for e in changed))
-        return response
+        tm = self.metrics.for_type(type_url)
+        tm.resources_sent.inc(found[1])
+        tm.bytes_sent.inc(found[2])
+        # Same content for every stream with the same diff; the nonce field is appended.
+        return found[0] + _string_field(5, nonce)
 
 
 def _string_field(number: int, value: str) -> bytes:

@@ -90,7 +90,7 @@ class TypeResources:
     ``change`` links to the previous version of this type when made by ``replace``."""
 
     version: str
-    entries: Mapping[str, ResourceEntry]
+    entries: MappingProxyType[str, ResourceEntry]
     mix: int = 0
     change: TypeChange | None = None
 
@@ -346,7 +346,7 @@ class Snapshot:
             found = changed.get(type_url)
             if found is None:
                 old = self.types.get(type_url)
-                found = changed[type_url] = dict(old.entries) if old is not None else {}
+                found = changed[type_url] = old.entries.copy() if old is not None else {}
                 mixes[type_url] = old.mix if old is not None else 0
                 diffs[type_url] = {}
             return found
@@ -481,10 +481,9 @@ class Snapshot:
         """``{type_url: {missing name: referrers}}`` for every referenced name not present."""
         missing: dict[str, dict[str, tuple[str, ...]]] = {}
         for type_url, wanted in self._refs.items():
-            have = self.entries(type_url)
-            gone = {name: who for name, who in wanted.items() if name not in have}
-            if gone:
-                missing[type_url] = gone
+            absent = wanted.keys() - self.entries(type_url).keys()  # C-level set difference
+            if absent:
+                missing[type_url] = {name: wanted[name] for name in sorted(absent)}
         return missing
 
     def consistent(self) -> bool:

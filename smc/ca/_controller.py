@@ -1,0 +1,890 @@
+"""The certificate controller: the CA reacting to the projections.
+
+Role: keeps one valid workload certificate per mesh identity and records its lifecycle
+on the log. What to do is decided by :func:`plan_certificates`, a pure function of the
+registry identities, the mesh config (trust domain, lifetime), the certificate projection,
+the fingerprints whose keys this process holds, the issuer name and ``now`` — so it is
+testable and every replica computes the same plan. :class:`CertificateController`
+carries the plan out: it signs with the issuer (in a worker thread), keeps the key in the
+:class:`~smc.ca.KeyStore` (never on the log), appends ``CertificateIssued`` /
+``CertificateRenewed`` / ``CertificateRevoked`` (public facts only, deterministic event ids)
+and ``TrustBundleChanged`` when the issuer's roots change, then waits until the runner has
+applied its own events before planning again. After a restart the certificate state comes
+back from the log (``CertsProjection``); a certificate still valid whose key is still held
+is simply served again, one whose key is gone is renewed.
+
+Failures never stop ``smc serve``: an unavailable issuer (after the retries of
+:func:`smc.ca.retrying`) or log leaves the current certificates in place and the pass is
+retried with exponential backoff; an identity the issuer rejects is retried on its own
+backoff; a malformed ``ns/sa`` is skipped with a warning.
+Concurrency: one asyncio task (:meth:`CertificateController.run`) on the loop that runs
+the :class:`~smc.projections.ProjectionRunner`; it reads projections only on that loop and
+calls the blocking issuer and log through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from smc.ca._errors import CAError, CAStateError, InvalidIdentity, IssuerRejected, IssuerUnavailable
+from smc.ca._identity import format_spiffe_id
+from smc.ca._keystore import KeyStore
+from smc.ca._local import LocalIssuer
+from smc.ca._model import IssuedCertificate, Issuer
+from smc.ca._retry import Backoff, RetryingIssuer, retrying
+from smc.ca._rotation import DEFAULT_FRACTION, DEFAULT_JITTER, renew_at
+from smc.ca._vault import VaultIssuer
+from smc.events import (
+    Appended,
+    CertificateIssued,
+    CertificateRenewed,
+    CertificateRevoked,
+    Event,
+    EventLog,
+    TrustBundleChanged,
+    deterministic_id,
+    make_event,
+)
+from smc.projections import (
+    CertRecord,
+    CertsProjection,
+    PolicyProjection,
+    ProjectionRunner,
+    RegistryProjection,
+)
+
+__all__ = [
+    "Action",
+    "CertificateController",
+    "IssueAction",
+    "IssuerFactory",
+    "Plan",
+    "ReconcileResult",
+    "RenewAction",
+    "RevokeAction",
+    "certificate_event",
+    "issuer_factory_from_options",
+    "issuer_from_options",
+    "plan_certificates",
+    "renewal_instant",
+    "revocation_event",
+    "run_ca",
+    "trust_bundle_event",
+]
+
+log = logging.getLogger("smc.ca.controller")
+
+#: Builds the issuer for a trust domain (the mesh config names it; it may change).
+IssuerFactory = Callable[[str], Issuer]
+
+SOURCE = "smc-ca"
+
+
+# ---------------------------------------------------------------------- the pure plan
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IssueAction:
+    """Issue a first certificate for ``identity`` (a SPIFFE URI)."""
+
+    identity: str
+    reason: str = "new-identity"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RenewAction:
+    """Replace ``previous_serial``, the identity's current certificate."""
+
+    identity: str
+    previous_serial: str
+    reason: str  # due | expired | key-missing | issuer-changed | forced
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RevokeAction:
+    """Revoke ``serial``: its identity left the registry."""
+
+    identity: str
+    serial: str
+    reason: str = "identity-removed"
+
+
+Action = IssueAction | RenewAction | RevokeAction
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """What to do now, and when to look again."""
+
+    actions: tuple[Action, ...]
+    #: Earliest renewal instant among the certificates kept as they are.
+    next_due: datetime | None
+    #: ``(ns/sa, reason)`` of registry identities that cannot be SPIFFE ids.
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+def _desired(
+    identities: Iterable[str], trust_domain: str
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    out: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
+    for short in sorted(identities):
+        ns, sep, sa = short.partition("/")
+        if not sep:
+            skipped.append((short, "not of the form namespace/service-account"))
+            continue
+        try:
+            out[format_spiffe_id(trust_domain=trust_domain, namespace=ns, service_account=sa)] = (
+                short
+            )
+        except InvalidIdentity as exc:
+            skipped.append((short, str(exc)))
+    return out, skipped
+
+
+def renewal_instant(
+    rec: CertRecord,
+    *,
+    lifetime: timedelta,
+    fraction: float = DEFAULT_FRACTION,
+    jitter: float = DEFAULT_JITTER,
+) -> datetime:
+    """When ``rec`` is due: :func:`smc.ca.renew_at` seeded by ``identity|serial``, over
+    the validity counted from ``max(not_before, not_after - lifetime)`` so an issuer's
+    back-dated ``not_before`` (clock-skew allowance) does not make a short-lived
+    certificate due as soon as it is issued."""
+    start = max(rec.not_before, rec.not_after - lifetime)
+    if start >= rec.not_after:
+        start = rec.not_before
+    return renew_at(
+        not_before=start,
+        not_after=rec.not_after,
+        seed=f"{rec.identity}|{rec.serial}",
+        fraction=fraction,
+        jitter=jitter,
+    )
+
+
+def plan_certificates(
+    *,
+    identities: Iterable[str],
+    trust_domain: str,
+    lifetime: timedelta,
+    current: Mapping[str, CertRecord],
+    now: datetime,
+    held: Collection[str] | None = None,
+    issuer: str | None = None,
+    fraction: float = DEFAULT_FRACTION,
+    jitter: float = DEFAULT_JITTER,
+) -> Plan:
+    """The certificate actions that bring ``current`` in line with the registry.
+
+    ``identities`` are registry identities (``ns/sa``); ``current`` maps SPIFFE URI to the
+    identity's current certificate (``CertsProjection``); ``held`` the fingerprints whose
+    keys this process holds (None: don't check); ``issuer`` the active issuer's name (None:
+    don't check). Per desired identity: no certificate -> issue; expired, due
+    (:func:`renewal_instant`), key not held, or signed by another issuer -> renew.
+    Every current certificate of an identity no longer desired -> revoke. Pure.
+    """
+    desired, skipped = _desired(identities, trust_domain)
+    actions: list[Action] = []
+    next_due: datetime | None = None
+    for uri in sorted(desired):
+        rec = current.get(uri)
+        if rec is None:
+            actions.append(IssueAction(identity=uri))
+            continue
+        due = renewal_instant(rec, lifetime=lifetime, fraction=fraction, jitter=jitter)
+        reason: str | None = None
+        if now >= rec.not_after:
+            reason = "expired"
+        elif now >= due:
+            reason = "due"
+        elif held is not None and rec.fingerprint not in held:
+            reason = "key-missing"
+        elif issuer is not None and rec.issuer != issuer:
+            reason = "issuer-changed"
+        if reason is not None:
+            actions.append(RenewAction(identity=uri, previous_serial=rec.serial, reason=reason))
+        elif next_due is None or due < next_due:
+            next_due = due
+    for uri in sorted(set(current) - set(desired)):
+        actions.append(RevokeAction(identity=uri, serial=current[uri].serial))
+    return Plan(actions=tuple(actions), next_due=next_due, skipped=tuple(skipped))
+
+
+# ---------------------------------------------------------------------- events
+def certificate_event(
+    cert: IssuedCertificate,
+    *,
+    previous_serial: str | None = None,
+    source: str = SOURCE,
+    actor: str = "ca",
+    occurred_at: datetime | None = None,
+) -> CertificateIssued | CertificateRenewed:
+    """``CertificateIssued`` (or ``CertificateRenewed`` with ``previous_serial``) carrying
+    :meth:`IssuedCertificate.record` and ``not_before``: never a key. Event id:
+    ``deterministic_id("ca", identity, serial)``."""
+    rec = cert.record()
+    facts: dict[str, Any] = {
+        "serial": rec.serial,
+        "identity": rec.identity,
+        "not_before": cert.not_before,
+        "not_after": rec.not_after,
+        "issuer": rec.issuer,
+        "fingerprint": rec.fingerprint,
+    }
+    event_id = deterministic_id("ca", rec.identity, rec.serial)
+    if previous_serial is None:
+        return make_event(
+            CertificateIssued,
+            source=source,
+            actor=actor,
+            occurred_at=occurred_at,
+            event_id=event_id,
+            **facts,
+        )
+    return make_event(
+        CertificateRenewed,
+        source=source,
+        actor=actor,
+        occurred_at=occurred_at,
+        event_id=event_id,
+        previous_serial=previous_serial,
+        **facts,
+    )
+
+
+def revocation_event(
+    *,
+    identity: str,
+    serial: str,
+    reason: str,
+    source: str = SOURCE,
+    actor: str = "ca",
+    occurred_at: datetime | None = None,
+) -> CertificateRevoked:
+    """``CertificateRevoked``; id ``deterministic_id("ca", "revoke", identity, serial)`` so
+    replicas revoking the same certificate append it once."""
+    return make_event(
+        CertificateRevoked,
+        source=source,
+        actor=actor,
+        occurred_at=occurred_at,
+        event_id=deterministic_id("ca", "revoke", identity, serial),
+        serial=serial,
+        identity=identity,
+        reason=reason,
+    )
+
+
+def _bundle_digest(roots: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(roots).encode("ascii")).hexdigest()
+
+
+def trust_bundle_event(
+    *,
+    issuer: str,
+    roots: Sequence[str],
+    previous: Sequence[str],
+    source: str = SOURCE,
+    actor: str = "ca",
+    salt: str = "",
+) -> TrustBundleChanged:
+    """``TrustBundleChanged`` (PEM roots only); id from the issuer and the digests of
+    the previous and new bundles (plus ``salt`` to re-record a bundle seen before)."""
+    parts = ["ca", "trust", issuer, _bundle_digest(previous), _bundle_digest(roots)]
+    if salt:
+        parts.append(salt)
+    return make_event(
+        TrustBundleChanged,
+        source=source,
+        actor=actor,
+        event_id=deterministic_id(*parts),
+        issuer=issuer,
+        roots_pem=tuple(roots),
+    )
+
+
+# ---------------------------------------------------------------------- issuer options
+def _vault_token(*, token: str | None, token_file: str | None, env: Mapping[str, str]) -> str:
+    if token:
+        return token
+    if token_file:
+        try:
+            text = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise CAStateError(
+                f"--vault-token-file {token_file}: cannot read ({exc.strerror})"
+            ) from exc
+        if not text:
+            raise CAStateError(f"--vault-token-file {token_file}: file is empty")
+        return text
+    for name in ("VAULT_TOKEN", "BAO_TOKEN"):
+        if env.get(name):
+            return env[name]
+    raise CAStateError(
+        "--ca vault:URL needs a token: set VAULT_TOKEN (or BAO_TOKEN) or pass --vault-token-file"
+    )
+
+
+def issuer_factory_from_options(
+    *,
+    ca: str,
+    vault_role: str = "smc-workload",
+    vault_mount: str = "pki",
+    vault_token: str | None = None,
+    vault_token_file: str | None = None,
+    vault_ca_cert: str | None = None,
+    vault_timeout: float = 5.0,
+    backoff: Backoff | None = None,
+    env: Mapping[str, str] | None = None,
+) -> IssuerFactory:
+    """Parse ``--ca`` (``local:DIR`` or ``vault:URL``) and return ``trust_domain -> issuer``
+    (wrapped in :func:`smc.ca.retrying`). The spec and the Vault token are checked now, so
+    a bad option fails at start-up with a message naming it; the issuer itself is built
+    when the trust domain is known (it comes from the mesh config on the log)."""
+    kind, sep, rest = ca.partition(":")
+    bo = backoff or Backoff(attempts=4, initial=0.2, maximum=2.0, deadline=10.0)
+    if not sep or not rest:
+        raise CAStateError(f"--ca {ca!r}: expected local:DIR or vault:URL")
+    if kind == "local":
+        directory = Path(rest).expanduser()
+
+        def local(trust_domain: str) -> Issuer:
+            return retrying(LocalIssuer(directory=directory, trust_domain=trust_domain), backoff=bo)
+
+        return local
+    if kind == "vault":
+        if not rest.startswith(("http://", "https://")):
+            raise CAStateError(f"--ca {ca!r}: the Vault URL must start with http:// or https://")
+        token = _vault_token(
+            token=vault_token, token_file=vault_token_file, env=os.environ if env is None else env
+        )
+        if vault_ca_cert is not None and not Path(vault_ca_cert).is_file():
+            raise CAStateError(f"--vault-ca-cert {vault_ca_cert}: no such file")
+        verify: bool | str = vault_ca_cert if vault_ca_cert is not None else True
+
+        def vault(trust_domain: str) -> Issuer:
+            return retrying(
+                VaultIssuer(
+                    url=rest,
+                    token=token,
+                    role=vault_role,
+                    mount=vault_mount,
+                    trust_domain=trust_domain,
+                    verify=verify,
+                    timeout=vault_timeout,
+                ),
+                backoff=bo,
+            )
+
+        return vault
+    raise CAStateError(f"--ca {ca!r}: unknown kind {kind!r}; use local:DIR or vault:URL")
+
+
+def issuer_from_options(
+    *,
+    ca: str,
+    trust_domain: str,
+    vault_role: str = "smc-workload",
+    vault_mount: str = "pki",
+    vault_token: str | None = None,
+    vault_token_file: str | None = None,
+    vault_ca_cert: str | None = None,
+    backoff: Backoff | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Issuer:
+    """The issuer ``--ca`` names, for ``trust_domain``, wrapped in :func:`smc.ca.retrying`."""
+    return issuer_factory_from_options(
+        ca=ca,
+        vault_role=vault_role,
+        vault_mount=vault_mount,
+        vault_token=vault_token,
+        vault_token_file=vault_token_file,
+        vault_ca_cert=vault_ca_cert,
+        backoff=backoff,
+        env=env,
+    )(trust_domain)
+
+
+# ---------------------------------------------------------------------- the controller
+@dataclass(kw_only=True, slots=True)
+class ReconcileResult:
+    """What one pass did."""
+
+    issued: int = 0
+    renewed: int = 0
+    revoked: int = 0
+    failed: int = 0
+    trust_changed: bool = False
+    unavailable: str | None = None
+    next_due: datetime | None = None
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def changed(self) -> int:
+        return self.issued + self.renewed + self.revoked
+
+
+def _auto_workers(issuer: Issuer) -> int:
+    inner: object = issuer
+    while isinstance(inner, RetryingIssuer):
+        inner = inner.inner
+    return 4 if isinstance(inner, VaultIssuer) else 1
+
+
+def _projection(runner: ProjectionRunner, cls: type[object]) -> object:
+    for p in runner.projections:
+        if isinstance(p, cls):
+            return p
+    raise CAStateError(f"the projection runner has no {cls.__name__}; the CA needs it")
+
+
+class CertificateController:
+    """Issues, renews and revokes workload certificates as the projections change.
+
+    ``issuer`` is an :class:`~smc.ca.Issuer` (its trust domain must be the mesh's) or an
+    :data:`IssuerFactory` called with the mesh config's trust domain (again when it
+    changes). ``clock`` gives the time plans use.
+    """
+
+    def __init__(
+        self,
+        *,
+        runner: ProjectionRunner,
+        log: EventLog,
+        issuer: Issuer | IssuerFactory,
+        keystore: KeyStore,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        fraction: float = DEFAULT_FRACTION,
+        jitter: float = DEFAULT_JITTER,
+        actor: str = "ca",
+        source: str = SOURCE,
+        trust_interval: float = 30.0,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        apply_timeout: float = 30.0,
+        batch: int = 256,
+        workers: int | None = None,
+    ) -> None:
+        self.runner = runner
+        self.log = log
+        self.keystore = keystore
+        self.clock = clock
+        self.fraction = fraction
+        self.jitter = jitter
+        self.actor = actor
+        self.source = source
+        self.trust_interval = trust_interval
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.apply_timeout = apply_timeout
+        self.batch = batch
+        #: Threads signing at once; None: 4 for a Vault issuer (network bound), 1 for a
+        #: local one (CPU bound: threads only add GIL contention; measured 1,680/s vs 730/s).
+        self.workers = workers
+        self.registry: RegistryProjection = _projection(runner, RegistryProjection)  # type: ignore[assignment]
+        self.policy: PolicyProjection = _projection(runner, PolicyProjection)  # type: ignore[assignment]
+        self.certs: CertsProjection = _projection(runner, CertsProjection)  # type: ignore[assignment]
+        if isinstance(issuer, Issuer):
+            self._fixed: Issuer | None = issuer
+            self._factory: IssuerFactory | None = None
+        else:
+            self._fixed, self._factory = None, issuer
+        self._issuers: dict[str, Issuer] = {}
+        self._trust_checked = float("-inf")
+        self._failures: dict[str, tuple[int, datetime]] = {}  # identity -> (count, retry at)
+        self._warned: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._own: set[str] = set()  # ids of events we appended, not yet seen applied
+        self._pruned_at = float("-inf")
+        self.last_error: str | None = None
+        self.passes = 0
+
+    # -------------------------------------------------------------- inputs
+    def issuer_for(self, trust_domain: str) -> Issuer:
+        """The issuer that signs for ``trust_domain``."""
+        if self._fixed is not None:
+            return self._fixed
+        issuer = self._issuers.get(trust_domain)
+        if issuer is None:
+            assert self._factory is not None
+            issuer = self._factory(trust_domain)
+            self._issuers[trust_domain] = issuer
+        return issuer
+
+    @property
+    def lifetime(self) -> timedelta:
+        return timedelta(seconds=max(1, int(self.policy.mesh.cert_lifetime_seconds)))
+
+    def current_records(self) -> dict[str, CertRecord]:
+        """SPIFFE URI -> current certificate, from the certificate projection."""
+        out: dict[str, CertRecord] = {}
+        for identity in self.certs.current:
+            rec = self.certs.current_cert(identity)
+            if rec is not None:
+                out[identity] = rec
+        return out
+
+    def plan(self, *, now: datetime | None = None, issuer_name: str | None = None) -> Plan:
+        """:func:`plan_certificates` over the projections as they stand."""
+        current = self.current_records()
+        held = {r.fingerprint for r in current.values() if self.keystore.holds(r.fingerprint)}
+        return plan_certificates(
+            identities=self.registry.identities(),
+            trust_domain=self.policy.mesh.trust_domain,
+            lifetime=self.lifetime,
+            current=current,
+            now=now or self.clock(),
+            held=held,
+            issuer=issuer_name,
+            fraction=self.fraction,
+            jitter=self.jitter,
+        )
+
+    def _served_bundle(self, issuer_name: str) -> list[str]:
+        """Roots of the active issuer plus those of every issuer with a current cert."""
+        names = {issuer_name} | {r.issuer for r in self.current_records().values()}
+        roots: list[str] = []
+        for name in sorted(names, key=lambda n: (n != issuer_name, n)):
+            for pem in self.certs.trust.get(name, ()):
+                if pem not in roots:
+                    roots.append(pem)
+        return roots
+
+    def _sync_keystore(self) -> None:
+        self.keystore.sync({i: r.fingerprint for i, r in self.current_records().items()})
+
+    # -------------------------------------------------------------- log plumbing
+    async def _append(self, events: Sequence[Event]) -> list[Appended]:
+        if not events:
+            return []
+        self._own.update(e.event_id for e in events)
+        appended = await asyncio.to_thread(self.log.append, list(events))
+        await self._wait_applied(appended)
+        return appended
+
+    async def _wait_applied(self, appended: Sequence[Appended]) -> None:
+        """Wait until the runner has applied what we appended (so the next plan sees it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.apply_timeout
+        while not all(
+            self.runner.position.get((a.stream, a.partition)) > a.offset for a in appended
+        ):
+            if loop.time() > deadline:
+                raise CAStateError(
+                    f"the projection runner did not apply the CA's events within"
+                    f" {self.apply_timeout}s (is it running?)"
+                )
+            await asyncio.sleep(0.01)
+
+    # -------------------------------------------------------------- one pass
+    async def check_trust_bundle(self, issuer: Issuer) -> bool:
+        """Append ``TrustBundleChanged`` if the issuer's roots differ from the log's."""
+        roots = await asyncio.to_thread(issuer.trust_bundle)
+        previous = list(self.certs.trust.get(issuer.name, ()))
+        if roots == previous:
+            return False
+        event = trust_bundle_event(
+            issuer=issuer.name, roots=roots, previous=previous, source=self.source, actor=self.actor
+        )
+        appended = await self._append([event])
+        if appended and appended[0].duplicate:
+            # the same transition was recorded before (a bundle coming back): record it anew
+            salt = str(int(self.clock().timestamp() * 1000))
+            event = trust_bundle_event(
+                issuer=issuer.name,
+                roots=roots,
+                previous=previous,
+                source=self.source,
+                actor=self.actor,
+                salt=salt,
+            )
+            await self._append([event])
+        log.info("trust bundle of %s: %d root(s)", issuer.name, len(roots))
+        return True
+
+    def _blocked(self, identity: str, now: datetime) -> bool:
+        f = self._failures.get(identity)
+        return f is not None and now < f[1]
+
+    def _failed(self, identity: str, now: datetime, exc: Exception) -> None:
+        count = self._failures.get(identity, (0, now))[0] + 1
+        delay = min(self.retry_max, self.retry_initial * 2 ** (count - 1))
+        self._failures[identity] = (count, now + timedelta(seconds=delay))
+        log.error("certificate for %s failed (%s); retrying in %.0fs", identity, exc, delay)
+
+    def _one(
+        self, issuer: Issuer, action: Action, lifetime: timedelta
+    ) -> tuple[Action, IssuedCertificate | None, Exception | None]:
+        """Blocking: sign or revoke one action at the issuer; errors are returned."""
+        try:
+            if isinstance(action, RevokeAction):
+                try:
+                    issuer.revoke(serial=action.serial)
+                except IssuerRejected as exc:
+                    # unknown to this issuer (another issuer's, or forgotten): the log
+                    # still records that the mesh no longer uses it
+                    log.warning("issuer refused to revoke %s: %s", action.serial, exc)
+                return action, None, None
+            cert = issuer.issue(identity=action.identity, lifetime=lifetime)
+            self.keystore.put(cert)
+            return action, cert, None
+        except (CAError, OSError) as exc:
+            return action, None, exc
+
+    def _execute(
+        self, issuer: Issuer, actions: Sequence[Action], lifetime: timedelta
+    ) -> tuple[
+        list[tuple[Action, IssuedCertificate | None]], list[tuple[Action, Exception]], str | None
+    ]:
+        """Blocking: run ``actions`` on ``workers`` threads (the issuer is thread-safe).
+        Returns what succeeded, what failed, and the unavailability seen (if any)."""
+        done: list[tuple[Action, IssuedCertificate | None]] = []
+        failed: list[tuple[Action, Exception]] = []
+        unavailable: str | None = None
+        workers = self.workers if self.workers is not None else _auto_workers(issuer)
+        if workers <= 1 or len(actions) <= 1:
+            results = []
+            for a in actions:
+                r = self._one(issuer, a, lifetime)
+                results.append(r)
+                if isinstance(r[2], IssuerUnavailable):
+                    break
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="smc-ca") as pool:
+                results = list(pool.map(lambda a: self._one(issuer, a, lifetime), actions))
+        for action, cert, exc in results:
+            if exc is None:
+                done.append((action, cert))
+            elif isinstance(exc, IssuerUnavailable):
+                unavailable = unavailable or str(exc)
+            else:
+                failed.append((action, exc))
+        return done, failed, unavailable
+
+    async def reconcile(self, *, now: datetime | None = None) -> ReconcileResult:
+        """One pass: trust bundle, plan, act, record. The runner must be following the log."""
+        self.passes += 1
+        when = now or self.clock()
+        result = ReconcileResult()
+        trust_domain = self.policy.mesh.trust_domain
+        try:
+            issuer = self.issuer_for(trust_domain)
+        except CAError as exc:
+            result.unavailable = f"cannot build the issuer for {trust_domain!r}: {exc}"
+            return result
+        self._sync_keystore()
+        loop = asyncio.get_running_loop()
+        try:
+            if loop.time() - self._trust_checked >= self.trust_interval:
+                result.trust_changed = await self.check_trust_bundle(issuer)
+                self._trust_checked = loop.time()
+        except IssuerUnavailable as exc:
+            result.unavailable = str(exc)
+        plan = self.plan(now=when, issuer_name=issuer.name)
+        for short, why in plan.skipped:
+            if short not in self._warned:
+                self._warned.add(short)
+                log.warning("identity %s gets no certificate: %s", short, why)
+        result.next_due = plan.next_due
+        actions = [a for a in plan.actions if not self._blocked(a.identity, when)]
+        lifetime = self.lifetime
+        for i in range(0, len(actions), self.batch):
+            if result.unavailable is not None:
+                break
+            chunk = actions[i : i + self.batch]
+            done, failed, unavailable = await asyncio.to_thread(
+                self._execute, issuer, chunk, lifetime
+            )
+            for action, error in failed:
+                result.failed += 1
+                self._failed(action.identity, when, error)
+            events: list[Event] = []
+            for action, cert in done:
+                self._failures.pop(action.identity, None)
+                if isinstance(action, RevokeAction):
+                    events.append(
+                        revocation_event(
+                            identity=action.identity,
+                            serial=action.serial,
+                            reason=action.reason,
+                            source=self.source,
+                            actor=self.actor,
+                        )
+                    )
+                    result.revoked += 1
+                    continue
+                assert cert is not None
+                prev = action.previous_serial if isinstance(action, RenewAction) else None
+                events.append(
+                    certificate_event(
+                        cert, previous_serial=prev, source=self.source, actor=self.actor
+                    )
+                )
+                if prev is None:
+                    result.issued += 1
+                else:
+                    result.renewed += 1
+                log.info(
+                    "%s %s serial %s until %s (%s)",
+                    "issued" if prev is None else "renewed",
+                    action.identity,
+                    cert.serial,
+                    cert.not_after.isoformat(),
+                    action.reason,
+                )
+            await self._append(events)
+            result.events.extend(events)
+            if unavailable is not None:
+                result.unavailable = unavailable
+        self._sync_keystore()
+        self.keystore.set_trust_bundle(self._served_bundle(issuer.name))
+        if result.changed or loop.time() - self._pruned_at >= self.trust_interval:
+            retired = {
+                r.fingerprint
+                for r in self.certs.all_certs()
+                if r.status in ("superseded", "revoked")
+            }
+            await asyncio.to_thread(self.keystore.prune, retired=retired)
+            self._pruned_at = loop.time()
+        if result.changed:
+            result.next_due = self.plan(now=when, issuer_name=issuer.name).next_due
+        return result
+
+    # -------------------------------------------------------------- the loop
+    def _on_events(self, events: list[Event]) -> None:
+        wake, owner = self._wake, self._loop
+        if wake is None or owner is None or not events:
+            return
+        own = self._own
+        foreign = False
+        for e in events:
+            if e.event_id in own:
+                own.discard(e.event_id)  # our own change: the pass that made it saw it
+            else:
+                foreign = True
+        if not foreign:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is owner:
+            wake.set()
+        else:
+            owner.call_soon_threadsafe(wake.set)
+
+    def _delay(self, result: ReconcileResult, backoff: float) -> float:
+        if result.unavailable is not None:
+            return backoff
+        now = self.clock()
+        delay = self.trust_interval
+        if result.next_due is not None:
+            delay = min(delay, max(0.0, (result.next_due - now).total_seconds()))
+        for _, retry_at in self._failures.values():
+            delay = min(delay, max(0.0, (retry_at - now).total_seconds()))
+        return max(0.05, delay)
+
+    async def run(self, *, stop: asyncio.Event) -> None:
+        """Wait until the runner has caught up, then reconcile on every log change, at
+        each renewal instant, and every ``trust_interval`` seconds, until ``stop``."""
+        self._loop = asyncio.get_running_loop()
+        self._own.clear()
+        self._wake = asyncio.Event()
+        wake = self._wake
+        self.runner.listeners.append(self._on_events)
+
+        async def stopper() -> None:
+            await stop.wait()
+            wake.set()
+
+        watcher = asyncio.create_task(stopper())
+        try:
+            caught = asyncio.create_task(self.runner.caught_up.wait())
+            await asyncio.wait({caught, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            caught.cancel()
+            backoff = self.retry_initial
+            while not stop.is_set():
+                wake.clear()
+                try:
+                    result = await self.reconcile()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # never take `smc serve` down
+                    log.exception("certificate pass failed")
+                    result = ReconcileResult(unavailable=f"{type(exc).__name__}: {exc}")
+                if result.unavailable is not None:
+                    self.last_error = result.unavailable
+                    log.warning(
+                        "CA unavailable (%s); keeping current certificates, retrying in %.1fs",
+                        result.unavailable,
+                        backoff,
+                    )
+                    delay = backoff
+                    backoff = min(self.retry_max, backoff * 2)
+                    self._trust_checked = float("-inf")
+                else:
+                    if self.last_error is not None:
+                        log.info("CA available again")
+                    self.last_error = None
+                    backoff = self.retry_initial
+                    delay = self._delay(result, backoff)
+                if result.unavailable is not None:
+                    # during an outage, registry changes do not shorten the backoff
+                    await self._sleep_or_stop(stop, delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout=delay)
+                    await asyncio.sleep(0.02)  # gather a burst of events into one pass
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(ValueError):
+                self.runner.listeners.remove(self._on_events)
+            self._wake = None
+
+    @staticmethod
+    async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+
+
+async def run_ca(
+    *,
+    runner: ProjectionRunner,
+    log: EventLog,
+    issuer: Issuer | IssuerFactory,
+    keystore: KeyStore,
+    stop: asyncio.Event,
+    trust_interval: float = 30.0,
+    retry_initial: float = 1.0,
+    retry_max: float = 60.0,
+) -> None:
+    """Run a :class:`CertificateController` until ``stop`` is set (for ``smc serve``).
+
+    Start it as a task next to ``runner.run(stop=stop)`` on the same loop; it waits for
+    ``runner.caught_up`` before its first pass. ``keystore`` is the SDS accessor
+    (``keystore.get(identity)``, ``keystore.trust_bundle()``, ``keystore.add_listener``).
+    It returns only when ``stop`` is set; issuer and log failures are logged and retried
+    with backoff (``retry_initial`` doubling up to ``retry_max`` seconds).
+    """
+    controller = CertificateController(
+        runner=runner,
+        log=log,
+        issuer=issuer,
+        keystore=keystore,
+        trust_interval=trust_interval,
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+    )
+    await controller.run(stop=stop)
