@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from smc.events import (  # noqa: E402
+from smc.events import (
     Endpoint,
     EndpointsChanged,
     Event,
@@ -39,7 +39,7 @@ from smc.events import (  # noqa: E402
     make_event,
     open_log,
 )
-from smc.projections import ProjectionRunner, all_projections  # noqa: E402
+from smc.projections import ProjectionRunner, all_projections
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

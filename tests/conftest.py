@@ -12,7 +12,6 @@ import pytest
 from smc.events import EventLog, SqliteLog
 from smc.events._kafka import KafkaLog
 from smc.events._kafka_topics import DEFAULT_TOPICS, ensure_topics
-
 from smc.testing.kafka import KafkaBroker, kafka_broker_fixture
 
 

@@ -581,7 +581,7 @@ async def test_vault_down_keeps_certs_and_recovers(
         finally:
             bao.unseal()
         for _ in range(500):
-            if p.keystore.get("shop/web") is not None:
+            if p.keystore.get("shop/web") is not None and p.controller.last_error is None:
                 break
             await asyncio.sleep(0.02)
         assert p.keystore.get("shop/web") is not None, "no recovery after Vault came back"
@@ -616,3 +616,44 @@ async def test_unreachable_issuer_never_crashes_the_loop(tmp_path: Path) -> None
 def test_retrying_wrapper_is_what_options_build(tmp_path: Path) -> None:
     issuer = issuer_from_options(ca=f"local:{tmp_path / 'ca'}", trust_domain=TD)
     assert type(issuer) is type(retrying(LocalIssuer(directory=tmp_path / "ca2", trust_domain=TD)))
+
+
+async def test_run_ca_as_serve_calls_it(tmp_path: Path) -> None:
+    """The entry point ``smc serve`` uses: a runner task plus ``run_ca`` on one loop, the
+    SDS accessor and its change notifications."""
+    from smc.ca import run_ca
+
+    log = SqliteLog(tmp_path / "log.db")
+    runner = ProjectionRunner(log=log, projections=all_projections())
+    keystore = KeyStore(directory=tmp_path / "keys")
+    heard: list[tuple[frozenset[str], bool]] = []
+    keystore.add_listener(lambda ids, trust: heard.append((ids, trust)))
+    stop = asyncio.Event()
+    factory = issuer_factory_from_options(ca=f"local:{tmp_path / 'ca'}")
+    tasks = [
+        asyncio.create_task(runner.run(stop=stop)),
+        asyncio.create_task(
+            run_ca(runner=runner, log=log, issuer=factory, keystore=keystore, stop=stop)
+        ),
+    ]
+    try:
+        log.append([mesh_event(3600), sa_event("shop", "cart")])
+        for _ in range(500):
+            if keystore.get("shop/cart") is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert keystore.get("shop/cart") is not None
+        assert keystore.trust_bundle()
+        assert (frozenset({uri("shop", "cart")}), False) in heard
+        assert (frozenset(), True) in heard
+        log.append([sa_event("shop", "cart", removed=True)])
+        for _ in range(500):
+            if keystore.get("shop/cart") is None:
+                break
+            await asyncio.sleep(0.02)
+        assert keystore.get("shop/cart") is None
+        assert heard[-1] == (frozenset({uri("shop", "cart")}), False)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        log.close()

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from eventgen import service
+
 from smc.events import MeshConfigChanged, ServiceRemoved, SqliteLog, make_event
 
 

@@ -8,11 +8,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from eventgen import EVENTS, any_event, service
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from hypothesis import given, settings
 
-from eventgen import EVENTS, any_event, service
 from smc.events import (
     EVENT_TYPES,
     MAGIC,

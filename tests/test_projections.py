@@ -7,10 +7,10 @@ import random
 from pathlib import Path
 
 import pytest
+from eventgen import any_event, service
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventgen import any_event, service
 from smc.events import (
     DecodeError,
     Event,

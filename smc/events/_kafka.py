@@ -167,33 +167,67 @@ class KafkaLog:
         self._consumer.assign(tps)
         self._assigned = start
 
+    def _consume(self, start: Position, max_records: int, timeout: float) -> list[Any]:
+        if self._assigned != start:
+            self._assign(start)
+        msgs: list[Any] = self._consumer.consume(
+            num_messages=max_records, timeout=max(timeout, 0.001)
+        )
+        for m in msgs:
+            err = m.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                raise LogUnavailable(f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}")
+        return msgs
+
     def read(
         self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0
     ) -> list[Record]:
-        if self._assigned != start:
-            self._assign(start)
-        msgs = self._consumer.consume(num_messages=max_records, timeout=max(timeout, 0.001))
+        cut = len(self.prefix)
+        new = Record._make
         out: list[Record] = []
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise LogUnavailable(f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}")
-            _, ts = m.timestamp()
+        for m in self._consume(start, max_records, timeout):
+            if m.error() is not None:
+                continue
             key = m.key()
             out.append(
-                Record(
-                    stream=(m.topic() or "")[len(self.prefix) :],
-                    partition=m.partition() or 0,
-                    offset=m.offset() or 0,
-                    timestamp_ms=ts,
-                    key=key.decode() if key else "",
-                    value=m.value() or b"",
+                new(
+                    (
+                        m.topic()[cut:],
+                        m.partition(),
+                        m.offset(),
+                        m.timestamp()[1],
+                        key.decode() if key else "",
+                        m.value() or b"",
+                        "",
+                        "",
+                    )
                 )
             )
         self._assigned = start.advanced(out)
         return out
+
+    def scan(
+        self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0
+    ) -> tuple[list[tuple[str, int, int, bytes, bytes]], Position]:
+        """Like :meth:`read` but lean, for replay: (stream, partition, offset, key, value)
+        tuples plus the position after them; no timestamps, no Record objects."""
+        cut = len(self.prefix)
+        out: list[tuple[str, int, int, bytes, bytes]] = []
+        append = out.append
+        last: dict[tuple[str, int], int] = {}
+        for m in self._consume(start, max_records, timeout):
+            if m.error() is not None:
+                continue
+            tp = (m.topic()[cut:], m.partition())
+            off = m.offset()
+            last[tp] = off
+            append((tp[0], tp[1], off, m.key() or b"", m.value() or b""))
+        if last:
+            pos = dict(start.items())
+            for tp, off in last.items():
+                pos[tp] = off + 1
+            self._assigned = Position(pos)
+        return out, self._assigned or start
 
     def end_position(self) -> Position:
         out = {}

@@ -71,11 +71,10 @@ class Position:
         return iter(sorted(self._offsets.items()))
 
     def advanced(self, records: Sequence[Record]) -> Position:
+        """The position after ``records`` (in order within each partition, as logs return)."""
         offsets = dict(self._offsets)
         for r in records:
-            tp = (r.stream, r.partition)
-            if r.offset + 1 > offsets.get(tp, 0):
-                offsets[tp] = r.offset + 1
+            offsets[(r[0], r[1])] = r[2] + 1
         return Position(offsets)
 
     def covers(self, other: Position) -> bool:

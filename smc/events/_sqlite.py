@@ -179,6 +179,13 @@ class SqliteLog:
         new = Record._make
         return [new((s, 0, o, ts, k, v, t, e)) for s, o, ts, k, v, t, e in rows if o >= floor[s]]
 
+    def scan(
+        self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0
+    ) -> tuple[list[tuple[str, int, int, str, bytes]], Position]:
+        """Lean read for replay: (stream, partition, offset, key, value) and the next position."""
+        recs = self.read(start=start, max_records=max_records, timeout=timeout)
+        return [(r[0], 0, r[2], r[4], r[5]) for r in recs], start.advanced(recs)
+
     def read(
         self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0
     ) -> list[Record]:

@@ -43,6 +43,14 @@ from smc.projections._errors import CheckpointError, ProjectionError
 
 __all__ = ["Checkpoint", "CheckpointStore", "ProjectionRunner"]
 
+#: A raw record for replay: (stream, partition, offset, key, value).
+_Raw = tuple[str, int, int, Any, bytes]
+
+
+def _where(r: _Raw) -> str:
+    return f"{r[0]}[{r[1]}]@{r[2]}"
+
+
 log = logging.getLogger("smc.projections")
 
 CHECKPOINT_FORMAT = 1
@@ -260,13 +268,22 @@ class ProjectionRunner:
         start = self.applied
         last_progress = time.monotonic()
         replacing = self._replacing() if compact else frozenset()
-        pending: dict[tuple[str, str], list[Record]] = {}
+        pending: dict[tuple[str, object], list[_Raw]] = {}
         npending = 0
         scanned = self.position
+        scan = getattr(self.log, "scan", None)
         while not scanned.covers(target):
-            recs = self.log.read(start=scanned, max_records=self.batch, timeout=0.5)
-            recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
-            if not recs:
+            if compact and scan is not None:
+                raw, after = scan(start=scanned, max_records=self.batch, timeout=0.5)
+                if any(r[2] >= target.get((r[0], r[1])) for r in raw):
+                    raw = [r for r in raw if r[2] < target.get((r[0], r[1]))]
+                    after = scanned.advanced(raw)  # type: ignore[arg-type]
+            else:
+                recs = self.log.read(start=scanned, max_records=self.batch, timeout=0.5)
+                recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
+                raw = [(r.stream, r.partition, r.offset, r.key, r.value) for r in recs]
+                after = scanned.advanced(recs)
+            if not raw:
                 if time.monotonic() - last_progress > stall_timeout:
                     raise LogUnavailable(
                         f"log {self.log.url} stalled at {scanned} before reaching {target}"
@@ -274,15 +291,12 @@ class ProjectionRunner:
                 continue
             last_progress = time.monotonic()
             if not compact:
-                self._flush(pending)
-                npending = 0
-                pending.clear()
                 self.position = scanned
                 self.step_records(recs)
                 scanned = self.position
             else:
-                npending += self._scan(recs, pending, replacing)
-                scanned = scanned.advanced(recs)
+                npending += self._scan(raw, pending, replacing)
+                scanned = after
                 if npending > 100_000:
                     self._flush(pending)
                     pending.clear()
@@ -296,30 +310,31 @@ class ProjectionRunner:
 
     def _scan(
         self,
-        recs: list[Record],
-        pending: dict[tuple[str, str], list[Record]],
+        raw: list[_Raw],
+        pending: dict[tuple[str, object], list[_Raw]],
         replacing: frozenset[str],
     ) -> int:
         """Register records for a compacted apply: check headers, drop duplicates by id."""
-        header = self.codec.header
         known = self.codec.by_fingerprint
         envelope_id = self.codec.envelope_id
         seen = self._seen
         dedupe = self._dedupe
+        blake = hashlib.blake2b
+        frombytes = int.from_bytes
         added = 0
-        for r in recs:
-            v = r.value
+        for r in raw:
+            v = r[4]
             info = known.get(v[2:10])
             if info is None or v[:2] != MAGIC:
-                header(v, where=r.where)  # raises the precise DecodeError
+                self.codec.header(v, where=_where(r))  # raises the precise DecodeError
                 continue  # pragma: no cover - header() always raises here
             if dedupe:
-                h = _id_hash_bytes(envelope_id(v))
+                h = frombytes(blake(envelope_id(v), digest_size=8).digest(), "little")
                 if h in seen:
                     self.duplicates += 1
                     continue
                 seen.add(h)
-            k = (r.stream, r.key)
+            k = (r[0], r[3])
             if info.name in replacing:
                 lst = pending.get(k)
                 if lst is not None:
@@ -332,14 +347,12 @@ class ProjectionRunner:
             self.applied += 1
         return added
 
-    def _flush(self, pending: dict[tuple[str, str], list[Record]]) -> None:
+    def _flush(self, pending: dict[tuple[str, object], list[_Raw]]) -> None:
         if not pending:
             return
         survivors = [r for lst in pending.values() for r in lst]
-        survivors.sort(key=lambda r: (r.stream, r.partition, r.offset))
-        counted = self.applied
+        survivors.sort(key=lambda r: (r[0], r[1], r[2]))
         self._apply_checked(survivors)
-        self.applied = counted
 
     def step_records(self, recs: list[Record]) -> list[Event]:
         events = self.apply_records(recs)
@@ -347,19 +360,19 @@ class ProjectionRunner:
             cb(events)
         return events
 
-    def _apply_checked(self, recs: list[Record]) -> None:
+    def _apply_checked(self, raw: list[_Raw]) -> None:
         """Apply records already registered in the de-duplication set."""
         decode = self.codec.decode
         by_stream = self._by_stream
         events: list[Event] = []
-        for rec in recs:
-            event = decode(rec.value, where=rec.where)
-            for p in by_stream.get(rec.stream, ()):
+        for r in raw:
+            event = decode(r[4], where=_where(r))
+            for p in by_stream.get(r[0], ()):
                 try:
                     p.apply(event)
                 except Exception as exc:
                     raise ProjectionError(
-                        projection=p.name, where=rec.where, reason=repr(exc)
+                        projection=p.name, where=_where(r), reason=repr(exc)
                     ) from exc
             events.append(event)
         for cb in self.listeners:

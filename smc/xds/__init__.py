@@ -1,14 +1,31 @@
 """SMC's xDS layer: content-versioned snapshots, the snapshot cache and the ADS server.
 
-Role: the generic part under the snapshot builder. The builder makes one :class:`Snapshot` per
+Role: the snapshot builder (:class:`BuildPass`: projections -> per-proxy resources), the
+controller that keeps the cache current (:class:`XdsController`), and the generic part under
+them. The builder makes one :class:`Snapshot` per
 proxy (node id) and publishes it with :meth:`SnapshotCache.set_snapshot`; :class:`AdsServer`
 serves it over ADS, state of the world and delta, to Envoy.
 Concurrency: snapshots are immutable; the cache may be written from any thread; the server runs
 on one asyncio event loop (grpc.aio). See each module for details.
 """
 
+from smc.xds._builder import (
+    APP_PORT_LABEL,
+    OUTBOUND_LISTENER,
+    OUTBOUND_PORT,
+    OUTBOUND_ROUTE,
+    ROOT_SECRET,
+    WORKLOAD_SECRET,
+    BuildPass,
+    ProxyBuild,
+    inbound_name,
+    outbound_cluster_name,
+)
 from smc.xds._cache import SnapshotCache, SnapshotSource, Unwatch
+from smc.xds._certs import CertSource, IssuingCertSource
+from smc.xds._controller import AckTrackingServer, Publication, XdsController
 from smc.xds._errors import InconsistentSnapshot, InvalidResource, XdsError
+from smc.xds._identity import InvalidNodeId, NodeRef, find_workload, parse_node_id
 from smc.xds._server import AdsServer, NackRecord, ProxyStatus, TypeStatus, XdsMetrics
 from smc.xds._snapshot import (
     CHANGE_HISTORY,
@@ -31,20 +48,34 @@ from smc.xds._types import (
 )
 
 __all__ = [
+    "APP_PORT_LABEL",
     "CHANGE_HISTORY",
     "CLUSTER",
     "ENDPOINT",
     "LISTENER",
     "MESSAGE_CLASSES",
+    "OUTBOUND_LISTENER",
+    "OUTBOUND_PORT",
+    "OUTBOUND_ROUTE",
     "PUSH_ORDER",
+    "ROOT_SECRET",
     "ROUTE",
     "SECRET",
     "WILDCARD_TYPES",
+    "WORKLOAD_SECRET",
+    "AckTrackingServer",
     "AdsServer",
+    "BuildPass",
+    "CertSource",
     "InconsistentSnapshot",
+    "InvalidNodeId",
     "InvalidResource",
+    "IssuingCertSource",
     "NackRecord",
+    "NodeRef",
+    "ProxyBuild",
     "ProxyStatus",
+    "Publication",
     "ResourceEntry",
     "Snapshot",
     "SnapshotCache",
@@ -53,8 +84,13 @@ __all__ = [
     "TypeResources",
     "TypeStatus",
     "Unwatch",
+    "XdsController",
     "XdsError",
     "XdsMetrics",
+    "find_workload",
+    "inbound_name",
     "make_entry",
+    "outbound_cluster_name",
+    "parse_node_id",
     "resource_name",
 ]

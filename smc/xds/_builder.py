@@ -1,0 +1,787 @@
+"""The snapshot builder: mesh projections -> the Envoy resources of one sidecar proxy.
+
+Role: turns the registry and policy projections (through :class:`~smc.projections.PolicyView`)
+and a :class:`~smc.xds.CertSource` into one consistent :class:`~smc.xds.Snapshot` per proxy
+node (see :mod:`smc.xds._identity` for the node-id scheme), plus the set of *dependency keys*
+the build read, so the controller rebuilds only the proxies a change can affect.
+
+Sidecar model (explicit addresses, no traffic interception): a workload's registry ``address``
+is where its sidecar listens; several sidecars share one host on distinct loopback addresses.
+
+- Inbound: for every distinct target port of the services the workload backs, a listener
+  ``inbound|<port>`` on ``<address>:<port>`` (``0.0.0.0`` when the address is empty), mTLS
+  required (SDS secrets ``default`` and ``ROOTCA``). HTTP ports: an HTTP connection manager
+  with an RBAC filter (deny by default) and RDS route config ``inbound|<port>`` whose
+  per-route RBAC allows exactly the SMI sources (authenticated principal = the source's SPIFFE
+  id) on their HTTPRouteGroup matches (path regex, methods, headers): policy changes are route
+  updates, effective on open connections at once;
+  TCP ports: a network RBAC filter then a TCP proxy. Permissive mode: no RBAC (mTLS still
+  required). The local application is ``127.0.0.1:<target port>`` (cluster ``inbound|<port>``),
+  unless the workload has the label ``smc.dev/app-port: "<port>"``, then ``127.0.0.1:<that
+  port>`` for every inbound port (one application per workload).
+- Outbound: one HTTP listener ``outbound`` on ``<address>:15001`` with RDS route config
+  ``outbound``: a virtual host per (service, port) the identity may call, domains ``name.ns``,
+  ``name.ns.svc``, ``name.ns.svc.cluster.local`` (plus bare ``name`` for services of the
+  proxy's own namespace), each also with ``:port``; the bare forms go to the service's first
+  port. Routes go to EDS clusters ``outbound|<ns>/<svc>|<port>`` (mTLS, the peer's URI SAN
+  must be the SPIFFE id of an identity serving the service). A TrafficSplit becomes weighted
+  clusters over the backends; its A/B matches become routes tried before the default split.
+  Permissive mode: every service is reachable.
+- EDS: one ClusterLoadAssignment per outbound cluster from ``registry.endpoints_of`` (Kubernetes
+  endpoints and VM workloads alike); endpoints whose port is not the service port's target port
+  are left out when the service has several ports; not-ready endpoints are UNHEALTHY.
+- SDS: ``default`` (this identity's certificate and key only) and ``ROOTCA`` (every root of
+  the trust bundle). Without a certificate for the identity, no snapshot is built.
+
+Dependency keys (strings): ``wl:<ns>/<name>`` (the proxy's own workload), ``svcns:<ns>``
+(which services in its namespace it backs), ``svc:<ns>/<name>`` (a service read: ports,
+endpoints, identities, split), ``dst:<ns>/<sa>`` (which services a reachable identity serves),
+``svc-all`` (the set of services, permissive mode), ``id:<ns>/<sa>`` (its certificate).
+Policy changes affect every proxy.
+
+Concurrency: a :class:`BuildPass` reads the projections and must run on the thread that applies
+events to them (the asyncio loop); it is meant for one batch of rebuilds and then dropped.
+Built entries are immutable and interned, so proxies of one identity share them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as _http_rbac_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2 as _router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+    http_connection_manager_pb2 as _hcm_pb2,
+)
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as _net_rbac_pb2  # noqa: F401
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2 as _tcp_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls_pb2  # noqa: F401
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from smc.events import Endpoint, ServicePort
+from smc.projections import PolicyView, Service, Workload
+from smc.smi import Grant, HTTPMatch
+from smc.xds._certs import CertSource
+from smc.xds._identity import InvalidNodeId, find_workload, parse_node_id
+from smc.xds._snapshot import ResourceEntry, Snapshot, make_entry
+from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+
+__all__ = [
+    "APP_PORT_LABEL",
+    "OUTBOUND_LISTENER",
+    "OUTBOUND_PORT",
+    "OUTBOUND_ROUTE",
+    "ROOT_SECRET",
+    "WORKLOAD_SECRET",
+    "BuildPass",
+    "ProxyBuild",
+    "inbound_name",
+    "outbound_cluster_name",
+]
+
+log = logging.getLogger("smc.xds.builder")
+
+#: Label naming the local port of a workload's application (one port per workload).
+APP_PORT_LABEL = "smc.dev/app-port"
+OUTBOUND_PORT = 15001
+OUTBOUND_LISTENER = "outbound"
+OUTBOUND_ROUTE = "outbound"
+WORKLOAD_SECRET = "default"
+ROOT_SECRET = "ROOTCA"
+
+_T = "type.googleapis.com/"
+_HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
+_HTTP_RBAC = _T + "envoy.extensions.filters.http.rbac.v3.RBAC"
+_HTTP_RBAC_PER_ROUTE = _T + "envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+_NET_RBAC = _T + "envoy.extensions.filters.network.rbac.v3.RBAC"
+_TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_DOWNSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+_UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+_SDS_CERT = [{"name": WORKLOAD_SECRET, "sds_config": _ADS}]
+_SDS_ROOT = {"name": ROOT_SECRET, "sds_config": _ADS}
+_ROUTER_FILTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+_RETRY = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2}
+
+
+def outbound_cluster_name(service: str, port: int) -> str:
+    """``outbound|<ns>/<svc>|<port>``: the EDS cluster of one service port."""
+    return f"outbound|{service}|{port}"
+
+
+def inbound_name(port: int) -> str:
+    """``inbound|<port>``: the inbound listener and local-application cluster of a port."""
+    return f"inbound|{port}"
+
+
+def _parse(data: dict[str, Any], message: Message) -> Message:
+    return json_format.ParseDict(data, message)
+
+
+def _sockaddr(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProxyBuild:
+    """The outcome of building one node: its snapshot (None with a ``reason`` when it cannot
+    have one yet), the workload and identity it speaks for, and the dependency keys read."""
+
+    node_id: str
+    snapshot: Snapshot | None
+    deps: frozenset[str]
+    identity: str | None = None
+    workload: Workload | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Outbound:
+    """Identity-level outbound part: route config, clusters and endpoints, with its deps."""
+
+    entries: tuple[ResourceEntry, ...]
+    deps: frozenset[str]
+
+
+class BuildPass:
+    """Builds proxy snapshots against one state of the projections, memoising the parts
+    shared between proxies (per identity and per service). Make a new pass per batch."""
+
+    def __init__(
+        self, *, view: PolicyView, certs: CertSource, outbound_port: int = OUTBOUND_PORT
+    ) -> None:
+        self.view = view
+        self.registry = view.registry
+        self.certs = certs
+        self.outbound_port = outbound_port
+        self._svc_ids: dict[str, tuple[str, ...]] = {}
+        self._svc_workloads: dict[str, tuple[Workload, ...]] = {}
+        self._clusters: dict[tuple[str, int], tuple[ResourceEntry, ResourceEntry]] = {}
+        self._outbound: dict[str, _Outbound] = {}
+        self._secret: dict[str, ResourceEntry | None] = {}
+        self._root: ResourceEntry | None = None
+        self._services: tuple[str, ...] | None = None
+
+    # ------------------------------------------------------------------ memoised queries
+
+    def services(self) -> tuple[str, ...]:
+        """Every service ``ns/name``, sorted."""
+        if self._services is None:
+            self._services = tuple(sorted(f"{ns}/{n}" for ns, n in self.registry.services))
+        return self._services
+
+    def service_workloads(self, service: str) -> tuple[Workload, ...]:
+        found = self._svc_workloads.get(service)
+        if found is None:
+            found = self._svc_workloads[service] = self.view.workloads_of_service(service)
+        return found
+
+    def service_identities(self, service: str) -> tuple[str, ...]:
+        """Identities (``ns/sa``) serving ``service``."""
+        found = self._svc_ids.get(service)
+        if found is None:
+            found = self._svc_ids[service] = tuple(
+                sorted({w.identity for w in self.service_workloads(service)})
+            )
+        return found
+
+    def services_backed_by(self, workload: Workload) -> tuple[str, ...]:
+        """Services (``ns/name``) ``workload`` backs."""
+        prefix = workload.namespace + "/"
+        return tuple(
+            s
+            for s in self.services()
+            if s.startswith(prefix) and workload in self.service_workloads(s)
+        )
+
+    def _service(self, key: str) -> Service | None:
+        ns, _, name = key.partition("/")
+        return self.registry.services.get((ns, name))
+
+    # ------------------------------------------------------------------ the build
+
+    def build(self, node_id: str) -> ProxyBuild:
+        """Build the snapshot of ``node_id`` (``ns/workload``); never raises for bad input:
+        an unusable node id gives a build without snapshot and a reason."""
+        try:
+            ref = parse_node_id(node_id)
+        except InvalidNodeId as exc:
+            return ProxyBuild(node_id=node_id, snapshot=None, deps=frozenset(), reason=str(exc))
+        deps: set[str] = {f"wl:{ref.key}"}
+        workload = find_workload(ref, self.registry.workloads)
+        if workload is None:
+            return ProxyBuild(
+                node_id=node_id,
+                snapshot=None,
+                deps=frozenset(deps),
+                reason=f"no workload {ref.key!r} in the registry",
+            )
+        identity = workload.identity
+        deps.add(f"id:{identity}")
+        secret = self._workload_secret(identity)
+        if secret is None:
+            return ProxyBuild(
+                node_id=node_id,
+                snapshot=None,
+                deps=frozenset(deps),
+                identity=identity,
+                workload=workload,
+                reason=f"no certificate for identity {identity!r} yet",
+            )
+        entries: list[ResourceEntry] = [secret, self._root_secret()]
+        deps.add(f"svcns:{workload.namespace}")
+        entries.extend(self._inbound(workload, deps))
+        outbound = self._outbound_of(identity)
+        deps.update(outbound.deps)
+        entries.extend(outbound.entries)
+        entries.append(self._outbound_listener(workload))
+        snapshot = Snapshot.from_entries(entries)
+        return ProxyBuild(
+            node_id=node_id,
+            snapshot=snapshot,
+            deps=frozenset(deps),
+            identity=identity,
+            workload=workload,
+        )
+
+    # ------------------------------------------------------------------ secrets
+
+    def _workload_secret(self, identity: str) -> ResourceEntry | None:
+        if identity in self._secret:
+            return self._secret[identity]
+        material = self.certs.get(identity)
+        entry = None
+        if material is not None:
+            cert_pem, chain_pem, key_pem = material[0], material[1], material[2]
+            chain = cert_pem if cert_pem.endswith("\n") else cert_pem + "\n"
+            chain += chain_pem
+            entry = make_entry(
+                _parse(
+                    {
+                        "name": WORKLOAD_SECRET,
+                        "tls_certificate": {
+                            "certificate_chain": {"inline_string": chain},
+                            "private_key": {"inline_string": key_pem},
+                        },
+                    },
+                    secret_pb2.Secret(),
+                ),
+                type_url=SECRET,
+            )
+        self._secret[identity] = entry
+        return entry
+
+    def _root_secret(self) -> ResourceEntry:
+        if self._root is None:
+            roots = [r if r.endswith("\n") else r + "\n" for r in self.certs.trust_bundle()]
+            self._root = make_entry(
+                _parse(
+                    {
+                        "name": ROOT_SECRET,
+                        "validation_context": {"trusted_ca": {"inline_string": "".join(roots)}},
+                    },
+                    secret_pb2.Secret(),
+                ),
+                type_url=SECRET,
+            )
+        return self._root
+
+    # ------------------------------------------------------------------ inbound
+
+    def _inbound(self, workload: Workload, deps: set[str]) -> list[ResourceEntry]:
+        ports: dict[int, str] = {}  # target port -> protocol (http wins over tcp)
+        for svc_key in self.services_backed_by(workload):
+            deps.add(f"svc:{svc_key}")
+            svc = self._service(svc_key)
+            if svc is None:
+                continue
+            for sp in svc.ports:
+                proto = "tcp" if sp.protocol in ("tcp", "udp") else "http"
+                if sp.protocol == "udp":
+                    continue
+                if ports.get(sp.target_port) != "http":
+                    ports[sp.target_port] = proto
+        labels = dict(workload.labels)
+        app_port: int | None = None
+        raw = labels.get(APP_PORT_LABEL)
+        if raw is not None:
+            if raw.isdigit() and 0 < int(raw) < 65536:
+                app_port = int(raw)
+            else:
+                log.warning(
+                    "workload %s/%s: label %s=%r is not a port; using the target ports",
+                    workload.namespace,
+                    workload.name,
+                    APP_PORT_LABEL,
+                    raw,
+                )
+        address = workload.address or "0.0.0.0"
+        grants = () if self.view.permissive else self.view.allowed_sources(workload.identity)
+        out: list[ResourceEntry] = []
+        for port in sorted(ports):
+            name = inbound_name(port)
+            out.append(
+                make_entry(
+                    _parse(
+                        {
+                            "name": name,
+                            "type": "STATIC",
+                            "connect_timeout": "1s",
+                            "load_assignment": {
+                                "cluster_name": name,
+                                "endpoints": [
+                                    {
+                                        "lb_endpoints": [
+                                            {
+                                                "endpoint": {
+                                                    "address": _sockaddr(
+                                                        "127.0.0.1", app_port or port
+                                                    )
+                                                }
+                                            }
+                                        ]
+                                    }
+                                ],
+                            },
+                        },
+                        cluster_pb2.Cluster(),
+                    ),
+                    type_url=CLUSTER,
+                )
+            )
+            flt = None
+            if ports[port] == "http":
+                flt = self._inbound_http_filter(port)
+                out.append(self._inbound_route(port, grants))
+            out.append(
+                make_entry(
+                    _parse(
+                        self._inbound_listener(address, port, grants, http_filter=flt),
+                        listener_pb2.Listener(),
+                    ),
+                    type_url=LISTENER,
+                )
+            )
+        return out
+
+    def _principal(self, identity: str) -> dict[str, Any]:
+        return {"authenticated": {"principal_name": {"exact": self.view.spiffe_id(identity)}}}
+
+    def _http_policies(self, port: int, grants: Sequence[Grant]) -> dict[str, Any]:
+        policies: dict[str, Any] = {}
+        for g in grants:
+            if g.port is not None and g.port != port:
+                continue
+            covers_tcp = g.tcp_ports is not None and (not g.tcp_ports or port in g.tcp_ports)
+            if g.http:
+                if g.tcp_ports is not None and not covers_tcp:
+                    continue
+                perms = [_http_permission(m) for m in g.http]
+            elif covers_tcp:
+                perms = [{"any": True}]
+            else:
+                continue
+            name = f"{g.target}|{g.source}"
+            n = 2
+            while name in policies:
+                name = f"{g.target}|{g.source}|{n}"
+                n += 1
+            policies[name] = {"permissions": perms, "principals": [self._principal(g.source)]}
+        return policies
+
+    def _tcp_policies(self, port: int, grants: Sequence[Grant]) -> dict[str, Any]:
+        policies: dict[str, Any] = {}
+        for g in grants:
+            if g.port is not None and g.port != port:
+                continue
+            if g.tcp_ports is None or (g.tcp_ports and port not in g.tcp_ports):
+                continue
+            name = f"{g.target}|{g.source}"
+            policies.setdefault(name, {"permissions": [{"any": True}], "principals": []})
+            policies[name]["principals"].append(self._principal(g.source))
+        return policies
+
+    def _inbound_http_filter(self, port: int) -> dict[str, Any]:
+        """The HTTP connection manager of an inbound port. Its RBAC filter denies everything
+        by default; the allowed sources live in the RDS route config (per-route RBAC), so a
+        policy change updates routes, which apply to open connections at once (a listener
+        change would leave open connections on the old, draining filter chain)."""
+        name = inbound_name(port)
+        return {
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": _HCM,
+                "stat_prefix": f"inbound_{port}",
+                "forward_client_cert_details": "SANITIZE_SET",
+                "set_current_client_cert_details": {"uri": True},
+                "rds": {"route_config_name": name, "config_source": _ADS},
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.rbac",
+                        "typed_config": {"@type": _HTTP_RBAC, "rules": {"action": "ALLOW"}},
+                    },
+                    _ROUTER_FILTER,
+                ],
+            },
+        }
+
+    def _inbound_route(self, port: int, grants: Sequence[Grant]) -> ResourceEntry:
+        name = inbound_name(port)
+        per_route: dict[str, Any] = {"@type": _HTTP_RBAC_PER_ROUTE}
+        if not self.view.permissive:
+            per_route["rbac"] = {
+                "rules": {"action": "ALLOW", "policies": self._http_policies(port, grants)}
+            }
+        return make_entry(
+            _parse(
+                {
+                    "name": name,
+                    "virtual_hosts": [
+                        {
+                            "name": name,
+                            "domains": ["*"],
+                            "routes": [
+                                {
+                                    "match": {"prefix": "/"},
+                                    "route": {"cluster": name, "timeout": "30s"},
+                                }
+                            ],
+                            "typed_per_filter_config": {"envoy.filters.http.rbac": per_route},
+                        }
+                    ],
+                },
+                route_pb2.RouteConfiguration(),
+            ),
+            type_url=ROUTE,
+        )
+
+    def _inbound_listener(
+        self,
+        address: str,
+        port: int,
+        grants: Sequence[Grant],
+        *,
+        http_filter: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        name = inbound_name(port)
+        if http_filter is not None:
+            filters = [http_filter]
+        else:
+            filters = []
+            if not self.view.permissive:
+                filters.append(
+                    {
+                        "name": "envoy.filters.network.rbac",
+                        "typed_config": {
+                            "@type": _NET_RBAC,
+                            "stat_prefix": f"inbound_tcp_{port}",
+                            "rules": {
+                                "action": "ALLOW",
+                                "policies": self._tcp_policies(port, grants),
+                            },
+                        },
+                    }
+                )
+            filters.append(
+                {
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": _TCP_PROXY,
+                        "stat_prefix": f"inbound_tcp_{port}",
+                        "cluster": name,
+                    },
+                }
+            )
+        return {
+            "name": name,
+            "address": _sockaddr(address, port),
+            "enable_reuse_port": False,
+            "filter_chains": [
+                {
+                    "filters": filters,
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.tls",
+                        "typed_config": {
+                            "@type": _DOWNSTREAM_TLS,
+                            "require_client_certificate": True,
+                            "common_tls_context": {
+                                "tls_certificate_sds_secret_configs": _SDS_CERT,
+                                "validation_context_sds_secret_config": _SDS_ROOT,
+                            },
+                        },
+                    },
+                }
+            ],
+        }
+
+    # ------------------------------------------------------------------ outbound
+
+    def _outbound_listener(self, workload: Workload) -> ResourceEntry:
+        return make_entry(
+            _parse(
+                {
+                    "name": OUTBOUND_LISTENER,
+                    "address": _sockaddr(workload.address or "127.0.0.1", self.outbound_port),
+                    "enable_reuse_port": False,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": _HCM,
+                                        "stat_prefix": "outbound",
+                                        "rds": {
+                                            "route_config_name": OUTBOUND_ROUTE,
+                                            "config_source": _ADS,
+                                        },
+                                        "http_filters": [_ROUTER_FILTER],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                },
+                listener_pb2.Listener(),
+            ),
+            type_url=LISTENER,
+        )
+
+    def reachable_services(self, identity: str) -> tuple[tuple[str, ...], frozenset[str]]:
+        """Services ``identity`` may call and the dependency keys of that answer."""
+        allowed = self.view.outbound_identities(identity)
+        if allowed is None:
+            return self.services(), frozenset({"svc-all"})
+        deps = frozenset(f"dst:{d}" for d in allowed)
+        wanted = set(allowed)
+        return (
+            tuple(s for s in self.services() if wanted.intersection(self.service_identities(s))),
+            deps,
+        )
+
+    def _outbound_of(self, identity: str) -> _Outbound:
+        found = self._outbound.get(identity)
+        if found is not None:
+            return found
+        services, base_deps = self.reachable_services(identity)
+        deps = set(base_deps)
+        own_ns = identity.partition("/")[0]
+        vhosts: list[dict[str, Any]] = []
+        clusters: set[tuple[str, int]] = set()
+        for svc_key in services:
+            svc = self._service(svc_key)
+            deps.add(f"svc:{svc_key}")
+            if svc is None or not svc.ports:
+                continue
+            plan = self.view.split_for(svc_key)
+            http_ports = [p for p in svc.ports if p.protocol in ("http", "grpc")]
+            for index, sp in enumerate(http_ports):
+                routes: list[dict[str, Any]] = []
+                if plan is not None:
+                    for ab in plan.ab_routes:
+                        action = self._split_action(svc, sp, ab.backends, deps, clusters)
+                        for m in ab.matches:
+                            routes.append({"match": _route_match(m), "route": action})
+                    default = self._split_action(svc, sp, plan.backends, deps, clusters)
+                else:
+                    default = self._split_action(svc, sp, (), deps, clusters)
+                routes.append({"match": {"prefix": "/"}, "route": default})
+                vhosts.append(
+                    {
+                        "name": f"{svc_key}|{sp.port}",
+                        "domains": _domains(svc, sp, own_ns=own_ns, primary=index == 0),
+                        "routes": routes,
+                    }
+                )
+        entries: list[ResourceEntry] = [
+            make_entry(
+                _parse(
+                    {"name": OUTBOUND_ROUTE, "virtual_hosts": vhosts},
+                    route_pb2.RouteConfiguration(),
+                ),
+                type_url=ROUTE,
+            )
+        ]
+        for key in sorted(clusters):
+            entries.extend(self._cluster(*key))
+        made = _Outbound(entries=tuple(entries), deps=frozenset(deps))
+        self._outbound[identity] = made
+        return made
+
+    def _split_action(
+        self,
+        root: Service,
+        sp: ServicePort,
+        backends: Iterable[Any],
+        deps: set[str],
+        clusters: set[tuple[str, int]],
+    ) -> dict[str, Any]:
+        weighted: list[tuple[str, int]] = []
+        for b in backends:
+            if b.weight <= 0:
+                continue
+            key = f"{root.namespace}/{b.service}"
+            deps.add(f"svc:{key}")
+            target = self._service(key)
+            if target is None or not target.ports:
+                continue
+            port = _matching_port(target, sp)
+            clusters.add((key, port.port))
+            weighted.append((outbound_cluster_name(key, port.port), b.weight))
+        if not weighted:
+            clusters.add((root.key, sp.port))
+            return {"cluster": outbound_cluster_name(root.key, sp.port), "retry_policy": _RETRY}
+        if len(weighted) == 1:
+            return {"cluster": weighted[0][0], "retry_policy": _RETRY}
+        return {
+            "weighted_clusters": {
+                "clusters": [{"name": n, "weight": w} for n, w in weighted],
+            },
+            "retry_policy": _RETRY,
+        }
+
+    def _cluster(self, service: str, port: int) -> tuple[ResourceEntry, ResourceEntry]:
+        key = (service, port)
+        found = self._clusters.get(key)
+        if found is not None:
+            return found
+        name = outbound_cluster_name(service, port)
+        ids = self.service_identities(service)
+        if ids:
+            sans = [{"san_type": "URI", "matcher": {"exact": self.view.spiffe_id(i)}} for i in ids]
+        else:
+            sans = [
+                {
+                    "san_type": "URI",
+                    "matcher": {"prefix": f"spiffe://{self.view.trust_domain}/"},
+                }
+            ]
+        cluster = _parse(
+            {
+                "name": name,
+                "type": "EDS",
+                "connect_timeout": "1s",
+                "eds_cluster_config": {"eds_config": _ADS},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": _UPSTREAM_TLS,
+                        "common_tls_context": {
+                            "tls_certificate_sds_secret_configs": _SDS_CERT,
+                            "combined_validation_context": {
+                                "default_validation_context": {
+                                    "match_typed_subject_alt_names": sans
+                                },
+                                "validation_context_sds_secret_config": _SDS_ROOT,
+                            },
+                        },
+                    },
+                },
+            },
+            cluster_pb2.Cluster(),
+        )
+        svc = self._service(service)
+        target_port = port
+        several = False
+        if svc is not None:
+            several = len(svc.ports) > 1
+            for sp in svc.ports:
+                if sp.port == port:
+                    target_port = sp.target_port
+        eps = self.registry.endpoints_of(*service.split("/", 1))
+        lb = [
+            {
+                "endpoint": {"address": _sockaddr(e.address, e.port)},
+                "health_status": "HEALTHY" if e.ready else "UNHEALTHY",
+            }
+            for e in eps
+            if not several or e.port == target_port
+        ]
+        cla: dict[str, Any] = {"cluster_name": name}
+        if lb:
+            cla["endpoints"] = [{"lb_endpoints": lb}]
+        made = (
+            make_entry(cluster, type_url=CLUSTER),
+            make_entry(_parse(cla, endpoint_pb2.ClusterLoadAssignment()), type_url=ENDPOINT),
+        )
+        self._clusters[key] = made
+        return made
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _endpoint_key(e: Endpoint) -> tuple[str, int]:
+    return (e.address, e.port)
+
+
+def _matching_port(target: Service, sp: ServicePort) -> ServicePort:
+    for p in target.ports:
+        if p.port == sp.port:
+            return p
+    for p in target.ports:
+        if p.name == sp.name:
+            return p
+    return target.ports[0]
+
+
+def _domains(svc: Service, sp: ServicePort, *, own_ns: str, primary: bool) -> list[str]:
+    names = [
+        f"{svc.name}.{svc.namespace}",
+        f"{svc.name}.{svc.namespace}.svc",
+        f"{svc.name}.{svc.namespace}.svc.cluster.local",
+    ]
+    if svc.namespace == own_ns:
+        names.insert(0, svc.name)
+    out = [f"{n}:{sp.port}" for n in names]
+    if primary:
+        out = names + out
+    return out
+
+
+def _methods_matcher(methods: Sequence[str]) -> dict[str, Any]:
+    return {
+        "name": ":method",
+        "string_match": {"safe_regex": {"regex": "|".join(sorted(methods))}},
+    }
+
+
+def _http_permission(m: HTTPMatch) -> dict[str, Any]:
+    rules: list[dict[str, Any]] = []
+    if m.envoy_path_regex is not None:
+        rules.append({"url_path": {"path": {"safe_regex": {"regex": m.envoy_path_regex}}}})
+    if m.methods != ("*",):
+        rules.append({"header": _methods_matcher(m.methods)})
+    for name, rx in m.headers:
+        rules.append({"header": {"name": name, "string_match": {"safe_regex": {"regex": rx}}}})
+    if not rules:
+        return {"any": True}
+    if len(rules) == 1:
+        return rules[0]
+    return {"and_rules": {"rules": rules}}
+
+
+def _route_match(m: HTTPMatch) -> dict[str, Any]:
+    match: dict[str, Any] = {}
+    if m.envoy_path_regex is not None:
+        match["safe_regex"] = {"regex": m.envoy_path_regex}
+    else:
+        match["prefix"] = "/"
+    headers: list[dict[str, Any]] = []
+    if m.methods != ("*",):
+        headers.append(_methods_matcher(m.methods))
+    for name, rx in m.headers:
+        headers.append({"name": name, "string_match": {"safe_regex": {"regex": rx}}})
+    if headers:
+        match["headers"] = headers
+    return match

@@ -1,0 +1,644 @@
+"""The xDS controller: projections -> per-proxy snapshots in the cache, incrementally.
+
+Role: registered as a :class:`~smc.projections.ProjectionRunner` listener, it turns applied
+events into *changed dependency keys* (see :mod:`smc.xds._builder`), waits a short debounce,
+then rebuilds only the proxies whose last build read one of those keys (policy and mesh
+changes, and trust-bundle changes, rebuild every proxy) in one :class:`BuildPass`, and
+publishes each snapshot with :meth:`Snapshot.replace` (so the server diffs in O(changes)).
+Proxies are built for the node ids that connected (:attr:`XdsController.source` is the
+:class:`~smc.xds.SnapshotSource` handed to the :class:`~smc.xds.AdsServer`; its ``watch``
+registers the node). It also records the causal chain: for each event, the runner position
+and the snapshot versions (per node and type) that carried it, and, from the server's ACKs,
+when each proxy acknowledged them (:meth:`XdsController.trace`).
+
+Serving starts only after the projections caught up: :meth:`XdsController.run` waits for
+``runner.caught_up``, builds every registered node, then calls ``server.mark_ready()``.
+
+Concurrency: everything runs on the asyncio loop that runs the projection runner (the
+listener is called there, builds read the projections there); :meth:`on_certs_changed` may be
+called from any thread (it hops onto the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from smc.events import (
+    POLICY,
+    EndpointsChanged,
+    Event,
+    ServiceRemoved,
+    ServiceUpserted,
+    WorkloadJoined,
+    WorkloadLeft,
+)
+from smc.projections import PolicyProjection, PolicyView, ProjectionRunner, RegistryProjection
+from smc.xds._builder import OUTBOUND_PORT, BuildPass, ProxyBuild
+from smc.xds._cache import SnapshotCache, Unwatch
+from smc.xds._certs import CertSource
+from smc.xds._identity import InvalidNodeId, find_workload, parse_node_id
+from smc.xds._server import AdsServer
+from smc.xds._snapshot import ResourceEntry, Snapshot
+from smc.xds._types import WILDCARD_TYPES, short_name
+
+__all__ = ["AckTrackingServer", "Publication", "XdsController"]
+
+log = logging.getLogger("smc.xds.controller")
+
+_ALL = "*"
+_TRACE_LIMIT = 20_000
+_HISTORY = 64
+
+
+@dataclass(slots=True)
+class Publication:
+    """One rebuild batch: the events it folded in, where the runner was, and the per-node
+    versions of every type whose content changed."""
+
+    seq: int
+    position: dict[str, Any]
+    first_event_at: float  # wall clock of the first event's arrival
+    published_at: float = 0.0  # wall clock
+    event_ids: list[str] = field(default_factory=list)
+    nodes: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> type -> version
+
+
+@dataclass(slots=True)
+class _Node:
+    node_id: str
+    watchers: int = 0
+    deps: frozenset[str] = frozenset()
+    identity: str | None = None
+    reason: str = ""
+    logged: str = ""
+
+
+class AckTrackingServer(AdsServer):
+    """An :class:`AdsServer` that reports every ACK to ``on_ack(node_id, type_url, version,
+    wall_time)`` and whether a node watches a named type at all to ``on_subscription(node_id,
+    type_url, subscribed)``; it also stops waiting for ACKs of a named type the client no
+    longer watches (see ``_on_sotw_request``)."""
+
+    def __init__(
+        self,
+        *,
+        on_ack: Callable[[str, str, str, float], None],
+        on_subscription: Callable[[str, str, bool], None] = lambda n, t, s: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._on_ack = on_ack
+        self._on_subscription = on_subscription
+
+    def _on_sotw_request(self, stream: Any, request: Any) -> None:
+        super()._on_sotw_request(stream, request)
+        type_url = request.type_url
+        if type_url in WILDCARD_TYPES:
+            return
+        ts = stream.types.get(type_url)
+        if ts is None:
+            return
+        if request.resource_names:
+            self._on_subscription(stream.node_id, type_url, True)
+            return
+        # Envoy dropped its last watch of a named type (e.g. its last EDS cluster went away):
+        # it will never answer a response of that type, in flight or to come, so nothing is
+        # pending and there is nothing to send (else LDS/RDS wait for that ACK forever). The
+        # base server ignores such a request when it carries an older nonce.
+        ts.names = frozenset()
+        ts.pending = False
+        ts.sent_key = 0
+        ts.cur_key = 0
+        ts.dirty = True
+        self._on_subscription(stream.node_id, type_url, False)
+
+    def _on_delta_request(self, stream: Any, request: Any) -> None:
+        super()._on_delta_request(stream, request)
+        type_url = request.type_url
+        ts = stream.types.get(type_url)
+        if ts is not None and type_url not in WILDCARD_TYPES:
+            self._on_subscription(stream.node_id, type_url, bool(ts.wildcard or ts.names))
+
+    def _on_reply(self, stream: Any, ts: Any, type_url: str, request: Any) -> None:
+        super()._on_reply(stream, ts, type_url, request)
+        if not request.HasField("error_detail") and ts.acked_version:
+            self._on_ack(stream.node_id, type_url, ts.acked_version, time.time())
+
+
+class _Source:
+    """The :class:`~smc.xds.SnapshotSource` the server reads: the cache, plus node tracking."""
+
+    def __init__(self, controller: XdsController) -> None:
+        self._c = controller
+
+    def get(self, node_id: str) -> Snapshot | None:
+        return self._c.cache.get(node_id)
+
+    def watch(self, node_id: str, callback: Callable[[], None]) -> Unwatch:
+        unwatch = self._c.cache.watch(node_id, callback)
+        self._c._register(node_id)
+
+        def done() -> None:
+            unwatch()
+            self._c._unregister(node_id)
+
+        return done
+
+
+class XdsController:
+    """Keeps the snapshot cache in step with the projections (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        runner: ProjectionRunner,
+        certs: CertSource,
+        cache: SnapshotCache | None = None,
+        registry: CollectorRegistry | None = None,
+        debounce: float = 0.02,
+        outbound_port: int = OUTBOUND_PORT,
+    ) -> None:
+        self.runner = runner
+        self.registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
+        self.policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
+        self.view = PolicyView(registry=self.registry, policy=self.policy)
+        self.certs = certs
+        self.cache = cache if cache is not None else SnapshotCache()
+        self.debounce = debounce
+        self.outbound_port = outbound_port
+        self.source = _Source(self)
+        self.server: AdsServer | None = None
+        self.metrics_registry = registry if registry is not None else CollectorRegistry()
+        self._builds = Counter(
+            "smc_xds_proxy_builds", "Proxy snapshots built", registry=self.metrics_registry
+        )
+        self._publishes = Counter(
+            "smc_xds_snapshot_publishes",
+            "Proxy snapshots published with changed content",
+            registry=self.metrics_registry,
+        )
+        self._rebuild_seconds = Histogram(
+            "smc_xds_rebuild_seconds",
+            "Time to rebuild and publish the proxies affected by one batch of changes",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.metrics_registry,
+        )
+        self._tracked_gauge = Gauge(
+            "smc_xds_tracked_proxies",
+            "Node ids the controller builds for",
+            registry=self.metrics_registry,
+        )
+        self._nodes: dict[str, _Node] = {}
+        self._dirty_keys: set[str] = set()
+        self._dirty_nodes: set[str] = set()
+        self._pending_events: list[str] = []
+        self._pending_since: float | None = None
+        self._wake = asyncio.Event()
+        self._ready = False
+        # Previous answers, to know what a registry change used to affect.
+        self._svc_ids: dict[str, tuple[str, ...]] = {}
+        self._wl_backs: dict[str, tuple[str, ...]] = {}  # "ns/name" -> services backed
+        self._wl_identity: dict[str, str] = {}
+        # Causal chain.
+        self._seq = 0
+        self._traces: OrderedDict[str, Publication] = OrderedDict()
+        self._published: dict[tuple[str, str], deque[tuple[int, str]]] = {}
+        self._acks: dict[tuple[str, str], deque[tuple[int, float]]] = {}
+        self._ack_waiters: list[asyncio.Future[None]] = []
+        self._unsubscribed: set[tuple[str, str]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        runner.listeners.append(self._on_events)
+
+    # ------------------------------------------------------------------ wiring
+
+    def make_server(self, *, metrics_registry: CollectorRegistry | None = None) -> AdsServer:
+        """An ADS server over this controller's source, reporting ACKs here (the controller
+        marks it ready once the projections caught up). Metrics go to ``metrics_registry``
+        (default: the controller's)."""
+        server = AckTrackingServer(
+            cache=self.source,
+            registry=metrics_registry if metrics_registry is not None else self.metrics_registry,
+            on_ack=self._on_ack,
+            on_subscription=self._on_subscription,
+        )
+        self.attach_server(server)
+        return server
+
+    def attach_server(self, server: AdsServer) -> None:
+        """Serve through ``server`` (marked ready now if the controller is ready)."""
+        self.server = server
+        if self._ready:
+            server.mark_ready()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def node_ids(self) -> list[str]:
+        return sorted(self._nodes)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _register(self, node_id: str) -> None:
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = _Node(node_id=node_id)
+            self._tracked_gauge.set(len(self._nodes))
+            if self._ready:
+                self._rebuild({node_id}, pub=None)
+        node.watchers += 1
+
+    def _unregister(self, node_id: str) -> None:
+        node = self._nodes.get(node_id)
+        if node is not None:
+            node.watchers = max(0, node.watchers - 1)
+
+    def track(self, node_id: str) -> ProxyBuild | None:
+        """Build ``node_id`` now (also when no Envoy is connected) and keep it current;
+        returns the build (None before the controller is ready)."""
+        if node_id not in self._nodes:
+            self._nodes[node_id] = _Node(node_id=node_id)
+            self._tracked_gauge.set(len(self._nodes))
+        if not self._ready:
+            return None
+        return self._rebuild({node_id}, pub=None).get(node_id)
+
+    def _on_events(self, events: list[Event]) -> None:
+        if not events:
+            return
+        now = time.time()
+        if self._pending_since is None:
+            self._pending_since = now
+        for e in events:
+            self._pending_events.append(e.event_id)
+            self._dirty_keys.update(self._keys_of(e))
+        self._wake.set()
+
+    def on_certs_changed(self, identities: Iterable[str], trust_changed: bool) -> None:
+        """Key-store listener: certificates of ``identities`` (SPIFFE URIs or ``ns/sa``)
+        changed, and/or the trust bundle. Thread-safe."""
+        keys = set()
+        for ident in identities:
+            if ident.startswith("spiffe://"):
+                ns, sep, sa = ident.split("/ns/", 1)[-1].partition("/sa/")
+                if sep:
+                    keys.add(f"id:{ns}/{sa}")
+            else:
+                keys.add(f"id:{ident}")
+        if trust_changed:
+            keys.add(_ALL)
+
+        def mark() -> None:
+            if self._pending_since is None:
+                self._pending_since = time.time()
+            self._dirty_keys.update(keys)
+            self._wake.set()
+
+        loop = self._loop
+        if loop is None:
+            mark()
+            return
+        if loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            mark()
+        else:
+            loop.call_soon_threadsafe(mark)
+
+    def _keys_of(self, e: Event) -> set[str]:
+        if e.STREAM == POLICY:
+            return {_ALL}
+        if isinstance(e, EndpointsChanged):
+            return {f"svc:{e.namespace}/{e.service}"}
+        if isinstance(e, ServiceUpserted | ServiceRemoved):
+            key = f"{e.namespace}/{e.name}"
+            keys = {f"svc:{key}", "svc-all", f"svcns:{e.namespace}"}
+            old = self._svc_ids.get(key, ())
+            new = self.view.service_identities(key)
+            self._svc_ids[key] = new
+            keys.update(f"dst:{i}" for i in (*old, *new))
+            return keys
+        if isinstance(e, WorkloadJoined | WorkloadLeft):
+            key = f"{e.namespace}/{e.name}"
+            keys = {f"wl:{key}"}
+            w = find_workload(parse_node_id_safe(key), self.registry.workloads)
+            old_backs = self._wl_backs.get(key, ())
+            old_id = self._wl_identity.get(key)
+            if w is not None:
+                bp = BuildPass(view=self.view, certs=self.certs)
+                new_backs = bp.services_backed_by(w)
+                self._wl_backs[key] = new_backs
+                self._wl_identity[key] = w.identity
+                new_id: str | None = w.identity
+            else:
+                new_backs = ()
+                self._wl_backs.pop(key, None)
+                self._wl_identity.pop(key, None)
+                new_id = None
+            for s in (*old_backs, *new_backs):
+                keys.add(f"svc:{s}")
+                ids = self.view.service_identities(s)
+                self._svc_ids[s] = ids
+            keys.update(f"dst:{i}" for i in (old_id, new_id) if i is not None)
+            return keys
+        return set()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, *, stop: asyncio.Event) -> None:
+        """Wait for the projections to catch up, build every registered node, open the
+        server's gate, then rebuild affected proxies after each debounced batch."""
+        self._loop = asyncio.get_running_loop()
+        caught = asyncio.ensure_future(self.runner.caught_up.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({caught, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            caught.cancel()
+            return
+        stopping.cancel()
+        self._prime()
+        self._dirty_keys.add(_ALL)
+        self._flush()
+        self._ready = True
+        if self.server is not None:
+            self.server.mark_ready()
+        log.info("xDS controller ready: %d proxies registered", len(self._nodes))
+        while not stop.is_set():
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if stop.is_set():
+                return
+            if self.debounce > 0:
+                await asyncio.sleep(self.debounce)
+            self._flush()
+
+    def _prime(self) -> None:
+        """Record what each service / workload currently means (for later diffs)."""
+        bp = BuildPass(view=self.view, certs=self.certs)
+        for s in bp.services():
+            self._svc_ids[s] = bp.service_identities(s)
+        for w in self.registry.workloads.values():
+            key = f"{w.namespace}/{w.name}"
+            self._wl_backs[key] = bp.services_backed_by(w)
+            self._wl_identity[key] = w.identity
+
+    def _flush(self) -> None:
+        self._wake.clear()
+        keys, self._dirty_keys = self._dirty_keys, set()
+        events, self._pending_events = self._pending_events, []
+        since, self._pending_since = self._pending_since, None
+        if not keys and not events:
+            return
+        if _ALL in keys:
+            affected = set(self._nodes)
+        else:
+            affected = {n for n, st in self._nodes.items() if st.deps & keys}
+        self._seq += 1
+        pub = Publication(
+            seq=self._seq,
+            position=self.runner.position.to_json(),
+            first_event_at=since if since is not None else time.time(),
+            event_ids=events,
+        )
+        self._rebuild(affected, pub=pub)
+        for eid in events:
+            self._traces[eid] = pub
+            if len(self._traces) > _TRACE_LIMIT:
+                self._traces.popitem(last=False)
+
+    def rebuild_all(self) -> None:
+        """Rebuild every registered node now (e.g. after an out-of-band change)."""
+        self._dirty_keys.add(_ALL)
+        self._flush()
+
+    def _rebuild(
+        self, node_ids: Iterable[str], *, pub: Publication | None
+    ) -> dict[str, ProxyBuild]:
+        started = time.perf_counter()
+        bp = BuildPass(view=self.view, certs=self.certs, outbound_port=self.outbound_port)
+        builds: dict[str, ProxyBuild] = {}
+        for node_id in sorted(node_ids):
+            node = self._nodes.get(node_id)
+            if node is None:
+                continue
+            try:
+                build = bp.build(node_id)
+            except Exception:
+                log.exception(
+                    "building the snapshot of %s failed; keeping the previous one", node_id
+                )
+                continue
+            self._builds.inc()
+            builds[node_id] = build
+            node.deps, node.identity, node.reason = build.deps, build.identity, build.reason
+            if build.snapshot is None:
+                if node.logged != build.reason:
+                    log.warning("no snapshot for proxy %s: %s", node_id, build.reason)
+                    node.logged = build.reason
+                if build.workload is None:
+                    self.cache.clear(node_id=node_id)
+                continue
+            node.logged = ""
+            self._publish(node_id, build.snapshot, pub)
+        if pub is not None:
+            pub.published_at = time.time()
+        self._rebuild_seconds.observe(time.perf_counter() - started)
+        return builds
+
+    def _publish(self, node_id: str, built: Snapshot, pub: Publication | None) -> None:
+        old = self.cache.get(node_id)
+        if old is None:
+            snapshot = built
+        else:
+            upsert: list[ResourceEntry] = []
+            remove: list[tuple[str, str]] = []
+            for type_url in set(old.types) | set(built.types):
+                new_entries = built.entries(type_url)
+                old_entries = old.entries(type_url)
+                for name, entry in new_entries.items():
+                    if old_entries.get(name) is not entry:
+                        upsert.append(entry)
+                for name in old_entries:
+                    if name not in new_entries:
+                        remove.append((type_url, name))
+            snapshot = old.replace(upsert=upsert, remove=remove) if upsert or remove else old
+        if snapshot is old:
+            return
+        changed = self.cache.set_snapshot(node_id=node_id, snapshot=snapshot)
+        if not changed:
+            return
+        self._publishes.inc()
+        seq = pub.seq if pub is not None else 0
+        versions = snapshot.versions()
+        old_versions = old.versions() if old is not None else {}
+        changed_types = {t: v for t, v in versions.items() if old_versions.get(t) != v}
+        for t, v in changed_types.items():
+            hist = self._published.setdefault((node_id, t), deque(maxlen=_HISTORY))
+            hist.append((seq, v))
+        if pub is not None:
+            pub.nodes[node_id] = changed_types
+
+    # ------------------------------------------------------------------ ACKs and traces
+
+    def _on_ack(self, node_id: str, type_url: str, version: str, at: float) -> None:
+        hist = self._published.get((node_id, type_url))
+        if not hist:
+            return
+        seq = None
+        for s, v in reversed(hist):
+            if v == version:
+                seq = s
+                break
+        if seq is None:
+            return
+        acks = self._acks.setdefault((node_id, type_url), deque(maxlen=_HISTORY))
+        if acks and acks[-1][0] >= seq:
+            return
+        acks.append((seq, at))
+        self._wake_ack_waiters()
+
+    def _on_subscription(self, node_id: str, type_url: str, subscribed: bool) -> None:
+        key = (node_id, type_url)
+        if subscribed:
+            self._unsubscribed.discard(key)
+        elif key not in self._unsubscribed:
+            self._unsubscribed.add(key)
+            self._wake_ack_waiters()
+
+    def _wake_ack_waiters(self) -> None:
+        if self._ack_waiters:
+            waiters, self._ack_waiters = self._ack_waiters, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    def _ack_time(self, node_id: str, type_url: str, seq: int) -> float | None:
+        """When ``node_id`` ACKed publication ``seq`` (or a later one) of ``type_url``."""
+        for s, at in self._acks.get((node_id, type_url), ()):
+            if s >= seq:
+                return at
+        return None
+
+    def trace(self, event_id: str) -> dict[str, Any] | None:
+        """The causal chain of ``event_id``: the runner position after its batch, the snapshot
+        versions that carried it per node and type, and when each node ACKed them (None:
+        not yet). None if the event is unknown (not seen since start, or too old)."""
+        pub = self._traces.get(event_id)
+        if pub is None:
+            return None
+        nodes: dict[str, Any] = {}
+        for node_id, types in pub.nodes.items():
+            per_type = {}
+            times: list[float] = []
+            complete = True
+            for t, v in types.items():
+                watched = (node_id, t) not in self._unsubscribed
+                at = self._ack_time(node_id, t, pub.seq) if watched else None
+                per_type[short_name(t)] = {"version": v, "acked_at": at, "watched": watched}
+                if at is not None:
+                    times.append(at)
+                elif watched:
+                    complete = False
+            nodes[node_id] = {
+                "types": per_type,
+                "acked_at": (max(times) if times else pub.published_at) if complete else None,
+            }
+        return {
+            "event_id": event_id,
+            "batch": pub.seq,
+            "position": pub.position,
+            "received_at": pub.first_event_at,
+            "published_at": pub.published_at,
+            "events_in_batch": len(pub.event_ids),
+            "proxies": nodes,
+        }
+
+    def acked_by_all(self, event_id: str, node_ids: Iterable[str] | None = None) -> float | None:
+        """Wall time when the last of ``node_ids`` (default: every node whose config the event
+        changed) ACKed the config carrying ``event_id``; None if some has not yet. A node the
+        event did not change counts as done at publication time."""
+        pub = self._traces.get(event_id)
+        if pub is None:
+            return None
+        wanted = list(pub.nodes) if node_ids is None else list(node_ids)
+        last = pub.published_at
+        for node_id in wanted:
+            types = pub.nodes.get(node_id)
+            if not types:
+                continue
+            for t in types:
+                if (node_id, t) in self._unsubscribed:
+                    continue  # a named type the node does not watch: nothing to ACK
+                at = self._ack_time(node_id, t, pub.seq)
+                if at is None:
+                    return None
+                last = max(last, at)
+        return last
+
+    async def wait_acked(
+        self, event_id: str, *, node_ids: Iterable[str] | None = None, timeout: float = 10.0
+    ) -> float:
+        """Wait until :meth:`acked_by_all` answers; returns its time. Raises TimeoutError."""
+        wanted = None if node_ids is None else list(node_ids)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if event_id in self._traces:
+                at = self.acked_by_all(event_id, wanted)
+                if at is not None:
+                    return at
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"event {event_id} not ACKed by every proxy in {timeout}s")
+            fut: asyncio.Future[None] = loop.create_future()
+            self._ack_waiters.append(fut)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, timeout=min(left, 0.05))
+
+    # ------------------------------------------------------------------ debug
+
+    def node_status(self) -> list[dict[str, Any]]:
+        """Registered nodes: identity, watchers, why they have no snapshot (if so), versions."""
+        out = []
+        for node_id in sorted(self._nodes):
+            st = self._nodes[node_id]
+            snap = self.cache.get(node_id)
+            out.append(
+                {
+                    "node_id": node_id,
+                    "identity": st.identity,
+                    "connected_streams": st.watchers,
+                    "problem": st.reason or None,
+                    "versions": {short_name(t): v for t, v in snap.versions().items()}
+                    if snap is not None
+                    else None,
+                }
+            )
+        return out
+
+
+def parse_node_id_safe(key: str) -> Any:
+    """``ns/name`` of a registry workload as a NodeRef (registry keys are always valid)."""
+    try:
+        return parse_node_id(key)
+    except InvalidNodeId:
+        ns, _, name = key.partition("/")
+        from smc.xds._identity import NodeRef
+
+        return NodeRef(namespace=ns, name=name)
