@@ -12,6 +12,7 @@ scenario ends by checking that no Envoy rejected (NACKed) anything.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import Counter
@@ -436,3 +437,119 @@ async def test_control_plane_restart_keeps_config(mesh: Mesh) -> None:
             assert stats.get(key, 0) == pushes[name].get(key, 0), (name, key)
     await mesh.converge("after restart")
     mesh.assert_no_nacks()
+
+
+async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) -> None:
+    """``smc serve --xds ... --ca local:DIR`` as a real process: an Envoy gets its config; the
+    debug endpoints, /metrics and ``smc proxy status`` show it."""
+    import os
+    import subprocess
+    import sys
+
+    from smc.testing.ports import free_port
+
+    http_port, xds_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from smc.cli import main; main()",
+        "--log",
+        f"sqlite:///{tmp_path / 'smc.db'}",
+        "serve",
+        "--http",
+        f"127.0.0.1:{http_port}",
+        "--xds",
+        f"127.0.0.1:{xds_port}",
+        "--ca",
+        f"local:{tmp_path / 'ca'}",
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    sidecar = Sidecar(namespace=NS, name="client-1", address="127.0.41.1", workdir=tmp_path)
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline, "serve did not come up"
+                try:
+                    async with s.get(url + "/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            body = SERVICES + "\n---\n" + vm_yaml(sidecar, service_account="client")
+            async with s.post(url + "/v1/apply", data=body) as r:
+                assert r.status == 200, await r.text()
+                applied = await r.json()
+            sidecar.start_envoy(ads_port=xds_port, delta=False)
+            assert sidecar.envoy is not None
+            await sidecar.envoy.wait_live()
+            await sidecar.envoy.wait_listener("outbound")
+            # /debug/proxies: the stream, ACKed versions, no NACK.
+            while True:
+                async with s.get(url + "/debug/proxies") as r:
+                    view = await r.json()
+                rows = [p for p in view["proxies"] if p["node_id"] == "demo/client-1"]
+                if rows and rows[0]["types"].get("Listener", {}).get("acked_version"):
+                    break
+                assert time.monotonic() < deadline + 30, view
+                await asyncio.sleep(0.05)
+            assert view["ready"] is True and view["nacks"] == []
+            assert rows[0]["kind"] == "sotw"
+            # /debug/config_dump: the snapshot, private key redacted.
+            async with s.get(url + "/debug/config_dump", params={"node": "demo/client-1"}) as r:
+                assert r.status == 200
+                dump = await r.json()
+            listeners = {x["name"] for x in dump["resources"]["Listener"]}
+            assert "outbound" in listeners
+            secret = next(x for x in dump["resources"]["Secret"] if x["name"] == "default")
+            assert secret["resource"]["tlsCertificate"]["privateKey"] == "[redacted]"
+            assert "PRIVATE KEY" not in json.dumps(dump)
+            assert dump["versions"]["Listener"] == rows[0]["types"]["Listener"]["acked_version"]
+            async with s.get(url + "/debug/config_dump", params={"node": "demo/nope"}) as r:
+                assert r.status == 404
+            async with s.get(url + "/debug/config_dump") as r:
+                assert r.status == 400
+            # /debug/events/<id>: an event's causal chain (this change built client-1's config).
+            assert applied["events"] >= 1
+            async with s.get(url + "/debug/events/not-an-event") as r:
+                assert r.status == 404
+            # /metrics: Prometheus text with the xDS series.
+            async with s.get(url + "/metrics") as r:
+                text = await r.text()
+            assert "smc_xds_connected_proxies" in text and "smc_xds_pushes_total" in text
+            assert "smc_xds_proxy_builds_total" in text
+        # smc proxy status, as a user runs it.
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "smc.cli", "proxy", "status", "--server", url],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].split()[:3] == ["NODE", "KIND", "CDS"]
+        row = next(line for line in lines if line.startswith("demo/client-1"))
+        assert row.split()[1] == "sotw" and row.split()[-1] == "-"
+        assert sidecar.rejected() == {}
+        bad = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "smc.cli", "proxy", "status", "--server", "http://127.0.0.1:1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert bad.returncode == 1 and "cannot reach" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    finally:
+        await sidecar.stop()
+        proc.send_signal(__import__("signal").SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert b"xDS (ADS) on" in err

@@ -1,7 +1,11 @@
 """``smc serve``: the long-running control plane on the chosen log.
 
 Role: starts the projection runner (from a checkpoint when one is given), reports when it has
-caught up, saves checkpoints periodically, and hosts the servers that hang off the projections.
+caught up, saves checkpoints periodically, and hosts the servers that hang off the projections:
+the HTTP API (with the xDS debug endpoints and ``/metrics``) and the xDS (ADS) server with its
+controller, which answers Envoys only once the projections caught up. Workload certificates for
+SDS come from ``--ca``: ``local:DIR`` (a persistent local CA in DIR) or ``ephemeral`` (a local
+CA in a temporary directory, gone at exit).
 Concurrency: one asyncio loop; the log is read in worker threads; SIGINT/SIGTERM stop it.
 """
 
@@ -11,6 +15,7 @@ import asyncio
 import logging
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
@@ -31,11 +36,59 @@ __all__ = ["serve"]
 log = logging.getLogger("smc.serve")
 
 
-def _parse_hostport(value: str) -> tuple[str, int]:
+def _parse_hostport(value: str, option: str = "--http") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint="--http")
+        raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint=option)
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Xds:
+    """The xDS side of ``smc serve``: controller, ADS server, metrics registry."""
+
+    def __init__(self, runner: ProjectionRunner, ca: str, addr: tuple[str, int]) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from smc.ca import LocalIssuer
+        from smc.xds import IssuingCertSource, XdsController
+
+        policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if ca == "ephemeral":
+            self._tmp = tempfile.TemporaryDirectory(prefix="smc-ca-")
+            directory = self._tmp.name
+        else:
+            directory = ca.removeprefix("local:")
+
+        def trust_domain() -> str:
+            return policy.mesh.trust_domain
+
+        certs = IssuingCertSource(
+            issuer_factory=lambda: LocalIssuer(directory=directory, trust_domain=trust_domain()),
+            trust_domain=trust_domain,
+        )
+        self.addr = addr
+        self.metrics = CollectorRegistry()
+        self.controller = XdsController(runner=runner, certs=certs, registry=self.metrics)
+        self.server = self.controller.make_server()
+
+    async def start(self, stop: asyncio.Event) -> asyncio.Task[None]:
+        from smc.api import ApiError
+
+        try:
+            port = await self.server.start(host=self.addr[0], port=self.addr[1])
+        except (OSError, RuntimeError) as exc:
+            raise ApiError(
+                f"cannot serve xDS on {self.addr[0]}:{self.addr[1]}: {exc}; choose another "
+                "with --xds HOST:PORT or disable it with --xds off"
+            ) from exc
+        click.echo(f"xDS (ADS) on {self.addr[0]}:{port}; answers once caught up", err=True)
+        return asyncio.create_task(self.controller.run(stop=stop))
+
+    async def close(self) -> None:
+        await self.server.stop(grace=1.0)
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 async def _start_api(
@@ -44,6 +97,7 @@ async def _start_api(
     http: tuple[str, int] | None,
     inventory: str | None,
     inventory_interval: float,
+    xds: _Xds | None = None,
 ) -> tuple[list[Callable[[], Awaitable[None]]], list[asyncio.Task[None]]]:
     """Start the HTTP API and the inventory VM provider (when asked); returns what to close."""
     from smc.api import (
@@ -63,9 +117,18 @@ async def _start_api(
     closers: list[Callable[[], Awaitable[None]]] = []
     tasks: list[asyncio.Task[None]] = []
     if http is not None:
+        from smc.xds._debug import mount_debug
+
         ctx = ApiContext(live=live, runner=runner, registry=registry, policy=policy)
+        app = create_app(ctx)
+        mount_debug(
+            app,
+            controller=xds.controller if xds is not None else None,
+            server=xds.server if xds is not None else None,
+            registries=[xds.metrics] if xds is not None else [],
+        )
         try:
-            app_runner = await start_http(create_app(ctx), host=http[0], port=http[1])
+            app_runner = await start_http(app, host=http[0], port=http[1])
         except OSError as exc:
             raise ApiError(
                 f"cannot serve the HTTP API on {http[0]}:{http[1]}: {exc.strerror or exc}; "
@@ -93,13 +156,24 @@ async def _serve(
     http: tuple[str, int] | None = None,
     inventory: str | None = None,
     inventory_interval: float = 2.0,
+    xds_addr: tuple[str, int] | None = None,
+    ca: str = "ephemeral",
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    xds = _Xds(runner, ca, xds_addr) if xds_addr is not None else None
     # the API listens before the runner starts: /readyz answers 503 until it has caught up
-    closers, side_tasks = await _start_api(runner, stop, http, inventory, inventory_interval)
+    closers, side_tasks = await _start_api(runner, stop, http, inventory, inventory_interval, xds)
+    if xds is not None:
+        try:
+            side_tasks.append(await xds.start(stop))
+        except SMCError:
+            for c in closers:
+                await c()
+            raise
+        closers.append(xds.close)
     task = asyncio.create_task(runner.run(stop=stop))
 
     async def announce() -> None:
@@ -147,6 +221,20 @@ async def _serve(
     help="Directory of VirtualMachine/MeshService manifests to watch (VM provider).",
 )
 @click.option("--inventory-interval", default=2.0, show_default=True, help="Seconds between scans.")
+@click.option(
+    "--xds",
+    "xds_addr",
+    default="127.0.0.1:15010",
+    show_default=True,
+    help="HOST:PORT of the xDS (ADS) server for Envoy sidecars; 'off' disables it.",
+)
+@click.option(
+    "--ca",
+    default="ephemeral",
+    show_default=True,
+    help="Certificates served over SDS: local:DIR (local CA kept in DIR) or ephemeral "
+    "(a local CA in a temporary directory).",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -155,9 +243,14 @@ def serve(
     http_addr: str,
     inventory: str | None,
     inventory_interval: float,
+    xds_addr: str,
+    ca: str,
 ) -> None:
-    """Run the control plane: follow the log and keep projections current."""
+    """Run the control plane: follow the log, keep projections current, serve xDS."""
     http = None if http_addr == "off" else _parse_hostport(http_addr)
+    xds = None if xds_addr == "off" else _parse_hostport(xds_addr, "--xds")
+    if ca != "ephemeral" and (not ca.startswith("local:") or not ca.removeprefix("local:")):
+        raise click.BadParameter(f"{ca!r} is not local:DIR nor ephemeral", param_hint="--ca")
     log_ = open_log_from(ctx)
     runner = ProjectionRunner(log=log_, projections=all_projections())
     store = CheckpointStore(checkpoint) if checkpoint else None
@@ -167,7 +260,9 @@ def serve(
             runner.restore(cp)
             click.echo(f"restored checkpoint at {cp.position.to_json()}", err=True)
     try:
-        asyncio.run(_serve(runner, store, checkpoint_every, http, inventory, inventory_interval))
+        asyncio.run(
+            _serve(runner, store, checkpoint_every, http, inventory, inventory_interval, xds, ca)
+        )
     except SMCError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

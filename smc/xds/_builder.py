@@ -26,7 +26,9 @@ is where its sidecar listens; several sidecars share one host on distinct loopba
   port. Routes go to EDS clusters ``outbound|<ns>/<svc>|<port>`` (mTLS, the peer's URI SAN
   must be the SPIFFE id of an identity serving the service). A TrafficSplit becomes weighted
   clusters over the backends; its A/B matches become routes tried before the default split.
-  Permissive mode: every service is reachable.
+  Permissive mode: every service is reachable. A TCP service port gets an outbound listener
+  ``outbound-tcp|<port>`` on ``<address>:<service port>`` proxying to its cluster (a port
+  already taken on that proxy is skipped, with a warning).
 - EDS: one ClusterLoadAssignment per outbound cluster from ``registry.endpoints_of`` (Kubernetes
   endpoints and VM workloads alike); endpoints whose port is not the service port's target port
   are left out when the service has several ports; not-ready endpoints are UNHEALTHY.
@@ -151,6 +153,7 @@ class _Outbound:
 
     entries: tuple[ResourceEntry, ...]
     deps: frozenset[str]
+    tcp: tuple[tuple[int, str], ...] = ()  # (service port, cluster) of outbound TCP listeners
 
 
 class BuildPass:
@@ -245,6 +248,20 @@ class BuildPass:
         deps.update(outbound.deps)
         entries.extend(outbound.entries)
         entries.append(self._outbound_listener(workload))
+        taken = {self.outbound_port} | {
+            int(n.rsplit("|", 1)[1]) for n in (e.name for e in entries) if n.startswith("inbound|")
+        }
+        for port, cluster in outbound.tcp:
+            if port in taken:
+                log.warning(
+                    "proxy %s: outbound TCP port %d of %s clashes with another listener; skipped",
+                    node_id,
+                    port,
+                    cluster,
+                )
+                continue
+            taken.add(port)
+            entries.append(self._outbound_tcp_listener(workload, port, cluster))
         snapshot = Snapshot.from_entries(entries)
         return ProxyBuild(
             node_id=node_id,
@@ -557,6 +574,33 @@ class BuildPass:
             type_url=LISTENER,
         )
 
+    def _outbound_tcp_listener(self, workload: Workload, port: int, cluster: str) -> ResourceEntry:
+        return make_entry(
+            _parse(
+                {
+                    "name": f"outbound-tcp|{port}",
+                    "address": _sockaddr(workload.address or "127.0.0.1", port),
+                    "enable_reuse_port": False,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.tcp_proxy",
+                                    "typed_config": {
+                                        "@type": _TCP_PROXY,
+                                        "stat_prefix": f"outbound_tcp_{port}",
+                                        "cluster": cluster,
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                },
+                listener_pb2.Listener(),
+            ),
+            type_url=LISTENER,
+        )
+
     def reachable_services(self, identity: str) -> tuple[tuple[str, ...], frozenset[str]]:
         """Services ``identity`` may call and the dependency keys of that answer."""
         allowed = self.view.outbound_identities(identity)
@@ -578,12 +622,17 @@ class BuildPass:
         own_ns = identity.partition("/")[0]
         vhosts: list[dict[str, Any]] = []
         clusters: set[tuple[str, int]] = set()
+        tcp: list[tuple[int, str]] = []
         for svc_key in services:
             svc = self._service(svc_key)
             deps.add(f"svc:{svc_key}")
             if svc is None or not svc.ports:
                 continue
             plan = self.view.split_for(svc_key)
+            for sp in svc.ports:
+                if sp.protocol == "tcp":
+                    clusters.add((svc_key, sp.port))
+                    tcp.append((sp.port, outbound_cluster_name(svc_key, sp.port)))
             http_ports = [p for p in svc.ports if p.protocol in ("http", "grpc")]
             for index, sp in enumerate(http_ports):
                 routes: list[dict[str, Any]] = []
@@ -614,7 +663,7 @@ class BuildPass:
         ]
         for key in sorted(clusters):
             entries.extend(self._cluster(*key))
-        made = _Outbound(entries=tuple(entries), deps=frozenset(deps))
+        made = _Outbound(entries=tuple(entries), deps=frozenset(deps), tcp=tuple(sorted(tcp)))
         self._outbound[identity] = made
         return made
 

@@ -243,6 +243,10 @@ class XdsController:
     def ready(self) -> bool:
         return self._ready
 
+    def idle(self) -> bool:
+        """True when no applied change is waiting to be built (after the debounce)."""
+        return not self._dirty_keys and not self._pending_events and not self._wake.is_set()
+
     def node_ids(self) -> list[str]:
         return sorted(self._nodes)
 
@@ -273,7 +277,9 @@ class XdsController:
         return self._rebuild({node_id}, pub=None).get(node_id)
 
     def _on_events(self, events: list[Event]) -> None:
-        if not events:
+        if not events or not self._ready:
+            # Before the first full build (projections still catching up) nothing is served
+            # yet: the full build after catch-up covers these events, at no cost per event.
             return
         now = time.time()
         if self._pending_since is None:
