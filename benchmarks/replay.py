@@ -93,6 +93,17 @@ def read_all(log: EventLog) -> list[Any]:
     return recs
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM; ru_maxrss would include the parent's before exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rebuild_child(url: str) -> None:
     """Run in a fresh process: rebuild from zero, print JSON with rate and peak RSS."""
     log = open_log(url)
@@ -102,7 +113,7 @@ def rebuild_child(url: str) -> None:
     n = runner.catch_up()
     secs = time.perf_counter() - t
     cpu = time.process_time() - cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     full = ProjectionRunner(log=log, projections=all_projections(), batch=10_000)
     t = time.perf_counter()
     full.catch_up(compact=False)

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from smc.events import deterministic_id
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
@@ -480,7 +481,16 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.1)
-            body = SERVICES + "\n---\n" + vm_yaml(sidecar, service_account="client")
+            server_vm = Sidecar(
+                namespace=NS, name="server-1", address="127.0.41.2", workdir=tmp_path
+            )
+            body = "\n---\n".join(
+                [
+                    SERVICES,
+                    vm_yaml(sidecar, service_account="client"),
+                    vm_yaml(server_vm, service_account="server", labels={"app": "server"}),
+                ]
+            )
             async with s.post(url + "/v1/apply", data=body) as r:
                 assert r.status == 200, await r.text()
                 applied = await r.json()
@@ -513,8 +523,26 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
                 assert r.status == 404
             async with s.get(url + "/debug/config_dump") as r:
                 assert r.status == 400
-            # /debug/events/<id>: an event's causal chain (this change built client-1's config).
+            # /debug/events/<id>: an event's causal chain. Granting client access to server
+            # changes client-1's outbound config; the trace names the versions and the ACK.
             assert applied["events"] >= 1
+            grant = POLICY_1.split("---")[0]
+            async with s.post(
+                url + "/v1/apply", data=grant, headers={"X-Request-Id": "grant-1"}
+            ) as r:
+                assert r.status == 200, await r.text()
+            event_id = deterministic_id("api", "grant-1", "TrafficTarget/demo/client-to-server")
+            while True:
+                async with s.get(url + f"/debug/events/{event_id}") as r:
+                    trace = await r.json() if r.status == 200 else {}
+                node = trace.get("proxies", {}).get("demo/client-1")
+                if node is not None and node["acked_at"] is not None:
+                    break
+                assert time.monotonic() < deadline + 60, trace
+                await asyncio.sleep(0.05)
+            assert node["acked_at"] >= trace["published_at"] >= trace["received_at"]
+            assert set(node["types"]) >= {"RouteConfiguration", "Cluster"}
+            assert trace["position"]["smc.policy:0"] >= 1
             async with s.get(url + "/debug/events/not-an-event") as r:
                 assert r.status == 404
             # /metrics: Prometheus text with the xDS series.

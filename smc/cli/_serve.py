@@ -82,7 +82,10 @@ class _Xds:
                 f"cannot serve xDS on {self.addr[0]}:{self.addr[1]}: {exc}; choose another "
                 "with --xds HOST:PORT or disable it with --xds off"
             ) from exc
-        click.echo(f"xDS (ADS) on {self.addr[0]}:{port}; answers once caught up", err=True)
+        click.echo(
+            f"xDS (ADS) on {self.addr[0]}:{port} (answers once the projections are current)",
+            err=True,
+        )
         return asyncio.create_task(self.controller.run(stop=stop))
 
     async def close(self) -> None:

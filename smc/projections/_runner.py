@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from xxhash import xxh64_intdigest
 
 from smc.events import (
     EVENT_TYPES,
@@ -61,7 +62,9 @@ def _id_hash(event_id: str) -> int:
 
 
 def _id_hash_bytes(event_id: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(event_id, digest_size=8).digest(), "little")
+    # 64-bit xxHash: stable across processes (checkpoints keep these), ~10x cheaper than
+    # blake2b; for 10 million ids the chance of any collision is about 3e-6.
+    return xxh64_intdigest(event_id)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,8 +322,7 @@ class ProjectionRunner:
         envelope_id = self.codec.envelope_id
         seen = self._seen
         dedupe = self._dedupe
-        blake = hashlib.blake2b
-        frombytes = int.from_bytes
+        xxh = xxh64_intdigest
         added = 0
         for r in raw:
             v = r[4]
@@ -329,7 +331,7 @@ class ProjectionRunner:
                 self.codec.header(v, where=_where(r))  # raises the precise DecodeError
                 continue  # pragma: no cover - header() always raises here
             if dedupe:
-                h = frombytes(blake(envelope_id(v), digest_size=8).digest(), "little")
+                h = xxh(envelope_id(v))
                 if h in seen:
                     self.duplicates += 1
                     continue

@@ -69,7 +69,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls_pb2  # noq
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from smc.events import Endpoint, ServicePort
+from smc.events import ServicePort
 from smc.projections import PolicyView, Service, Workload
 from smc.smi import Grant, HTTPMatch
 from smc.xds._certs import CertSource
@@ -768,10 +768,6 @@ class BuildPass:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _endpoint_key(e: Endpoint) -> tuple[str, int]:
-    return (e.address, e.port)
 
 
 def _matching_port(target: Service, sp: ServicePort) -> ServicePort:

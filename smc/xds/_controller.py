@@ -11,6 +11,11 @@ registers the node). It also records the causal chain: for each event, the runne
 and the snapshot versions (per node and type) that carried it, and, from the server's ACKs,
 when each proxy acknowledged them (:meth:`XdsController.trace`).
 
+The ADS server to use is :class:`AckTrackingServer` (made by :meth:`XdsController.make_server`):
+it reports ACKs for the causal chain, and works around a base-server case: a SotW client that
+stops watching a named type (its last EDS cluster removed) never ACKs a response of that type,
+so the base server would hold LDS/RDS behind that "pending" response forever.
+
 Serving starts only after the projections caught up: :meth:`XdsController.run` waits for
 ``runner.caught_up``, builds every registered node, then calls ``server.mark_ready()``.
 
@@ -45,7 +50,6 @@ from smc.projections import PolicyProjection, PolicyView, ProjectionRunner, Regi
 from smc.xds._builder import OUTBOUND_PORT, BuildPass, ProxyBuild
 from smc.xds._cache import SnapshotCache, Unwatch
 from smc.xds._certs import CertSource
-from smc.xds._identity import InvalidNodeId, find_workload, parse_node_id
 from smc.xds._server import AdsServer
 from smc.xds._snapshot import ResourceEntry, Snapshot
 from smc.xds._types import WILDCARD_TYPES, short_name
@@ -340,7 +344,7 @@ class XdsController:
         if isinstance(e, WorkloadJoined | WorkloadLeft):
             key = f"{e.namespace}/{e.name}"
             keys = {f"wl:{key}"}
-            w = find_workload(parse_node_id_safe(key), self.registry.workloads)
+            w = self.registry.workloads.get((e.kind, e.namespace, e.name))
             old_backs = self._wl_backs.get(key, ())
             old_id = self._wl_identity.get(key)
             if w is not None:
@@ -637,14 +641,3 @@ class XdsController:
                 }
             )
         return out
-
-
-def parse_node_id_safe(key: str) -> Any:
-    """``ns/name`` of a registry workload as a NodeRef (registry keys are always valid)."""
-    try:
-        return parse_node_id(key)
-    except InvalidNodeId:
-        ns, _, name = key.partition("/")
-        from smc.xds._identity import NodeRef
-
-        return NodeRef(namespace=ns, name=name)

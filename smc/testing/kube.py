@@ -1,0 +1,783 @@
+"""A real Kubernetes API (kube-apiserver + etcd) on 127.0.0.1, for tests.
+
+Role: :func:`ensure_kube_apiserver` builds ``kube-apiserver`` once per machine from the
+``k8s.io/kubernetes`` Go module (recipe: ``deploy/k8s/apiserver/go.mod``, which requires
+``k8s.io/kubernetes`` and replaces its staging modules with their published ``v0.X.Y``) into
+``~/.cache/smc/kube-apiserver-<version>/`` (``$SMC_KUBE_APISERVER`` names a ready binary
+instead); a failed build is remembered there with its error so later runs report it at once.
+:func:`ensure_etcd` installs Debian's ``etcd-server``/``etcd-client`` when ``etcd`` is missing.
+:class:`KubeAPIServer` starts etcd (data in a temporary folder, on tmpfs when there is one) and
+kube-apiserver on free ports, with a serving certificate and a service-account signing key it
+generates, a static bearer token for an admin user in ``system:masters`` and RBAC, waits for
+``/readyz``, writes a kubeconfig, and hands out :mod:`kubernetes` client configurations.
+:meth:`KubeAPIServer.install_smi_crds` applies ``deploy/k8s/crds/*.yaml`` and waits until every
+CRD is Established and every served version answers; :meth:`KubeAPIServer.compact_etcd`
+compacts etcd's history (watches from before then get 410 Gone); :meth:`KubeAPIServer.restart`
+restarts the apiserver (and optionally etcd) on the same ports and data.
+No controller-manager, scheduler or kubelet runs: Pods stay Pending, namespaces are never
+finalized, and the ``ServiceAccount`` admission plugin is disabled (it needs the token
+controller), so Pods are admitted without a ServiceAccount object.
+Concurrency: a server object is driven from one thread (start/stop/restart block). Children are
+killed at interpreter exit (``atexit``) and when the starting thread dies (``PR_SET_PDEATHSIG``).
+The build cache is guarded by a file lock so several processes may ask for it at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import datetime
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from smc.errors import SMCError
+from smc.testing.ports import free_port
+
+__all__ = [
+    "CRD_DIR",
+    "KUBERNETES_VERSION",
+    "KubeAPIServer",
+    "KubeBuildError",
+    "KubeHarnessError",
+    "ensure_etcd",
+    "ensure_kube_apiserver",
+    "kube_apiserver_cache_dir",
+    "kube_apiserver_fixture",
+]
+
+#: The ``k8s.io/kubernetes`` release built; keep in step with ``deploy/k8s/apiserver/go.mod``.
+KUBERNETES_VERSION = "v1.37.2"
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_RECIPE = _REPO_ROOT / "deploy" / "k8s" / "apiserver"
+#: The SMI CustomResourceDefinitions :meth:`KubeAPIServer.install_smi_crds` applies.
+CRD_DIR = _REPO_ROOT / "deploy" / "k8s" / "crds"
+_BINARY = "kube-apiserver"
+_FAILED = "build-error.txt"
+_SERVICE_CIDR = "10.96.0.0/16"
+
+
+class KubeHarnessError(SMCError):
+    """etcd or kube-apiserver could not be installed, started, stopped or used."""
+
+
+class KubeBuildError(KubeHarnessError):
+    """kube-apiserver could not be built on this machine; the message holds the Go error."""
+
+
+def kube_apiserver_cache_dir() -> Path:
+    """``~/.cache/smc/kube-apiserver-<version>``: where the built binary is kept."""
+    return Path.home() / ".cache" / "smc" / f"kube-apiserver-{KUBERNETES_VERSION}"
+
+
+def _recipe_digest() -> str:
+    h = hashlib.sha256()
+    for name in ("go.mod", "go.sum"):
+        path = _RECIPE / name
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _tail(text: str, *, limit: int = 4000) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def _ldflags() -> str:
+    """``-s`` plus the version stamps Kubernetes' own build scripts set (``/version``)."""
+    major, minor, _ = KUBERNETES_VERSION.lstrip("v").split(".", 2)
+    pkg = "k8s.io/component-base/version"
+    stamps = {
+        "gitVersion": KUBERNETES_VERSION,
+        "gitMajor": major,
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+    }
+    return "-ldflags=-s " + " ".join(f"-X {pkg}.{k}={v}" for k, v in stamps.items())
+
+
+def ensure_kube_apiserver(*, build: bool = True, timeout: float = 7200.0) -> Path:
+    """Path of a runnable ``kube-apiserver``, building it once per machine if needed.
+
+    ``$SMC_KUBE_APISERVER`` wins when set (it must be an executable file). Otherwise the
+    binary in :func:`kube_apiserver_cache_dir` is used; if absent and ``build`` is true it is
+    built with ``go build -trimpath -ldflags=-s`` (plus version stamps) from ``deploy/k8s/apiserver`` under
+    ``nice -n 19`` with one compile job at a time (``GOFLAGS=-p=1``, ``GOMAXPROCS=1``), which
+    takes tens of minutes on a small machine. A failed build leaves ``build-error.txt`` in the
+    cache folder: as long as the recipe is unchanged, later calls raise :class:`KubeBuildError`
+    with that error at once (delete the file to try again).
+    """
+    env_path = os.environ.get("SMC_KUBE_APISERVER")
+    if env_path:
+        path = Path(env_path).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise KubeHarnessError(f"SMC_KUBE_APISERVER={env_path!r} is not an executable file")
+        return path
+    cache = kube_apiserver_cache_dir()
+    binary = cache / _BINARY
+    if binary.is_file() and os.access(binary, os.X_OK):
+        return binary
+    digest = _recipe_digest()
+    failed = cache / _FAILED
+
+    def previous_failure() -> None:
+        if failed.is_file():
+            text = failed.read_text(encoding="utf-8", errors="replace")
+            first, _, rest = text.partition("\n")
+            if first.strip() == digest:
+                raise KubeBuildError(
+                    f"kube-apiserver {KUBERNETES_VERSION} could not be built here "
+                    f"(remembered in {failed}; delete it to retry):\n{rest.strip()}"
+                )
+
+    previous_failure()
+    if not build:
+        raise KubeHarnessError(f"{binary} is missing and building it was not allowed")
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return binary
+        previous_failure()
+        go = shutil.which("go")
+        if go is None:
+            raise KubeBuildError("`go` is not on PATH: it is needed to build kube-apiserver")
+        tmp = cache / f".{_BINARY}.{os.getpid()}.tmp"
+        env = dict(os.environ)
+        env.update(GOFLAGS="-p=1 -buildvcs=false", GOMAXPROCS="1", CGO_ENABLED="0")
+        nice = shutil.which("nice")
+        argv = [*([nice, "-n", "19"] if nice else []), go, "build", "-trimpath", _ldflags()]
+        argv += ["-o", str(tmp), "k8s.io/kubernetes/cmd/kube-apiserver"]
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(
+                argv,
+                cwd=_RECIPE,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            tmp.unlink(missing_ok=True)
+            raise KubeBuildError(f"go build of kube-apiserver took over {timeout:.0f}s") from exc
+        if proc.returncode != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            error = _tail(proc.stdout + proc.stderr)
+            failed.write_text(f"{digest}\nexit {proc.returncode}\n{error}\n", encoding="utf-8")
+            raise KubeBuildError(
+                f"go build of kube-apiserver {KUBERNETES_VERSION} failed "
+                f"(exit {proc.returncode}) in {_RECIPE}:\n{error}"
+            )
+        tmp.rename(binary)
+        (cache / "build-seconds.txt").write_text(
+            f"{time.monotonic() - started:.0f}\n", encoding="utf-8"
+        )
+        return binary
+
+
+def ensure_etcd() -> tuple[Path, Path]:
+    """Paths of ``etcd`` and ``etcdctl``, installing Debian's ``etcd-server`` and ``etcd-client``
+    with apt-get when either is missing (needs root)."""
+
+    def find() -> tuple[Path, Path] | None:
+        etcd = shutil.which("etcd") or (
+            "/usr/bin/etcd" if os.path.isfile("/usr/bin/etcd") else None
+        )
+        ctl = shutil.which("etcdctl") or (
+            "/usr/bin/etcdctl" if os.path.isfile("/usr/bin/etcdctl") else None
+        )
+        return (Path(etcd), Path(ctl)) if etcd and ctl else None
+
+    found = find()
+    if found is not None:
+        return found
+    if os.geteuid() != 0:
+        raise KubeHarnessError(
+            "etcd/etcdctl are missing: run `apt-get install -y etcd-server etcd-client` as root"
+        )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "etcd-server", "etcd-client"],
+    ):
+        proc = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=900, check=False
+        )
+        if proc.returncode != 0:
+            raise KubeHarnessError(
+                f"`{' '.join(argv)}` failed (exit {proc.returncode}):\n"
+                f"{_tail(proc.stdout + proc.stderr)}"
+            )
+    found = find()
+    if found is None:
+        raise KubeHarnessError("etcd-server/etcd-client installed but etcd/etcdctl not found")
+    return found
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    os.setsid()
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_pki(folder: Path) -> None:
+    """A throwaway CA, the apiserver's serving certificate and a service-account key pair."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smc-test-kubernetes-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    service_ip = next(ipaddress.IPv4Network(_SERVICE_CIDR).hosts())
+    sans: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.DNSName("kubernetes"),
+        x509.DNSName("kubernetes.default"),
+        x509.DNSName("kubernetes.default.svc"),
+        x509.DNSName("kubernetes.default.svc.cluster.local"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(service_ip),
+    ]
+    serving = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    sa_key = ec.generate_private_key(ec.SECP256R1())
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "ca.key").write_bytes(_pem_key(ca_key))
+    (folder / "apiserver.crt").write_bytes(serving.public_bytes(serialization.Encoding.PEM))
+    (folder / "apiserver.key").write_bytes(_pem_key(key))
+    (folder / "sa.key").write_bytes(_pem_key(sa_key))
+    (folder / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None, *, timeout: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+class KubeAPIServer:
+    """etcd + kube-apiserver on 127.0.0.1; use as a context manager or start()/stop().
+
+    ``watch_cache=False`` serves watches straight from etcd, so a watch from a revision older
+    than the last :meth:`compact_etcd` gets 410 Gone (with the watch cache, 410 depends on the
+    cache's window instead). ``extra_args`` are appended to kube-apiserver's command line.
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: str | Path | None = None,
+        watch_cache: bool = True,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 120.0,
+        build: bool = True,
+    ) -> None:
+        self._binary = Path(binary) if binary is not None else None
+        self._watch_cache = watch_cache
+        self._extra_args = tuple(extra_args)
+        self._startup_timeout = startup_timeout
+        self._build = build
+        self._token = f"smc-admin-{secrets.token_hex(16)}"
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._etcd: subprocess.Popen[bytes] | None = None
+        self._apiserver: subprocess.Popen[bytes] | None = None
+        self._etcd_port = 0
+        self._etcd_peer_port = 0
+        self._port = 0
+        self._etcdctl: Path | None = None
+        self._etcd_bin: Path | None = None
+        self._started_at = 0.0
+        self.startup_seconds = 0.0
+        """How long the last start() took until ``/readyz`` answered ``ok``."""
+
+    def __repr__(self) -> str:
+        return f"KubeAPIServer(host={self.host!r}, running={self.running})"
+
+    # -- addresses and credentials -------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        if self._dir is None:
+            raise KubeHarnessError("the apiserver has not been started")
+        return Path(self._dir.name)
+
+    @property
+    def host(self) -> str:
+        """``https://127.0.0.1:<port>``."""
+        return f"https://127.0.0.1:{self._port}" if self._port else "<not started>"
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def etcd_url(self) -> str:
+        return f"http://127.0.0.1:{self._etcd_port}"
+
+    @property
+    def token(self) -> str:
+        """Bearer token of the ``smc-admin`` user (group ``system:masters``)."""
+        return self._token
+
+    @property
+    def ca_path(self) -> Path:
+        """PEM CA that signed the apiserver's serving certificate."""
+        return self.folder / "pki" / "ca.crt"
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        """A kubeconfig for the admin user (context ``smc-test``)."""
+        return self.folder / "kubeconfig.yaml"
+
+    @property
+    def running(self) -> bool:
+        return (
+            self._apiserver is not None
+            and self._apiserver.poll() is None
+            and self._etcd is not None
+            and self._etcd.poll() is None
+        )
+
+    @property
+    def apiserver_pid(self) -> int | None:
+        return self._apiserver.pid if self._apiserver is not None else None
+
+    @property
+    def etcd_pid(self) -> int | None:
+        return self._etcd.pid if self._etcd is not None else None
+
+    def log_tail(self, which: str = "apiserver", lines: int = 40) -> str:
+        """Last lines of ``apiserver`` or ``etcd`` output."""
+        if self._dir is None:
+            return ""
+        path = self.folder / f"{which}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def configuration(self) -> Any:
+        """A fresh :class:`kubernetes.client.Configuration` for the admin user."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.host
+        cfg.api_key = {"authorization": self._token}
+        cfg.api_key_prefix = {"authorization": "Bearer"}
+        cfg.ssl_ca_cert = str(self.ca_path)
+        cfg.verify_ssl = True
+        return cfg
+
+    def api_client(self) -> Any:
+        """A new :class:`kubernetes.client.ApiClient` (close it when done)."""
+        from kubernetes import client
+
+        return client.ApiClient(self.configuration())
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client TLS context trusting the apiserver's CA (for aiohttp / urllib)."""
+        return ssl.create_default_context(cafile=str(self.ca_path))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> KubeAPIServer:
+        if self.running:
+            return self
+        binary = self._binary or ensure_kube_apiserver(build=self._build)
+        self._binary = binary
+        self._etcd_bin, self._etcdctl = ensure_etcd()
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self._dir = tempfile.TemporaryDirectory(prefix="smc-kube-", dir=base)
+        pki = self.folder / "pki"
+        pki.mkdir()
+        _write_pki(pki)
+        (self.folder / "tokens.csv").write_text(
+            f'{self._token},smc-admin,smc-admin-uid,"system:masters"\n', encoding="utf-8"
+        )
+        self._etcd_port, self._etcd_peer_port, self._port = free_port(), free_port(), free_port()
+        self._write_kubeconfig()
+        atexit.register(self.stop)
+        try:
+            self._start_etcd()
+            self._start_apiserver()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop kube-apiserver and etcd and delete their data."""
+        apiserver, self._apiserver = self._apiserver, None
+        etcd, self._etcd = self._etcd, None
+        _stop_process(apiserver)
+        _stop_process(etcd)
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def restart(self, *, etcd: bool = False) -> None:
+        """Restart kube-apiserver (and etcd too with ``etcd=True``) on the same ports and data;
+        open watches are cut. Returns once ``/readyz`` answers ``ok`` again."""
+        if self._dir is None:
+            raise KubeHarnessError("restart(): the apiserver has never been started")
+        _stop_process(self._apiserver)
+        self._apiserver = None
+        if etcd:
+            _stop_process(self._etcd)
+            self._etcd = None
+            self._start_etcd()
+        self._start_apiserver()
+
+    def __enter__(self) -> KubeAPIServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        with open(self.folder / log_name, "ab") as log:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.folder,
+                preexec_fn=_die_with_parent,
+            )
+
+    def _start_etcd(self) -> None:
+        assert self._etcd_bin is not None
+        peer = f"http://127.0.0.1:{self._etcd_peer_port}"
+        argv = [
+            str(self._etcd_bin),
+            "--name=smc-test",
+            f"--data-dir={self.folder / 'etcd'}",
+            f"--listen-client-urls={self.etcd_url}",
+            f"--advertise-client-urls={self.etcd_url}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=smc-test={peer}",
+            "--initial-cluster-state=new",
+            "--logger=zap",
+            "--log-level=warn",
+        ]
+        self._etcd = self._spawn(argv, "etcd.log")
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            if self._etcd.poll() is not None:
+                raise KubeHarnessError(
+                    f"etcd exited with code {self._etcd.returncode}:\n{self.log_tail('etcd')}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.etcd_url}/health", timeout=1.0) as resp:
+                    if json.loads(resp.read()).get("health") in ("true", True):
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise KubeHarnessError(f"etcd on {self.etcd_url} not healthy after 30s")
+
+    def _start_apiserver(self) -> None:
+        assert self._binary is not None
+        pki = self.folder / "pki"
+        argv = [
+            str(self._binary),
+            f"--etcd-servers={self.etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self._port}",
+            f"--cert-dir={self.folder / 'certs'}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={self.folder / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            "--anonymous-auth=false",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-cluster-ip-range={_SERVICE_CIDR}",
+            "--disable-admission-plugins=ServiceAccount",
+            f"--watch-cache={'true' if self._watch_cache else 'false'}",
+            "--profiling=false",
+            "--v=0",
+            *self._extra_args,
+        ]
+        started = time.monotonic()
+        self._apiserver = self._spawn(argv, "apiserver.log")
+        self._wait_ready(started)
+
+    def _get(self, path: str, *, timeout: float = 2.0) -> tuple[int, bytes]:
+        req = urllib.request.Request(
+            f"{self.host}{path}", headers={"Authorization": f"Bearer {self._token}"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl_context()) as resp:
+                return int(resp.status), resp.read()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read()
+
+    def _wait_ready(self, started: float) -> None:
+        deadline = started + self._startup_timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self._apiserver is None or self._apiserver.poll() is not None:
+                code = self._apiserver.returncode if self._apiserver is not None else None
+                raise KubeHarnessError(
+                    f"kube-apiserver exited with code {code}:\n{self.log_tail()}"
+                )
+            try:
+                status, body = self._get("/readyz")
+                if status == 200:
+                    # The default namespace is created by a post-start hook shortly after.
+                    if self._get("/api/v1/namespaces/default")[0] == 200:
+                        self.startup_seconds = time.monotonic() - started
+                        return
+                    last = "namespace default not created yet"
+                else:
+                    last = f"/readyz {status}: {body[-300:].decode(errors='replace')}"
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise KubeHarnessError(
+            f"kube-apiserver on {self.host} not ready after {self._startup_timeout}s "
+            f"({last}):\n{self.log_tail()}"
+        )
+
+    def _write_kubeconfig(self) -> None:
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "smc-test",
+                    "cluster": {"server": self.host, "certificate-authority": str(self.ca_path)},
+                }
+            ],
+            "users": [{"name": "smc-admin", "user": {"token": self._token}}],
+            "contexts": [
+                {"name": "smc-test", "context": {"cluster": "smc-test", "user": "smc-admin"}}
+            ],
+            "current-context": "smc-test",
+        }
+        self.kubeconfig_path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+    # -- etcd ----------------------------------------------------------------------------------
+    def _etcdctl_run(self, *args: str) -> str:
+        if self._etcdctl is None or self._etcd is None:
+            raise KubeHarnessError("etcd is not running")
+        proc = subprocess.run(
+            [str(self._etcdctl), f"--endpoints={self.etcd_url}", *args],
+            env=dict(os.environ, ETCDCTL_API="3"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise KubeHarnessError(
+                f"etcdctl {' '.join(args)} failed (exit {proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()}"
+            )
+        return proc.stdout
+
+    def etcd_revision(self) -> int:
+        """etcd's current revision (Kubernetes resourceVersions are etcd revisions)."""
+        status = json.loads(self._etcdctl_run("endpoint", "status", "--write-out=json"))
+        return int(status[0]["Status"]["header"]["revision"])
+
+    def compact_etcd(self, revision: int | None = None) -> int:
+        """Compact etcd's history up to ``revision`` (default: the current one) and return it;
+        a watch or list from an older resourceVersion then answers 410 Gone (served from etcd,
+        i.e. with ``watch_cache=False`` for watches)."""
+        rev = revision if revision is not None else self.etcd_revision()
+        self._etcdctl_run("compact", str(rev), "--physical")
+        return rev
+
+    # -- CRDs ------------------------------------------------------------------------------------
+    def install_crds(self, paths: Sequence[Path], *, timeout: float = 60.0) -> list[str]:
+        """Create (or replace) the CRDs in ``paths`` and wait until each is Established and
+        every served version answers a list; returns the CRD names."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        docs: list[dict[str, Any]] = []
+        for path in paths:
+            for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+                if not doc:
+                    continue
+                if doc.get("kind") != "CustomResourceDefinition":
+                    raise KubeHarnessError(f"{path}: not a CustomResourceDefinition")
+                docs.append(doc)
+        with self.api_client() as api:
+            ext: Any = client.ApiextensionsV1Api(api)
+            custom: Any = client.CustomObjectsApi(api)
+            for doc in docs:
+                name = doc["metadata"]["name"]
+                try:
+                    ext.create_custom_resource_definition(body=doc)
+                except ApiException as exc:
+                    if exc.status != 409:
+                        raise KubeHarnessError(
+                            f"creating CRD {name} failed: {exc.status} {exc.body}"
+                        ) from exc
+                    current = ext.read_custom_resource_definition(name)
+                    body = dict(doc)
+                    body["metadata"] = {
+                        **doc["metadata"],
+                        "resourceVersion": current.metadata.resource_version,
+                    }
+                    ext.replace_custom_resource_definition(name, body=body)
+            deadline = time.monotonic() + timeout
+            for doc in docs:
+                name = doc["metadata"]["name"]
+                while True:
+                    crd = ext.read_custom_resource_definition(name)
+                    conds = {c.type: c.status for c in (crd.status.conditions or [])}
+                    if conds.get("Established") == "True":
+                        break
+                    if time.monotonic() > deadline:
+                        raise KubeHarnessError(f"CRD {name} not Established: {conds}")
+                    time.sleep(0.1)
+                spec = doc["spec"]
+                for version in spec["versions"]:
+                    if not version.get("served", True):
+                        continue
+                    while True:
+                        try:
+                            custom.list_cluster_custom_object(
+                                spec["group"], version["name"], spec["names"]["plural"], limit=1
+                            )
+                            break
+                        except ApiException as exc:
+                            if exc.status != 404 or time.monotonic() > deadline:
+                                raise KubeHarnessError(
+                                    f"{spec['group']}/{version['name']} "
+                                    f"{spec['names']['plural']} not served: {exc.status}"
+                                ) from exc
+                            time.sleep(0.1)
+        return [doc["metadata"]["name"] for doc in docs]
+
+    def install_smi_crds(self, *, timeout: float = 60.0) -> list[str]:
+        """Install ``deploy/k8s/crds/*.yaml`` (every SMI kind and version SMC reads)."""
+        paths = sorted(CRD_DIR.glob("*.yaml"))
+        if not paths:
+            raise KubeHarnessError(f"no CRDs in {CRD_DIR}")
+        return self.install_crds(paths, timeout=timeout)
+
+
+def kube_apiserver_fixture(*, smi_crds: bool = True, **kwargs: Any) -> Iterator[KubeAPIServer]:
+    """Start a :class:`KubeAPIServer` (with the SMI CRDs unless ``smi_crds`` is false), yield
+    it, stop it. Wrap it in a pytest fixture; keyword arguments go to :class:`KubeAPIServer`."""
+    server = KubeAPIServer(**kwargs)
+    server.start()
+    try:
+        if smi_crds:
+            server.install_smi_crds()
+        yield server
+    finally:
+        server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m smc.testing.kube``: build (or find) kube-apiserver and install etcd, so a
+    test run does not pay for the build; prints the binary's path."""
+    del argv
+    try:
+        binary = ensure_kube_apiserver()
+        ensure_etcd()
+    except KubeHarnessError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(binary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
