@@ -1,12 +1,26 @@
 """Informers: sources that observe the world and append what they see to the log.
 
-Role: public API of :mod:`smc.informers`. For now: the VM provider plugin interface
+Role: public API of :mod:`smc.informers`: the VM provider plugin interface
 (:class:`VMProvider`, discovered through entry point group ``smc.vm_providers``), the bridge that
-applies provider reports (:class:`ProviderBridge`) and the shipped inventory directory provider.
-Concurrency: providers run as tasks on the ``smc serve`` asyncio loop.
+applies provider reports (:class:`ProviderBridge`), the shipped inventory directory provider, and
+the Kubernetes informers (:class:`KubeInformers`: list + watch of namespaces, services, endpoint
+slices, pods, service accounts and SMI resources into events with deterministic ids).
+Concurrency: providers and informers run as tasks on the ``smc serve`` asyncio loop.
 """
 
 from smc.informers._errors import InformersError, ProviderNotFound
+from smc.informers._kube import (
+    CORE_RESOURCES,
+    MEMBER_LABEL,
+    SMI_RESOURCES,
+    EventSink,
+    KubeConfigError,
+    KubeEndpoint,
+    KubeInformers,
+    KubeResource,
+    LogSink,
+    WatchStats,
+)
 from smc.informers._vm import (
     ENTRY_POINT_GROUP,
     ProviderBridge,
@@ -19,14 +33,24 @@ from smc.informers._vm import (
 from smc.informers.inventory import InventoryDirectoryProvider
 
 __all__ = [
+    "CORE_RESOURCES",
     "ENTRY_POINT_GROUP",
+    "MEMBER_LABEL",
+    "SMI_RESOURCES",
+    "EventSink",
     "InformersError",
     "InventoryDirectoryProvider",
+    "KubeConfigError",
+    "KubeEndpoint",
+    "KubeInformers",
+    "KubeResource",
+    "LogSink",
     "ProviderBridge",
     "ProviderNotFound",
     "VMProvider",
     "VMReport",
     "VMSink",
+    "WatchStats",
     "available_vm_providers",
     "load_vm_provider",
 ]
