@@ -115,9 +115,7 @@ def tail(
 @click.option("--until", help="Stop before OFFSET, stream:partition=offset,..., or a TIME.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option(
-    "--full", is_flag=True, help="Decode and apply every record (also superseded ones)."
-)
+@click.option("--full", is_flag=True, help="Decode and apply every record (also superseded ones).")
 @click.pass_context
 def replay(
     ctx: click.Context, until: str | None, as_json: bool, no_progress: bool, full: bool
