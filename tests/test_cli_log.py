@@ -147,7 +147,7 @@ def test_serve_catches_up_and_checkpoints(tmp_path: Path) -> None:
     seed(db)
     cp = tmp_path / "cp.json"
     args = [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{db}", "serve", "--http", "off",
-            "--checkpoint", str(cp)]
+            "--xds", "off", "--checkpoint", str(cp)]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline() if proc.stderr else ""

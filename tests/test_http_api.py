@@ -322,6 +322,8 @@ async def test_smc_serve_hosts_api_and_inventory(tmp_path: Path) -> None:
         str(inv),
         "--inventory-interval",
         "0.1",
+        "--xds",
+        "off",
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
@@ -360,6 +362,8 @@ async def test_smc_serve_hosts_api_and_inventory(tmp_path: Path) -> None:
             "serve",
             "--http",
             f"127.0.0.1:{port}",
+            "--xds",
+            "off",
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
         )

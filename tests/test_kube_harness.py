@@ -23,7 +23,9 @@ from smc.testing.kube import (
     KubeBuildError,
 )
 
-pytestmark = pytest.mark.kube
+# The first test may build kube-apiserver (once per machine, tens of minutes at nice 19)
+# unless `python -m smc.testing.kube` ran before: allow for it.
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(3600)]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_version_and_readyz(kube: KubeAPIServer, api: Any) -> None:
     info = client.VersionApi(api).get_code()
     assert info.git_version == KUBERNETES_VERSION
     assert kube.running and kube.startup_seconds > 0
-    status, body = kube._get("/readyz")
+    status, body = kube.get("/readyz")
     assert (status, body) == (200, b"ok")
 
 

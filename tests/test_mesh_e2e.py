@@ -440,6 +440,54 @@ async def test_control_plane_restart_keeps_config(mesh: Mesh) -> None:
     mesh.assert_no_nacks()
 
 
+SERVER_V2 = SERVICES.split("---")[1]
+
+
+async def test_service_removed_routes_go_before_clusters(mesh: Mesh) -> None:
+    """Make-before-break for removals: when a service goes away, the client's route stops
+    pointing at its cluster before the cluster is removed, so a steady request stream sees
+    200 then 404 (no route), never 503 (a route to a cluster Envoy no longer has)."""
+    await mesh.wait_sync()
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        while not stop.is_set():
+            try:
+                status, _ = await mesh.request("client-1", "GET", "/api/v2", host="server-v2.demo")
+            except (aiohttp.ClientError, TimeoutError):
+                status = -1
+            statuses.append(status)
+            await asyncio.sleep(0.002)
+
+    for round_ in range(3):
+        statuses.clear()
+        task = asyncio.create_task(traffic())
+        try:
+            deadline = time.monotonic() + 5
+            while 200 not in statuses:
+                assert time.monotonic() < deadline, f"server-v2 unreachable: {statuses[-5:]}"
+                await asyncio.sleep(0.02)
+            await mesh.cp.apply(SERVER_V2, delete=True)
+            deadline = time.monotonic() + 5
+            while statuses[-1] != 404:
+                assert time.monotonic() < deadline, f"route to server-v2 still there ({round_})"
+                await asyncio.sleep(0.02)
+            await mesh.wait_sync()
+            await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await task
+            stop.clear()
+        assert set(statuses) <= {200, 404}, Counter(statuses)
+        # The removal finished: no cluster of server-v2 lingers in the published config.
+        snap = mesh.cp.controller.cache.get("demo/client-1")
+        assert snap is not None and not any("server-v2" in n for n in snap.names(CLUSTER))
+        await mesh.cp.apply(SERVER_V2)
+        await mesh.wait_sync()
+    mesh.assert_no_nacks()
+
+
 async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) -> None:
     """``smc serve --xds ... --ca local:DIR`` as a real process: an Envoy gets its config; the
     debug endpoints, /metrics and ``smc proxy status`` show it."""

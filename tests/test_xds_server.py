@@ -954,3 +954,101 @@ async def test_streams_follow_replace_history_or_rescan(
     # Within the history the diff walked it; beyond it the stream rescanned.
     assert followed
     assert all(followed) if steps <= CHANGE_HISTORY else (False in followed)
+
+
+async def test_stale_nonce_unsubscribe_releases_held_listener_and_reports_acks() -> None:
+    """Envoy (SotW) drops its last EDS watch with the nonce of an *older* EDS response while a
+    newer one is in flight: the subscription still changes, the in-flight EDS response stops
+    being pending (Envoy never answers it), so the held LDS push goes out. A later stale-nonce
+    request naming other resources subscribes to them. ACKs reach ``on_ack``, watch changes
+    reach ``on_subscription``."""
+    cache = SnapshotCache()
+    acks: list[tuple[str, str, str]] = []
+    subs: list[tuple[str, bool]] = []
+    server = AdsServer(
+        cache=cache,
+        on_ack=lambda n, t, v, at: acks.append((n, t, v)),
+        on_subscription=lambda n, t, w: subs.append((t, w)),
+    )
+    port = await server.start()
+    server.mark_ready()
+    ads = Ads()
+    ads.port, ads.server, ads.cache = port, server, cache
+    cache.set_snapshot(node_id=NODE, snapshot=small_snapshot(a=(1,)))
+    try:
+        async with raw(ads) as c:
+            c.send(type_url=CLUSTER)
+            cds = await c.recv()
+            c.send(type_url=CLUSTER, response_nonce=cds.nonce, version_info=cds.version_info)
+            c.send(type_url=ENDPOINT, resource_names=["a"])
+            eds = await c.recv()
+            assert eds.type_url == ENDPOINT
+            c.send(
+                type_url=ENDPOINT,
+                response_nonce=eds.nonce,
+                version_info=eds.version_info,
+                resource_names=["a"],
+            )
+            c.send(type_url=LISTENER)
+            lds = await c.recv()
+            assert lds.type_url == LISTENER and not lds.resources
+            c.send(type_url=LISTENER, response_nonce=lds.nonce, version_info=lds.version_info)
+            await c.nothing(0.2)
+            assert (NODE, ENDPOINT, eds.version_info) in acks
+            assert (NODE, LISTENER, lds.version_info) in acks
+            assert subs == [(ENDPOINT, True)]
+
+            # Cluster "a" goes away and a listener (with its route) appears.
+            new = Snapshot.build(
+                listeners=[listener(name="l", port=1001, route="web")],
+                routes=[route_config(name="web", cluster="gone")],
+                clusters=[eds_cluster("z")],
+                endpoints=[cla("z", 9)],
+            )
+            cache.set_snapshot(node_id=NODE, snapshot=new)
+            cds2 = await c.recv()
+            eds2 = await c.recv()  # "a" is gone: the EDS subset changed (now empty)
+            assert cds2.type_url == CLUSTER and eds2.type_url == ENDPOINT
+            assert not eds2.resources
+            await c.nothing(0.2)  # LDS is held: EDS and CDS are in flight
+            c.send(type_url=CLUSTER, response_nonce=cds2.nonce, version_info=cds2.version_info)
+            # Like Envoy after removing "a": drop the EDS watch, carrying the OLD nonce.
+            c.send(
+                type_url=ENDPOINT,
+                response_nonce=eds.nonce,
+                version_info=eds.version_info,
+                resource_names=[],
+            )
+            lds2 = await c.recv()
+            assert lds2.type_url == LISTENER and len(lds2.resources) == 1
+            (proxy,) = server.proxies()
+            assert not proxy.types[ENDPOINT].pending and proxy.types[ENDPOINT].names == ()
+            assert subs == [(ENDPOINT, True), (ENDPOINT, False)]
+            c.send(type_url=LISTENER, response_nonce=lds2.nonce, version_info=lds2.version_info)
+            # Still stale (eds2 is the latest EDS nonce), but naming "z": the subscription
+            # changes and "z" is sent.
+            c.send(
+                type_url=ENDPOINT,
+                response_nonce=eds.nonce,
+                version_info=eds.version_info,
+                resource_names=["z"],
+            )
+            eds3 = await c.recv()
+            assert eds3.type_url == ENDPOINT
+            assert [
+                endpoint_pb2.ClusterLoadAssignment.FromString(r.value).cluster_name
+                for r in eds3.resources
+            ] == ["z"]
+            assert subs[-1] == (ENDPOINT, True)
+            c.send(
+                type_url=ENDPOINT,
+                response_nonce=eds3.nonce,
+                version_info=eds3.version_info,
+                resource_names=["z"],
+            )
+            await c.nothing(0.2)
+            assert (NODE, ENDPOINT, eds3.version_info) in acks
+            assert (NODE, LISTENER, lds2.version_info) in acks
+            assert (NODE, CLUSTER, cds2.version_info) in acks
+    finally:
+        await server.stop(grace=0)

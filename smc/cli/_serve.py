@@ -3,10 +3,16 @@
 Role: starts the projection runner (from a checkpoint when one is given), reports when it has
 caught up, saves checkpoints periodically, and hosts the servers that hang off the projections:
 the HTTP API (with the xDS debug endpoints and ``/metrics``) and the xDS (ADS) server with its
-controller, which answers Envoys only once the projections caught up. Workload certificates for
-SDS come from ``--ca``: ``local:DIR`` (a persistent local CA in DIR) or ``ephemeral`` (a local
-CA in a temporary directory, gone at exit).
-Concurrency: one asyncio loop; the log is read in worker threads; SIGINT/SIGTERM stop it.
+controller, which answers Envoys only once the projections caught up. With xDS on, the CA runs
+next to the runner (:func:`smc.ca.run_ca`): it issues, renews and revokes workload certificates
+as the registry changes and records them on the log; keys live in a :class:`smc.ca.KeyStore`
+(``--keys DIR``, so a restart with the same directory and log serves the same certificates
+without re-issuing; in memory when not given). The issuer comes from the :func:`ca_options`
+(``--ca local:DIR`` or ``vault:URL``); ``--ca ephemeral`` (the default) is a local CA in a
+temporary directory, gone at exit. The key store is the SDS source of the xDS controller (plus
+the issuer's CRLs in the trust bundle), and its changes rebuild the affected proxies.
+Concurrency: one asyncio loop; the log is read in worker threads; issuers are called in worker
+threads; SIGINT/SIGTERM stop it.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from smc.cli._app import cli, open_log_from
+from smc.cli._certs import ca_options, factory_from_ca_options, keys_option
 from smc.errors import SMCError
 from smc.projections import (
     CheckpointStore,
@@ -30,6 +38,9 @@ from smc.projections import (
     RegistryProjection,
     all_projections,
 )
+
+if TYPE_CHECKING:
+    from smc.ca import Issuer, IssuerFactory
 
 __all__ = ["serve"]
 
@@ -44,36 +55,44 @@ def _parse_hostport(value: str, option: str = "--http") -> tuple[str, int]:
 
 
 class _Xds:
-    """The xDS side of ``smc serve``: controller, ADS server, metrics registry."""
+    """The xDS side of ``smc serve``: CA task, key store, controller, ADS server, metrics."""
 
-    def __init__(self, runner: ProjectionRunner, ca: str, addr: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        runner: ProjectionRunner,
+        factory: IssuerFactory | None,
+        keys_dir: str | None,
+        addr: tuple[str, int],
+    ) -> None:
         from prometheus_client import CollectorRegistry
 
-        from smc.ca import LocalIssuer
-        from smc.xds import IssuingCertSource, XdsController
+        from smc.ca import KeyStore, LocalIssuer
+        from smc.xds import XdsController
+        from smc.xds._certs import IssuerCache, KeyStoreCertSource
 
-        policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
+        self.runner = runner
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if ca == "ephemeral":
+        if factory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="smc-ca-")
             directory = self._tmp.name
-        else:
-            directory = ca.removeprefix("local:")
 
-        def trust_domain() -> str:
-            return policy.mesh.trust_domain
+            def ephemeral(trust_domain: str) -> Issuer:
+                return LocalIssuer(directory=directory, trust_domain=trust_domain)
 
-        certs = IssuingCertSource(
-            issuer_factory=lambda: LocalIssuer(directory=directory, trust_domain=trust_domain()),
-            trust_domain=trust_domain,
-        )
+            factory = ephemeral
+        self.issuers = IssuerCache(factory)
+        self.keystore = KeyStore(directory=keys_dir)
+        self.certs = KeyStoreCertSource(keystore=self.keystore, issuer=self.issuers.current)
+        self.keystore.add_listener(self.certs.keystore_changed)
         self.addr = addr
         self.metrics = CollectorRegistry()
-        self.controller = XdsController(runner=runner, certs=certs, registry=self.metrics)
+        self.controller = XdsController(runner=runner, certs=self.certs, registry=self.metrics)
+        self.certs.add_listener(self.controller.on_certs_changed)
         self.server = self.controller.make_server()
 
-    async def start(self, stop: asyncio.Event) -> asyncio.Task[None]:
+    async def start(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         from smc.api import ApiError
+        from smc.ca import run_ca
 
         try:
             port = await self.server.start(host=self.addr[0], port=self.addr[1])
@@ -86,7 +105,19 @@ class _Xds:
             f"xDS (ADS) on {self.addr[0]}:{port} (answers once the projections are current)",
             err=True,
         )
-        return asyncio.create_task(self.controller.run(stop=stop))
+        return [
+            asyncio.create_task(self.controller.run(stop=stop)),
+            asyncio.create_task(
+                run_ca(
+                    runner=self.runner,
+                    log=self.runner.log,
+                    issuer=self.issuers,
+                    keystore=self.keystore,
+                    stop=stop,
+                )
+            ),
+            asyncio.create_task(self.certs.run(stop=stop)),
+        ]
 
     async def close(self) -> None:
         await self.server.stop(grace=1.0)
@@ -160,18 +191,19 @@ async def _serve(
     inventory: str | None = None,
     inventory_interval: float = 2.0,
     xds_addr: tuple[str, int] | None = None,
-    ca: str = "ephemeral",
+    factory: IssuerFactory | None = None,
+    keys_dir: str | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    xds = _Xds(runner, ca, xds_addr) if xds_addr is not None else None
+    xds = _Xds(runner, factory, keys_dir, xds_addr) if xds_addr is not None else None
     # the API listens before the runner starts: /readyz answers 503 until it has caught up
     closers, side_tasks = await _start_api(runner, stop, http, inventory, inventory_interval, xds)
     if xds is not None:
         try:
-            side_tasks.append(await xds.start(stop))
+            side_tasks.extend(await xds.start(stop))
         except SMCError:
             for c in closers:
                 await c()
@@ -231,13 +263,8 @@ async def _serve(
     show_default=True,
     help="HOST:PORT of the xDS (ADS) server for Envoy sidecars; 'off' disables it.",
 )
-@click.option(
-    "--ca",
-    default="ephemeral",
-    show_default=True,
-    help="Certificates served over SDS: local:DIR (local CA kept in DIR) or ephemeral "
-    "(a local CA in a temporary directory).",
-)
+@ca_options
+@keys_option
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -247,13 +274,28 @@ def serve(
     inventory: str | None,
     inventory_interval: float,
     xds_addr: str,
-    ca: str,
+    ca: str | None,
+    vault_role: str,
+    vault_mount: str,
+    vault_token_file: str | None,
+    vault_ca_cert: str | None,
+    keys_dir: str | None,
 ) -> None:
     """Run the control plane: follow the log, keep projections current, serve xDS."""
     http = None if http_addr == "off" else _parse_hostport(http_addr)
     xds = None if xds_addr == "off" else _parse_hostport(xds_addr, "--xds")
-    if ca != "ephemeral" and (not ca.startswith("local:") or not ca.removeprefix("local:")):
-        raise click.BadParameter(f"{ca!r} is not local:DIR nor ephemeral", param_hint="--ca")
+    factory: IssuerFactory | None = None
+    if ca not in (None, "", "ephemeral"):
+        try:
+            factory = factory_from_ca_options(
+                ca=ca,
+                vault_role=vault_role,
+                vault_mount=vault_mount,
+                vault_token_file=vault_token_file,
+                vault_ca_cert=vault_ca_cert,
+            )
+        except SMCError as exc:
+            raise click.BadParameter(str(exc), param_hint="--ca") from exc
     log_ = open_log_from(ctx)
     runner = ProjectionRunner(log=log_, projections=all_projections())
     store = CheckpointStore(checkpoint) if checkpoint else None
@@ -264,7 +306,17 @@ def serve(
             click.echo(f"restored checkpoint at {cp.position.to_json()}", err=True)
     try:
         asyncio.run(
-            _serve(runner, store, checkpoint_every, http, inventory, inventory_interval, xds, ca)
+            _serve(
+                runner,
+                store,
+                checkpoint_every,
+                http,
+                inventory,
+                inventory_interval,
+                xds,
+                factory,
+                keys_dir,
+            )
         )
     except SMCError as exc:
         click.echo(f"error: {exc}", err=True)

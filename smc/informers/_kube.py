@@ -395,7 +395,14 @@ class _Reflector:
         self, change: Change, obj: dict[str, Any], prev: dict[str, Any] | None
     ) -> None:
         self.stats.changes += 1
-        await self.handler(self.resource, change, obj, prev)
+        try:
+            await self.handler(self.resource, change, obj, prev)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one odd object must not stop the watch
+            self.stats.errors += 1
+            self.stats.last_error = f"{_key(obj)}: {type(exc).__name__}: {exc}"
+            log.exception("%s %s: translating the %s failed", self.resource.kind, _key(obj), change)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         assert self.rv is not None
@@ -551,7 +558,9 @@ class KubeInformers:
                 return r
 
             ns = reflector(NAMESPACES)
-            tasks = [asyncio.create_task(ns.run(stop), name="k8s-Namespace")]
+            tasks: list[asyncio.Future[Any]] = [
+                asyncio.create_task(ns.run(stop), name="k8s-Namespace")
+            ]
             try:
                 # Membership first: objects are only translated once it is known.
                 waiter = asyncio.ensure_future(ns.synced.wait())
@@ -566,7 +575,8 @@ class KubeInformers:
                     asyncio.create_task(r.run(stop), name=f"k8s-{r.resource.kind}") for r in others
                 ]
                 sync = asyncio.ensure_future(asyncio.gather(*(r.synced.wait() for r in others)))
-                sync.add_done_callback(lambda _f: self.synced.set())
+                sync.add_done_callback(lambda f: None if f.cancelled() else self.synced.set())
+                tasks.append(sync)
                 await asyncio.gather(*tasks)
             finally:
                 stop.set()
@@ -718,7 +728,7 @@ class KubeInformers:
     def _endpoints(self, ns: str, service: str, event_id: str) -> Event:
         slices = self._reflectors["EndpointSlice"].cache.values()
         found: set[Endpoint] = set()
-        for s in slices:
+        for s in slices if ns in self.members else ():
             meta = s.get("metadata") or {}
             if (
                 meta.get("namespace") != ns
@@ -802,6 +812,9 @@ class KubeInformers:
             parsed = parse_manifest(doc, document=document)
         except ManifestErrors as exc:
             log.warning("%s is not valid SMI and is ignored: %s", document, exc)
+            return []
+        except Exception as exc:  # a parser bug must not stop the informer
+            log.error("%s could not be parsed (%s: %s); ignored", document, type(exc).__name__, exc)
             return []
         manifest = to_manifest(parsed)
         return [

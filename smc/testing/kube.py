@@ -599,7 +599,8 @@ class KubeAPIServer:
         self._apiserver = self._spawn(argv, "apiserver.log")
         self._wait_ready(started)
 
-    def _get(self, path: str, *, timeout: float = 2.0) -> tuple[int, bytes]:
+    def get(self, path: str, *, timeout: float = 2.0) -> tuple[int, bytes]:
+        """``GET path`` as the admin user: (HTTP status, body)."""
         req = urllib.request.Request(
             f"{self.host}{path}", headers={"Authorization": f"Bearer {self._token}"}
         )
@@ -619,10 +620,10 @@ class KubeAPIServer:
                     f"kube-apiserver exited with code {code}:\n{self.log_tail()}"
                 )
             try:
-                status, body = self._get("/readyz")
+                status, body = self.get("/readyz")
                 if status == 200:
                     # The default namespace is created by a post-start hook shortly after.
-                    if self._get("/api/v1/namespaces/default")[0] == 200:
+                    if self.get("/api/v1/namespaces/default")[0] == 200:
                         self.startup_seconds = time.monotonic() - started
                         return
                     last = "namespace default not created yet"

@@ -2,15 +2,19 @@
 
 Role: :class:`ControlPlane` runs the real path of ``smc serve`` in-process: a :class:`SqliteLog`,
 a :class:`ProjectionRunner`, :class:`LiveMeshChanges` (manifests in, events appended through the
-same code as the HTTP API), the :class:`XdsController` and its ADS server, with certificates from
-a :class:`LocalIssuer` (through :class:`IssuingCertSource`). ``restart()`` rebuilds everything but
-the log and the certificates from scratch on the same ADS port, like a restarted process.
+same code as the HTTP API), the CA (:func:`smc.ca.run_ca` with a :class:`~smc.ca.KeyStore` in
+``<workdir>/keys``: certificates issued as workloads join, renewed, revoked, recorded on the
+log), the SDS source over that key store (:class:`~smc.xds._certs.KeyStoreCertSource`, which
+adds the issuer's CRLs to the trust bundle), the :class:`XdsController` and its ADS server.
+The issuer is a :class:`LocalIssuer` in ``<workdir>/ca`` unless one is given (e.g. a
+:class:`~smc.ca.VaultIssuer`). ``restart()`` rebuilds everything but the log, the key directory
+and the issuer from scratch on the same ADS port, like a restarted process.
 :class:`Sidecar` is one Envoy with an ADS bootstrap whose node id names a registry workload, plus
 an aiohttp application behind it on ``127.0.0.1:<app port>``. :func:`vm_yaml` writes the
 VirtualMachine manifest of a sidecar (address ``127.0.1.N``, label ``smc.dev/app-port``).
 
 Concurrency: everything runs on the caller's asyncio loop (grpc.aio is bound to it); Envoy admin
-calls happen in worker threads.
+calls and issuer calls happen in worker threads.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from smc.api import ChangeReport, LiveMeshChanges, MeshChanges
-from smc.ca import LocalIssuer
+from smc.ca import Issuer, KeyStore, LocalIssuer, run_ca
 from smc.events import SqliteLog
 from smc.projections import (
     PolicyProjection,
@@ -35,7 +39,8 @@ from smc.projections import (
 from smc.smi import load_documents
 from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.ports import free_port
-from smc.xds import AdsServer, IssuingCertSource, XdsController
+from smc.xds import AdsServer, XdsController
+from smc.xds._certs import IssuerCache, KeyStoreCertSource
 
 __all__ = ["ControlPlane", "Sidecar", "vm_yaml"]
 
@@ -43,12 +48,28 @@ __all__ = ["ControlPlane", "Sidecar", "vm_yaml"]
 class ControlPlane:
     """Log + projections + mesh API + xDS controller + ADS server, on one loop."""
 
-    def __init__(self, *, workdir: Path, debounce: float = 0.01) -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        debounce: float = 0.01,
+        issuer: Issuer | None = None,
+        trust_interval: float = 30.0,
+        crl_refresh: float = 30.0,
+    ) -> None:
         self.workdir = workdir
         self.debounce = debounce
+        self.trust_interval = trust_interval
+        self.crl_refresh = crl_refresh
         self.log = SqliteLog(workdir / "log.db")
-        issuer = LocalIssuer(directory=workdir / "ca", trust_domain="cluster.local")
-        self.certs = IssuingCertSource(issuer=issuer, trust_domain="cluster.local")
+        self.issuer: Issuer = (
+            issuer
+            if issuer is not None
+            else LocalIssuer(directory=workdir / "ca", trust_domain="cluster.local")
+        )
+        fixed = self.issuer
+        self.issuers = IssuerCache(lambda _td: fixed)
+        self.keys_dir = workdir / "keys"
         self.port = free_port()
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -56,6 +77,8 @@ class ControlPlane:
         self.controller: XdsController
         self.server: AdsServer
         self.live: LiveMeshChanges
+        self.keystore: KeyStore
+        self.certs: KeyStoreCertSource
         self.metrics = CollectorRegistry()
 
     async def start(self) -> None:
@@ -68,14 +91,35 @@ class ControlPlane:
             changes=MeshChanges(log=self.log, registry=registry, policy=policy),
             runner=self.runner,
         )
+        self.keystore = KeyStore(directory=self.keys_dir)
+        self.certs = KeyStoreCertSource(
+            keystore=self.keystore,
+            issuer=self.issuers.current,
+            refresh_interval=self.crl_refresh,
+        )
+        self.keystore.add_listener(self.certs.keystore_changed)
         self.controller = XdsController(
             runner=self.runner, certs=self.certs, registry=self.metrics, debounce=self.debounce
         )
+        self.certs.add_listener(self.controller.on_certs_changed)
         self.server = self.controller.make_server()
         await self.server.start(host="127.0.0.1", port=self.port)
         self._tasks = [
             asyncio.create_task(self.runner.run(stop=self._stop)),
             asyncio.create_task(self.controller.run(stop=self._stop)),
+            asyncio.create_task(
+                run_ca(
+                    runner=self.runner,
+                    log=self.log,
+                    issuer=self.issuers,
+                    keystore=self.keystore,
+                    stop=self._stop,
+                    trust_interval=self.trust_interval,
+                    retry_initial=0.2,
+                    retry_max=2.0,
+                )
+            ),
+            asyncio.create_task(self.certs.run(stop=self._stop)),
         ]
         await asyncio.wait_for(self.runner.caught_up.wait(), timeout=30)
         while not self.controller.ready:
@@ -90,7 +134,8 @@ class ControlPlane:
         self._tasks = []
 
     async def restart(self) -> None:
-        """Stop everything but the log and certificates; start afresh on the same port."""
+        """Stop everything but the log, the key directory and the issuer; start afresh on the
+        same port."""
         await self.stop()
         await self.start()
 

@@ -11,10 +11,16 @@ registers the node). It also records the causal chain: for each event, the runne
 and the snapshot versions (per node and type) that carried it, and, from the server's ACKs,
 when each proxy acknowledged them (:meth:`XdsController.trace`).
 
-The ADS server to use is :class:`AckTrackingServer` (made by :meth:`XdsController.make_server`):
-it reports ACKs for the causal chain, and works around a base-server case: a SotW client that
-stops watching a named type (its last EDS cluster removed) never ACKs a response of that type,
-so the base server would hold LDS/RDS behind that "pending" response forever.
+Make-before-break for removals: clusters and endpoints a rebuild drops *linger* in the
+published snapshot (unreferenced, so still consistent) until the proxy has ACKed the listeners
+and routes of that snapshot, which no longer point at them; only then are they removed (or after
+``linger_timeout`` seconds, e.g. for a proxy that never ACKs). With the server's push order
+(CDS -> EDS -> LDS -> RDS, LDS/RDS held while CDS/EDS are in flight) this gives the add order
+CDS -> EDS -> LDS -> RDS and the remove order LDS/RDS -> CDS -> EDS: a route never points at a
+cluster Envoy no longer has (no transient 503).
+
+The ADS server (made by :meth:`XdsController.make_server`) reports ACKs and watch changes
+through its ``on_ack`` / ``on_subscription`` callbacks (causal chain, lingering).
 
 Serving starts only after the projections caught up: :meth:`XdsController.run` waits for
 ``runner.caught_up``, builds every registered node, then calls ``server.mark_ready()``.
@@ -52,9 +58,12 @@ from smc.xds._cache import SnapshotCache, Unwatch
 from smc.xds._certs import CertSource
 from smc.xds._server import AdsServer
 from smc.xds._snapshot import ResourceEntry, Snapshot
-from smc.xds._types import WILDCARD_TYPES, short_name
+from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, short_name
 
 __all__ = ["AckTrackingServer", "Publication", "XdsController"]
+
+#: Kept for imports of the former subclass: the plain server now has the callbacks.
+AckTrackingServer = AdsServer
 
 log = logging.getLogger("smc.xds.controller")
 
@@ -84,58 +93,11 @@ class _Node:
     identity: str | None = None
     reason: str = ""
     logged: str = ""
-
-
-class AckTrackingServer(AdsServer):
-    """An :class:`AdsServer` that reports every ACK to ``on_ack(node_id, type_url, version,
-    wall_time)`` and whether a node watches a named type at all to ``on_subscription(node_id,
-    type_url, subscribed)``; it also stops waiting for ACKs of a named type the client no
-    longer watches (see ``_on_sotw_request``)."""
-
-    def __init__(
-        self,
-        *,
-        on_ack: Callable[[str, str, str, float], None],
-        on_subscription: Callable[[str, str, bool], None] = lambda n, t, s: None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self._on_ack = on_ack
-        self._on_subscription = on_subscription
-
-    def _on_sotw_request(self, stream: Any, request: Any) -> None:
-        super()._on_sotw_request(stream, request)
-        type_url = request.type_url
-        if type_url in WILDCARD_TYPES:
-            return
-        ts = stream.types.get(type_url)
-        if ts is None:
-            return
-        if request.resource_names:
-            self._on_subscription(stream.node_id, type_url, True)
-            return
-        # Envoy dropped its last watch of a named type (e.g. its last EDS cluster went away):
-        # it will never answer a response of that type, in flight or to come, so nothing is
-        # pending and there is nothing to send (else LDS/RDS wait for that ACK forever). The
-        # base server ignores such a request when it carries an older nonce.
-        ts.names = frozenset()
-        ts.pending = False
-        ts.sent_key = 0
-        ts.cur_key = 0
-        ts.dirty = True
-        self._on_subscription(stream.node_id, type_url, False)
-
-    def _on_delta_request(self, stream: Any, request: Any) -> None:
-        super()._on_delta_request(stream, request)
-        type_url = request.type_url
-        ts = stream.types.get(type_url)
-        if ts is not None and type_url not in WILDCARD_TYPES:
-            self._on_subscription(stream.node_id, type_url, bool(ts.wildcard or ts.names))
-
-    def _on_reply(self, stream: Any, ts: Any, type_url: str, request: Any) -> None:
-        super()._on_reply(stream, ts, type_url, request)
-        if not request.HasField("error_detail") and ts.acked_version:
-            self._on_ack(stream.node_id, type_url, ts.acked_version, time.time())
+    #: (type, name) of removed clusters/endpoints still published, and the LDS/RDS versions
+    #: whose ACK releases them.
+    linger: frozenset[tuple[str, str]] = frozenset()
+    release: tuple[str | None, str | None] = (None, None)
+    linger_timer: asyncio.TimerHandle | None = None
 
 
 class _Source:
@@ -170,8 +132,10 @@ class XdsController:
         registry: CollectorRegistry | None = None,
         debounce: float = 0.02,
         outbound_port: int = OUTBOUND_PORT,
+        linger_timeout: float = 10.0,
     ) -> None:
         self.runner = runner
+        self.linger_timeout = linger_timeout
         self.registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
         self.policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
         self.view = PolicyView(registry=self.registry, policy=self.policy)
@@ -219,6 +183,7 @@ class XdsController:
         self._acks: dict[tuple[str, str], deque[tuple[int, float]]] = {}
         self._ack_waiters: list[asyncio.Future[None]] = []
         self._unsubscribed: set[tuple[str, str]] = set()
+        self._acked: dict[tuple[str, str], str] = {}  # (node, type) -> latest ACKed version
         self._loop: asyncio.AbstractEventLoop | None = None
         runner.listeners.append(self._on_events)
 
@@ -228,7 +193,7 @@ class XdsController:
         """An ADS server over this controller's source, reporting ACKs here (the controller
         marks it ready once the projections caught up). Metrics go to ``metrics_registry``
         (default: the controller's)."""
-        server = AckTrackingServer(
+        server = AdsServer(
             cache=self.source,
             registry=metrics_registry if metrics_registry is not None else self.metrics_registry,
             on_ack=self._on_ack,
@@ -471,8 +436,13 @@ class XdsController:
         self._rebuild_seconds.observe(time.perf_counter() - started)
         return builds
 
-    def _publish(self, node_id: str, built: Snapshot, pub: Publication | None) -> None:
+    def _publish(
+        self, node_id: str, built: Snapshot, pub: Publication | None, *, release: bool = False
+    ) -> None:
         old = self.cache.get(node_id)
+        node = self._nodes.get(node_id)
+        if old is not None and node is not None and not release:
+            built = self._with_lingering(node, old, built)
         if old is None:
             snapshot = built
         else:
@@ -494,7 +464,7 @@ class XdsController:
         if not changed:
             return
         self._publishes.inc()
-        seq = pub.seq if pub is not None else 0
+        seq = pub.seq if pub is not None else (self._seq if release else 0)
         versions = snapshot.versions()
         old_versions = old.versions() if old is not None else {}
         changed_types = {t: v for t, v in versions.items() if old_versions.get(t) != v}
@@ -504,9 +474,74 @@ class XdsController:
         if pub is not None:
             pub.nodes[node_id] = changed_types
 
+    # ------------------------------------------------------------------ lingering removals
+
+    def _with_lingering(self, node: _Node, old: Snapshot, built: Snapshot) -> Snapshot:
+        """``built`` plus the clusters/endpoints of ``old`` it drops, while the proxy has not
+        ACKed ``built``'s listeners and routes (which no longer reference them)."""
+        linger: list[ResourceEntry] = []
+        for type_url in (CLUSTER, ENDPOINT):
+            new_entries = built.entries(type_url)
+            linger.extend(e for n, e in old.entries(type_url).items() if n not in new_entries)
+        release = (built.version(LISTENER), built.version(ROUTE))
+        acked = (
+            self._acked.get((node.node_id, LISTENER)),
+            self._acked.get((node.node_id, ROUTE)),
+        )
+        if not linger or acked == release:
+            self._set_linger(node, frozenset(), (None, None))
+            return built
+        self._set_linger(node, frozenset((e.type_url, e.name) for e in linger), release)
+        return built.replace(upsert=linger)
+
+    def _set_linger(
+        self,
+        node: _Node,
+        linger: frozenset[tuple[str, str]],
+        release: tuple[str | None, str | None],
+    ) -> None:
+        node.linger, node.release = linger, release
+        if node.linger_timer is not None:
+            node.linger_timer.cancel()
+            node.linger_timer = None
+        if linger and self._loop is not None and not self._loop.is_closed():
+            node.linger_timer = self._loop.call_later(
+                self.linger_timeout, self._release, node.node_id
+            )
+
+    def _release(self, node_id: str) -> None:
+        """Remove the lingering clusters/endpoints of ``node_id`` (its proxy ACKed the
+        listeners and routes that stopped using them, or the linger timed out)."""
+        node = self._nodes.get(node_id)
+        if node is None or not node.linger:
+            return
+        linger = node.linger
+        self._set_linger(node, frozenset(), (None, None))
+        current = self.cache.get(node_id)
+        if current is None:
+            return
+        remove = [(t, n) for t, n in linger if n in current.entries(t)]
+        if remove:
+            log.debug("proxy %s: removing %d lingering resources", node_id, len(remove))
+            self._publish(node_id, current.replace(remove=remove), None, release=True)
+
     # ------------------------------------------------------------------ ACKs and traces
 
     def _on_ack(self, node_id: str, type_url: str, version: str, at: float) -> None:
+        self._acked[(node_id, type_url)] = version
+        if type_url in (LISTENER, ROUTE):
+            node = self._nodes.get(node_id)
+            if (
+                node is not None
+                and node.linger
+                and node.release
+                == (self._acked.get((node_id, LISTENER)), self._acked.get((node_id, ROUTE)))
+            ):
+                loop = self._loop
+                if loop is not None and not loop.is_closed():
+                    loop.call_soon(self._release, node_id)
+                else:
+                    self._release(node_id)
         hist = self._published.get((node_id, type_url))
         if not hist:
             return

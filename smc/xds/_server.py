@@ -5,14 +5,21 @@ Role: serves ``envoy.service.discovery.v3.AggregatedDiscoveryService`` (both
 keyed by node id. Protocol rules followed: a fresh nonce per response; a request whose
 ``response_nonce`` names the stream's latest response for that type is an ACK, or a NACK when
 ``error_detail`` is set (recorded per node and type, counted, logged, and never answered by
-re-sending the rejected content); per-type versions; LDS/CDS wildcard and EDS/RDS/SDS named
-subscriptions (a name requested before it exists is sent when it appears); SotW sends every
-resource of a wildcard type and only the requested ones of a named type; delta sends only what
-changed plus ``removed_resources`` and honours ``initial_resource_versions``. Pushes go in the
-order CDS -> EDS -> LDS -> RDS -> SDS and at most one response is in flight per stream and type;
-LDS and RDS wait while a CDS or EDS response is un-ACKed (make-before-break: Envoy ACKs CDS once
-the new clusters warmed, so a listener or route never points at a cluster Envoy lacks). Streams are
-accepted at once but answered only after :meth:`AdsServer.mark_ready`.
+re-sending the rejected content; an ACK is reported to the ``on_ack`` callback). A request with
+a stale nonce records no ACK/NACK but its ``resource_names`` still update the subscription (the
+xDS rule for subscription changes racing a response); a named type (EDS/RDS/SDS) the client no
+longer watches at all is never pending and gets no response (Envoy answers nothing for a type
+it does not watch: waiting for that ACK would hold LDS/RDS forever). Per-type versions;
+LDS/CDS wildcard and EDS/RDS/SDS named subscriptions (a name requested before it exists is sent
+when it appears); SotW sends every resource of a wildcard type and only the requested ones of a
+named type; delta sends only what changed plus ``removed_resources`` and honours
+``initial_resource_versions``. Pushes go in the order CDS -> EDS -> LDS -> RDS -> SDS and at
+most one response is in flight per stream and type; LDS and RDS wait while a CDS or EDS
+response is un-ACKed (make-before-break: Envoy ACKs CDS once the new clusters warmed, so a
+listener or route never points at a cluster Envoy lacks). For removals the
+:class:`~smc.xds.XdsController` keeps dropped clusters in the snapshot until the listeners and
+routes that stopped using them are ACKed, giving the remove order LDS/RDS -> CDS -> EDS.
+Streams are accepted at once but answered only after :meth:`AdsServer.mark_ready`.
 
 Concurrency: everything runs on the one event loop of the grpc.aio server. Each stream is one
 handler coroutine plus one reader task feeding a queue; snapshot changes arrive as a callback from
@@ -34,7 +41,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,11 +61,26 @@ from smc.xds._types import (
     short_name,
 )
 
-__all__ = ["AdsServer", "NackRecord", "ProxyStatus", "TypeStatus", "XdsMetrics"]
+__all__ = [
+    "AckCallback",
+    "AdsServer",
+    "NackRecord",
+    "ProxyStatus",
+    "SubscriptionCallback",
+    "TypeStatus",
+    "XdsMetrics",
+]
 
 _log = logging.getLogger("smc.xds.server")
 
 StreamKind = Literal["sotw", "delta"]
+
+#: ``on_ack(node_id, type_url, version, acked_at)``: a proxy ACKed ``version`` of ``type_url``
+#: (``acked_at``: wall-clock seconds).
+AckCallback = Callable[[str, str, str, float], None]
+#: ``on_subscription(node_id, type_url, watched)``: a proxy started (True) or stopped (False)
+#: watching a named type (EDS/RDS/SDS) at all.
+SubscriptionCallback = Callable[[str, str, bool], None]
 
 _EOF = object()
 _CHANGED = object()
@@ -199,11 +221,13 @@ class _TypeState:
         "sent_key",
         "sent_version",
         "synced",
+        "watched",
         "wildcard",
     )
 
     def __init__(self) -> None:
         self.wildcard = False
+        self.watched: bool | None = None  # named types: last reported "watches something"
         self.names: frozenset[str] | set[str] = frozenset()
         self.nonce: str | None = None
         self.sent_version: str | None = None
@@ -288,10 +312,16 @@ class AdsServer:
         cache: SnapshotSource,
         registry: CollectorRegistry | None = None,
         metrics: XdsMetrics | None = None,
+        on_ack: AckCallback | None = None,
+        on_subscription: SubscriptionCallback | None = None,
     ) -> None:
         """``registry``: where to register new metrics (a private one if None); or pass the
-        ``metrics`` of an earlier server (a restart in the same process) to keep counting."""
+        ``metrics`` of an earlier server (a restart in the same process) to keep counting.
+        ``on_ack`` hears every ACK, ``on_subscription`` when a proxy starts or stops watching a
+        named type; both are called on the server's loop and must not block."""
         self._cache = cache
+        self._on_ack = on_ack
+        self._on_subscription = on_subscription
         if metrics is None:
             metrics = XdsMetrics(registry if registry is not None else CollectorRegistry())
         self.metrics = metrics
@@ -515,8 +545,47 @@ class AdsServer:
                 record.nonce,
                 record.message,
             )
-        else:
-            ts.acked_version = ts.sent_version
+            return
+        if stream.kind == "sotw" and request.version_info != ts.sent_version:
+            # Answered without taking the version (e.g. Envoy got resources of a type it no
+            # longer watches): settled, but not an ACK.
+            _log.debug(
+                "%s answered %s nonce %s without applying version %s",
+                stream.node_id,
+                short_name(type_url),
+                request.response_nonce,
+                ts.sent_version,
+            )
+            return
+        ts.acked_version = ts.sent_version
+        if self._on_ack is not None and ts.acked_version is not None:
+            try:
+                self._on_ack(stream.node_id, type_url, ts.acked_version, time.time())
+            except Exception:
+                _log.exception("on_ack callback failed")
+
+    def _subscription_changed(self, stream: _Stream, ts: _TypeState, type_url: str) -> None:
+        """After a request of a named type: settle a type nobody watches any more, report
+        watch/unwatch transitions."""
+        if type_url in WILDCARD_TYPES:
+            return
+        watched = ts.wildcard or bool(ts.names)
+        if not watched:
+            # The client dropped its last watch of this type (e.g. its last EDS cluster went
+            # away): it answers no response of it, in flight or to come, and holds none of its
+            # resources any more.
+            ts.pending = False
+            if ts.sent_key is not None:
+                ts.sent_key = 0
+            ts.cur_key = 0
+            ts.held.clear()
+        if watched != ts.watched:
+            ts.watched = watched
+            if self._on_subscription is not None:
+                try:
+                    self._on_subscription(stream.node_id, type_url, watched)
+                except Exception:
+                    _log.exception("on_subscription callback failed")
 
     def _on_sotw_request(self, stream: _Stream, request: discovery_pb2.DiscoveryRequest) -> None:
         type_url = request.type_url
@@ -527,10 +596,10 @@ class AdsServer:
             ts = stream.types[type_url] = _TypeState()
             if request.version_info:
                 ts.acked_version = request.version_info
-        elif request.response_nonce:
-            if request.response_nonce != ts.nonce:
-                return  # stale: a newer response is on its way, the client will re-request
+        elif request.response_nonce and request.response_nonce == ts.nonce:
             self._on_reply(stream, ts, type_url, request)
+        # Otherwise the nonce is stale (a newer response is on its way, which the client will
+        # answer): no ACK/NACK to record, but a change of resource_names still applies.
         names = request.resource_names
         if type_url in WILDCARD_TYPES and not names and (ts.sent_key is None or ts.wildcard):
             wildcard, wanted = True, frozenset[str]()
@@ -539,6 +608,7 @@ class AdsServer:
         if wildcard != ts.wildcard or wanted != ts.names:
             # Interned: 1,000 streams naming the same resources share the strings.
             ts.wildcard, ts.names, ts.dirty = wildcard, frozenset(map(sys.intern, wanted)), True
+        self._subscription_changed(stream, ts, type_url)
 
     def _on_delta_request(
         self, stream: _Stream, request: discovery_pb2.DeltaDiscoveryRequest
@@ -576,6 +646,8 @@ class AdsServer:
             else:
                 names.discard(name)
                 ts.held.pop(name, None)
+        if ts.nonce is not None or subscribe or unsubscribe:
+            self._subscription_changed(stream, ts, type_url)
 
     # ------------------------------------------------------------------ pushing
 
@@ -676,6 +748,8 @@ class AdsServer:
     def _sotw_response(
         self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
     ) -> bytes | None:
+        if not ts.wildcard and not ts.names and type_url not in WILDCARD_TYPES:
+            return None  # a named type the client does not watch: nothing to send
         tr = snapshot.types.get(type_url)
         version = tr.version if tr is not None else EMPTY_VERSION
         if ts.wildcard:
