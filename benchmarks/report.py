@@ -44,7 +44,7 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         "replay.py",
         "--out",
         ["--events", "1000000", "--backends", "sqlite,kafka"],
-        ["--events", "100000", "--backends", "sqlite,kafka"],
+        ["--events", "200000", "--backends", "sqlite,kafka"],
         (3600, 600),
     ),
     "kafka_raw": (
@@ -65,21 +65,21 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         "ads_streams.py",
         "--out",
         ["--streams", "1000", "--services", "1000", "--endpoints", "10", "--changes", "5"],
-        ["--streams", "200", "--services", "200", "--endpoints", "10", "--changes", "3"],
+        ["--streams", "500", "--services", "500", "--endpoints", "10", "--changes", "3"],
         (1800, 400),
     ),
     "convergence": (
         "convergence.py",
         "--out",
         ["--envoys", "10", "--rounds", "100", "--mode", "both"],
-        ["--envoys", "10", "--rounds", "20", "--mode", "both"],
+        ["--envoys", "10", "--rounds", "40", "--mode", "both"],
         (1800, 400),
     ),
     "sovereign_compare": (
         "sovereign_compare.py",
         "--out",
         ["--sizes", "1000,3000,10000", "--changes", "5", "--repeats", "2"],
-        ["--sizes", "1000,3000", "--changes", "3", "--idle-s", "3", "--planes", "smc,sovereign"],
+        ["--sizes", "1000,3000", "--changes", "3", "--idle-s", "3"],
         (3600, 600),
     ),
 }
@@ -374,7 +374,7 @@ def figures_sovereign(r: dict[str, Any]) -> list[Figure]:
     for row in r.get("ratios", []):
         n = row["clusters"]
         for key, label, gate in (
-            ("time_to_all_active_s", "time to all active", True),
+            ("time_to_all_active_s", "time to all active (Envoy-bound)", False),
             ("change_latency_p50_s", f"change latency (sovereign REST refresh {refresh}s)", True),
             ("initial_serve_cpu_s", "CPU, initial serve", False),
             ("idle_cpu_s_per_s", "CPU while idle", False),
@@ -382,6 +382,8 @@ def figures_sovereign(r: dict[str, Any]) -> list[Figure]:
             ("bytes_to_envoy_total", "bytes to Envoy", False),
         ):
             v = row.get(key, {}).get("sovereign_over_smc")
+            if v is None and not gate:
+                continue  # e.g. SMC used no CPU at all while idle: no ratio to show
             variant = row.get("smc_variant", "smc")
             fig = f"N={n}: sovereign / {variant}, {label} (> 1: SMC better)"
             if gate:
@@ -564,6 +566,17 @@ def collect(results: Path, runs: dict[str, dict[str, Any]]) -> tuple[list[Figure
     return figures, raw
 
 
+def _shown_command(cmd: list[str]) -> str:
+    """``script.py args`` with paths inside the repository made relative."""
+    parts = cmd[4:] if cmd[:1] == ["nice"] else cmd[1:]
+    out = []
+    for c in parts:
+        if c.startswith(str(REPO) + os.sep):
+            c = os.path.relpath(c, REPO)
+        out.append(c)
+    return " ".join(out)
+
+
 def markdown(figures: list[Figure], runs: dict[str, dict[str, Any]], *, mode: str) -> str:
     lines = [
         f"# SMC performance report ({mode})",
@@ -591,8 +604,7 @@ def markdown(figures: list[Figure], runs: dict[str, dict[str, Any]], *, mode: st
         la = " / ".join(f"{x:.2f}" for x in r["load_average_before"])
         status = "ok" if r.get("error") is None else f"FAILED ({r['error'][:120]})"
         lines.append(
-            f"- {name}: {status}, {r['seconds']} s, load {la}; "
-            f"`{' '.join(Path(c).name if c.endswith('.py') else c for c in r['command'][3:])}`"
+            f"- {name}: {status}, {r['seconds']} s, load {la}; `{_shown_command(r['command'])}`"
         )
     return "\n".join(lines) + "\n"
 

@@ -602,6 +602,14 @@ def run_one(
         t0 = time.perf_counter()
         envoy.start(timeout=60)
         want = clusters + 1  # + the static xDS cluster
+        t_first, _ = wait_stats(
+            envoy,
+            plane.xds_cluster,
+            lambda s: s.get("cluster_manager.cds.update_success", 0) >= 1,
+            timeout=timeout,
+            what="the first CDS update",
+        )
+        out["time_to_first_cds_update_s"] = round(t_first - t0, 3)
         t_active, stats = wait_stats(
             envoy,
             plane.xds_cluster,
@@ -707,7 +715,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lat = [x for r in ok for x in r["change_latency_s"]]
 
         def med(name: str, rows: list[dict[str, Any]] = ok) -> float:
-            return round(statistics.median(r[name] for r in rows), 4)
+            return round(float(statistics.median(r[name] for r in rows)), 4)
 
         out.append(
             {
@@ -719,6 +727,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ),
                 "time_to_all_active_s": min(r["time_to_all_active_s"] for r in ok),
                 "time_to_all_active_all_s": [r["time_to_all_active_s"] for r in ok],
+                "time_to_first_cds_update_s": min(r["time_to_first_cds_update_s"] for r in ok),
                 "change_latency_p50_s": round(statistics.median(lat), 4),
                 "change_latency_max_s": max(lat),
                 "change_samples": len(lat),

@@ -546,7 +546,7 @@ spec: {address: 127.0.50.3, serviceAccount: server}
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_controller_rebuilds_exactly_what_changed(tmp_path: Path) -> None:
-    cp = ControlPlane(workdir=tmp_path, debounce=0.005)
+    cp = ControlPlane(workdir=tmp_path, debounce=0.005, ca=False)
     await cp.start()
     try:
         await cp.apply(BASE)
@@ -586,7 +586,7 @@ async def test_controller_rebuilds_exactly_what_changed(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_certificate_change_rebuilds_only_that_identity(tmp_path: Path) -> None:
-    cp = ControlPlane(workdir=tmp_path, debounce=0.005)
+    cp = ControlPlane(workdir=tmp_path, debounce=0.005, ca=False)
     await cp.start()
     try:
         await cp.apply(BASE)
@@ -595,7 +595,7 @@ async def test_certificate_change_rebuilds_only_that_identity(tmp_path: Path) ->
             cp.controller.track(n)
         before = _cached(cp)
         builds = _builds(cp)
-        cp.certs.forget("demo/client")  # the next get() issues a new certificate
+        cp.issuing.forget("demo/client")  # the next get() issues a new certificate
         await asyncio.to_thread(
             cp.controller.on_certs_changed, {"spiffe://cluster.local/ns/demo/sa/client"}, False
         )

@@ -214,18 +214,18 @@ class KafkaLog:
         cut = len(self.prefix)
         out: list[tuple[str, int, int, bytes, bytes]] = []
         append = out.append
-        last: dict[tuple[str, int], int] = {}
+        names: dict[str, str] = {}
         for m in self._consume(start, max_records, timeout):
             if m.error() is not None:
                 continue
-            tp = (m.topic()[cut:], m.partition())
-            off = m.offset()
-            last[tp] = off
-            append((tp[0], tp[1], off, m.key() or b"", m.value() or b""))
-        if last:
+            t = m.topic()
+            stream = names.get(t)
+            if stream is None:
+                stream = names[t] = t[cut:]
+            append((stream, m.partition(), m.offset(), m.key() or b"", m.value() or b""))
+        if out:
             pos = dict(start.items())
-            for tp, off in last.items():
-                pos[tp] = off + 1
+            pos.update({(r[0], r[1]): r[2] + 1 for r in out})
             self._assigned = Position(pos)
         return out, self._assigned or start
 

@@ -271,7 +271,7 @@ class ProjectionRunner:
         start = self.applied
         last_progress = time.monotonic()
         replacing = self._replacing() if compact else frozenset()
-        pending: dict[tuple[str, object], list[_Raw]] = {}
+        pending: dict[object, list[_Raw]] = {}
         npending = 0
         scanned = self.position
         scan = getattr(self.log, "scan", None)
@@ -314,42 +314,48 @@ class ProjectionRunner:
     def _scan(
         self,
         raw: list[_Raw],
-        pending: dict[tuple[str, object], list[_Raw]],
+        pending: dict[object, list[_Raw]],
         replacing: frozenset[str],
     ) -> int:
         """Register records for a compacted apply: check headers, drop duplicates by id."""
         known = self.codec.by_fingerprint
+        replacing_fps = {fp for fp, info in known.items() if info.name in replacing}
         envelope_id = self.codec.envelope_id
         seen = self._seen
         dedupe = self._dedupe
         xxh = xxh64_intdigest
-        added = 0
+        added = superseded = duplicates = 0
         for r in raw:
             v = r[4]
-            info = known.get(v[2:10])
-            if info is None or v[:2] != MAGIC:
+            fp = v[2:10]
+            if fp not in known or v[:2] != MAGIC:
                 self.codec.header(v, where=_where(r))  # raises the precise DecodeError
                 continue  # pragma: no cover - header() always raises here
             if dedupe:
-                h = xxh(envelope_id(v))
+                b = v[10]
+                # the event id follows the header (checked by the codec); short ids inline
+                h = xxh(v[11 : 11 + (b >> 1)]) if b < 0x80 else xxh(envelope_id(v))
                 if h in seen:
-                    self.duplicates += 1
+                    duplicates += 1
                     continue
                 seen.add(h)
-            k = (r[0], r[3])
-            if info.name in replacing:
+            # Aggregate keys carry their kind as a prefix, so they are unique across streams.
+            k = r[3]
+            if fp in replacing_fps:
                 lst = pending.get(k)
                 if lst is not None:
-                    self.superseded += len(lst)
+                    superseded += len(lst)
                     added -= len(lst)
                 pending[k] = [r]
             else:
                 pending.setdefault(k, []).append(r)
             added += 1
-            self.applied += 1
+        self.applied += added + superseded
+        self.superseded += superseded
+        self.duplicates += duplicates
         return added
 
-    def _flush(self, pending: dict[tuple[str, object], list[_Raw]]) -> None:
+    def _flush(self, pending: dict[object, list[_Raw]]) -> None:
         if not pending:
             return
         survivors = [r for lst in pending.values() for r in lst]

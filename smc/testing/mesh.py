@@ -39,7 +39,7 @@ from smc.projections import (
 from smc.smi import load_documents
 from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.ports import free_port
-from smc.xds import AdsServer, XdsController
+from smc.xds import AdsServer, IssuingCertSource, XdsController
 from smc.xds._certs import IssuerCache, KeyStoreCertSource
 
 __all__ = ["ControlPlane", "Sidecar", "vm_yaml"]
@@ -56,10 +56,15 @@ class ControlPlane:
         issuer: Issuer | None = None,
         trust_interval: float = 30.0,
         crl_refresh: float = 30.0,
+        ca: bool = True,
     ) -> None:
+        """``ca=False``: no CA task; certificates come from an :class:`IssuingCertSource`
+        (issued in memory on first use, nothing on the log), for builder-level tests that
+        need every certificate to exist as soon as a workload does."""
         self.workdir = workdir
         self.debounce = debounce
         self.trust_interval = trust_interval
+        self.ca = ca
         self.crl_refresh = crl_refresh
         self.log = SqliteLog(workdir / "log.db")
         self.issuer: Issuer = (
@@ -78,7 +83,8 @@ class ControlPlane:
         self.server: AdsServer
         self.live: LiveMeshChanges
         self.keystore: KeyStore
-        self.certs: KeyStoreCertSource
+        self.certs: KeyStoreCertSource | IssuingCertSource
+        self.issuing = IssuingCertSource(issuer=self.issuer, trust_domain="cluster.local")
         self.metrics = CollectorRegistry()
 
     async def start(self) -> None:
@@ -92,35 +98,39 @@ class ControlPlane:
             runner=self.runner,
         )
         self.keystore = KeyStore(directory=self.keys_dir)
-        self.certs = KeyStoreCertSource(
+        source = KeyStoreCertSource(
             keystore=self.keystore,
             issuer=self.issuers.current,
             refresh_interval=self.crl_refresh,
         )
-        self.keystore.add_listener(self.certs.keystore_changed)
+        self.keystore.add_listener(source.keystore_changed)
+        self.certs = source if self.ca else self.issuing
         self.controller = XdsController(
             runner=self.runner, certs=self.certs, registry=self.metrics, debounce=self.debounce
         )
-        self.certs.add_listener(self.controller.on_certs_changed)
+        source.add_listener(self.controller.on_certs_changed)
         self.server = self.controller.make_server()
         await self.server.start(host="127.0.0.1", port=self.port)
         self._tasks = [
             asyncio.create_task(self.runner.run(stop=self._stop)),
             asyncio.create_task(self.controller.run(stop=self._stop)),
-            asyncio.create_task(
-                run_ca(
-                    runner=self.runner,
-                    log=self.log,
-                    issuer=self.issuers,
-                    keystore=self.keystore,
-                    stop=self._stop,
-                    trust_interval=self.trust_interval,
-                    retry_initial=0.2,
-                    retry_max=2.0,
-                )
-            ),
-            asyncio.create_task(self.certs.run(stop=self._stop)),
         ]
+        if self.ca:
+            self._tasks += [
+                asyncio.create_task(
+                    run_ca(
+                        runner=self.runner,
+                        log=self.log,
+                        issuer=self.issuers,
+                        keystore=self.keystore,
+                        stop=self._stop,
+                        trust_interval=self.trust_interval,
+                        retry_initial=0.2,
+                        retry_max=2.0,
+                    )
+                ),
+                asyncio.create_task(source.run(stop=self._stop)),
+            ]
         await asyncio.wait_for(self.runner.caught_up.wait(), timeout=30)
         while not self.controller.ready:
             await asyncio.sleep(0.01)

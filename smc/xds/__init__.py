@@ -22,11 +22,26 @@ from smc.xds._builder import (
     outbound_cluster_name,
 )
 from smc.xds._cache import SnapshotCache, SnapshotSource, Unwatch
-from smc.xds._certs import CertSource, IssuingCertSource
-from smc.xds._controller import AckTrackingServer, Publication, XdsController
+from smc.xds._certs import (
+    CertsListener,
+    CertSource,
+    IssuerCache,
+    IssuingCertSource,
+    KeyStoreCertSource,
+    issuer_crls,
+)
+from smc.xds._controller import Publication, XdsController
 from smc.xds._errors import InconsistentSnapshot, InvalidResource, XdsError
 from smc.xds._identity import InvalidNodeId, NodeRef, find_workload, parse_node_id
-from smc.xds._server import AdsServer, NackRecord, ProxyStatus, TypeStatus, XdsMetrics
+from smc.xds._server import (
+    AckCallback,
+    AdsServer,
+    NackRecord,
+    ProxyStatus,
+    SubscriptionCallback,
+    TypeStatus,
+    XdsMetrics,
+)
 from smc.xds._snapshot import (
     CHANGE_HISTORY,
     ResourceEntry,
@@ -63,14 +78,17 @@ __all__ = [
     "SECRET",
     "WILDCARD_TYPES",
     "WORKLOAD_SECRET",
-    "AckTrackingServer",
+    "AckCallback",
     "AdsServer",
     "BuildPass",
     "CertSource",
+    "CertsListener",
     "InconsistentSnapshot",
     "InvalidNodeId",
     "InvalidResource",
+    "IssuerCache",
     "IssuingCertSource",
+    "KeyStoreCertSource",
     "NackRecord",
     "NodeRef",
     "ProxyBuild",
@@ -80,6 +98,7 @@ __all__ = [
     "Snapshot",
     "SnapshotCache",
     "SnapshotSource",
+    "SubscriptionCallback",
     "TypeChange",
     "TypeResources",
     "TypeStatus",
@@ -89,6 +108,7 @@ __all__ = [
     "XdsMetrics",
     "find_workload",
     "inbound_name",
+    "issuer_crls",
     "make_entry",
     "outbound_cluster_name",
     "parse_node_id",

@@ -12,12 +12,12 @@ and the snapshot versions (per node and type) that carried it, and, from the ser
 when each proxy acknowledged them (:meth:`XdsController.trace`).
 
 Make-before-break for removals: clusters and endpoints a rebuild drops *linger* in the
-published snapshot (unreferenced, so still consistent) until the proxy has ACKed the listeners
-and routes of that snapshot, which no longer point at them; only then are they removed (or after
-``linger_timeout`` seconds, e.g. for a proxy that never ACKs). With the server's push order
-(CDS -> EDS -> LDS -> RDS, LDS/RDS held while CDS/EDS are in flight) this gives the add order
-CDS -> EDS -> LDS -> RDS and the remove order LDS/RDS -> CDS -> EDS: a route never points at a
-cluster Envoy no longer has (no transient 503).
+published snapshot of a connected proxy (unreferenced, so still consistent) until the proxy
+has ACKed the listeners and routes of that snapshot, which no longer point at them; only then
+are they removed (or after ``linger_timeout`` seconds, e.g. for a proxy that never ACKs). With
+the server's push order (CDS -> EDS -> LDS -> RDS, LDS/RDS held while CDS/EDS are in flight)
+this gives the add order CDS -> EDS -> LDS -> RDS and the remove order LDS/RDS -> CDS -> EDS:
+a route never points at a cluster Envoy no longer has (no transient 503).
 
 The ADS server (made by :meth:`XdsController.make_server`) reports ACKs and watch changes
 through its ``on_ack`` / ``on_subscription`` callbacks (causal chain, lingering).
@@ -60,10 +60,7 @@ from smc.xds._server import AdsServer
 from smc.xds._snapshot import ResourceEntry, Snapshot
 from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, short_name
 
-__all__ = ["AckTrackingServer", "Publication", "XdsController"]
-
-#: Kept for imports of the former subclass: the plain server now has the callbacks.
-AckTrackingServer = AdsServer
+__all__ = ["Publication", "XdsController"]
 
 log = logging.getLogger("smc.xds.controller")
 
@@ -441,7 +438,7 @@ class XdsController:
     ) -> None:
         old = self.cache.get(node_id)
         node = self._nodes.get(node_id)
-        if old is not None and node is not None and not release:
+        if old is not None and node is not None and node.watchers > 0 and not release:
             built = self._with_lingering(node, old, built)
         if old is None:
             snapshot = built
