@@ -61,7 +61,10 @@ def ca_options(fn: F) -> F:
             "--ca",
             envvar="SMC_CA",
             default=None,
-            help="Issuer: local:DIR (CA key in DIR, mode 0600) or vault:URL (env SMC_CA).",
+            help=(
+                "Issuer: local:DIR (CA key in DIR, mode 0600), vault:URL, or ephemeral "
+                "(serve only: a local CA in a temporary directory) (env SMC_CA)."
+            ),
         ),
         click.option(
             "--vault-role",
