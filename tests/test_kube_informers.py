@@ -6,8 +6,10 @@ Gone (etcd compaction) without losing or duplicating a change, and invalid SMI o
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from smc.events import (
@@ -30,7 +33,7 @@ from smc.events import (
     SqliteLog,
     WorkloadJoined,
 )
-from smc.informers import KubeEndpoint, KubeInformers, LogSink
+from smc.informers import KubeConfigError, KubeEndpoint, KubeInformers, LogSink
 from smc.testing.kube import KubeAPIServer, KubeBuildError, TcpCutter
 
 # The first test may build kube-apiserver (once per machine, tens of minutes at nice 19)
@@ -396,7 +399,7 @@ async def test_apiserver_restart_is_survived(kube: KubeAPIServer, api: Any) -> N
     informers = KubeInformers(endpoint=endpoint(kube), sink=sink, member_label=label, backoff=0.2)
     async with running(informers):
         # From this thread: the children die with the thread that started them.
-        kube.restart()
+        kube.restart(kill=True)  # a crash: the watches die without a goodbye
         with kube.api_client() as fresh:
             client.CoreV1Api(fresh).create_namespaced_service_account(
                 ns, {"metadata": {"name": "after-restart"}}
@@ -443,10 +446,31 @@ async def test_invalid_smi_object_is_skipped_not_fatal(kube: KubeAPIServer, api:
     assert isinstance(sink.of(ns)[1], SmiResourceDeleted)
 
 
-def test_kubeconfig_endpoint(kube: KubeAPIServer) -> None:
+def test_kubeconfig_endpoint(kube: KubeAPIServer, tmp_path: Path) -> None:
     ep = KubeEndpoint.from_kubeconfig(kube.kubeconfig_path)
     assert (ep.host, ep.token, ep.ca_file) == (kube.host, kube.token, str(kube.ca_path))
     assert kube.token not in repr(ep)
+    # certificate-authority-data (inline) works too: the endpoint really connects.
+    doc = yaml.safe_load(kube.kubeconfig_path.read_text())
+    cluster = doc["clusters"][0]["cluster"]
+    pem = Path(cluster.pop("certificate-authority")).read_bytes()
+    cluster["certificate-authority-data"] = base64.b64encode(pem).decode()
+    inline = tmp_path / "inline.yaml"
+    inline.write_text(yaml.safe_dump(doc))
+    ep2 = KubeEndpoint.from_kubeconfig(inline)
+    req = urllib.request.Request(
+        f"{ep2.host}/readyz", headers={"Authorization": f"Bearer {ep2.token}"}
+    )
+    with urllib.request.urlopen(req, context=ep2.ssl_context(), timeout=5) as resp:
+        assert resp.read() == b"ok"
+    # Bad kubeconfigs get a clear error naming the file and the problem.
+    del doc["users"][0]["user"]["token"]
+    inline.write_text(yaml.safe_dump(doc))
+    with pytest.raises(KubeConfigError, match="has no bearer token"):
+        KubeEndpoint.from_kubeconfig(inline)
+    inline.write_text("- just\n- a list\n")
+    with pytest.raises(KubeConfigError, match="must be a mapping"):
+        KubeEndpoint.from_kubeconfig(inline)
 
 
 async def test_bookmarks_advance_the_resume_point() -> None:

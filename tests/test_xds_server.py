@@ -626,8 +626,9 @@ async def test_sotw_nonces_acks_and_named_subscriptions(ads: Ads) -> None:
         assert proxy.types[ENDPOINT].names == ("a", "later")
         assert proxy.types[CLUSTER].wildcard and not proxy.types[ENDPOINT].wildcard
 
-        # "later" was requested before it existed; it is sent when it appears (with "a" again,
-        # since SotW carries every requested resource), and CDS first (make-before-break).
+        # "later" was requested before it existed; it is sent when it appears, CDS first
+        # (make-before-break). A freshly built snapshot has no change history to diff against,
+        # so SotW sends the whole requested set ("a" again).
         ads.cache.set_snapshot(node_id=NODE, snapshot=small_snapshot(a=(1,), b=(2,), later=(3,)))
         cds2 = await c.recv()
         assert cds2.type_url == CLUSTER and cds2.version_info != cds.version_info
@@ -641,7 +642,9 @@ async def test_sotw_nonces_acks_and_named_subscriptions(ads: Ads) -> None:
         )
         assert names == ["a", "later"]
 
-        # A stale nonce is ignored (no answer), the current one is honoured.
+        # A stale nonce records no ACK (and gets no answer: dropping "later" sends nothing),
+        # the current one is honoured: the ACK re-requests "later", which the client forgot
+        # when it dropped it, so it is sent again (alone).
         c.send(
             type_url=ENDPOINT,
             response_nonce=eds.nonce,
@@ -649,14 +652,24 @@ async def test_sotw_nonces_acks_and_named_subscriptions(ads: Ads) -> None:
             resource_names=["a"],
         )
         await c.nothing(0.3)
+        assert ads.server.proxies()[0].types[ENDPOINT].acked_version == eds.version_info
         c.send(
             type_url=ENDPOINT,
             response_nonce=eds2.nonce,
             version_info=eds2.version_info,
             resource_names=["a", "later"],
         )
-        await c.nothing(0.3)
+        eds3 = await c.recv()
+        assert eds3.type_url == ENDPOINT and eds3.nonce != eds2.nonce
+        assert _cla_names(eds3) == ["later"]
         assert ads.server.proxies()[0].types[ENDPOINT].acked_version == eds2.version_info
+        c.send(
+            type_url=ENDPOINT,
+            response_nonce=eds3.nonce,
+            version_info=eds3.version_info,
+            resource_names=["a", "later"],
+        )
+        await c.nothing(0.3)
 
 
 async def test_listener_and_route_wait_for_cluster_ack(ads: Ads) -> None:
@@ -702,8 +715,8 @@ async def test_listener_and_route_wait_for_cluster_ack(ads: Ads) -> None:
             version_info=got[ENDPOINT].version_info,
             resource_names=["svc", "svc2"],
         )
-        eds2 = await c.recv()
-        assert eds2.type_url == ENDPOINT and len(eds2.resources) == 2
+        eds2 = await c.recv()  # only the newly requested svc2 (svc did not change)
+        assert eds2.type_url == ENDPOINT and _cla_names(eds2) == ["svc2"]
         c.send(
             type_url=ENDPOINT,
             response_nonce=eds2.nonce,
@@ -1052,3 +1065,141 @@ async def test_stale_nonce_unsubscribe_releases_held_listener_and_reports_acks()
             assert (NODE, CLUSTER, cds2.version_info) in acks
     finally:
         await server.stop(grace=0)
+
+
+def _cla_names(resp: Any) -> list[str]:
+    return [
+        endpoint_pb2.ClusterLoadAssignment.FromString(r.value).cluster_name for r in resp.resources
+    ]
+
+
+async def test_sotw_named_types_send_only_changed_resources(ads: Ads) -> None:
+    """SotW: after the first full response, EDS/RDS responses carry only the resources that
+    changed (or were newly requested), with a new version and nonce; CDS/LDS stay complete. A
+    requested resource removed from the snapshot, or a re-watch after dropping the type, sends
+    the whole requested set again."""
+
+    def snap_of(eps: dict[str, tuple[int, ...]], routes: dict[str, str]) -> Snapshot:
+        return Snapshot.build(
+            clusters=[eds_cluster(n) for n in eps],
+            endpoints=[cla(n, *p) for n, p in eps.items()],
+            routes=[route_config(name=r, cluster=c) for r, c in routes.items()],
+        )
+
+    eps = {"a": (1,), "b": (2,), "c": (3,), "d": (4,)}
+    routes = {"r1": "a", "r2": "b"}
+    snap = snap_of(eps, routes)
+    ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+    sub = ["a", "b", "c"]
+
+    def ack(r: Any, names: Sequence[str] = ()) -> None:
+        c.send(
+            type_url=r.type_url,
+            response_nonce=r.nonce,
+            version_info=r.version_info,
+            resource_names=list(names),
+        )
+
+    async with raw(ads) as c:
+        c.send(type_url=CLUSTER)
+        cds = await c.recv()
+        ack(cds)
+        c.send(type_url=ENDPOINT, resource_names=sub)
+        eds = await c.recv()
+        assert _cla_names(eds) == ["a", "b", "c"]  # the first response is complete
+        ack(eds, sub)
+        c.send(type_url=ROUTE, resource_names=["r1", "r2"])
+        rds = await c.recv()
+        assert len(rds.resources) == 2
+        ack(rds, ["r1", "r2"])
+        await c.nothing(0.2)
+        sent_before = ads.metric("smc_xds_resources_sent_total", type="ClusterLoadAssignment")
+
+        # An endpoint change of "b": the EDS response carries only b's new assignment.
+        snap = snap.replace(upsert=[make_entry(cla("b", 20, 21))])
+        ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+        eds2 = await c.recv()
+        assert eds2.type_url == ENDPOINT
+        (only,) = eds2.resources
+        assert endpoint_pb2.ClusterLoadAssignment.FromString(only.value) == cla("b", 20, 21)
+        assert eds2.version_info == snap.version(ENDPOINT) != eds.version_info
+        assert eds2.nonce not in (eds.nonce, cds.nonce, rds.nonce)
+        assert ads.metric("smc_xds_resources_sent_total", type="ClusterLoadAssignment") == (
+            sent_before + 1
+        )
+        ack(eds2, sub)
+        await c.nothing(0.2)  # CDS/RDS did not change: nothing else
+        (proxy,) = ads.server.proxies()
+        assert proxy.types[ENDPOINT].acked_version == eds2.version_info
+
+        # A change of an unrequested assignment ("d") sends nothing; requesting "d" sends d only.
+        snap = snap.replace(upsert=[make_entry(cla("d", 40))])
+        ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+        await c.nothing(0.3)
+        sub = ["a", "b", "c", "d"]
+        ack(eds2, sub)  # same nonce, more names: a subscription change
+        eds3 = await c.recv()
+        assert _cla_names(eds3) == ["d"]
+        assert endpoint_pb2.ClusterLoadAssignment.FromString(eds3.resources[0].value) == cla(
+            "d", 40
+        )
+        ack(eds3, sub)
+
+        # Dropping "c" and requesting it again sends it again (the client forgot it).
+        ack(eds3, ["a", "b", "d"])
+        await c.nothing(0.2)
+        ack(eds3, sub)
+        eds4 = await c.recv()
+        assert _cla_names(eds4) == ["c"]
+        ack(eds4, sub)
+
+        # A route change: RDS carries only the changed route.
+        snap = snap.replace(upsert=[make_entry(route_config(name="r2", cluster="c"))])
+        ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+        rds2 = await c.recv()
+        assert rds2.type_url == ROUTE
+        assert [route_pb2.RouteConfiguration.FromString(r.value).name for r in rds2.resources] == [
+            "r2"
+        ]
+        ack(rds2, ["r1", "r2"])
+
+        # A cluster change: CDS stays the complete state of the world.
+        snap = snap.replace(upsert=[make_entry(eds_cluster("a", service_name="a"))])
+        ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+        cds2 = await c.recv()
+        assert cds2.type_url == CLUSTER
+        assert sorted(cluster_pb2.Cluster.FromString(r.value).name for r in cds2.resources) == [
+            "a",
+            "b",
+            "c",
+            "d",
+        ]
+        ack(cds2)
+        await c.nothing(0.2)
+
+        # A requested assignment removed from the snapshot (with its cluster): the whole
+        # requested set that remains is sent (SotW cannot say "removed" for a named type).
+        snap = snap.replace(remove=[(CLUSTER, "c"), (ENDPOINT, "c")])
+        ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+        cds3 = await c.recv()
+        assert cds3.type_url == CLUSTER and len(cds3.resources) == 3
+        eds5 = await c.recv()
+        assert eds5.type_url == ENDPOINT and _cla_names(eds5) == ["a", "b", "d"]
+        ack(cds3)
+        sub = ["a", "b", "d"]
+        ack(eds5, sub)
+        await c.nothing(0.2)
+        # Incremental again afterwards.
+        snap = snap.replace(upsert=[make_entry(cla("a", 10))])
+        ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
+        eds6 = await c.recv()
+        assert _cla_names(eds6) == ["a"]
+        ack(eds6, sub)
+
+        # Dropping the EDS watch entirely, then watching again: the whole set is sent.
+        ack(eds6, [])
+        await c.nothing(0.2)
+        ack(eds6, ["a", "b"])
+        eds7 = await c.recv()
+        assert _cla_names(eds7) == ["a", "b"]
+        assert eds7.version_info == snap.version(ENDPOINT)

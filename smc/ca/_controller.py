@@ -13,13 +13,21 @@ applied its own events before planning again. After a restart the certificate st
 back from the log (``CertsProjection``); a certificate still valid whose key is still held
 is simply served again, one whose key is gone is renewed.
 
+A replica that must not issue (``smc serve --ca follow``) runs :func:`follow_ca` instead: a
+:class:`CertificateFollower` serves exactly the certificates the log records as current, with
+keys read from the key directory it shares with the issuing replica (written there before the
+issuer appends the event), and the trust bundle the log records, ordered as the issuer orders
+it; so every replica at the same offset serves the same SDS secrets.
+
 Failures never stop ``smc serve``: an unavailable issuer (after the retries of
 :func:`smc.ca.retrying`) or log leaves the current certificates in place and the pass is
 retried with exponential backoff; an identity the issuer rejects is retried on its own
 backoff; a malformed ``ns/sa`` is skipped with a warning.
-Concurrency: one asyncio task (:meth:`CertificateController.run`) on the loop that runs
-the :class:`~smc.projections.ProjectionRunner`; it reads projections only on that loop and
-calls the blocking issuer and log through ``asyncio.to_thread``.
+Concurrency: one asyncio task (:meth:`CertificateController.run` or
+:meth:`CertificateFollower.run`) on the loop that runs the
+:class:`~smc.projections.ProjectionRunner`; it reads projections only on that loop and calls
+the blocking issuer and log (and, for the follower, the key directory) through
+``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from smc.ca._retry import Backoff, RetryingIssuer, retrying
 from smc.ca._rotation import DEFAULT_FRACTION, DEFAULT_JITTER, renew_at
 from smc.ca._vault import VaultIssuer
 from smc.events import (
+    CERTS,
     Appended,
     CertificateIssued,
     CertificateRenewed,
@@ -66,6 +75,7 @@ from smc.projections import (
 __all__ = [
     "Action",
     "CertificateController",
+    "CertificateFollower",
     "IssueAction",
     "IssuerFactory",
     "Plan",
@@ -73,6 +83,7 @@ __all__ = [
     "RenewAction",
     "RevokeAction",
     "certificate_event",
+    "follow_ca",
     "issuer_factory_from_options",
     "issuer_from_options",
     "plan_certificates",
@@ -417,6 +428,44 @@ def issuer_from_options(
 
 
 # ---------------------------------------------------------------------- the controller
+def _current_records(certs: CertsProjection) -> dict[str, CertRecord]:
+    out: dict[str, CertRecord] = {}
+    for identity in certs.current:
+        rec = certs.current_cert(identity)
+        if rec is not None:
+            out[identity] = rec
+    return out
+
+
+def served_bundle(
+    *, trust: Mapping[str, Sequence[str]], current: Mapping[str, CertRecord], issuer_name: str
+) -> list[str]:
+    """The trust bundle SDS serves: the roots of the active issuer ``issuer_name`` first,
+    then those of every other issuer with a current certificate (by name), without
+    repeats. Pure: every replica at the same offset computes the same bundle."""
+    names = {issuer_name} | {r.issuer for r in current.values()}
+    roots: list[str] = []
+    for name in sorted(names, key=lambda n: (n != issuer_name, n)):
+        for pem in trust.get(name, ()):
+            if pem not in roots:
+                roots.append(pem)
+    return roots
+
+
+def active_issuer_name(certs: CertsProjection) -> str | None:
+    """The issuer the log says is signing now: the one of the newest current certificate
+    (latest ``not_before``, then serial), else the only issuer with a trust bundle, else
+    None. What a replica that does not issue (:class:`CertificateFollower`) orders the
+    served bundle by, as the issuing replica orders it by its own issuer."""
+    current = _current_records(certs)
+    if current:
+        newest = max(current.values(), key=lambda r: (r.not_before, r.serial))
+        return newest.issuer
+    if len(certs.trust) == 1:
+        return next(iter(certs.trust))
+    return None
+
+
 @dataclass(kw_only=True, slots=True)
 class ReconcileResult:
     """What one pass did."""
@@ -533,12 +582,7 @@ class CertificateController:
 
     def current_records(self) -> dict[str, CertRecord]:
         """SPIFFE URI -> current certificate, from the certificate projection."""
-        out: dict[str, CertRecord] = {}
-        for identity in self.certs.current:
-            rec = self.certs.current_cert(identity)
-            if rec is not None:
-                out[identity] = rec
-        return out
+        return _current_records(self.certs)
 
     def plan(self, *, now: datetime | None = None, issuer_name: str | None = None) -> Plan:
         """:func:`plan_certificates` over the projections as they stand."""
@@ -558,13 +602,9 @@ class CertificateController:
 
     def _served_bundle(self, issuer_name: str) -> list[str]:
         """Roots of the active issuer plus those of every issuer with a current cert."""
-        names = {issuer_name} | {r.issuer for r in self.current_records().values()}
-        roots: list[str] = []
-        for name in sorted(names, key=lambda n: (n != issuer_name, n)):
-            for pem in self.certs.trust.get(name, ()):
-                if pem not in roots:
-                    roots.append(pem)
-        return roots
+        return served_bundle(
+            trust=self.certs.trust, current=self.current_records(), issuer_name=issuer_name
+        )
 
     def _sync_keystore(self) -> None:
         self.keystore.sync({i: r.fingerprint for i, r in self.current_records().items()})
@@ -861,6 +901,138 @@ class CertificateController:
     async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
+
+
+class CertificateFollower:
+    """The CA side of a replica that does not issue (``smc serve --ca follow``).
+
+    It never signs nor appends: after each batch of ``smc.certs`` events (and every
+    ``interval`` seconds) it makes the log's current certificates what ``keystore``
+    serves, loading their keys from the key directory shared with the issuing replica,
+    and sets the trust bundle the log records (:func:`served_bundle`, ordered by
+    :func:`active_issuer_name`). A certificate whose key is not in the directory yet is
+    not served and is looked for again every ``retry_interval`` seconds (warned about
+    once). It does not prune the directory: the issuing replica owns it.
+    """
+
+    def __init__(
+        self,
+        *,
+        runner: ProjectionRunner,
+        keystore: KeyStore,
+        interval: float = 30.0,
+        retry_interval: float = 0.5,
+    ) -> None:
+        if keystore.directory is None:
+            raise CAStateError(
+                "a replica that follows the CA needs the key directory the issuing replica "
+                "writes (--keys DIR)"
+            )
+        self.runner = runner
+        self.keystore = keystore
+        self.interval = interval
+        self.retry_interval = retry_interval
+        self.certs = _projection(runner, CertsProjection)
+        self.missing: frozenset[str] = frozenset()
+        self.passes = 0
+        self._warned: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _plan(self) -> tuple[dict[str, str], list[str]]:
+        """On the loop: (identity -> fingerprint, trust bundle) as the log says now."""
+        current = _current_records(self.certs)
+        name = active_issuer_name(self.certs) or ""
+        bundle = served_bundle(trust=self.certs.trust, current=current, issuer_name=name)
+        return {i: r.fingerprint for i, r in current.items()}, bundle
+
+    def _apply(self, current: Mapping[str, str], bundle: Sequence[str]) -> frozenset[str]:
+        """Blocking (reads key files): serve ``current`` and ``bundle``; returns missing."""
+        missing = self.keystore.sync(current)
+        self.keystore.set_trust_bundle(bundle)
+        return missing
+
+    async def sync(self) -> frozenset[str]:
+        """One pass; returns the identities whose key is not in the directory (yet)."""
+        self.passes += 1
+        current, bundle = self._plan()
+        missing = await asyncio.to_thread(self._apply, current, bundle)
+        for identity in sorted(missing - self._warned):
+            log.warning(
+                "certificate %s of %s is on the log but its key is not in %s (yet); "
+                "is --keys the directory of the issuing replica?",
+                current.get(identity),
+                identity,
+                self.keystore.directory,
+            )
+        self._warned = set(missing)
+        self.missing = missing
+        return missing
+
+    def _on_events(self, events: list[Event]) -> None:
+        wake, owner = self._wake, self._loop
+        if wake is None or owner is None:
+            return
+        if not any(e.STREAM == CERTS for e in events):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is owner:
+            wake.set()
+        else:
+            owner.call_soon_threadsafe(wake.set)
+
+    async def run(self, *, stop: asyncio.Event) -> None:
+        """Wait until the runner caught up, then sync on every change until ``stop``."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = wake = asyncio.Event()
+        self.runner.listeners.append(self._on_events)
+
+        async def stopper() -> None:
+            await stop.wait()
+            wake.set()
+
+        watcher = asyncio.create_task(stopper())
+        try:
+            caught = asyncio.create_task(self.runner.caught_up.wait())
+            await asyncio.wait({caught, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            caught.cancel()
+            while not stop.is_set():
+                wake.clear()
+                try:
+                    retry = bool(await self.sync())
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # never take `smc serve` down
+                    log.exception("following the certificates on the log failed")
+                    retry = True
+                delay = self.retry_interval if retry else self.interval
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=delay)
+                await asyncio.sleep(0.02)  # gather a burst of events into one pass
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(ValueError):
+                self.runner.listeners.remove(self._on_events)
+            self._wake = None
+
+
+async def follow_ca(
+    *,
+    runner: ProjectionRunner,
+    keystore: KeyStore,
+    stop: asyncio.Event,
+    interval: float = 30.0,
+    retry_interval: float = 0.5,
+) -> None:
+    """Run a :class:`CertificateFollower` until ``stop`` is set (``smc serve --ca follow``):
+    serve the certificates the log records, keys from ``keystore``'s shared directory."""
+    follower = CertificateFollower(
+        runner=runner, keystore=keystore, interval=interval, retry_interval=retry_interval
+    )
+    await follower.run(stop=stop)
 
 
 async def run_ca(

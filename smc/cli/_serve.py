@@ -11,6 +11,12 @@ without re-issuing; in memory when not given). The issuer comes from the :func:`
 (``--ca local:DIR`` or ``vault:URL``); ``--ca ephemeral`` (the default) is a local CA in a
 temporary directory, gone at exit. The key store is the SDS source of the xDS controller (plus
 the issuer's CRLs in the trust bundle), and its changes rebuild the affected proxies.
+Replicas: several ``smc serve`` on one Kafka log serve the same snapshots at the same offset
+(versions are content-derived). One replica issues; the others run with ``--ca follow`` and
+the issuing replica's ``--keys DIR`` (:func:`smc.ca._controller.follow_ca`): they never sign
+nor append, and serve the certificates and trust bundle the log records, keys read from the
+shared directory. ``GET /debug/state`` gives the runner's position and the projections'
+digests, to compare replicas.
 Concurrency: one asyncio loop; the log is read in worker threads; issuers are called in worker
 threads; SIGINT/SIGTERM stop it.
 """
@@ -40,6 +46,8 @@ from smc.projections import (
 )
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from smc.ca import Issuer, IssuerFactory
 
 __all__ = ["serve"]
@@ -63,6 +71,7 @@ class _Xds:
         factory: IssuerFactory | None,
         keys_dir: str | None,
         addr: tuple[str, int],
+        follow: bool = False,
     ) -> None:
         from prometheus_client import CollectorRegistry
 
@@ -71,8 +80,9 @@ class _Xds:
         from smc.xds._certs import IssuerCache, KeyStoreCertSource
 
         self.runner = runner
+        self.follow = follow
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if factory is None:
+        if factory is None and not follow:
             self._tmp = tempfile.TemporaryDirectory(prefix="smc-ca-")
             directory = self._tmp.name
 
@@ -80,9 +90,12 @@ class _Xds:
                 return LocalIssuer(directory=directory, trust_domain=trust_domain)
 
             factory = ephemeral
-        self.issuers = IssuerCache(factory)
+        self.issuers = IssuerCache(factory) if factory is not None else None
         self.keystore = KeyStore(directory=keys_dir)
-        self.certs = KeyStoreCertSource(keystore=self.keystore, issuer=self.issuers.current)
+        self.certs = KeyStoreCertSource(
+            keystore=self.keystore,
+            issuer=self.issuers.current if self.issuers is not None else lambda: None,
+        )
         self.keystore.add_listener(self.certs.keystore_changed)
         self.addr = addr
         self.metrics = CollectorRegistry()
@@ -93,6 +106,7 @@ class _Xds:
     async def start(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         from smc.api import ApiError
         from smc.ca import run_ca
+        from smc.ca._controller import follow_ca
 
         try:
             port = await self.server.start(host=self.addr[0], port=self.addr[1])
@@ -105,17 +119,20 @@ class _Xds:
             f"xDS (ADS) on {self.addr[0]}:{port} (answers once the projections are current)",
             err=True,
         )
+        if self.issuers is None:
+            click.echo(f"CA: following the log (keys from {self.keystore.directory})", err=True)
+            ca = follow_ca(runner=self.runner, keystore=self.keystore, stop=stop)
+        else:
+            ca = run_ca(
+                runner=self.runner,
+                log=self.runner.log,
+                issuer=self.issuers,
+                keystore=self.keystore,
+                stop=stop,
+            )
         return [
             asyncio.create_task(self.controller.run(stop=stop)),
-            asyncio.create_task(
-                run_ca(
-                    runner=self.runner,
-                    log=self.runner.log,
-                    issuer=self.issuers,
-                    keystore=self.keystore,
-                    stop=stop,
-                )
-            ),
+            asyncio.create_task(ca),
             asyncio.create_task(self.certs.run(stop=stop)),
         ]
 
@@ -123,6 +140,26 @@ class _Xds:
         await self.server.stop(grace=1.0)
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def _state_handler(runner: ProjectionRunner) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``GET /debug/state``: position, events applied, duplicates dropped and the digest of
+    every projection (as ``smc log replay --json`` prints them), to compare replicas."""
+
+    from aiohttp import web
+
+    async def state(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "caught_up": runner.caught_up.is_set(),
+                "position": runner.position.to_json(),
+                "applied": runner.applied,
+                "duplicates": runner.duplicates,
+                "digests": runner.digests(),
+            }
+        )
+
+    return state
 
 
 async def _start_api(
@@ -155,6 +192,7 @@ async def _start_api(
 
         ctx = ApiContext(live=live, runner=runner, registry=registry, policy=policy)
         app = create_app(ctx)
+        app.router.add_get("/debug/state", _state_handler(runner))
         mount_debug(
             app,
             controller=xds.controller if xds is not None else None,
@@ -193,12 +231,13 @@ async def _serve(
     xds_addr: tuple[str, int] | None = None,
     factory: IssuerFactory | None = None,
     keys_dir: str | None = None,
+    follow: bool = False,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    xds = _Xds(runner, factory, keys_dir, xds_addr) if xds_addr is not None else None
+    xds = _Xds(runner, factory, keys_dir, xds_addr, follow) if xds_addr is not None else None
     # the API listens before the runner starts: /readyz answers 503 until it has caught up
     closers, side_tasks = await _start_api(runner, stop, http, inventory, inventory_interval, xds)
     if xds is not None:
@@ -281,11 +320,26 @@ def serve(
     vault_ca_cert: str | None,
     keys_dir: str | None,
 ) -> None:
-    """Run the control plane: follow the log, keep projections current, serve xDS."""
+    """Run the control plane: follow the log, keep projections current, serve xDS.
+
+    \b
+    Replicas: run several on one Kafka log (same --log); they serve identical
+    snapshots at the same offset, so an Envoy may switch between them. Exactly one
+    replica issues certificates (--ca local:DIR or vault:URL, --keys DIR); the others
+    run with --ca follow and the same --keys DIR (a shared directory): they never
+    issue nor append, and serve the certificates and trust bundle the log records,
+    keys read from that directory.
+    """
     http = None if http_addr == "off" else _parse_hostport(http_addr)
     xds = None if xds_addr == "off" else _parse_hostport(xds_addr, "--xds")
     factory: IssuerFactory | None = None
-    if ca not in (None, "", "ephemeral"):
+    follow = ca == "follow"
+    if follow and not keys_dir:
+        raise click.BadParameter(
+            "follow needs --keys DIR: the key directory the issuing replica writes",
+            param_hint="--ca",
+        )
+    if ca not in (None, "", "ephemeral", "follow"):
         try:
             factory = factory_from_ca_options(
                 ca=ca,
@@ -316,6 +370,7 @@ def serve(
                 xds,
                 factory,
                 keys_dir,
+                follow,
             )
         )
     except SMCError as exc:

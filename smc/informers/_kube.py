@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import ssl
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +119,10 @@ class KubeEndpoint:
     host: str
     token: str = field(repr=False)
     ca_file: str | None = None
+    ca_data: str | None = field(default=None, repr=False)  # PEM, instead of ca_file
 
     def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.ca_file)
+        return ssl.create_default_context(cafile=self.ca_file, cadata=self.ca_data)
 
     @classmethod
     def in_cluster(cls) -> KubeEndpoint:
@@ -171,13 +171,18 @@ class KubeEndpoint:
         if not isinstance(server, str) or not server.startswith("https://"):
             raise KubeConfigError(f"{path}: cluster server {server!r} is not an https URL")
         ca = cluster.get("certificate-authority")
+        ca_data = None
         if cluster.get("certificate-authority-data"):
-            pem = base64.b64decode(str(cluster["certificate-authority-data"]))
-            fd, name = tempfile.mkstemp(prefix="smc-kube-ca-", suffix=".crt")
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-            ca = name
-        return cls(host=server.rstrip("/"), token=token, ca_file=str(ca) if ca else None)
+            try:
+                ca_data = base64.b64decode(str(cluster["certificate-authority-data"])).decode()
+            except ValueError as exc:
+                raise KubeConfigError(f"{path}: certificate-authority-data: {exc}") from exc
+        return cls(
+            host=server.rstrip("/"),
+            token=token,
+            ca_file=str(ca) if ca and not ca_data else None,
+            ca_data=ca_data,
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

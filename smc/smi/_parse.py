@@ -432,7 +432,7 @@ def _traffic_target(
             sources.append(src)
     rules: list[RuleRef] = []
     rules_path = _join(base, rules_key)
-    items = r.sequence(body[rules_key], rules_path, non_empty=True)
+    items = r.sequence(body.get(rules_key), rules_path, non_empty=True)
     allowed_kinds: tuple[str, ...] = (
         ("HTTPRouteGroup", "TCPRoute", "UDPRoute")
         if version == "v1alpha3"

@@ -505,11 +505,16 @@ class KubeAPIServer:
             self._dir.cleanup()
             self._dir = None
 
-    def restart(self, *, etcd: bool = False) -> None:
+    def restart(self, *, etcd: bool = False, kill: bool = False) -> None:
         """Restart kube-apiserver (and etcd too with ``etcd=True``) on the same ports and data;
-        open watches are cut. Returns once ``/readyz`` answers ``ok`` again."""
+        open watches are cut. ``kill=True`` ends it with SIGKILL (a crash) instead of a graceful
+        SIGTERM shutdown (which waits for open watches to drain). Returns once ``/readyz``
+        answers ``ok`` again."""
         if self._dir is None:
             raise KubeHarnessError("restart(): the apiserver has never been started")
+        if kill and self._apiserver is not None and self._apiserver.poll() is None:
+            self._apiserver.kill()
+            self._apiserver.wait(timeout=15)
         _stop_process(self._apiserver)
         self._apiserver = None
         if etcd:

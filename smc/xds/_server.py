@@ -11,9 +11,15 @@ xDS rule for subscription changes racing a response); a named type (EDS/RDS/SDS)
 longer watches at all is never pending and gets no response (Envoy answers nothing for a type
 it does not watch: waiting for that ACK would hold LDS/RDS forever). Per-type versions;
 LDS/CDS wildcard and EDS/RDS/SDS named subscriptions (a name requested before it exists is sent
-when it appears); SotW sends every resource of a wildcard type and only the requested ones of a
-named type; delta sends only what changed plus ``removed_resources`` and honours
-``initial_resource_versions``. Pushes go in the order CDS -> EDS -> LDS -> RDS -> SDS and at
+when it appears). SotW sends every resource of LDS/CDS in every response, but for the named types
+(EDS/RDS/SDS) only the first response to a subscription carries every requested resource: later
+ones carry just the resources that changed plus newly requested names, with a new version and
+nonce (the xDS protocol's "Grouping Resources into Responses": only Listener and Cluster need the
+complete state of the world; a named resource left out of a response is kept by the client, and
+dropped when its subscription drops it). When a subscribed named resource is removed from the
+snapshot, or the change history no longer reaches back to the last response, the whole
+requested set of that type is sent again. Delta sends only what changed plus
+``removed_resources`` and honours ``initial_resource_versions``. Pushes go in the order CDS -> EDS -> LDS -> RDS -> SDS and at
 most one response is in flight per stream and type; LDS and RDS wait while a CDS or EDS
 response is un-ACKed (make-before-break: Envoy ACKs CDS once the new clusters warmed, so a
 listener or route never points at a cluster Envoy lacks). For removals the
@@ -210,6 +216,7 @@ class _TypeMetrics:
 class _TypeState:
     __slots__ = (
         "acked_version",
+        "added",
         "cur_key",
         "dirty",
         "held",
@@ -217,6 +224,7 @@ class _TypeState:
         "names",
         "nonce",
         "pending",
+        "resync",
         "sent_at",
         "sent_key",
         "sent_version",
@@ -240,9 +248,15 @@ class _TypeState:
         self.synced: str | None = None
         self.dirty = True
         # SotW: XOR-mix of the wanted subset now (cur_key) and in the last response (sent_key;
-        # None: nothing sent on this stream yet).
+        # None: nothing sent on this stream yet). For a named type sent incrementally the client
+        # holds the requested subset as of ``synced``, so sent_key follows cur_key.
         self.cur_key = 0
         self.sent_key: int | None = None
+        # SotW named types: the next response carries the whole requested set (first response,
+        # after the client dropped its watch, after a removal or a history gap); otherwise only
+        # what changed since ``synced`` plus the names requested since then (``added``).
+        self.resync = True
+        self.added: set[str] | None = None
         # Delta: name -> version the client holds (from initial_resource_versions and our sends).
         self.held: dict[str, str] = {}
 
@@ -579,6 +593,7 @@ class AdsServer:
                 ts.sent_key = 0
             ts.cur_key = 0
             ts.held.clear()
+            ts.resync, ts.added = True, None
         if watched != ts.watched:
             ts.watched = watched
             if self._on_subscription is not None:
@@ -606,6 +621,16 @@ class AdsServer:
         else:
             wildcard, wanted = "*" in names, frozenset(n for n in names if n != "*")
         if wildcard != ts.wildcard or wanted != ts.names:
+            if type_url not in WILDCARD_TYPES:
+                if wildcard or ts.wildcard:
+                    ts.resync = True
+                else:
+                    # Newly requested names go out with the next (incremental) response.
+                    new = wanted.difference(ts.names)
+                    if new:
+                        if ts.added is None:
+                            ts.added = set()
+                        ts.added.update(map(sys.intern, new))
             # Interned: 1,000 streams naming the same resources share the strings.
             ts.wildcard, ts.names, ts.dirty = wildcard, frozenset(map(sys.intern, wanted)), True
         self._subscription_changed(stream, ts, type_url)
@@ -722,8 +747,9 @@ class AdsServer:
     def _sotw_body(
         self, type_url: str, ts: _TypeState, tr: TypeResources | None, key: int
     ) -> tuple[bytes, int, int]:
-        """Serialised response without nonce for this content, shared by every stream wanting
-        the same content (LRU): ``(bytes, resource count, resource bytes)``."""
+        """Serialised full response (every requested resource) without nonce for this content,
+        shared by every stream wanting the same content (LRU): ``(bytes, resource count,
+        resource bytes)``."""
         version = tr.version if tr is not None else EMPTY_VERSION
         cache_key = (type_url, version, key)
         found = self._bodies.get(cache_key)
@@ -735,6 +761,15 @@ class AdsServer:
             chosen = list(entries.values())
         else:
             chosen = [e for n in sorted(ts.names) if (e := entries.get(n)) is not None]
+        return self._sotw_encode(cache_key, type_url, version, chosen)
+
+    def _sotw_encode(
+        self,
+        cache_key: tuple[Any, ...],
+        type_url: str,
+        version: str,
+        chosen: list[ResourceEntry],
+    ) -> tuple[bytes, int, int]:
         response = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url)
         add = response.resources.add
         for entry in chosen:
@@ -745,6 +780,40 @@ class AdsServer:
             self._bodies.popitem(last=False)
         return made
 
+    @staticmethod
+    def _named_changes(
+        ts: _TypeState, tr: TypeResources | None, version: str
+    ) -> list[ResourceEntry] | None:
+        """SotW named type: the requested resources that changed since the last response
+        (``ts.synced``) plus the newly requested names that exist, sorted by name; None when
+        that cannot be told incrementally (the change history does not reach back) or a
+        requested resource the client holds was removed (then the whole set is sent)."""
+        if version == ts.synced:
+            changes: Mapping[str, tuple[int, int]] = {}
+        elif tr is None or ts.synced is None:
+            return None
+        else:
+            found = tr.changes_since(ts.synced)
+            if found is None:
+                return None
+            changes = found
+        entries: Mapping[str, ResourceEntry] = tr.entries if tr is not None else {}
+        names = ts.names
+        added = ts.added
+        chosen: dict[str, ResourceEntry] = {}
+        for name, (old, new) in changes.items():
+            if old == new or name not in names or (added is not None and name in added):
+                continue
+            entry = entries.get(name)
+            if entry is None:
+                return None  # removed while requested: resend the whole set
+            chosen[name] = entry
+        if added is not None:
+            for name in added:
+                if name in names and (entry := entries.get(name)) is not None:
+                    chosen[name] = entry
+        return [chosen[n] for n in sorted(chosen)]
+
     def _sotw_response(
         self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
     ) -> bytes | None:
@@ -752,6 +821,28 @@ class AdsServer:
             return None  # a named type the client does not watch: nothing to send
         tr = snapshot.types.get(type_url)
         version = tr.version if tr is not None else EMPTY_VERSION
+        named = type_url not in WILDCARD_TYPES and not ts.wildcard
+        if named and not ts.resync and ts.sent_key is not None:
+            chosen = self._named_changes(ts, tr, version)
+            if chosen is not None:
+                # Incremental: the client holds the requested resources as of ``synced`` (no
+                # per-stream copy of their versions is kept), whose mix is the new key.
+                key = self._named_key(ts, tr)
+                ts.cur_key, ts.sent_key, ts.synced, ts.dirty = key, key, version, False
+                ts.added = None
+                if not chosen:
+                    return None
+                mix = 0
+                for entry in chosen:
+                    mix ^= entry.mix
+                cache_key = (type_url, version, "changed", mix)
+                found = self._bodies.get(cache_key)
+                if found is None:
+                    found = self._sotw_encode(cache_key, type_url, version, chosen)
+                else:
+                    self._bodies.move_to_end(cache_key)
+                return self._sotw_send(stream, ts, type_url, version, found)
+            # Otherwise the whole requested set, unless its content is what the client holds.
         if ts.wildcard:
             key = tr.mix if tr is not None else 0
         elif not ts.dirty and ts.synced == version:
@@ -764,16 +855,30 @@ class AdsServer:
                 return None  # named resources that do not exist yet: sent when they appear
         elif key == ts.sent_key:
             return None
-        body, count, size = self._sotw_body(type_url, ts, tr, key)
-        nonce = stream.next_nonce()
         ts.sent_key = key
+        if named:
+            ts.resync, ts.added = False, None
+        return self._sotw_send(
+            stream, ts, type_url, version, self._sotw_body(type_url, ts, tr, key)
+        )
+
+    def _sotw_send(
+        self,
+        stream: _Stream,
+        ts: _TypeState,
+        type_url: str,
+        version: str,
+        body: tuple[bytes, int, int],
+    ) -> bytes:
+        data, count, size = body
+        nonce = stream.next_nonce()
         ts.sent_version = version
         ts.nonce = nonce
         tm = self.metrics.for_type(type_url)
         tm.resources_sent.inc(count)
         tm.bytes_sent.inc(size)
         # A serialised message followed by more fields parses as their merge: append the nonce.
-        return body + _string_field(5, nonce)
+        return data + _string_field(5, nonce)
 
     def _delta_response(
         self, stream: _Stream, ts: _TypeState, type_url: str, snapshot: Snapshot
