@@ -3,8 +3,7 @@
 Role: prints and writes as JSON, for N gRPC client streams (one node id each) over a mesh of S
 services with E endpoints each: server memory per stream (RSS growth from connecting and syncing
 every stream, over the RSS with all per-proxy snapshots published; the RSS after the changes is
-also given: for SotW it includes the allocator high-water mark of ~240 MB pushed per change),
-convergence time of an endpoint change
+also given), convergence time of an endpoint change
 (publish of new per-proxy snapshots -> every stream received it; p50/p99/max), server CPU time per
 change and resource bytes sent per change. Not part of the test run.
 

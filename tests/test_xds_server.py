@@ -1086,7 +1086,7 @@ async def test_sotw_named_types_send_only_changed_resources(ads: Ads) -> None:
             routes=[route_config(name=r, cluster=c) for r, c in routes.items()],
         )
 
-    eps = {"a": (1,), "b": (2,), "c": (3,), "d": (4,)}
+    eps: dict[str, tuple[int, ...]] = {"a": (1,), "b": (2,), "c": (3,), "d": (4,)}
     routes = {"r1": "a", "r2": "b"}
     snap = snap_of(eps, routes)
     ads.cache.set_snapshot(node_id=NODE, snapshot=snap)
@@ -1203,3 +1203,41 @@ async def test_sotw_named_types_send_only_changed_resources(ads: Ads) -> None:
         eds7 = await c.recv()
         assert _cla_names(eds7) == ["a", "b"]
         assert eds7.version_info == snap.version(ENDPOINT)
+
+
+async def test_sotw_repeated_names_reordered_or_swapped(ads: Ads) -> None:
+    """An ACK repeating the requested names (any order) changes nothing; the same number of
+    names with one swapped is a subscription change: the new name is sent, the dropped one
+    forgotten (requesting it again sends it again)."""
+    ads.cache.set_snapshot(node_id=NODE, snapshot=small_snapshot(a=(1,), b=(2,), c=(3,)))
+
+    def ack(r: Any, names: Sequence[str]) -> None:
+        c.send(
+            type_url=ENDPOINT,
+            response_nonce=r.nonce,
+            version_info=r.version_info,
+            resource_names=list(names),
+        )
+
+    async with raw(ads) as c:
+        c.send(type_url=ENDPOINT, resource_names=["a", "b"])
+        eds = await c.recv()
+        assert _cla_names(eds) == ["a", "b"]
+        ack(eds, ["a", "b"])
+        ack(eds, ["b", "a"])
+        ack(eds, ["a", "b", "a"])
+        await c.nothing(0.3)
+        (proxy,) = ads.server.proxies()
+        assert proxy.types[ENDPOINT].names == ("a", "b")
+        assert proxy.types[ENDPOINT].acked_version == eds.version_info
+        ack(eds, ["a", "c"])
+        eds2 = await c.recv()
+        assert _cla_names(eds2) == ["c"]
+        ack(eds2, ["c", "a"])
+        await c.nothing(0.3)
+        assert ads.server.proxies()[0].types[ENDPOINT].names == ("a", "c")
+        ack(eds2, ["b", "c"])
+        eds3 = await c.recv()
+        assert _cla_names(eds3) == ["b"]
+        ack(eds3, ["b", "c"])
+        await c.nothing(0.3)

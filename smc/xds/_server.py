@@ -17,14 +17,17 @@ ones carry just the resources that changed plus newly requested names, with a ne
 nonce (the xDS protocol's "Grouping Resources into Responses": only Listener and Cluster need the
 complete state of the world; a named resource left out of a response is kept by the client, and
 dropped when its subscription drops it). When a subscribed named resource is removed from the
-snapshot, or the change history no longer reaches back to the last response, the whole
-requested set of that type is sent again. Delta sends only what changed plus
-``removed_resources`` and honours ``initial_resource_versions``. Pushes go in the order CDS -> EDS -> LDS -> RDS -> SDS and at
-most one response is in flight per stream and type; LDS and RDS wait while a CDS or EDS
-response is un-ACKed (make-before-break: Envoy ACKs CDS once the new clusters warmed, so a
-listener or route never points at a cluster Envoy lacks). For removals the
-:class:`~smc.xds.XdsController` keeps dropped clusters in the snapshot until the listeners and
-routes that stopped using them are ACKed, giving the remove order LDS/RDS -> CDS -> EDS.
+snapshot, or the change history no longer reaches back to the last response (a long lag, or a
+snapshot built afresh rather than by :meth:`Snapshot.replace`), the whole requested set of that
+type is sent again unless its content is what the client holds. An ACK repeating the same
+names is recognised by a digest of its serialised names (no per-name work). Delta sends only
+what changed plus ``removed_resources`` and honours ``initial_resource_versions``. Pushes go in
+the order CDS -> EDS -> LDS -> RDS -> SDS and at most one response is in flight per stream and
+type; LDS and RDS wait while a CDS or EDS response is un-ACKed (make-before-break: Envoy ACKs
+CDS once the new clusters warmed, so a listener or route never points at a cluster Envoy
+lacks). For removals the :class:`~smc.xds.XdsController` keeps dropped clusters in the
+snapshot until the listeners and routes that stopped using them are ACKed, giving the remove
+order LDS/RDS -> CDS -> EDS.
 Streams are accepted at once but answered only after :meth:`AdsServer.mark_ready`.
 
 Concurrency: everything runs on the one event loop of the grpc.aio server. Each stream is one
@@ -42,6 +45,7 @@ same content, each getting only its own nonce field appended.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import sys
@@ -222,6 +226,7 @@ class _TypeState:
         "held",
         "last_nack",
         "names",
+        "names_digest",
         "nonce",
         "pending",
         "resync",
@@ -237,6 +242,9 @@ class _TypeState:
         self.wildcard = False
         self.watched: bool | None = None  # named types: last reported "watches something"
         self.names: frozenset[str] | set[str] = frozenset()
+        # SotW: digest of the resource_names of the last request that set ``names`` (None: not
+        # from a named request): an ACK repeating the same names skips building their set.
+        self.names_digest: bytes | None = None
         self.nonce: str | None = None
         self.sent_version: str | None = None
         self.acked_version: str | None = None
@@ -618,8 +626,19 @@ class AdsServer:
         names = request.resource_names
         if type_url in WILDCARD_TYPES and not names and (ts.sent_key is None or ts.wildcard):
             wildcard, wanted = True, frozenset[str]()
+            ts.names_digest = None
         else:
-            wildcard, wanted = "*" in names, frozenset(n for n in names if n != "*")
+            # Every SotW request repeats all requested names (1,000 on each EDS ACK): when they
+            # are the same, in the same order, as last time, the subscription is unchanged.
+            digest = _names_digest(request)
+            if digest == ts.names_digest:
+                self._subscription_changed(stream, ts, type_url)
+                return
+            ts.names_digest = digest
+            wanted = frozenset(names)
+            wildcard = "*" in wanted
+            if wildcard:
+                wanted = wanted.difference(("*",))
         if wildcard != ts.wildcard or wanted != ts.names:
             if type_url not in WILDCARD_TYPES:
                 if wildcard or ts.wildcard:
@@ -953,6 +972,15 @@ class AdsServer:
         tm.bytes_sent.inc(found[2])
         # Same content for every stream with the same diff; the nonce field is appended.
         return found[0] + _string_field(5, nonce)
+
+
+def _names_digest(request: discovery_pb2.DiscoveryRequest) -> bytes:
+    """Digest of ``request.resource_names`` (in order) made without a Python string per name:
+    the request is cleared down to its type URL and names, and serialised. Call it last: it
+    clears the request's other fields."""
+    for field in ("version_info", "node", "response_nonce", "error_detail", "resource_locators"):
+        request.ClearField(field)
+    return hashlib.blake2b(request.SerializeToString(), digest_size=16).digest()
 
 
 def _string_field(number: int, value: str) -> bytes:

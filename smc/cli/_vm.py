@@ -1,0 +1,147 @@
+"""``smc vm bootstrap NAME``: the files an Envoy on a VirtualMachine needs to join the mesh.
+
+Role: rebuilds the registry and policy projections from the log (``--log``), finds the
+VirtualMachine ``--namespace/NAME`` (an unknown one is a clear error, exit 1), issues a bootstrap
+certificate for its identity (``spiffe://<mesh trust domain>/ns/<ns>/sa/<service account>``)
+from the issuer ``--ca`` names (``local:DIR`` or ``vault:URL``), and writes into ``--out`` the
+Envoy bootstrap (``bootstrap.yaml``: node id ``<ns>/<name>``, ADS over gRPC to ``--ads``, mTLS
+with the certificate unless ``--plaintext``), ``cert.pem``, ``key.pem`` (mode 0600), ``ca.pem``
+(the trust bundle) and ``run-envoy.sh`` (see :func:`smc.injector.write_vm_bootstrap`).
+Concurrency: one command per process, on the main thread.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import click
+
+from smc.ca import format_spiffe_id
+from smc.cli._app import cli, open_log_from
+from smc.cli._certs import ca_options, factory_from_ca_options
+from smc.injector import (
+    BootstrapCredentials,
+    find_vm,
+    parse_ads_address,
+    vm_node_id,
+    write_vm_bootstrap,
+)
+from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
+
+__all__ = ["vm_group"]
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``24h``, ``7d`` -> a positive timedelta."""
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 24h or 7d")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+    return timedelta(**{unit: int(m.group(1))})
+
+
+@cli.group("vm")
+def vm_group() -> None:
+    """VirtualMachines in the mesh: bootstrap their Envoy."""
+
+
+@vm_group.command("bootstrap")
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True, help="The VM's namespace.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory to write (created mode 0700). Default: ./smc-vm-NAMESPACE-NAME.",
+)
+@click.option(
+    "--ads",
+    default="127.0.0.1:15010",
+    show_default=True,
+    help="HOST:PORT of the control plane's ADS server, as the VM reaches it.",
+)
+@click.option("--ads-server-name", default=None, help="SNI and required DNS SAN of the ADS server.")
+@click.option(
+    "--plaintext", is_flag=True, help="No TLS to the ADS server (certificates are still written)."
+)
+@click.option(
+    "--delta", is_flag=True, help="Incremental (delta) xDS instead of state of the world."
+)
+@click.option("--admin-port", default=15000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--install-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the files will live on the VM (default: the --out directory).",
+)
+@click.option("--lifetime", default="7d", show_default=True, help="Bootstrap certificate lifetime.")
+@ca_options
+@click.pass_context
+def bootstrap_cmd(
+    ctx: click.Context,
+    name: str,
+    namespace: str,
+    out: str | None,
+    ads: str,
+    ads_server_name: str | None,
+    plaintext: bool,
+    delta: bool,
+    admin_port: int,
+    install_dir: str | None,
+    lifetime: str,
+    ca: str | None,
+    vault_role: str,
+    vault_mount: str,
+    vault_token_file: str | None,
+    vault_ca_cert: str | None,
+) -> None:
+    """Write the Envoy bootstrap, certificate, key, trust bundle and run script of VM NAME."""
+    ads_addr = parse_ads_address(ads, field="--ads")
+    valid_for = parse_duration(lifetime)
+    if not ca:
+        raise click.BadParameter("an issuer is needed (local:DIR or vault:URL)", param_hint="--ca")
+    factory = factory_from_ca_options(
+        ca=ca,
+        vault_role=vault_role,
+        vault_mount=vault_mount,
+        vault_token_file=vault_token_file,
+        vault_ca_cert=vault_ca_cert,
+    )
+    assert factory is not None
+    registry, policy = RegistryProjection(), PolicyProjection()
+    ProjectionRunner(log=open_log_from(ctx), projections=[registry, policy]).catch_up()
+    vm = find_vm(registry.workloads, namespace=namespace, name=name)
+    trust_domain = policy.mesh.trust_domain
+    identity = format_spiffe_id(
+        trust_domain=trust_domain, namespace=vm.namespace, service_account=vm.service_account
+    )
+    issuer = factory(trust_domain)
+    cert = issuer.issue(identity=identity, lifetime=valid_for)
+    creds = BootstrapCredentials(
+        cert_pem=cert.cert_pem, key_pem=cert.private_key_pem, ca_pem="".join(issuer.trust_bundle())
+    )
+    directory = Path(out) if out else Path(f"smc-vm-{namespace}-{name}")
+    files = write_vm_bootstrap(
+        workload=vm,
+        node_id=vm_node_id(vm, registry.workloads),
+        identity=identity,
+        directory=directory,
+        ads=ads_addr,
+        credentials=creds,
+        tls=not plaintext,
+        install_dir=Path(install_dir) if install_dir else None,
+        admin_port=admin_port,
+        delta=delta,
+        server_name=ads_server_name,
+    )
+    click.echo(
+        f"VirtualMachine {vm.namespace}/{vm.name}: node id {files.node_id}, identity {identity}"
+    )
+    click.echo(f"certificate {cert.serial}, valid until {cert.not_after.isoformat()}")
+    for path in (files.bootstrap, files.cert, files.key, files.ca, files.run_script):
+        click.echo(f"  wrote {path}")
+    click.echo(f"start it with: {files.run_script}")

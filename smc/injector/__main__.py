@@ -1,0 +1,165 @@
+"""``python -m smc.injector``: run the sidecar-injecting admission webhook.
+
+Role: builds the :class:`~smc.injector.InjectorConfig` from the command line, opens the local CA
+(``--ca local:DIR``, the directory ``smc serve --ca local:DIR`` uses, for the trust domain
+``--trust-domain``), issues the webhook's serving certificate (``--dns-name``/``--ip`` SANs) and
+serves ``/mutate`` until SIGINT/SIGTERM. ``--register NAME`` writes the CA's trust bundle into
+``clientConfig.caBundle`` of every webhook of the MutatingWebhookConfiguration ``NAME`` at start
+(in-cluster credentials, or ``--kubeconfig``); ``--lookup-namespaces`` reads namespace labels
+from the apiserver instead of trusting the configuration's ``namespaceSelector``.
+Concurrency: one asyncio loop; see :class:`~smc.injector.WebhookServer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from smc.ca import LocalIssuer
+from smc.errors import SMCError
+from smc.injector._bootstrap import parse_ads_address
+from smc.injector._errors import InjectorError
+from smc.injector._mutate import InjectorConfig
+from smc.injector._server import (
+    NamespaceLabels,
+    WebhookServer,
+    assume_opted_in,
+    issuer_credentials,
+    kube_namespace_labels,
+)
+from smc.injector._tls import issue_serving_certificate, server_ssl_context
+
+log = logging.getLogger("smc.injector")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m smc.injector", description=__doc__)
+    p.add_argument("--listen", default="0.0.0.0:9443", help="HOST:PORT to serve on")
+    p.add_argument("--ca", required=True, help="local:DIR, the local CA directory")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--ads", default="smc.smc-system.svc:15010", help="control plane HOST:PORT")
+    p.add_argument("--ads-server-name", default=None, help="required DNS SAN of the ADS server")
+    p.add_argument("--plaintext-ads", action="store_true", help="no TLS from proxies to ADS")
+    p.add_argument("--dns-name", action="append", default=[], help="serving cert DNS SAN")
+    p.add_argument("--ip", action="append", default=[], help="serving cert IP SAN")
+    p.add_argument(
+        "--proxy-image", default=InjectorConfig.__dataclass_fields__["proxy_image"].default
+    )
+    p.add_argument(
+        "--init-image", default=InjectorConfig.__dataclass_fields__["init_image"].default
+    )
+    p.add_argument(
+        "--init-install",
+        default=InjectorConfig.__dataclass_fields__["init_install"].default,
+        help="shell run before the iptables rules ('' when the init image has iptables)",
+    )
+    p.add_argument("--bootstrap-hours", type=float, default=24.0)
+    p.add_argument("--register", metavar="NAME", help="MutatingWebhookConfiguration to patch")
+    p.add_argument("--lookup-namespaces", action="store_true")
+    p.add_argument("--kubeconfig", default=None)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def _kube_client(kubeconfig: str | None) -> Any:
+    from kubernetes import client
+    from kubernetes import config as kube_config
+
+    config: Any = kube_config
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    config.load_incluster_config()
+    return client.ApiClient()
+
+
+def register_ca_bundle(api_client: Any, *, name: str, bundle_pem: str) -> int:
+    """Set ``caBundle`` of every webhook of MutatingWebhookConfiguration ``name``; returns
+    how many webhooks were patched."""
+    from kubernetes import client
+
+    adm: Any = client.AdmissionregistrationV1Api(api_client)
+    current = adm.read_mutating_webhook_configuration(name)
+    encoded = base64.b64encode(bundle_pem.encode("ascii")).decode("ascii")
+    hooks = [
+        {"name": w.name, "clientConfig": {"caBundle": encoded}} for w in current.webhooks or []
+    ]
+    adm.patch_mutating_webhook_configuration(name, {"webhooks": hooks})
+    return len(hooks)
+
+
+async def _run(server: WebhookServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"smc injector: https://{server.host}:{server.port}/mutate", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2))
+    try:
+        kind, _, directory = args.ca.partition(":")
+        if kind != "local" or not directory:
+            raise InjectorError(f"--ca {args.ca!r}: expected local:DIR")
+        host, _, port = args.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise InjectorError(f"--listen {args.listen!r} is not HOST:PORT")
+        issuer = LocalIssuer(directory=directory, trust_domain=args.trust_domain)
+        config = InjectorConfig(
+            ads=parse_ads_address(args.ads, field="--ads"),
+            proxy_image=args.proxy_image,
+            init_image=args.init_image,
+            init_install=args.init_install,
+            trust_domain=args.trust_domain,
+            tls=not args.plaintext_ads,
+            ads_server_name=args.ads_server_name,
+            bootstrap_lifetime=timedelta(hours=args.bootstrap_hours),
+        )
+        serving = issue_serving_certificate(
+            issuer,
+            dns_names=args.dns_name or ["smc-injector.smc-system.svc"],
+            ip_addresses=args.ip,
+        )
+        labels: NamespaceLabels = assume_opted_in
+        api = None
+        if args.register or args.lookup_namespaces:
+            api = _kube_client(args.kubeconfig)
+        if args.register:
+            n = register_ca_bundle(
+                api, name=args.register, bundle_pem="".join(issuer.trust_bundle())
+            )
+            log.warning("caBundle set on %d webhook(s) of %s", n, args.register)
+        if args.lookup_namespaces:
+            labels = kube_namespace_labels(api)
+        server = WebhookServer(
+            config=config,
+            credentials=issuer_credentials(issuer, trust_domain=args.trust_domain, config=config),
+            ssl_context=server_ssl_context(serving),
+            namespace_labels=labels,
+            host=host,
+            port=int(port),
+        )
+        asyncio.run(_run(server))
+    except SMCError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""Sidecar injection as a pure translation: a Pod in, the JSONPatch that adds SMC's proxy out.
+
+Role: :func:`injection_decision` says whether a pod gets the sidecar: its namespace must carry
+the label ``smc.dev/inject=enabled`` (opt-in), the pod must not carry the annotation
+``smc.dev/inject: "false"`` (opt-out), nor use the host network, nor already carry the sidecar
+(the ``smc.dev/status`` annotation or a container named ``smc-proxy``): re-invocation is a no-op.
+:func:`mutate` returns the RFC 6902 operations that add
+
+- ``smc-init``, an init container (``NET_ADMIN``/``NET_RAW``) whose iptables rules (nat table)
+  redirect inbound TCP to the proxy's inbound port (default 15006) and outbound TCP to the
+  outbound listener (15001, :data:`smc.xds.OUTBOUND_PORT`), excluding the proxy's own UID/GID,
+  loopback, the proxy's ports, and the ports/CIDRs the pod excludes by annotation
+  (``smc.dev/exclude-inbound-ports: "9090,9091"``, ``smc.dev/exclude-outbound-cidrs:
+  "10.0.0.0/8"``);
+- ``smc-proxy``, the Envoy container (image configurable), running as the proxy UID with a
+  read-only root filesystem; its bootstrap is inline (env ``SMC_ENVOY_BOOTSTRAP``, passed with
+  ``--config-yaml``: no ConfigMap), with node id ``<namespace>/<pod name>`` (the node-id scheme
+  of :mod:`smc.xds`; for a pod named by ``generateName`` the id is completed from the pod's own
+  name at start via ``--service-node``), the ADS address of the control plane, and, with TLS,
+  the bootstrap certificate, key and trust bundle from SMC's CA in env variables that the
+  bootstrap reads as Envoy data sources (mTLS to the control plane);
+- the ``smc-proxy-run`` emptyDir volume (Envoy's writable working directory) and the
+  ``smc.dev/status`` and ``smc.dev/node-id`` annotations.
+
+Concurrency: pure functions and immutable values; safe everywhere. Issuing the bootstrap
+certificate is I/O and happens outside (see :mod:`smc.injector._server`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from smc.injector._bootstrap import AdsAddress, TlsSources, envoy_bootstrap
+from smc.injector._errors import InjectorError, InvalidPod
+
+__all__ = [
+    "ANNOTATION_EXCLUDE_INBOUND",
+    "ANNOTATION_EXCLUDE_OUTBOUND",
+    "ANNOTATION_INJECT",
+    "ANNOTATION_NODE_ID",
+    "ANNOTATION_STATUS",
+    "INIT_CONTAINER",
+    "NAMESPACE_LABEL",
+    "PROXY_CONTAINER",
+    "PROXY_VOLUME",
+    "BootstrapCredentials",
+    "Decision",
+    "InjectorConfig",
+    "injection_decision",
+    "mutate",
+    "pod_identity",
+    "redirect_commands",
+]
+
+NAMESPACE_LABEL = "smc.dev/inject"
+ANNOTATION_INJECT = "smc.dev/inject"
+ANNOTATION_STATUS = "smc.dev/status"
+ANNOTATION_NODE_ID = "smc.dev/node-id"
+ANNOTATION_EXCLUDE_INBOUND = "smc.dev/exclude-inbound-ports"
+ANNOTATION_EXCLUDE_OUTBOUND = "smc.dev/exclude-outbound-cidrs"
+PROXY_CONTAINER = "smc-proxy"
+INIT_CONTAINER = "smc-init"
+PROXY_VOLUME = "smc-proxy-run"
+ENV_BOOTSTRAP = "SMC_ENVOY_BOOTSTRAP"
+ENV_CERT = "SMC_PROXY_CERT"
+ENV_KEY = "SMC_PROXY_KEY"
+ENV_CA = "SMC_PROXY_CA"
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SA = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InjectorConfig:
+    """What the injector adds to a pod."""
+
+    ads: AdsAddress
+    proxy_image: str = "envoyproxy/envoy:v1.40.0"
+    init_image: str = "alpine:3.20"
+    #: Shell run in the init container before the rules (empty when the image has iptables).
+    init_install: str = "apk add --no-cache iptables >/dev/null"
+    trust_domain: str = "cluster.local"
+    tls: bool = True
+    #: SNI and required DNS SAN of the control plane's certificate (None: no SAN check).
+    ads_server_name: str | None = None
+    delta: bool = False
+    proxy_uid: int = 1337
+    inbound_port: int = 15006
+    outbound_port: int = 15001
+    admin_port: int = 15000
+    log_level: str = "info"
+    bootstrap_lifetime: timedelta = timedelta(hours=24)
+    proxy_resources: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        }
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BootstrapCredentials:
+    """The proxy's bootstrap certificate (PEM chain), key and the trust bundle."""
+
+    cert_pem: str
+    key_pem: str = field(repr=False)
+    ca_pem: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Decision:
+    """Whether to inject, and why (the webhook logs the reason)."""
+
+    inject: bool
+    reason: str
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidPod(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidPod(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _check_pod(pod: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not isinstance(pod, dict):
+        raise InvalidPod(f"pod: expected an object, got {type(pod).__name__}")
+    if pod.get("kind", "Pod") != "Pod":
+        raise InvalidPod(f"kind: expected Pod, got {pod.get('kind')!r}")
+    meta = _obj(pod.get("metadata"), "metadata")
+    spec = _obj(pod.get("spec"), "spec")
+    containers = _list(spec.get("containers"), "spec.containers")
+    if not containers:
+        raise InvalidPod("spec.containers: a pod needs at least one container")
+    for i, c in enumerate(containers):
+        _obj(c, f"spec.containers[{i}]")
+    for i, c in enumerate(_list(spec.get("initContainers"), "spec.initContainers")):
+        _obj(c, f"spec.initContainers[{i}]")
+    _list(spec.get("volumes"), "spec.volumes")
+    annotations = _obj(meta.get("annotations"), "metadata.annotations")
+    for k, v in annotations.items():
+        if not isinstance(v, str):
+            raise InvalidPod(f"metadata.annotations[{k!r}]: expected a string")
+    return meta, spec
+
+
+def injection_decision(pod: Any, *, namespace_labels: Mapping[str, str]) -> Decision:
+    """Should ``pod`` get the sidecar? Raises :class:`InvalidPod` for a malformed pod."""
+    meta, spec = _check_pod(pod)
+    annotations = _obj(meta.get("annotations"), "metadata.annotations")
+    if namespace_labels.get(NAMESPACE_LABEL) != "enabled":
+        return Decision(inject=False, reason=f"namespace lacks label {NAMESPACE_LABEL}=enabled")
+    flag = annotations.get(ANNOTATION_INJECT)
+    if flag is not None and flag.strip().lower() in ("false", "no", "0", "disabled"):
+        return Decision(inject=False, reason=f"pod annotation {ANNOTATION_INJECT}={flag!r}")
+    if ANNOTATION_STATUS in annotations:
+        return Decision(inject=False, reason="already injected (smc.dev/status present)")
+    names = {c.get("name") for c in _list(spec.get("containers"), "spec.containers")}
+    names |= {c.get("name") for c in _list(spec.get("initContainers"), "spec.initContainers")}
+    if PROXY_CONTAINER in names or INIT_CONTAINER in names:
+        return Decision(inject=False, reason=f"already injected ({PROXY_CONTAINER} present)")
+    if spec.get("hostNetwork") is True:
+        return Decision(inject=False, reason="pod uses the host network")
+    return Decision(inject=True, reason="namespace opted in")
+
+
+def pod_identity(pod: Any, *, namespace: str | None = None) -> tuple[str, str, str | None]:
+    """``(namespace, service account, pod name or None when only generateName is set)``."""
+    meta, spec = _check_pod(pod)
+    ns = meta.get("namespace") or namespace
+    if not isinstance(ns, str) or not _NAME.match(ns):
+        raise InvalidPod(f"metadata.namespace: {ns!r} is not a namespace name")
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    if not isinstance(sa, str) or not _SA.match(sa):
+        raise InvalidPod(f"spec.serviceAccountName: {sa!r} is not a service account name")
+    name = meta.get("name")
+    if name is not None and (not isinstance(name, str) or not _SA.match(name)):
+        raise InvalidPod(f"metadata.name: {name!r} is not a pod name")
+    if not name and not meta.get("generateName"):
+        raise InvalidPod("metadata: a pod needs a name or a generateName")
+    return ns, sa, name or None
+
+
+def _excluded_ports(annotations: Mapping[str, str]) -> list[int]:
+    raw = annotations.get(ANNOTATION_EXCLUDE_INBOUND, "")
+    out = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise InvalidPod(
+                f"metadata.annotations[{ANNOTATION_EXCLUDE_INBOUND!r}]: {part!r} is not a port"
+            )
+        out.append(int(part))
+    return out
+
+
+def _excluded_cidrs(annotations: Mapping[str, str]) -> list[str]:
+    raw = annotations.get(ANNOTATION_EXCLUDE_OUTBOUND, "")
+    out = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            net = ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise InvalidPod(
+                f"metadata.annotations[{ANNOTATION_EXCLUDE_OUTBOUND!r}]: {part!r} is not a CIDR"
+            ) from None
+        if net.version == 4:
+            out.append(str(net))
+    return out
+
+
+def redirect_commands(
+    config: InjectorConfig,
+    *,
+    exclude_inbound_ports: Sequence[int] = (),
+    exclude_outbound_cidrs: Sequence[str] = (),
+) -> list[list[str]]:
+    """The iptables invocations (argv lists, nat table) that send a pod's TCP through its proxy."""
+
+    def nat(*args: object) -> list[str]:
+        return ["iptables", "-t", "nat", *map(str, args)]
+
+    inbound = [config.admin_port, config.outbound_port, config.inbound_port, 22]
+    uid = config.proxy_uid
+    return [
+        nat("-N", "SMC_INBOUND"),
+        nat("-A", "PREROUTING", "-p", "tcp", "-j", "SMC_INBOUND"),
+        *(
+            nat("-A", "SMC_INBOUND", "-p", "tcp", "--dport", port, "-j", "RETURN")
+            for port in dict.fromkeys([*inbound, *exclude_inbound_ports])
+        ),
+        nat("-A", "SMC_INBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", config.inbound_port),
+        nat("-N", "SMC_OUTBOUND"),
+        nat("-A", "OUTPUT", "-p", "tcp", "-j", "SMC_OUTBOUND"),
+        nat("-A", "SMC_OUTBOUND", "-m", "owner", "--uid-owner", uid, "-j", "RETURN"),
+        nat("-A", "SMC_OUTBOUND", "-m", "owner", "--gid-owner", uid, "-j", "RETURN"),
+        nat("-A", "SMC_OUTBOUND", "-d", "127.0.0.1/32", "-j", "RETURN"),
+        *(nat("-A", "SMC_OUTBOUND", "-d", cidr, "-j", "RETURN") for cidr in exclude_outbound_cidrs),
+        nat(
+            "-A", "SMC_OUTBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", config.outbound_port
+        ),
+    ]
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _append(spec: Mapping[str, Any], key: str, item: Any) -> dict[str, Any]:
+    if spec.get(key):
+        return {"op": "add", "path": f"/spec/{key}/-", "value": item}
+    return {"op": "add", "path": f"/spec/{key}", "value": [item]}
+
+
+def mutate(
+    pod: Any,
+    *,
+    namespace_labels: Mapping[str, str],
+    config: InjectorConfig,
+    namespace: str | None = None,
+    credentials: BootstrapCredentials | None = None,
+) -> list[dict[str, Any]]:
+    """The JSONPatch (RFC 6902 operations) that injects the sidecar into ``pod``; ``[]`` when
+    :func:`injection_decision` says no. ``namespace`` is the admission request's namespace
+    (pods often arrive without ``metadata.namespace``). With ``config.tls`` the bootstrap
+    ``credentials`` are required. Raises :class:`InvalidPod` naming the field at fault."""
+    decision = injection_decision(pod, namespace_labels=namespace_labels)
+    if not decision.inject:
+        return []
+    if config.tls and credentials is None:
+        raise InjectorError("TLS to the control plane is on but no bootstrap credentials given")
+    meta, spec = _check_pod(pod)
+    annotations: dict[str, str] = _obj(meta.get("annotations"), "metadata.annotations")
+    ns, sa, name = pod_identity(pod, namespace=namespace)
+    node_id = f"{ns}/{name}" if name else f"{ns}/{meta.get('generateName', '')}"
+    tls = TlsSources.environment(cert=ENV_CERT, key=ENV_KEY, ca=ENV_CA) if config.tls else None
+    bootstrap = envoy_bootstrap(
+        node_id=node_id,
+        cluster=f"{ns}/{sa}",
+        ads=config.ads,
+        tls=tls,
+        admin_port=config.admin_port,
+        delta=config.delta,
+        server_name=config.ads_server_name,
+        metadata={"namespace": ns, "service_account": sa, "kind": "pod"},
+    )
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {
+            "name": ENV_BOOTSTRAP,
+            "value": json.dumps(bootstrap, sort_keys=True, separators=(",", ":")),
+        },
+    ]
+    if credentials is not None and config.tls:
+        env += [
+            {"name": ENV_CERT, "value": credentials.cert_pem},
+            {"name": ENV_KEY, "value": credentials.key_pem},
+            {"name": ENV_CA, "value": credentials.ca_pem},
+        ]
+    args = ["--config-yaml", f"$({ENV_BOOTSTRAP})", "--log-level", config.log_level]
+    if not name:  # generateName: the real name is known only once the pod exists
+        args += ["--service-node", "$(POD_NAMESPACE)/$(POD_NAME)"]
+    args += ["--service-cluster", f"{ns}/{sa}"]
+    proxy: dict[str, Any] = {
+        "name": PROXY_CONTAINER,
+        "image": config.proxy_image,
+        "command": ["envoy"],
+        "args": args,
+        "env": env,
+        "resources": dict(config.proxy_resources),
+        "securityContext": {
+            "runAsUser": config.proxy_uid,
+            "runAsGroup": config.proxy_uid,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": PROXY_VOLUME, "mountPath": "/var/run/smc"}],
+        "workingDir": "/var/run/smc",
+    }
+    rules = redirect_commands(
+        config,
+        exclude_inbound_ports=_excluded_ports(annotations),
+        exclude_outbound_cidrs=_excluded_cidrs(annotations),
+    )
+    script = "set -e\n" + (config.init_install + "\n" if config.init_install else "")
+    script += "\n".join(shlex.join(c) for c in rules) + "\n"
+    init: dict[str, Any] = {
+        "name": INIT_CONTAINER,
+        "image": config.init_image,
+        "command": ["sh", "-c", script],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            # Installing iptables (apk, as root) needs the default capabilities; an image that
+            # already has it runs with NET_ADMIN and NET_RAW only.
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}
+            | ({} if config.init_install else {"drop": ["ALL"]}),
+        },
+    }
+    status = json.dumps(
+        {
+            "version": 1,
+            "containers": [PROXY_CONTAINER],
+            "initContainers": [INIT_CONTAINER],
+            "volumes": [PROXY_VOLUME],
+            "image": config.proxy_image,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    added = {ANNOTATION_STATUS: status}
+    if name:  # with generateName the node id is known only once the pod is named
+        added[ANNOTATION_NODE_ID] = node_id
+    ops: list[dict[str, Any]] = []
+    if isinstance(meta.get("annotations"), dict):
+        for key, value in added.items():
+            ops.append(
+                {"op": "add", "path": f"/metadata/annotations/{_escape(key)}", "value": value}
+            )
+    else:
+        if not isinstance(pod.get("metadata"), dict):
+            ops.append({"op": "add", "path": "/metadata", "value": {}})
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": added})
+    ops.append(_append(spec, "initContainers", init))
+    ops.append(_append(spec, "containers", proxy))
+    ops.append(_append(spec, "volumes", {"name": PROXY_VOLUME, "emptyDir": {}}))
+    return ops
