@@ -5,7 +5,8 @@ outside the repository (it clashes with ``xds-protos`` over ``envoy/__init__.py`
 installed into site-packages) and returns the path of its executable. :class:`EnvoyProcess` runs
 one Envoy with a bootstrap given by the caller, on 127.0.0.1, with its own ``--base-id``, its log
 in a file and its admin interface on a free port; :func:`ads_bootstrap` builds a bootstrap that
-takes listeners and clusters over ADS (state of the world or delta).
+takes listeners and clusters over ADS (state of the world or delta), in cleartext or, given an
+:class:`AdsTLS`, over mTLS (the proxy presents its certificate and checks the server's).
 
 Concurrency: each :class:`EnvoyProcess` owns one child process and is driven from one thread.
 The blocking helpers (``start``, ``stats``, ``config_dump``, ``stop``) talk only to Envoy's admin
@@ -16,6 +17,7 @@ loop, so an ADS server running on the same loop keeps serving Envoy while a test
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import json
 import os
@@ -30,6 +32,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from smc.errors import SMCError
 
 __all__ = [
     "ENVOY_VERSION",
+    "AdsTLS",
     "EnvoyError",
     "EnvoyProcess",
     "ads_bootstrap",
@@ -114,6 +118,73 @@ def envoy_binary() -> Path:
         return binary
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AdsTLS:
+    """mTLS of a proxy's ADS connection. Each of the certificate chain, private key and CA
+    bundle is given inline (``*_pem``) or as a file Envoy reads (``*_path``), exactly one way.
+    ``server_san`` (optional) is the SAN the server certificate must carry: an IP address, a
+    ``spiffe://`` URI or a DNS name; ``sni`` the server name sent in the handshake."""
+
+    cert_pem: str | None = None
+    key_pem: str | None = None
+    ca_pem: str | None = None
+    cert_path: str | None = None
+    key_path: str | None = None
+    ca_path: str | None = None
+    server_san: str | None = None
+    sni: str | None = None
+
+    def transport_socket(self) -> dict[str, Any]:
+        """The ``envoy.transport_sockets.tls`` socket with an UpstreamTlsContext."""
+        validation: dict[str, Any] = {"trusted_ca": self._source("ca", self.ca_pem, self.ca_path)}
+        if self.server_san:
+            validation["match_typed_subject_alt_names"] = [
+                {"san_type": _san_type(self.server_san), "matcher": {"exact": self.server_san}}
+            ]
+        context: dict[str, Any] = {
+            "@type": _UPSTREAM_TLS,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": self._source("cert", self.cert_pem, self.cert_path),
+                        "private_key": self._source("key", self.key_pem, self.key_path),
+                    }
+                ],
+                "validation_context": validation,
+            },
+        }
+        if self.sni:
+            context["sni"] = self.sni
+        return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+    @staticmethod
+    def _source(what: str, inline: str | None, path: str | None) -> dict[str, str]:
+        if (inline is None) == (path is None):
+            raise EnvoyError(f"AdsTLS: give exactly one of {what}_pem and {what}_path")
+        if inline is not None:
+            if "-----BEGIN" not in inline:
+                raise EnvoyError(f"AdsTLS.{what}_pem holds no PEM block")
+            return {"inline_string": inline}
+        assert path is not None
+        if not os.path.isfile(path):
+            raise EnvoyError(f"AdsTLS.{what}_path {path!r} is not a file")
+        return {"filename": path}
+
+
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def _san_type(san: str) -> str:
+    if "://" in san:
+        return "URI"
+    try:
+        ipaddress.ip_address(san)
+    except ValueError:
+        return "DNS"
+    return "IP_ADDRESS"
+
+
 def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
@@ -129,11 +200,13 @@ def ads_bootstrap(
     ads_cluster_name: str = "smc_xds",
     initial_fetch_timeout_s: float | None = None,
     extra_clusters: list[dict[str, Any]] | None = None,
+    tls: AdsTLS | None = None,
 ) -> dict[str, Any]:
     """Build a bootstrap that gets LDS and CDS (hence EDS/RDS/SDS) over one ADS stream.
 
     ``delta`` picks ``DELTA_GRPC`` (incremental xDS) instead of ``GRPC`` (state of the world).
-    The ADS server is reached over HTTP/2 cleartext at ``ads_host:ads_port``.
+    The ADS server is reached over HTTP/2 cleartext at ``ads_host:ads_port``, or over mTLS
+    with ``tls`` (the proxy's certificate and the CA that signed the server's).
     """
     config_source: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
     if initial_fetch_timeout_s is not None:
@@ -155,6 +228,8 @@ def ads_bootstrap(
             ],
         },
     }
+    if tls is not None:
+        xds_cluster["transport_socket"] = tls.transport_socket()
     return {
         "node": {"id": node_id, "cluster": cluster},
         "admin": {"address": _socket_address("127.0.0.1", admin_port)},

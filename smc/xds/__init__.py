@@ -36,11 +36,15 @@ from smc.xds._identity import InvalidNodeId, NodeRef, find_workload, parse_node_
 from smc.xds._server import (
     AckCallback,
     AdsServer,
+    Authorize,
     NackRecord,
     ProxyStatus,
+    RefusalRecord,
+    ServerTLS,
     SubscriptionCallback,
     TypeStatus,
     XdsMetrics,
+    workload_authorizer,
 )
 from smc.xds._snapshot import (
     CHANGE_HISTORY,
@@ -80,6 +84,7 @@ __all__ = [
     "WORKLOAD_SECRET",
     "AckCallback",
     "AdsServer",
+    "Authorize",
     "BuildPass",
     "CertSource",
     "CertsListener",
@@ -94,7 +99,9 @@ __all__ = [
     "ProxyBuild",
     "ProxyStatus",
     "Publication",
+    "RefusalRecord",
     "ResourceEntry",
+    "ServerTLS",
     "Snapshot",
     "SnapshotCache",
     "SnapshotSource",
@@ -113,4 +120,5 @@ __all__ = [
     "outbound_cluster_name",
     "parse_node_id",
     "resource_name",
+    "workload_authorizer",
 ]

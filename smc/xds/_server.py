@@ -30,6 +30,18 @@ snapshot until the listeners and routes that stopped using them are ACKed, givin
 order LDS/RDS -> CDS -> EDS.
 Streams are accepted at once but answered only after :meth:`AdsServer.mark_ready`.
 
+mTLS: ``start(tls=ServerTLS(...))`` serves over TLS and requires a client certificate signed by
+one of ``client_ca_pems``. Given an ``authorize(node_id, peer_identity) -> bool`` hook (required
+with ``tls``), every stream must present a certificate whose single SPIFFE URI SAN parses (in
+``ServerTLS.trust_domain`` when set), else it is refused at once (UNAUTHENTICATED); before the
+first response carrying the node's snapshot the hook is asked whether the certificate's identity
+may speak for the node id (the node id's workload runs as that service account, see
+:func:`workload_authorizer`), and a refusal ends the stream with PERMISSION_DENIED. The check
+waits for the snapshot because a node id whose workload is not yet registered gets none (the
+stream stays open until it joins, as without TLS). Refusals are kept for debug
+(:meth:`AdsServer.refusals`) and counted by reason (``smc_xds_refused_streams_total``, no
+node-id label). Without ``tls`` and ``authorize`` nothing changes.
+
 Concurrency: everything runs on the one event loop of the grpc.aio server. Each stream is one
 handler coroutine plus one reader task feeding a queue; snapshot changes arrive as a callback from
 the cache that enqueues a single coalesced wake-up. Per-stream state is a few slotted objects:
@@ -50,16 +62,21 @@ import itertools
 import logging
 import sys
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
+from cryptography import x509
 from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from smc.ca import InvalidIdentity, SpiffeId, parse_spiffe_id
+from smc.projections import Workload
 from smc.xds._cache import SnapshotSource, Unwatch
+from smc.xds._errors import XdsError
+from smc.xds._identity import InvalidNodeId, find_workload, parse_node_id
 from smc.xds._snapshot import ResourceEntry, Snapshot, TypeResources
 from smc.xds._types import (
     CLUSTER,
@@ -74,11 +91,15 @@ from smc.xds._types import (
 __all__ = [
     "AckCallback",
     "AdsServer",
+    "Authorize",
     "NackRecord",
     "ProxyStatus",
+    "RefusalRecord",
+    "ServerTLS",
     "SubscriptionCallback",
     "TypeStatus",
     "XdsMetrics",
+    "workload_authorizer",
 ]
 
 _log = logging.getLogger("smc.xds.server")
@@ -91,6 +112,13 @@ AckCallback = Callable[[str, str, str, float], None]
 #: ``on_subscription(node_id, type_url, watched)``: a proxy started (True) or stopped (False)
 #: watching a named type (EDS/RDS/SDS) at all.
 SubscriptionCallback = Callable[[str, str, bool], None]
+#: ``authorize(node_id, peer_identity)``: may a proxy whose client certificate carries
+#: ``peer_identity`` be served the config of ``node_id``? Called on the server's loop, at most
+#: once per stream, once the node has a snapshot; must not block.
+Authorize = Callable[[str, SpiffeId], bool]
+
+RefusalReason = Literal["no_client_certificate", "bad_identity", "identity_mismatch"]
+_REFUSALS_KEPT = 256
 
 _EOF = object()
 _CHANGED = object()
@@ -103,6 +131,72 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 # ---------------------------------------------------------------------- public records
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerTLS:
+    """TLS material of the ADS server: its certificate chain and key (PEM), the CA bundle
+    client certificates must chain to, and optionally the trust domain their SPIFFE ids must
+    be in. Build it with :meth:`of` to get the PEMs checked with clear errors."""
+
+    cert_pem: str
+    key_pem: str
+    client_ca_pems: tuple[str, ...]
+    trust_domain: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        cert_pem: str,
+        key_pem: str,
+        client_ca_pems: Iterable[str],
+        trust_domain: str | None = None,
+    ) -> ServerTLS:
+        """Check the PEMs parse (raises :class:`XdsError` naming the field) and build."""
+        cas = tuple(client_ca_pems)
+        _check_pem_certs(cert_pem, field="cert_pem")
+        if "PRIVATE KEY-----" not in key_pem:
+            raise XdsError("ServerTLS.key_pem: no PEM private key found")
+        if not cas:
+            raise XdsError("ServerTLS.client_ca_pems: empty (client certificates cannot verify)")
+        for i, pem in enumerate(cas):
+            _check_pem_certs(pem, field=f"client_ca_pems[{i}]")
+        return cls(
+            cert_pem=cert_pem, key_pem=key_pem, client_ca_pems=cas, trust_domain=trust_domain
+        )
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """gRPC server credentials requiring a client certificate from ``client_ca_pems``."""
+        return grpc.ssl_server_credentials(
+            [(self.key_pem.encode("ascii"), self.cert_pem.encode("ascii"))],
+            root_certificates="".join(
+                p if p.endswith("\n") else p + "\n" for p in self.client_ca_pems
+            ).encode("ascii"),
+            require_client_auth=True,
+        )
+
+
+def _check_pem_certs(pem: str, *, field: str) -> None:
+    try:
+        certs = x509.load_pem_x509_certificates(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise XdsError(f"ServerTLS.{field}: not PEM certificates: {exc}") from exc
+    if not certs:
+        raise XdsError(f"ServerTLS.{field}: no certificate found")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RefusalRecord:
+    """One stream refused by the identity check: why, for which claimed node id (empty when
+    refused before the first request), and the certificate identity presented (empty if none)."""
+
+    node_id: str
+    peer_identity: str
+    peer: str
+    reason: RefusalReason
+    message: str
+    at: float  # wall-clock seconds (time.time())
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -182,6 +276,12 @@ class XdsMetrics:
         self.nacks = Counter("smc_xds_nacks", "NACKs received", ["type"], registry=registry)
         self.connected = Gauge(
             "smc_xds_connected_proxies", "Open ADS streams", ["kind"], registry=registry
+        )
+        self.refused = Counter(
+            "smc_xds_refused_streams",
+            "ADS streams refused by the client-certificate identity check",
+            ["reason"],
+            registry=registry,
         )
         self._by_type: dict[str, _TypeMetrics] = {}
 
@@ -271,9 +371,11 @@ class _TypeState:
 
 class _Stream:
     __slots__ = (
+        "authorized",
         "changed",
         "connected_at",
         "id",
+        "identity",
         "kind",
         "node_id",
         "nonces",
@@ -288,6 +390,10 @@ class _Stream:
         self.id = stream_id
         self.kind: StreamKind = kind
         self.peer = peer
+        # The client certificate's identity (mTLS with an authorize hook), and whether the hook
+        # allowed it to speak for node_id (True at once when there is no hook).
+        self.identity: SpiffeId | None = None
+        self.authorized = True
         self.node_id = ""
         self.connected_at = time.time()
         self.types: dict[str, _TypeState] = {}
@@ -336,12 +442,19 @@ class AdsServer:
         metrics: XdsMetrics | None = None,
         on_ack: AckCallback | None = None,
         on_subscription: SubscriptionCallback | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         """``registry``: where to register new metrics (a private one if None); or pass the
         ``metrics`` of an earlier server (a restart in the same process) to keep counting.
         ``on_ack`` hears every ACK, ``on_subscription`` when a proxy starts or stops watching a
-        named type; both are called on the server's loop and must not block."""
+        named type; both are called on the server's loop and must not block. ``authorize``
+        (required by ``start(tls=...)``) checks a stream's node id against its client
+        certificate's identity; with it, a stream without a verified SPIFFE client certificate
+        is refused."""
         self._cache = cache
+        self._authorize = authorize
+        self._trust_domain: str | None = None
+        self._refusals: deque[RefusalRecord] = deque(maxlen=_REFUSALS_KEPT)
         self._on_ack = on_ack
         self._on_subscription = on_subscription
         if metrics is None:
@@ -376,10 +489,20 @@ class AdsServer:
             (grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),)
         )
 
-    async def start(self, *, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start an own grpc.aio server on ``host:port`` (0: any free port); returns the port."""
+    async def start(
+        self, *, host: str = "127.0.0.1", port: int = 0, tls: ServerTLS | None = None
+    ) -> int:
+        """Start an own grpc.aio server on ``host:port`` (0: any free port); returns the port.
+
+        With ``tls`` the port speaks TLS only and requires a client certificate from
+        ``tls.client_ca_pems``; the server must have an ``authorize`` hook."""
         if self._server is not None:
             raise RuntimeError("AdsServer already started")
+        if tls is not None and self._authorize is None:
+            raise XdsError(
+                "AdsServer.start(tls=...) needs an authorize hook: without it any mesh "
+                "certificate could claim any node id"
+            )
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -388,7 +511,11 @@ class AdsServer:
             ]
         )
         self.add_to(server)
-        bound: int = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound: int = server.add_insecure_port(f"{host}:{port}")
+        else:
+            self._trust_domain = tls.trust_domain
+            bound = server.add_secure_port(f"{host}:{port}", tls.credentials())
         if bound == 0:
             raise OSError(f"cannot bind the ADS server to {host}:{port}")
         await server.start()
@@ -449,6 +576,12 @@ class AdsServer:
         out.sort(key=lambda p: (p.node_id, p.stream_id))
         return out
 
+    def refusals(self, *, node_id: str | None = None) -> list[RefusalRecord]:
+        """The last streams refused by the identity check (at most 256), newest first."""
+        found = [r for r in self._refusals if node_id is None or r.node_id == node_id]
+        found.reverse()
+        return found
+
     def nacks(self, *, node_id: str | None = None) -> list[NackRecord]:
         """The last NACK per (node, type), kept after the stream closes; newest first."""
         found = [r for (n, _), r in self._nacks.items() if node_id is None or n == node_id]
@@ -477,6 +610,15 @@ class AdsServer:
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: StreamKind
     ) -> None:
         stream = _Stream(stream_id=next(self._ids), kind=kind, peer=str(context.peer()))
+        if self._authorize is not None:
+            found = _peer_identity(context, trust_domain=self._trust_domain)
+            if not isinstance(found, SpiffeId):
+                reason, message = found
+                await self._refuse(
+                    stream, context, reason, grpc.StatusCode.UNAUTHENTICATED, message
+                )
+                return
+            stream.identity, stream.authorized = found, False
         queue = stream.queue
 
         async def read() -> None:
@@ -695,12 +837,59 @@ class AdsServer:
 
     # ------------------------------------------------------------------ pushing
 
+    async def _refuse(
+        self,
+        stream: _Stream,
+        context: grpc.aio.ServicerContext,
+        reason: RefusalReason,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        """Record and count a refusal, then end the stream with ``code`` (raises)."""
+        record = RefusalRecord(
+            node_id=stream.node_id,
+            peer_identity=stream.identity.uri if stream.identity is not None else "",
+            peer=stream.peer,
+            reason=reason,
+            message=message,
+            at=time.time(),
+        )
+        self._refusals.append(record)
+        self.metrics.refused.labels(reason).inc()
+        _log.warning("refused ADS stream from %s: %s", stream.peer, message)
+        await context.abort(code, message)
+
+    async def _check_identity(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
+        """Ask the authorize hook whether the stream's certificate may speak for its node id;
+        refuse the stream (raises) if not."""
+        identity = stream.identity
+        assert identity is not None and self._authorize is not None
+        try:
+            allowed = bool(self._authorize(stream.node_id, identity))
+        except Exception:
+            _log.exception("authorize hook failed for node %s", stream.node_id)
+            allowed = False
+        if allowed:
+            stream.authorized = True
+            return
+        await self._refuse(
+            stream,
+            context,
+            "identity_mismatch",
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"node id {stream.node_id!r} does not run as the identity of the client "
+            f"certificate ({identity.uri}): a proxy is only served the config of its own "
+            "identity",
+        )
+
     async def _push(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
         if not self._ready or not stream.node_id:
             return
         snapshot = self._cache.get(stream.node_id)
         if snapshot is None:
             return
+        if not stream.authorized:
+            await self._check_identity(stream, context)
         in_flight = False
         for type_url in PUSH_ORDER:
             ts = stream.types.get(type_url)
@@ -972,6 +1161,64 @@ class AdsServer:
         tm.bytes_sent.inc(found[2])
         # Same content for every stream with the same diff; the nonce field is appended.
         return found[0] + _string_field(5, nonce)
+
+
+def _peer_identity(
+    context: grpc.aio.ServicerContext, *, trust_domain: str | None
+) -> SpiffeId | tuple[RefusalReason, str]:
+    """The SPIFFE identity of the (TLS-verified) client certificate of ``context``'s peer: its
+    one ``spiffe://`` URI SAN, in ``trust_domain`` when given; else ``(reason, message)``."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    if not pems:
+        return (
+            "no_client_certificate",
+            "no client certificate: the ADS port requires mTLS with a mesh certificate",
+        )
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0])
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "bad_identity", "client certificate has no subjectAltName (expected a SPIFFE URI)"
+    except ValueError as exc:
+        return "bad_identity", f"client certificate does not parse: {exc}"
+    spiffe = [
+        u
+        for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith("spiffe://")
+    ]
+    if len(spiffe) != 1:
+        return "bad_identity", (
+            f"client certificate must carry exactly one spiffe:// URI SAN, found {len(spiffe)}"
+            + (f": {spiffe}" if spiffe else "")
+        )
+    try:
+        return parse_spiffe_id(spiffe[0], trust_domain=trust_domain)
+    except InvalidIdentity as exc:
+        return "bad_identity", f"client certificate identity is not valid: {exc}"
+
+
+def workload_authorizer(
+    *,
+    workloads: Callable[[], Mapping[tuple[str, str, str], Workload] | Iterable[Workload]],
+) -> Authorize:
+    """An :data:`Authorize` hook over the registry: a certificate for ``ns/sa`` may speak for
+    node id ``<ns>/<workload>`` (or ``<kind>/<ns>/<workload>``) when that workload exists and
+    runs as service account ``sa`` in ``ns``. ``workloads`` returns the registry's current
+    workloads (a mapping keyed ``(kind, ns, name)`` or any iterable); it is called per check."""
+
+    def authorize(node_id: str, peer: SpiffeId) -> bool:
+        try:
+            ref = parse_node_id(node_id)
+        except InvalidNodeId:
+            return False
+        workload = find_workload(ref, workloads())
+        return (
+            workload is not None
+            and workload.namespace == peer.namespace
+            and workload.service_account == peer.service_account
+        )
+
+    return authorize
 
 
 def _names_digest(request: discovery_pb2.DiscoveryRequest) -> bytes:
