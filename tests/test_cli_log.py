@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,11 +75,22 @@ def test_tail_follow_sees_new_events(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")) if proc.stdout else None,
+        daemon=True,
+    )
+    reader.start()
     try:
-        time.sleep(1.5)
-        SqliteLog(db).append([service(42, actor="dave")])
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert json.loads(line)["actor"] == "dave"
+        # The tail starts at the end of the log once it is up: append until it shows one.
+        deadline = time.monotonic() + 60
+        i = 0
+        while not lines and time.monotonic() < deadline:
+            SqliteLog(db).append([service(100 + i, actor="dave")])
+            i += 1
+            time.sleep(1.0)
+        assert lines, "tail -f printed nothing"
+        assert json.loads(lines[0])["actor"] == "dave"
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(10)

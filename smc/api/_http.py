@@ -4,7 +4,8 @@ Role: a thin JSON layer over :class:`~smc.api.LiveMeshChanges` (writes) and the 
 (reads). Endpoints are described in :mod:`smc.api._openapi` (``GET /openapi.json``). Every error
 is JSON ``{"errors": [{"document", "field", "reason", ...}]}``: 400 for an unreadable body or bad
 query, 413 for a body over the cap, 422 when some documents were refused (the valid ones are
-applied), 503 before the projections have caught up, 504 if appended events were not applied in
+applied), 503 before the projections have caught up or when the event log cannot be reached (nothing
+was recorded; retry), 504 if appended events were not applied in
 time. No input can crash the server: unexpected exceptions become a 500 JSON answer.
 Concurrency: handlers run on the asyncio loop that runs the projection runner, so reads see
 whole events; manifest decoding and the append run in worker threads; writes are serialised.
@@ -33,6 +34,7 @@ from smc.api._views import (
     services_view,
     workloads_view,
 )
+from smc.events import LogUnavailable
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.projections._policyview import PolicyView
 from smc.smi import LoadResult, ManifestError, Resource, load_documents
@@ -71,6 +73,12 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _errors(400, _err(exc.reason, field=exc.field, document="request"))
     except ChangeNotApplied as exc:
         return _errors(504, _err(str(exc)))
+    except LogUnavailable as exc:
+        log.warning("log unavailable serving %s %s: %s", request.method, request.path, exc)
+        return _errors(
+            503,
+            _err(f"the event log is unavailable, nothing was recorded; retry later ({exc})"),
+        )
     except asyncio.CancelledError:
         raise
     except Exception:

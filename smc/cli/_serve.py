@@ -17,6 +17,13 @@ the issuing replica's ``--keys DIR`` (:func:`smc.ca._controller.follow_ca`): the
 nor append, and serve the certificates and trust bundle the log records, keys read from the
 shared directory. ``GET /debug/state`` gives the runner's position and the projections'
 digests, to compare replicas.
+``--xds-tls`` serves ADS over mTLS once the projections caught up (the trust domain and the
+mesh trust bundle come from the log): the server certificate is issued by the local CA (or
+read from ``--xds-cert/--xds-key``, required for a follower or a Vault CA), client
+certificates must chain to the mesh trust bundle and their SPIFFE identity must be the
+service account of the node id's workload (:func:`smc.xds._server.workload_authorizer`).
+``--kube in-cluster|KUBECONFIG`` runs the Kubernetes informers beside the runner, appending
+to the same log; a failure of the informers stops serve with exit status 1.
 Concurrency: one asyncio loop; the log is read in worker threads; issuers are called in worker
 threads; SIGINT/SIGTERM stop it.
 """
@@ -24,12 +31,15 @@ threads; SIGINT/SIGTERM stop it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -49,6 +59,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from smc.ca import Issuer, IssuerFactory
+    from smc.informers import KubeEndpoint, KubeInformers
+    from smc.xds._server import ServerTLS
 
 __all__ = ["serve"]
 
@@ -62,6 +74,62 @@ def _parse_hostport(value: str, option: str = "--http") -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _XdsTLSOptions:
+    """``--xds-tls``: the server certificate's SANs, or its files (``--xds-cert/--xds-key``)."""
+
+    ip_addresses: tuple[str, ...] = ()
+    dns_names: tuple[str, ...] = ()
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text("ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OSError(f"{option} {path}: cannot read: {exc}") from exc
+
+
+def _tls_options(
+    *,
+    host: str,
+    sans: tuple[str, ...],
+    cert_file: str | None,
+    key_file: str | None,
+    follow: bool,
+    ca: str | None,
+) -> _XdsTLSOptions:
+    """Check the ``--xds-tls`` options; the SANs are the ``--xds`` host (unless a wildcard),
+    127.0.0.1, localhost and every ``--xds-san``."""
+    if (cert_file is None) != (key_file is None):
+        raise click.BadParameter("give both --xds-cert and --xds-key", param_hint="--xds-tls")
+    if follow and cert_file is None:
+        raise click.BadParameter(
+            "a follower (--ca follow) has no issuer to sign the ADS server certificate: give "
+            "--xds-cert FILE --xds-key FILE (e.g. the issuing replica's, from `smc certs`)",
+            param_hint="--xds-tls",
+        )
+    if ca is not None and ca.startswith("vault:") and cert_file is None:
+        raise click.BadParameter(
+            "the ADS server certificate is signed by a local CA only; with --ca vault:URL give "
+            "--xds-cert FILE --xds-key FILE",
+            param_hint="--xds-tls",
+        )
+    names = [n for n in (host, "127.0.0.1", "localhost", *sans) if n not in ("0.0.0.0", "::")]
+    ips: list[str] = []
+    dns: list[str] = []
+    for name in dict.fromkeys(names):
+        try:
+            ipaddress.ip_address(name)
+            ips.append(name)
+        except ValueError:
+            dns.append(name)
+    return _XdsTLSOptions(
+        ip_addresses=tuple(ips), dns_names=tuple(dns), cert_file=cert_file, key_file=key_file
+    )
+
+
 class _Xds:
     """The xDS side of ``smc serve``: CA task, key store, controller, ADS server, metrics."""
 
@@ -72,15 +140,18 @@ class _Xds:
         keys_dir: str | None,
         addr: tuple[str, int],
         follow: bool = False,
+        tls: _XdsTLSOptions | None = None,
     ) -> None:
         from prometheus_client import CollectorRegistry
 
         from smc.ca import KeyStore, LocalIssuer
         from smc.xds import XdsController
         from smc.xds._certs import IssuerCache, KeyStoreCertSource
+        from smc.xds._server import workload_authorizer
 
         self.runner = runner
         self.follow = follow
+        self.tls = tls
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if factory is None and not follow:
             self._tmp = tempfile.TemporaryDirectory(prefix="smc-ca-")
@@ -101,24 +172,85 @@ class _Xds:
         self.metrics = CollectorRegistry()
         self.controller = XdsController(runner=runner, certs=self.certs, registry=self.metrics)
         self.certs.add_listener(self.controller.on_certs_changed)
-        self.server = self.controller.make_server()
+        if tls is None:
+            self.server = self.controller.make_server()
+        else:
+            registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
+            self.server = self.controller.make_server(
+                authorize=workload_authorizer(workloads=lambda: registry.workloads)
+            )
 
-    async def start(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+    async def _server_tls(self, task: asyncio.Task[None]) -> ServerTLS:
+        """The ADS server's TLS material, once the projections caught up (the trust domain and
+        the mesh trust bundle come from the log): its certificate from ``--xds-cert/--xds-key``
+        or issued by the serve CA for the ``--xds`` address and ``--xds-san`` names; client
+        certificates must chain to the mesh trust bundle."""
+        from smc.api import ApiError
+        from smc.injector._tls import issue_serving_certificate
+        from smc.xds import XdsError
+        from smc.xds._certs import local_issuer_of
+        from smc.xds._server import ServerTLS
+
+        assert self.tls is not None
+        caught = asyncio.ensure_future(self.runner.caught_up.wait())
+        await asyncio.wait({caught, task}, return_when=asyncio.FIRST_COMPLETED)
+        caught.cancel()
+        if not self.runner.caught_up.is_set():
+            task.result()  # the runner failed: raise its error
+            raise ApiError("the projections stopped before catching up; xDS not started")
+        policy = next(p for p in self.runner.projections if isinstance(p, PolicyProjection))
+        trust_domain = policy.mesh.trust_domain
+        bundle: list[str] = []
+        cert_pem = key_pem = ""
+        try:
+            if self.issuers is not None:
+                issuer = await asyncio.to_thread(self.issuers, trust_domain)
+                bundle = list(await asyncio.to_thread(issuer.trust_bundle))
+                if self.tls.cert_file is None:
+                    local = local_issuer_of(issuer)
+                    if local is None:
+                        raise ApiError(
+                            f"--xds-tls: issuer {issuer.name} cannot sign the ADS server "
+                            "certificate; give --xds-cert FILE --xds-key FILE"
+                        )
+                    served = await asyncio.to_thread(
+                        issue_serving_certificate,
+                        local,
+                        ip_addresses=self.tls.ip_addresses,
+                        dns_names=self.tls.dns_names,
+                    )
+                    cert_pem, key_pem = served.cert_pem + served.chain_pem, served.private_key_pem
+            else:
+                # a follower: the trust bundle the log records, written by the CA follower
+                for _ in range(300):
+                    bundle = self.keystore.trust_bundle()
+                    if bundle or task.done():
+                        break
+                    await asyncio.sleep(0.1)
+                if not bundle:
+                    raise ApiError(
+                        "--xds-tls: no mesh trust bundle recorded on the log yet (the issuing "
+                        "replica records it); cannot verify client certificates"
+                    )
+            if self.tls.cert_file is not None and self.tls.key_file is not None:
+                cert_pem = _read_text(self.tls.cert_file, "--xds-cert")
+                key_pem = _read_text(self.tls.key_file, "--xds-key")
+            return ServerTLS.of(
+                cert_pem=cert_pem,
+                key_pem=key_pem,
+                client_ca_pems=bundle,
+                trust_domain=trust_domain,
+            )
+        except (XdsError, OSError) as exc:
+            raise ApiError(f"--xds-tls: {exc}") from exc
+
+    async def start(
+        self, stop: asyncio.Event, runner_task: asyncio.Task[None]
+    ) -> list[asyncio.Task[None]]:
         from smc.api import ApiError
         from smc.ca import run_ca
         from smc.ca._controller import follow_ca
 
-        try:
-            port = await self.server.start(host=self.addr[0], port=self.addr[1])
-        except (OSError, RuntimeError) as exc:
-            raise ApiError(
-                f"cannot serve xDS on {self.addr[0]}:{self.addr[1]}: {exc}; choose another "
-                "with --xds HOST:PORT or disable it with --xds off"
-            ) from exc
-        click.echo(
-            f"xDS (ADS) on {self.addr[0]}:{port} (answers once the projections are current)",
-            err=True,
-        )
         if self.issuers is None:
             click.echo(f"CA: following the log (keys from {self.keystore.directory})", err=True)
             ca = follow_ca(runner=self.runner, keystore=self.keystore, stop=stop)
@@ -130,11 +262,31 @@ class _Xds:
                 keystore=self.keystore,
                 stop=stop,
             )
-        return [
+        # the CA runs first: with --xds-tls a follower waits for the trust bundle it records
+        tasks = [
             asyncio.create_task(self.controller.run(stop=stop)),
             asyncio.create_task(ca),
             asyncio.create_task(self.certs.run(stop=stop)),
         ]
+        try:
+            server_tls = await self._server_tls(runner_task) if self.tls is not None else None
+            try:
+                port = await self.server.start(host=self.addr[0], port=self.addr[1], tls=server_tls)
+            except (OSError, RuntimeError) as exc:
+                raise ApiError(
+                    f"cannot serve xDS on {self.addr[0]}:{self.addr[1]}: {exc}; choose another "
+                    "with --xds HOST:PORT or disable it with --xds off"
+                ) from exc
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        click.echo(
+            f"xDS (ADS) on {self.addr[0]}:{port}{' over mTLS' if server_tls else ''} "
+            "(answers once the projections are current)",
+            err=True,
+        )
+        return tasks
 
     async def close(self) -> None:
         await self.server.stop(grace=1.0)
@@ -221,6 +373,30 @@ async def _start_api(
     return closers, tasks
 
 
+async def _run_kube(
+    informers: KubeInformers, stop: asyncio.Event, failed: list[BaseException]
+) -> None:
+    """Run the informers until ``stop``; a failure is recorded and stops serve (exit 1).
+    They get their own stop event: :meth:`KubeInformers.run` sets it when it ends."""
+    own = asyncio.Event()
+
+    async def relay() -> None:
+        await stop.wait()
+        own.set()
+
+    relay_task = asyncio.create_task(relay())
+    try:
+        await informers.run(stop=own)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("Kubernetes informers failed")
+        failed.append(exc)
+        stop.set()
+    finally:
+        relay_task.cancel()
+
+
 async def _serve(
     runner: ProjectionRunner,
     store: CheckpointStore | None,
@@ -232,23 +408,37 @@ async def _serve(
     factory: IssuerFactory | None = None,
     keys_dir: str | None = None,
     follow: bool = False,
+    xds_tls: _XdsTLSOptions | None = None,
+    kube: KubeEndpoint | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    xds = _Xds(runner, factory, keys_dir, xds_addr, follow) if xds_addr is not None else None
+    xds = (
+        _Xds(runner, factory, keys_dir, xds_addr, follow, xds_tls) if xds_addr is not None else None
+    )
     # the API listens before the runner starts: /readyz answers 503 until it has caught up
     closers, side_tasks = await _start_api(runner, stop, http, inventory, inventory_interval, xds)
+    task = asyncio.create_task(runner.run(stop=stop))
+    kube_failed: list[BaseException] = []
+    kube_task: asyncio.Task[None] | None = None
+    if kube is not None:
+        from smc.informers import KubeInformers, LogSink
+
+        informers = KubeInformers(endpoint=kube, sink=LogSink(runner.log))
+        kube_task = asyncio.create_task(_run_kube(informers, stop, kube_failed))
+        click.echo(f"Kubernetes informers watching {kube.host}", err=True)
     if xds is not None:
         try:
-            side_tasks.extend(await xds.start(stop))
+            side_tasks.extend(await xds.start(stop, task))
         except SMCError:
+            stop.set()
+            await asyncio.wait({task}, timeout=5.0)
             for c in closers:
                 await c()
             raise
         closers.append(xds.close)
-    task = asyncio.create_task(runner.run(stop=stop))
 
     async def announce() -> None:
         await runner.caught_up.wait()
@@ -267,6 +457,10 @@ async def _serve(
     finally:
         stop.set()
         announcer.cancel()
+        if kube_task is not None:
+            # the informers end their watches on stop; cancel them only if they hang
+            await asyncio.wait({kube_task}, timeout=10.0)
+            kube_task.cancel()
         for t in side_tasks:
             t.cancel()
         for c in closers:
@@ -276,6 +470,10 @@ async def _serve(
             if exc is None:
                 store.save(runner.checkpoint())
     task.result()
+    if kube_failed:
+        from smc.informers import InformersError
+
+        raise InformersError(f"Kubernetes informers failed: {kube_failed[0]}")
 
 
 @cli.command("serve")
@@ -302,6 +500,39 @@ async def _serve(
     show_default=True,
     help="HOST:PORT of the xDS (ADS) server for Envoy sidecars; 'off' disables it.",
 )
+@click.option(
+    "--xds-tls",
+    is_flag=True,
+    help="Serve ADS over mTLS: proxies present their mesh certificate (checked against their "
+    "node id); the server certificate is issued by the CA for the --xds host, 127.0.0.1, "
+    "localhost and every --xds-san.",
+)
+@click.option(
+    "--xds-san",
+    multiple=True,
+    help="Extra DNS name or IP address of the ADS server certificate (repeatable).",
+)
+@click.option(
+    "--xds-cert",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="PEM certificate (chain) of the ADS server, instead of one issued by the CA "
+    "(needed with --ca follow or vault:URL).",
+)
+@click.option(
+    "--xds-key",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="PEM private key of --xds-cert.",
+)
+@click.option(
+    "--kube",
+    default=None,
+    metavar="in-cluster|KUBECONFIG",
+    help="Watch a Kubernetes cluster (namespaces labelled smc.dev/monitored=true) and append "
+    "its services, pods, service accounts and SMI resources to the log: 'in-cluster' (the "
+    "pod's service account) or the path of a kubeconfig with a token user.",
+)
 @ca_options
 @keys_option
 @click.pass_context
@@ -313,6 +544,11 @@ def serve(
     inventory: str | None,
     inventory_interval: float,
     xds_addr: str,
+    xds_tls: bool,
+    xds_san: tuple[str, ...],
+    xds_cert: str | None,
+    xds_key: str | None,
+    kube: str | None,
     ca: str | None,
     vault_role: str,
     vault_mount: str,
@@ -339,6 +575,29 @@ def serve(
             "follow needs --keys DIR: the key directory the issuing replica writes",
             param_hint="--ca",
         )
+    tls_opts: _XdsTLSOptions | None = None
+    if xds_tls:
+        if xds is None:
+            raise click.BadParameter("--xds-tls needs the xDS server (not --xds off)")
+        tls_opts = _tls_options(
+            host=xds[0], sans=xds_san, cert_file=xds_cert, key_file=xds_key, follow=follow, ca=ca
+        )
+    elif xds_cert or xds_key or xds_san:
+        raise click.BadParameter(
+            "--xds-cert, --xds-key and --xds-san go with --xds-tls", param_hint="--xds-tls"
+        )
+    kube_endpoint: KubeEndpoint | None = None
+    if kube:
+        from smc.informers import KubeEndpoint
+
+        try:
+            kube_endpoint = (
+                KubeEndpoint.in_cluster()
+                if kube == "in-cluster"
+                else KubeEndpoint.from_kubeconfig(kube)
+            )
+        except SMCError as exc:
+            raise click.BadParameter(str(exc), param_hint="--kube") from exc
     if ca not in (None, "", "ephemeral", "follow"):
         try:
             factory = factory_from_ca_options(
@@ -371,6 +630,8 @@ def serve(
                 factory,
                 keys_dir,
                 follow,
+                tls_opts,
+                kube_endpoint,
             )
         )
     except SMCError as exc:

@@ -207,27 +207,47 @@ class KafkaLog:
         return out
 
     def scan(
-        self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0
+        self,
+        *,
+        start: Position,
+        max_records: int = 10_000,
+        timeout: float = 0.0,
+        end: Position | None = None,
     ) -> tuple[list[tuple[str, int, int, bytes, bytes]], Position]:
-        """Like :meth:`read` but lean, for replay: (stream, partition, offset, key, value)
-        tuples plus the position after them; no timestamps, no Record objects."""
-        cut = len(self.prefix)
+        """Like :meth:`read` but lean, for replay: (topic, partition, offset, key, value)
+        tuples (the topic includes any prefix) before ``end``, plus the position after them;
+        one pass over the messages, no timestamps, no Record objects."""
+        if self._assigned != start:
+            self._assign(start)
+        msgs = self._consumer.consume(num_messages=max_records, timeout=max(timeout, 0.001))
         out: list[tuple[str, int, int, bytes, bytes]] = []
         append = out.append
-        names: dict[str, str] = {}
-        for m in self._consume(start, max_records, timeout):
-            if m.error() is not None:
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    raise LogUnavailable(
+                        f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}"
+                    )
                 continue
-            t = m.topic()
-            stream = names.get(t)
-            if stream is None:
-                stream = names[t] = t[cut:]
-            append((stream, m.partition(), m.offset(), m.key() or b"", m.value() or b""))
+            append((m.topic(), m.partition(), m.offset(), m.key(), m.value()))  # type: ignore[arg-type]
         if out:
+            cut = len(self.prefix)
+            ends = {(r[0], r[1]): r[2] + 1 for r in out}
+            if end is not None and any(o > end.get((t[cut:], p)) for (t, p), o in ends.items()):
+                out = [r for r in out if r[2] < end.get((r[0][cut:], r[1]))]
+                ends = {(r[0], r[1]): r[2] + 1 for r in out}
+                filtered = True
+            else:
+                filtered = False
             pos = dict(start.items())
-            pos.update({(r[0], r[1]): r[2] + 1 for r in out})
-            self._assigned = Position(pos)
-        return out, self._assigned or start
+            pos.update({(t[cut:], p): o for (t, p), o in ends.items()})
+            after = Position(pos)
+            # When records past ``end`` were dropped the consumer is ahead of ``after``:
+            # forget the assignment so the next read seeks again.
+            self._assigned = None if filtered else after
+            return out, after
+        return out, start
 
     def end_position(self) -> Position:
         out = {}

@@ -180,10 +180,18 @@ class SqliteLog:
         return [new((s, 0, o, ts, k, v, t, e)) for s, o, ts, k, v, t, e in rows if o >= floor[s]]
 
     def scan(
-        self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0
+        self,
+        *,
+        start: Position,
+        max_records: int = 10_000,
+        timeout: float = 0.0,
+        end: Position | None = None,
     ) -> tuple[list[tuple[str, int, int, str, bytes]], Position]:
-        """Lean read for replay: (stream, partition, offset, key, value) and the next position."""
+        """Lean read for replay: (stream, partition, offset, key, value) before ``end`` and
+        the next position."""
         recs = self.read(start=start, max_records=max_records, timeout=timeout)
+        if end is not None:
+            recs = [r for r in recs if r[2] < end.get((r[0], 0))]
         return [(r[0], 0, r[2], r[4], r[5]) for r in recs], start.advanced(recs)
 
     def read(

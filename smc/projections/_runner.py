@@ -277,10 +277,7 @@ class ProjectionRunner:
         scan = getattr(self.log, "scan", None)
         while not scanned.covers(target):
             if compact and scan is not None:
-                raw, after = scan(start=scanned, max_records=self.batch, timeout=0.5)
-                if any(r[2] >= target.get((r[0], r[1])) for r in raw):
-                    raw = [r for r in raw if r[2] < target.get((r[0], r[1]))]
-                    after = scanned.advanced(raw)  # type: ignore[arg-type]
+                raw, after = scan(start=scanned, max_records=self.batch, timeout=0.5, end=target)
             else:
                 recs = self.log.read(start=scanned, max_records=self.batch, timeout=0.5)
                 recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
@@ -375,7 +372,8 @@ class ProjectionRunner:
         events: list[Event] = []
         for r in raw:
             event = decode(r[4], where=_where(r))
-            for p in by_stream.get(r[0], ()):
+            # The stream comes from the event's type: scans may name prefixed Kafka topics.
+            for p in by_stream.get(type(event).STREAM, ()):
                 try:
                     p.apply(event)
                 except Exception as exc:

@@ -8,8 +8,9 @@ trust bundle recorded on the log), plus the issuer's certificate revocation list
 the trust bundle, one per root, so every peer's TLS validation (Envoy loads CRLs found in
 ``trusted_ca`` and then checks them) refuses a revoked certificate on new connections. CRLs
 are added only when they cover every root of the bundle (a root without a CRL would fail every
-handshake). :class:`IssuerCache` memoises an issuer factory so the CA controller and the CRL
-source share one issuer. :class:`IssuingCertSource` is a small stand-alone source: it issues a
+handshake). A follower replica (no issuer) serves the CRLs the issuing replica saved in the
+shared key directory (``crls.json``), so both serve the same trust bundle. :class:`IssuerCache`
+memoises an issuer factory so the CA controller and the CRL source share one issuer. :class:`IssuingCertSource` is a small stand-alone source: it issues a
 certificate on first use with any :class:`smc.ca.Issuer` and keeps it in memory (tests).
 
 Concurrency: :class:`IssuingCertSource` and :class:`IssuerCache` are thread-safe (one lock).
@@ -50,6 +51,7 @@ __all__ = [
     "IssuingCertSource",
     "KeyStoreCertSource",
     "issuer_crls",
+    "local_issuer_of",
 ]
 
 log = logging.getLogger("smc.xds.certs")
@@ -161,6 +163,12 @@ def _unwrap(issuer: Issuer) -> object:
     return inner
 
 
+def local_issuer_of(issuer: Issuer) -> LocalIssuer | None:
+    """The :class:`~smc.ca.LocalIssuer` behind ``issuer`` (retry wrappers removed), or None."""
+    inner = _unwrap(issuer)
+    return inner if isinstance(inner, LocalIssuer) else None
+
+
 def issuer_crls(issuer: Issuer) -> list[str] | None:
     """PEM CRLs of ``issuer``: one per trusted root of a :class:`~smc.ca.LocalIssuer`, the
     default issuer's of a :class:`~smc.ca.VaultIssuer`; None for an issuer without CRLs.
@@ -225,7 +233,10 @@ class KeyStoreCertSource:
     ) -> None:
         """CRLs are kept in ``crls.json`` in the key store's directory (when it has one), so
         a restarted control plane serves byte-identical CRLs (a CRL is signed anew each time
-        it is made) and Envoys see no change."""
+        it is made) and Envoys see no change. Without an issuer (``issuer`` returns None: a
+        follower replica on the issuing replica's key directory) the CRLs are read from that
+        file (written atomically by the issuing replica), on every key-store change and every
+        ``refresh_interval`` seconds."""
         self.keystore = keystore
         directory = keystore.directory
         self._file = directory / "crls.json" if directory is not None else None
@@ -290,7 +301,7 @@ class KeyStoreCertSource:
         are getting old). Returns True when the served trust bundle changed."""
         issuer = self._issuer()
         if issuer is None:
-            return False
+            return self._follow_file()
         try:
             state = _revocation_state(issuer)
             with self._lock:
@@ -319,6 +330,17 @@ class KeyStoreCertSource:
                 issuer.name,
             )
         return before != after
+
+    def _follow_file(self) -> bool:
+        """Without an issuer (a follower replica): serve the CRLs the issuing replica saved in
+        the shared key directory, so both serve byte-identical trust bundles. Returns True
+        when the served trust bundle changed."""
+        if self._file is None:
+            return False
+        before = self.trust_bundle()
+        with self._lock:
+            self._load_file()
+        return before != self.trust_bundle()
 
     def _load_file(self) -> None:
         if self._file is None:

@@ -56,7 +56,7 @@ from smc.projections import PolicyProjection, PolicyView, ProjectionRunner, Regi
 from smc.xds._builder import OUTBOUND_PORT, BuildPass, ProxyBuild
 from smc.xds._cache import SnapshotCache, Unwatch
 from smc.xds._certs import CertSource
-from smc.xds._server import AdsServer
+from smc.xds._server import AdsServer, Authorize
 from smc.xds._snapshot import ResourceEntry, Snapshot
 from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, short_name
 
@@ -186,15 +186,22 @@ class XdsController:
 
     # ------------------------------------------------------------------ wiring
 
-    def make_server(self, *, metrics_registry: CollectorRegistry | None = None) -> AdsServer:
+    def make_server(
+        self,
+        *,
+        metrics_registry: CollectorRegistry | None = None,
+        authorize: Authorize | None = None,
+    ) -> AdsServer:
         """An ADS server over this controller's source, reporting ACKs here (the controller
         marks it ready once the projections caught up). Metrics go to ``metrics_registry``
-        (default: the controller's)."""
+        (default: the controller's); ``authorize`` checks each stream's node id against its
+        client certificate (for ADS over mTLS)."""
         server = AdsServer(
             cache=self.source,
             registry=metrics_registry if metrics_registry is not None else self.metrics_registry,
             on_ack=self._on_ack,
             on_subscription=self._on_subscription,
+            authorize=authorize,
         )
         self.attach_server(server)
         return server

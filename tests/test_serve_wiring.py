@@ -1,0 +1,358 @@
+"""``smc serve`` wiring, each test against a real ``smc serve`` subprocess.
+
+1. An unreachable log during ``POST /v1/apply`` answers 503 with a JSON error (the serve process
+   is given a file-size limit of 0 bytes with ``prlimit``, so every SQLite write fails with
+   EFBIG); once the limit is lifted the same apply succeeds.
+2. ``--xds-tls``: a real Envoy whose bootstrap carries the mesh certificate the serve CA issued
+   for its workload gets its listener over mTLS ADS; a raw gRPC client without a client
+   certificate cannot connect; a follower without ``--xds-cert`` is refused with a clear error.
+3. ``--kube KUBECONFIG`` against a real kube-apiserver: a Service in a labelled namespace shows in
+   ``GET /v1/services``; SIGTERM stops serve (informers included) with exit status 0.
+4. A follower's :class:`KeyStoreCertSource` (no issuer) over the issuing replica's key directory
+   serves the same trust bundle, CRLs included, after a revocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from smc.ca import KeyStore, LocalIssuer
+from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
+from smc.testing.kube import KubeAPIServer, KubeBuildError
+from smc.testing.ports import free_port
+from smc.xds import CLUSTER
+from smc.xds._certs import KeyStoreCertSource
+
+pytestmark = pytest.mark.timeout(180)
+
+SERVICE = """
+apiVersion: smc.dev/v1alpha1
+kind: MeshService
+metadata: {name: web, namespace: wire}
+spec:
+  backing: vm
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+
+
+def http(method: str, url: str, body: bytes | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            raw, status = resp.read(), int(resp.status)
+    except urllib.error.HTTPError as err:
+        raw, status = err.read(), int(err.code)
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+class Serve:
+    """One ``smc serve`` subprocess; stderr goes to a file for diagnostics."""
+
+    def __init__(self, tmp: Path, *args: str, log_url: str | None = None) -> None:
+        self.http_port = free_port()
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        self.stderr_path = tmp / f"serve-{self.http_port}.err"
+        self._err = self.stderr_path.open("wb")
+        url = log_url or f"sqlite:///{tmp / 'log.db'}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "smc.cli",
+                "--log",
+                url,
+                "serve",
+                "--http",
+                f"127.0.0.1:{self.http_port}",
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+        )
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}: {self.stderr()}")
+            try:
+                status, _ = http("GET", self.base + "/readyz")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"serve not ready in {timeout}s: {self.stderr()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serves(tmp_path: Path) -> Iterator[list[Serve]]:
+    started: list[Serve] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def test_apply_while_log_unwritable_answers_503(tmp_path: Path, serves: list[Serve]) -> None:
+    s = Serve(tmp_path, "--xds", "off")
+    serves.append(s)
+    s.wait_ready()
+    soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        status, body = http("POST", s.base + "/v1/apply", SERVICE.encode())
+    finally:
+        resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+    assert status == 503, body
+    assert isinstance(body, dict) and len(body["errors"]) == 1, body
+    reason = body["errors"][0]["reason"]
+    assert "event log is unavailable" in reason and "retry" in reason, reason
+    assert "Traceback" not in s.stderr()
+    assert s.proc.poll() is None
+    status, body = http("POST", s.base + "/v1/apply", SERVICE.encode())
+    assert status == 200, body
+    _, services = http("GET", s.base + "/v1/services")
+    assert [(i["namespace"], i["name"]) for i in services["items"]] == [("wire", "web")], services
+    assert s.stop() == 0
+
+
+VM = """
+apiVersion: smc.dev/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: web-1
+  namespace: wire
+  labels: {app: web}
+spec:
+  address: 127.0.0.1
+  serviceAccount: web
+"""
+
+
+def find_leaf(keys: Path, identity_suffix: str, timeout: float = 60.0) -> tuple[str, str]:
+    """``(cert chain PEM, key PEM)`` of the certificate in ``keys`` whose SPIFFE id ends with
+    ``identity_suffix`` (waits for the CA controller of the serve process to issue it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for crt in sorted(keys.glob("*.crt")):
+            key = crt.with_suffix(".key")
+            if not key.exists():
+                continue
+            pem = crt.read_text("ascii")
+            leaf = x509.load_pem_x509_certificates(pem.encode())[0]
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+            if any(u.endswith(identity_suffix) for u in uris):
+                return pem, key.read_text("ascii")
+        time.sleep(0.2)
+    raise AssertionError(f"no certificate for {identity_suffix} in {keys}")
+
+
+async def first_cds(port: int, creds: grpc.ChannelCredentials, node_id: str) -> Any:
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as chan:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(chan)
+        req = discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=base_pb2.Node(id=node_id))
+        call = stub.StreamAggregatedResources(iter([req]))
+        try:
+            return await asyncio.wait_for(call.read(), 10.0)
+        finally:
+            call.cancel()
+
+
+@pytest.mark.envoy
+async def test_xds_tls_serves_envoy_with_mesh_certificate(
+    tmp_path: Path, serves: list[Serve]
+) -> None:
+    keys, ca_dir = tmp_path / "keys", tmp_path / "ca"
+    xds_port = free_port()
+    s = Serve(
+        tmp_path,
+        "--xds",
+        f"127.0.0.1:{xds_port}",
+        "--xds-tls",
+        "--ca",
+        f"local:{ca_dir}",
+        "--keys",
+        str(keys),
+    )
+    serves.append(s)
+    await asyncio.to_thread(s.wait_ready)
+    status, body = http("POST", s.base + "/v1/apply", VM.encode())
+    assert status == 200, body
+    chain, key = await asyncio.to_thread(find_leaf, keys, "/ns/wire/sa/web")
+    roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
+    assert roots, "no CA root written"
+    assert "over mTLS" in s.stderr()
+
+    # no client certificate: the TLS handshake fails, nothing is served
+    bare = grpc.ssl_channel_credentials(root_certificates=roots.encode())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await first_cds(xds_port, bare, "wire/web-1")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # cleartext: refused as well
+    with pytest.raises(grpc.aio.AioRpcError):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{xds_port}") as chan:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(chan)
+            req = discovery_pb2.DiscoveryRequest(
+                type_url=CLUSTER, node=base_pb2.Node(id="wire/web-1")
+            )
+            call = stub.StreamAggregatedResources(iter([req]))
+            await asyncio.wait_for(call.read(), 10.0)
+
+    boot = ads_bootstrap(
+        node_id="wire/web-1",
+        cluster="web",
+        ads_host="127.0.0.1",
+        ads_port=xds_port,
+        delta=False,
+        admin_port=free_port(),
+        tls=AdsTLS(cert_pem=chain, key_pem=key, ca_pem=roots, server_san="127.0.0.1"),
+    )
+    envoy = EnvoyProcess(bootstrap=boot, workdir=tmp_path / "envoy", log_level="warning")
+    try:
+        envoy.start()
+        await envoy.wait_listener("outbound")
+        stats = envoy.stats()
+        assert stats.get("control_plane.connected_state") == 1
+        assert stats.get("cluster.smc_xds.ssl.handshake", 0) >= 1
+    finally:
+        envoy.close()
+    assert s.stop() == 0
+
+
+def test_xds_tls_follower_needs_a_server_certificate(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smc.cli",
+            "--log",
+            f"sqlite:///{tmp_path / 'log.db'}",
+            "serve",
+            "--http",
+            "off",
+            "--xds",
+            f"127.0.0.1:{free_port()}",
+            "--xds-tls",
+            "--ca",
+            "follow",
+            "--keys",
+            str(tmp_path / "keys"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--xds-cert FILE --xds-key FILE" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.kube
+@pytest.mark.timeout(900)
+def test_kube_informers_feed_serve(tmp_path: Path, serves: list[Serve]) -> None:
+    from kubernetes import client
+
+    kube = KubeAPIServer(watch_cache=False)
+    try:
+        kube.start()
+    except KubeBuildError as exc:
+        pytest.skip(f"kube-apiserver could not be built on this machine: {exc}")
+    try:
+        kube.install_smi_crds()
+        with kube.api_client() as api:
+            core = client.CoreV1Api(api)
+            ns = "wire-kube"
+            core.create_namespace(
+                {"metadata": {"name": ns, "labels": {"smc.dev/monitored": "true"}}}
+            )
+            core.create_namespaced_service_account(ns, {"metadata": {"name": "api"}})
+            core.create_namespaced_service(
+                ns,
+                {
+                    "metadata": {"name": "api"},
+                    "spec": {"selector": {"app": "api"}, "ports": [{"name": "http", "port": 80}]},
+                },
+            )
+        s = Serve(tmp_path, "--xds", "off", "--kube", str(kube.kubeconfig_path))
+        serves.append(s)
+        s.wait_ready()
+        deadline = time.monotonic() + 60
+        names: list[tuple[str, str]] = []
+        while time.monotonic() < deadline:
+            _, body = http("GET", s.base + "/v1/services")
+            names = [(i["namespace"], i["name"]) for i in body["items"]]
+            if (ns, "api") in names:
+                break
+            time.sleep(0.3)
+        assert (ns, "api") in names, (names, s.stderr())
+        assert "Kubernetes informers watching" in s.stderr()
+        t0 = time.monotonic()
+        assert s.stop() == 0, s.stderr()
+        assert time.monotonic() - t0 < 15
+        assert "Traceback" not in s.stderr()
+    finally:
+        kube.stop()
+
+
+def test_follower_cert_source_serves_the_issuers_crls(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    keys = tmp_path / "keys"
+    issuer = LocalIssuer(directory=tmp_path / "ca", trust_domain="mesh.local")
+    issuing_store, following_store = KeyStore(directory=keys), KeyStore(directory=keys)
+    for store in (issuing_store, following_store):
+        store.set_trust_bundle(issuer.trust_bundle())  # what the log records
+    issuing = KeyStoreCertSource(keystore=issuing_store, issuer=lambda: issuer)
+    following = KeyStoreCertSource(keystore=following_store, issuer=lambda: None)
+    assert issuing.refresh() is False and following.refresh() is False
+    assert issuing.trust_bundle() == following.trust_bundle() == issuer.trust_bundle()
+
+    cert = issuer.issue(identity="spiffe://mesh.local/ns/a/sa/b", lifetime=timedelta(hours=1))
+    issuer.revoke(serial=cert.serial)
+    assert issuing.refresh() is True
+    bundle = issuing.trust_bundle()
+    assert len(bundle) == len(issuer.trust_bundle()) + 1 and "X509 CRL" in bundle[-1]
+    assert (keys / "crls.json").is_file()
+    assert following.refresh() is True
+    assert following.trust_bundle() == bundle  # identical bytes
+    assert following.refresh() is False  # nothing new: no change reported
+    # a fresh follower (a restart) serves the same bundle on its first refresh
+    again = KeyStoreCertSource(keystore=following_store, issuer=lambda: None)
+    again.refresh()
+    assert again.trust_bundle() == bundle
