@@ -223,14 +223,18 @@ class KafkaLog:
         out: list[tuple[str, int, int, bytes, bytes]] = []
         append = out.append
         for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
+            value = m.value()
+            if value is None:  # an error event (or a record without a value): look closer
+                err = m.error()
+                if err is None:
+                    value = b""
+                elif err.code() != KafkaError._PARTITION_EOF:
                     raise LogUnavailable(
                         f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}"
                     )
-                continue
-            append((m.topic(), m.partition(), m.offset(), m.key(), m.value()))  # type: ignore[arg-type]
+                else:
+                    continue
+            append((m.topic(), m.partition(), m.offset(), m.key(), value))  # type: ignore[arg-type]
         if out:
             cut = len(self.prefix)
             ends = {(r[0], r[1]): r[2] + 1 for r in out}
