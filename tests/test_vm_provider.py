@@ -114,7 +114,7 @@ async def provider_running(
         await task
 
 
-async def until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+async def until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
@@ -192,7 +192,7 @@ async def test_vm_file_added_changed_removed(tmp_path: Path) -> None:
         # the service file disappears
         (inv / "svc.yaml").unlink()
         await until(lambda: ("fleet", "fleet") not in rep.registry.services)
-        assert bridge.reports >= 5
+        await until(lambda: bridge.reports >= 5)  # counted after the change is applied
     evs = records(db)
     joined = [e for e in evs if isinstance(e, WorkloadJoined)]
     assert [(e.name, e.address) for e in joined] == [
