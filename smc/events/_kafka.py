@@ -175,8 +175,8 @@ class KafkaLog:
         )
         for m in msgs:
             err = m.error()
-            if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                raise LogUnavailable(f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}")
+            if err is not None:
+                _raise_unless_eof(m, err)
         return msgs
 
     def read(
@@ -226,14 +226,10 @@ class KafkaLog:
             value = m.value()
             if value is None:  # an error event (or a record without a value): look closer
                 err = m.error()
-                if err is None:
-                    value = b""
-                elif err.code() != KafkaError._PARTITION_EOF:
-                    raise LogUnavailable(
-                        f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}"
-                    )
-                else:
+                if err is not None:
+                    _raise_unless_eof(m, err)
                     continue
+                value = b""
             append((m.topic(), m.partition(), m.offset(), m.key(), value))  # type: ignore[arg-type]
         if out:
             cut = len(self.prefix)
@@ -292,3 +288,9 @@ class KafkaLog:
             self._producer.flush(min(self.timeout, 5.0))
         finally:
             self._consumer.close()
+
+
+def _raise_unless_eof(m: Any, err: KafkaError) -> None:
+    """A consumed error event: end-of-partition is harmless; anything else fails the read."""
+    if err.code() != KafkaError._PARTITION_EOF:
+        raise LogUnavailable(f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}")

@@ -195,7 +195,6 @@ class ProjectionRunner:
         record and every record before it is applied whole.
         """
         decode = self.codec.decode
-        by_stream = self._by_stream
         seen = self._seen
         dedupe = self._dedupe
         done: list[Event] = []
@@ -209,13 +208,7 @@ class ProjectionRunner:
                         self.duplicates += 1
                         k += 1
                         continue
-                for p in by_stream.get(rec.stream, ()):
-                    try:
-                        p.apply(event)
-                    except Exception as exc:
-                        raise ProjectionError(
-                            projection=p.name, where=rec.where, reason=repr(exc)
-                        ) from exc
+                self._apply_event(event, rec.where)
                 if dedupe:
                     seen.add(h)
                 done.append(event)
@@ -225,16 +218,6 @@ class ProjectionRunner:
             if k:
                 self.position = self.position.advanced(records[:k])
         return done
-
-    def step(self, *, timeout: float = 0.0, until: Position | None = None) -> list[Event]:
-        """Read one batch after the current position (below ``until``) and apply it."""
-        recs = self.log.read(start=self.position, max_records=self.batch, timeout=timeout)
-        if until is not None:
-            recs = [r for r in recs if r.offset < until.get((r.stream, r.partition))]
-        events = self.apply_records(recs)
-        for cb in self.listeners:
-            cb(events)
-        return events
 
     def _replacing(self) -> frozenset[str]:
         """Types that supersede their aggregate's earlier events for every projection."""
@@ -359,7 +342,8 @@ class ProjectionRunner:
         survivors.sort(key=lambda r: (r[0], r[1], r[2]))
         self._apply_checked(survivors)
 
-    def step_records(self, recs: list[Record]) -> list[Event]:
+    def step_records(self, recs: Sequence[Record]) -> list[Event]:
+        """Apply records (see :meth:`apply_records`) and tell the listeners."""
         events = self.apply_records(recs)
         for cb in self.listeners:
             cb(events)
@@ -368,21 +352,24 @@ class ProjectionRunner:
     def _apply_checked(self, raw: list[_Raw]) -> None:
         """Apply records already registered in the de-duplication set."""
         decode = self.codec.decode
-        by_stream = self._by_stream
         events: list[Event] = []
         for r in raw:
-            event = decode(r[4], where=_where(r))
-            # The stream comes from the event's type: scans may name prefixed Kafka topics.
-            for p in by_stream.get(type(event).STREAM, ()):
-                try:
-                    p.apply(event)
-                except Exception as exc:
-                    raise ProjectionError(
-                        projection=p.name, where=_where(r), reason=repr(exc)
-                    ) from exc
+            where = _where(r)
+            event = decode(r[4], where=where)
+            self._apply_event(event, where)
             events.append(event)
         for cb in self.listeners:
             cb(events)
+
+    def _apply_event(self, event: Event, where: str) -> None:
+        """Apply one event to every projection of its stream, naming ``where`` on failure.
+
+        The stream comes from the event's type (scans may name prefixed Kafka topics)."""
+        for p in self._by_stream.get(type(event).STREAM, ()):
+            try:
+                p.apply(event)
+            except Exception as exc:
+                raise ProjectionError(projection=p.name, where=where, reason=repr(exc)) from exc
 
     async def run(
         self,
@@ -412,9 +399,7 @@ class ProjectionRunner:
                 await asyncio.sleep(delay)
                 continue
             for i in range(0, len(recs), 1000):
-                events = self.apply_records(recs[i : i + 1000])
-                for cb in self.listeners:
-                    cb(events)
+                self.step_records(recs[i : i + 1000])
                 await asyncio.sleep(0)
             if not self.caught_up.is_set() and self.position.covers(target):
                 log.info("projections caught up at %s (%d events)", self.position, self.applied)
