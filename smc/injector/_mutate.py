@@ -19,8 +19,11 @@ the label ``smc.dev/inject=enabled`` (opt-in), the pod must not carry the annota
   name at start via ``--service-node``), the ADS address of the control plane, and, with TLS,
   the bootstrap certificate, key and trust bundle from SMC's CA in env variables that the
   bootstrap reads as Envoy data sources (mTLS to the control plane);
-- the ``smc-proxy-run`` emptyDir volume (Envoy's writable working directory) and the
-  ``smc.dev/status`` and ``smc.dev/node-id`` annotations.
+- the ``smc-proxy-run`` emptyDir volume (Envoy's writable working directory), the
+  ``smc.dev/status`` and ``smc.dev/node-id`` annotations, and the label
+  ``smc.dev/interception: iptables``, which the informers carry into the registry and which
+  makes the xDS builder give this proxy transparent listeners (``0.0.0.0:15006`` inbound,
+  ``0.0.0.0:15001`` outbound, matching on the original destination) instead of explicit ones.
 
 Concurrency: pure functions and immutable values; safe everywhere. Issuing the bootstrap
 certificate is I/O and happens outside (see :mod:`smc.injector._server`).
@@ -47,6 +50,7 @@ __all__ = [
     "ANNOTATION_NODE_ID",
     "ANNOTATION_STATUS",
     "INIT_CONTAINER",
+    "LABEL_INTERCEPTION",
     "NAMESPACE_LABEL",
     "PROXY_CONTAINER",
     "PROXY_VOLUME",
@@ -68,6 +72,8 @@ ANNOTATION_EXCLUDE_OUTBOUND = "smc.dev/exclude-outbound-cidrs"
 PROXY_CONTAINER = "smc-proxy"
 INIT_CONTAINER = "smc-init"
 PROXY_VOLUME = "smc-proxy-run"
+#: Same value as :data:`smc.xds.INTERCEPTION_LABEL` (not imported: the webhook stays light).
+LABEL_INTERCEPTION = "smc.dev/interception"
 ENV_BOOTSTRAP = "SMC_ENVOY_BOOTSTRAP"
 ENV_CERT = "SMC_PROXY_CERT"
 ENV_KEY = "SMC_PROXY_KEY"
@@ -383,6 +389,18 @@ def mutate(
         if not isinstance(pod.get("metadata"), dict):
             ops.append({"op": "add", "path": "/metadata", "value": {}})
         ops.append({"op": "add", "path": "/metadata/annotations", "value": added})
+    if isinstance(meta.get("labels"), dict):
+        ops.append(
+            {
+                "op": "add",
+                "path": f"/metadata/labels/{_escape(LABEL_INTERCEPTION)}",
+                "value": "iptables",
+            }
+        )
+    else:
+        ops.append(
+            {"op": "add", "path": "/metadata/labels", "value": {LABEL_INTERCEPTION: "iptables"}}
+        )
     ops.append(_append(spec, "initContainers", init))
     ops.append(_append(spec, "containers", proxy))
     ops.append(_append(spec, "volumes", {"name": PROXY_VOLUME, "emptyDir": {}}))

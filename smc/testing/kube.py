@@ -60,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from smc.errors import SMCError
+from smc.testing._apt import PackageError, ensure_commands
 from smc.testing._proc import die_with_parent
 from smc.testing.ports import free_port
 
@@ -213,40 +214,11 @@ def ensure_kube_apiserver(*, build: bool = True, timeout: float = 7200.0) -> Pat
 def ensure_etcd() -> tuple[Path, Path]:
     """Paths of ``etcd`` and ``etcdctl``, installing Debian's ``etcd-server`` and ``etcd-client``
     with apt-get when either is missing (needs root)."""
-
-    def find() -> tuple[Path, Path] | None:
-        etcd = shutil.which("etcd") or (
-            "/usr/bin/etcd" if os.path.isfile("/usr/bin/etcd") else None
-        )
-        ctl = shutil.which("etcdctl") or (
-            "/usr/bin/etcdctl" if os.path.isfile("/usr/bin/etcdctl") else None
-        )
-        return (Path(etcd), Path(ctl)) if etcd and ctl else None
-
-    found = find()
-    if found is not None:
-        return found
-    if os.geteuid() != 0:
-        raise KubeHarnessError(
-            "etcd/etcdctl are missing: run `apt-get install -y etcd-server etcd-client` as root"
-        )
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for argv in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "etcd-server", "etcd-client"],
-    ):
-        proc = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=900, check=False
-        )
-        if proc.returncode != 0:
-            raise KubeHarnessError(
-                f"`{' '.join(argv)}` failed (exit {proc.returncode}):\n"
-                f"{_tail(proc.stdout + proc.stderr)}"
-            )
-    found = find()
-    if found is None:
-        raise KubeHarnessError("etcd-server/etcd-client installed but etcd/etcdctl not found")
-    return found
+    try:
+        found = ensure_commands({"etcd": "etcd-server", "etcdctl": "etcd-client"})
+    except PackageError as exc:
+        raise KubeHarnessError(str(exc)) from exc
+    return found["etcd"], found["etcdctl"]
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

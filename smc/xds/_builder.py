@@ -5,8 +5,24 @@ and a :class:`~smc.xds.CertSource` into one consistent :class:`~smc.xds.Snapshot
 node (see :mod:`smc.xds._identity` for the node-id scheme), plus the set of *dependency keys*
 the build read, so the controller rebuilds only the proxies a change can affect.
 
-Sidecar model (explicit addresses, no traffic interception): a workload's registry ``address``
-is where its sidecar listens; several sidecars share one host on distinct loopback addresses.
+Two sidecar models, chosen per workload by its label ``smc.dev/interception``:
+
+- explicit (no label, or ``none``; VMs and hosts without iptables): a workload's registry
+  ``address`` is where its sidecar listens; several sidecars share one host on distinct
+  loopback addresses. Listeners as described below.
+- transparent (``iptables``; set by the sidecar injector on every pod it injects, whose init
+  container redirects inbound TCP to 15006 and outbound TCP to 15001): one listener
+  ``inbound`` on ``0.0.0.0:15006`` and one ``outbound`` on ``0.0.0.0:15001``, both with the
+  ``original_dst`` listener filter, so filter chains match on the connection's original
+  destination port. ``inbound`` holds one filter chain ``inbound|<port>`` per inbound port
+  (the same mTLS, RBAC and filters as the explicit listener of that port) and a default chain
+  passing any other port through in plaintext to its original destination (cluster
+  ``passthrough``, ORIGINAL_DST: ports no mesh service names, such as health probes, keep
+  working). ``outbound`` holds one HTTP chain per HTTP port of the reachable services (RDS
+  ``outbound``, routed by Host as below), one TCP chain per TCP service port (first service
+  wins a shared port, with a warning), and a default chain passing every other destination
+  through (traffic leaving the mesh). Calls to a mesh service the identity may not reach are
+  passed through too and fail at the destination, whose inbound requires mTLS.
 
 - Inbound: for every distinct target port of the services the workload backs, a listener
   ``inbound|<port>`` on ``<address>:<port>`` (``0.0.0.0`` when the address is empty), mTLS
@@ -59,6 +75,9 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as _http_rbac_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2 as _router_pb2  # noqa: F401
+from envoy.extensions.filters.listener.original_dst.v3 import (  # noqa: F401
+    original_dst_pb2 as _odst_pb2,
+)
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2 as _hcm_pb2,
 )
@@ -79,9 +98,13 @@ from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 __all__ = [
     "APP_PORT_LABEL",
+    "INBOUND_LISTENER",
+    "INBOUND_PORT",
+    "INTERCEPTION_LABEL",
     "OUTBOUND_LISTENER",
     "OUTBOUND_PORT",
     "OUTBOUND_ROUTE",
+    "PASSTHROUGH_CLUSTER",
     "ROOT_SECRET",
     "WORKLOAD_SECRET",
     "BuildPass",
@@ -95,6 +118,13 @@ log = logging.getLogger("smc.xds.builder")
 #: Label naming the local port of a workload's application (one port per workload).
 APP_PORT_LABEL = "smc.dev/app-port"
 OUTBOUND_PORT = 15001
+#: Port of the transparent inbound listener (where iptables sends a pod's inbound TCP).
+INBOUND_PORT = 15006
+INBOUND_LISTENER = "inbound"
+#: Workload label choosing the sidecar model: ``iptables`` (transparent) or ``none``.
+INTERCEPTION_LABEL = "smc.dev/interception"
+#: ORIGINAL_DST cluster of the transparent listeners' pass-through chains.
+PASSTHROUGH_CLUSTER = "passthrough"
 OUTBOUND_LISTENER = "outbound"
 OUTBOUND_ROUTE = "outbound"
 WORKLOAD_SECRET = "default"
@@ -107,6 +137,11 @@ _HTTP_RBAC = _T + "envoy.extensions.filters.http.rbac.v3.RBAC"
 _HTTP_RBAC_PER_ROUTE = _T + "envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 _NET_RBAC = _T + "envoy.extensions.filters.network.rbac.v3.RBAC"
 _TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_ORIGINAL_DST = _T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+_ORIGINAL_DST_FILTER = {
+    "name": "envoy.filters.listener.original_dst",
+    "typed_config": {"@type": _ORIGINAL_DST},
+}
 _DOWNSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 _UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
@@ -154,6 +189,7 @@ class _Outbound:
     entries: tuple[ResourceEntry, ...]
     deps: frozenset[str]
     tcp: tuple[tuple[int, str], ...] = ()  # (service port, cluster) of outbound TCP listeners
+    http_ports: tuple[int, ...] = ()  # HTTP service ports (the transparent listener's chains)
 
 
 class BuildPass:
@@ -161,12 +197,19 @@ class BuildPass:
     shared between proxies (per identity and per service). Make a new pass per batch."""
 
     def __init__(
-        self, *, view: PolicyView, certs: CertSource, outbound_port: int = OUTBOUND_PORT
+        self,
+        *,
+        view: PolicyView,
+        certs: CertSource,
+        outbound_port: int = OUTBOUND_PORT,
+        inbound_port: int = INBOUND_PORT,
     ) -> None:
         self.view = view
         self.registry = view.registry
         self.certs = certs
         self.outbound_port = outbound_port
+        self.inbound_port = inbound_port
+        self._passthrough: ResourceEntry | None = None
         self._svc_ids: dict[str, tuple[str, ...]] = {}
         self._svc_workloads: dict[str, tuple[Workload, ...]] = {}
         self._clusters: dict[tuple[str, int], tuple[ResourceEntry, ResourceEntry]] = {}
@@ -243,25 +286,33 @@ class BuildPass:
             )
         entries: list[ResourceEntry] = [secret, self._root_secret()]
         deps.add(f"svcns:{workload.namespace}")
-        entries.extend(self._inbound(workload, deps))
+        transparent = _transparent(workload)
+        entries.extend(self._inbound(workload, deps, transparent=transparent))
         outbound = self._outbound_of(identity)
         deps.update(outbound.deps)
         entries.extend(outbound.entries)
-        entries.append(self._outbound_listener(workload))
-        taken = {self.outbound_port} | {
-            int(n.rsplit("|", 1)[1]) for n in (e.name for e in entries) if n.startswith("inbound|")
-        }
-        for port, cluster in outbound.tcp:
-            if port in taken:
-                log.warning(
-                    "proxy %s: outbound TCP port %d of %s clashes with another listener; skipped",
-                    node_id,
-                    port,
-                    cluster,
-                )
-                continue
-            taken.add(port)
-            entries.append(self._outbound_tcp_listener(workload, port, cluster))
+        if transparent:
+            entries.append(self._passthrough_cluster())
+            entries.append(self._transparent_outbound(node_id, outbound))
+        else:
+            entries.append(self._outbound_listener(workload))
+            taken = {self.outbound_port} | {
+                int(n.rsplit("|", 1)[1])
+                for n in (e.name for e in entries)
+                if n.startswith("inbound|")
+            }
+            for port, cluster in outbound.tcp:
+                if port in taken:
+                    log.warning(
+                        "proxy %s: outbound TCP port %d of %s clashes with another listener;"
+                        " skipped",
+                        node_id,
+                        port,
+                        cluster,
+                    )
+                    continue
+                taken.add(port)
+                entries.append(self._outbound_tcp_listener(workload, port, cluster))
         snapshot = Snapshot.from_entries(entries)
         return ProxyBuild(
             node_id=node_id,
@@ -315,7 +366,9 @@ class BuildPass:
 
     # ------------------------------------------------------------------ inbound
 
-    def _inbound(self, workload: Workload, deps: set[str]) -> list[ResourceEntry]:
+    def _inbound(
+        self, workload: Workload, deps: set[str], *, transparent: bool
+    ) -> list[ResourceEntry]:
         ports: dict[int, str] = {}  # target port -> protocol (http wins over tcp)
         for svc_key in self.services_backed_by(workload):
             deps.add(f"svc:{svc_key}")
@@ -345,6 +398,7 @@ class BuildPass:
         address = workload.address or "0.0.0.0"
         grants = () if self.view.permissive else self.view.allowed_sources(workload.identity)
         out: list[ResourceEntry] = []
+        chains: list[dict[str, Any]] = []
         for port in sorted(ports):
             name = inbound_name(port)
             out.append(
@@ -380,13 +434,20 @@ class BuildPass:
             if ports[port] == "http":
                 flt = self._inbound_http_filter(port)
                 out.append(self._inbound_route(port, grants))
+            chain = self._inbound_chain(port, grants, http_filter=flt)
+            if transparent:
+                chains.append(
+                    {"name": name, "filter_chain_match": {"destination_port": port}} | chain
+                )
+            else:
+                out.append(_listener(name, _sockaddr(address, port), [chain]))
+        if transparent:
             out.append(
-                make_entry(
-                    _parse(
-                        self._inbound_listener(address, port, grants, http_filter=flt),
-                        listener_pb2.Listener(),
-                    ),
-                    type_url=LISTENER,
+                _listener(
+                    INBOUND_LISTENER,
+                    _sockaddr("0.0.0.0", self.inbound_port),
+                    chains,
+                    default=_passthrough_chain("inbound_passthrough"),
                 )
             )
         return out
@@ -482,14 +543,15 @@ class BuildPass:
             type_url=ROUTE,
         )
 
-    def _inbound_listener(
+    def _inbound_chain(
         self,
-        address: str,
         port: int,
         grants: Sequence[Grant],
         *,
         http_filter: dict[str, Any] | None,
     ) -> dict[str, Any]:
+        """The filter chain of one inbound port: mTLS required, then HTTP (RBAC per route)
+        or TCP (network RBAC, TCP proxy) to the local application."""
         name = inbound_name(port)
         if http_filter is not None:
             filters = [http_filter]
@@ -509,97 +571,90 @@ class BuildPass:
                         },
                     }
                 )
-            filters.append(
-                {
-                    "name": "envoy.filters.network.tcp_proxy",
-                    "typed_config": {
-                        "@type": _TCP_PROXY,
-                        "stat_prefix": f"inbound_tcp_{port}",
-                        "cluster": name,
-                    },
-                }
-            )
+            filters.append(_tcp_proxy(f"inbound_tcp_{port}", name))
         return {
-            "name": name,
-            "address": _sockaddr(address, port),
-            "enable_reuse_port": False,
-            "filter_chains": [
-                {
-                    "filters": filters,
-                    "transport_socket": {
-                        "name": "envoy.transport_sockets.tls",
-                        "typed_config": {
-                            "@type": _DOWNSTREAM_TLS,
-                            "require_client_certificate": True,
-                            "common_tls_context": {
-                                "tls_certificate_sds_secret_configs": _SDS_CERT,
-                                "validation_context_sds_secret_config": _SDS_ROOT,
-                            },
-                        },
+            "filters": filters,
+            "transport_socket": {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": _DOWNSTREAM_TLS,
+                    "require_client_certificate": True,
+                    "common_tls_context": {
+                        "tls_certificate_sds_secret_configs": _SDS_CERT,
+                        "validation_context_sds_secret_config": _SDS_ROOT,
                     },
-                }
-            ],
+                },
+            },
         }
 
     # ------------------------------------------------------------------ outbound
 
     def _outbound_listener(self, workload: Workload) -> ResourceEntry:
-        return make_entry(
-            _parse(
-                {
-                    "name": OUTBOUND_LISTENER,
-                    "address": _sockaddr(workload.address or "127.0.0.1", self.outbound_port),
-                    "enable_reuse_port": False,
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": _HCM,
-                                        "stat_prefix": "outbound",
-                                        "rds": {
-                                            "route_config_name": OUTBOUND_ROUTE,
-                                            "config_source": _ADS,
-                                        },
-                                        "http_filters": [_ROUTER_FILTER],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                },
-                listener_pb2.Listener(),
-            ),
-            type_url=LISTENER,
+        return _listener(
+            OUTBOUND_LISTENER,
+            _sockaddr(workload.address or "127.0.0.1", self.outbound_port),
+            [{"filters": [_outbound_http_filter("outbound")]}],
         )
 
     def _outbound_tcp_listener(self, workload: Workload, port: int, cluster: str) -> ResourceEntry:
-        return make_entry(
-            _parse(
+        return _listener(
+            f"outbound-tcp|{port}",
+            _sockaddr(workload.address or "127.0.0.1", port),
+            [{"filters": [_tcp_proxy(f"outbound_tcp_{port}", cluster)]}],
+        )
+
+    def _transparent_outbound(self, node_id: str, outbound: _Outbound) -> ResourceEntry:
+        """The transparent ``outbound`` listener: a chain per destination port."""
+        chains: list[dict[str, Any]] = []
+        taken: set[int] = set()
+        for port in outbound.http_ports:
+            taken.add(port)
+            chains.append(
+                {
+                    "name": f"outbound|{port}",
+                    "filter_chain_match": {"destination_port": port},
+                    "filters": [_outbound_http_filter(f"outbound_{port}")],
+                }
+            )
+        for port, cluster in outbound.tcp:
+            if port in taken:
+                log.warning(
+                    "proxy %s: outbound TCP port %d of %s is taken by another service; skipped",
+                    node_id,
+                    port,
+                    cluster,
+                )
+                continue
+            taken.add(port)
+            chains.append(
                 {
                     "name": f"outbound-tcp|{port}",
-                    "address": _sockaddr(workload.address or "127.0.0.1", port),
-                    "enable_reuse_port": False,
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.tcp_proxy",
-                                    "typed_config": {
-                                        "@type": _TCP_PROXY,
-                                        "stat_prefix": f"outbound_tcp_{port}",
-                                        "cluster": cluster,
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                },
-                listener_pb2.Listener(),
-            ),
-            type_url=LISTENER,
+                    "filter_chain_match": {"destination_port": port},
+                    "filters": [_tcp_proxy(f"outbound_tcp_{port}", cluster)],
+                }
+            )
+        return _listener(
+            OUTBOUND_LISTENER,
+            _sockaddr("0.0.0.0", self.outbound_port),
+            chains,
+            default=_passthrough_chain("outbound_passthrough"),
         )
+
+    def _passthrough_cluster(self) -> ResourceEntry:
+        if self._passthrough is None:
+            self._passthrough = make_entry(
+                _parse(
+                    {
+                        "name": PASSTHROUGH_CLUSTER,
+                        "type": "ORIGINAL_DST",
+                        "lb_policy": "CLUSTER_PROVIDED",
+                        "connect_timeout": "1s",
+                    },
+                    cluster_pb2.Cluster(),
+                ),
+                type_url=CLUSTER,
+            )
+        return self._passthrough
 
     def reachable_services(self, identity: str) -> tuple[tuple[str, ...], frozenset[str]]:
         """Services ``identity`` may call and the dependency keys of that answer."""
@@ -623,6 +678,7 @@ class BuildPass:
         vhosts: list[dict[str, Any]] = []
         clusters: set[tuple[str, int]] = set()
         tcp: list[tuple[int, str]] = []
+        http_ports: set[int] = set()
         for svc_key in services:
             svc = self._service(svc_key)
             deps.add(f"svc:{svc_key}")
@@ -633,8 +689,9 @@ class BuildPass:
                 if sp.protocol == "tcp":
                     clusters.add((svc_key, sp.port))
                     tcp.append((sp.port, outbound_cluster_name(svc_key, sp.port)))
-            http_ports = [p for p in svc.ports if p.protocol in ("http", "grpc")]
-            for index, sp in enumerate(http_ports):
+            svc_http = [p for p in svc.ports if p.protocol in ("http", "grpc")]
+            http_ports.update(p.port for p in svc_http)
+            for index, sp in enumerate(svc_http):
                 routes: list[dict[str, Any]] = []
                 if plan is not None:
                     for ab in plan.ab_routes:
@@ -663,7 +720,12 @@ class BuildPass:
         ]
         for key in sorted(clusters):
             entries.extend(self._cluster(*key))
-        made = _Outbound(entries=tuple(entries), deps=frozenset(deps), tcp=tuple(sorted(tcp)))
+        made = _Outbound(
+            entries=tuple(entries),
+            deps=frozenset(deps),
+            tcp=tuple(sorted(tcp)),
+            http_ports=tuple(sorted(http_ports)),
+        )
         self._outbound[identity] = made
         return made
 
@@ -768,6 +830,63 @@ class BuildPass:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _transparent(workload: Workload) -> bool:
+    mode = dict(workload.labels).get(INTERCEPTION_LABEL, "none")
+    if mode not in ("iptables", "none"):
+        log.warning(
+            "workload %s/%s: label %s=%r is neither 'iptables' nor 'none'; explicit listeners",
+            workload.namespace,
+            workload.name,
+            INTERCEPTION_LABEL,
+            mode,
+        )
+    return mode == "iptables"
+
+
+def _listener(
+    name: str,
+    address: dict[str, Any],
+    chains: list[dict[str, Any]],
+    *,
+    default: dict[str, Any] | None = None,
+) -> ResourceEntry:
+    """A listener entry; with a ``default`` chain (transparent listeners) it also gets the
+    ``original_dst`` listener filter, so chains match the original destination port."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "address": address,
+        "enable_reuse_port": False,
+        "filter_chains": chains,
+    }
+    if default is not None:
+        spec["default_filter_chain"] = default
+        spec["listener_filters"] = [_ORIGINAL_DST_FILTER]
+    return make_entry(_parse(spec, listener_pb2.Listener()), type_url=LISTENER)
+
+
+def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {"@type": _TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster},
+    }
+
+
+def _outbound_http_filter(stat_prefix: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _HCM,
+            "stat_prefix": stat_prefix,
+            "rds": {"route_config_name": OUTBOUND_ROUTE, "config_source": _ADS},
+            "http_filters": [_ROUTER_FILTER],
+        },
+    }
+
+
+def _passthrough_chain(stat_prefix: str) -> dict[str, Any]:
+    return {"name": "passthrough", "filters": [_tcp_proxy(stat_prefix, PASSTHROUGH_CLUSTER)]}
 
 
 def _matching_port(target: Service, sp: ServicePort) -> ServicePort:

@@ -53,7 +53,7 @@ from smc.events import (
     WorkloadLeft,
 )
 from smc.projections import PolicyProjection, PolicyView, ProjectionRunner, RegistryProjection
-from smc.xds._builder import OUTBOUND_PORT, BuildPass, ProxyBuild
+from smc.xds._builder import INBOUND_PORT, OUTBOUND_PORT, BuildPass, ProxyBuild
 from smc.xds._cache import SnapshotCache, Unwatch
 from smc.xds._certs import CertSource
 from smc.xds._server import AdsServer, Authorize
@@ -129,6 +129,7 @@ class XdsController:
         registry: CollectorRegistry | None = None,
         debounce: float = 0.02,
         outbound_port: int = OUTBOUND_PORT,
+        inbound_port: int = INBOUND_PORT,
         linger_timeout: float = 10.0,
     ) -> None:
         self.runner = runner
@@ -140,6 +141,7 @@ class XdsController:
         self.cache = cache if cache is not None else SnapshotCache()
         self.debounce = debounce
         self.outbound_port = outbound_port
+        self.inbound_port = inbound_port
         self.source = _Source(self)
         self.server: AdsServer | None = None
         self.metrics_registry = registry if registry is not None else CollectorRegistry()
@@ -317,7 +319,7 @@ class XdsController:
             old_backs = self._wl_backs.get(key, ())
             old_id = self._wl_identity.get(key)
             if w is not None:
-                bp = BuildPass(view=self.view, certs=self.certs)
+                bp = self.build_pass()
                 new_backs = bp.services_backed_by(w)
                 self._wl_backs[key] = new_backs
                 self._wl_identity[key] = w.identity
@@ -369,7 +371,7 @@ class XdsController:
 
     def _prime(self) -> None:
         """Record what each service / workload currently means (for later diffs)."""
-        bp = BuildPass(view=self.view, certs=self.certs)
+        bp = self.build_pass()
         for s in bp.services():
             self._svc_ids[s] = bp.service_identities(s)
         for w in self.registry.workloads.values():
@@ -406,11 +408,20 @@ class XdsController:
         self._dirty_keys.add(_ALL)
         self._flush()
 
+    def build_pass(self) -> BuildPass:
+        """A fresh :class:`BuildPass` over the current projections (on the loop's thread)."""
+        return BuildPass(
+            view=self.view,
+            certs=self.certs,
+            outbound_port=self.outbound_port,
+            inbound_port=self.inbound_port,
+        )
+
     def _rebuild(
         self, node_ids: Iterable[str], *, pub: Publication | None
     ) -> dict[str, ProxyBuild]:
         started = time.perf_counter()
-        bp = BuildPass(view=self.view, certs=self.certs, outbound_port=self.outbound_port)
+        bp = self.build_pass()
         builds: dict[str, ProxyBuild] = {}
         for node_id in sorted(node_ids):
             node = self._nodes.get(node_id)
