@@ -787,3 +787,22 @@ def test_injector_process_registers_its_ca_bundle_and_mutates(
         proc.terminate()
         proc.wait(timeout=15)
         api.close()
+
+
+def test_injector_and_builder_agree_on_ports_and_the_interception_label() -> None:
+    """The webhook does not import the xDS layer; its constants must still match it."""
+    from smc.injector import LABEL_INTERCEPTION, AdsAddress
+    from smc.xds import INBOUND_PORT, INTERCEPTION_LABEL, OUTBOUND_PORT
+
+    config = InjectorConfig(ads=AdsAddress(host="10.0.0.1", port=15010), tls=False)
+    assert (config.inbound_port, config.outbound_port) == (INBOUND_PORT, OUTBOUND_PORT)
+    assert LABEL_INTERCEPTION == INTERCEPTION_LABEL
+    pod = {"metadata": {"name": "p", "labels": {"app": "a"}}, "spec": {"containers": [{}]}}
+    ops = mutate(pod, namespace_labels={"smc.dev/inject": "enabled"}, config=config, namespace="n")
+    mutated = jsonpatch.apply_patch(copy.deepcopy(pod), ops)
+    assert mutated["metadata"]["labels"] == {"app": "a", LABEL_INTERCEPTION: "iptables"}
+    bare = {"metadata": {"name": "p"}, "spec": {"containers": [{}]}}
+    ops = mutate(bare, namespace_labels={"smc.dev/inject": "enabled"}, config=config, namespace="n")
+    assert jsonpatch.apply_patch(bare, ops)["metadata"]["labels"] == {
+        LABEL_INTERCEPTION: "iptables"
+    }

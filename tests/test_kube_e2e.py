@@ -24,12 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +35,8 @@ import pytest
 from smc.testing.envoy import EnvoyError, EnvoyProcess, ads_bootstrap, envoy_binary
 from smc.testing.kube import KubeAPIServer, KubeBuildError
 from smc.testing.ports import free_port
+from smc.testing.serve import ServeProcess, http_json
+from smc.testing.serve import eventually as _eventually
 
 pytestmark = [pytest.mark.kube, pytest.mark.envoy, pytest.mark.timeout(150)]
 
@@ -47,95 +44,11 @@ WAIT = 20.0  # seconds, for each change to reach its destination
 
 
 def _http(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            raw, status = resp.read(), int(resp.status)
-    except urllib.error.HTTPError as err:
-        raw, status = err.read(), int(err.code)
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
+    return http_json(url)
 
 
 def eventually(check: Callable[[], Any], *, what: str, diag: Callable[[], str]) -> Any:
-    """Poll ``check`` until it returns something truthy (at most ``WAIT`` seconds)."""
-    deadline = time.monotonic() + WAIT
-    last: Any = None
-    while True:
-        try:
-            last = check()
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {WAIT}s waiting for {what} (last: {last!r})\n{diag()}"
-            )
-        time.sleep(0.1)
-
-
-class Serve:
-    """``smc serve --kube`` as a subprocess (output in a file, for diagnostics)."""
-
-    def __init__(self, tmp: Path, kubeconfig: Path) -> None:
-        self.http_port = free_port()
-        self.xds_port = free_port()
-        self.base = f"http://127.0.0.1:{self.http_port}"
-        self.out = tmp / "serve.log"
-        with self.out.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "smc.cli",
-                    "--log",
-                    f"sqlite:///{tmp / 'log.db'}",
-                    "serve",
-                    "--http",
-                    f"127.0.0.1:{self.http_port}",
-                    "--xds",
-                    f"127.0.0.1:{self.xds_port}",
-                    "--ca",
-                    f"local:{tmp / 'ca'}",
-                    "--keys",
-                    str(tmp / "keys"),
-                    "--kube",
-                    str(kubeconfig),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def tail(self, n: int = 4000) -> str:
-        return self.out.read_text(errors="replace")[-n:]
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.tail()}")
-            with contextlib.suppress(OSError):
-                if _http(self.base + "/readyz")[0] == 200:
-                    return
-            time.sleep(0.2)
-        raise AssertionError(f"serve not ready in 60s:\n{self.tail()}")
-
-    def dump(self, node: str) -> dict[str, Any] | None:
-        status, body = _http(f"{self.base}/debug/config_dump?node={node}")
-        return body if status == 200 and isinstance(body, dict) else None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    return _eventually(check, what=what, diag=diag, wait=WAIT)
 
 
 @pytest.fixture
@@ -258,7 +171,7 @@ def test_kube_objects_reach_envoy(tmp_path: Path, kube: KubeAPIServer) -> None:
             },
         )
 
-        serve = Serve(tmp_path, kube.kubeconfig_path)
+        serve = ServeProcess(tmp_path, args=["--kube", str(kube.kubeconfig_path)])
         envoys: list[EnvoyProcess] = []
         try:
             serve.wait_ready()

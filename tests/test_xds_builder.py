@@ -361,6 +361,85 @@ def test_outbound_routes_clusters_and_endpoints(world: World) -> None:
     assert "outbound|store/db|5432" in server.names(CLUSTER)
 
 
+TRANSPARENT = """
+apiVersion: smc.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: server-1, namespace: demo, labels: {app: server, smc.dev/interception: iptables}}
+spec: {address: 127.0.50.3, serviceAccount: server}
+"""
+
+
+def _chains(listener: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in listener["filterChains"]}
+
+
+def test_transparent_workloads_get_original_dst_listeners(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.apply(TRANSPARENT)
+    snap = world.build("demo/server-1").snapshot
+    snap.check_consistency()
+    assert {n for n in snap.names(LISTENER)} == {"inbound", "outbound"}
+    original_dst = [
+        {
+            "name": "envoy.filters.listener.original_dst",
+            "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+            },
+        }
+    ]
+    # Inbound: every port on 15006, matched on the original destination port, mTLS + RBAC;
+    # anything else passes through to where it was going.
+    inbound = as_dict(snap, LISTENER, "inbound")
+    assert inbound["address"]["socketAddress"] == {"address": "0.0.0.0", "portValue": 15006}
+    assert inbound["listenerFilters"] == original_dst
+    chain = _chains(inbound)["inbound|8080"]
+    assert chain["filterChainMatch"] == {"destinationPort": 8080}
+    assert chain["transportSocket"]["typedConfig"]["requireClientCertificate"] is True
+    assert chain["filters"][0]["typedConfig"]["rds"]["routeConfigName"] == "inbound|8080"
+    assert inbound_rbac(snap, 8080) is not None  # the policy is in the route, as before
+    passthrough = inbound["defaultFilterChain"]["filters"][0]["typedConfig"]
+    assert passthrough["cluster"] == "passthrough"
+    assert as_dict(snap, CLUSTER, "passthrough")["type"] == "ORIGINAL_DST"
+    app = as_dict(snap, CLUSTER, "inbound|8080")["loadAssignment"]["endpoints"][0]
+    assert app["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]["address"] == "127.0.0.1"
+    # Outbound: on 15001, one chain per destination port of what the identity may reach
+    # (HTTP by Host through RDS "outbound", TCP straight to its cluster), else pass through.
+    outbound = as_dict(snap, LISTENER, "outbound")
+    assert outbound["address"]["socketAddress"] == {"address": "0.0.0.0", "portValue": 15001}
+    assert outbound["listenerFilters"] == original_dst
+    chains = _chains(outbound)
+    assert set(chains) == {"outbound-tcp|5432"}  # server may reach store/db only
+    tcp = chains["outbound-tcp|5432"]
+    assert tcp["filterChainMatch"] == {"destinationPort": 5432}
+    assert tcp["filters"][0]["typedConfig"]["cluster"] == "outbound|store/db|5432"
+    assert outbound["defaultFilterChain"]["filters"][0]["typedConfig"]["cluster"] == "passthrough"
+    # The client (explicit) keeps its address-bound listeners; as a transparent workload its
+    # HTTP destinations get chains on their service ports.
+    client = world.build("demo/client-1").snapshot
+    assert as_dict(client, LISTENER, "outbound")["address"]["socketAddress"]["portValue"] == 15001
+    assert "inbound" not in client.names(LISTENER)
+    world.apply(
+        """
+apiVersion: smc.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: client-1, namespace: demo, labels: {smc.dev/interception: iptables}}
+spec: {address: 127.0.50.1, serviceAccount: client}
+"""
+    )
+    client = world.build("demo/client-1").snapshot
+    client.check_consistency()
+    http = _chains(as_dict(client, LISTENER, "outbound"))["outbound|80"]
+    assert http["filterChainMatch"] == {"destinationPort": 80}
+    assert http["filters"][0]["typedConfig"]["rds"]["routeConfigName"] == "outbound"
+    # A label value that is neither mode: explicit listeners, and a warning naming it.
+    world.apply(TRANSPARENT.replace("iptables", "ebpf"))
+    with caplog.at_level("WARNING", logger="smc.xds.builder"):
+        snap = world.build("demo/server-1").snapshot
+    assert "inbound|8080" in snap.names(LISTENER) and "inbound" not in snap.names(LISTENER)
+    assert "'ebpf'" in caplog.text
+
+
 def test_traffic_split_weighted_clusters_and_ab_routes(world: World) -> None:
     world.apply(SPLIT)
     snap = world.build("demo/client-1").snapshot

@@ -1,0 +1,428 @@
+"""Injected pods on real network namespaces: iptables interception, transparent Envoy, mTLS, RBAC.
+
+The path a pod takes in a cluster, with every part real except the kubelet and the CNI plugin,
+which the test plays: a real kube-apiserver; ``smc serve --kube`` watching it, ADS on the pod
+network's gateway; two pods (``client``, ``server``) whose manifests go through the sidecar
+injector's :func:`~smc.injector.mutate` and are created mutated in the apiserver (the webhook
+round trip itself is tested in ``test_injector``); then, as a kubelet would, each pod gets a
+network namespace on a bridge (:class:`~smc.testing.netns.PodNetwork`), its IP in the pod
+status, the init container's own script (the injector's iptables rules, real ``iptables``, nat
+table) run inside, and the proxy container's command run inside as the UID/GID of its security
+context, with its environment and ``$(VAR)`` arguments expanded. The applications are plain
+HTTP servers and clients that know nothing of the mesh: the client calls the Service's
+ClusterIP. The test checks that
+
+1. the informers carry the injector's ``smc.dev/interception=iptables`` label into the
+   registry, so both proxies get the transparent ``inbound``/``outbound`` listeners;
+2. with an SMI TrafficTarget (``GET /books``), the client's plain request to the ClusterIP is
+   intercepted, routed by Host to the server pod over mTLS and reaches the server application,
+   which sees the client's SPIFFE id in ``x-forwarded-client-cert``; ``POST`` is denied (403);
+3. a port no Service names passes through both sidecars untouched;
+4. a caller outside the mesh (the node, no sidecar) cannot reach the server's mesh port in
+   plaintext: the redirected connection meets the mTLS-only inbound chain;
+5. deleting the TrafficTarget takes the service out of the client's outbound routes: its call
+   is passed through like any call leaving the mesh and gets no answer (here no kube-proxy
+   serves the ClusterIP; to the server pod directly, the plaintext call meets the mTLS-only
+   inbound chain); no Envoy rejected an update.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonpatch  # type: ignore[import-untyped]
+import pytest
+
+from smc.injector import (
+    INIT_CONTAINER,
+    PROXY_CONTAINER,
+    AdsAddress,
+    InjectorConfig,
+    mutate,
+)
+from smc.testing.envoy import EnvoyError, envoy_binary
+from smc.testing.kube import KubeAPIServer, KubeBuildError
+from smc.testing.netns import NetnsError, Pod, PodNetwork, world_readable_copy
+from smc.testing.serve import ServeProcess, eventually
+
+pytestmark = [pytest.mark.kube, pytest.mark.envoy, pytest.mark.timeout(240)]
+
+WAIT = 30.0
+
+APP = r"""
+import http.server, json, socketserver, sys, threading
+class H(http.server.BaseHTTPRequestHandler):
+    def _reply(self):
+        body = json.dumps({
+            "port": self.server.server_address[1], "method": self.command, "path": self.path,
+            "xfcc": self.headers.get("x-forwarded-client-cert", ""),
+        }).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = _reply
+    def log_message(self, *args):
+        pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+servers = [S(("0.0.0.0", int(p)), H) for p in sys.argv[1:]]
+for s in servers[1:]:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+servers[0].serve_forever()
+"""
+
+CLIENT = r"""
+import http.client, json, sys
+host, port, hostname, method, path = sys.argv[1:6]
+try:
+    c = http.client.HTTPConnection(host, int(port), timeout=5)
+    c.request(method, path, headers={} if hostname == "-" else {"Host": hostname})
+    r = c.getresponse()
+    print(json.dumps({"status": r.status, "body": r.read().decode(errors="replace")}))
+except Exception as e:
+    print(json.dumps({"status": 0, "error": f"{type(e).__name__}: {e}"}))
+"""
+
+ADMIN = r"""
+import sys, urllib.request
+print(urllib.request.urlopen("http://127.0.0.1:15000" + sys.argv[1], timeout=5).read().decode())
+"""
+
+
+@pytest.fixture
+def kube() -> Iterator[KubeAPIServer]:
+    server = KubeAPIServer(watch_cache=False)
+    try:
+        server.start()
+    except KubeBuildError as exc:
+        pytest.skip(f"kube-apiserver could not be built on this machine: {exc}")
+    try:
+        server.install_smi_crds()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def net() -> Iterator[PodNetwork]:
+    try:
+        network = PodNetwork()
+    except NetnsError as exc:
+        pytest.skip(f"no pod networks here: {exc}")
+    with network:
+        yield network
+
+
+def pod_manifest(name: str, ports: list[int]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "serviceAccountName": name,
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "example.invalid/app:1",
+                    "ports": [{"containerPort": p} for p in ports],
+                }
+            ],
+        },
+    }
+
+
+def container(spec: dict[str, Any], key: str, name: str) -> dict[str, Any]:
+    return next(c for c in spec[key] if c["name"] == name)
+
+
+def kubelet_env(c: dict[str, Any], *, pod_name: str, ns: str) -> dict[str, str]:
+    """The container's environment as a kubelet resolves it (values and pod fieldRefs)."""
+    fields = {"metadata.name": pod_name, "metadata.namespace": ns}
+    env: dict[str, str] = {}
+    for item in c.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
+
+
+def expand(arg: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), arg)
+
+
+def request(pod: Pod, host: str, port: int, hostname: str, method: str, path: str) -> Any:
+    """An HTTP request made by a plain application inside ``pod`` (root, so intercepted)."""
+    out = pod.run([sys.executable, "-c", CLIENT, host, str(port), hostname, method, path])
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def listeners(pod: Pod) -> set[str]:
+    out = pod.run([sys.executable, "-c", ADMIN, "/listeners?format=json"])
+    if out.returncode != 0:
+        return set()
+    return {s["name"] for s in json.loads(out.stdout).get("listener_statuses", [])}
+
+
+def rejected_updates(pod: Pod) -> dict[str, str]:
+    out = pod.run([sys.executable, "-c", ADMIN, "/stats"])
+    assert out.returncode == 0, out.stderr
+    found = {}
+    for line in out.stdout.splitlines():
+        key, _, value = line.partition(": ")
+        if key.endswith("update_rejected") and value.strip() != "0":
+            found[key] = value
+    return found
+
+
+def test_injected_pods_are_intercepted_and_secured(
+    tmp_path: Path, kube: KubeAPIServer, net: PodNetwork
+) -> None:
+    from kubernetes import client as k8s
+
+    try:
+        envoy = world_readable_copy(envoy_binary(), net.workdir / "bin")
+    except EnvoyError as exc:
+        pytest.skip(f"no Envoy binary: {exc}")
+    ns = f"tp-{uuid.uuid4().hex[:8]}"
+    pods = {"client": net.add_pod("client"), "server": net.add_pod("server")}
+    serve = ServeProcess(tmp_path, args=["--kube", str(kube.kubeconfig_path)], xds_host=net.gateway)
+    config = InjectorConfig(
+        ads=AdsAddress(host=net.gateway, port=serve.xds_port), tls=False, init_install=""
+    )
+    spiffe = f"spiffe://cluster.local/ns/{ns}/sa/client"
+
+    def diag() -> str:
+        names = {n: sorted(listeners(p)) for n, p in pods.items()}
+        logs = {
+            n: (net.workdir / n / "envoy.log").read_text(errors="replace")[-1500:]
+            for n in pods
+            if (net.workdir / n / "envoy.log").exists()
+        }
+        return f"--- listeners: {names}\n--- envoy logs: {logs}\n--- serve:\n{serve.tail()}"
+
+    with kube.api_client() as api:
+        core = k8s.CoreV1Api(api)
+        custom = k8s.CustomObjectsApi(api)
+        core.create_namespace(
+            {
+                "metadata": {
+                    "name": ns,
+                    "labels": {"smc.dev/monitored": "true", "smc.dev/inject": "enabled"},
+                }
+            }
+        )
+        for name, ports in (("client", [8080]), ("server", [8080, 9000])):
+            core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
+            manifest = pod_manifest(name, ports)
+            ops = mutate(
+                manifest,
+                namespace_labels={"smc.dev/inject": "enabled", "smc.dev/monitored": "true"},
+                config=config,
+                namespace=ns,
+            )
+            created = core.create_namespaced_pod(
+                ns, jsonpatch.apply_patch(copy.deepcopy(manifest), ops)
+            )
+            assert created.metadata.labels["smc.dev/interception"] == "iptables"
+            core.patch_namespaced_pod_status(
+                name,
+                ns,
+                {
+                    "status": {
+                        "phase": "Running",
+                        "podIP": pods[name].address,
+                        "podIPs": [{"ip": pods[name].address}],
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    }
+                },
+            )
+        svc = core.create_namespaced_service(
+            ns,
+            {
+                "metadata": {"name": "server"},
+                "spec": {
+                    "selector": {"app": "server"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+                },
+            },
+        )
+        cluster_ip = svc.spec.cluster_ip
+        k8s.DiscoveryV1Api(api).create_namespaced_endpoint_slice(
+            ns,
+            {
+                "metadata": {
+                    "name": "server-a1",
+                    "labels": {"kubernetes.io/service-name": "server"},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [
+                    {
+                        "addresses": [pods["server"].address],
+                        "conditions": {"ready": True},
+                        "targetRef": {"kind": "Pod", "name": "server", "namespace": ns},
+                    }
+                ],
+            },
+        )
+        try:
+            serve.wait_ready()
+            # The kubelet's part: init container, proxy container, application.
+            app_file = net.workdir / "app.py"
+            app_file.write_text(APP)
+            pods["server"].start(
+                [sys.executable, str(app_file), "8080", "9000"], log=net.workdir / "app.log"
+            )
+            for name, pod in pods.items():
+                spec = api.sanitize_for_serialization(core.read_namespaced_pod(name, ns))["spec"]
+                init = container(spec, "initContainers", INIT_CONTAINER)
+                done = pod.run(init["command"])
+                assert done.returncode == 0, done.stderr
+                proxy = container(spec, "containers", PROXY_CONTAINER)
+                env = kubelet_env(proxy, pod_name=name, ns=ns)
+                args = [expand(a, env) for a in proxy.get("args", [])]
+                ctx = proxy["securityContext"]
+                workdir = net.workdir / name
+                workdir.mkdir()
+                os.chown(workdir, ctx["runAsUser"], ctx["runAsGroup"])
+                pod.start(
+                    [
+                        str(envoy),
+                        *args,
+                        "--base-id",
+                        str(random.randint(1000, 60000)),
+                        "--log-path",
+                        str(workdir / "envoy.log"),
+                    ],
+                    log=workdir / "envoy.out",
+                    uid=ctx["runAsUser"],
+                    gid=ctx["runAsGroup"],
+                    env={"PATH": "/usr/bin:/bin", **env},
+                    cwd=workdir,
+                )
+
+            # 1. Transparent listeners on both proxies.
+            for name, pod in pods.items():
+                eventually(
+                    lambda pod=pod: {"inbound", "outbound"} <= listeners(pod),
+                    what=f"the {name} proxy's transparent listeners",
+                    diag=diag,
+                    wait=WAIT,
+                )
+
+            # 2. Policy through the apiserver; the client calls the ClusterIP.
+            custom.create_namespaced_custom_object(
+                "specs.smi-spec.io",
+                "v1alpha4",
+                ns,
+                "httproutegroups",
+                {
+                    "apiVersion": "specs.smi-spec.io/v1alpha4",
+                    "kind": "HTTPRouteGroup",
+                    "metadata": {"name": "books"},
+                    "spec": {
+                        "matches": [{"name": "get", "pathRegex": "/books", "methods": ["GET"]}]
+                    },
+                },
+            )
+            custom.create_namespaced_custom_object(
+                "access.smi-spec.io",
+                "v1alpha3",
+                ns,
+                "traffictargets",
+                {
+                    "apiVersion": "access.smi-spec.io/v1alpha3",
+                    "kind": "TrafficTarget",
+                    "metadata": {"name": "client-to-server"},
+                    "spec": {
+                        "destination": {
+                            "kind": "ServiceAccount",
+                            "name": "server",
+                            "namespace": ns,
+                        },
+                        "sources": [{"kind": "ServiceAccount", "name": "client", "namespace": ns}],
+                        "rules": [{"kind": "HTTPRouteGroup", "name": "books", "matches": ["get"]}],
+                    },
+                },
+            )
+            host = f"server.{ns}.svc.cluster.local"
+            client = pods["client"]
+            ok = eventually(
+                lambda: (
+                    (r := request(client, cluster_ip, 80, host, "GET", "/books"))["status"] == 200
+                    and r
+                ),
+                what="GET /books from the client to reach the server",
+                diag=diag,
+                wait=WAIT,
+            )
+            body = json.loads(ok["body"])
+            assert body["port"] == 8080 and body["path"] == "/books"
+            assert spiffe in body["xfcc"], body
+            denied = request(client, cluster_ip, 80, host, "POST", "/books")
+            assert denied["status"] == 403, denied
+
+            # 3. A port no Service names passes through both sidecars.
+            plain = request(client, pods["server"].address, 9000, "-", "GET", "/direct")
+            assert plain["status"] == 200, plain
+            assert json.loads(plain["body"]) == {
+                "port": 9000,
+                "method": "GET",
+                "path": "/direct",
+                "xfcc": "",
+            }
+
+            # 4. Outside the mesh (the node), plaintext to the mesh port fails.
+            outside = json.loads(
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        CLIENT,
+                        pods["server"].address,
+                        "8080",
+                        "-",
+                        "GET",
+                        "/books",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                ).stdout
+            )
+            assert outside["status"] != 200, outside
+
+            # 5. Revoking the policy denies the client again.
+            custom.delete_namespaced_custom_object(
+                "access.smi-spec.io", "v1alpha3", ns, "traffictargets", "client-to-server"
+            )
+            eventually(
+                lambda: request(client, cluster_ip, 80, host, "GET", "/books")["status"] == 0,
+                what="GET /books to fail after the TrafficTarget is deleted",
+                diag=diag,
+                wait=WAIT,
+            )
+            direct = request(client, pods["server"].address, 8080, host, "GET", "/books")
+            assert direct["status"] == 0, direct
+            for pod in pods.values():
+                assert not rejected_updates(pod), diag()
+        finally:
+            for pod in pods.values():
+                pod.stop_all()
+            code = serve.stop()
+        assert code == 0, serve.tail()
