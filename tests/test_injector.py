@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import dataclasses
+import datetime
 import json
 import os
 import ssl
@@ -25,14 +27,18 @@ from cryptography import x509
 
 from smc.ca import LocalIssuer, verify_certificate
 from smc.injector import (
+    ANNOTATION_BOOTSTRAP_SECRET,
     ANNOTATION_INJECT,
     ANNOTATION_NODE_ID,
     ANNOTATION_STATUS,
+    BOOTSTRAP_LABEL,
     INIT_CONTAINER,
     NAMESPACE_LABEL,
     PROXY_CONTAINER,
     PROXY_VOLUME,
+    SECRET_KEYS,
     BootstrapCredentials,
+    BootstrapSecrets,
     InjectorConfig,
     InvalidAdmissionReview,
     InvalidPod,
@@ -782,6 +788,13 @@ def test_injector_process_registers_its_ca_bundle_and_mutates(
         sock = boot["static_resources"]["clusters"][0]
         assert sock["type"] == "STRICT_DNS"
         assert sock["transport_socket"]["typed_config"]["sni"] == "smc.smc-system.svc"
+        # By default the bootstrap key is in a per-pod Secret, not in the pod spec.
+        secret_name = got["metadata"]["annotations"][ANNOTATION_BOOTSTRAP_SECRET]
+        refs = {e["name"]: e.get("valueFrom") for e in got["spec"]["containers"][1]["env"]}
+        assert refs["SMC_PROXY_KEY"] == {"secretKeyRef": {"name": secret_name, "key": "key.pem"}}
+        assert "PRIVATE KEY" not in json.dumps(got)
+        stored: Any = client.CoreV1Api(api).read_namespaced_secret(secret_name, ns)
+        assert set(stored.data) == {"cert.pem", "key.pem", "ca.pem"}
     finally:
         adm.delete_mutating_webhook_configuration(name)
         proc.terminate()
@@ -806,3 +819,99 @@ def test_injector_and_builder_agree_on_ports_and_the_interception_label() -> Non
     assert jsonpatch.apply_patch(bare, ops)["metadata"]["labels"] == {
         LABEL_INTERCEPTION: "iptables"
     }
+
+
+def test_secret_credentials_keep_the_key_out_of_the_pod_spec(
+    issuer: LocalIssuer, config: InjectorConfig
+) -> None:
+    creds = dataclasses.replace(creds_for(issuer, config, "shop", "web"), secret_name="s-1")
+    ops = mutate(pod(), namespace_labels=ENABLED, config=config, credentials=creds)
+    got = apply(pod(), ops)
+    assert "PRIVATE KEY" not in json.dumps(ops) and "CERTIFICATE" not in json.dumps(ops)
+    assert got["metadata"]["annotations"][ANNOTATION_BOOTSTRAP_SECRET] == "s-1"
+    refs = {e["name"]: e.get("valueFrom") for e in got["spec"]["containers"][1]["env"]}
+    for var, key in SECRET_KEYS.items():
+        assert refs[var] == {"secretKeyRef": {"name": "s-1", "key": key}}
+
+
+@pytest.mark.kube
+@pytest.mark.timeout(600)
+def test_webhook_stores_bootstrap_secrets_and_collects_orphans(
+    kube: Any, issuer: LocalIssuer, config: InjectorConfig
+) -> None:
+    """Through the real apiserver: an injected pod's credentials land in a Secret of its
+    namespace (none for a dry run); the collector keeps it while the pod names it and deletes
+    it once the pod is gone."""
+    from cryptography.hazmat.primitives import serialization
+    from kubernetes import client
+
+    api = kube.api_client()
+    secrets = BootstrapSecrets(api, grace=datetime.timedelta(0))
+    server = _webhook(issuer, config, namespace_labels=kube_namespace_labels(api), secrets=secrets)
+    core: Any = client.CoreV1Api(api)
+    with ThreadedWebhook(server) as hook:
+        bundle = base64.b64encode("".join(issuer.trust_bundle()).encode()).decode()
+        name = f"smc-injector-{uuid.uuid4().hex[:6]}"
+        adm: Any = client.AdmissionregistrationV1Api(api)
+        adm.create_mutating_webhook_configuration(
+            {
+                "metadata": {"name": name},
+                "webhooks": [
+                    {
+                        "name": "inject.smc.dev",
+                        "admissionReviewVersions": ["v1"],
+                        "sideEffects": "NoneOnDryRun",
+                        "failurePolicy": "Fail",
+                        "clientConfig": {"url": hook.url, "caBundle": bundle},
+                        "namespaceSelector": {"matchLabels": {"secret-test": name}},
+                        "rules": [
+                            {
+                                "apiGroups": [""],
+                                "apiVersions": ["v1"],
+                                "operations": ["CREATE"],
+                                "resources": ["pods"],
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+        try:
+            ns = _namespace(api, **{"secret-test": name, **ENABLED})
+
+            def bootstrap_secrets() -> set[str]:
+                found = core.list_namespaced_secret(ns, label_selector=f"{BOOTSTRAP_LABEL}=true")
+                return {s.metadata.name for s in found.items}
+
+            dry = core.create_namespaced_pod(ns, _app_pod("dry-0"), dry_run="All")
+            assert dry.metadata.annotations[ANNOTATION_BOOTSTRAP_SECRET]
+            assert bootstrap_secrets() == set()  # no side effect on a dry run
+            got = _create_pod(api, ns, _app_pod("web-0"))
+            secret_name = got["metadata"]["annotations"][ANNOTATION_BOOTSTRAP_SECRET]
+            assert bootstrap_secrets() == {secret_name}
+            assert "PRIVATE KEY" not in json.dumps(got)
+            data = core.read_namespaced_secret(secret_name, ns).data
+            cert_pem = base64.b64decode(data["cert.pem"])
+            key_pem = base64.b64decode(data["key.pem"])
+            leaf = x509.load_pem_x509_certificate(cert_pem)
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert [u.value for u in san] == [f"spiffe://{TD}/ns/{ns}/sa/web"]
+            key = serialization.load_pem_private_key(key_pem, password=None)
+            assert key.public_key().public_numbers() == leaf.public_key().public_numbers()  # type: ignore[union-attr]
+            sid = verify_certificate(cert_pem=cert_pem.decode(), trust_bundle=issuer.trust_bundle())
+            assert str(sid).endswith(f"/ns/{ns}/sa/web")
+            # An orphan (its pod never came to be) goes; the live pod's Secret stays.
+            secrets.store(
+                namespace=ns,
+                name="smc-bootstrap-orphan",
+                identity=f"{ns}/web",
+                credentials=creds_for(issuer, config, ns, "web"),
+            )
+            assert f"{ns}/smc-bootstrap-orphan" in secrets.collect()
+            assert bootstrap_secrets() == {secret_name}
+            core.delete_namespaced_pod("web-0", ns, grace_period_seconds=0)
+            assert f"{ns}/{secret_name}" in secrets.collect()
+            assert bootstrap_secrets() == set()
+        finally:
+            adm.delete_mutating_webhook_configuration(name)
+    api.close()

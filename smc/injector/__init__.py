@@ -3,7 +3,7 @@
 Role: public API of ``smc.injector``. :func:`mutate` turns a Pod into the JSONPatch that adds the
 Envoy sidecar, the traffic-redirecting init container and the inline bootstrap (pure; see
 :mod:`smc.injector._mutate`); :class:`WebhookServer` answers AdmissionReview v1 over HTTPS with
-it; :func:`issue_serving_certificate` signs the webhook's certificate (DNS/IP SANs) with SMC's
+it, keeping bootstrap keys in per-pod Secrets through :class:`BootstrapSecrets`; :func:`issue_serving_certificate` signs the webhook's certificate (DNS/IP SANs) with SMC's
 local CA; :func:`write_vm_bootstrap` writes the bootstrap, certificates and run script of a
 VirtualMachine's Envoy; :func:`envoy_bootstrap` is the bootstrap both share.
 ``python -m smc.injector`` runs the webhook (see :mod:`smc.injector.__main__`).
@@ -25,6 +25,7 @@ from smc.injector._errors import (
     UnknownVirtualMachine,
 )
 from smc.injector._mutate import (
+    ANNOTATION_BOOTSTRAP_SECRET,
     ANNOTATION_EXCLUDE_INBOUND,
     ANNOTATION_EXCLUDE_OUTBOUND,
     ANNOTATION_INJECT,
@@ -35,6 +36,7 @@ from smc.injector._mutate import (
     NAMESPACE_LABEL,
     PROXY_CONTAINER,
     PROXY_VOLUME,
+    SECRET_KEYS,
     BootstrapCredentials,
     Decision,
     InjectorConfig,
@@ -43,6 +45,7 @@ from smc.injector._mutate import (
     pod_identity,
     redirect_commands,
 )
+from smc.injector._secrets import BOOTSTRAP_LABEL, BootstrapSecrets, bootstrap_secret_name
 from smc.injector._server import (
     API_VERSION,
     AdmissionRequest,
@@ -60,20 +63,24 @@ from smc.injector._vm import VmBootstrapFiles, find_vm, vm_node_id, write_vm_boo
 
 __all__ = [
     "ADS_CLUSTER",
+    "ANNOTATION_BOOTSTRAP_SECRET",
     "ANNOTATION_EXCLUDE_INBOUND",
     "ANNOTATION_EXCLUDE_OUTBOUND",
     "ANNOTATION_INJECT",
     "ANNOTATION_NODE_ID",
     "ANNOTATION_STATUS",
     "API_VERSION",
+    "BOOTSTRAP_LABEL",
     "INIT_CONTAINER",
     "LABEL_INTERCEPTION",
     "NAMESPACE_LABEL",
     "PROXY_CONTAINER",
     "PROXY_VOLUME",
+    "SECRET_KEYS",
     "AdmissionRequest",
     "AdsAddress",
     "BootstrapCredentials",
+    "BootstrapSecrets",
     "CredentialSource",
     "Decision",
     "InjectorConfig",
@@ -86,6 +93,7 @@ __all__ = [
     "VmBootstrapFiles",
     "WebhookServer",
     "assume_opted_in",
+    "bootstrap_secret_name",
     "envoy_bootstrap",
     "find_vm",
     "injection_decision",

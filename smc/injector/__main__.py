@@ -7,6 +7,9 @@ serves ``/mutate`` until SIGINT/SIGTERM. ``--register NAME`` writes the CA's tru
 ``clientConfig.caBundle`` of every webhook of the MutatingWebhookConfiguration ``NAME`` at start
 (in-cluster credentials, or ``--kubeconfig``); ``--lookup-namespaces`` reads namespace labels
 from the apiserver instead of trusting the configuration's ``namespaceSelector``.
+``--credentials secret`` (the default) keeps each proxy's bootstrap key in a per-pod Secret
+(the webhook needs create/replace/list/delete on Secrets and list on Pods), ``env`` inlines it
+in the pod spec (no Kubernetes access needed).
 Concurrency: one asyncio loop; see :class:`~smc.injector.WebhookServer`.
 """
 
@@ -28,6 +31,7 @@ from smc.errors import SMCError
 from smc.injector._bootstrap import parse_ads_address
 from smc.injector._errors import InjectorError
 from smc.injector._mutate import InjectorConfig
+from smc.injector._secrets import BootstrapSecrets
 from smc.injector._server import (
     NamespaceLabels,
     WebhookServer,
@@ -62,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
         help="shell run before the iptables rules ('' when the init image has iptables)",
     )
     p.add_argument("--bootstrap-hours", type=float, default=24.0)
+    p.add_argument(
+        "--credentials",
+        choices=("secret", "env"),
+        default="secret",
+        help="bootstrap credentials in a per-pod Secret (default) or inline in the pod spec",
+    )
+    p.add_argument(
+        "--secret-grace",
+        type=float,
+        default=600.0,
+        help="seconds before an unreferenced bootstrap Secret is deleted",
+    )
     p.add_argument("--register", metavar="NAME", help="MutatingWebhookConfiguration to patch")
     p.add_argument("--lookup-namespaces", action="store_true")
     p.add_argument("--kubeconfig", default=None)
@@ -137,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         labels: NamespaceLabels = assume_opted_in
         api = None
-        if args.register or args.lookup_namespaces:
+        secrets_wanted = args.credentials == "secret" and not args.plaintext_ads
+        if args.register or args.lookup_namespaces or secrets_wanted:
             api = _kube_client(args.kubeconfig)
         if args.register:
             n = register_ca_bundle(
@@ -153,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             namespace_labels=labels,
             host=host,
             port=int(port),
+            secrets=(
+                BootstrapSecrets(api, grace=timedelta(seconds=args.secret_grace))
+                if secrets_wanted
+                else None
+            ),
+            gc_interval=max(1.0, min(300.0, args.secret_grace / 2)),
         )
         asyncio.run(_run(server))
     except SMCError as exc:

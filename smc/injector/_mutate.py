@@ -18,7 +18,10 @@ the label ``smc.dev/inject=enabled`` (opt-in), the pod must not carry the annota
   of :mod:`smc.xds`; for a pod named by ``generateName`` the id is completed from the pod's own
   name at start via ``--service-node``), the ADS address of the control plane, and, with TLS,
   the bootstrap certificate, key and trust bundle from SMC's CA in env variables that the
-  bootstrap reads as Envoy data sources (mTLS to the control plane);
+  bootstrap reads as Envoy data sources (mTLS to the control plane): taken by
+  ``secretKeyRef`` from a per-pod Secret named in the ``smc.dev/bootstrap-secret`` annotation
+  when the credentials carry a Secret name (the webhook's default: no key in the pod spec),
+  inline otherwise;
 - the ``smc-proxy-run`` emptyDir volume (Envoy's writable working directory), the
   ``smc.dev/status`` and ``smc.dev/node-id`` annotations, and the label
   ``smc.dev/interception: iptables``, which the informers carry into the registry and which
@@ -44,6 +47,7 @@ from smc.injector._bootstrap import AdsAddress, TlsSources, envoy_bootstrap
 from smc.injector._errors import InjectorError, InvalidPod
 
 __all__ = [
+    "ANNOTATION_BOOTSTRAP_SECRET",
     "ANNOTATION_EXCLUDE_INBOUND",
     "ANNOTATION_EXCLUDE_OUTBOUND",
     "ANNOTATION_INJECT",
@@ -54,6 +58,7 @@ __all__ = [
     "NAMESPACE_LABEL",
     "PROXY_CONTAINER",
     "PROXY_VOLUME",
+    "SECRET_KEYS",
     "BootstrapCredentials",
     "Decision",
     "InjectorConfig",
@@ -78,6 +83,10 @@ ENV_BOOTSTRAP = "SMC_ENVOY_BOOTSTRAP"
 ENV_CERT = "SMC_PROXY_CERT"
 ENV_KEY = "SMC_PROXY_KEY"
 ENV_CA = "SMC_PROXY_CA"
+#: Pod annotation naming the Secret that holds the proxy's bootstrap credentials.
+ANNOTATION_BOOTSTRAP_SECRET = "smc.dev/bootstrap-secret"
+#: Environment variable -> key in the bootstrap Secret.
+SECRET_KEYS = {ENV_CERT: "cert.pem", ENV_KEY: "key.pem", ENV_CA: "ca.pem"}
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SA = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -112,11 +121,14 @@ class InjectorConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BootstrapCredentials:
-    """The proxy's bootstrap certificate (PEM chain), key and the trust bundle."""
+    """The proxy's bootstrap certificate (PEM chain), key and the trust bundle. With
+    ``secret_name`` they live in that Secret of the pod's namespace (keys :data:`SECRET_KEYS`)
+    and the pod spec only refers to it; without, they are inline in the proxy's environment."""
 
     cert_pem: str
     key_pem: str = field(repr=False)
     ca_pem: str
+    secret_name: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -317,11 +329,20 @@ def mutate(
         },
     ]
     if credentials is not None and config.tls:
-        env += [
-            {"name": ENV_CERT, "value": credentials.cert_pem},
-            {"name": ENV_KEY, "value": credentials.key_pem},
-            {"name": ENV_CA, "value": credentials.ca_pem},
-        ]
+        if credentials.secret_name is not None:
+            env += [
+                {
+                    "name": var,
+                    "valueFrom": {"secretKeyRef": {"name": credentials.secret_name, "key": key}},
+                }
+                for var, key in SECRET_KEYS.items()
+            ]
+        else:
+            env += [
+                {"name": ENV_CERT, "value": credentials.cert_pem},
+                {"name": ENV_KEY, "value": credentials.key_pem},
+                {"name": ENV_CA, "value": credentials.ca_pem},
+            ]
     args = ["--config-yaml", f"$({ENV_BOOTSTRAP})", "--log-level", config.log_level]
     if not name:  # generateName: the real name is known only once the pod exists
         args += ["--service-node", "$(POD_NAMESPACE)/$(POD_NAME)"]
@@ -379,6 +400,8 @@ def mutate(
     added = {ANNOTATION_STATUS: status}
     if name:  # with generateName the node id is known only once the pod is named
         added[ANNOTATION_NODE_ID] = node_id
+    if credentials is not None and config.tls and credentials.secret_name is not None:
+        added[ANNOTATION_BOOTSTRAP_SECRET] = credentials.secret_name
     ops: list[dict[str, Any]] = []
     if isinstance(meta.get("annotations"), dict):
         for key, value in added.items():

@@ -6,8 +6,9 @@ the request uid when it was readable); :func:`review_response` builds the answer
 (``response.uid`` = the request's uid, ``allowed``, and a base64 ``JSONPatch`` or a status
 message). :class:`WebhookServer` serves ``POST /mutate`` (and ``GET /healthz``) with aiohttp
 over TLS: a pod CREATE in an opted-in namespace gets the sidecar (:func:`smc.injector.mutate`)
-with a bootstrap certificate issued for the pod's identity; every other request is allowed
-unchanged. A body that is not an AdmissionReview gets HTTP 400 with a JSON ``{"error": ...}``
+with a bootstrap certificate issued for the pod's identity (with :class:`BootstrapSecrets`
+stored in a per-pod Secret, skipped for a ``dryRun`` review, and orphaned Secrets collected
+periodically; else inline in the pod spec); every other request is allowed unchanged. A body that is not an AdmissionReview gets HTTP 400 with a JSON ``{"error": ...}``
 message; a readable review whose pod cannot be injected gets ``allowed: false`` with the
 reason (code 400 for a bad pod, 500 when the CA fails). Nothing a client sends makes it crash.
 Namespace labels come from a :data:`NamespaceLabels` lookup (the apiserver, through
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import json
 import logging
 import ssl
@@ -40,6 +43,7 @@ from smc.injector._mutate import (
     mutate,
     pod_identity,
 )
+from smc.injector._secrets import BootstrapSecrets, bootstrap_secret_name
 
 __all__ = [
     "API_VERSION",
@@ -74,6 +78,7 @@ class AdmissionRequest:
     operation: str
     namespace: str
     obj: Any
+    dry_run: bool = False
 
 
 def _field(req: Mapping[str, Any], key: str, uid: str | None) -> Any:
@@ -119,6 +124,9 @@ def parse_review(body: bytes) -> AdmissionRequest:
     obj = req.get("object")
     if operation in ("CREATE", "UPDATE") and obj is None:
         raise InvalidAdmissionReview(f"request.object is missing for a {operation}", uid)
+    dry_run = req.get("dryRun", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidAdmissionReview("request.dryRun: expected a boolean", uid)
     return AdmissionRequest(
         uid=uid,
         kind=kind["kind"],
@@ -126,6 +134,7 @@ def parse_review(body: bytes) -> AdmissionRequest:
         operation=operation,
         namespace=namespace,
         obj=obj,
+        dry_run=dry_run,
     )
 
 
@@ -202,8 +211,15 @@ class WebhookServer:
         namespace_labels: NamespaceLabels = assume_opted_in,
         host: str = "127.0.0.1",
         port: int = 0,
+        secrets: BootstrapSecrets | None = None,
+        gc_interval: float = 300.0,
     ) -> None:
+        """With ``secrets``, bootstrap credentials go into per-pod Secrets (not the pod
+        spec), and orphaned ones are collected every ``gc_interval`` seconds."""
         self.config = config
+        self.secrets = secrets
+        self.gc_interval = gc_interval
+        self._gc: asyncio.Task[None] | None = None
         self._credentials = credentials
         self._ssl = ssl_context
         self._labels = namespace_labels
@@ -227,10 +243,25 @@ class WebhookServer:
         self._runner = runner
         if self.port == 0:  # the port the system chose
             self.port = int(runner.addresses[0][1])
+        if self.secrets is not None:
+            self._gc = asyncio.create_task(self._collect_forever(self.secrets))
         log.info("admission webhook on https://%s:%d/mutate", self.host, self.port)
         return self.port
 
+    async def _collect_forever(self, secrets: BootstrapSecrets) -> None:
+        while True:
+            await asyncio.sleep(self.gc_interval)
+            try:
+                await asyncio.to_thread(secrets.collect)
+            except Exception:  # the apiserver may be away; try again next round
+                log.exception("collecting orphaned bootstrap Secrets failed")
+
     async def stop(self) -> None:
+        if self._gc is not None:
+            self._gc.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc
+            self._gc = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -276,6 +307,8 @@ class WebhookServer:
                 if self._credentials is None:
                     raise InjectorError("TLS bootstrap is on but the webhook has no CA")
                 creds = await asyncio.to_thread(self._credentials, ns, sa)
+                if self.secrets is not None:
+                    creds = dataclasses.replace(creds, secret_name=bootstrap_secret_name(req.uid))
             patch = mutate(
                 req.obj,
                 namespace_labels=labels,
@@ -283,6 +316,15 @@ class WebhookServer:
                 namespace=req.namespace,
                 credentials=creds,
             )
+            if creds is not None and creds.secret_name and not req.dry_run and patch:
+                assert self.secrets is not None
+                await asyncio.to_thread(
+                    self.secrets.store,
+                    namespace=ns,
+                    name=creds.secret_name,
+                    identity=f"{ns}/{sa}",
+                    credentials=creds,
+                )
         except InvalidPod as exc:
             return review_response(req.uid, denied=f"smc injector: {exc}", code=400)
         except CAError as exc:
