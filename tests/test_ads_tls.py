@@ -355,7 +355,9 @@ def channel(
         private_key=cert.private_key_pem.encode() if cert else None,
         certificate_chain=cert.cert_pem.encode() if cert else None,
     )
-    return grpc.aio.secure_channel(f"127.0.0.1:{t.port}", creds)
+    # A channel of its own connection: never a subchannel shared with an earlier channel.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    return grpc.aio.secure_channel(f"127.0.0.1:{t.port}", creds, options=options)
 
 
 async def test_client_without_a_mesh_certificate_cannot_connect(tls_ads: TlsAds) -> None:
@@ -524,3 +526,51 @@ async def test_tls_configuration_errors_are_clear(pki: Pki) -> None:
         )
     with pytest.raises(XdsError, match="key_pem"):
         ServerTLS.of(cert_pem=pki.server.cert_pem, key_pem="", client_ca_pems=[pki.ca_pem])
+
+
+async def test_tls_material_rotates_for_new_connections(tls_ads: TlsAds, tmp_path: Path) -> None:
+    """A new server certificate and client CA bundle (a CA rotation: the new root is trusted
+    beside the old one) apply to connections made after ``update_tls``."""
+    tls_ads.cache.set_snapshot(node_id=NODE, snapshot=snapshot(port=free_port()))
+    rotated = LocalIssuer(directory=tmp_path / "rotated", trust_domain=TRUST_DOMAIN)
+    new_ca = "".join(rotated.trust_bundle())
+    hour = timedelta(hours=1)
+    new_web = rotated.issue(identity=WEB, lifetime=hour)
+    new_server = issue_serving_certificate(rotated, ip_addresses=["127.0.0.1"], lifetime=hour)
+
+    async def served(chan: grpc.aio.Channel) -> bool:
+        client = RawClient(chan, node_id=NODE)
+        try:
+            return len((await client.recv()).resources) == 1
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            return False
+        finally:
+            await client.close()
+
+    assert await served(channel(tls_ads, cert=tls_ads.pki.web))
+    assert not await served(channel(tls_ads, cert=new_web, ca_pem=new_ca))
+    tls = ServerTLS.of(
+        cert_pem=new_server.cert_pem,
+        key_pem=new_server.private_key_pem,
+        client_ca_pems=[tls_ads.pki.ca_pem, new_ca],
+        trust_domain=TRUST_DOMAIN,
+    )
+    assert tls_ads.ads.update_tls(tls) is True
+    assert tls_ads.ads.update_tls(tls) is False  # same material: nothing to do
+    assert tls_ads.ads.tls == tls
+    # The new CA's client is served by the new certificate; the old CA's client certificate
+    # is still accepted (both roots trusted) when it trusts the new server certificate.
+    assert await served(channel(tls_ads, cert=new_web, ca_pem=new_ca))
+    assert await served(channel(tls_ads, cert=tls_ads.pki.web, ca_pem=new_ca))
+    # A client that trusts only the old root no longer accepts the server.
+    assert not await served(channel(tls_ads, cert=tls_ads.pki.web))
+    with pytest.raises(XdsError, match="trust domain"):
+        tls_ads.ads.update_tls(
+            ServerTLS.of(
+                cert_pem=new_server.cert_pem,
+                key_pem=new_server.private_key_pem,
+                client_ca_pems=[new_ca],
+                trust_domain="elsewhere.local",
+            )
+        )

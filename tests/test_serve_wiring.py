@@ -18,12 +18,15 @@ import asyncio
 import json
 import resource
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +255,119 @@ async def test_xds_tls_serves_envoy_with_mesh_certificate(
         assert stats.get("cluster.smc_xds.ssl.handshake", 0) >= 1
     finally:
         envoy.close()
+    assert s.stop() == 0
+
+
+def _served_certificate(port: int, ca_pem: str) -> x509.Certificate:
+    """The certificate the ADS port presents to a new TLS connection (checked against
+    ``ca_pem``; no client certificate is needed to see it)."""
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def _serial(cert: Any) -> int:
+    return x509.load_pem_x509_certificate(cert.cert_pem.encode()).serial_number
+
+
+def test_xds_tls_material_is_reloaded_from_files(tmp_path: Path, serves: list[Serve]) -> None:
+    """``--xds-cert/--xds-key`` rewritten in place (as a mounted Secret is updated) reach new
+    connections within ``--xds-tls-refresh``, without a restart."""
+    from smc.injector._tls import issue_serving_certificate
+
+    ca_dir = tmp_path / "ca"
+    issuer = LocalIssuer(directory=ca_dir, trust_domain="cluster.local")
+    roots = "".join(issuer.trust_bundle())
+    cert_file, key_file = tmp_path / "ads.pem", tmp_path / "ads.key"
+
+    def write(cert: Any) -> None:
+        for path, text in ((key_file, cert.private_key_pem), (cert_file, cert.cert_pem)):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+
+    first = issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"])
+    write(first)
+    xds_port = free_port()
+    s = Serve(
+        tmp_path,
+        "--xds",
+        f"127.0.0.1:{xds_port}",
+        "--xds-tls",
+        "--xds-cert",
+        str(cert_file),
+        "--xds-key",
+        str(key_file),
+        "--xds-tls-refresh",
+        "0.2",
+        "--ca",
+        f"local:{ca_dir}",
+        "--keys",
+        str(tmp_path / "keys"),
+    )
+    serves.append(s)
+    s.wait_ready()
+    deadline = time.monotonic() + 30
+    while "over mTLS" not in s.stderr():
+        assert time.monotonic() < deadline, s.stderr()
+        time.sleep(0.1)
+    assert _served_certificate(xds_port, roots).serial_number == _serial(first)
+    second = issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"])
+    write(second)
+    deadline = time.monotonic() + 20
+    while _served_certificate(xds_port, roots).serial_number != _serial(second):
+        assert time.monotonic() < deadline, s.stderr()
+        time.sleep(0.1)
+    assert "TLS material rotated" in s.stderr()
+    # A half-written pair (key of one, certificate unreadable) keeps the current material.
+    cert_file.write_text("not a certificate")
+    time.sleep(1.0)
+    assert _served_certificate(xds_port, roots).serial_number == _serial(second)
+    assert "keeping the current material" in s.stderr()
+    assert s.stop() == 0
+
+
+def test_issued_xds_certificate_is_renewed_before_it_expires(
+    tmp_path: Path, serves: list[Serve]
+) -> None:
+    """The ADS certificate the serve CA issues (here for 3.6 s) is replaced after 2/3 of its
+    life, while serve runs."""
+    ca_dir = tmp_path / "ca"
+    xds_port = free_port()
+    s = Serve(
+        tmp_path,
+        "--xds",
+        f"127.0.0.1:{xds_port}",
+        "--xds-tls",
+        "--xds-cert-hours",
+        "0.001",
+        "--xds-tls-refresh",
+        "0.2",
+        "--ca",
+        f"local:{ca_dir}",
+        "--keys",
+        str(tmp_path / "keys"),
+    )
+    serves.append(s)
+    s.wait_ready()
+    deadline = time.monotonic() + 30
+    while "over mTLS" not in s.stderr():
+        assert time.monotonic() < deadline, s.stderr()
+        time.sleep(0.1)
+    roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
+    first = _served_certificate(xds_port, roots)
+    assert (first.not_valid_after_utc - datetime.now(UTC)).total_seconds() <= 4
+    deadline = time.monotonic() + 20
+    while (current := _served_certificate(xds_port, roots)).serial_number == first.serial_number:
+        assert time.monotonic() < deadline, s.stderr()
+        time.sleep(0.2)
+    assert current.not_valid_after_utc > first.not_valid_after_utc
     assert s.stop() == 0
 
 

@@ -22,6 +22,9 @@ mesh trust bundle come from the log): the server certificate is issued by the lo
 read from ``--xds-cert/--xds-key``, required for a follower or a Vault CA), client
 certificates must chain to the mesh trust bundle and their SPIFFE identity must be the
 service account of the node id's workload (:func:`smc.xds._server.workload_authorizer`).
+Every ``--xds-tls-refresh`` seconds the material is rebuilt (files re-read, the trust bundle
+re-read, a new issued certificate once a third of its ``--xds-cert-hours`` is left) and
+rotated into the server when it changed: new connections get it, open streams keep theirs.
 ``--kube in-cluster|KUBECONFIG`` runs the Kubernetes informers beside the runner, appending
 to the same log; a failure of the informers stops serve with exit status 1.
 Concurrency: one asyncio loop; the log is read in worker threads; issuers are called in worker
@@ -31,6 +34,7 @@ threads; SIGINT/SIGTERM stop it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -39,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,6 +87,10 @@ class _XdsTLSOptions:
     dns_names: tuple[str, ...] = ()
     cert_file: str | None = None
     key_file: str | None = None
+    #: Seconds between checks for new TLS material (files, trust bundle, certificate age).
+    refresh: float = 300.0
+    #: Lifetime of a server certificate the CA issues (renewed with a third of it left).
+    lifetime_hours: float = 720.0
 
 
 def _read_text(path: str, option: str) -> str:
@@ -99,6 +108,8 @@ def _tls_options(
     key_file: str | None,
     follow: bool,
     ca: str | None,
+    refresh: float = 300.0,
+    lifetime_hours: float = 720.0,
 ) -> _XdsTLSOptions:
     """Check the ``--xds-tls`` options; the SANs are the ``--xds`` host (unless a wildcard),
     127.0.0.1, localhost and every ``--xds-san``."""
@@ -126,8 +137,22 @@ def _tls_options(
         except ValueError:
             dns.append(name)
     return _XdsTLSOptions(
-        ip_addresses=tuple(ips), dns_names=tuple(dns), cert_file=cert_file, key_file=key_file
+        ip_addresses=tuple(ips),
+        dns_names=tuple(dns),
+        cert_file=cert_file,
+        key_file=key_file,
+        refresh=refresh,
+        lifetime_hours=lifetime_hours,
     )
+
+
+def _renewal_due(cert_pem: str, *, now: float, lifetime_hours: float) -> bool:
+    """Whether the first certificate of ``cert_pem`` has less than a third of the issued
+    lifetime left (its not-before is backdated, so count from the end)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))
+    return cert.not_valid_after_utc.timestamp() - now < lifetime_hours * 3600 / 3
 
 
 class _Xds:
@@ -186,18 +211,42 @@ class _Xds:
         or issued by the serve CA for the ``--xds`` address and ``--xds-san`` names; client
         certificates must chain to the mesh trust bundle."""
         from smc.api import ApiError
-        from smc.injector._tls import issue_serving_certificate
-        from smc.xds import XdsError
-        from smc.xds._certs import local_issuer_of
-        from smc.xds._server import ServerTLS
 
-        assert self.tls is not None
         caught = asyncio.ensure_future(self.runner.caught_up.wait())
         await asyncio.wait({caught, task}, return_when=asyncio.FIRST_COMPLETED)
         caught.cancel()
         if not self.runner.caught_up.is_set():
             task.result()  # the runner failed: raise its error
             raise ApiError("the projections stopped before catching up; xDS not started")
+        return await self._build_tls(task, current=None)
+
+    async def _rotate_tls(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+        """Every ``refresh`` seconds: rebuild the TLS material (re-read the files, the trust
+        bundle, a new certificate once the issued one has a third of its life left) and rotate it
+        into the server when it changed. A failure keeps the current material, logged."""
+        from smc.api import ApiError
+
+        assert self.tls is not None
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.tls.refresh)
+            if stop.is_set():
+                return
+            try:
+                tls = await self._build_tls(task, current=self.server.tls)
+                if self.server.update_tls(tls):
+                    click.echo("xDS: TLS material rotated (new connections use it)", err=True)
+            except (ApiError, OSError, SMCError) as exc:
+                log.warning("xDS TLS refresh failed, keeping the current material: %s", exc)
+
+    async def _build_tls(self, task: asyncio.Task[None], *, current: ServerTLS | None) -> ServerTLS:
+        from smc.api import ApiError
+        from smc.injector._tls import issue_serving_certificate
+        from smc.xds import XdsError
+        from smc.xds._certs import local_issuer_of
+        from smc.xds._server import ServerTLS
+
+        assert self.tls is not None
         policy = next(p for p in self.runner.projections if isinstance(p, PolicyProjection))
         trust_domain = policy.mesh.trust_domain
         bundle: list[str] = []
@@ -206,7 +255,15 @@ class _Xds:
             if self.issuers is not None:
                 issuer = await asyncio.to_thread(self.issuers, trust_domain)
                 bundle = list(await asyncio.to_thread(issuer.trust_bundle))
-                if self.tls.cert_file is None:
+                if (
+                    self.tls.cert_file is None
+                    and current is not None
+                    and not _renewal_due(
+                        current.cert_pem, now=time.time(), lifetime_hours=self.tls.lifetime_hours
+                    )
+                ):
+                    cert_pem, key_pem = current.cert_pem, current.key_pem
+                elif self.tls.cert_file is None:
                     local = local_issuer_of(issuer)
                     if local is None:
                         raise ApiError(
@@ -218,6 +275,7 @@ class _Xds:
                         local,
                         ip_addresses=self.tls.ip_addresses,
                         dns_names=self.tls.dns_names,
+                        lifetime=timedelta(hours=self.tls.lifetime_hours),
                     )
                     cert_pem, key_pem = served.cert_pem + served.chain_pem, served.private_key_pem
             else:
@@ -277,6 +335,8 @@ class _Xds:
                     f"cannot serve xDS on {self.addr[0]}:{self.addr[1]}: {exc}; choose another "
                     "with --xds HOST:PORT or disable it with --xds off"
                 ) from exc
+            if server_tls is not None:
+                tasks.append(asyncio.create_task(self._rotate_tls(stop, runner_task)))
         except BaseException:
             for t in tasks:
                 t.cancel()
@@ -526,6 +586,22 @@ async def _serve(
     help="PEM private key of --xds-cert.",
 )
 @click.option(
+    "--xds-tls-refresh",
+    type=click.FloatRange(min=0.1),
+    default=300.0,
+    show_default=True,
+    help="Seconds between checks for new ADS TLS material: --xds-cert/--xds-key re-read, the "
+    "trust bundle (CA rotation), a new issued certificate with a third of its life left. New "
+    "connections get it; open streams keep theirs.",
+)
+@click.option(
+    "--xds-cert-hours",
+    type=click.FloatRange(min=0.0001),
+    default=720.0,
+    show_default=True,
+    help="Lifetime of the ADS server certificate the CA issues; renewed with a third of it left.",
+)
+@click.option(
     "--kube",
     default=None,
     metavar="in-cluster|KUBECONFIG",
@@ -548,6 +624,8 @@ def serve(
     xds_san: tuple[str, ...],
     xds_cert: str | None,
     xds_key: str | None,
+    xds_tls_refresh: float,
+    xds_cert_hours: float,
     kube: str | None,
     ca: str | None,
     vault_role: str,
@@ -580,7 +658,14 @@ def serve(
         if xds is None:
             raise click.BadParameter("--xds-tls needs the xDS server (not --xds off)")
         tls_opts = _tls_options(
-            host=xds[0], sans=xds_san, cert_file=xds_cert, key_file=xds_key, follow=follow, ca=ca
+            host=xds[0],
+            sans=xds_san,
+            cert_file=xds_cert,
+            key_file=xds_key,
+            follow=follow,
+            ca=ca,
+            refresh=xds_tls_refresh,
+            lifetime_hours=xds_cert_hours,
         )
     elif xds_cert or xds_key or xds_san:
         raise click.BadParameter(

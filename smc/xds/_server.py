@@ -40,7 +40,9 @@ may speak for the node id (the node id's workload runs as that service account, 
 waits for the snapshot because a node id whose workload is not yet registered gets none (the
 stream stays open until it joins, as without TLS). Refusals are kept for debug
 (:meth:`AdsServer.refusals`) and counted by reason (``smc_xds_refused_streams_total``, no
-node-id label). Without ``tls`` and ``authorize`` nothing changes.
+node-id label). Without ``tls`` and ``authorize`` nothing changes. :meth:`AdsServer.update_tls`
+rotates the server certificate and the client CA bundle (dynamic gRPC credentials, fetched
+before each handshake): new connections get the new material, open streams keep theirs.
 
 Concurrency: everything runs on the one event loop of the grpc.aio server. Each stream is one
 handler coroutine plus one reader task feeding a queue; snapshot changes arrive as a callback from
@@ -61,6 +63,7 @@ import hashlib
 import itertools
 import logging
 import sys
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -166,15 +169,20 @@ class ServerTLS:
             cert_pem=cert_pem, key_pem=key_pem, client_ca_pems=cas, trust_domain=trust_domain
         )
 
+    def _pems(self) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        roots = "".join(p if p.endswith("\n") else p + "\n" for p in self.client_ca_pems)
+        pair = [(self.key_pem.encode("ascii"), self.cert_pem.encode("ascii"))]
+        return pair, roots.encode("ascii")
+
     def credentials(self) -> grpc.ServerCredentials:
         """gRPC server credentials requiring a client certificate from ``client_ca_pems``."""
-        return grpc.ssl_server_credentials(
-            [(self.key_pem.encode("ascii"), self.cert_pem.encode("ascii"))],
-            root_certificates="".join(
-                p if p.endswith("\n") else p + "\n" for p in self.client_ca_pems
-            ).encode("ascii"),
-            require_client_auth=True,
-        )
+        pairs, roots = self._pems()
+        return grpc.ssl_server_credentials(pairs, root_certificates=roots, require_client_auth=True)
+
+    def certificate_configuration(self) -> grpc.ServerCertificateConfiguration:
+        """The same material as a configuration for dynamic (rotatable) server credentials."""
+        pairs, roots = self._pems()
+        return grpc.ssl_server_certificate_configuration(pairs, root_certificates=roots)
 
 
 def _check_pem_certs(pem: str, *, field: str) -> None:
@@ -454,6 +462,9 @@ class AdsServer:
         self._cache = cache
         self._authorize = authorize
         self._trust_domain: str | None = None
+        self._tls: ServerTLS | None = None
+        self._tls_pending: ServerTLS | None = None
+        self._tls_lock = threading.Lock()
         self._refusals: deque[RefusalRecord] = deque(maxlen=_REFUSALS_KEPT)
         self._on_ack = on_ack
         self._on_subscription = on_subscription
@@ -515,12 +526,48 @@ class AdsServer:
             bound: int = server.add_insecure_port(f"{host}:{port}")
         else:
             self._trust_domain = tls.trust_domain
-            bound = server.add_secure_port(f"{host}:{port}", tls.credentials())
+            self._tls = tls
+            creds = grpc.dynamic_ssl_server_credentials(
+                tls.certificate_configuration(),
+                self._fetch_tls,
+                require_client_authentication=True,
+            )
+            bound = server.add_secure_port(f"{host}:{port}", creds)
         if bound == 0:
             raise OSError(f"cannot bind the ADS server to {host}:{port}")
         await server.start()
         self._server, self._port = server, bound
         return bound
+
+    def _fetch_tls(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC before each TLS handshake (on its own threads): the new material
+        # once after update_tls, else None (keep the current one).
+        with self._tls_lock:
+            pending, self._tls_pending = self._tls_pending, None
+        return None if pending is None else pending.certificate_configuration()
+
+    @property
+    def tls(self) -> ServerTLS | None:
+        """The TLS material new connections get (None: cleartext)."""
+        return self._tls
+
+    def update_tls(self, tls: ServerTLS) -> bool:
+        """Rotate the server certificate and/or the client CA bundle: connections made from
+        now on use ``tls``; open streams keep theirs. Returns False when nothing changed.
+        Raises :class:`XdsError` on a cleartext server or a different trust domain."""
+        if self._tls is None:
+            raise XdsError("update_tls: the ADS server does not serve TLS")
+        if tls.trust_domain != self._trust_domain:
+            raise XdsError(
+                f"update_tls: trust domain {tls.trust_domain!r} differs from the served "
+                f"{self._trust_domain!r}; restart to change it"
+            )
+        if tls == self._tls:
+            return False
+        with self._tls_lock:
+            self._tls = self._tls_pending = tls
+        _log.info("ADS server TLS material rotated")
+        return True
 
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop the own server; open streams end (Envoy keeps its config and reconnects)."""
