@@ -11,10 +11,11 @@ cleartext) and that a node id whose workload joins later is served once it joins
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,11 @@ from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
 from smc.ca import IssuedCertificate, LocalIssuer, SpiffeId
+from smc.injector._bootstrap import AdsAddress, TlsSources, envoy_bootstrap, watched_tls_files
 from smc.injector._tls import issue_serving_certificate
 from smc.projections import Workload
 from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
+from smc.testing.files import write_projected
 from smc.testing.ports import free_port
 from smc.xds import CLUSTER, LISTENER, AdsServer, Snapshot, SnapshotCache, XdsError
 from smc.xds._server import ServerTLS, workload_authorizer
@@ -53,6 +56,7 @@ OTHER = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/other"
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Pki:
+    issuer: LocalIssuer  # the mesh CA
     ca_pem: str  # trust bundle of the mesh CA
     server: IssuedCertificate  # IP SAN 127.0.0.1, signed by the mesh CA
     web: IssuedCertificate
@@ -70,8 +74,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     elsewhere = LocalIssuer(directory=base / "elsewhere", trust_domain="elsewhere.local")
     hour = timedelta(hours=1)
     return Pki(
+        issuer=issuer,
         ca_pem="".join(issuer.trust_bundle()),
-        server=issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"], lifetime=hour),
+        server=issue_serving_certificate(
+            issuer, ip_addresses=["127.0.0.1"], dns_names=["ads.mesh.test"], lifetime=hour
+        ),
         web=issuer.issue(identity=WEB, lifetime=hour),
         other=issuer.issue(identity=OTHER, lifetime=hour),
         foreign_web=foreign.issue(identity=WEB, lifetime=hour),
@@ -574,3 +581,75 @@ async def test_tls_material_rotates_for_new_connections(tls_ads: TlsAds, tmp_pat
                 trust_domain="elsewhere.local",
             )
         )
+
+
+@pytest.mark.envoy
+async def test_bootstrap_certificate_renewed_in_a_watched_directory_outlives_the_first(
+    tls_ads: TlsAds, tmp_path: Path, envoys: list[EnvoyProcess]
+) -> None:
+    """A pod's bootstrap credentials as a mounted Secret (file-based SDS in a watched
+    directory, swapped the kubelet's way): the renewed certificate is loaded by the running
+    Envoy, so after the first one expired a reconnect to the control plane still succeeds.
+    An Envoy whose bootstrap certificate is inline cannot reconnect once it expired."""
+    lport = free_port()
+    tls_ads.cache.set_snapshot(node_id=NODE, snapshot=snapshot(port=lport))
+    short = tls_ads.pki.issuer.issue(identity=WEB, lifetime=timedelta(seconds=12))
+    folder = tmp_path / "bootstrap"
+    write_projected(
+        folder,
+        watched_tls_files(
+            cert_pem=short.cert_pem, key_pem=short.private_key_pem, ca_pem=tls_ads.pki.ca_pem
+        ),
+    )
+    boot = envoy_bootstrap(
+        node_id=NODE,
+        cluster="web",
+        ads=AdsAddress(host="127.0.0.1", port=tls_ads.port),
+        tls=TlsSources.watched(folder),
+        admin_port=free_port(),
+        server_name="ads.mesh.test",  # SNI, and the DNS SAN the server must carry
+    )
+    watched = EnvoyProcess(bootstrap=boot, workdir=tmp_path / "watched", log_level="warning")
+    envoys.append(watched)
+    watched.start()
+    inline = start_envoy(tls_ads, short, delta=False, workdir=tmp_path / "inline", envoys=envoys)
+    await watched.wait_listener("inbound")
+    await inline.wait_live()
+
+    def serials(envoy: EnvoyProcess) -> set[str]:
+        status, body = envoy._get("/certs")
+        assert status == 200
+        return {
+            c["serial_number"].lower().lstrip("0")
+            for entry in json.loads(body).get("certificates", [])
+            for c in entry.get("cert_chain", [])
+        }
+
+    renewed = tls_ads.pki.issuer.issue(identity=WEB, lifetime=timedelta(hours=1))
+    assert short.serial.lower().lstrip("0") in serials(watched)
+    write_projected(
+        folder,
+        watched_tls_files(
+            cert_pem=renewed.cert_pem, key_pem=renewed.private_key_pem, ca_pem=tls_ads.pki.ca_pem
+        ),
+    )
+    await eventually(
+        lambda: renewed.serial.lower().lstrip("0") in serials(watched),
+        what="the watched Envoy to load the renewed certificate",
+    )
+    # Past the first certificate's end, the control plane restarts: both Envoys reconnect.
+    wait = (short.not_after - datetime.now(UTC)).total_seconds() + 1
+    await asyncio.sleep(max(wait, 0))
+    tls = tls_ads.ads.tls
+    assert tls is not None
+    await tls_ads.ads.stop(grace=0)
+    await tls_ads.ads.start(port=tls_ads.port, tls=tls)
+
+    def connected(envoy: EnvoyProcess) -> bool:
+        return envoy.stats().get("control_plane.connected_state") == 1
+
+    await eventually(lambda: connected(watched), what="the watched Envoy to reconnect")
+    await asyncio.sleep(1.0)
+    assert not connected(inline)
+    assert [p.node_id for p in tls_ads.ads.proxies()] == [NODE]  # the watched one only
+    assert inline.stats().get("cluster.smc_xds.upstream_cx_connect_fail", 0) >= 1

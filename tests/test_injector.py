@@ -32,11 +32,14 @@ from smc.injector import (
     ANNOTATION_NODE_ID,
     ANNOTATION_STATUS,
     BOOTSTRAP_LABEL,
+    BOOTSTRAP_MOUNT,
+    BOOTSTRAP_VOLUME,
+    CA_SDS_FILE,
+    CERT_SDS_FILE,
     INIT_CONTAINER,
     NAMESPACE_LABEL,
     PROXY_CONTAINER,
     PROXY_VOLUME,
-    SECRET_KEYS,
     BootstrapCredentials,
     BootstrapSecrets,
     InjectorConfig,
@@ -790,11 +793,11 @@ def test_injector_process_registers_its_ca_bundle_and_mutates(
         assert sock["transport_socket"]["typed_config"]["sni"] == "smc.smc-system.svc"
         # By default the bootstrap key is in a per-pod Secret, not in the pod spec.
         secret_name = got["metadata"]["annotations"][ANNOTATION_BOOTSTRAP_SECRET]
-        refs = {e["name"]: e.get("valueFrom") for e in got["spec"]["containers"][1]["env"]}
-        assert refs["SMC_PROXY_KEY"] == {"secretKeyRef": {"name": secret_name, "key": "key.pem"}}
+        volumes = {v["name"]: v for v in got["spec"]["volumes"]}
+        assert volumes[BOOTSTRAP_VOLUME]["secret"]["secretName"] == secret_name
         assert "PRIVATE KEY" not in json.dumps(got)
         stored: Any = client.CoreV1Api(api).read_namespaced_secret(secret_name, ns)
-        assert set(stored.data) == {"cert.pem", "key.pem", "ca.pem"}
+        assert set(stored.data) == {CERT_SDS_FILE, CA_SDS_FILE}
     finally:
         adm.delete_mutating_webhook_configuration(name)
         proc.terminate()
@@ -829,9 +832,26 @@ def test_secret_credentials_keep_the_key_out_of_the_pod_spec(
     got = apply(pod(), ops)
     assert "PRIVATE KEY" not in json.dumps(ops) and "CERTIFICATE" not in json.dumps(ops)
     assert got["metadata"]["annotations"][ANNOTATION_BOOTSTRAP_SECRET] == "s-1"
-    refs = {e["name"]: e.get("valueFrom") for e in got["spec"]["containers"][1]["env"]}
-    for var, key in SECRET_KEYS.items():
-        assert refs[var] == {"secretKeyRef": {"name": "s-1", "key": key}}
+    proxy = got["spec"]["containers"][1]
+    assert not {"SMC_PROXY_CERT", "SMC_PROXY_KEY", "SMC_PROXY_CA"} & set(env_of(proxy))
+    volumes = {v["name"]: v for v in got["spec"]["volumes"]}
+    assert volumes[BOOTSTRAP_VOLUME] == {
+        "name": BOOTSTRAP_VOLUME,
+        "secret": {"secretName": "s-1", "defaultMode": 0o444},
+    }
+    mount = {"name": BOOTSTRAP_VOLUME, "mountPath": BOOTSTRAP_MOUNT, "readOnly": True}
+    assert mount in proxy["volumeMounts"]
+    # The bootstrap reads both files through file-based SDS and watches the mount.
+    ctx = json.loads(env_of(proxy)["SMC_ENVOY_BOOTSTRAP"])["static_resources"]["clusters"][0]
+    common = ctx["transport_socket"]["typed_config"]["common_tls_context"]
+    (cert_sds,) = common["tls_certificate_sds_secret_configs"]
+    source = cert_sds["sds_config"]["path_config_source"]
+    assert source == {
+        "path": f"{BOOTSTRAP_MOUNT}/{CERT_SDS_FILE}",
+        "watched_directory": {"path": BOOTSTRAP_MOUNT},
+    }
+    ca_sds = common["combined_validation_context"]["validation_context_sds_secret_config"]
+    assert ca_sds["sds_config"]["path_config_source"]["path"].endswith(CA_SDS_FILE)
 
 
 @pytest.mark.kube
@@ -890,9 +910,17 @@ def test_webhook_stores_bootstrap_secrets_and_collects_orphans(
             secret_name = got["metadata"]["annotations"][ANNOTATION_BOOTSTRAP_SECRET]
             assert bootstrap_secrets() == {secret_name}
             assert "PRIVATE KEY" not in json.dumps(got)
-            data = core.read_namespaced_secret(secret_name, ns).data
-            cert_pem = base64.b64decode(data["cert.pem"])
-            key_pem = base64.b64decode(data["key.pem"])
+
+            def stored_pems(name: str) -> tuple[bytes, bytes]:
+                data = core.read_namespaced_secret(name, ns).data
+                sds = json.loads(base64.b64decode(data[CERT_SDS_FILE]))
+                tls = sds["resources"][0]["tls_certificate"]
+                return (
+                    tls["certificate_chain"]["inline_string"].encode(),
+                    tls["private_key"]["inline_string"].encode(),
+                )
+
+            cert_pem, key_pem = stored_pems(secret_name)
             leaf = x509.load_pem_x509_certificate(cert_pem)
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             assert [u.value for u in san] == [f"spiffe://{TD}/ns/{ns}/sa/web"]
@@ -900,6 +928,16 @@ def test_webhook_stores_bootstrap_secrets_and_collects_orphans(
             assert key.public_key().public_numbers() == leaf.public_key().public_numbers()  # type: ignore[union-attr]
             sid = verify_certificate(cert_pem=cert_pem.decode(), trust_bundle=issuer.trust_bundle())
             assert str(sid).endswith(f"/ns/{ns}/sa/web")
+            # Renewal: nothing is due now; a day later every Secret gets a fresh certificate.
+            issue = issuer_credentials(issuer, trust_domain=TD, config=config)
+            assert secrets.renew(issue) == []
+            later = datetime.datetime.now(datetime.UTC) + config.bootstrap_lifetime
+            assert f"{ns}/{secret_name}" in secrets.renew(issue, now=later)
+            fresh = x509.load_pem_x509_certificate(stored_pems(secret_name)[0])
+            assert fresh.serial_number != leaf.serial_number
+            assert fresh.not_valid_after_utc >= leaf.not_valid_after_utc
+            san = fresh.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert [u.value for u in san] == [f"spiffe://{TD}/ns/{ns}/sa/web"]
             # An orphan (its pod never came to be) goes; the live pod's Secret stays.
             secrets.store(
                 namespace=ns,

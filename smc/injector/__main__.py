@@ -171,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=host,
             port=int(port),
             secrets=(
-                BootstrapSecrets(api, grace=timedelta(seconds=args.secret_grace))
+                BootstrapSecrets(
+                    api,
+                    grace=timedelta(seconds=args.secret_grace),
+                    lifetime=timedelta(hours=args.bootstrap_hours),
+                )
                 if secrets_wanted
                 else None
             ),

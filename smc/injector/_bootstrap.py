@@ -6,14 +6,19 @@ admin interface on loopback, takes listeners and clusters over one ADS stream (g
 the world, or delta) and defines the one static cluster ``smc_xds`` that reaches the control
 plane: STATIC for an IP address, STRICT_DNS for a name, HTTP/2, and, unless told otherwise, TLS
 with the proxy's bootstrap certificate and key and the mesh trust bundle (mTLS to the control
-plane). Where the certificate, key and roots come from is a :class:`TlsSources`: files (VMs) or
-environment variables (pods, so no ConfigMap, Secret or volume is needed for them).
+plane). Where the certificate, key and roots come from is a :class:`TlsSources`: files (VMs),
+environment variables (pods whose credentials are inline in the spec), or a watched directory
+(:meth:`TlsSources.watched`: pods whose credentials are a mounted Secret): there Envoy reads
+them through file-based SDS (:func:`watched_tls_files` makes the two files) and watches the
+directory, so a renewed Secret, which the kubelet swaps in atomically, is taken up without a
+restart and a later reconnect to the control plane presents the new certificate.
 Concurrency: pure functions and immutable values; safe everywhere.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +28,24 @@ from smc.injector._errors import InjectorError
 
 __all__ = [
     "ADS_CLUSTER",
+    "CA_SDS_FILE",
+    "CERT_SDS_FILE",
     "AdsAddress",
     "TlsSources",
     "envoy_bootstrap",
     "parse_ads_address",
+    "watched_tls_files",
 ]
 
 ADS_CLUSTER = "smc_xds"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+#: Files of a watched bootstrap directory: file-based SDS of the certificate and of the roots.
+CERT_SDS_FILE = "cert-sds.json"
+CA_SDS_FILE = "ca-sds.json"
+_CERT_SECRET = "smc-bootstrap-cert"
+_CA_SECRET = "smc-bootstrap-ca"
 _HOST = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$")
 
 
@@ -80,6 +94,13 @@ class TlsSources:
     certificate: dict[str, str]
     private_key: dict[str, str]
     trusted_ca: dict[str, str]
+    #: With :meth:`watched`: the directory holding :data:`CERT_SDS_FILE` and :data:`CA_SDS_FILE`.
+    directory: str | None = None
+
+    @classmethod
+    def watched(cls, directory: Path | str) -> TlsSources:
+        """Through file-based SDS from ``directory``, reloaded when it changes."""
+        return cls(certificate={}, private_key={}, trusted_ca={}, directory=str(directory))
 
     @classmethod
     def files(cls, *, cert: Path | str, key: Path | str, ca: Path | str) -> TlsSources:
@@ -97,6 +118,48 @@ class TlsSources:
             private_key={"environment_variable": key},
             trusted_ca={"environment_variable": ca},
         )
+
+
+def watched_tls_files(*, cert_pem: str, key_pem: str, ca_pem: str) -> dict[str, str]:
+    """The contents of a :meth:`TlsSources.watched` directory (file name -> text)."""
+    cert = {
+        "resources": [
+            {
+                "@type": _SECRET,
+                "name": _CERT_SECRET,
+                "tls_certificate": {
+                    "certificate_chain": {"inline_string": cert_pem},
+                    "private_key": {"inline_string": key_pem},
+                },
+            }
+        ]
+    }
+    ca = {
+        "resources": [
+            {
+                "@type": _SECRET,
+                "name": _CA_SECRET,
+                "validation_context": {"trusted_ca": {"inline_string": ca_pem}},
+            }
+        ]
+    }
+    return {
+        CERT_SDS_FILE: json.dumps(cert, sort_keys=True),
+        CA_SDS_FILE: json.dumps(ca, sort_keys=True),
+    }
+
+
+def _file_sds(name: str, directory: str, file: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sds_config": {
+            "path_config_source": {
+                "path": f"{directory.rstrip('/')}/{file}",
+                "watched_directory": {"path": directory},
+            },
+            "resource_api_version": "V3",
+        },
+    }
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -140,14 +203,27 @@ def envoy_bootstrap(
         },
     }
     if tls is not None:
-        validation: dict[str, Any] = {"trusted_ca": dict(tls.trusted_ca)}
-        if server_name:
-            validation["match_typed_subject_alt_names"] = [
-                {"san_type": "DNS", "matcher": {"exact": server_name}}
-            ]
-        context: dict[str, Any] = {
-            "@type": _UPSTREAM_TLS,
-            "common_tls_context": {
+        sans = [{"san_type": "DNS", "matcher": {"exact": server_name}}] if server_name else None
+        common: dict[str, Any]
+        if tls.directory is not None:
+            common = {
+                "tls_certificate_sds_secret_configs": [
+                    _file_sds(_CERT_SECRET, tls.directory, CERT_SDS_FILE)
+                ],
+                "combined_validation_context": {
+                    "default_validation_context": (
+                        {"match_typed_subject_alt_names": sans} if sans else {}
+                    ),
+                    "validation_context_sds_secret_config": _file_sds(
+                        _CA_SECRET, tls.directory, CA_SDS_FILE
+                    ),
+                },
+            }
+        else:
+            validation: dict[str, Any] = {"trusted_ca": dict(tls.trusted_ca)}
+            if sans:
+                validation["match_typed_subject_alt_names"] = sans
+            common = {
                 "tls_certificates": [
                     {
                         "certificate_chain": dict(tls.certificate),
@@ -155,9 +231,9 @@ def envoy_bootstrap(
                     }
                 ],
                 "validation_context": validation,
-                "alpn_protocols": ["h2"],
-            },
-        }
+            }
+        common["alpn_protocols"] = ["h2"]
+        context: dict[str, Any] = {"@type": _UPSTREAM_TLS, "common_tls_context": common}
         sni = server_name or (None if ads.is_ip else ads.host)
         if sni:
             context["sni"] = sni

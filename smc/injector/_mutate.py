@@ -18,10 +18,11 @@ the label ``smc.dev/inject=enabled`` (opt-in), the pod must not carry the annota
   of :mod:`smc.xds`; for a pod named by ``generateName`` the id is completed from the pod's own
   name at start via ``--service-node``), the ADS address of the control plane, and, with TLS,
   the bootstrap certificate, key and trust bundle from SMC's CA in env variables that the
-  bootstrap reads as Envoy data sources (mTLS to the control plane): taken by
-  ``secretKeyRef`` from a per-pod Secret named in the ``smc.dev/bootstrap-secret`` annotation
-  when the credentials carry a Secret name (the webhook's default: no key in the pod spec),
-  inline otherwise;
+  bootstrap reads as Envoy data sources (mTLS to the control plane); or, when the credentials
+  carry a Secret name (the webhook's default: no key in the pod spec), from that per-pod
+  Secret (named in the ``smc.dev/bootstrap-secret`` annotation) mounted read-only at
+  ``/etc/smc/bootstrap``, read through file-based SDS with the directory watched, so a renewed
+  Secret reaches the running proxy;
 - the ``smc-proxy-run`` emptyDir volume (Envoy's writable working directory), the
   ``smc.dev/status`` and ``smc.dev/node-id`` annotations, and the label
   ``smc.dev/interception: iptables``, which the informers carry into the registry and which
@@ -53,12 +54,13 @@ __all__ = [
     "ANNOTATION_INJECT",
     "ANNOTATION_NODE_ID",
     "ANNOTATION_STATUS",
+    "BOOTSTRAP_MOUNT",
+    "BOOTSTRAP_VOLUME",
     "INIT_CONTAINER",
     "LABEL_INTERCEPTION",
     "NAMESPACE_LABEL",
     "PROXY_CONTAINER",
     "PROXY_VOLUME",
-    "SECRET_KEYS",
     "BootstrapCredentials",
     "Decision",
     "InjectorConfig",
@@ -85,8 +87,9 @@ ENV_KEY = "SMC_PROXY_KEY"
 ENV_CA = "SMC_PROXY_CA"
 #: Pod annotation naming the Secret that holds the proxy's bootstrap credentials.
 ANNOTATION_BOOTSTRAP_SECRET = "smc.dev/bootstrap-secret"
-#: Environment variable -> key in the bootstrap Secret.
-SECRET_KEYS = {ENV_CERT: "cert.pem", ENV_KEY: "key.pem", ENV_CA: "ca.pem"}
+#: Where the proxy mounts its bootstrap Secret (read through file-based SDS, watched).
+BOOTSTRAP_MOUNT = "/etc/smc/bootstrap"
+BOOTSTRAP_VOLUME = "smc-bootstrap"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SA = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -122,7 +125,8 @@ class InjectorConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BootstrapCredentials:
     """The proxy's bootstrap certificate (PEM chain), key and the trust bundle. With
-    ``secret_name`` they live in that Secret of the pod's namespace (keys :data:`SECRET_KEYS`)
+    ``secret_name`` they live in that Secret of the pod's namespace (the files of
+    :func:`~smc.injector._bootstrap.watched_tls_files`), mounted at :data:`BOOTSTRAP_MOUNT`,
     and the pod spec only refers to it; without, they are inline in the proxy's environment."""
 
     cert_pem: str
@@ -309,7 +313,12 @@ def mutate(
     annotations: dict[str, str] = _obj(meta.get("annotations"), "metadata.annotations")
     ns, sa, name = pod_identity(pod, namespace=namespace)
     node_id = f"{ns}/{name}" if name else f"{ns}/{meta.get('generateName', '')}"
-    tls = TlsSources.environment(cert=ENV_CERT, key=ENV_KEY, ca=ENV_CA) if config.tls else None
+    in_secret = config.tls and credentials is not None and credentials.secret_name is not None
+    tls = None
+    if in_secret:
+        tls = TlsSources.watched(BOOTSTRAP_MOUNT)
+    elif config.tls:
+        tls = TlsSources.environment(cert=ENV_CERT, key=ENV_KEY, ca=ENV_CA)
     bootstrap = envoy_bootstrap(
         node_id=node_id,
         cluster=f"{ns}/{sa}",
@@ -328,21 +337,12 @@ def mutate(
             "value": json.dumps(bootstrap, sort_keys=True, separators=(",", ":")),
         },
     ]
-    if credentials is not None and config.tls:
-        if credentials.secret_name is not None:
-            env += [
-                {
-                    "name": var,
-                    "valueFrom": {"secretKeyRef": {"name": credentials.secret_name, "key": key}},
-                }
-                for var, key in SECRET_KEYS.items()
-            ]
-        else:
-            env += [
-                {"name": ENV_CERT, "value": credentials.cert_pem},
-                {"name": ENV_KEY, "value": credentials.key_pem},
-                {"name": ENV_CA, "value": credentials.ca_pem},
-            ]
+    if credentials is not None and config.tls and not in_secret:
+        env += [
+            {"name": ENV_CERT, "value": credentials.cert_pem},
+            {"name": ENV_KEY, "value": credentials.key_pem},
+            {"name": ENV_CA, "value": credentials.ca_pem},
+        ]
     args = ["--config-yaml", f"$({ENV_BOOTSTRAP})", "--log-level", config.log_level]
     if not name:  # generateName: the real name is known only once the pod exists
         args += ["--service-node", "$(POD_NAMESPACE)/$(POD_NAME)"]
@@ -362,7 +362,12 @@ def mutate(
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": PROXY_VOLUME, "mountPath": "/var/run/smc"}],
+        "volumeMounts": [{"name": PROXY_VOLUME, "mountPath": "/var/run/smc"}]
+        + (
+            [{"name": BOOTSTRAP_VOLUME, "mountPath": BOOTSTRAP_MOUNT, "readOnly": True}]
+            if in_secret
+            else []
+        ),
         "workingDir": "/var/run/smc",
     }
     rules = redirect_commands(
@@ -400,7 +405,8 @@ def mutate(
     added = {ANNOTATION_STATUS: status}
     if name:  # with generateName the node id is known only once the pod is named
         added[ANNOTATION_NODE_ID] = node_id
-    if credentials is not None and config.tls and credentials.secret_name is not None:
+    if in_secret:
+        assert credentials is not None and credentials.secret_name is not None
         added[ANNOTATION_BOOTSTRAP_SECRET] = credentials.secret_name
     ops: list[dict[str, Any]] = []
     if isinstance(meta.get("annotations"), dict):
@@ -427,4 +433,16 @@ def mutate(
     ops.append(_append(spec, "initContainers", init))
     ops.append(_append(spec, "containers", proxy))
     ops.append(_append(spec, "volumes", {"name": PROXY_VOLUME, "emptyDir": {}}))
+    if in_secret:
+        assert credentials is not None
+        # Read-only for everyone in the proxy container (it runs as the proxy UID); only that
+        # container mounts it.
+        secret = {"secretName": credentials.secret_name, "defaultMode": 0o444}
+        ops.append(
+            {
+                "op": "add",
+                "path": "/spec/volumes/-",
+                "value": {"name": BOOTSTRAP_VOLUME, "secret": secret},
+            }
+        )
     return ops

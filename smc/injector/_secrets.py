@@ -4,9 +4,12 @@ Role: with :class:`BootstrapSecrets` the webhook keeps a proxy's bootstrap key o
 spec: :meth:`~BootstrapSecrets.store` writes the certificate, key and trust bundle into a
 Secret ``smc-bootstrap-<hash of the admission uid>`` of the pod's namespace (type Opaque,
 label ``smc.dev/bootstrap=true``, the identity and the certificate's not-after as
-annotations); the pod gets the Secret's name in its ``smc.dev/bootstrap-secret`` annotation and
-its proxy reads the three values by ``secretKeyRef``. A retried review (same uid) rewrites the
-same Secret. The pod does not exist yet at admission (no uid for an owner reference), so
+annotations), as the two file-based SDS files Envoy watches; the pod gets the Secret's name in
+its ``smc.dev/bootstrap-secret`` annotation and mounts it. A retried review (same uid)
+rewrites the same Secret. :meth:`~BootstrapSecrets.renew` re-issues the credentials of
+Secrets with a third of their lifetime left, in place: the kubelet swaps the mounted files and
+the running proxy reloads them, so a reconnect to the control plane after the first
+certificate's end still succeeds. The pod does not exist yet at admission (no uid for an owner reference), so
 :meth:`~BootstrapSecrets.collect` deletes every bootstrap Secret older than a grace period
 that no pod of its namespace names in that annotation: the pod was deleted, or its creation
 failed after the webhook answered. The webhook runs it periodically.
@@ -18,25 +21,29 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from smc.injector._errors import InjectorError
-from smc.injector._mutate import (
-    ANNOTATION_BOOTSTRAP_SECRET,
-    ENV_CA,
-    ENV_CERT,
-    ENV_KEY,
-    SECRET_KEYS,
-    BootstrapCredentials,
-)
+from cryptography import x509
 
-__all__ = ["BOOTSTRAP_LABEL", "BootstrapSecrets", "bootstrap_secret_name"]
+from smc.injector._bootstrap import watched_tls_files
+from smc.injector._errors import InjectorError
+from smc.injector._mutate import ANNOTATION_BOOTSTRAP_SECRET, BootstrapCredentials
+
+__all__ = [
+    "ANNOTATION_IDENTITY",
+    "ANNOTATION_NOT_AFTER",
+    "BOOTSTRAP_LABEL",
+    "BootstrapSecrets",
+    "bootstrap_secret_name",
+]
 
 log = logging.getLogger("smc.injector")
 
 BOOTSTRAP_LABEL = "smc.dev/bootstrap"
+ANNOTATION_IDENTITY = "smc.dev/identity"
+ANNOTATION_NOT_AFTER = "smc.dev/not-after"
 
 
 def bootstrap_secret_name(request_uid: str) -> str:
@@ -47,11 +54,62 @@ def bootstrap_secret_name(request_uid: str) -> str:
 class BootstrapSecrets:
     """Stores bootstrap credentials in Secrets and collects the orphaned ones."""
 
-    def __init__(self, api_client: Any, *, grace: timedelta = timedelta(minutes=10)) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        grace: timedelta = timedelta(minutes=10),
+        lifetime: timedelta = timedelta(hours=24),
+    ) -> None:
+        """``lifetime``: of the certificates stored (renewed with a third of it left)."""
         from kubernetes import client
 
         self._core: Any = client.CoreV1Api(api_client)
         self.grace = grace
+        self.lifetime = lifetime
+
+    def renew(
+        self,
+        issue: Callable[[str, str], BootstrapCredentials],
+        *,
+        now: datetime | None = None,
+    ) -> list[str]:
+        """Re-issue (``issue(namespace, service_account)``) the credentials of every bootstrap
+        Secret with less than a third of :attr:`lifetime` left, in place: the kubelet updates
+        the mounted files and the proxy reloads them. Returns the renewed ``namespace/name``;
+        a Secret whose annotations are unreadable or whose renewal fails is logged and skipped.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        now = now or datetime.now(UTC)
+        found = self._core.list_secret_for_all_namespaces(label_selector=f"{BOOTSTRAP_LABEL}=true")
+        renewed: list[str] = []
+        for secret in found.items or []:
+            meta = secret.metadata
+            annotations = meta.annotations or {}
+            where = f"{meta.namespace}/{meta.name}"
+            try:
+                not_after = datetime.fromisoformat(annotations[ANNOTATION_NOT_AFTER])
+                ns, _, sa = annotations[ANNOTATION_IDENTITY].partition("/")
+            except (KeyError, ValueError) as exc:
+                log.warning("bootstrap Secret %s: unreadable annotations (%s); skipped", where, exc)
+                continue
+            if not_after - now >= self.lifetime / 3:
+                continue
+            try:
+                self.store(
+                    namespace=meta.namespace,
+                    name=meta.name,
+                    identity=f"{ns}/{sa}",
+                    credentials=issue(ns, sa),
+                )
+            except (InjectorError, ApiException) as exc:
+                log.warning("bootstrap Secret %s: renewal failed: %s", where, exc)
+                continue
+            renewed.append(where)
+        if renewed:
+            log.info("renewed %d bootstrap Secret(s): %s", len(renewed), renewed)
+        return renewed
 
     def store(
         self, *, namespace: str, name: str, identity: str, credentials: BootstrapCredentials
@@ -59,11 +117,9 @@ class BootstrapSecrets:
         """Create (or, for a retried review, replace) Secret ``namespace/name``."""
         from kubernetes.client.exceptions import ApiException
 
-        values = {
-            ENV_CERT: credentials.cert_pem,
-            ENV_KEY: credentials.key_pem,
-            ENV_CA: credentials.ca_pem,
-        }
+        not_after = x509.load_pem_x509_certificate(
+            credentials.cert_pem.encode("ascii")
+        ).not_valid_after_utc
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -71,9 +127,16 @@ class BootstrapSecrets:
             "metadata": {
                 "name": name,
                 "labels": {BOOTSTRAP_LABEL: "true", "app.kubernetes.io/managed-by": "smc"},
-                "annotations": {"smc.dev/identity": identity},
+                "annotations": {
+                    ANNOTATION_IDENTITY: identity,
+                    ANNOTATION_NOT_AFTER: not_after.isoformat(),
+                },
             },
-            "stringData": {SECRET_KEYS[var]: value for var, value in values.items()},
+            "stringData": watched_tls_files(
+                cert_pem=credentials.cert_pem,
+                key_pem=credentials.key_pem,
+                ca_pem=credentials.ca_pem,
+            ),
         }
         try:
             self._core.create_namespaced_secret(namespace, body)

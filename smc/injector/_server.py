@@ -253,8 +253,10 @@ class WebhookServer:
             await asyncio.sleep(self.gc_interval)
             try:
                 await asyncio.to_thread(secrets.collect)
+                if self._credentials is not None:
+                    await asyncio.to_thread(secrets.renew, self._credentials)
             except Exception:  # the apiserver may be away; try again next round
-                log.exception("collecting orphaned bootstrap Secrets failed")
+                log.exception("collecting or renewing bootstrap Secrets failed")
 
     async def stop(self) -> None:
         if self._gc is not None:
