@@ -953,3 +953,39 @@ def test_webhook_stores_bootstrap_secrets_and_collects_orphans(
         finally:
             adm.delete_mutating_webhook_configuration(name)
     api.close()
+
+
+def test_deploy_container_arguments_parse_with_the_real_command_lines() -> None:
+    """Every ``smc serve`` and ``python -m smc.injector`` command line in smc.yaml is
+    accepted by the CLI it runs (option names, values and combinations)."""
+    import yaml
+
+    from smc.cli._serve import _tls_options, serve
+    from smc.injector.__main__ import _parser
+
+    seen = {"serve": 0, "injector": 0}
+    for doc in yaml.safe_load_all(SMC_YAML.read_text()):
+        if not doc or doc.get("kind") != "Deployment":
+            continue
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            args = list(c.get("args") or [])
+            command = list(c.get("command") or [])
+            if args[:1] == ["serve"]:
+                p = serve.make_context("serve", args[1:]).params
+                assert p["xds_tls"], c["name"]
+                _tls_options(  # the combination checks serve makes before starting
+                    host="0.0.0.0",
+                    sans=p["xds_san"],
+                    cert_file=p["xds_cert"],
+                    key_file=p["xds_key"],
+                    follow=p["ca"] == "follow",
+                    ca=p["ca"],
+                    cert_out=p["xds_cert_out"],
+                )
+                seen["serve"] += 1
+            elif command[:3] == ["python", "-m", "smc.injector"]:
+                parsed = _parser().parse_args(command[3:])
+                assert not parsed.plaintext_ads and parsed.credentials == "secret"
+                assert parsed.ads_server_name == "smc.smc-system.svc"
+                seen["injector"] += 1
+    assert seen == {"serve": 2, "injector": 1}

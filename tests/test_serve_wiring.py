@@ -371,6 +371,65 @@ def test_issued_xds_certificate_is_renewed_before_it_expires(
     assert s.stop() == 0
 
 
+def test_followers_serve_the_ads_certificate_the_issuer_exports(
+    tmp_path: Path, serves: list[Serve]
+) -> None:
+    """The issuing replica writes its ADS certificate (``--xds-cert-out``) and each renewal;
+    a follower started at the same time waits for the files, serves them, and follows the
+    renewal (``--xds-tls-refresh``), as the replicas of deploy/k8s/smc.yaml do."""
+    out, keys, ca_dir = tmp_path / "ads", tmp_path / "keys", tmp_path / "ca"
+    issuer_port, follower_port = free_port(), free_port()
+    common = ("--xds-tls", "--xds-tls-refresh", "0.2", "--keys", str(keys))
+    issuing = Serve(
+        tmp_path,
+        "--xds",
+        f"127.0.0.1:{issuer_port}",
+        *common,
+        "--xds-cert-out",
+        str(out),
+        "--xds-cert-hours",
+        "0.003",  # 10.8 s, renewed with 3.6 s left
+        "--ca",
+        f"local:{ca_dir}",
+    )
+    serves.append(issuing)
+    follower = Serve(
+        tmp_path,
+        "--xds",
+        f"127.0.0.1:{follower_port}",
+        *common,
+        "--xds-cert",
+        str(out / "tls.crt"),
+        "--xds-key",
+        str(out / "tls.key"),
+        "--ca",
+        "follow",
+    )
+    serves.append(follower)
+    deadline = time.monotonic() + 60
+    while not all("over mTLS" in s.stderr() for s in (issuing, follower)):
+        assert issuing.proc.poll() is None and follower.proc.poll() is None, (
+            issuing.stderr() + follower.stderr()
+        )
+        assert time.monotonic() < deadline, issuing.stderr() + follower.stderr()
+        time.sleep(0.1)
+    assert (out / "tls.key").stat().st_mode & 0o777 == 0o600
+    roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
+    exported = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
+    first = _served_certificate(issuer_port, roots).serial_number
+    assert first == exported.serial_number
+    assert _served_certificate(follower_port, roots).serial_number == first
+    deadline = time.monotonic() + 30
+    while (renewed := _served_certificate(issuer_port, roots).serial_number) == first:
+        assert time.monotonic() < deadline, issuing.stderr()
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while _served_certificate(follower_port, roots).serial_number != renewed:
+        assert time.monotonic() < deadline, follower.stderr()
+        time.sleep(0.1)
+    assert follower.stop() == 0 and issuing.stop() == 0
+
+
 def test_xds_tls_follower_needs_a_server_certificate(tmp_path: Path) -> None:
     proc = subprocess.run(
         [

@@ -91,6 +91,8 @@ class _XdsTLSOptions:
     refresh: float = 300.0
     #: Lifetime of a server certificate the CA issues (renewed with a third of it left).
     lifetime_hours: float = 720.0
+    #: Folder where the issued certificate and key are written (``tls.crt``, ``tls.key``).
+    cert_out: str | None = None
 
 
 def _read_text(path: str, option: str) -> str:
@@ -110,11 +112,18 @@ def _tls_options(
     ca: str | None,
     refresh: float = 300.0,
     lifetime_hours: float = 720.0,
+    cert_out: str | None = None,
 ) -> _XdsTLSOptions:
     """Check the ``--xds-tls`` options; the SANs are the ``--xds`` host (unless a wildcard),
     127.0.0.1, localhost and every ``--xds-san``."""
     if (cert_file is None) != (key_file is None):
         raise click.BadParameter("give both --xds-cert and --xds-key", param_hint="--xds-tls")
+    if cert_out is not None and (cert_file is not None or follow):
+        raise click.BadParameter(
+            "--xds-cert-out writes the certificate the CA issues: not with --xds-cert or "
+            "--ca follow",
+            param_hint="--xds-cert-out",
+        )
     if follow and cert_file is None:
         raise click.BadParameter(
             "a follower (--ca follow) has no issuer to sign the ADS server certificate: give "
@@ -143,7 +152,30 @@ def _tls_options(
         key_file=key_file,
         refresh=refresh,
         lifetime_hours=lifetime_hours,
+        cert_out=cert_out,
     )
+
+
+def _export_pair(folder: str, cert_pem: str, key_pem: str) -> None:
+    """Write ``tls.crt`` and ``tls.key`` (0600) into ``folder`` when they differ, each
+    replaced atomically (the key first, so a reader never pairs a new cert with an old key
+    for long; readers re-check the pair)."""
+    import os
+
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, text, mode in (("tls.key", key_pem, 0o600), ("tls.crt", cert_pem, 0o644)):
+        target = path / name
+        with contextlib.suppress(OSError):
+            if target.read_text("ascii") == text:
+                continue
+        tmp = path / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(target)
 
 
 def _renewal_due(cert_pem: str, *, now: float, lifetime_hours: float) -> bool:
@@ -278,6 +310,8 @@ class _Xds:
                         lifetime=timedelta(hours=self.tls.lifetime_hours),
                     )
                     cert_pem, key_pem = served.cert_pem + served.chain_pem, served.private_key_pem
+                if self.tls.cert_out is not None:
+                    await asyncio.to_thread(_export_pair, self.tls.cert_out, cert_pem, key_pem)
             else:
                 # a follower: the trust bundle the log records, written by the CA follower
                 for _ in range(300):
@@ -291,6 +325,11 @@ class _Xds:
                         "replica records it); cannot verify client certificates"
                     )
             if self.tls.cert_file is not None and self.tls.key_file is not None:
+                if current is None:  # at start: the issuing replica may not have written it yet
+                    for _ in range(600):
+                        if Path(self.tls.cert_file).is_file() and Path(self.tls.key_file).is_file():
+                            break
+                        await asyncio.sleep(0.1)
                 cert_pem = _read_text(self.tls.cert_file, "--xds-cert")
                 key_pem = _read_text(self.tls.key_file, "--xds-key")
             return ServerTLS.of(
@@ -574,14 +613,14 @@ async def _serve(
 )
 @click.option(
     "--xds-cert",
-    type=click.Path(dir_okay=False, exists=True),
+    type=click.Path(dir_okay=False),
     default=None,
     help="PEM certificate (chain) of the ADS server, instead of one issued by the CA "
     "(needed with --ca follow or vault:URL).",
 )
 @click.option(
     "--xds-key",
-    type=click.Path(dir_okay=False, exists=True),
+    type=click.Path(dir_okay=False),
     default=None,
     help="PEM private key of --xds-cert.",
 )
@@ -600,6 +639,13 @@ async def _serve(
     default=720.0,
     show_default=True,
     help="Lifetime of the ADS server certificate the CA issues; renewed with a third of it left.",
+)
+@click.option(
+    "--xds-cert-out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write the ADS certificate the CA issues (and each renewal) as DIR/tls.crt and "
+    "DIR/tls.key, for followers to serve with --xds-cert/--xds-key.",
 )
 @click.option(
     "--kube",
@@ -626,6 +672,7 @@ def serve(
     xds_key: str | None,
     xds_tls_refresh: float,
     xds_cert_hours: float,
+    xds_cert_out: str | None,
     kube: str | None,
     ca: str | None,
     vault_role: str,
@@ -666,10 +713,12 @@ def serve(
             ca=ca,
             refresh=xds_tls_refresh,
             lifetime_hours=xds_cert_hours,
+            cert_out=xds_cert_out,
         )
-    elif xds_cert or xds_key or xds_san:
+    elif xds_cert or xds_key or xds_san or xds_cert_out:
         raise click.BadParameter(
-            "--xds-cert, --xds-key and --xds-san go with --xds-tls", param_hint="--xds-tls"
+            "--xds-cert, --xds-key, --xds-san and --xds-cert-out go with --xds-tls",
+            param_hint="--xds-tls",
         )
     kube_endpoint: KubeEndpoint | None = None
     if kube:

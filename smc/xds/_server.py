@@ -72,6 +72,7 @@ from typing import Any, Literal
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -158,9 +159,19 @@ class ServerTLS:
     ) -> ServerTLS:
         """Check the PEMs parse (raises :class:`XdsError` naming the field) and build."""
         cas = tuple(client_ca_pems)
-        _check_pem_certs(cert_pem, field="cert_pem")
+        leaf = _check_pem_certs(cert_pem, field="cert_pem")
         if "PRIVATE KEY-----" not in key_pem:
             raise XdsError("ServerTLS.key_pem: no PEM private key found")
+        try:
+            key = serialization.load_pem_private_key(key_pem.encode("ascii"), password=None)
+        except (ValueError, TypeError, UnicodeEncodeError) as exc:
+            raise XdsError(f"ServerTLS.key_pem: not a usable private key: {exc}") from exc
+        if key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) != leaf.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ):
+            raise XdsError("ServerTLS.key_pem: does not match the certificate of cert_pem")
         if not cas:
             raise XdsError("ServerTLS.client_ca_pems: empty (client certificates cannot verify)")
         for i, pem in enumerate(cas):
@@ -185,13 +196,15 @@ class ServerTLS:
         return grpc.ssl_server_certificate_configuration(pairs, root_certificates=roots)
 
 
-def _check_pem_certs(pem: str, *, field: str) -> None:
+def _check_pem_certs(pem: str, *, field: str) -> x509.Certificate:
+    """The first certificate of ``pem``; raises :class:`XdsError` naming ``field``."""
     try:
         certs = x509.load_pem_x509_certificates(pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:
         raise XdsError(f"ServerTLS.{field}: not PEM certificates: {exc}") from exc
     if not certs:
         raise XdsError(f"ServerTLS.{field}: no certificate found")
+    return certs[0]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
