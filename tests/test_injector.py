@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import os
+import socket
 import ssl
 import subprocess
 import threading
@@ -989,3 +990,46 @@ def test_deploy_container_arguments_parse_with_the_real_command_lines() -> None:
                 assert parsed.ads_server_name == "smc.smc-system.svc"
                 seen["injector"] += 1
     assert seen == {"serve": 2, "injector": 1}
+
+
+def test_webhook_serving_certificate_is_renewed_in_place(
+    issuer: LocalIssuer, config: InjectorConfig
+) -> None:
+    """With a third of its life left the serving certificate is re-issued into the running
+    server's TLS context: the next handshake presents it, the caBundle (the CA) is unchanged."""
+
+    def reissue() -> Any:
+        return issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"])
+
+    first = reissue()
+    server = WebhookServer(
+        config=config,
+        credentials=issuer_credentials(issuer, trust_domain=TD, config=config),
+        ssl_context=server_ssl_context(first),
+        serving=first,
+        reissue_serving=reissue,
+        gc_interval=3600,
+    )
+
+    def presented(hook: ThreadedWebhook) -> int:
+        ctx = _client_ctx(issuer)
+        with (
+            socket.create_connection(("127.0.0.1", hook.server.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    def renew(hook: ThreadedWebhook, now: datetime.datetime) -> bool:
+        done = asyncio.run_coroutine_threadsafe(server.renew_serving(now=now), hook.loop)
+        return bool(done.result(timeout=30))
+
+    with ThreadedWebhook(server) as hook:
+        assert presented(hook) == int(first.serial, 16)
+        assert not renew(hook, datetime.datetime.now(datetime.UTC))
+        assert renew(hook, first.not_after - datetime.timedelta(hours=1))
+        assert server.serving is not None and server.serving.serial != first.serial
+        assert presented(hook) == int(server.serving.serial, 16)
+        status, answer = _post(hook, issuer, json.dumps(review()).encode())
+        assert status == 200 and answer["response"]["allowed"] is True

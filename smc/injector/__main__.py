@@ -3,7 +3,8 @@
 Role: builds the :class:`~smc.injector.InjectorConfig` from the command line, opens the local CA
 (``--ca local:DIR``, the directory ``smc serve --ca local:DIR`` uses, for the trust domain
 ``--trust-domain``), issues the webhook's serving certificate (``--dns-name``/``--ip`` SANs) and
-serves ``/mutate`` until SIGINT/SIGTERM. ``--register NAME`` writes the CA's trust bundle into
+serves ``/mutate`` until SIGINT/SIGTERM, renewing that certificate with a third of its life
+left. ``--register NAME`` writes the CA's trust bundle into
 ``clientConfig.caBundle`` of every webhook of the MutatingWebhookConfiguration ``NAME`` at start
 (in-cluster credentials, or ``--kubeconfig``); ``--lookup-namespaces`` reads namespace labels
 from the apiserver instead of trusting the configuration's ``namespaceSelector``.
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from smc.ca import LocalIssuer
+from smc.ca import IssuedCertificate, LocalIssuer
 from smc.errors import SMCError
 from smc.injector._bootstrap import parse_ads_address
 from smc.injector._errors import InjectorError
@@ -146,11 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             ads_server_name=args.ads_server_name,
             bootstrap_lifetime=timedelta(hours=args.bootstrap_hours),
         )
-        serving = issue_serving_certificate(
-            issuer,
-            dns_names=args.dns_name or ["smc-injector.smc-system.svc"],
-            ip_addresses=args.ip,
-        )
+
+        def reissue() -> IssuedCertificate:
+            return issue_serving_certificate(
+                issuer,
+                dns_names=args.dns_name or ["smc-injector.smc-system.svc"],
+                ip_addresses=args.ip,
+            )
+
+        serving = reissue()
         labels: NamespaceLabels = assume_opted_in
         api = None
         secrets_wanted = args.credentials == "secret" and not args.plaintext_ads
@@ -180,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else None
             ),
             gc_interval=max(1.0, min(300.0, args.secret_grace / 2)),
+            serving=serving,
+            reissue_serving=reissue,
         )
         asyncio.run(_run(server))
     except SMCError as exc:

@@ -29,11 +29,12 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from smc.ca import CAError, Issuer, format_spiffe_id
+from smc.ca import CAError, IssuedCertificate, Issuer, format_spiffe_id
 from smc.injector._errors import InjectorError, InvalidAdmissionReview, InvalidPod
 from smc.injector._mutate import (
     NAMESPACE_LABEL,
@@ -44,6 +45,7 @@ from smc.injector._mutate import (
     pod_identity,
 )
 from smc.injector._secrets import BootstrapSecrets, bootstrap_secret_name
+from smc.injector._tls import load_serving_certificate
 
 __all__ = [
     "API_VERSION",
@@ -213,12 +215,19 @@ class WebhookServer:
         port: int = 0,
         secrets: BootstrapSecrets | None = None,
         gc_interval: float = 300.0,
+        serving: IssuedCertificate | None = None,
+        reissue_serving: Callable[[], IssuedCertificate] | None = None,
     ) -> None:
         """With ``secrets``, bootstrap credentials go into per-pod Secrets (not the pod
-        spec), and orphaned ones are collected every ``gc_interval`` seconds."""
+        spec); every ``gc_interval`` seconds orphaned ones are collected and those with a
+        third of their life left renewed. With ``serving`` (the certificate in
+        ``ssl_context``) and ``reissue_serving``, the serving certificate is renewed the same
+        way, in the same context (new handshakes get it; no restart, same caBundle)."""
         self.config = config
         self.secrets = secrets
         self.gc_interval = gc_interval
+        self.serving = serving
+        self._reissue_serving = reissue_serving
         self._gc: asyncio.Task[None] | None = None
         self._credentials = credentials
         self._ssl = ssl_context
@@ -243,20 +252,40 @@ class WebhookServer:
         self._runner = runner
         if self.port == 0:  # the port the system chose
             self.port = int(runner.addresses[0][1])
-        if self.secrets is not None:
-            self._gc = asyncio.create_task(self._collect_forever(self.secrets))
+        if self.secrets is not None or (self.serving and self._reissue_serving):
+            self._gc = asyncio.create_task(self._maintain())
         log.info("admission webhook on https://%s:%d/mutate", self.host, self.port)
         return self.port
 
-    async def _collect_forever(self, secrets: BootstrapSecrets) -> None:
+    async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(self.gc_interval)
             try:
-                await asyncio.to_thread(secrets.collect)
+                await self.renew_serving()
+            except Exception:  # the CA may be away; try again next round
+                log.exception("renewing the webhook's serving certificate failed")
+            if self.secrets is None:
+                continue
+            try:
+                await asyncio.to_thread(self.secrets.collect)
                 if self._credentials is not None:
-                    await asyncio.to_thread(secrets.renew, self._credentials)
+                    await asyncio.to_thread(self.secrets.renew, self._credentials)
             except Exception:  # the apiserver may be away; try again next round
                 log.exception("collecting or renewing bootstrap Secrets failed")
+
+    async def renew_serving(self, *, now: datetime | None = None) -> bool:
+        """Re-issue the serving certificate when a third of its life is left; True if done."""
+        current, reissue = self.serving, self._reissue_serving
+        if current is None or reissue is None:
+            return False
+        now = now or datetime.now(UTC)
+        if current.not_after - now >= (current.not_after - current.not_before) / 3:
+            return False
+        fresh = await asyncio.to_thread(reissue)
+        load_serving_certificate(self._ssl, fresh)
+        self.serving = fresh
+        log.info("webhook serving certificate renewed (serial %s)", fresh.serial)
+        return True
 
     async def stop(self) -> None:
         if self._gc is not None:

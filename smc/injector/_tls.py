@@ -25,7 +25,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from smc.ca import IssuedCertificate, LocalIssuer, generate_workload_key, load_key_file
 from smc.injector._errors import InjectorError
 
-__all__ = ["issue_serving_certificate", "server_ssl_context"]
+__all__ = [
+    "issue_serving_certificate",
+    "load_serving_certificate",
+    "server_ssl_context",
+]
 
 
 def issue_serving_certificate(
@@ -105,10 +109,17 @@ def issue_serving_certificate(
 
 
 def server_ssl_context(cert: IssuedCertificate) -> ssl.SSLContext:
-    """A TLS 1.2+ server context presenting ``cert`` (the key touches disk only in a 0600
-    temporary file that is removed at once: ``ssl`` loads keys from files only)."""
+    """A TLS 1.2+ server context presenting ``cert`` (see :func:`load_serving_certificate`)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_serving_certificate(ctx, cert)
+    return ctx
+
+
+def load_serving_certificate(ctx: ssl.SSLContext, cert: IssuedCertificate) -> None:
+    """Make ``ctx`` present ``cert`` from its next handshake on (a renewal needs no new
+    context nor restart). The key touches disk only in a 0600 temporary file that is removed
+    at once: ``ssl`` loads keys from files only."""
     fd, path = tempfile.mkstemp(prefix="smc-webhook-", suffix=".pem")
     try:
         os.fchmod(fd, 0o600)
@@ -117,4 +128,3 @@ def server_ssl_context(cert: IssuedCertificate) -> ssl.SSLContext:
         ctx.load_cert_chain(path)
     finally:
         os.unlink(path)
-    return ctx
