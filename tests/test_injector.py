@@ -446,17 +446,46 @@ def test_parse_review_keeps_the_uid_for_denials() -> None:
 # ---------------------------------------------------------------------------- real apiserver
 @pytest.fixture(scope="module")
 def kube() -> Iterator[Any]:
-    from smc.testing.kube import KubeAPIServer, KubeBuildError
+    from smc.testing.kube import kube_apiserver_fixture
 
-    server = KubeAPIServer()
-    try:
-        server.start()
-    except KubeBuildError as exc:
-        pytest.skip(f"kube-apiserver could not be built on this machine: {exc}")
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from kube_apiserver_fixture(smi_crds=False)
+
+
+def webhook_configuration(
+    name: str,
+    client_config: dict[str, str],
+    namespace_labels: dict[str, str],
+    *,
+    side_effects: str = "None",
+    reinvocation: str | None = None,
+) -> dict[str, Any]:
+    """A MutatingWebhookConfiguration sending pod CREATEs in namespaces with these labels."""
+    hook: dict[str, Any] = {
+        "name": "inject.smc.dev",
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": side_effects,
+        "failurePolicy": "Fail",
+        "timeoutSeconds": 10,
+        "clientConfig": client_config,
+        "namespaceSelector": {"matchLabels": namespace_labels},
+        "rules": [
+            {
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "operations": ["CREATE"],
+                "resources": ["pods"],
+                "scope": "Namespaced",
+            }
+        ],
+    }
+    if reinvocation is not None:
+        hook["reinvocationPolicy"] = reinvocation
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [hook],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -472,32 +501,12 @@ def registered(
         name = f"smc-injector-{uuid.uuid4().hex[:6]}"
         adm: Any = client.AdmissionregistrationV1Api(api)
         adm.create_mutating_webhook_configuration(
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "MutatingWebhookConfiguration",
-                "metadata": {"name": name},
-                "webhooks": [
-                    {
-                        "name": "inject.smc.dev",
-                        "admissionReviewVersions": ["v1"],
-                        "sideEffects": "None",
-                        "failurePolicy": "Fail",
-                        "reinvocationPolicy": "IfNeeded",
-                        "timeoutSeconds": 10,
-                        "clientConfig": {"url": hook.url, "caBundle": bundle},
-                        "namespaceSelector": {"matchLabels": {**ENABLED, **FIXTURE}},
-                        "rules": [
-                            {
-                                "apiGroups": [""],
-                                "apiVersions": ["v1"],
-                                "operations": ["CREATE"],
-                                "resources": ["pods"],
-                                "scope": "Namespaced",
-                            }
-                        ],
-                    }
-                ],
-            }
+            webhook_configuration(
+                name,
+                {"url": hook.url, "caBundle": bundle},
+                {**ENABLED, **FIXTURE},
+                reinvocation="IfNeeded",
+            )
         )
         try:
             yield api, hook
@@ -714,27 +723,9 @@ def test_injector_process_registers_its_ca_bundle_and_mutates(
     api = kube.api_client()
     adm: Any = client.AdmissionregistrationV1Api(api)
     adm.create_mutating_webhook_configuration(
-        {
-            "metadata": {"name": name},
-            "webhooks": [
-                {
-                    "name": "inject.smc.dev",
-                    "admissionReviewVersions": ["v1"],
-                    "sideEffects": "None",
-                    "failurePolicy": "Fail",
-                    "clientConfig": {"url": f"https://127.0.0.1:{port}/mutate"},
-                    "namespaceSelector": {"matchLabels": {"proc-test": name}},
-                    "rules": [
-                        {
-                            "apiGroups": [""],
-                            "apiVersions": ["v1"],
-                            "operations": ["CREATE"],
-                            "resources": ["pods"],
-                        }
-                    ],
-                }
-            ],
-        }
+        webhook_configuration(
+            name, {"url": f"https://127.0.0.1:{port}/mutate"}, {"proc-test": name}
+        )
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(
@@ -875,27 +866,12 @@ def test_webhook_stores_bootstrap_secrets_and_collects_orphans(
         name = f"smc-injector-{uuid.uuid4().hex[:6]}"
         adm: Any = client.AdmissionregistrationV1Api(api)
         adm.create_mutating_webhook_configuration(
-            {
-                "metadata": {"name": name},
-                "webhooks": [
-                    {
-                        "name": "inject.smc.dev",
-                        "admissionReviewVersions": ["v1"],
-                        "sideEffects": "NoneOnDryRun",
-                        "failurePolicy": "Fail",
-                        "clientConfig": {"url": hook.url, "caBundle": bundle},
-                        "namespaceSelector": {"matchLabels": {"secret-test": name}},
-                        "rules": [
-                            {
-                                "apiGroups": [""],
-                                "apiVersions": ["v1"],
-                                "operations": ["CREATE"],
-                                "resources": ["pods"],
-                            }
-                        ],
-                    }
-                ],
-            }
+            webhook_configuration(
+                name,
+                {"url": hook.url, "caBundle": bundle},
+                {"secret-test": name},
+                side_effects="NoneOnDryRun",
+            )
         )
         try:
             ns = _namespace(api, **{"secret-test": name, **ENABLED})

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from smc.testing.envoy import EnvoyError, EnvoyProcess, ads_bootstrap, envoy_binary
-from smc.testing.kube import KubeAPIServer, KubeBuildError
+from smc.testing.kube import KubeAPIServer, create_http_traffic_target, kube_apiserver_fixture
 from smc.testing.ports import free_port
 from smc.testing.serve import ServeProcess, http_json
 from smc.testing.serve import eventually as _eventually
@@ -53,16 +53,7 @@ def eventually(check: Callable[[], Any], *, what: str, diag: Callable[[], str]) 
 
 @pytest.fixture
 def kube() -> Iterator[KubeAPIServer]:
-    server = KubeAPIServer(watch_cache=False)
-    try:
-        server.start()
-    except KubeBuildError as exc:
-        pytest.skip(f"kube-apiserver could not be built on this machine: {exc}")
-    try:
-        server.install_smi_crds()
-        yield server
-    finally:
-        server.stop()
+    yield from kube_apiserver_fixture(watch_cache=False)
 
 
 def pod(name: str, sa: str, app: str, port: int) -> dict[str, Any]:
@@ -224,37 +215,13 @@ def test_kube_objects_reach_envoy(tmp_path: Path, kube: KubeAPIServer) -> None:
             principal = f"/ns/{ns}/sa/client"
             before = eventually(server_rbac, what="the server's inbound route", diag=diag)
             assert principal not in before
-            custom.create_namespaced_custom_object(
-                "specs.smi-spec.io",
-                "v1alpha4",
+            create_http_traffic_target(
+                custom,
                 ns,
-                "httproutegroups",
-                {
-                    "apiVersion": "specs.smi-spec.io/v1alpha4",
-                    "kind": "HTTPRouteGroup",
-                    "metadata": {"name": "routes"},
-                    "spec": {"matches": [{"name": "all", "pathRegex": ".*", "methods": ["*"]}]},
-                },
-            )
-            custom.create_namespaced_custom_object(
-                "access.smi-spec.io",
-                "v1alpha3",
-                ns,
-                "traffictargets",
-                {
-                    "apiVersion": "access.smi-spec.io/v1alpha3",
-                    "kind": "TrafficTarget",
-                    "metadata": {"name": "client-to-server"},
-                    "spec": {
-                        "destination": {
-                            "kind": "ServiceAccount",
-                            "name": "server",
-                            "namespace": ns,
-                        },
-                        "sources": [{"kind": "ServiceAccount", "name": "client", "namespace": ns}],
-                        "rules": [{"kind": "HTTPRouteGroup", "name": "routes", "matches": ["all"]}],
-                    },
-                },
+                name="client-to-server",
+                source="client",
+                destination="server",
+                matches=[{"name": "all", "pathRegex": ".*", "methods": ["*"]}],
             )
 
             def rbac_with_principal() -> str:

@@ -20,7 +20,7 @@ from smc.testing.kube import (
     CRD_DIR,
     KUBERNETES_VERSION,
     KubeAPIServer,
-    KubeBuildError,
+    kube_apiserver_fixture,
 )
 
 # The first test may build kube-apiserver (once per machine, tens of minutes at nice 19)
@@ -30,16 +30,7 @@ pytestmark = [pytest.mark.kube, pytest.mark.timeout(3600)]
 
 @pytest.fixture(scope="module")
 def kube() -> Iterator[KubeAPIServer]:
-    server = KubeAPIServer(watch_cache=False)
-    try:
-        server.start()
-    except KubeBuildError as exc:
-        pytest.skip(f"kube-apiserver could not be built on this machine: {exc}")
-    try:
-        server.install_smi_crds()
-        yield server
-    finally:
-        server.stop()
+    yield from kube_apiserver_fixture(watch_cache=False)
 
 
 @pytest.fixture

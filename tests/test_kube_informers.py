@@ -34,7 +34,7 @@ from smc.events import (
     WorkloadJoined,
 )
 from smc.informers import KubeConfigError, KubeEndpoint, KubeInformers, LogSink
-from smc.testing.kube import KubeAPIServer, KubeBuildError, TcpCutter
+from smc.testing.kube import KubeAPIServer, TcpCutter, kube_apiserver_fixture
 
 # The first test may build kube-apiserver (once per machine, tens of minutes at nice 19)
 # unless `python -m smc.testing.kube` ran before: allow for it.
@@ -43,16 +43,7 @@ pytestmark = [pytest.mark.kube, pytest.mark.timeout(3600)]
 
 @pytest.fixture(scope="module")
 def kube() -> Iterator[KubeAPIServer]:
-    server = KubeAPIServer(watch_cache=False)
-    try:
-        server.start()
-    except KubeBuildError as exc:
-        pytest.skip(f"kube-apiserver could not be built on this machine: {exc}")
-    try:
-        server.install_smi_crds()
-        yield server
-    finally:
-        server.stop()
+    yield from kube_apiserver_fixture(watch_cache=False)
 
 
 @pytest.fixture

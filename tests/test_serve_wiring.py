@@ -258,6 +258,16 @@ async def test_xds_tls_serves_envoy_with_mesh_certificate(
     assert s.stop() == 0
 
 
+def wait_serving_mtls(*serves: Serve, timeout: float = 60.0) -> None:
+    """Until every serve says it answers ADS over mTLS (each alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while not all("over mTLS" in s.stderr() for s in serves):
+        logs = "".join(s.stderr() for s in serves)
+        assert all(s.proc.poll() is None for s in serves), logs
+        assert time.monotonic() < deadline, logs
+        time.sleep(0.1)
+
+
 def _served_certificate(port: int, ca_pem: str) -> x509.Certificate:
     """The certificate the ADS port presents to a new TLS connection (checked against
     ``ca_pem``; no client certificate is needed to see it)."""
@@ -312,11 +322,7 @@ def test_xds_tls_material_is_reloaded_from_files(tmp_path: Path, serves: list[Se
         str(tmp_path / "keys"),
     )
     serves.append(s)
-    s.wait_ready()
-    deadline = time.monotonic() + 30
-    while "over mTLS" not in s.stderr():
-        assert time.monotonic() < deadline, s.stderr()
-        time.sleep(0.1)
+    wait_serving_mtls(s)
     assert _served_certificate(xds_port, roots).serial_number == _serial(first)
     second = issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"])
     write(second)
@@ -355,11 +361,7 @@ def test_issued_xds_certificate_is_renewed_before_it_expires(
         str(tmp_path / "keys"),
     )
     serves.append(s)
-    s.wait_ready()
-    deadline = time.monotonic() + 30
-    while "over mTLS" not in s.stderr():
-        assert time.monotonic() < deadline, s.stderr()
-        time.sleep(0.1)
+    wait_serving_mtls(s)
     roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
     first = _served_certificate(xds_port, roots)
     assert (first.not_valid_after_utc - datetime.now(UTC)).total_seconds() <= 4
@@ -406,13 +408,7 @@ def test_followers_serve_the_ads_certificate_the_issuer_exports(
         "follow",
     )
     serves.append(follower)
-    deadline = time.monotonic() + 60
-    while not all("over mTLS" in s.stderr() for s in (issuing, follower)):
-        assert issuing.proc.poll() is None and follower.proc.poll() is None, (
-            issuing.stderr() + follower.stderr()
-        )
-        assert time.monotonic() < deadline, issuing.stderr() + follower.stderr()
-        time.sleep(0.1)
+    wait_serving_mtls(issuing, follower)
     assert (out / "tls.key").stat().st_mode & 0o777 == 0o600
     roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
     exported = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())

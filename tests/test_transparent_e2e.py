@@ -51,7 +51,7 @@ from smc.injector import (
     mutate,
 )
 from smc.testing.envoy import EnvoyError, envoy_binary
-from smc.testing.kube import KubeAPIServer, KubeBuildError
+from smc.testing.kube import KubeAPIServer, create_http_traffic_target, kube_apiserver_fixture
 from smc.testing.netns import NetnsError, Pod, PodNetwork, world_readable_copy
 from smc.testing.serve import ServeProcess, eventually
 
@@ -104,16 +104,7 @@ print(urllib.request.urlopen("http://127.0.0.1:15000" + sys.argv[1], timeout=5).
 
 @pytest.fixture
 def kube() -> Iterator[KubeAPIServer]:
-    server = KubeAPIServer(watch_cache=False)
-    try:
-        server.start()
-    except KubeBuildError as exc:
-        pytest.skip(f"kube-apiserver could not be built on this machine: {exc}")
-    try:
-        server.install_smi_crds()
-        yield server
-    finally:
-        server.stop()
+    yield from kube_apiserver_fixture(watch_cache=False)
 
 
 @pytest.fixture
@@ -326,39 +317,13 @@ def test_injected_pods_are_intercepted_and_secured(
                 )
 
             # 2. Policy through the apiserver; the client calls the ClusterIP.
-            custom.create_namespaced_custom_object(
-                "specs.smi-spec.io",
-                "v1alpha4",
+            create_http_traffic_target(
+                custom,
                 ns,
-                "httproutegroups",
-                {
-                    "apiVersion": "specs.smi-spec.io/v1alpha4",
-                    "kind": "HTTPRouteGroup",
-                    "metadata": {"name": "books"},
-                    "spec": {
-                        "matches": [{"name": "get", "pathRegex": "/books", "methods": ["GET"]}]
-                    },
-                },
-            )
-            custom.create_namespaced_custom_object(
-                "access.smi-spec.io",
-                "v1alpha3",
-                ns,
-                "traffictargets",
-                {
-                    "apiVersion": "access.smi-spec.io/v1alpha3",
-                    "kind": "TrafficTarget",
-                    "metadata": {"name": "client-to-server"},
-                    "spec": {
-                        "destination": {
-                            "kind": "ServiceAccount",
-                            "name": "server",
-                            "namespace": ns,
-                        },
-                        "sources": [{"kind": "ServiceAccount", "name": "client", "namespace": ns}],
-                        "rules": [{"kind": "HTTPRouteGroup", "name": "books", "matches": ["get"]}],
-                    },
-                },
+                name="client-to-server",
+                source="client",
+                destination="server",
+                matches=[{"name": "get", "pathRegex": "/books", "methods": ["GET"]}],
             )
             host = f"server.{ns}.svc.cluster.local"
             client = pods["client"]
