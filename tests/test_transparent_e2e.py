@@ -20,10 +20,13 @@ ClusterIP. The test checks that
 3. a port no Service names passes through both sidecars untouched;
 4. a caller outside the mesh (the node, no sidecar) cannot reach the server's mesh port in
    plaintext: the redirected connection meets the mTLS-only inbound chain;
-5. deleting the TrafficTarget takes the service out of the client's outbound routes: its call
-   is passed through like any call leaving the mesh and gets no answer (here no kube-proxy
-   serves the ClusterIP; to the server pod directly, the plaintext call meets the mTLS-only
-   inbound chain); no Envoy rejected an update.
+5. a TCP Service is unreachable until a TCPRoute TrafficTarget allows it, then proxied by
+   destination port over mTLS into the server's TCP chain;
+6. deleting the HTTP TrafficTarget gets the client 403 from the server's RBAC (the TCP grant
+   keeps the server reachable); deleting the TCP one too takes the server's services out of
+   the client's outbound routes: its calls are passed through like any call leaving the mesh
+   and get no answer (here no kube-proxy serves the ClusterIP; to the server pod directly, the
+   plaintext call meets the mTLS-only inbound chain); no Envoy rejected an update.
 """
 
 from __future__ import annotations
@@ -78,10 +81,29 @@ class H(http.server.BaseHTTPRequestHandler):
 class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-servers = [S(("0.0.0.0", int(p)), H) for p in sys.argv[1:]]
+class Upper(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(self.request.recv(1024).upper())
+class T(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+servers = [
+    T(("0.0.0.0", int(p[4:])), Upper) if p.startswith("tcp:") else S(("0.0.0.0", int(p)), H)
+    for p in sys.argv[1:]
+]
 for s in servers[1:]:
     threading.Thread(target=s.serve_forever, daemon=True).start()
 servers[0].serve_forever()
+"""
+
+TCP_CLIENT = r"""
+import json, socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as c:
+        c.sendall(b"hello over tcp")
+        print(json.dumps({"reply": c.recv(1024).decode(errors="replace")}))
+except Exception as e:
+    print(json.dumps({"reply": None, "error": f"{type(e).__name__}: {e}"}))
 """
 
 CLIENT = r"""
@@ -217,7 +239,7 @@ def test_injected_pods_are_intercepted_and_secured(
                 }
             }
         )
-        for name, ports in (("client", [8080]), ("server", [8080, 9000])):
+        for name, ports in (("client", [8080]), ("server", [8080, 9000, 7000])):
             core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
             manifest = pod_manifest(name, ports)
             ops = mutate(
@@ -271,13 +293,35 @@ def test_injected_pods_are_intercepted_and_secured(
                 ],
             },
         )
+        echo = core.create_namespaced_service(
+            ns,
+            {
+                "metadata": {"name": "echo"},
+                "spec": {
+                    "selector": {"app": "server"},
+                    "ports": [{"name": "tcp-echo", "port": 7000, "targetPort": 7000}],
+                },
+            },
+        )
+        k8s.DiscoveryV1Api(api).create_namespaced_endpoint_slice(
+            ns,
+            {
+                "metadata": {"name": "echo-a1", "labels": {"kubernetes.io/service-name": "echo"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "tcp-echo", "port": 7000, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": [pods["server"].address], "conditions": {"ready": True}}
+                ],
+            },
+        )
         try:
             serve.wait_ready()
             # The kubelet's part: init container, proxy container, application.
             app_file = net.workdir / "app.py"
             app_file.write_text(APP)
             pods["server"].start(
-                [sys.executable, str(app_file), "8080", "9000"], log=net.workdir / "app.log"
+                [sys.executable, str(app_file), "8080", "9000", "tcp:7000"],
+                log=net.workdir / "app.log",
             )
             for name, pod in pods.items():
                 spec = api.sanitize_for_serialization(core.read_namespaced_pod(name, ns))["spec"]
@@ -342,6 +386,53 @@ def test_injected_pods_are_intercepted_and_secured(
             denied = request(client, cluster_ip, 80, host, "POST", "/books")
             assert denied["status"] == 403, denied
 
+            # 2b. A TCP service: unreachable until a TCPRoute TrafficTarget allows it, then
+            #     proxied by destination port over mTLS to the server's TCP chain.
+            def tcp_reply() -> Any:
+                out = client.run([sys.executable, "-c", TCP_CLIENT, echo.spec.cluster_ip, "7000"])
+                assert out.returncode == 0, out.stderr
+                return json.loads(out.stdout)["reply"]
+
+            assert not tcp_reply()  # accepted by the pass-through, closed: no upstream
+            custom.create_namespaced_custom_object(
+                "specs.smi-spec.io",
+                "v1alpha4",
+                ns,
+                "tcproutes",
+                {
+                    "apiVersion": "specs.smi-spec.io/v1alpha4",
+                    "kind": "TCPRoute",
+                    "metadata": {"name": "echo"},
+                    "spec": {"matches": {"ports": [7000]}},
+                },
+            )
+            custom.create_namespaced_custom_object(
+                "access.smi-spec.io",
+                "v1alpha3",
+                ns,
+                "traffictargets",
+                {
+                    "apiVersion": "access.smi-spec.io/v1alpha3",
+                    "kind": "TrafficTarget",
+                    "metadata": {"name": "client-to-echo"},
+                    "spec": {
+                        "destination": {
+                            "kind": "ServiceAccount",
+                            "name": "server",
+                            "namespace": ns,
+                        },
+                        "sources": [{"kind": "ServiceAccount", "name": "client", "namespace": ns}],
+                        "rules": [{"kind": "TCPRoute", "name": "echo"}],
+                    },
+                },
+            )
+            eventually(
+                lambda: tcp_reply() == "HELLO OVER TCP",
+                what="the TCP echo through both sidecars",
+                diag=diag,
+                wait=WAIT,
+            )
+
             # 3. A port no Service names passes through both sidecars.
             plain = request(client, pods["server"].address, 9000, "-", "GET", "/direct")
             assert plain["status"] == 200, plain
@@ -372,16 +463,23 @@ def test_injected_pods_are_intercepted_and_secured(
             )
             assert outside["status"] != 200, outside
 
-            # 5. Revoking the policy denies the client again.
-            custom.delete_namespaced_custom_object(
-                "access.smi-spec.io", "v1alpha3", ns, "traffictargets", "client-to-server"
-            )
-            eventually(
-                lambda: request(client, cluster_ip, 80, host, "GET", "/books")["status"] == 0,
-                what="GET /books to fail after the TrafficTarget is deleted",
-                diag=diag,
-                wait=WAIT,
-            )
+            # 5. Revoking the policy denies the client again: first the HTTP grant (the server
+            #    identity stays reachable through the TCP grant, so its RBAC answers 403), then
+            #    the TCP grant (nothing of the server is routed any more: no answer at all).
+            def books() -> int:
+                return int(request(client, cluster_ip, 80, host, "GET", "/books")["status"])
+
+            for target, status in (("client-to-server", 403), ("client-to-echo", 0)):
+                custom.delete_namespaced_custom_object(
+                    "access.smi-spec.io", "v1alpha3", ns, "traffictargets", target
+                )
+                eventually(
+                    lambda status=status: books() == status,  # type: ignore[misc]
+                    what=f"GET /books to get {status} once {target} is deleted",
+                    diag=diag,
+                    wait=WAIT,
+                )
+            assert not tcp_reply()
             direct = request(client, pods["server"].address, 8080, host, "GET", "/books")
             assert direct["status"] == 0, direct
             for pod in pods.values():
