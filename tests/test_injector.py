@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -492,10 +493,29 @@ def webhook_configuration(
 def registered(
     kube: Any, issuer: LocalIssuer, config: InjectorConfig
 ) -> Iterator[tuple[Any, ThreadedWebhook]]:
-    from kubernetes import client
 
     api = kube.api_client()
     server = _webhook(issuer, config, namespace_labels=kube_namespace_labels(api))
+    try:
+        with registered_webhook(api, server, issuer, {**ENABLED, **FIXTURE}) as (hook, _):
+            yield api, hook
+    finally:
+        api.close()
+
+
+@contextlib.contextmanager
+def registered_webhook(
+    api: Any,
+    server: WebhookServer,
+    issuer: LocalIssuer,
+    namespace_labels: dict[str, str],
+    *,
+    side_effects: str = "None",
+) -> Iterator[tuple[ThreadedWebhook, str]]:
+    """``server`` running, and registered in the apiserver for pods in namespaces with
+    ``namespace_labels``; yields the hook and the configuration's name."""
+    from kubernetes import client
+
     with ThreadedWebhook(server) as hook:
         bundle = base64.b64encode("".join(issuer.trust_bundle()).encode()).decode()
         name = f"smc-injector-{uuid.uuid4().hex[:6]}"
@@ -504,15 +524,15 @@ def registered(
             webhook_configuration(
                 name,
                 {"url": hook.url, "caBundle": bundle},
-                {**ENABLED, **FIXTURE},
+                namespace_labels,
+                side_effects=side_effects,
                 reinvocation="IfNeeded",
             )
         )
         try:
-            yield api, hook
+            yield hook, name
         finally:
             adm.delete_mutating_webhook_configuration(name)
-            api.close()
 
 
 def _namespace(api: Any, **labels: str) -> str:
@@ -861,20 +881,10 @@ def test_webhook_stores_bootstrap_secrets_and_collects_orphans(
     secrets = BootstrapSecrets(api, grace=datetime.timedelta(0))
     server = _webhook(issuer, config, namespace_labels=kube_namespace_labels(api), secrets=secrets)
     core: Any = client.CoreV1Api(api)
-    with ThreadedWebhook(server) as hook:
-        bundle = base64.b64encode("".join(issuer.trust_bundle()).encode()).decode()
-        name = f"smc-injector-{uuid.uuid4().hex[:6]}"
-        adm: Any = client.AdmissionregistrationV1Api(api)
-        adm.create_mutating_webhook_configuration(
-            webhook_configuration(
-                name,
-                {"url": hook.url, "caBundle": bundle},
-                {"secret-test": name},
-                side_effects="NoneOnDryRun",
-            )
-        )
+    label = {"secret-test": uuid.uuid4().hex[:8]}
+    with registered_webhook(api, server, issuer, label, side_effects="NoneOnDryRun"):
         try:
-            ns = _namespace(api, **{"secret-test": name, **ENABLED})
+            ns = _namespace(api, **label, **ENABLED)
 
             def bootstrap_secrets() -> set[str]:
                 found = core.list_namespaced_secret(ns, label_selector=f"{BOOTSTRAP_LABEL}=true")
@@ -928,8 +938,7 @@ def test_webhook_stores_bootstrap_secrets_and_collects_orphans(
             assert f"{ns}/{secret_name}" in secrets.collect()
             assert bootstrap_secrets() == set()
         finally:
-            adm.delete_mutating_webhook_configuration(name)
-    api.close()
+            api.close()
 
 
 def test_deploy_container_arguments_parse_with_the_real_command_lines() -> None:

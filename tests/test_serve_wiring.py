@@ -258,6 +258,24 @@ async def test_xds_tls_serves_envoy_with_mesh_certificate(
     assert s.stop() == 0
 
 
+def tls_serve(tmp_path: Path, serves: list[Serve], xds_port: int, *args: str) -> Serve:
+    """``smc serve --xds-tls`` on ``xds_port`` (TLS material re-checked every 0.2 s, keys in
+    ``tmp_path/keys``) plus ``args``; registered in ``serves`` to be stopped."""
+    s = Serve(
+        tmp_path,
+        "--xds",
+        f"127.0.0.1:{xds_port}",
+        "--xds-tls",
+        "--xds-tls-refresh",
+        "0.2",
+        "--keys",
+        str(tmp_path / "keys"),
+        *args,
+    )
+    serves.append(s)
+    return s
+
+
 def wait_serving_mtls(*serves: Serve, timeout: float = 60.0) -> None:
     """Until every serve says it answers ADS over mTLS (each alive meanwhile)."""
     deadline = time.monotonic() + timeout
@@ -305,23 +323,17 @@ def test_xds_tls_material_is_reloaded_from_files(tmp_path: Path, serves: list[Se
     first = issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"])
     write(first)
     xds_port = free_port()
-    s = Serve(
+    s = tls_serve(
         tmp_path,
-        "--xds",
-        f"127.0.0.1:{xds_port}",
-        "--xds-tls",
+        serves,
+        xds_port,
         "--xds-cert",
         str(cert_file),
         "--xds-key",
         str(key_file),
-        "--xds-tls-refresh",
-        "0.2",
         "--ca",
         f"local:{ca_dir}",
-        "--keys",
-        str(tmp_path / "keys"),
     )
-    serves.append(s)
     wait_serving_mtls(s)
     assert _served_certificate(xds_port, roots).serial_number == _serial(first)
     second = issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"])
@@ -346,21 +358,9 @@ def test_issued_xds_certificate_is_renewed_before_it_expires(
     life, while serve runs."""
     ca_dir = tmp_path / "ca"
     xds_port = free_port()
-    s = Serve(
-        tmp_path,
-        "--xds",
-        f"127.0.0.1:{xds_port}",
-        "--xds-tls",
-        "--xds-cert-hours",
-        "0.001",
-        "--xds-tls-refresh",
-        "0.2",
-        "--ca",
-        f"local:{ca_dir}",
-        "--keys",
-        str(tmp_path / "keys"),
+    s = tls_serve(
+        tmp_path, serves, xds_port, "--xds-cert-hours", "0.001", "--ca", f"local:{ca_dir}"
     )
-    serves.append(s)
     wait_serving_mtls(s)
     roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
     first = _served_certificate(xds_port, roots)
@@ -379,14 +379,12 @@ def test_followers_serve_the_ads_certificate_the_issuer_exports(
     """The issuing replica writes its ADS certificate (``--xds-cert-out``) and each renewal;
     a follower started at the same time waits for the files, serves them, and follows the
     renewal (``--xds-tls-refresh``), as the replicas of deploy/k8s/smc.yaml do."""
-    out, keys, ca_dir = tmp_path / "ads", tmp_path / "keys", tmp_path / "ca"
+    out, ca_dir = tmp_path / "ads", tmp_path / "ca"
     issuer_port, follower_port = free_port(), free_port()
-    common = ("--xds-tls", "--xds-tls-refresh", "0.2", "--keys", str(keys))
-    issuing = Serve(
+    issuing = tls_serve(
         tmp_path,
-        "--xds",
-        f"127.0.0.1:{issuer_port}",
-        *common,
+        serves,
+        issuer_port,
         "--xds-cert-out",
         str(out),
         "--xds-cert-hours",
@@ -394,12 +392,10 @@ def test_followers_serve_the_ads_certificate_the_issuer_exports(
         "--ca",
         f"local:{ca_dir}",
     )
-    serves.append(issuing)
-    follower = Serve(
+    follower = tls_serve(
         tmp_path,
-        "--xds",
-        f"127.0.0.1:{follower_port}",
-        *common,
+        serves,
+        follower_port,
         "--xds-cert",
         str(out / "tls.crt"),
         "--xds-key",
@@ -407,7 +403,6 @@ def test_followers_serve_the_ads_certificate_the_issuer_exports(
         "--ca",
         "follow",
     )
-    serves.append(follower)
     wait_serving_mtls(issuing, follower)
     assert (out / "tls.key").stat().st_mode & 0o777 == 0o600
     roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
