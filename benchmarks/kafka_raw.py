@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -141,20 +142,21 @@ def produce(*, bootstrap: str, topic: str, n: int, variant: Variant) -> float:
 
 def raw_consume_rate(
     bootstrap: str,
-    topic: str,
+    topic: str | Sequence[str],
     n: int,
     *,
     timeout: float = 300.0,
     tuned: bool = True,
     extra_config: dict[str, Any] | None = None,
 ) -> float:
-    """Read the first ``n`` records of ``topic`` (all partitions, from the beginning) with a
-    plain confluent-kafka consumer in batches; return records per second.
+    """Read the first ``n`` records of ``topic`` (or of several topics; all partitions, from
+    the beginning) with a plain confluent-kafka consumer in batches; return records per second.
 
     Each record's value is touched (its length summed) so the work is comparable to a reader
     that hands values on. The clock starts before partitions are assigned. ``tuned`` applies
     :data:`RAW_CONSUMER_TUNING`; ``extra_config`` overrides any consumer setting.
     """
+    topics = [topic] if isinstance(topic, str) else list(topic)
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -168,12 +170,14 @@ def raw_consume_rate(
         }
     )
     try:
-        md = consumer.list_topics(topic, timeout=10)
-        if topic not in md.topics or md.topics[topic].error is not None:
-            raise RuntimeError(f"topic {topic!r} not found on {bootstrap}")
-        parts = sorted(md.topics[topic].partitions)
+        md = consumer.list_topics(timeout=10)
+        tps = []
+        for t in topics:
+            if t not in md.topics or md.topics[t].error is not None:
+                raise RuntimeError(f"topic {t!r} not found on {bootstrap}")
+            tps += [TopicPartition(t, p, 0) for p in sorted(md.topics[t].partitions)]
         began = time.perf_counter()
-        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        consumer.assign(tps)
         got = 0
         size = 0
         deadline = time.monotonic() + timeout
@@ -185,16 +189,16 @@ def raw_consume_rate(
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
                         continue
-                    raise RuntimeError(f"consume {topic}: {err}")
+                    raise RuntimeError(f"consume {topics}: {err}")
                 size += len(msg.value() or b"")
             got += len(batch)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"consume {topic}: only {got}/{n} records in {timeout}s")
+                raise RuntimeError(f"consume {topics}: only {got}/{n} records in {timeout}s")
         elapsed = time.perf_counter() - began
     finally:
         consumer.close()
     if size == 0:
-        raise RuntimeError(f"consume {topic}: records were empty")
+        raise RuntimeError(f"consume {topics}: records were empty")
     return got / elapsed
 
 

@@ -18,7 +18,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
@@ -84,6 +91,7 @@ class KafkaLog:
         self._lock = threading.Lock()
         self._partitions: dict[str, list[int]] | None = None
         self._assigned: Position | None = None
+        self._tps: list[TopicPartition] = []
         self._errors: list[str] = []
 
     def _on_error(self, err: KafkaError) -> None:
@@ -165,6 +173,7 @@ class KafkaLog:
             for p in parts
         ]
         self._consumer.assign(tps)
+        self._tps = tps
         self._assigned = start
 
     def _consume(self, start: Position, max_records: int, timeout: float) -> list[Any]:
@@ -216,38 +225,61 @@ class KafkaLog:
     ) -> tuple[list[tuple[str, int, int, bytes, bytes]], Position]:
         """Like :meth:`read` but lean, for replay: (topic, partition, offset, key, value)
         tuples (the topic includes any prefix) before ``end``, plus the position after them;
-        one pass over the messages, no timestamps, no Record objects."""
-        if self._assigned != start:
+        no timestamps, no Record objects. See :meth:`scan_messages` for the leanest form."""
+        msgs, after = self.scan_messages(
+            start=start, max_records=max_records, timeout=timeout, end=end
+        )
+        return [
+            (m.topic(), m.partition(), m.offset(), m.key(), m.value() or b"") for m in msgs
+        ], after
+
+    def scan_messages(
+        self,
+        *,
+        start: Position,
+        max_records: int = 10_000,
+        timeout: float = 0.0,
+        end: Position | None = None,
+    ) -> tuple[list[Any], Position]:
+        """The leanest read, for replay: the consumed confluent-kafka messages themselves
+        (``topic()`` includes any prefix; ``value()`` may be None for a record without a value)
+        before ``end``, in order within each partition, plus the position after them.
+
+        Nothing is done per message beyond one error check: the position comes from the
+        consumer's own per-partition position (the offset after the last message it handed
+        over), so a batch costs a few calls per partition, not per message.
+        """
+        if self._assigned is not start and self._assigned != start:
             self._assign(start)
-        msgs = self._consumer.consume(num_messages=max_records, timeout=max(timeout, 0.001))
-        out: list[tuple[str, int, int, bytes, bytes]] = []
-        append = out.append
-        for m in msgs:
-            value = m.value()
-            if value is None:  # an error event (or a record without a value): look closer
-                err = m.error()
-                if err is not None:
-                    _raise_unless_eof(m, err)
-                    continue
-                value = b""
-            append((m.topic(), m.partition(), m.offset(), m.key(), value))  # type: ignore[arg-type]
-        if out:
-            cut = len(self.prefix)
-            ends = {(r[0], r[1]): r[2] + 1 for r in out}
-            if end is not None and any(o > end.get((t[cut:], p)) for (t, p), o in ends.items()):
-                out = [r for r in out if r[2] < end.get((r[0][cut:], r[1]))]
-                ends = {(r[0], r[1]): r[2] + 1 for r in out}
-                filtered = True
-            else:
-                filtered = False
-            pos = dict(start.items())
-            pos.update({(t[cut:], p): o for (t, p), o in ends.items()})
+        consumer = self._consumer
+        msgs: list[Any] = consumer.consume(num_messages=max_records, timeout=max(timeout, 0.001))
+        if not msgs:
+            return msgs, start
+        if any(map(_message_error, msgs)):  # rare: error events (end of partition or worse)
+            msgs = [m for m in msgs if m.error() is None or _raise_unless_eof(m, m.error())]
+        cut = len(self.prefix)
+        pos = dict(start.items())
+        overshoot = False
+        for tp in consumer.position(self._tps):
+            off = tp.offset
+            if off >= 0:  # negative: nothing handed over since the assignment
+                key = (tp.topic[cut:], tp.partition)
+                pos[key] = off
+                if end is not None and off > end.get(key):
+                    overshoot = True
+        if not overshoot:
             after = Position(pos)
-            # When records past ``end`` were dropped the consumer is ahead of ``after``:
-            # forget the assignment so the next read seeks again.
-            self._assigned = None if filtered else after
-            return out, after
-        return out, start
+            self._assigned = after
+            return msgs, after
+        # Records past ``end`` were consumed (rare: the log grew since ``end`` was taken).
+        # Drop them and forget the assignment: the consumer is ahead, the next read seeks.
+        assert end is not None
+        msgs = [m for m in msgs if m.offset() < end.get((m.topic()[cut:], m.partition()))]
+        pos = dict(start.items())
+        for m in msgs:
+            pos[(m.topic()[cut:], m.partition())] = m.offset() + 1
+        self._assigned = None
+        return msgs, Position(pos)
 
     def end_position(self) -> Position:
         out = {}
@@ -290,7 +322,12 @@ class KafkaLog:
             self._consumer.close()
 
 
-def _raise_unless_eof(m: Any, err: KafkaError) -> None:
-    """A consumed error event: end-of-partition is harmless; anything else fails the read."""
+_message_error = Message.error
+
+
+def _raise_unless_eof(m: Any, err: KafkaError) -> bool:
+    """A consumed error event: end-of-partition is harmless (returns False, to drop it);
+    anything else fails the read."""
     if err.code() != KafkaError._PARTITION_EOF:
         raise LogUnavailable(f"Kafka read failed at {m.topic()}[{m.partition()}]: {err}")
+    return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
@@ -52,9 +53,30 @@ def _where(r: _Raw) -> str:
     return f"{r[0]}[{r[1]}]@{r[2]}"
 
 
+def _survivors(pending: dict[object, Any]) -> list[Any]:
+    """The records held in a compaction's ``pending`` map (see ``ProjectionRunner._scan``)."""
+    out: list[Any] = []
+    add = out.append
+    more = out.extend
+    for v in pending.values():
+        if v.__class__ is list:
+            more(v)
+        else:
+            add(v)
+    return out
+
+
+def _message_raw(m: Any) -> _Raw:
+    """A Kafka message (see ``KafkaLog.scan_messages``) as a raw record."""
+    return (m.topic(), m.partition(), m.offset(), m.key(), m.value() or b"")
+
+
 log = logging.getLogger("smc.projections")
 
 CHECKPOINT_FORMAT = 1
+
+#: A compacted catch-up applies what it holds once it holds more records than this.
+_PENDING_MAX = 100_000
 
 
 def _id_hash(event_id: str) -> int:
@@ -152,7 +174,10 @@ class ProjectionRunner:
         #: Records a compacted catch-up did not need to decode (superseded by a later one).
         self.superseded = 0
         self._dedupe = not log.dedupes_on_append
-        self._seen: set[int] = set()
+        # Ids applied, as a dict (values unused) rather than a set: a dict holding only ints is
+        # not tracked by the cyclic garbage collector, a set is, and every full collection
+        # would walk its millions of entries during a rebuild.
+        self._seen: dict[int, None] = {}
         self._by_stream: dict[str, list[Projection]] = {}
         for p in self.projections:
             for s in p.streams:
@@ -181,7 +206,7 @@ class ProjectionRunner:
             if p.digest() != cp.digests[p.name]:
                 raise CheckpointError(f"checkpoint of {p.name} does not match its digest")
         self.position = cp.position
-        self._seen = set(cp.seen)
+        self._seen = dict.fromkeys(cp.seen)
         self.applied = cp.applied
 
     def digests(self) -> dict[str, str]:
@@ -210,7 +235,7 @@ class ProjectionRunner:
                         continue
                 self._apply_event(event, rec.where)
                 if dedupe:
-                    seen.add(h)
+                    seen[h] = None
                 done.append(event)
                 self.applied += 1
                 k += 1
@@ -242,7 +267,8 @@ class ProjectionRunner:
         of the same aggregate (see ``Projection.replacing_types``) are checked (header,
         schema fingerprint, duplicate id) but not decoded nor applied: the resulting state is
         the same as applying every event (the test suite checks the digests are equal), at a
-        fraction of the cost. ``compact=False`` decodes and applies every record.
+        fraction of the cost. ``compact=False`` decodes and applies every record. A compacted
+        catch-up pauses the cyclic garbage collector until it returns (restored on errors).
         Offsets are contiguous per partition on every backend, so this ends exactly at the
         target; if the log stops answering for ``stall_timeout`` seconds first, raises
         :class:`~smc.events.LogUnavailable`.
@@ -254,61 +280,102 @@ class ProjectionRunner:
         start = self.applied
         last_progress = time.monotonic()
         replacing = self._replacing() if compact else frozenset()
-        pending: dict[object, list[_Raw]] = {}
-        npending = 0
+        kinds = self._header_kinds(replacing)
+        pending: dict[object, Any] = {}
+        registered = 0  # records put in ``pending`` since the last flush
+        appended = 0  # of which appended to a list (the others replaced one)
         scanned = self.position
+        scan_messages = getattr(self.log, "scan_messages", None) if compact else None
         scan = getattr(self.log, "scan", None)
-        while not scanned.covers(target):
-            if compact and scan is not None:
-                raw, after = scan(start=scanned, max_records=self.batch, timeout=0.5, end=target)
-            else:
-                recs = self.log.read(start=scanned, max_records=self.batch, timeout=0.5)
-                recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
-                raw = [(r.stream, r.partition, r.offset, r.key, r.value) for r in recs]
-                after = scanned.advanced(recs)
-            if not raw:
-                if time.monotonic() - last_progress > stall_timeout:
-                    raise LogUnavailable(
-                        f"log {self.log.url} stalled at {scanned} before reaching {target}"
+        # A compacted scan makes only acyclic objects (messages, bytes, ints) by the million;
+        # the cyclic collector would walk the pending records and projection state over and
+        # over for nothing, so it is paused until the survivors are applied.
+        paused = compact and gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            while not scanned.covers(target):
+                if scan_messages is not None:
+                    raw, after = scan_messages(
+                        start=scanned, max_records=self.batch, timeout=0.5, end=target
                     )
-                continue
-            last_progress = time.monotonic()
-            if not compact:
-                self.position = scanned
-                self.step_records(recs)
-                scanned = self.position
-            else:
-                npending += self._scan(raw, pending, replacing)
-                scanned = after
-                if npending > 100_000:
-                    self._flush(pending)
-                    pending.clear()
-                    npending = 0
+                elif compact and scan is not None:
+                    raw, after = scan(
+                        start=scanned, max_records=self.batch, timeout=0.5, end=target
+                    )
+                else:
+                    recs: list[Record] = self.log.read(
+                        start=scanned, max_records=self.batch, timeout=0.5
+                    )
+                    recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
+                    raw = [(r.stream, r.partition, r.offset, r.key, r.value) for r in recs]
+                    after = scanned.advanced(recs)
+                if not raw:
+                    if time.monotonic() - last_progress > stall_timeout:
+                        raise LogUnavailable(
+                            f"log {self.log.url} stalled at {scanned} before reaching {target}"
+                        )
+                    continue
+                last_progress = time.monotonic()
+                if not compact:
                     self.position = scanned
-            if progress is not None:
-                progress(self.applied - start)
-        self._flush(pending)
+                    self.step_records(recs)
+                    scanned = self.position
+                else:
+                    if scan_messages is not None:
+                        added, tails = self._scan_messages(raw, pending, kinds)
+                    else:
+                        added, tails = self._scan(raw, pending, kinds)
+                    registered += added
+                    appended += tails
+                    scanned = after
+                    if len(pending) + appended > _PENDING_MAX:  # a bound: count them
+                        appended = len(_survivors(pending)) - len(pending)
+                    if len(pending) + appended > _PENDING_MAX:
+                        self._flush(pending, registered, messages=scan_messages is not None)
+                        pending.clear()
+                        registered = appended = 0
+                        self.position = scanned
+                # Let the batch go before the next read, which then reuses its (warm) memory.
+                raw = recs = []
+                if progress is not None:
+                    progress(self.applied - start)
+            self._flush(pending, registered, messages=scan_messages is not None)
+        finally:
+            if paused:
+                gc.enable()
         self.position = scanned
         return self.applied - start
+
+    def _header_kinds(self, replacing: frozenset[str]) -> dict[bytes, bool]:
+        """Every known record header (magic + writer fingerprint) -> whether its type
+        supersedes its aggregate's earlier events: one slice and one lookup check a header."""
+        return {
+            MAGIC + fp: info.name in replacing for fp, info in self.codec.by_fingerprint.items()
+        }
 
     def _scan(
         self,
         raw: list[_Raw],
-        pending: dict[object, list[_Raw]],
-        replacing: frozenset[str],
-    ) -> int:
-        """Register records for a compacted apply: check headers, drop duplicates by id."""
-        known = self.codec.by_fingerprint
-        replacing_fps = {fp for fp, info in known.items() if info.name in replacing}
+        pending: dict[object, Any],
+        kinds: dict[bytes, bool],
+    ) -> tuple[int, int]:
+        """Register records for a compacted apply: check headers, drop duplicates by id.
+
+        ``pending`` maps an aggregate key to the records of it still to apply: the record of
+        a state-replacing event alone, or a list (events after it, or no replacing one yet).
+        Returns the records registered and how many of them did not replace the aggregate's
+        pending records (an upper bound of how much ``pending`` grew beyond one per key)."""
         envelope_id = self.codec.envelope_id
         seen = self._seen
         dedupe = self._dedupe
         xxh = xxh64_intdigest
-        added = superseded = duplicates = 0
+        get = pending.get
+        duplicates = tails = 0
         for r in raw:
             v = r[4]
-            fp = v[2:10]
-            if fp not in known or v[:2] != MAGIC:
+            rep = kinds.get(v[:10])
+            if rep is None:
                 self.codec.header(v, where=_where(r))  # raises the precise DecodeError
                 continue  # pragma: no cover - header() always raises here
             if dedupe:
@@ -318,27 +385,85 @@ class ProjectionRunner:
                 if h in seen:
                     duplicates += 1
                     continue
-                seen.add(h)
+                seen[h] = None
             # Aggregate keys carry their kind as a prefix, so they are unique across streams.
-            k = r[3]
-            if fp in replacing_fps:
-                lst = pending.get(k)
-                if lst is not None:
-                    superseded += len(lst)
-                    added -= len(lst)
-                pending[k] = [r]
+            if rep:
+                pending[r[3]] = r
             else:
-                pending.setdefault(k, []).append(r)
-            added += 1
-        self.applied += added + superseded
-        self.superseded += superseded
+                k = r[3]
+                cur = get(k)
+                if cur is None:
+                    pending[k] = [r]
+                elif cur.__class__ is list:
+                    cur.append(r)
+                else:
+                    pending[k] = [cur, r]
+                tails += 1
+        added = len(raw) - duplicates
+        self.applied += added
         self.duplicates += duplicates
-        return added
+        return added, tails
 
-    def _flush(self, pending: dict[object, list[_Raw]]) -> None:
-        if not pending:
+    def _scan_messages(
+        self,
+        msgs: list[Any],
+        pending: dict[object, Any],
+        kinds: dict[bytes, bool],
+    ) -> tuple[int, int]:
+        """:meth:`_scan` for Kafka messages (see ``KafkaLog.scan_messages``): reads each
+        message's value and key only; where it sits is asked of the few that survive."""
+        if not self._dedupe:
+            return self._scan([_message_raw(m) for m in msgs], pending, kinds)
+        envelope_id = self.codec.envelope_id
+        seen = self._seen
+        xxh = xxh64_intdigest
+        get = pending.get
+        duplicates = tails = 0
+        m = None
+        try:
+            for m in msgs:
+                v = m.value()
+                rep = kinds[v[:10]]  # KeyError: not a known header; TypeError: no value
+                b = v[10]
+                # the event id follows the header (checked by the codec); short ids inline
+                h = xxh(v[11 : 11 + (b >> 1)]) if b < 0x80 else xxh(envelope_id(v))
+                if h in seen:
+                    duplicates += 1
+                    continue
+                seen[h] = None
+                # Aggregate keys carry their kind as a prefix: unique across streams.
+                if rep:
+                    pending[m.key()] = m
+                else:
+                    k = m.key()
+                    cur = get(k)
+                    if cur is None:
+                        pending[k] = [m]
+                    elif cur.__class__ is list:
+                        cur.append(m)
+                    else:
+                        pending[k] = [cur, m]
+                    tails += 1
+        except (KeyError, TypeError):
+            if m is not None:  # raises the precise DecodeError when the header is the cause
+                self.codec.header(m.value() or b"", where=_where(_message_raw(m)))
+            raise
+        added = len(msgs) - duplicates
+        self.applied += added
+        self.duplicates += duplicates
+        return added, tails
+
+    def _flush(
+        self, pending: dict[object, Any], registered: int, *, messages: bool = False
+    ) -> None:
+        """Apply the records left in ``pending`` (``registered`` were put there), in log
+        order; the others were superseded."""
+        survivors = _survivors(pending)
+        self.superseded += registered - len(survivors)
+        if not survivors:
             return
-        survivors = [r for lst in pending.values() for r in lst]
+        if messages:
+            survivors = [_message_raw(m) for m in survivors]
         survivors.sort(key=lambda r: (r[0], r[1], r[2]))
         self._apply_checked(survivors)
 
