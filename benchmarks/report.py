@@ -235,6 +235,15 @@ def figures_replay(r: dict[str, Any]) -> list[Figure]:
                     b, "Kafka rebuild / count-only loop", ka.get("rebuild_vs_raw_count_only"), "x"
                 )
             )
+        if ka.get("rebuild_vs_raw_consume_medians") is not None:
+            out.append(
+                _info(
+                    b,
+                    "Kafka rebuild / raw consume, medians of the passes",
+                    ka.get("rebuild_vs_raw_consume_medians"),
+                    "x",
+                )
+            )
         out.append(_info(b, "Kafka append", ka.get("append_events_per_second"), "events/s"))
         out.append(_info(b, "Kafka rebuild peak RSS", _get(ka, "rebuild", "peak_rss_mb"), "MB"))
     return out

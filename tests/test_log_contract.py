@@ -209,3 +209,57 @@ def test_rebuild_refuses_an_unknown_schema_on_the_log(tmp_path) -> None:  # type
         r = ProjectionRunner(log=log, projections=all_projections())
         with pytest.raises(UnknownSchema, match=r"smc.registry\[0\]@2"):
             r.catch_up(compact=compact)
+
+
+@pytest.mark.kafka
+def test_kafka_batch_scan_and_per_record_scan_leave_the_same_state(
+    kafka_log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's whole-batch pass over Kafka messages (taken when a batch is all
+    state-replacing records with ids of one length and no duplicate) and its per-record loop
+    (every other batch) end in the same state; batches with a duplicate inside, a duplicate
+    of an earlier batch, or ids of two lengths fall back to the loop."""
+    import uuid
+
+    def svc(i: int, name: int, *, eid: str | None = None) -> Event:
+        return service(name, actor=f"a{i}", event_id=eid or str(uuid.UUID(int=i)))
+
+    events = [svc(i, i % 7) for i in range(40)]  # clean, uuid-shaped ids
+    events += [events[3], svc(41, 2)]  # a duplicate of an earlier record
+    events += [svc(42, 1), svc(43, 5, eid="short-id")]  # ids of two lengths
+    dup = svc(44, 4)
+    events += [dup, dup]  # a duplicate inside one batch
+    events += [svc(i, i % 5) for i in range(45, 70)]
+    for i in range(0, len(events), 9):
+        kafka_log.append(events[i : i + 9])
+
+    taken = []
+    real = ProjectionRunner._scan_batch
+
+    def counting(self: ProjectionRunner, *args: object) -> bool:
+        done = real(self, *args)  # type: ignore[arg-type]
+        taken.append(done)
+        return done
+
+    def runner(*, batch_pass: bool) -> ProjectionRunner:
+        if batch_pass:
+            monkeypatch.setattr(ProjectionRunner, "_scan_batch", counting)
+        else:
+            monkeypatch.setattr(ProjectionRunner, "_scan_batch", lambda *a: False)
+        r = ProjectionRunner(log=kafka_log, projections=all_projections(), batch=5)
+        r.catch_up()
+        return r
+
+    loop, batched = runner(batch_pass=False), runner(batch_pass=True)
+    full = ProjectionRunner(log=kafka_log, projections=all_projections())
+    full.catch_up(compact=False)
+    assert True in taken and False in taken  # both paths ran
+    for r in (batched, full):
+        assert r.digests() == loop.digests()
+        assert (r.applied, r.duplicates, r.position) == (
+            loop.applied,
+            loop.duplicates,
+            loop.position,
+        )
+    assert batched._seen == loop._seen
+    assert loop.duplicates == 2
