@@ -61,7 +61,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale() -> None:
-    """Remove namespaces and bridges of test processes that no longer run."""
+    """Remove namespaces, bridges and FORWARD rules of test processes that no longer run."""
     names = _run(["ip", "netns", "list"], check=False).stdout.split()
     links = _run(["ip", "-o", "link", "show", "type", "bridge"], check=False).stdout
     bridges = [line.split(":")[1].strip() for line in links.splitlines() if ":" in line]
@@ -75,6 +75,8 @@ def _clean_stale() -> None:
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
         if name.startswith("smcbr"):
+            rule = ["FORWARD", "-i", name, "-o", name, "-j", "ACCEPT"]
+            _run(["iptables", "-D", *rule], check=False)
             _run(["ip", "link", "del", name], check=False)
         else:
             _run(["ip", "netns", "del", name], check=False)
@@ -194,14 +196,22 @@ class PodNetwork:
         self.workdir = Path(tempfile.mkdtemp(prefix="smc-pods-"))
         self.workdir.chmod(0o755)
         self._closed = False
+        self._forward = False
         atexit.register(self.close)
         try:
             _run(["ip", "link", "add", self.bridge, "type", "bridge"])
             _run(["ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge])
             _run(["ip", "link", "set", self.bridge, "up"])
+            # With br_netfilter, traffic between two pods crosses the root namespace's FORWARD
+            # chain, whose policy is DROP where Docker runs: let our bridge's own traffic pass.
+            _run(self._forward_rule("-I"))
+            self._forward = True
         except NetnsError:
             self.close()
             raise
+
+    def _forward_rule(self, op: str) -> list[str]:
+        return ["iptables", op, "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
 
     @staticmethod
     def _free_subnet() -> str:
@@ -245,6 +255,8 @@ class PodNetwork:
         for pod in self.pods.values():
             pod.stop_all()
             _run(["ip", "netns", "del", pod.netns], check=False)
+        if self._forward:
+            _run(self._forward_rule("-D"), check=False)
         _run(["ip", "link", "del", self.bridge], check=False)
         with contextlib.suppress(OSError):
             shutil.rmtree(self.workdir)
