@@ -108,15 +108,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rebuild_child(url: str) -> None:
-    """Run in a fresh process: rebuild from zero, print JSON with rate and peak RSS."""
-    log = open_log(url)
+def timed_rebuild(log: EventLog) -> tuple[ProjectionRunner, int, float, float]:
+    """A compacted rebuild from zero: the runner, events, wall seconds and CPU seconds."""
     runner = ProjectionRunner(log=log, projections=all_projections(), batch=10_000)
     t = time.perf_counter()
     cpu = time.process_time()
     n = runner.catch_up()
-    secs = time.perf_counter() - t
-    cpu = time.process_time() - cpu
+    return runner, n, time.perf_counter() - t, time.process_time() - cpu
+
+
+def rebuild_child(url: str) -> None:
+    """Run in a fresh process: rebuild from zero, print JSON with rate and peak RSS."""
+    log = open_log(url)
+    runner, n, secs, cpu = timed_rebuild(log)
     peak = _peak_rss_mb()
     full = ProjectionRunner(log=log, projections=all_projections(), batch=10_000)
     t = time.perf_counter()
@@ -140,10 +144,7 @@ def rebuild_child(url: str) -> None:
 def rebuild_only_child(url: str) -> None:
     """Run in a fresh process: the compacted rebuild alone, timed as in rebuild_child."""
     log = open_log(url)
-    runner = ProjectionRunner(log=log, projections=all_projections(), batch=10_000)
-    t = time.perf_counter()
-    n = runner.catch_up()
-    secs = time.perf_counter() - t
+    runner, n, secs, _ = timed_rebuild(log)
     print(json.dumps({"events": n, "events_per_second": n / secs, "digests": runner.digests()}))
     log.close()
 

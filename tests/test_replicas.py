@@ -26,8 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -66,6 +64,7 @@ from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.kafka import KafkaBroker
 from smc.testing.mesh import Sidecar, vm_yaml
 from smc.testing.ports import free_port
+from smc.testing.serve import http_json
 from smc.xds import CLUSTER
 from tests.conftest import new_kafka_log
 
@@ -104,18 +103,7 @@ spec:
 
 def _http(method: str, url: str, body: bytes | None = None, **headers: str) -> tuple[int, Any]:
     """Blocking JSON request; (status, parsed body or text)."""
-    import json
-
-    req = urllib.request.Request(url, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw, status = resp.read(), int(resp.status)
-    except urllib.error.HTTPError as err:
-        raw, status = err.read(), int(err.code)
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
+    return http_json(url, method=method, body=body, headers=headers, timeout=30)
 
 
 class Replica:

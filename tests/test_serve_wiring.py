@@ -15,16 +15,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import resource
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +36,7 @@ from smc.ca import KeyStore, LocalIssuer
 from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
 from smc.testing.kube import KubeAPIServer, KubeBuildError
 from smc.testing.ports import free_port
+from smc.testing.serve import ServeProcess, http_json
 from smc.xds import CLUSTER
 from smc.xds._certs import KeyStoreCertSource
 
@@ -57,70 +54,18 @@ spec:
 
 
 def http(method: str, url: str, body: bytes | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=body, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            raw, status = resp.read(), int(resp.status)
-    except urllib.error.HTTPError as err:
-        raw, status = err.read(), int(err.code)
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
+    return http_json(url, method=method, body=body, timeout=60)
 
 
-class Serve:
-    """One ``smc serve`` subprocess; stderr goes to a file for diagnostics."""
+class Serve(ServeProcess):
+    """One ``smc serve`` subprocess with only the arguments a test gives; its output goes to
+    a file for diagnostics."""
 
     def __init__(self, tmp: Path, *args: str, log_url: str | None = None) -> None:
-        self.http_port = free_port()
-        self.base = f"http://127.0.0.1:{self.http_port}"
-        self.stderr_path = tmp / f"serve-{self.http_port}.err"
-        self._err = self.stderr_path.open("wb")
-        url = log_url or f"sqlite:///{tmp / 'log.db'}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "smc.cli",
-                "--log",
-                url,
-                "serve",
-                "--http",
-                f"127.0.0.1:{self.http_port}",
-                *args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self._err,
-        )
+        super().__init__(tmp, args=args, xds_host=None, log_url=log_url)
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}: {self.stderr()}")
-            try:
-                status, _ = http("GET", self.base + "/readyz")
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"serve not ready in {timeout}s: {self.stderr()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._err.close()
-        return self.proc.returncode
+        return self.tail(None)
 
 
 @pytest.fixture

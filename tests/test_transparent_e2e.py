@@ -264,56 +264,42 @@ def test_injected_pods_are_intercepted_and_secured(
                     }
                 },
             )
-        svc = core.create_namespaced_service(
-            ns,
-            {
-                "metadata": {"name": "server"},
-                "spec": {
-                    "selector": {"app": "server"},
-                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+
+        def expose(name: str, port_name: str, port: int, target: int) -> Any:
+            """A Service selecting the server pod, and the EndpointSlice a controller-manager
+            would write for it (none runs here); returns the Service."""
+            svc = core.create_namespaced_service(
+                ns,
+                {
+                    "metadata": {"name": name},
+                    "spec": {
+                        "selector": {"app": "server"},
+                        "ports": [{"name": port_name, "port": port, "targetPort": target}],
+                    },
                 },
-            },
-        )
-        cluster_ip = svc.spec.cluster_ip
-        k8s.DiscoveryV1Api(api).create_namespaced_endpoint_slice(
-            ns,
-            {
-                "metadata": {
-                    "name": "server-a1",
-                    "labels": {"kubernetes.io/service-name": "server"},
+            )
+            k8s.DiscoveryV1Api(api).create_namespaced_endpoint_slice(
+                ns,
+                {
+                    "metadata": {
+                        "name": f"{name}-a1",
+                        "labels": {"kubernetes.io/service-name": name},
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": port_name, "port": target, "protocol": "TCP"}],
+                    "endpoints": [
+                        {
+                            "addresses": [pods["server"].address],
+                            "conditions": {"ready": True},
+                            "targetRef": {"kind": "Pod", "name": "server", "namespace": ns},
+                        }
+                    ],
                 },
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-                "endpoints": [
-                    {
-                        "addresses": [pods["server"].address],
-                        "conditions": {"ready": True},
-                        "targetRef": {"kind": "Pod", "name": "server", "namespace": ns},
-                    }
-                ],
-            },
-        )
-        echo = core.create_namespaced_service(
-            ns,
-            {
-                "metadata": {"name": "echo"},
-                "spec": {
-                    "selector": {"app": "server"},
-                    "ports": [{"name": "tcp-echo", "port": 7000, "targetPort": 7000}],
-                },
-            },
-        )
-        k8s.DiscoveryV1Api(api).create_namespaced_endpoint_slice(
-            ns,
-            {
-                "metadata": {"name": "echo-a1", "labels": {"kubernetes.io/service-name": "echo"}},
-                "addressType": "IPv4",
-                "ports": [{"name": "tcp-echo", "port": 7000, "protocol": "TCP"}],
-                "endpoints": [
-                    {"addresses": [pods["server"].address], "conditions": {"ready": True}}
-                ],
-            },
-        )
+            )
+            return svc
+
+        cluster_ip = expose("server", "http", 80, 8080).spec.cluster_ip
+        echo = expose("echo", "tcp-echo", 7000, 7000)
         try:
             serve.wait_ready()
             # The kubelet's part: init container, proxy container, application.

@@ -178,13 +178,21 @@ def _export_pair(folder: str, cert_pem: str, key_pem: str) -> None:
         tmp.replace(target)
 
 
-def _renewal_due(cert_pem: str, *, now: float, lifetime_hours: float) -> bool:
+def _renewal_due(cert_pem: str, *, lifetime_hours: float) -> bool:
     """Whether the first certificate of ``cert_pem`` has less than a third of the issued
     lifetime left (its not-before is backdated, so count from the end)."""
+    from datetime import UTC, datetime
+
     from cryptography import x509
 
+    from smc.injector._tls import renewal_due
+
     cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))
-    return cert.not_valid_after_utc.timestamp() - now < lifetime_hours * 3600 / 3
+    return renewal_due(
+        cert.not_valid_after_utc,
+        lifetime=timedelta(hours=lifetime_hours),
+        now=datetime.now(UTC),
+    )
 
 
 class _Xds:
@@ -290,9 +298,7 @@ class _Xds:
                 if (
                     self.tls.cert_file is None
                     and current is not None
-                    and not _renewal_due(
-                        current.cert_pem, now=time.time(), lifetime_hours=self.tls.lifetime_hours
-                    )
+                    and not _renewal_due(current.cert_pem, lifetime_hours=self.tls.lifetime_hours)
                 ):
                     cert_pem, key_pem = current.cert_pem, current.key_pem
                 elif self.tls.cert_file is None:

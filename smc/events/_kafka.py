@@ -177,15 +177,15 @@ class KafkaLog:
         self._assigned = start
 
     def _consume(self, start: Position, max_records: int, timeout: float) -> list[Any]:
+        """Up to ``max_records`` messages from ``start``; end-of-partition events dropped,
+        any other error event raised. One C-level error check over the batch."""
         if self._assigned != start:
             self._assign(start)
         msgs: list[Any] = self._consumer.consume(
             num_messages=max_records, timeout=max(timeout, 0.001)
         )
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                _raise_unless_eof(m, err)
+        if any(map(_message_error, msgs)):  # rare: error events (end of partition or worse)
+            msgs = [m for m in msgs if m.error() is None or _raise_unless_eof(m, m.error())]
         return msgs
 
     def read(
@@ -195,8 +195,6 @@ class KafkaLog:
         new = Record._make
         out: list[Record] = []
         for m in self._consume(start, max_records, timeout):
-            if m.error() is not None:
-                continue
             key = m.key()
             out.append(
                 new(
@@ -249,18 +247,13 @@ class KafkaLog:
         consumer's own per-partition position (the offset after the last message it handed
         over), so a batch costs a few calls per partition, not per message.
         """
-        if self._assigned is not start and self._assigned != start:
-            self._assign(start)
-        consumer = self._consumer
-        msgs: list[Any] = consumer.consume(num_messages=max_records, timeout=max(timeout, 0.001))
+        msgs = self._consume(start, max_records, timeout)
         if not msgs:
             return msgs, start
-        if any(map(_message_error, msgs)):  # rare: error events (end of partition or worse)
-            msgs = [m for m in msgs if m.error() is None or _raise_unless_eof(m, m.error())]
         cut = len(self.prefix)
         pos = dict(start.items())
         overshoot = False
-        for tp in consumer.position(self._tps):
+        for tp in self._consumer.position(self._tps):
             off = tp.offset
             if off >= 0:  # negative: nothing handed over since the assignment
                 key = (tp.topic[cut:], tp.partition)

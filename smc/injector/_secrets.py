@@ -30,6 +30,7 @@ from cryptography import x509
 from smc.injector._bootstrap import watched_tls_files
 from smc.injector._errors import InjectorError
 from smc.injector._mutate import ANNOTATION_BOOTSTRAP_SECRET, BootstrapCredentials
+from smc.injector._tls import renewal_due
 
 __all__ = [
     "ANNOTATION_IDENTITY",
@@ -68,6 +69,11 @@ class BootstrapSecrets:
         self.grace = grace
         self.lifetime = lifetime
 
+    def _listed(self) -> list[Any]:
+        """Every bootstrap Secret of the cluster (by label)."""
+        found = self._core.list_secret_for_all_namespaces(label_selector=f"{BOOTSTRAP_LABEL}=true")
+        return list(found.items or [])
+
     def renew(
         self,
         issue: Callable[[str, str], BootstrapCredentials],
@@ -82,9 +88,8 @@ class BootstrapSecrets:
         from kubernetes.client.exceptions import ApiException
 
         now = now or datetime.now(UTC)
-        found = self._core.list_secret_for_all_namespaces(label_selector=f"{BOOTSTRAP_LABEL}=true")
         renewed: list[str] = []
-        for secret in found.items or []:
+        for secret in self._listed():
             meta = secret.metadata
             annotations = meta.annotations or {}
             where = f"{meta.namespace}/{meta.name}"
@@ -94,7 +99,7 @@ class BootstrapSecrets:
             except (KeyError, ValueError) as exc:
                 log.warning("bootstrap Secret %s: unreadable annotations (%s); skipped", where, exc)
                 continue
-            if not_after - now >= self.lifetime / 3:
+            if not renewal_due(not_after, lifetime=self.lifetime, now=now):
                 continue
             try:
                 self.store(
@@ -158,9 +163,8 @@ class BootstrapSecrets:
         from kubernetes.client.exceptions import ApiException
 
         now = now or datetime.now(UTC)
-        found = self._core.list_secret_for_all_namespaces(label_selector=f"{BOOTSTRAP_LABEL}=true")
         by_ns: dict[str, list[Any]] = {}
-        for secret in found.items or []:
+        for secret in self._listed():
             created = secret.metadata.creation_timestamp
             if created is not None and now - created < self.grace:
                 continue

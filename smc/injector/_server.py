@@ -45,7 +45,7 @@ from smc.injector._mutate import (
     pod_identity,
 )
 from smc.injector._secrets import BootstrapSecrets, bootstrap_secret_name
-from smc.injector._tls import load_serving_certificate
+from smc.injector._tls import load_serving_certificate, renewal_due
 
 __all__ = [
     "API_VERSION",
@@ -279,7 +279,9 @@ class WebhookServer:
         if current is None or reissue is None:
             return False
         now = now or datetime.now(UTC)
-        if current.not_after - now >= (current.not_after - current.not_before) / 3:
+        if not renewal_due(
+            current.not_after, lifetime=current.not_after - current.not_before, now=now
+        ):
             return False
         fresh = await asyncio.to_thread(reissue)
         load_serving_certificate(self._ssl, fresh)

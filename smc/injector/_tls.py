@@ -28,8 +28,15 @@ from smc.injector._errors import InjectorError
 __all__ = [
     "issue_serving_certificate",
     "load_serving_certificate",
+    "renewal_due",
     "server_ssl_context",
 ]
+
+
+def renewal_due(not_after: datetime, *, lifetime: timedelta, now: datetime) -> bool:
+    """Whether a certificate valid until ``not_after`` has less than a third of ``lifetime``
+    left at ``now``: when the injector and ``smc serve`` renew what they issued."""
+    return not_after - now < lifetime / 3
 
 
 def issue_serving_certificate(

@@ -54,6 +54,18 @@ def _where(r: _Raw) -> str:
     return f"{r[0]}[{r[1]}]@{r[2]}"
 
 
+def _add_tail(pending: dict[object, Any], key: object, record: Any) -> None:
+    """Register a record of a type that does not replace its aggregate: after what is
+    pending for ``key`` (one replacing record, or a list), in log order."""
+    cur = pending.get(key)
+    if cur is None:
+        pending[key] = [record]
+    elif cur.__class__ is list:
+        cur.append(record)
+    else:
+        pending[key] = [cur, record]
+
+
 def _survivors(pending: dict[object, Any]) -> list[Any]:
     """The records held in a compaction's ``pending`` map (see ``ProjectionRunner._scan``)."""
     out: list[Any] = []
@@ -384,7 +396,6 @@ class ProjectionRunner:
         seen = self._seen
         dedupe = self._dedupe
         xxh = xxh64_intdigest
-        get = pending.get
         duplicates = tails = 0
         for r in raw:
             v = r[4]
@@ -404,14 +415,7 @@ class ProjectionRunner:
             if rep:
                 pending[r[3]] = r
             else:
-                k = r[3]
-                cur = get(k)
-                if cur is None:
-                    pending[k] = [r]
-                elif cur.__class__ is list:
-                    cur.append(r)
-                else:
-                    pending[k] = [cur, r]
+                _add_tail(pending, r[3], r)
                 tails += 1
         added = len(raw) - duplicates
         self.applied += added
@@ -426,7 +430,8 @@ class ProjectionRunner:
     ) -> tuple[int, int]:
         """:meth:`_scan` for Kafka messages (see ``KafkaLog.scan_messages``): reads each
         message's value and key only; where it sits is asked of the few that survive. The loop
-        repeats :meth:`_scan`'s on purpose: a shared helper would cost a call per record."""
+        is :meth:`_scan`'s for message objects; the rare non-replacing records share
+        :func:`_add_tail` (a call per replacing record would cost the hot path)."""
         if not self._dedupe:
             return self._scan([_message_raw(m) for m in msgs], pending, kinds)
         if self._scan_batch(msgs, pending, kinds):
@@ -436,7 +441,6 @@ class ProjectionRunner:
         envelope_id = self.codec.envelope_id
         seen = self._seen
         xxh = xxh64_intdigest
-        get = pending.get
         duplicates = tails = 0
         m = None
         try:
@@ -454,14 +458,7 @@ class ProjectionRunner:
                 if rep:
                     pending[m.key()] = m
                 else:
-                    k = m.key()
-                    cur = get(k)
-                    if cur is None:
-                        pending[k] = [m]
-                    elif cur.__class__ is list:
-                        cur.append(m)
-                    else:
-                        pending[k] = [cur, m]
+                    _add_tail(pending, m.key(), m)
                     tails += 1
         except (KeyError, TypeError):
             if m is not None:  # raises the precise DecodeError when the header is the cause

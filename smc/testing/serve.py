@@ -1,9 +1,10 @@
 """``smc serve`` as a child process, for end-to-end tests against real parts.
 
 Role: :class:`ServeProcess` starts ``python -m smc.cli serve`` on a SQLite log in a work
-folder with a local CA, the HTTP API on 127.0.0.1 and ADS on ``xds_host`` (free ports), plus
-any extra arguments (``--kube KUBECONFIG``, ...); output goes to ``serve.log`` for diagnostics.
-:func:`http_json` and :func:`eventually` are the small polling helpers those tests share.
+folder (or ``log_url``) with the HTTP API on 127.0.0.1 and, unless told otherwise, a local CA
+and ADS on ``xds_host`` (free ports), plus any extra arguments (``--kube KUBECONFIG``, ...);
+output goes to ``serve-<http port>.log`` for diagnostics. :func:`http_json` and
+:func:`eventually` are the small request and polling helpers those tests share.
 
 Concurrency: used from one thread; the child dies with the test process.
 """
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,19 @@ from smc.testing.ports import free_port
 __all__ = ["ServeProcess", "eventually", "http_json"]
 
 
-def http_json(url: str, *, timeout: float = 10.0) -> tuple[int, Any]:
-    """GET ``url``: the status and the body (parsed JSON when it is JSON, else text)."""
+def http_json(
+    url: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, Any]:
+    """One blocking request: the status and the body (parsed JSON when it is JSON, else
+    text); an HTTP error status is returned, not raised."""
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw, status = resp.read(), int(resp.status)
     except urllib.error.HTTPError as err:
         raw, status = err.read(), int(err.code)
@@ -65,27 +75,42 @@ def eventually(
 class ServeProcess:
     """``smc serve`` as a subprocess (see the module docstring)."""
 
-    def __init__(self, tmp: Path, *, args: Sequence[str] = (), xds_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        args: Sequence[str] = (),
+        xds_host: str | None = "127.0.0.1",
+        log_url: str | None = None,
+    ) -> None:
+        """``xds_host`` None: no ``--xds``/``--ca``/``--keys`` of its own (``args`` says)."""
         self.http_port = free_port()
         self.xds_port = free_port()
         self.xds_host = xds_host
         self.base = f"http://127.0.0.1:{self.http_port}"
-        self.out = tmp / "serve.log"
+        self.out = tmp / f"serve-{self.http_port}.log"
+        own = (
+            []
+            if xds_host is None
+            else [
+                "--xds",
+                f"{xds_host}:{self.xds_port}",
+                "--ca",
+                f"local:{tmp / 'ca'}",
+                "--keys",
+                str(tmp / "keys"),
+            ]
+        )
         argv = [
             sys.executable,
             "-m",
             "smc.cli",
             "--log",
-            f"sqlite:///{tmp / 'log.db'}",
+            log_url or f"sqlite:///{tmp / 'log.db'}",
             "serve",
             "--http",
             f"127.0.0.1:{self.http_port}",
-            "--xds",
-            f"{xds_host}:{self.xds_port}",
-            "--ca",
-            f"local:{tmp / 'ca'}",
-            "--keys",
-            str(tmp / "keys"),
+            *own,
             *args,
         ]
         with self.out.open("wb") as out:
@@ -96,8 +121,10 @@ class ServeProcess:
                 stdin=subprocess.DEVNULL,
             )
 
-    def tail(self, n: int = 4000) -> str:
-        return self.out.read_text(errors="replace")[-n:]
+    def tail(self, n: int | None = 4000) -> str:
+        """The last ``n`` characters of its output (all of it with None)."""
+        text = self.out.read_text(errors="replace")
+        return text if n is None else text[-n:]
 
     def wait_ready(self, *, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

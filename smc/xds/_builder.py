@@ -301,17 +301,7 @@ class BuildPass:
                 for n in (e.name for e in entries)
                 if n.startswith("inbound|")
             }
-            for port, cluster in outbound.tcp:
-                if port in taken:
-                    log.warning(
-                        "proxy %s: outbound TCP port %d of %s clashes with another listener;"
-                        " skipped",
-                        node_id,
-                        port,
-                        cluster,
-                    )
-                    continue
-                taken.add(port)
+            for port, cluster in _free_tcp_ports(node_id, outbound.tcp, taken):
                 entries.append(self._outbound_tcp_listener(workload, port, cluster))
         snapshot = Snapshot.from_entries(entries)
         return ProxyBuild(
@@ -606,9 +596,7 @@ class BuildPass:
     def _transparent_outbound(self, node_id: str, outbound: _Outbound) -> ResourceEntry:
         """The transparent ``outbound`` listener: a chain per destination port."""
         chains: list[dict[str, Any]] = []
-        taken: set[int] = set()
         for port in outbound.http_ports:
-            taken.add(port)
             chains.append(
                 {
                     "name": f"outbound|{port}",
@@ -616,16 +604,7 @@ class BuildPass:
                     "filters": [_outbound_http_filter(f"outbound_{port}")],
                 }
             )
-        for port, cluster in outbound.tcp:
-            if port in taken:
-                log.warning(
-                    "proxy %s: outbound TCP port %d of %s is taken by another service; skipped",
-                    node_id,
-                    port,
-                    cluster,
-                )
-                continue
-            taken.add(port)
+        for port, cluster in _free_tcp_ports(node_id, outbound.tcp, set(outbound.http_ports)):
             chains.append(
                 {
                     "name": f"outbound-tcp|{port}",
@@ -843,6 +822,28 @@ def _transparent(workload: Workload) -> bool:
             mode,
         )
     return mode == "iptables"
+
+
+def _free_tcp_ports(
+    node_id: str, tcp: Iterable[tuple[int, str]], taken: set[int]
+) -> list[tuple[int, str]]:
+    """The outbound TCP (port, cluster) pairs whose port is not ``taken`` nor by an earlier
+    pair; the others are skipped with a warning (one listener or chain per port)."""
+    kept: list[tuple[int, str]] = []
+    taken = set(taken)
+    for port, cluster in tcp:
+        if port in taken:
+            log.warning(
+                "proxy %s: outbound TCP port %d of %s clashes with another listener or service"
+                " port; skipped",
+                node_id,
+                port,
+                cluster,
+            )
+            continue
+        taken.add(port)
+        kept.append((port, cluster))
+    return kept
 
 
 def _listener(

@@ -180,20 +180,13 @@ class ServerTLS:
             cert_pem=cert_pem, key_pem=key_pem, client_ca_pems=cas, trust_domain=trust_domain
         )
 
-    def _pems(self) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        roots = "".join(p if p.endswith("\n") else p + "\n" for p in self.client_ca_pems)
-        pair = [(self.key_pem.encode("ascii"), self.cert_pem.encode("ascii"))]
-        return pair, roots.encode("ascii")
-
-    def credentials(self) -> grpc.ServerCredentials:
-        """gRPC server credentials requiring a client certificate from ``client_ca_pems``."""
-        pairs, roots = self._pems()
-        return grpc.ssl_server_credentials(pairs, root_certificates=roots, require_client_auth=True)
-
     def certificate_configuration(self) -> grpc.ServerCertificateConfiguration:
-        """The same material as a configuration for dynamic (rotatable) server credentials."""
-        pairs, roots = self._pems()
-        return grpc.ssl_server_certificate_configuration(pairs, root_certificates=roots)
+        """The material as a configuration for dynamic (rotatable) gRPC server credentials."""
+        roots = "".join(p if p.endswith("\n") else p + "\n" for p in self.client_ca_pems)
+        pairs = [(self.key_pem.encode("ascii"), self.cert_pem.encode("ascii"))]
+        return grpc.ssl_server_certificate_configuration(
+            pairs, root_certificates=roots.encode("ascii")
+        )
 
 
 def _check_pem_certs(pem: str, *, field: str) -> x509.Certificate:
