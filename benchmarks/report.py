@@ -300,13 +300,37 @@ def figures_convergence(r: dict[str, Any]) -> list[Figure]:
     b = "convergence"
     out = []
     for m in r.get("results", []):
-        label = f"{m['mode']}, {m['envoys']} Envoys, {m['rounds']} changes"
+        log = m.get("log", "sqlite")
+        label = f"{m['mode']}, {log}, {m['envoys']} Envoys, {m['rounds']} changes"
+        target = m.get("target_p99_s", 0.1)
         out.append(
-            _target(b, f"append -> ACK by all, p99 ({label})", m.get("p99_s"), "s", below=0.1)
+            _target(b, f"append -> ACK by all, p99 ({label})", m.get("p99_s"), "s", below=target)
         )
-        out.append(_info(b, f"append -> ACK by all, p50 ({m['mode']})", m.get("p50_s"), "s"))
-        nacks = _target(b, f"NACKs ({m['mode']})", m.get("nacks"), "count", below=1, shown="0")
+        out.append(_info(b, f"append -> ACK by all, p50 ({m['mode']}, {log})", m.get("p50_s"), "s"))
+        if "idle_cpu_s_per_s" in m:
+            out.append(
+                _info(
+                    b,
+                    f"control-plane CPU while idle ({m['mode']}, {log})",
+                    m["idle_cpu_s_per_s"],
+                    "s/s",
+                )
+            )
+        nacks = _target(
+            b, f"NACKs ({m['mode']}, {log})", m.get("nacks"), "count", below=1, shown="0"
+        )
         out.append(replace(nacks, ratio=None))
+    for mode, ratios in r.get("kafka_vs_sqlite", {}).items():
+        out.append(
+            _target(
+                b,
+                f"Kafka / SQLite append -> ACK by all p99 ({mode}, same run)",
+                ratios.get("kafka_over_sqlite_p99"),
+                "x",
+                below=1.5,
+                shown="<= 1.5",
+            )
+        )
     return out
 
 

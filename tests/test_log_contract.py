@@ -143,6 +143,35 @@ def test_tail_wakes_on_append(log_factory: Callable[[], EventLog]) -> None:
     assert [default_codec().decode(r.value).name for r in got] == ["svc1"]  # type: ignore[attr-defined]
 
 
+def test_tail_read_returns_as_soon_as_a_record_arrives(
+    log_factory: Callable[[], EventLog],
+) -> None:
+    """A read with a long timeout and a large batch returns when the first record arrives,
+    not when the batch is full or the timeout ran out (no fixed read window on the tail)."""
+    reader = log_factory()
+    writer = log_factory()
+    writer.append([service(0)])
+    pos = Position().advanced(read_all(reader))
+    got: list[Record] = []
+    returned: list[float] = []
+    reading = threading.Event()
+
+    def tail() -> None:
+        reading.set()
+        got.extend(reader.read(start=pos, max_records=5000, timeout=15.0))
+        returned.append(time.monotonic())
+
+    t = threading.Thread(target=tail)
+    t.start()
+    assert reading.wait(10)
+    time.sleep(0.2)  # let the reader block in its read
+    writer.append([service(1)])
+    appended = time.monotonic()
+    t.join(20)
+    assert [default_codec().decode(r.value).name for r in got] == ["svc1"]  # type: ignore[attr-defined]
+    assert returned[0] - appended < 3.0, f"read returned {returned[0] - appended:.2f}s after append"
+
+
 def test_log_survives_reopen(log_factory: Callable[[], EventLog]) -> None:
     first = log_factory()
     first.append([service(i) for i in range(5)])

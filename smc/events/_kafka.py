@@ -177,13 +177,23 @@ class KafkaLog:
         self._assigned = start
 
     def _consume(self, start: Position, max_records: int, timeout: float) -> list[Any]:
-        """Up to ``max_records`` messages from ``start``; end-of-partition events dropped,
-        any other error event raised. One C-level error check over the batch."""
+        """Up to ``max_records`` messages from ``start``, returned as soon as any is there:
+        what the consumer already holds, else the first to arrive within ``timeout`` plus
+        whatever came with it. End-of-partition events dropped, any other error event raised.
+        One C-level error check over the batch.
+
+        ``consume(num_messages=n, timeout=t)`` alone waits until ``n`` messages arrived or
+        ``t`` passed, so a tail read of a few records would sit out the whole timeout; asking
+        for one message first returns the moment the broker delivers (no CPU is used while
+        waiting: the call blocks in librdkafka)."""
         if self._assigned != start:
             self._assign(start)
-        msgs: list[Any] = self._consumer.consume(
-            num_messages=max_records, timeout=max(timeout, 0.001)
-        )
+        consume = self._consumer.consume
+        msgs: list[Any] = consume(num_messages=max_records, timeout=0)
+        if not msgs and timeout > 0:
+            msgs = consume(num_messages=1, timeout=timeout)
+            if msgs and max_records > 1:
+                msgs += consume(num_messages=max_records - 1, timeout=0)
         if any(map(_message_error, msgs)):  # rare: error events (end of partition or worse)
             msgs = [m for m in msgs if m.error() is None or _raise_unless_eof(m, m.error())]
         return msgs

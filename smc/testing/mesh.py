@@ -1,8 +1,9 @@
 """A whole control plane plus real Envoy sidecars on 127.0.0.1, for end-to-end tests and benchmarks.
 
-Role: :class:`ControlPlane` runs the real path of ``smc serve`` in-process: a :class:`SqliteLog`,
-a :class:`ProjectionRunner`, :class:`LiveMeshChanges` (manifests in, events appended through the
-same code as the HTTP API), the CA (:func:`smc.ca.run_ca` with a :class:`~smc.ca.KeyStore` in
+Role: :class:`ControlPlane` runs the real path of ``smc serve`` in-process: an event log (a
+:class:`SqliteLog` unless another is given, e.g. a KafkaLog), a :class:`ProjectionRunner`,
+:class:`LiveMeshChanges` (manifests in, events appended through the same code as the HTTP
+API), the CA (:func:`smc.ca.run_ca` with a :class:`~smc.ca.KeyStore` in
 ``<workdir>/keys``: certificates issued as workloads join, renewed, revoked, recorded on the
 log), the SDS source over that key store (:class:`~smc.xds._certs.KeyStoreCertSource`, which
 adds the issuer's CRLs to the trust bundle), the :class:`XdsController` and its ADS server.
@@ -29,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from smc.api import ChangeReport, LiveMeshChanges, MeshChanges
 from smc.ca import Issuer, KeyStore, LocalIssuer, run_ca
-from smc.events import SqliteLog
+from smc.events import EventLog, SqliteLog
 from smc.projections import (
     PolicyProjection,
     ProjectionRunner,
@@ -57,16 +58,19 @@ class ControlPlane:
         trust_interval: float = 30.0,
         crl_refresh: float = 30.0,
         ca: bool = True,
+        log: EventLog | None = None,
     ) -> None:
         """``ca=False``: no CA task; certificates come from an :class:`IssuingCertSource`
         (issued in memory on first use, nothing on the log), for builder-level tests that
-        need every certificate to exist as soon as a workload does."""
+        need every certificate to exist as soon as a workload does. ``log``: the event log
+        (e.g. a :class:`~smc.events.KafkaLog`; closed by :meth:`close`); default a fresh
+        :class:`SqliteLog` in ``workdir``."""
         self.workdir = workdir
         self.debounce = debounce
         self.trust_interval = trust_interval
         self.ca = ca
         self.crl_refresh = crl_refresh
-        self.log = SqliteLog(workdir / "log.db")
+        self.log: EventLog = log if log is not None else SqliteLog(workdir / "log.db")
         self.issuer: Issuer = (
             issuer
             if issuer is not None
