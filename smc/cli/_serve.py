@@ -456,6 +456,17 @@ async def _start_api(
             server=xds.server if xds is not None else None,
             registries=[xds.metrics] if xds is not None else [],
         )
+        from smc.console import mount_console
+        from smc.console._serve import console_hub
+
+        mount_console(
+            app,
+            console_hub(
+                runner=runner,
+                server=xds.server if xds is not None else None,
+                controller=xds.controller if xds is not None else None,
+            ),
+        )
         try:
             app_runner = await start_http(app, host=http[0], port=http[1])
         except OSError as exc:
@@ -464,7 +475,10 @@ async def _start_api(
                 "choose another with --http HOST:PORT or disable it with --http off"
             ) from exc
         closers.append(app_runner.cleanup)
-        click.echo(f"HTTP API on http://{http[0]}:{http[1]} (OpenAPI: /openapi.json)", err=True)
+        click.echo(
+            f"HTTP API on http://{http[0]}:{http[1]} (OpenAPI: /openapi.json, console: /console/)",
+            err=True,
+        )
     if inventory is not None:
         provider = InventoryDirectoryProvider(inventory, interval=inventory_interval)
         bridge = ProviderBridge(provider_name=provider.name, live=live)

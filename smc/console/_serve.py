@@ -1,0 +1,61 @@
+"""Wiring of the console into ``smc serve``: the hub over the runner, the ADS server and the
+controller of one serve process.
+
+Role: :func:`console_hub` builds a :class:`~smc.console.ConsoleHub` whose proxies come from the
+ADS server (a proxy is ACKed when every type it was sent is ACKed at the sent version, NACKed
+when its last answer to any type was a NACK) and whose current configs come from the controller
+(keys redacted, as ``/debug/config_dump``).
+Concurrency: build and use it on the serve loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from smc.console._graph import ProxyState
+from smc.console._routes import ConsoleHub
+from smc.events import open_log
+from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
+from smc.projections._policyview import PolicyView
+from smc.xds._controller import XdsController
+from smc.xds._debug import config_dump
+from smc.xds._server import AdsServer
+
+__all__ = ["console_hub"]
+
+
+def console_hub(
+    *,
+    runner: ProjectionRunner,
+    server: AdsServer | None = None,
+    controller: XdsController | None = None,
+) -> ConsoleHub:
+    registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
+    policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
+    url = runner.log.url
+
+    def proxies() -> Iterator[ProxyState]:
+        if server is None:
+            return
+        for p in server.proxies():
+            sent = [t for t in p.types.values() if t.sent_version]
+            yield ProxyState(
+                node_id=p.node_id,
+                acked=bool(sent) and all(t.acked_version == t.sent_version for t in sent),
+                nacked=any(
+                    t.last_nack is not None and t.acked_version != t.sent_version
+                    for t in p.types.values()
+                ),
+            )
+
+    def dump(node: str) -> dict[str, Any] | None:
+        return config_dump(controller, node) if controller is not None else None
+
+    return ConsoleHub(
+        runner=runner,
+        view=PolicyView(registry=registry, policy=policy),
+        open_log=lambda: open_log(url),
+        proxies=proxies,
+        config_dump=dump,
+    )
