@@ -9,7 +9,8 @@ named, while the other changes of the same request still go through.
 
 Mapping to events:
 
-- TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficSplit -> ``SmiResourceApplied``
+- TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficSplit and OSM's Egress,
+  IngressBackend, Retry, UpstreamTrafficSetting -> ``SmiResourceApplied``
   (``manifest_json`` is the canonical JSON of :func:`smc.smi.to_manifest`) / ``SmiResourceDeleted``.
 - MeshService -> ``ServiceUpserted`` / ``ServiceRemoved``.
 - VirtualMachine -> ``WorkloadJoined(kind="vm")`` plus ``ServiceAccountUpserted`` for its identity
@@ -55,17 +56,21 @@ from smc.projections import PolicyProjection, RegistryProjection, canonical_json
 from smc.projections._policy import DEFAULT_CERT_LIFETIME, DEFAULT_TRUST_DOMAIN
 from smc.projections._policyview import BACKS_LABEL_PREFIX
 from smc.smi import (
+    EgressPolicy,
     HTTPRouteGroup,
+    IngressBackendPolicy,
     ManifestError,
     ManifestErrors,
     MeshConfig,
     MeshService,
     Resource,
+    RetryPolicy,
     ServicePort,
     TCPRoute,
     TrafficSplit,
     TrafficTarget,
     UDPRoute,
+    UpstreamTrafficSetting,
     VirtualMachine,
     WorkloadPort,
     check_references,
@@ -91,7 +96,17 @@ Status = Literal["created", "configured", "unchanged", "deleted", "not found", "
 #: Label carrying the owner (e.g. ``vm-provider.inventory``) of a VM or service.
 MANAGED_BY_LABEL = "smc.dev/managed-by"
 
-_SMI_KINDS = (TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficSplit)
+_SMI_KINDS = (
+    TrafficTarget,
+    HTTPRouteGroup,
+    TCPRoute,
+    UDPRoute,
+    TrafficSplit,
+    EgressPolicy,
+    IngressBackendPolicy,
+    RetryPolicy,
+    UpstreamTrafficSetting,
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -216,6 +231,8 @@ def current_resources(
             permissive_traffic_mode=policy.mesh.permissive,
             trust_domain=policy.mesh.trust_domain,
             certificate_lifetime_seconds=policy.mesh.cert_lifetime_seconds,
+            enable_egress=settings.get("enableEgress", "true") == "true",
+            observability=settings.get("observability", ""),
         )
         out[resource_key(cfg)] = (cfg, None)
     for svc in registry.services.values():
@@ -680,11 +697,22 @@ def _upsert_events(
                 permissive=r.permissive_traffic_mode,
                 trust_domain=r.trust_domain,
                 cert_lifetime_seconds=r.certificate_lifetime_seconds,
-                settings={"resource": f"{r.namespace}/{r.name}"},
+                settings=mesh_settings(r),
                 **common,
             )
         ]
     raise TypeError(f"not a mesh resource: {type(r).__name__}")  # pragma: no cover
+
+
+def mesh_settings(r: MeshConfig) -> dict[str, str]:
+    """The ``settings`` of the MeshConfigChanged event of ``r``: its ``ns/name`` and the
+    settings that differ from the defaults (``enableEgress``, ``observability`` JSON)."""
+    out = {"resource": f"{r.namespace}/{r.name}"}
+    if not r.enable_egress:
+        out["enableEgress"] = "false"
+    if r.observability:
+        out["observability"] = r.observability
+    return out
 
 
 def _delete_event(r: Resource, *, actor: str, source: str, cause: str) -> Event:

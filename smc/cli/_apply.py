@@ -231,7 +231,22 @@ def delete_cmd(
     )
 
 
-_GET_KINDS = ("services", "workloads", "policies", "traffictargets", "splits", "meshconfig")
+#: OSM policy kinds shown by ``smc get`` (plural -> kind).
+_OSM_GET = {
+    "egresses": "Egress",
+    "ingressbackends": "IngressBackend",
+    "retries": "Retry",
+    "upstreamtrafficsettings": "UpstreamTrafficSetting",
+}
+_GET_KINDS = (
+    "services",
+    "workloads",
+    "policies",
+    "traffictargets",
+    "splits",
+    "meshconfig",
+    *_OSM_GET,
+)
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -267,6 +282,8 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
         data = policies_view(policy, kind="TrafficTarget")
     elif what == "splits":
         data = policies_view(policy, kind="TrafficSplit")
+    elif what in _OSM_GET:
+        data = policies_view(policy, kind=_OSM_GET[what])
     else:
         data = meshconfig_view(policy)
     if output == "json":
@@ -325,6 +342,15 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
                 ]
             )
         _table("traffic targets", ["NAMESPACE", "NAME", "DESTINATION", "SOURCES", "RULES"], rows)
+    elif what in _OSM_GET:
+        _table(
+            what,
+            ["NAMESPACE", "NAME", "SPEC"],
+            [
+                [r["namespace"], r["name"], json.dumps(r["manifest"]["spec"], sort_keys=True)]
+                for r in data
+            ],
+        )
     elif what == "splits":
         rows = []
         for r in data:

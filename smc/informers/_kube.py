@@ -238,6 +238,18 @@ SMI_RESOURCES: tuple[KubeResource, ...] = (
     KubeResource(
         kind="TrafficSplit", group="split.smi-spec.io", version="v1alpha4", plural="trafficsplits"
     ),
+    # Open Service Mesh's policy kinds (deploy/k8s/crds/policy-*.yaml).
+    *(
+        KubeResource(
+            kind=kind, group="policy.openservicemesh.io", version="v1alpha1", plural=plural
+        )
+        for kind, plural in (
+            ("Egress", "egresses"),
+            ("IngressBackend", "ingressbackends"),
+            ("Retry", "retries"),
+            ("UpstreamTrafficSetting", "upstreamtrafficsettings"),
+        )
+    ),
 )
 
 

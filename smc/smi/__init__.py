@@ -2,7 +2,7 @@
 
 Role: pure translation. ``load_documents`` / ``parse_manifest`` turn manifests of every supported
 API version (access.smi-spec.io v1alpha1-3, specs.smi-spec.io v1alpha1-4, split.smi-spec.io
-v1alpha1-4, smc.dev v1alpha1) into one immutable internal model; ``to_manifest`` writes the
+v1alpha1-4, smc.dev v1alpha1, policy.openservicemesh.io v1alpha1) into one immutable internal model; ``to_manifest`` writes the
 canonical form back; ``check_references`` validates a whole set; ``evaluate`` answers policy
 questions (deny by default, permissive mode, splits). No I/O besides parsing given text.
 Concurrency: everything is pure functions and immutable values; safe from any task or thread.
@@ -31,6 +31,20 @@ from smc.smi._model import (
     WorkloadPort,
     vm_backs_service,
 )
+from smc.smi._osm_model import (
+    OSM_POLICY,
+    EgressPolicy,
+    EgressPort,
+    HTTPLocalRateLimit,
+    IngressBackendPolicy,
+    IngressBackendTarget,
+    IngressSource,
+    OutlierDetection,
+    RetryPolicy,
+    RouteSetting,
+    TCPLocalRateLimit,
+    UpstreamTrafficSetting,
+)
 from smc.smi._parse import SUPPORTED, parse_manifest
 from smc.smi._policy import (
     ABRoute,
@@ -48,29 +62,41 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_DOCUMENT_BYTES",
     "MAX_NODES",
+    "OSM_POLICY",
     "SUPPORTED",
     "ABRoute",
     "Backend",
+    "EgressPolicy",
+    "EgressPort",
     "Grant",
+    "HTTPLocalRateLimit",
     "HTTPMatch",
     "HTTPRouteGroup",
     "IdentityRef",
+    "IngressBackendPolicy",
+    "IngressBackendTarget",
+    "IngressSource",
     "LoadResult",
     "ManifestError",
     "ManifestErrors",
     "MeshConfig",
     "MeshService",
+    "OutlierDetection",
     "Policy",
     "Resource",
+    "RetryPolicy",
     "RouteRef",
+    "RouteSetting",
     "RuleRef",
     "ServicePort",
     "SmiError",
     "SplitPlan",
+    "TCPLocalRateLimit",
     "TCPRoute",
     "TrafficSplit",
     "TrafficTarget",
     "UDPRoute",
+    "UpstreamTrafficSetting",
     "VirtualMachine",
     "WorkloadPort",
     "check_references",

@@ -262,7 +262,20 @@ class MeshConfig:
     permissive_traffic_mode: bool = False
     trust_domain: str = "cluster.local"
     certificate_lifetime_seconds: int = 86400
+    #: Transparent sidecars pass traffic to destinations outside the mesh (OSM's
+    #: ``enableEgress``); off: only what an Egress policy allows leaves the mesh.
+    enable_egress: bool = True
+    #: Canonical JSON of the normalised ``spec.observability`` (access log, tracing); ``""``:
+    #: the defaults (JSON access log on stdout, no tracing). See docs/traffic-policy.md.
+    observability: str = ""
 
+
+from smc.smi._osm_model import (  # noqa: E402  (OSM's policy kinds join the Resource union)
+    EgressPolicy,
+    IngressBackendPolicy,
+    RetryPolicy,
+    UpstreamTrafficSetting,
+)
 
 Resource = (
     TrafficTarget
@@ -273,6 +286,10 @@ Resource = (
     | MeshService
     | VirtualMachine
     | MeshConfig
+    | EgressPolicy
+    | IngressBackendPolicy
+    | RetryPolicy
+    | UpstreamTrafficSetting
 )
 
 

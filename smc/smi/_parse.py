@@ -41,6 +41,7 @@ ACCESS = "access.smi-spec.io"
 SPECS = "specs.smi-spec.io"
 SPLIT = "split.smi-spec.io"
 SMC = "smc.dev"
+OSM = "policy.openservicemesh.io"
 
 # kind -> the apiVersions that serve it, oldest first (the last one is the canonical one).
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -52,6 +53,11 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "MeshService": (f"{SMC}/v1alpha1",),
     "VirtualMachine": (f"{SMC}/v1alpha1",),
     "MeshConfig": (f"{SMC}/v1alpha1",),
+    # Open Service Mesh's policy kinds (smc/smi/_osm_parse.py).
+    "Egress": (f"{OSM}/v1alpha1",),
+    "IngressBackend": (f"{OSM}/v1alpha1",),
+    "Retry": (f"{OSM}/v1alpha1",),
+    "UpstreamTrafficSetting": (f"{OSM}/v1alpha1",),
 }
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -970,9 +976,25 @@ def _mesh_config(
         r,
         obj,
         top_level=False,
-        allowed=("permissiveTrafficMode", "trustDomain", "certificateLifetime"),
+        allowed=(
+            "permissiveTrafficMode",
+            "trustDomain",
+            "certificateLifetime",
+            "enableEgress",
+            "observability",
+        ),
         spec_required=False,
     )
+    enable_egress = True
+    if body.get("enableEgress") is not None:
+        enable_egress = bool(r.boolean(body.get("enableEgress"), _join(base, "enableEgress")))
+    observability = ""
+    if body.get("observability") is not None:
+        from smc.smi._osm_parse import observability_json
+
+        observability = observability_json(
+            r, body.get("observability"), _join(base, "observability")
+        )
     permissive = False
     if body.get("permissiveTrafficMode") is not None:
         permissive = bool(
@@ -1003,6 +1025,8 @@ def _mesh_config(
         permissive_traffic_mode=permissive,
         trust_domain=trust_domain,
         certificate_lifetime_seconds=lifetime,
+        enable_egress=enable_egress,
+        observability=observability,
     )
 
 
@@ -1035,3 +1059,7 @@ _PARSERS: dict[str, Callable[[_Reader, Mapping[str, object], str, str, str], Res
     "VirtualMachine": _virtual_machine,
     "MeshConfig": _mesh_config,
 }
+
+from smc.smi._osm_parse import OSM_PARSERS  # noqa: E402  (it reads this module's _Reader)
+
+_PARSERS.update(OSM_PARSERS)

@@ -9,6 +9,8 @@ Concurrency: pure functions; safe everywhere.
 
 from __future__ import annotations
 
+import json
+
 from smc.smi._model import (
     HTTPMatch,
     HTTPRouteGroup,
@@ -20,6 +22,13 @@ from smc.smi._model import (
     TrafficTarget,
     UDPRoute,
     VirtualMachine,
+)
+from smc.smi._osm_model import (
+    OSM_POLICY,
+    EgressPolicy,
+    IngressBackendPolicy,
+    RetryPolicy,
+    UpstreamTrafficSetting,
 )
 
 __all__ = ["resource_key", "to_manifest"]
@@ -143,7 +152,22 @@ def to_manifest(resource: Resource) -> dict[str, object]:
                 "permissiveTrafficMode": resource.permissive_traffic_mode,
                 "trustDomain": resource.trust_domain,
                 "certificateLifetime": _format_duration(resource.certificate_lifetime_seconds),
+                **({} if resource.enable_egress else {"enableEgress": False}),
+                **(
+                    {"observability": json.loads(resource.observability)}
+                    if resource.observability
+                    else {}
+                ),
             },
+        }
+    if isinstance(
+        resource, EgressPolicy | IngressBackendPolicy | RetryPolicy | UpstreamTrafficSetting
+    ):
+        return {
+            "apiVersion": OSM_POLICY,
+            "kind": resource.KIND,
+            "metadata": _meta(resource),
+            "spec": resource.spec(),
         }
     raise TypeError(f"not an SMI resource: {type(resource).__name__}")
 
