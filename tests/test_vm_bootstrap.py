@@ -1,6 +1,9 @@
 """``smc vm bootstrap``: the bundle written for a VirtualMachine known to the registry (real
-SQLite log, real CA), checked by real Envoy (``--mode validate``), and one VM Envoy started with
-the bundle's own run script getting its listeners from a real ``smc serve``."""
+SQLite log, real CA), checked by real Envoy (``--mode validate``): no key in it, a one-time join
+token (0600) recorded on the log by digest only. One VM started with the bundle's own run
+script: its SMC agent makes the key on the "VM", gets a certificate with the join token from a
+real ``smc serve`` (--workload-keys agent), and its Envoy gets its listeners over mTLS with it;
+the same join token is refused a second time."""
 
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from smc.ca import verify_certificate
 from smc.cli import cli
+from smc.events import SqliteLog
+from smc.identity import token_digest
 from smc.injector import find_vm, vm_node_id
 from smc.injector._errors import UnknownVirtualMachine
-from smc.projections import Workload
+from smc.projections import CertsProjection, ProjectionRunner, Workload
 from smc.testing.envoy import envoy_binary
 from smc.testing.ports import free_port
 
@@ -97,9 +101,18 @@ def test_bootstrap_bundle_is_written_and_validates_with_envoy(
     assert res.exit_code == 0, res.output
     assert "node id fleet/vm-1" in res.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["bootstrap.yaml", "ca.pem", "cert.pem", "key.pem", "run-envoy.sh"]
-    assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
+    assert names == ["agent", "bootstrap.yaml", "ca.pem", "join-token", "run-envoy.sh"]
+    assert stat.S_IMODE((out / "join-token").stat().st_mode) == 0o600
     assert os.access(out / "run-envoy.sh", os.X_OK)
+    token = (out / "join-token").read_text().strip()
+    assert len(token) >= 40
+    # the log records the token's digest for this proxy, never the token
+    certs = CertsProjection()
+    ProjectionRunner(log=SqliteLog(mesh_db), projections=[certs]).catch_up()
+    (recorded,) = certs.join_tokens.values()
+    assert recorded.token_sha256 == token_digest(token)
+    assert recorded.proxy == "vm/fleet/vm-1" and not recorded.used_by
+    assert token.encode() not in mesh_db.read_bytes()
     doc = yaml.safe_load((out / "bootstrap.yaml").read_text())
     assert doc["node"]["id"] == "fleet/vm-1"
     assert doc["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
@@ -108,22 +121,21 @@ def test_bootstrap_bundle_is_written_and_validates_with_envoy(
         "socket_address": {"address": "127.0.0.1", "port_value": 15010}
     }
     tls = xds["transport_socket"]["typed_config"]["common_tls_context"]
-    assert tls["tls_certificates"][0]["private_key"] == {
-        "filename": str((out / "key.pem").absolute())
-    }
-    # The certificate is the VM's identity in the mesh's trust domain, from our CA.
-    sid = verify_certificate(
-        cert_pem=(out / "cert.pem").read_text(), trust_bundle=[(out / "ca.pem").read_text()]
-    )
-    assert sid.uri == "spiffe://example.org/ns/fleet/sa/fleet-app"
-    assert "PRIVATE KEY" in (out / "key.pem").read_text()
-    assert "PRIVATE KEY" not in (out / "bootstrap.yaml").read_text()
+    # the ADS client certificate and key come from the agent's SDS, the CA from ca.pem
+    assert tls["tls_certificate_sds_secret_configs"][0]["name"] == "default"
+    agent = doc["static_resources"]["clusters"][1]
+    assert agent["name"] == "smc-agent"
+    pipe = agent["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert pipe == {"pipe": {"path": str((out / "agent" / "sds.sock").absolute())}}
+    assert tls["validation_context"]["trusted_ca"] == {"filename": str((out / "ca.pem").absolute())}
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert "PRIVATE KEY" not in f.read_text(), f
+    assert "--join-token-file" in (out / "run-envoy.sh").read_text()
+    assert ":15012" in (out / "run-envoy.sh").read_text()
     done = _validate(out / "bootstrap.yaml", out)
     assert done.returncode == 0, done.stdout + done.stderr
-    # Envoy really reads the key: a corrupt one fails validation.
-    (out / "key.pem").write_text("garbage\n")
-    assert _validate(out / "bootstrap.yaml", out).returncode != 0
-    # A rerun replaces the bundle whole and the key stays 0600.
+    # A rerun replaces the bundle whole, with a new token, still 0600.
     res = run(
         mesh_db,
         "vm",
@@ -140,7 +152,8 @@ def test_bootstrap_bundle_is_written_and_validates_with_envoy(
         "--delta",
     )
     assert res.exit_code == 0, res.output
-    assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "join-token").stat().st_mode) == 0o600
+    assert (out / "join-token").read_text().strip() != token
     doc = yaml.safe_load((out / "bootstrap.yaml").read_text())
     xds = doc["static_resources"]["clusters"][0]
     assert (
@@ -178,7 +191,8 @@ def test_unknown_vm_is_a_clear_error(mesh_db: Path, tmp_path: Path) -> None:
         (["--ads", "nope"], "--ads 'nope' is not HOST:PORT"),
         (["--ads", "bad_host!:1"], "neither an IP address nor a DNS name"),
         (["--lifetime", "forever"], "not a duration"),
-        ([], "--ca"),
+        (["--ca-address", "nope"], "--ca-address 'nope' is not HOST:PORT"),
+        ([], "no mesh trust bundle on the log yet"),
     ],
 )
 def test_bad_options_are_refused(
@@ -213,31 +227,13 @@ def test_node_id_takes_the_long_form_when_a_pod_shares_the_name() -> None:
 
 
 @pytest.mark.envoy
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_vm_envoy_started_by_the_run_script_gets_config_from_smc_serve(
     mesh_db: Path, tmp_path: Path
 ) -> None:
-    xds_port, admin_port = free_port(), free_port()
+    xds_port, ca_port, admin_port = free_port(), free_port(), free_port()
     out = tmp_path / "bundle"
     ca = f"local:{tmp_path / 'ca'}"
-    res = run(
-        mesh_db,
-        "vm",
-        "bootstrap",
-        "vm-1",
-        "-n",
-        "fleet",
-        "--out",
-        str(out),
-        "--ads",
-        f"127.0.0.1:{xds_port}",
-        "--ca",
-        ca,
-        "--plaintext",
-        "--admin-port",
-        str(admin_port),
-    )
-    assert res.exit_code == 0, res.output
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     serve = subprocess.Popen(
         [
@@ -251,6 +247,11 @@ def test_vm_envoy_started_by_the_run_script_gets_config_from_smc_serve(
             "off",
             "--xds",
             f"127.0.0.1:{xds_port}",
+            "--xds-tls",
+            "--ca-listen",
+            f"127.0.0.1:{ca_port}",
+            "--workload-keys",
+            "agent",
             "--ca",
             ca,
         ],
@@ -260,14 +261,43 @@ def test_vm_envoy_started_by_the_run_script_gets_config_from_smc_serve(
     )
     envoy = None
     try:
+        # serve's CA records the trust bundle; the bootstrap reads it from the log
+        deadline = time.monotonic() + 60
+        while True:
+            res = run(
+                mesh_db,
+                "vm",
+                "bootstrap",
+                "vm-1",
+                "-n",
+                "fleet",
+                "--out",
+                str(out),
+                "--ads",
+                f"127.0.0.1:{xds_port}",
+                "--ca-address",
+                f"127.0.0.1:{ca_port}",
+                "--admin-port",
+                str(admin_port),
+            )
+            if res.exit_code == 0 or time.monotonic() > deadline:
+                break
+            assert serve.poll() is None, serve.stderr.read().decode() if serve.stderr else ""
+            time.sleep(0.3)
+        assert res.exit_code == 0, res.output
         envoy = subprocess.Popen(
             [str(out / "run-envoy.sh"), "--base-id", str(os.getpid() % 50000 + 7)],
-            env={**os.environ, "ENVOY": str(envoy_binary()), "ENVOY_LOG_LEVEL": "warning"},
+            env={
+                **env,
+                "ENVOY": str(envoy_binary()),
+                "ENVOY_LOG_LEVEL": "warning",
+                "SMC_PYTHON": sys.executable,
+            },
             cwd=tmp_path,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         names: list[str] = []
         while time.monotonic() < deadline:
             assert envoy.poll() is None, envoy.stderr.read().decode() if envoy.stderr else ""
@@ -285,6 +315,57 @@ def test_vm_envoy_started_by_the_run_script_gets_config_from_smc_serve(
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/server_info", timeout=2) as r:
             info = json.loads(r.read())
         assert info["node"]["id"] == "fleet/vm-1"
+        # the agent's certificate is the VM's identity, made on the VM: the log has it for the
+        # proxy, proven with the join token, which is now used
+        certs = CertsProjection()
+        ProjectionRunner(log=SqliteLog(mesh_db), projections=[certs]).catch_up()
+        rec = certs.proxy_cert("vm/fleet/vm-1")
+        assert rec is not None and rec.identity == "spiffe://example.org/ns/fleet/sa/fleet-app"
+        (token,) = [t for t in certs.join_tokens.values() if t.used_by]
+        assert rec.proof == f"join-token:{token.token_sha256}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/certs", timeout=2) as r:
+            loaded = json.loads(r.read())
+        serials = {
+            c["serial_number"].lower().lstrip("0")
+            for e in loaded.get("certificates", [])
+            for c in e.get("cert_chain", [])
+        }
+        assert rec.serial.lstrip("0") in serials
+        # the join token cannot be used again (a copy of the bundle gets nothing)
+        again = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import asyncio, sys\n"
+                "from pathlib import Path\n"
+                "from cryptography import x509\n"
+                "from cryptography.hazmat.primitives import hashes, serialization\n"
+                "from cryptography.hazmat.primitives.asymmetric import ec\n"
+                "from smc.agent import CertificateClient, SignRequest, SigningRefused\n"
+                "k = ec.generate_private_key(ec.SECP256R1())\n"
+                "csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))"
+                ".sign(k, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()\n"
+                "async def main():\n"
+                f"    c = CertificateClient(address='127.0.0.1:{ca_port}', "
+                f"ca_pem=Path('{out / 'ca.pem'}').read_text())\n"
+                "    try:\n"
+                f"        await c.sign(SignRequest(proxy='fleet/vm-1', csr_pem=csr, "
+                f"join_token=Path('{out / 'join-token'}').read_text().strip()))\n"
+                "    except SigningRefused as e:\n"
+                "        print(e.code, e)\n"
+                "    finally:\n"
+                "        await c.close()\n"
+                "asyncio.run(main())\n",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "UNAUTHENTICATED" in again.stdout and "join-token-replayed" in again.stdout, (
+            again.stdout + again.stderr
+        )
     finally:
         for proc in (envoy, serve):
             if proc is not None and proc.poll() is None:

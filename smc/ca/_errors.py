@@ -16,6 +16,7 @@ __all__ = [
     "CAError",
     "CAStateError",
     "CertificateVerificationError",
+    "InvalidCSR",
     "InvalidIdentity",
     "InvalidLifetime",
     "InvalidRotationPolicy",
@@ -108,3 +109,12 @@ class IssuerRejected(CAError):
         self.issuer = issuer
         self.operation = operation
         super().__init__(f"issuer {issuer!r} rejected {operation}: {message}")
+
+
+class InvalidCSR(CAError, ValueError):
+    """A certificate signing request that cannot be signed (names the faulty part)."""
+
+    def __init__(self, *, part: str, reason: str) -> None:
+        super().__init__(f"CSR {part}: {reason}")
+        self.part = part
+        self.reason = reason

@@ -32,8 +32,10 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from smc.ca._csr import SignedCertificate, check_csr, signed_from
 from smc.ca._errors import CAStateError, InvalidIdentity, KeyFilePermissionError
 from smc.ca._identity import SpiffeId, parse_spiffe_id, validate_trust_domain
 from smc.ca._model import (
@@ -326,9 +328,7 @@ class LocalIssuer:
         )
 
     # ------------------------------------------------------------------ Issuer
-    def issue(self, *, identity: str | SpiffeId, lifetime: timedelta) -> IssuedCertificate:
-        """Generate an EC P-256 key and a leaf for ``identity`` valid for ``lifetime``."""
-        check_lifetime(lifetime, maximum=self._max_lifetime)
+    def _identity(self, identity: str | SpiffeId) -> SpiffeId:
         sid = (
             identity
             if isinstance(identity, SpiffeId)
@@ -340,6 +340,12 @@ class LocalIssuer:
                 part="trust-domain",
                 reason=f"not the issuer's trust domain {self._trust_domain!r}",
             )
+        return sid
+
+    def _leaf(
+        self, public_key: CertificatePublicKeyTypes, sid: SpiffeId, lifetime: timedelta
+    ) -> tuple[x509.Certificate, _Signer]:
+        check_lifetime(lifetime, maximum=self._max_lifetime)
         signer = self._signer
         now = datetime.now(UTC).replace(microsecond=0)
         not_after = now + lifetime
@@ -348,26 +354,43 @@ class LocalIssuer:
                 f"a {lifetime} certificate would outlive root {signer.serial}"
                 f" (expires {signer.cert.not_valid_after_utc.isoformat()}); rotate the root"
             )
-        key = generate_workload_key()
-        uri = sid.uri
         cert = (
-            signer.base.public_key(key.public_key())
+            signer.base.public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - self._backdate)
             .not_valid_after(not_after)
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(sid.uri)]),
+                critical=True,
             )
             .sign(signer.key, signer.hash)
         )
+        return cert, signer
+
+    def issue(self, *, identity: str | SpiffeId, lifetime: timedelta) -> IssuedCertificate:
+        """Generate an EC P-256 key and a leaf for ``identity`` valid for ``lifetime``."""
+        check_lifetime(lifetime, maximum=self._max_lifetime)
+        sid = self._identity(identity)
+        key = generate_workload_key()
+        cert, signer = self._leaf(key.public_key(), sid, lifetime)
         return issued_from(
             cert,
-            identity=uri,
+            identity=sid.uri,
             issuer=self._name,
             cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
             chain_pem=signer.cert_pem,
             private_key_pem=key_to_pem(key),
         )
+
+    def sign_csr(
+        self, *, csr_pem: str, identity: str | SpiffeId, lifetime: timedelta
+    ) -> SignedCertificate:
+        """Sign a leaf for ``identity`` (already proven by the caller) over the CSR's key; the
+        leaf's only SAN is the identity, whatever the CSR asked for (see :func:`check_csr`)."""
+        sid = self._identity(identity)
+        csr = check_csr(csr_pem, identity=sid)
+        cert, signer = self._leaf(csr.public_key(), sid, lifetime)
+        return signed_from(cert, identity=sid.uri, issuer=self._name, chain_pem=signer.cert_pem)
 
     def revoke(self, *, serial: str) -> None:
         """Add ``serial`` to the revoked list (idempotent; persisted in ``state.json``)."""

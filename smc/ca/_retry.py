@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
-from smc.ca._errors import InvalidRotationPolicy, IssuerUnavailable
+from smc.ca._csr import CsrSigner, SignedCertificate
+from smc.ca._errors import CAStateError, InvalidRotationPolicy, IssuerUnavailable
 from smc.ca._identity import SpiffeId
 from smc.ca._model import IssuedCertificate, Issuer
 
@@ -125,6 +126,17 @@ class RetryingIssuer:
     def issue(self, *, identity: str | SpiffeId, lifetime: timedelta) -> IssuedCertificate:
         """``inner.issue`` with retries."""
         return self._run(lambda: self._inner.issue(identity=identity, lifetime=lifetime))
+
+    def sign_csr(
+        self, *, csr_pem: str, identity: str | SpiffeId, lifetime: timedelta
+    ) -> SignedCertificate:
+        """``inner.sign_csr`` with retries (the inner issuer must be a :class:`CsrSigner`)."""
+        inner = self._inner
+        if not isinstance(inner, CsrSigner):
+            raise CAStateError(f"issuer {inner.name} cannot sign CSRs")
+        return self._run(
+            lambda: inner.sign_csr(csr_pem=csr_pem, identity=identity, lifetime=lifetime)
+        )
 
     def revoke(self, *, serial: str) -> None:
         """``inner.revoke`` with retries."""

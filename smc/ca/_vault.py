@@ -37,6 +37,7 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from smc.ca._csr import SignedCertificate, check_csr, signed_from
 from smc.ca._errors import CAStateError, InvalidIdentity, IssuerRejected, IssuerUnavailable
 from smc.ca._http import HttpClientSession, TransportError, TransportTimeout
 from smc.ca._identity import SpiffeId, parse_spiffe_id, validate_trust_domain
@@ -241,9 +242,7 @@ class VaultIssuer:
         return data
 
     # ------------------------------------------------------------------ Issuer
-    def issue(self, *, identity: str | SpiffeId, lifetime: timedelta) -> IssuedCertificate:
-        """Generate an EC P-256 key and a CSR here; have Vault sign the CSR."""
-        check_lifetime(lifetime, maximum=self._max_lifetime)
+    def _identity(self, identity: str | SpiffeId) -> SpiffeId:
         sid = (
             identity
             if isinstance(identity, SpiffeId)
@@ -255,8 +254,12 @@ class VaultIssuer:
                 part="trust-domain",
                 reason=f"not the issuer's trust domain {self._trust_domain!r}",
             )
-        key = generate_workload_key()
-        csr = build_csr(key=key, identity=sid)
+        return sid
+
+    def _sign(
+        self, csr: x509.CertificateSigningRequest, sid: SpiffeId, lifetime: timedelta
+    ) -> tuple[x509.Certificate, str, str]:
+        """Vault signs ``csr`` for ``sid``; returns (leaf, leaf PEM, chain PEM)."""
         csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
         resp = self._call(
             "issue",
@@ -280,7 +283,7 @@ class VaultIssuer:
                 issuer=self._name,
                 operation="issue",
             ) from exc
-        if cert.public_key() != key.public_key():
+        if cert.public_key() != csr.public_key():
             raise IssuerRejected(
                 "signed certificate does not carry the CSR's public key",
                 issuer=self._name,
@@ -300,14 +303,33 @@ class VaultIssuer:
             )
         chain = data.get("ca_chain") or [data.get("issuing_ca", "")]
         chain_pem = "".join(p if p.endswith("\n") else p + "\n" for p in chain if p)
+        return cert, cert_pem if cert_pem.endswith("\n") else cert_pem + "\n", chain_pem
+
+    def issue(self, *, identity: str | SpiffeId, lifetime: timedelta) -> IssuedCertificate:
+        """Generate an EC P-256 key and a CSR here; have Vault sign the CSR."""
+        check_lifetime(lifetime, maximum=self._max_lifetime)
+        sid = self._identity(identity)
+        key = generate_workload_key()
+        cert, cert_pem, chain_pem = self._sign(build_csr(key=key, identity=sid), sid, lifetime)
         return issued_from(
             cert,
             identity=sid.uri,
             issuer=self._name,
-            cert_pem=cert_pem if cert_pem.endswith("\n") else cert_pem + "\n",
+            cert_pem=cert_pem,
             chain_pem=chain_pem,
             private_key_pem=key_to_pem(key),
         )
+
+    def sign_csr(
+        self, *, csr_pem: str, identity: str | SpiffeId, lifetime: timedelta
+    ) -> SignedCertificate:
+        """Have Vault sign a proxy's CSR (``pki/sign``) for ``identity``, proven by the caller:
+        the key stays with the proxy; Vault sets the URI SAN, the role bounds the rest."""
+        check_lifetime(lifetime, maximum=self._max_lifetime)
+        sid = self._identity(identity)
+        csr = check_csr(csr_pem, identity=sid)
+        cert, _, chain_pem = self._sign(csr, sid, lifetime)
+        return signed_from(cert, identity=sid.uri, issuer=self._name, chain_pem=chain_pem)
 
     def revoke(self, *, serial: str) -> None:
         """Revoke at ``<mount>/revoke`` (idempotent in Vault; unknown serial: rejected)."""

@@ -8,6 +8,7 @@ Concurrency: one command per process.
 
 from __future__ import annotations
 
+from smc.cli import _agent as _agent
 from smc.cli import _apply as _apply
 from smc.cli import _certs as _certs
 from smc.cli import _demo as _demo

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from smc.ca import Issuer, IssuerFactory
+    from smc.identity import IdentityOptions
     from smc.informers import KubeEndpoint, KubeInformers
     from smc.xds._server import ServerTLS
 
@@ -206,10 +207,13 @@ class _Xds:
         addr: tuple[str, int],
         follow: bool = False,
         tls: _XdsTLSOptions | None = None,
+        identity: IdentityOptions | None = None,
+        agent_keys: bool = False,
     ) -> None:
         from prometheus_client import CollectorRegistry
 
         from smc.ca import KeyStore, LocalIssuer
+        from smc.identity import AgentCertSource, IdentityHook
         from smc.xds import XdsController
         from smc.xds._certs import IssuerCache, KeyStoreCertSource
         from smc.xds._server import workload_authorizer
@@ -235,7 +239,22 @@ class _Xds:
         self.keystore.add_listener(self.certs.keystore_changed)
         self.addr = addr
         self.metrics = CollectorRegistry()
-        self.controller = XdsController(runner=runner, certs=self.certs, registry=self.metrics)
+        # agents make the keys: the builder serves roots and CRLs only (see smc.identity)
+        self.agent_keys = agent_keys
+        built_from = AgentCertSource(self.certs) if agent_keys else self.certs
+        self.controller = XdsController(runner=runner, certs=built_from, registry=self.metrics)
+        self.identity = (
+            IdentityHook(
+                runner=runner,
+                log=runner.log,
+                issuers=self.issuers,
+                certs=self.certs,
+                metrics=self.metrics,
+                options=identity,
+            )
+            if identity is not None and self.issuers is not None
+            else None
+        )
         self.certs.add_listener(self.controller.on_certs_changed)
         if tls is None:
             self.server = self.controller.make_server()
@@ -353,10 +372,19 @@ class _Xds:
         from smc.api import ApiError
         from smc.ca import run_ca
         from smc.ca._controller import follow_ca
+        from smc.identity import run_trust_only
 
         if self.issuers is None:
             click.echo(f"CA: following the log (keys from {self.keystore.directory})", err=True)
             ca = follow_ca(runner=self.runner, keystore=self.keystore, stop=stop)
+        elif self.agent_keys:
+            ca = run_trust_only(
+                runner=self.runner,
+                log=self.runner.log,
+                issuer=self.issuers,
+                keystore=self.keystore,
+                stop=stop,
+            )
         else:
             ca = run_ca(
                 runner=self.runner,
@@ -382,6 +410,13 @@ class _Xds:
                 ) from exc
             if server_tls is not None:
                 tasks.append(asyncio.create_task(self._rotate_tls(stop, runner_task)))
+            if self.identity is not None:
+                tasks.extend(await self.identity.start(stop))
+                click.echo(
+                    f"certificate service (CSRs of SMC agents) on "
+                    f"{self.identity.options.listen[0]}:{self.identity.server.port} over TLS",
+                    err=True,
+                )
         except BaseException:
             for t in tasks:
                 t.cancel()
@@ -394,6 +429,8 @@ class _Xds:
         return tasks
 
     async def close(self) -> None:
+        if self.identity is not None:
+            await self.identity.close()
         await self.server.stop(grace=1.0)
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -529,13 +566,17 @@ async def _serve(
     follow: bool = False,
     xds_tls: _XdsTLSOptions | None = None,
     kube: KubeEndpoint | None = None,
+    identity: IdentityOptions | None = None,
+    agent_keys: bool = False,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     xds = (
-        _Xds(runner, factory, keys_dir, xds_addr, follow, xds_tls) if xds_addr is not None else None
+        _Xds(runner, factory, keys_dir, xds_addr, follow, xds_tls, identity, agent_keys)
+        if xds_addr is not None
+        else None
     )
     # the API listens before the runner starts: /readyz answers 503 until it has caught up
     closers, side_tasks = await _start_api(runner, stop, http, inventory, inventory_interval, xds)
@@ -675,6 +716,30 @@ async def _serve(
     "its services, pods, service accounts and SMI resources to the log: 'in-cluster' (the "
     "pod's service account) or the path of a kubeconfig with a token user.",
 )
+@click.option(
+    "--ca-listen",
+    default="off",
+    show_default=True,
+    help="HOST:PORT of the certificate service SMC agents send CSRs to (gRPC over TLS; "
+    "the server certificate is issued for HOST, 127.0.0.1, localhost and every --xds-san, or "
+    "read from --xds-cert/--xds-key); 'off' disables it.",
+)
+@click.option(
+    "--token-audience",
+    default="smc",
+    show_default=True,
+    help="Audience a pod's projected service-account token must be bound to (checked with "
+    "a TokenReview against the --kube apiserver).",
+)
+@click.option(
+    "--workload-keys",
+    type=click.Choice(["agent", "control-plane"]),
+    default="control-plane",
+    show_default=True,
+    help="Who makes workload keys: 'agent' (an SMC agent beside each proxy makes its key and "
+    "serves it over local SDS; the control plane serves roots and CRLs only) or "
+    "'control-plane' (one key per identity, made here and served over SDS).",
+)
 @ca_options
 @keys_option
 @click.pass_context
@@ -694,6 +759,9 @@ def serve(
     xds_cert_hours: float,
     xds_cert_out: str | None,
     kube: str | None,
+    ca_listen: str,
+    token_audience: str,
+    workload_keys: str,
     ca: str | None,
     vault_role: str,
     vault_mount: str,
@@ -763,6 +831,25 @@ def serve(
             )
         except SMCError as exc:
             raise click.BadParameter(str(exc), param_hint="--ca") from exc
+    identity_opts: IdentityOptions | None = None
+    if ca_listen != "off":
+        from smc.identity import IdentityOptions
+
+        if xds is None:
+            raise click.BadParameter("--ca-listen needs the xDS server (not --xds off)")
+        if follow:
+            raise click.BadParameter(
+                "a replica with --ca follow cannot sign; run --ca-listen on the issuing replica",
+                param_hint="--ca-listen",
+            )
+        identity_opts = IdentityOptions(
+            listen=_parse_hostport(ca_listen, "--ca-listen"),
+            audience=token_audience,
+            kube=kube_endpoint,
+            sans=xds_san,
+            cert_file=xds_cert,
+            key_file=xds_key,
+        )
     log_ = open_log_from(ctx)
     runner = ProjectionRunner(log=log_, projections=all_projections())
     store = CheckpointStore(checkpoint) if checkpoint else None
@@ -786,6 +873,8 @@ def serve(
                 follow,
                 tls_opts,
                 kube_endpoint,
+                identity_opts,
+                workload_keys == "agent",
             )
         )
     except SMCError as exc:

@@ -1,12 +1,14 @@
 """``smc vm bootstrap NAME``: the files an Envoy on a VirtualMachine needs to join the mesh.
 
-Role: rebuilds the registry and policy projections from the log (``--log``), finds the
-VirtualMachine ``--namespace/NAME`` (an unknown one is a clear error, exit 1), issues a bootstrap
-certificate for its identity (``spiffe://<mesh trust domain>/ns/<ns>/sa/<service account>``)
-from the issuer ``--ca`` names (``local:DIR`` or ``vault:URL``), and writes into ``--out`` the
-Envoy bootstrap (``bootstrap.yaml``: node id ``<ns>/<name>``, ADS over gRPC to ``--ads``, mTLS
-with the certificate unless ``--plaintext``), ``cert.pem``, ``key.pem`` (mode 0600), ``ca.pem``
-(the trust bundle) and ``run-envoy.sh`` (see :func:`smc.injector.write_vm_bootstrap`).
+Role: rebuilds the registry, policy and certificate projections from the log (``--log``), finds
+the VirtualMachine ``--namespace/NAME`` (an unknown one is a clear error, exit 1), appends a
+one-time join token for its proxy (``JoinTokenIssued``: the token's SHA-256, never the token;
+valid for ``--lifetime``), and writes into ``--out`` the Envoy bootstrap (``bootstrap.yaml``: node
+id ``<ns>/<name>``, ADS over gRPC to ``--ads``, mTLS with the certificate of the VM's SMC agent
+unless ``--plaintext``), ``ca.pem`` (the mesh trust bundle recorded on the log, or the roots of
+``--ca`` before any is recorded), ``join-token`` (mode 0600) and ``run-envoy.sh``, which starts
+the agent (it makes the VM's key on the VM and sends a CSR to ``--ca-address``) and then Envoy
+(see :func:`smc.injector.write_vm_bootstrap`). No key is written.
 Concurrency: one command per process, on the main thread.
 """
 
@@ -21,14 +23,14 @@ import click
 from smc.ca import format_spiffe_id
 from smc.cli._app import cli, open_log_from
 from smc.cli._certs import ca_options, factory_from_ca_options
+from smc.identity import join_token_event
 from smc.injector import (
-    BootstrapCredentials,
     find_vm,
     parse_ads_address,
     vm_node_id,
     write_vm_bootstrap,
 )
-from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
+from smc.projections import CertsProjection, PolicyProjection, ProjectionRunner, RegistryProjection
 
 __all__ = ["vm_group"]
 
@@ -78,7 +80,18 @@ def vm_group() -> None:
     default=None,
     help="Where the files will live on the VM (default: the --out directory).",
 )
-@click.option("--lifetime", default="7d", show_default=True, help="Bootstrap certificate lifetime.")
+@click.option(
+    "--lifetime",
+    default="24h",
+    show_default=True,
+    help="How long the one-time join token stays valid (the VM's agent uses it once).",
+)
+@click.option(
+    "--ca-address",
+    default=None,
+    help="HOST:PORT of the control plane's certificate service (smc serve --ca-listen), as "
+    "the VM reaches it. Default: the --ads host, port 15012.",
+)
 @ca_options
 @click.pass_context
 def bootstrap_cmd(
@@ -93,37 +106,46 @@ def bootstrap_cmd(
     admin_port: int,
     install_dir: str | None,
     lifetime: str,
+    ca_address: str | None,
     ca: str | None,
     vault_role: str,
     vault_mount: str,
     vault_token_file: str | None,
     vault_ca_cert: str | None,
 ) -> None:
-    """Write the Envoy bootstrap, certificate, key, trust bundle and run script of VM NAME."""
+    """Write the Envoy bootstrap, trust bundle, one-time join token and run script of VM NAME
+    (no key: the VM's SMC agent makes it on the VM)."""
     ads_addr = parse_ads_address(ads, field="--ads")
+    cert_service = parse_ads_address(ca_address or f"{ads_addr.host}:15012", field="--ca-address")
     valid_for = parse_duration(lifetime)
-    if not ca:
-        raise click.BadParameter("an issuer is needed (local:DIR or vault:URL)", param_hint="--ca")
-    factory = factory_from_ca_options(
-        ca=ca,
-        vault_role=vault_role,
-        vault_mount=vault_mount,
-        vault_token_file=vault_token_file,
-        vault_ca_cert=vault_ca_cert,
-    )
-    assert factory is not None
-    registry, policy = RegistryProjection(), PolicyProjection()
-    ProjectionRunner(log=open_log_from(ctx), projections=[registry, policy]).catch_up()
+    log_ = open_log_from(ctx)
+    registry, policy, certs = RegistryProjection(), PolicyProjection(), CertsProjection()
+    ProjectionRunner(log=log_, projections=[registry, policy, certs]).catch_up()
     vm = find_vm(registry.workloads, namespace=namespace, name=name)
     trust_domain = policy.mesh.trust_domain
     identity = format_spiffe_id(
         trust_domain=trust_domain, namespace=vm.namespace, service_account=vm.service_account
     )
-    issuer = factory(trust_domain)
-    cert = issuer.issue(identity=identity, lifetime=valid_for)
-    creds = BootstrapCredentials(
-        cert_pem=cert.cert_pem, key_pem=cert.private_key_pem, ca_pem="".join(issuer.trust_bundle())
+    roots = [r for bundle in certs.trust.values() for r in bundle]
+    if ca:
+        factory = factory_from_ca_options(
+            ca=ca,
+            vault_role=vault_role,
+            vault_mount=vault_mount,
+            vault_token_file=vault_token_file,
+            vault_ca_cert=vault_ca_cert,
+        )
+        assert factory is not None
+        roots = roots or list(factory(trust_domain).trust_bundle())
+    if not roots:
+        raise click.UsageError(
+            "no mesh trust bundle on the log yet: start `smc serve` (its CA records it) or "
+            "name the CA with --ca"
+        )
+    token, event = join_token_event(
+        proxy=f"vm/{vm.namespace}/{vm.name}", identity=identity, ttl=valid_for, actor="cli"
     )
+    log_.append([event])
     directory = Path(out) if out else Path(f"smc-vm-{namespace}-{name}")
     files = write_vm_bootstrap(
         workload=vm,
@@ -131,7 +153,9 @@ def bootstrap_cmd(
         identity=identity,
         directory=directory,
         ads=ads_addr,
-        credentials=creds,
+        ca_address=cert_service,
+        ca_pem="".join(r if r.endswith("\n") else r + "\n" for r in dict.fromkeys(roots)),
+        join_token=token,
         tls=not plaintext,
         install_dir=Path(install_dir) if install_dir else None,
         admin_port=admin_port,
@@ -141,7 +165,8 @@ def bootstrap_cmd(
     click.echo(
         f"VirtualMachine {vm.namespace}/{vm.name}: node id {files.node_id}, identity {identity}"
     )
-    click.echo(f"certificate {cert.serial}, valid until {cert.not_after.isoformat()}")
-    for path in (files.bootstrap, files.cert, files.key, files.ca, files.run_script):
+    expires = event.expires_at.isoformat()
+    click.echo(f"one-time join token (sha256 {event.token_sha256[:16]}...), valid until {expires}")
+    for path in (files.bootstrap, files.ca, files.token, files.run_script):
         click.echo(f"  wrote {path}")
     click.echo(f"start it with: {files.run_script}")

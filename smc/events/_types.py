@@ -27,7 +27,10 @@ __all__ = [
     "EndpointsChanged",
     "Envelope",
     "Event",
+    "JoinTokenIssued",
     "MeshConfigChanged",
+    "ProxyCertificateIssued",
+    "ProxyCertificateRevoked",
     "ServiceAccountRemoved",
     "ServiceAccountUpserted",
     "ServicePort",
@@ -316,6 +319,58 @@ class TrustBundleChanged(Event):
         return f"trust/{payload['issuer']}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ProxyCertificateIssued(Event):
+    """One proxy's certificate, signed over the CSR its agent made (the key never left the
+    proxy's host); ``previous_serial`` is set on a renewal."""
+
+    TYPE = "smc.certs.ProxyCertificateIssued"
+    STREAM = CERTS
+    proxy: str
+    serial: str
+    identity: str
+    not_before: datetime
+    not_after: datetime
+    issuer: str
+    fingerprint: str
+    proof: str
+    previous_serial: str = ""
+
+    @classmethod
+    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
+        return f"proxy/{payload['proxy']}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyCertificateRevoked(Event):
+    TYPE = "smc.certs.ProxyCertificateRevoked"
+    STREAM = CERTS
+    proxy: str
+    serial: str
+    identity: str
+    reason: str
+
+    @classmethod
+    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
+        return f"proxy/{payload['proxy']}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JoinTokenIssued(Event):
+    """A one-time join token for a VM's agent: only its SHA-256 is recorded."""
+
+    TYPE = "smc.certs.JoinTokenIssued"
+    STREAM = CERTS
+    token_sha256: str
+    proxy: str
+    identity: str
+    expires_at: datetime
+
+    @classmethod
+    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
+        return f"proxy/{payload['proxy']}"
+
+
 EVENT_TYPES: Mapping[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (
@@ -333,6 +388,9 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         CertificateRenewed,
         CertificateRevoked,
         TrustBundleChanged,
+        ProxyCertificateIssued,
+        ProxyCertificateRevoked,
+        JoinTokenIssued,
     )
 }
 

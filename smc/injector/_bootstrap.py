@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smc.agent._bootstrap import agent_cluster, agent_sds_config
 from smc.injector._errors import InjectorError
 
 __all__ = [
@@ -96,6 +97,14 @@ class TlsSources:
     trusted_ca: dict[str, str]
     #: With :meth:`watched`: the directory holding :data:`CERT_SDS_FILE` and :data:`CA_SDS_FILE`.
     directory: str | None = None
+    #: With :meth:`agent`: the certificate and key come from the SMC agent's SDS (``default``).
+    from_agent: bool = False
+
+    @classmethod
+    def agent(cls, *, ca: dict[str, str]) -> TlsSources:
+        """The proxy's own certificate and key from the SMC agent beside it (the bootstrap must
+        name the agent's socket); the control plane verified with ``ca`` (a DataSource)."""
+        return cls(certificate={}, private_key={}, trusted_ca=dict(ca), from_agent=True)
 
     @classmethod
     def watched(cls, directory: Path | str) -> TlsSources:
@@ -177,8 +186,13 @@ def envoy_bootstrap(
     delta: bool = False,
     server_name: str | None = None,
     metadata: dict[str, str] | None = None,
+    agent_socket: str | None = None,
 ) -> dict[str, Any]:
     """The bootstrap of one SMC proxy (a plain dict, ready for JSON or YAML).
+
+    ``agent_socket``: the unix socket of the SMC agent beside the proxy (its static cluster
+    :data:`smc.agent.AGENT_CLUSTER`, which the listeners' ``default`` secret comes from);
+    required by :meth:`TlsSources.agent`.
 
     ``tls`` None means plaintext HTTP/2 to the ADS server. With TLS, the control plane's
     certificate must chain to the trust bundle; ``server_name`` (default: ``ads.host`` when it
@@ -205,7 +219,19 @@ def envoy_bootstrap(
     if tls is not None:
         sans = [{"san_type": "DNS", "matcher": {"exact": server_name}}] if server_name else None
         common: dict[str, Any]
-        if tls.directory is not None:
+        if tls.from_agent:
+            if agent_socket is None:
+                raise InjectorError("TlsSources.agent() needs the bootstrap's agent_socket")
+            validation_ctx: dict[str, Any] = {"trusted_ca": dict(tls.trusted_ca)}
+            if sans:
+                validation_ctx["match_typed_subject_alt_names"] = sans
+            common = {
+                "tls_certificate_sds_secret_configs": [
+                    {"name": "default", "sds_config": agent_sds_config()}
+                ],
+                "validation_context": validation_ctx,
+            }
+        elif tls.directory is not None:
             common = {
                 "tls_certificate_sds_secret_configs": [
                     _file_sds(_CERT_SECRET, tls.directory, CERT_SDS_FILE)
@@ -257,5 +283,8 @@ def envoy_bootstrap(
             "lds_config": dict(config_source),
             "cds_config": dict(config_source),
         },
-        "static_resources": {"clusters": [xds_cluster]},
+        "static_resources": {
+            "clusters": [xds_cluster]
+            + ([agent_cluster(agent_socket)] if agent_socket is not None else [])
+        },
     }

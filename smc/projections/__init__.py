@@ -5,7 +5,7 @@ Concurrency: projections are single-threaded; see :mod:`smc.projections._runner`
 """
 
 from smc.projections._base import Projection, canonical_digest, canonical_json
-from smc.projections._certs import CertRecord, CertsProjection
+from smc.projections._certs import CertRecord, CertsProjection, JoinToken, ProxyCertRecord
 from smc.projections._errors import CheckpointError, ProjectionError, ProjectionsError
 from smc.projections._policy import MeshConfig, PolicyProjection, StoredResource
 from smc.projections._policyview import PolicyView
@@ -18,6 +18,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointStore",
+    "JoinToken",
     "MeshConfig",
     "PolicyProjection",
     "PolicyView",
@@ -25,6 +26,7 @@ __all__ = [
     "ProjectionError",
     "ProjectionRunner",
     "ProjectionsError",
+    "ProxyCertRecord",
     "RegistryProjection",
     "Service",
     "StoredResource",

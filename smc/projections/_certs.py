@@ -2,7 +2,10 @@
 
 Role: folds ``smc.certs`` events into, per identity, the current certificate (serial, validity,
 issuer, fingerprint), every serial ever issued with its status (active, superseded, revoked),
-and the trusted roots per issuer. No key material ever reaches it: events carry none.
+and the trusted roots per issuer; and, per proxy (node id), the certificates signed over the
+CSRs of its agent (``ProxyCertificateIssued`` / ``ProxyCertificateRevoked``) and the one-time
+join tokens made for VMs (by SHA-256, with the certificate that used each). No key material
+ever reaches it: events carry none.
 Concurrency: single-threaded (see :mod:`smc.projections._base`).
 """
 
@@ -18,11 +21,14 @@ from smc.events import (
     CertificateRenewed,
     CertificateRevoked,
     Event,
+    JoinTokenIssued,
+    ProxyCertificateIssued,
+    ProxyCertificateRevoked,
     TrustBundleChanged,
 )
 from smc.projections._base import canonical_digest
 
-__all__ = ["CertRecord", "CertsProjection"]
+__all__ = ["CertRecord", "CertsProjection", "JoinToken", "ProxyCertRecord"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -43,6 +49,33 @@ class CertRecord:
     reason: str = ""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProxyCertRecord:
+    """One proxy's certificate (its key is the agent's, on the proxy's host)."""
+
+    proxy: str
+    serial: str
+    identity: str
+    not_before: datetime
+    not_after: datetime
+    issuer: str
+    fingerprint: str
+    proof: str
+    status: str = "active"  # active | superseded | revoked
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JoinToken:
+    """A VM's one-time join token, by digest; ``used_by`` is the serial it got (or "")."""
+
+    token_sha256: str
+    proxy: str
+    identity: str
+    expires_at: datetime
+    used_by: str = ""
+
+
 class CertsProjection:
     """Certificate lifecycle, rebuilt from ``smc.certs``.
 
@@ -60,9 +93,52 @@ class CertsProjection:
         self.certs: dict[str, dict[str, CertRecord]] = {}
         self.current: dict[str, str] = {}
         self.trust: dict[str, tuple[str, ...]] = {}
+        #: proxy node id -> serial -> record; proxy -> its current serial
+        self.proxy_certs: dict[str, dict[str, ProxyCertRecord]] = {}
+        self.proxy_current: dict[str, str] = {}
+        self.join_tokens: dict[str, JoinToken] = {}
+
+    def _apply_proxy(self, event: Event) -> None:
+        if isinstance(event, ProxyCertificateIssued):
+            mine = dict(self.proxy_certs.get(event.proxy, {}))
+            prev = self.proxy_current.get(event.proxy)
+            if prev and prev != event.serial and prev in mine and mine[prev].status == "active":
+                mine[prev] = replace(mine[prev], status="superseded")
+            mine[event.serial] = ProxyCertRecord(
+                proxy=event.proxy,
+                serial=event.serial,
+                identity=event.identity,
+                not_before=event.not_before,
+                not_after=event.not_after,
+                issuer=event.issuer,
+                fingerprint=event.fingerprint,
+                proof=event.proof,
+            )
+            self.proxy_certs[event.proxy] = mine
+            self.proxy_current[event.proxy] = event.serial
+            kind, _, digest = event.proof.partition(":")
+            token = self.join_tokens.get(digest) if kind == "join-token" else None
+            if token is not None and not token.used_by:
+                self.join_tokens[digest] = replace(token, used_by=event.serial)
+        elif isinstance(event, ProxyCertificateRevoked):
+            mine = self.proxy_certs.get(event.proxy, {})
+            old = mine.get(event.serial)
+            if old is not None:
+                mine[event.serial] = replace(old, status="revoked", reason=event.reason)
+            if self.proxy_current.get(event.proxy) == event.serial:
+                del self.proxy_current[event.proxy]
+        elif isinstance(event, JoinTokenIssued) and event.token_sha256 not in self.join_tokens:
+            self.join_tokens[event.token_sha256] = JoinToken(
+                token_sha256=event.token_sha256,
+                proxy=event.proxy,
+                identity=event.identity,
+                expires_at=event.expires_at,
+            )
 
     def apply(self, event: Event) -> None:
-        if isinstance(event, CertificateIssued | CertificateRenewed):
+        if isinstance(event, ProxyCertificateIssued | ProxyCertificateRevoked | JoinTokenIssued):
+            self._apply_proxy(event)
+        elif isinstance(event, CertificateIssued | CertificateRenewed):
             rec = CertRecord(
                 serial=event.serial,
                 identity=event.identity,
@@ -107,6 +183,19 @@ class CertsProjection:
     def revoked(self) -> set[str]:
         return {r.serial for m in self.certs.values() for r in m.values() if r.status == "revoked"}
 
+    def proxy_cert(self, proxy: str) -> ProxyCertRecord | None:
+        """The current certificate of proxy ``proxy`` (node id), or None."""
+        serial = self.proxy_current.get(proxy)
+        return self.proxy_certs.get(proxy, {}).get(serial) if serial else None
+
+    def proxy_serial(self, serial: str) -> ProxyCertRecord | None:
+        """The proxy certificate with ``serial`` (any proxy, any status), or None."""
+        for m in self.proxy_certs.values():
+            found = m.get(serial)
+            if found is not None:
+                return found
+        return None
+
     # -- state as data ----------------------------------------------------------------------
     def _plain(self) -> dict[str, Any]:
         return {
@@ -126,6 +215,36 @@ class CertsProjection:
             },
             "current": dict(self.current),
             "trust": {k: list(v) for k, v in self.trust.items()},
+            **self._plain_proxies(),
+        }
+
+    def _plain_proxies(self) -> dict[str, Any]:
+        # Only present once a proxy certificate or join token exists, so the digest of a log
+        # without any stays what it was before proxy certificates existed.
+        if not (self.proxy_certs or self.join_tokens):
+            return {}
+        return {
+            "proxy_certs": {
+                proxy: {
+                    s: [
+                        r.identity,
+                        _ms(r.not_before),
+                        _ms(r.not_after),
+                        r.issuer,
+                        r.fingerprint,
+                        r.proof,
+                        r.status,
+                        r.reason,
+                    ]
+                    for s, r in m.items()
+                }
+                for proxy, m in self.proxy_certs.items()
+            },
+            "proxy_current": dict(self.proxy_current),
+            "join_tokens": {
+                d: [t.proxy, t.identity, _ms(t.expires_at), t.used_by]
+                for d, t in self.join_tokens.items()
+            },
         }
 
     def digest(self) -> str:
@@ -153,3 +272,32 @@ class CertsProjection:
         self.certs = certs
         self.current = dict(data["current"])
         self.trust = {k: tuple(v) for k, v in data["trust"].items()}
+        self.proxy_certs = {
+            proxy: {
+                s: ProxyCertRecord(
+                    proxy=proxy,
+                    serial=s,
+                    identity=ident,
+                    not_before=_EPOCH + timedelta(milliseconds=nb),
+                    not_after=_EPOCH + timedelta(milliseconds=na),
+                    issuer=issuer,
+                    fingerprint=fp,
+                    proof=proof,
+                    status=status,
+                    reason=reason,
+                )
+                for s, (ident, nb, na, issuer, fp, proof, status, reason) in m.items()
+            }
+            for proxy, m in data.get("proxy_certs", {}).items()
+        }
+        self.proxy_current = dict(data.get("proxy_current", {}))
+        self.join_tokens = {
+            d: JoinToken(
+                token_sha256=d,
+                proxy=proxy,
+                identity=ident,
+                expires_at=_EPOCH + timedelta(milliseconds=exp),
+                used_by=used,
+            )
+            for d, (proxy, ident, exp, used) in data.get("join_tokens", {}).items()
+        }

@@ -23,14 +23,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from smc.agent import Agent, AgentConfig, agent_cluster
 from smc.api import ChangeReport, LiveMeshChanges, MeshChanges
-from smc.ca import Issuer, KeyStore, LocalIssuer, run_ca
+from smc.ca import CsrSigner, Issuer, KeyStore, LocalIssuer, run_ca
 from smc.events import EventLog, SqliteLog
+from smc.identity import (
+    AgentCertSource,
+    CertificateServer,
+    ProxyCertificateService,
+    ProxyRevoker,
+    join_token_event,
+    run_trust_only,
+)
+from smc.injector._tls import issue_serving_certificate
 from smc.projections import (
     PolicyProjection,
     ProjectionRunner,
@@ -41,7 +52,7 @@ from smc.smi import load_documents
 from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.ports import free_port
 from smc.xds import AdsServer, IssuingCertSource, XdsController
-from smc.xds._certs import IssuerCache, KeyStoreCertSource
+from smc.xds._certs import IssuerCache, KeyStoreCertSource, local_issuer_of
 
 __all__ = ["ControlPlane", "Sidecar", "vm_yaml"]
 
@@ -59,16 +70,26 @@ class ControlPlane:
         crl_refresh: float = 30.0,
         ca: bool = True,
         log: EventLog | None = None,
+        agents: bool = False,
+        revoke_grace: float = 120.0,
     ) -> None:
         """``ca=False``: no CA task; certificates come from an :class:`IssuingCertSource`
         (issued in memory on first use, nothing on the log), for builder-level tests that
-        need every certificate to exist as soon as a workload does. ``log``: the event log
-        (e.g. a :class:`~smc.events.KafkaLog`; closed by :meth:`close`); default a fresh
+        need every certificate to exist as soon as a workload does. ``agents=True``: SMC
+        agents beside the proxies make the keys (:mod:`smc.agent`); the control plane runs
+        the certificate service on :attr:`ca_port` and serves roots and CRLs only. ``log``: the event
+        log (e.g. a :class:`~smc.events.KafkaLog`; closed by :meth:`close`); default a fresh
         :class:`SqliteLog` in ``workdir``."""
         self.workdir = workdir
         self.debounce = debounce
         self.trust_interval = trust_interval
         self.ca = ca
+        self.agents = agents
+        self.revoke_grace = revoke_grace
+        self.ca_port = free_port()
+        self.identity: ProxyCertificateService | None = None
+        self.ca_server: CertificateServer | None = None
+        self.revoker: ProxyRevoker | None = None
         self.crl_refresh = crl_refresh
         self.log: EventLog = log if log is not None else SqliteLog(workdir / "log.db")
         self.issuer: Issuer = (
@@ -110,7 +131,10 @@ class ControlPlane:
         self.keystore.add_listener(source.keystore_changed)
         self.certs = source if self.ca else self.issuing
         self.controller = XdsController(
-            runner=self.runner, certs=self.certs, registry=self.metrics, debounce=self.debounce
+            runner=self.runner,
+            certs=AgentCertSource(source) if self.agents else self.certs,
+            registry=self.metrics,
+            debounce=self.debounce,
         )
         source.add_listener(self.controller.on_certs_changed)
         self.server = self.controller.make_server()
@@ -119,7 +143,21 @@ class ControlPlane:
             asyncio.create_task(self.runner.run(stop=self._stop)),
             asyncio.create_task(self.controller.run(stop=self._stop)),
         ]
-        if self.ca:
+        if self.agents:
+            self._tasks += [
+                asyncio.create_task(
+                    run_trust_only(
+                        runner=self.runner,
+                        log=self.log,
+                        issuer=self.issuers,
+                        keystore=self.keystore,
+                        stop=self._stop,
+                    )
+                ),
+                asyncio.create_task(source.run(stop=self._stop)),
+            ]
+            await self._start_identity(source)
+        elif self.ca:
             self._tasks += [
                 asyncio.create_task(
                     run_ca(
@@ -139,8 +177,60 @@ class ControlPlane:
         while not self.controller.ready:
             await asyncio.sleep(0.01)
 
+    async def _start_identity(self, source: KeyStoreCertSource) -> None:
+        issuer = self.issuer
+
+        def signer(_td: str) -> CsrSigner | None:
+            return issuer if isinstance(issuer, CsrSigner) else None
+
+        self.identity = ProxyCertificateService(
+            runner=self.runner, log=self.log, issuer=signer, metrics=self.metrics
+        )
+        self.revoker = ProxyRevoker(
+            runner=self.runner,
+            log=self.log,
+            issuer=signer,
+            on_revoked=lambda: source.keystore_changed(frozenset(), False),
+            grace=self.revoke_grace,
+            interval=1.0,
+        )
+        local = local_issuer_of(self.issuer)
+        assert local is not None, "agents=True needs a LocalIssuer (for the service's TLS)"
+        served = await asyncio.to_thread(
+            issue_serving_certificate, local, ip_addresses=["127.0.0.1"], dns_names=["localhost"]
+        )
+        self.ca_server = CertificateServer(self.identity)
+        await self.ca_server.start(
+            host="127.0.0.1",
+            port=self.ca_port,
+            cert_pem=served.cert_pem + served.chain_pem,
+            key_pem=served.private_key_pem,
+        )
+        self._tasks.append(asyncio.create_task(self.revoker.run(stop=self._stop)))
+
+    def ca_bundle(self) -> str:
+        """PEM of the roots agents verify the certificate service with."""
+        return "".join(self.issuer.trust_bundle())
+
+    async def join_token(self, *, namespace: str, name: str, service_account: str) -> str:
+        """A one-time join token for VM ``namespace/name``, recorded (by digest) and applied."""
+        token, event = join_token_event(
+            proxy=f"vm/{namespace}/{name}",
+            identity=f"spiffe://cluster.local/ns/{namespace}/sa/{service_account}",
+            ttl=timedelta(hours=1),
+        )
+        appended = await asyncio.to_thread(self.log.append, [event])
+        while not all(
+            self.runner.position.get((a.stream, a.partition)) > a.offset for a in appended
+        ):
+            await asyncio.sleep(0.01)
+        return token
+
     async def stop(self) -> None:
         self._stop.set()
+        if self.ca_server is not None:
+            await self.ca_server.stop(grace=0)
+            self.ca_server = None
         await self.server.stop(grace=0)
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -208,6 +298,9 @@ class Sidecar:
         self.app_port = free_port()
         self.envoy: EnvoyProcess | None = None
         self._app: web.AppRunner | None = None
+        self.agent: Agent | None = None
+        self._agent_stop = asyncio.Event()
+        self._agent_task: asyncio.Task[None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -229,6 +322,36 @@ class Sidecar:
         await web.TCPSite(runner, "127.0.0.1", self.app_port).start()
         self._app = runner
 
+    @property
+    def sds_socket(self) -> Path:
+        return self.workdir / f"agent-{self.namespace}-{self.name}" / "sds.sock"
+
+    async def start_agent(self, cp: ControlPlane, *, service_account: str) -> Agent:
+        """Run an SMC agent for this (registered VM) sidecar: a join token from ``cp``, the key
+        made here, its certificate served on :attr:`sds_socket`. Returns once it serves."""
+        folder = self.sds_socket.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        token = await cp.join_token(
+            namespace=self.namespace, name=self.name, service_account=service_account
+        )
+        token_file = folder / "join-token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        self.agent = Agent(
+            AgentConfig(
+                proxy=self.node_id,
+                ca_address=f"127.0.0.1:{cp.ca_port}",
+                ca_bundle_pem=cp.ca_bundle(),
+                sds_socket=self.sds_socket,
+                join_token_file=token_file,
+                retry_initial=0.1,
+            )
+        )
+        self._agent_stop = asyncio.Event()
+        self._agent_task = asyncio.create_task(self.agent.run(stop=self._agent_stop))
+        await asyncio.wait_for(self.agent.ready.wait(), timeout=30)
+        return self.agent
+
     def start_envoy(self, *, ads_port: int, delta: bool) -> None:
         boot = ads_bootstrap(
             node_id=self.node_id,
@@ -237,6 +360,7 @@ class Sidecar:
             ads_port=ads_port,
             delta=delta,
             admin_port=free_port(),
+            extra_clusters=[agent_cluster(str(self.sds_socket))] if self.agent else None,
         )
         self.envoy = EnvoyProcess(
             bootstrap=boot,
@@ -249,6 +373,11 @@ class Sidecar:
         if self.envoy is not None:
             await asyncio.to_thread(self.envoy.stop)
             self.envoy = None
+        if self._agent_task is not None:
+            self._agent_stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._agent_task, timeout=5)
+            self._agent_task = None
         if self._app is not None:
             await self._app.cleanup()
             self._app = None

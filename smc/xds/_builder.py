@@ -97,6 +97,7 @@ from smc.xds._snapshot import ResourceEntry, Snapshot, make_entry
 from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 __all__ = [
+    "AGENT_SDS_CLUSTER",
     "APP_PORT_LABEL",
     "INBOUND_LISTENER",
     "INBOUND_PORT",
@@ -146,6 +147,17 @@ _DOWNSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsC
 _UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 _SDS_CERT = [{"name": WORKLOAD_SECRET, "sds_config": _ADS}]
+#: Static cluster (unix socket) of the SMC agent beside the proxy, which serves ``default``.
+AGENT_SDS_CLUSTER = "smc-agent"
+_AGENT_SDS: dict[str, Any] = {
+    "resource_api_version": "V3",
+    "api_config_source": {
+        "api_type": "GRPC",
+        "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": AGENT_SDS_CLUSTER}}],
+    },
+}
+_SDS_CERT_AGENT = [{"name": WORKLOAD_SECRET, "sds_config": _AGENT_SDS}]
 _SDS_ROOT = {"name": ROOT_SECRET, "sds_config": _ADS}
 _ROUTER_FILTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
 _RETRY = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2}
@@ -217,6 +229,11 @@ class BuildPass:
         self._secret: dict[str, ResourceEntry | None] = {}
         self._root: ResourceEntry | None = None
         self._services: tuple[str, ...] | None = None
+        # A cert source with ``agent_sds`` True: the SMC agent beside each proxy serves its
+        # key and certificate (``default``) over a local SDS cluster; the control plane
+        # serves only ``ROOTCA`` (roots and CRLs) and never a key.
+        self._agent = bool(getattr(certs, "agent_sds", False))
+        self._sds_cert = _SDS_CERT_AGENT if self._agent else _SDS_CERT
 
     # ------------------------------------------------------------------ memoised queries
 
@@ -274,8 +291,17 @@ class BuildPass:
             )
         identity = workload.identity
         deps.add(f"id:{identity}")
-        secret = self._workload_secret(identity)
-        if secret is None:
+        secret = None if self._agent else self._workload_secret(identity)
+        if self._agent and not self.certs.trust_bundle():
+            return ProxyBuild(
+                node_id=node_id,
+                snapshot=None,
+                deps=frozenset(deps),
+                identity=identity,
+                workload=workload,
+                reason="no mesh trust bundle yet",
+            )
+        if secret is None and not self._agent:
             return ProxyBuild(
                 node_id=node_id,
                 snapshot=None,
@@ -284,7 +310,9 @@ class BuildPass:
                 workload=workload,
                 reason=f"no certificate for identity {identity!r} yet",
             )
-        entries: list[ResourceEntry] = [secret, self._root_secret()]
+        entries: list[ResourceEntry] = [self._root_secret()]
+        if secret is not None:
+            entries.insert(0, secret)
         deps.add(f"svcns:{workload.namespace}")
         transparent = _transparent(workload)
         entries.extend(self._inbound(workload, deps, transparent=transparent))
@@ -570,7 +598,7 @@ class BuildPass:
                     "@type": _DOWNSTREAM_TLS,
                     "require_client_certificate": True,
                     "common_tls_context": {
-                        "tls_certificate_sds_secret_configs": _SDS_CERT,
+                        "tls_certificate_sds_secret_configs": self._sds_cert,
                         "validation_context_sds_secret_config": _SDS_ROOT,
                     },
                 },
@@ -767,7 +795,7 @@ class BuildPass:
                     "typed_config": {
                         "@type": _UPSTREAM_TLS,
                         "common_tls_context": {
-                            "tls_certificate_sds_secret_configs": _SDS_CERT,
+                            "tls_certificate_sds_secret_configs": self._sds_cert,
                             "combined_validation_context": {
                                 "default_validation_context": {
                                     "match_typed_subject_alt_names": sans

@@ -1,0 +1,153 @@
+"""The wire format between an SMC agent and the control plane's certificate service.
+
+Role: one gRPC unary method, :data:`SIGN_METHOD`, whose request and response are UTF-8 JSON
+objects (:class:`SignRequest`, :class:`SignResponse`): a CSR made beside the proxy and one
+proof of who the caller is; never a private key. Proofs:
+
+- ``token``: the pod's projected service-account token (audience-bound; the control plane
+  checks it with a TokenReview against the kube-apiserver);
+- ``join_token``: a VM's one-time join token from ``smc vm bootstrap``;
+- ``certificate_pem`` + ``signature``: a renewal, proven with the proxy's current certificate
+  (its leaf, PEM) and a signature by its current key over :func:`renewal_message` (the proxy
+  id and the new CSR's DER), so the proof cannot be moved to another CSR or proxy.
+
+Parsing checks every field's type and size and raises :class:`InvalidMessage` naming it.
+Concurrency: pure functions and immutable values.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from smc.agent._errors import InvalidMessage
+
+__all__ = [
+    "SIGN_METHOD",
+    "SignRequest",
+    "SignResponse",
+    "renewal_message",
+]
+
+SIGN_METHOD = "/smc.identity.v1.ProxyCertificates/Sign"
+_MAX_FIELD = 32 * 1024
+_MAX_MESSAGE = 256 * 1024
+
+
+def renewal_message(*, proxy: str, csr_der: bytes) -> bytes:
+    """What a renewing proxy signs with its current key."""
+    return b"smc-renew-v1\x00" + proxy.encode("utf-8") + b"\x00" + csr_der
+
+
+def _obj(data: bytes, what: str) -> dict[str, Any]:
+    if len(data) > _MAX_MESSAGE:
+        raise InvalidMessage(f"{what}: longer than {_MAX_MESSAGE} bytes")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(f"{what}: not a JSON object ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise InvalidMessage(f"{what}: not a JSON object")
+    return obj
+
+
+def _str(obj: dict[str, Any], name: str, what: str, *, required: bool = False) -> str:
+    value = obj.get(name, "")
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{what}.{name}: must be a string")
+    if len(value) > _MAX_FIELD:
+        raise InvalidMessage(f"{what}.{name}: longer than {_MAX_FIELD} characters")
+    if required and not value:
+        raise InvalidMessage(f"{what}.{name}: is required")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SignRequest:
+    """A CSR and exactly one proof (see the module docstring). ``repr`` hides the secrets."""
+
+    proxy: str
+    csr_pem: str
+    token: str = field(default="", repr=False)
+    join_token: str = field(default="", repr=False)
+    certificate_pem: str = ""
+    signature: str = ""  # base64 of the renewal signature
+
+    @property
+    def proof_kind(self) -> str:
+        """``service-account-token``, ``join-token`` or ``certificate``."""
+        if self.token:
+            return "service-account-token"
+        if self.join_token:
+            return "join-token"
+        return "certificate"
+
+    def signature_bytes(self) -> bytes:
+        try:
+            return base64.b64decode(self.signature, validate=True)
+        except ValueError as exc:
+            raise InvalidMessage("SignRequest.signature: not base64") from exc
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode("utf-8")
+
+    @classmethod
+    def decode(cls, data: bytes) -> SignRequest:
+        what = "SignRequest"
+        obj = _obj(data, what)
+        unknown = sorted(set(obj) - {f for f in cls.__dataclass_fields__})
+        if unknown:
+            raise InvalidMessage(f"{what}: unknown field(s) {', '.join(unknown)}")
+        req = cls(
+            proxy=_str(obj, "proxy", what, required=True),
+            csr_pem=_str(obj, "csr_pem", what, required=True),
+            token=_str(obj, "token", what),
+            join_token=_str(obj, "join_token", what),
+            certificate_pem=_str(obj, "certificate_pem", what),
+            signature=_str(obj, "signature", what),
+        )
+        given = [bool(req.token), bool(req.join_token), bool(req.certificate_pem)]
+        if sum(given) != 1:
+            raise InvalidMessage(
+                f"{what}: give exactly one proof (token, join_token or certificate_pem)"
+            )
+        if req.certificate_pem and not req.signature:
+            raise InvalidMessage(f"{what}.signature: is required with certificate_pem")
+        return req
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SignResponse:
+    """The signed leaf and its chain, the mesh trust bundle, and when to renew."""
+
+    serial: str
+    certificate_pem: str
+    chain_pem: str
+    trust_bundle: tuple[str, ...]
+    not_before: str  # ISO 8601
+    not_after: str
+    renew_after: str
+
+    def encode(self) -> bytes:
+        data = asdict(self)
+        data["trust_bundle"] = list(self.trust_bundle)
+        return json.dumps(data).encode("utf-8")
+
+    @classmethod
+    def decode(cls, data: bytes) -> SignResponse:
+        what = "SignResponse"
+        obj = _obj(data, what)
+        bundle = obj.get("trust_bundle")
+        if not isinstance(bundle, list) or not all(isinstance(x, str) for x in bundle):
+            raise InvalidMessage(f"{what}.trust_bundle: must be a list of PEM strings")
+        return cls(
+            serial=_str(obj, "serial", what, required=True),
+            certificate_pem=_str(obj, "certificate_pem", what, required=True),
+            chain_pem=_str(obj, "chain_pem", what),
+            trust_bundle=tuple(bundle),
+            not_before=_str(obj, "not_before", what, required=True),
+            not_after=_str(obj, "not_after", what, required=True),
+            renew_after=_str(obj, "renew_after", what, required=True),
+        )

@@ -1,0 +1,43 @@
+"""Per-proxy workload identity on the control plane: proof, then a signature.
+
+Role: public API of ``smc.identity``. :class:`ProxyCertificateService` signs the CSRs SMC
+agents send (see :mod:`smc.agent`) once the caller proved who it is (a pod's projected
+service-account token checked by :class:`TokenReviewer`, a VM's one-time join token, or the
+proxy's current certificate), and records each certificate per proxy on the log (never a
+key); :class:`CertificateServer` serves it over gRPC + TLS; :class:`ProxyRevoker` revokes a
+proxy's certificate when its pod or VM leaves; :class:`IdentityHook` wires them into
+``smc serve``. The design is in ``docs/identity.md``.
+Concurrency: asyncio (one loop); issuers and the log are called in worker threads.
+"""
+
+from smc.identity._errors import IdentityError, ProofRefused, ServiceNotReady
+from smc.identity._grpc import CertificateServer
+from smc.identity._join import join_token_event
+from smc.identity._serve import (
+    AgentCertSource,
+    IdentityHook,
+    IdentityOptions,
+    TrustOnlyController,
+    run_trust_only,
+)
+from smc.identity._service import ProxyCertificateService, ProxyRevoker, canonical_proxy
+from smc.identity._tokenreview import TokenIdentity, TokenReviewer, token_digest
+
+__all__ = [
+    "AgentCertSource",
+    "CertificateServer",
+    "IdentityError",
+    "IdentityHook",
+    "IdentityOptions",
+    "ProofRefused",
+    "ProxyCertificateService",
+    "ProxyRevoker",
+    "ServiceNotReady",
+    "TokenIdentity",
+    "TokenReviewer",
+    "TrustOnlyController",
+    "canonical_proxy",
+    "join_token_event",
+    "run_trust_only",
+    "token_digest",
+]

@@ -1,0 +1,44 @@
+"""One-time join tokens for VMs: made by ``smc vm bootstrap``, used once by the VM's agent.
+
+Role: :func:`join_token_event` makes a random token (256 bits, URL-safe) and the
+``JoinTokenIssued`` event recording only its SHA-256, the proxy id (``vm/<ns>/<name>``) and
+identity it may get a first certificate for, and its expiry. The token itself goes only into
+the VM's bootstrap bundle (a 0600 file); the certificate service accepts it once (the
+``ProxyCertificateIssued`` that used it names its digest).
+Concurrency: pure (the randomness comes from ``secrets``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+
+from smc.events import JoinTokenIssued, deterministic_id, make_event
+from smc.identity._tokenreview import token_digest
+
+__all__ = ["join_token_event"]
+
+
+def join_token_event(
+    *,
+    proxy: str,
+    identity: str,
+    ttl: timedelta,
+    actor: str = "cli",
+    now: datetime | None = None,
+) -> tuple[str, JoinTokenIssued]:
+    """``(token, event)``: append the event, hand the token to the VM only."""
+    token = secrets.token_urlsafe(32)
+    digest = token_digest(token)
+    when = now or datetime.now(UTC)
+    event = make_event(
+        JoinTokenIssued,
+        source="smc-vm-bootstrap",
+        actor=actor,
+        event_id=deterministic_id("join-token", digest),
+        token_sha256=digest,
+        proxy=proxy,
+        identity=identity,
+        expires_at=when + ttl,
+    )
+    return token, event
