@@ -109,7 +109,8 @@ def test_bootstrap_bundle_is_written_and_validates_with_envoy(
     # the log records the token's digest for this proxy, never the token
     certs = CertsProjection()
     ProjectionRunner(log=SqliteLog(mesh_db), projections=[certs]).catch_up()
-    (recorded,) = certs.join_tokens.values()
+    (recorded,) = [certs.join_token(d) for d in certs.join_tokens]
+    assert recorded is not None
     assert recorded.token_sha256 == token_digest(token)
     assert recorded.proxy == "vm/fleet/vm-1" and not recorded.used_by
     assert token.encode() not in mesh_db.read_bytes()
@@ -321,7 +322,7 @@ def test_vm_envoy_started_by_the_run_script_gets_config_from_smc_serve(
         ProjectionRunner(log=SqliteLog(mesh_db), projections=[certs]).catch_up()
         rec = certs.proxy_cert("vm/fleet/vm-1")
         assert rec is not None and rec.identity == "spiffe://example.org/ns/fleet/sa/fleet-app"
-        (token,) = [t for t in certs.join_tokens.values() if t.used_by]
+        (token,) = [t for d in certs.join_tokens if (t := certs.join_token(d)) and t.used_by]
         assert rec.proof == f"join-token:{token.token_sha256}"
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/certs", timeout=2) as r:
             loaded = json.loads(r.read())

@@ -245,7 +245,7 @@ class ProxyCertificateService:
 
     def _prove_join_token(self, req: SignRequest) -> _Proven:
         digest = token_digest(req.join_token)
-        token = self.certs.join_tokens.get(digest)
+        token = self.certs.join_token(digest)
         if token is None:
             raise self._refuse("join-token-unknown", "no such join token")
         if token.used_by or digest in self._consuming:

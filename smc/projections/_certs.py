@@ -76,6 +76,10 @@ class JoinToken:
     used_by: str = ""
 
 
+def _token_key(t: JoinToken) -> tuple[str, str, datetime]:
+    return (t.proxy, t.identity, t.expires_at)
+
+
 class CertsProjection:
     """Certificate lifecycle, rebuilt from ``smc.certs``.
 
@@ -96,7 +100,8 @@ class CertsProjection:
         #: proxy node id -> serial -> record; proxy -> its current serial
         self.proxy_certs: dict[str, dict[str, ProxyCertRecord]] = {}
         self.proxy_current: dict[str, str] = {}
-        self.join_tokens: dict[str, JoinToken] = {}
+        self.join_tokens: dict[str, JoinToken] = {}  # by digest, without used_by
+        self.join_used: dict[str, str] = {}  # digest -> serial of the certificate it got
 
     def _apply_proxy(self, event: Event) -> None:
         if isinstance(event, ProxyCertificateIssued):
@@ -117,9 +122,10 @@ class CertsProjection:
             self.proxy_certs[event.proxy] = mine
             self.proxy_current[event.proxy] = event.serial
             kind, _, digest = event.proof.partition(":")
-            token = self.join_tokens.get(digest) if kind == "join-token" else None
-            if token is not None and not token.used_by:
-                self.join_tokens[digest] = replace(token, used_by=event.serial)
+            if kind == "join-token":  # the smallest serial wins: independent of read order
+                used = self.join_used.get(digest)
+                if used is None or event.serial < used:
+                    self.join_used[digest] = event.serial
         elif isinstance(event, ProxyCertificateRevoked):
             mine = self.proxy_certs.get(event.proxy, {})
             old = mine.get(event.serial)
@@ -127,13 +133,17 @@ class CertsProjection:
                 mine[event.serial] = replace(old, status="revoked", reason=event.reason)
             if self.proxy_current.get(event.proxy) == event.serial:
                 del self.proxy_current[event.proxy]
-        elif isinstance(event, JoinTokenIssued) and event.token_sha256 not in self.join_tokens:
-            self.join_tokens[event.token_sha256] = JoinToken(
+        elif isinstance(event, JoinTokenIssued):
+            token = JoinToken(
                 token_sha256=event.token_sha256,
                 proxy=event.proxy,
                 identity=event.identity,
                 expires_at=event.expires_at,
             )
+            held = self.join_tokens.get(event.token_sha256)
+            # one digest per token; were one repeated, the smallest record wins in any order
+            if held is None or _token_key(token) < _token_key(held):
+                self.join_tokens[event.token_sha256] = token
 
     def apply(self, event: Event) -> None:
         if isinstance(event, ProxyCertificateIssued | ProxyCertificateRevoked | JoinTokenIssued):
@@ -188,6 +198,13 @@ class CertsProjection:
         serial = self.proxy_current.get(proxy)
         return self.proxy_certs.get(proxy, {}).get(serial) if serial else None
 
+    def join_token(self, digest: str) -> JoinToken | None:
+        """The join token with SHA-256 ``digest`` (``used_by`` set once used), or None."""
+        token = self.join_tokens.get(digest)
+        if token is None:
+            return None
+        return replace(token, used_by=self.join_used.get(digest, ""))
+
     def proxy_serial(self, serial: str) -> ProxyCertRecord | None:
         """The proxy certificate with ``serial`` (any proxy, any status), or None."""
         for m in self.proxy_certs.values():
@@ -221,7 +238,7 @@ class CertsProjection:
     def _plain_proxies(self) -> dict[str, Any]:
         # Only present once a proxy certificate or join token exists, so the digest of a log
         # without any stays what it was before proxy certificates existed.
-        if not (self.proxy_certs or self.join_tokens):
+        if not (self.proxy_certs or self.join_tokens or self.join_used):
             return {}
         return {
             "proxy_certs": {
@@ -242,9 +259,9 @@ class CertsProjection:
             },
             "proxy_current": dict(self.proxy_current),
             "join_tokens": {
-                d: [t.proxy, t.identity, _ms(t.expires_at), t.used_by]
-                for d, t in self.join_tokens.items()
+                d: [t.proxy, t.identity, _ms(t.expires_at)] for d, t in self.join_tokens.items()
             },
+            "join_used": dict(self.join_used),
         }
 
     def digest(self) -> str:
@@ -297,7 +314,7 @@ class CertsProjection:
                 proxy=proxy,
                 identity=ident,
                 expires_at=_EPOCH + timedelta(milliseconds=exp),
-                used_by=used,
             )
-            for d, (proxy, ident, exp, used) in data.get("join_tokens", {}).items()
+            for d, (proxy, ident, exp) in data.get("join_tokens", {}).items()
         }
+        self.join_used = dict(data.get("join_used", {}))
