@@ -54,6 +54,7 @@ from smc.ca._rotation import DEFAULT_FRACTION, DEFAULT_JITTER, renew_at
 from smc.ca._vault import VaultIssuer
 from smc.events import (
     CERTS,
+    WRITER_NAMESPACE,
     Appended,
     CertificateIssued,
     CertificateRenewed,
@@ -151,6 +152,9 @@ def _desired(
         ns, sep, sa = short.partition("/")
         if not sep:
             skipped.append((short, "not of the form namespace/service-account"))
+            continue
+        if ns == WRITER_NAMESPACE:  # log writer identities: never a workload's certificate
+            skipped.append((short, f"namespace {ns} is reserved for log writers"))
             continue
         try:
             out[format_spiffe_id(trust_domain=trust_domain, namespace=ns, service_account=sa)] = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from smc.cli import _agent as _agent
 from smc.cli import _apply as _apply
+from smc.cli import _audit as _audit
 from smc.cli import _certs as _certs
 from smc.cli import _demo as _demo
 from smc.cli import _log as _log

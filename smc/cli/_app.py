@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from smc.errors import SMCError
-from smc.events import EventLog, Position, open_log
+from smc.events import EventLog, Position, Signer, open_log
 
 __all__ = ["DEFAULT_LOG", "cli", "main", "open_log_from", "parse_position", "parse_time"]
 
@@ -39,19 +39,33 @@ class _Group(click.Group):
     show_default=True,
     help="Event log URL: sqlite:///PATH or kafka://HOST:PORT (env SMC_LOG).",
 )
+@click.option(
+    "--writer",
+    "writer_dir",
+    envvar="SMC_WRITER",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Writer credentials (writer.key, writer.crt from `smc writer issue`) that seal "
+    "what this command appends (env SMC_WRITER).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.pass_context
-def cli(ctx: click.Context, log_url: str, verbose: int) -> None:
+def cli(ctx: click.Context, log_url: str, writer_dir: str | None, verbose: int) -> None:
     """SMC: an event-sourced service mesh control plane for Envoy."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.ensure_object(dict)
     ctx.obj["log_url"] = log_url
+    ctx.obj["writer_dir"] = writer_dir
 
 
 def open_log_from(ctx: click.Context) -> EventLog:
+    """The log ``--log`` names; appends are sealed with ``--writer`` credentials if given."""
     log = open_log(ctx.obj["log_url"])
     ctx.call_on_close(log.close)
+    writer_dir = (ctx.find_root().obj or {}).get("writer_dir")
+    if writer_dir:
+        log.signer = Signer.from_dir(writer_dir)
     return log
 
 

@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from smc.audit import load_trust
 from smc.cli._app import cli, open_log_from, parse_position, parse_time
-from smc.events import Event, EventLog, Position, Record, default_codec
+from smc.events import ChainVerifier, Event, EventLog, Position, Record, default_codec
 from smc.projections import ProjectionRunner, all_projections
 
 __all__ = ["audit", "diff_states", "event_row", "log_group"]
@@ -116,15 +117,28 @@ def tail(
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--full", is_flag=True, help="Decode and apply every record (also superseded ones).")
+@click.option(
+    "--trust",
+    envvar="SMC_TRUST",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Verify seals against these PEM roots: unverified records are skipped and reported.",
+)
 @click.pass_context
 def replay(
-    ctx: click.Context, until: str | None, as_json: bool, no_progress: bool, full: bool
+    ctx: click.Context,
+    until: str | None,
+    as_json: bool,
+    no_progress: bool,
+    full: bool,
+    trust: str | None,
 ) -> None:
     """Rebuild every projection from the log and print their digests and sizes."""
     log = open_log_from(ctx)
     target = parse_position(log, until) if until else log.end_position()
     total = sum(off for _, off in target.items()) if log.dedupes_on_append else None
-    runner = ProjectionRunner(log=log, projections=all_projections())
+    verifier = ChainVerifier(trust=load_trust(trust)) if trust else None
+    runner = ProjectionRunner(log=log, projections=all_projections(), verifier=verifier)
     t0 = time.perf_counter()
     if no_progress or as_json:
         runner.catch_up(until=target, compact=not full)
@@ -142,6 +156,8 @@ def replay(
                 compact=not full,
                 progress=lambda n: bar.update(task, completed=n),
             )
+    if verifier is not None and until is None:
+        verifier.finish()  # records no seal covers by the end of the log: unsigned
     secs = time.perf_counter() - t0
     result = _summary(runner, secs)
     if as_json:
@@ -151,6 +167,10 @@ def replay(
         f"replayed {result['events']} events in {secs:.2f}s "
         f"({result['events_per_second']:.0f} events/s) to {result['position']}"
     )
+    if verifier is not None:
+        click.echo(f"verified {verifier.verified} records; skipped {verifier.rejected}")
+        for f in result["findings"]:
+            click.echo(f"  skipped {f['position']} {f['kind']}: {f['detail']}")
     for name, d in result["digests"].items():
         click.echo(f"  {name:9} {d}  {result['sizes'][name]}")
 
@@ -169,7 +189,12 @@ def _summary(runner: ProjectionRunner, secs: float) -> dict[str, Any]:
             sizes[p.name] = f"{len(p.resources)} resources, permissive={p.mesh.permissive}"
         elif isinstance(p, CertsProjection):
             sizes[p.name] = f"{len(p.current)} current certificates, {len(p.revoked())} revoked"
-    return {
+    out: dict[str, Any] = {}
+    if runner.verifier is not None:
+        out["verified"] = runner.verifier.verified
+        out["skipped"] = runner.verifier.rejected
+        out["findings"] = [f.to_json() for f in runner.verifier.findings]
+    return out | {
         "events": runner.applied,
         "duplicates_dropped": runner.duplicates,
         "seconds": round(secs, 3),
@@ -233,7 +258,7 @@ def _audit_data(log: EventLog, start: Position, end: Position) -> dict[str, Any]
     return {"events": events, "diff": diff_states(before, after)}
 
 
-@cli.command("audit")
+@cli.group("audit", invoke_without_command=True)
 @click.option("--from", "from_", default=None, help="Start (TIME or position); default: beginning.")
 @click.option("--to", default=None, help="End (TIME or position); default: now.")
 @click.option("--actor", default=None, help="Only events by this actor.")
@@ -242,7 +267,11 @@ def _audit_data(log: EventLog, start: Position, end: Position) -> dict[str, Any]
 def audit(
     ctx: click.Context, from_: str | None, to: str | None, actor: str | None, as_json: bool
 ) -> None:
-    """What changed, when and by whom between two points in time, and the state difference."""
+    """What changed, when and by whom between two points in time, and the state difference.
+
+    Subcommands: `verify` (signatures and chains), `why` (what granted or revoked access)."""
+    if ctx.invoked_subcommand is not None:
+        return
     log = open_log_from(ctx)
     start = parse_position(log, from_) if from_ else Position()
     end = parse_position(log, to) if to else log.end_position()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -29,6 +31,7 @@ from confluent_kafka import (
 
 from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
+from smc.events._integrity import WRITER, Signer, record_digest
 from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
 
@@ -47,6 +50,7 @@ class KafkaLog:
         bootstrap: str,
         *,
         codec: Codec | None = None,
+        signer: Signer | None = None,
         streams: Sequence[str] = STREAMS,
         timeout: float = 10.0,
         config: dict[str, Any] | None = None,
@@ -56,6 +60,8 @@ class KafkaLog:
         self.prefix = topic_prefix
         self.url = f"kafka://{bootstrap}" + (f"?prefix={topic_prefix}" if topic_prefix else "")
         self.codec = codec or default_codec()
+        #: Seals every append that names no signer of its own (see ``docs/log-integrity.md``).
+        self.signer = signer
         self.streams = tuple(streams)
         self.timeout = timeout
         extra = dict(config or {})
@@ -117,9 +123,16 @@ class KafkaLog:
             self._partitions = out
         return self._partitions
 
-    def append(self, events: Sequence[Event]) -> list[Appended]:
+    def append(self, events: Sequence[Event], *, signer: Signer | None = None) -> list[Appended]:
+        """Produce ``events`` and wait for every acknowledgement. With a signer (``signer``
+        or the log's), every record names the signer's session in an ``smc.writer`` header
+        and the last record of each partition's batch carries the ``smc.seal`` header
+        (``WRITER`` mode: the batch extends the session's own chain in that partition)."""
+        signer = signer or self.signer
         if not events:
             return []
+        if signer is not None:
+            return self._append_sealed(events, signer)
         results: list[Appended | None] = [None] * len(events)
         failures: list[str] = []
 
@@ -166,6 +179,89 @@ class KafkaLog:
             raise LogUnavailable(f"Kafka refused records: {'; '.join(failures[:5])}")
         return [r for r in results if r is not None]
 
+    def partition_of(self, stream: str, key: bytes) -> int:
+        """The partition a key goes to: librdkafka's default (``consistent_random``) rule,
+        CRC-32 of the key modulo the partition count, so sealed and unsealed appends place
+        an aggregate alike."""
+        parts = self.partitions()[stream]
+        return parts[zlib.crc32(key) % len(parts)]
+
+    def _append_sealed(self, events: Sequence[Event], signer: Signer) -> list[Appended]:
+        encode = self.codec.encode
+        sid = signer.session_id
+        groups: dict[tuple[str, int], list[tuple[int, Event, bytes, bytes]]] = {}
+        for i, ev in enumerate(events):
+            stream = type(ev).STREAM
+            key = ev.envelope.aggregate.encode()
+            p = self.partition_of(stream, key)
+            groups.setdefault((stream, p), []).append((i, ev, key, encode(ev)))
+        results: list[Appended | None] = [None] * len(events)
+        failures: list[str] = []
+
+        def report(i: int, ev: Event) -> Any:
+            def cb(err: KafkaError | None, msg: Any) -> None:
+                if err is not None:
+                    failures.append(f"{ev.envelope.event_id}: {err}")
+                else:
+                    results[i] = Appended(
+                        event_id=ev.envelope.event_id,
+                        stream=(msg.topic() or "")[len(self.prefix) :],
+                        partition=msg.partition(),
+                        offset=msg.offset(),
+                        duplicate=False,
+                    )
+
+            return cb
+
+        heads: list[tuple[str, int, bytes]] = []
+        with self._lock:
+            for (stream, p), batch in groups.items():
+                prev = signer.writer_prev(stream, p)
+                seal, head = signer.seal(
+                    stream=stream, partition=p, mode=WRITER, prev=prev,
+                    digests=[record_digest(key, value) for _, _, key, value in batch],
+                )  # fmt: skip
+                heads.append((stream, p, head))
+                last = len(batch) - 1
+                for j, (i, ev, key, value) in enumerate(batch):
+                    headers = [
+                        ("smc.event_id", ev.envelope.event_id.encode()),
+                        ("smc.type", type(ev).TYPE.encode()),
+                        ("smc.writer", sid),
+                    ]
+                    if j == last:
+                        headers.append(("smc.seal", seal.encode()))
+                    self._produce(self.prefix + stream, p, key, value, headers, report(i, ev))
+            remaining = self._producer.flush(self.timeout)
+        if remaining or failures:
+            # Part of a batch may be on the log without its seal: a new session keeps the
+            # chains of the next appends apart from it (the unsealed records are reported
+            # and never applied; a retry appends them again, sealed).
+            signer.new_session()
+        if remaining:
+            raise LogUnavailable(
+                f"Kafka at {self.bootstrap}: {remaining} records not acknowledged within "
+                f"{self.timeout}s ({'; '.join(self._errors[-3:]) or 'no broker answer'})"
+            )
+        if failures:
+            raise LogUnavailable(f"Kafka refused records: {'; '.join(failures[:5])}")
+        for stream, p, head in heads:
+            signer.committed(stream, p, head=head, mode=WRITER)
+        return [r for r in results if r is not None]
+
+    def _produce(
+        self, topic: str, partition: int, key: bytes, value: bytes, headers: list[Any], cb: Any
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic, key=key, value=value, partition=partition, headers=headers,
+                    on_delivery=cb,
+                )  # fmt: skip
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
     def _assign(self, start: Position) -> None:
         tps = [
             TopicPartition(self.prefix + stream, p, start.get((stream, p)))
@@ -206,6 +302,14 @@ class KafkaLog:
         out: list[Record] = []
         for m in self._consume(start, max_records, timeout):
             key = m.key()
+            writer = seal = b""
+            headers = m.headers()
+            if headers:
+                for hk, hv in headers:
+                    if hk == "smc.writer":
+                        writer = hv or b""
+                    elif hk == "smc.seal":
+                        seal = hv or b""
             out.append(
                 new(
                     (
@@ -217,6 +321,8 @@ class KafkaLog:
                         m.value() or b"",
                         "",
                         "",
+                        writer,
+                        seal,
                     )
                 )
             )
@@ -286,16 +392,30 @@ class KafkaLog:
 
     def end_position(self) -> Position:
         out = {}
-        try:
-            for stream, parts in self.partitions().items():
-                for p in parts:
-                    _, high = self._consumer.get_watermark_offsets(
-                        TopicPartition(self.prefix + stream, p), timeout=self.timeout, cached=False
-                    )
-                    if high > 0:
-                        out[(stream, p)] = high
-        except KafkaException as exc:
-            raise LogUnavailable(f"Kafka at {self.bootstrap} unreachable: {exc}") from exc
+        deadline = time.monotonic() + self.timeout
+        for stream, parts in self.partitions().items():
+            for p in parts:
+                while True:
+                    try:
+                        _, high = self._consumer.get_watermark_offsets(
+                            TopicPartition(self.prefix + stream, p),
+                            timeout=self.timeout,
+                            cached=False,
+                        )
+                        break
+                    except KafkaException as exc:
+                        # a leader moving (or just elected for a new topic) is retried
+                        err = exc.args[0] if exc.args else None
+                        retriable = isinstance(err, KafkaError) and (
+                            err.retriable() or err.code() in _LEADER_MOVING
+                        )
+                        if not retriable or time.monotonic() > deadline:
+                            raise LogUnavailable(
+                                f"Kafka at {self.bootstrap} unreachable: {exc}"
+                            ) from exc
+                        time.sleep(0.1)
+                if high > 0:
+                    out[(stream, p)] = high
         return Position(out)
 
     def position_at(self, when: datetime) -> Position:
@@ -326,6 +446,13 @@ class KafkaLog:
 
 
 _message_error = Message.error
+_LEADER_MOVING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
 
 
 def _raise_unless_eof(m: Any, err: KafkaError) -> bool:

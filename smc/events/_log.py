@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from smc.events._integrity import Signer
 from smc.events._types import Event
 
 __all__ = ["Appended", "EventLog", "Position", "Record", "TopicPartition"]
@@ -39,6 +40,10 @@ class Record(NamedTuple):
     value: bytes
     event_type: str = ""
     event_id: str = ""
+    #: Integrity data (see ``docs/log-integrity.md``): the writer session a ``WRITER``-mode
+    #: record names, and the seal closing a batch (empty on every other record).
+    writer: bytes = b""
+    seal: bytes = b""
 
     @property
     def where(self) -> str:
@@ -109,12 +114,15 @@ class EventLog(Protocol):
     url: str
     #: True when the backend itself drops an append whose event id it already holds.
     dedupes_on_append: bool
+    #: Seals appends that name no signer (None: appends are not sealed).
+    signer: Signer | None
 
-    def append(self, events: Sequence[Event]) -> list[Appended]:
+    def append(self, events: Sequence[Event], *, signer: Signer | None = None) -> list[Appended]:
         """Append events durably; returns once every one is acknowledged (or raises).
 
         Idempotent by event id where ``dedupes_on_append``; otherwise duplicates may be stored
-        and the projection runner drops them by id.
+        and the projection runner drops them by id. With a signer (``signer``, else the log's
+        own), the batch is sealed (``docs/log-integrity.md``).
         """
         ...
 

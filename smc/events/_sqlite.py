@@ -19,9 +19,11 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
+from smc.events._integrity import PARTITION, Signer, genesis, record_digest
 from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
 
@@ -42,7 +44,10 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('format', '1');
+CREATE TABLE IF NOT EXISTS chain (stream TEXT PRIMARY KEY, head BLOB NOT NULL);
 """
+# Integrity data beside each record (docs/log-integrity.md): added to older files in place.
+_COLUMNS = (("writer", "BLOB NOT NULL DEFAULT x''"), ("seal", "BLOB NOT NULL DEFAULT x''"))
 _POLL = 0.05
 
 
@@ -51,8 +56,16 @@ class SqliteLog:
 
     dedupes_on_append = True
 
-    def __init__(self, path: str | os.PathLike[str], *, codec: Codec | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        codec: Codec | None = None,
+        signer: Signer | None = None,
+    ) -> None:
         self.path = Path(path)
+        #: Seals every append that names no signer of its own (see ``docs/log-integrity.md``).
+        self.signer = signer
         self.url = f"sqlite:///{self.path}"
         self.codec = codec or default_codec()
         try:
@@ -60,6 +73,10 @@ class SqliteLog:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = self._connect()
             self._writer.executescript(_SCHEMA)
+            have = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
+            for name, decl in _COLUMNS:
+                if name not in have:
+                    self._writer.execute(f"ALTER TABLE events ADD COLUMN {name} {decl}")
         except (sqlite3.Error, OSError) as exc:
             raise LogUnavailable(f"cannot open SQLite log {self.path}: {exc}") from exc
         self._lock = threading.Lock()
@@ -82,7 +99,11 @@ class SqliteLog:
             self._local.conn = conn
         return conn
 
-    def append(self, events: Sequence[Event]) -> list[Appended]:
+    def append(self, events: Sequence[Event], *, signer: Signer | None = None) -> list[Appended]:
+        """Append ``events`` in one transaction; with a signer (``signer`` or the log's),
+        each stream's new records form one batch sealed on its last record, extending the
+        stream's chain head (``PARTITION`` mode: the write lock makes it the true head)."""
+        signer = signer or self.signer
         if self._closed:
             raise LogError("log is closed")
         if not events:
@@ -105,20 +126,26 @@ class SqliteLog:
                 w = self._writer
                 w.execute("BEGIN IMMEDIATE")
                 try:
-                    out = self._append_locked(w, rows)
+                    out, sealed = self._append_locked(w, rows, signer)
                     w.execute("COMMIT")
                 except BaseException:
                     w.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
             raise LogUnavailable(f"append to {self.path} failed: {exc}") from exc
+        if signer is not None:
+            for stream, head in sealed:
+                signer.committed(stream, 0, head=head, mode=PARTITION)
         with self._cond:
             self._cond.notify_all()
         return out
 
     def _append_locked(
-        self, w: sqlite3.Connection, rows: list[tuple[str, str, str, str, int, bytes]]
-    ) -> list[Appended]:
+        self,
+        w: sqlite3.Connection,
+        rows: list[tuple[str, str, str, str, int, bytes]],
+        signer: Signer | None,
+    ) -> tuple[list[Appended], list[tuple[str, bytes]]]:
         existing: dict[str, tuple[str, int]] = {}
         unique = list(dict.fromkeys(r[3] for r in rows))
         for i in range(0, len(unique), 500):
@@ -146,16 +173,44 @@ class SqliteLog:
             seq = next_seq[stream]
             next_seq[stream] = seq + 1
             existing[eid] = (stream, seq)
-            new_rows.append((stream, seq, key, etype, eid, ts, value))
+            new_rows.append([stream, seq, key, etype, eid, ts, value, b""])
             out.append(
                 Appended(event_id=eid, stream=stream, partition=0, offset=seq, duplicate=False)
             )
+        sealed: list[tuple[str, bytes]] = []
+        if signer is not None and new_rows:
+            sealed = self._seal_locked(w, new_rows, signer)
         w.executemany(
-            "INSERT INTO events (stream, seq, key, type, event_id, ts, value) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (stream, seq, key, type, event_id, ts, value, seal) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             new_rows,
         )
-        return out
+        return out, sealed
+
+    def _seal_locked(
+        self, w: sqlite3.Connection, new_rows: list[list[Any]], signer: Signer
+    ) -> list[tuple[str, bytes]]:
+        """Seal each stream's new rows (in place: the seal goes on the last one) and move
+        the stream's chain head; returns the new heads."""
+        by_stream: dict[str, list[list[Any]]] = {}
+        for row in new_rows:
+            by_stream.setdefault(row[0], []).append(row)
+        sealed = []
+        for stream, rows in by_stream.items():
+            got = w.execute("SELECT head FROM chain WHERE stream = ?", (stream,)).fetchone()
+            prev = got[0] if got is not None else genesis(stream, 0)
+            digests = [record_digest(r[2].encode(), r[6]) for r in rows]
+            seal, head = signer.seal(
+                stream=stream, partition=0, mode=PARTITION, prev=prev, digests=digests
+            )
+            rows[-1][7] = seal.encode()
+            w.execute(
+                "INSERT INTO chain (stream, head) VALUES (?, ?) "
+                "ON CONFLICT (stream) DO UPDATE SET head = excluded.head",
+                (stream, head),
+            )
+            sealed.append((stream, head))
+        return sealed
 
     def _read_once(self, start: Position, max_records: int) -> list[Record]:
         conn = self._reader()
@@ -171,13 +226,17 @@ class SqliteLog:
         if not first_ids:
             return []
         rows = conn.execute(
-            "SELECT stream, seq, ts, key, value, type, event_id FROM events "
+            "SELECT stream, seq, ts, key, value, type, event_id, writer, seal FROM events "
             "WHERE id >= ? ORDER BY id LIMIT ?",
             (min(first_ids), max_records),
         ).fetchall()
         floor = {s: start.get((s, 0)) for s in STREAMS}
         new = Record._make
-        return [new((s, 0, o, ts, k, v, t, e)) for s, o, ts, k, v, t, e in rows if o >= floor[s]]
+        return [
+            new((s, 0, o, ts, k, v, t, e, wr, se))
+            for s, o, ts, k, v, t, e, wr, se in rows
+            if o >= floor[s]
+        ]
 
     def scan(
         self,

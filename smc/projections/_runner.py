@@ -33,9 +33,11 @@ from xxhash import xxh64_intdigest
 from smc.events import (
     EVENT_TYPES,
     MAGIC,
+    ChainVerifier,
     Codec,
     Event,
     EventLog,
+    IntegrityError,
     LogUnavailable,
     Position,
     Record,
@@ -124,10 +126,12 @@ class Checkpoint:
     digests: dict[str, str]
     seen: frozenset[int]
     applied: int
+    #: The verifier's state (chain heads, writers, held records) when the runner verifies.
+    integrity: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         packed = struct.pack(f"<{len(self.seen)}Q", *sorted(self.seen))
-        return {
+        out = {
             "format": CHECKPOINT_FORMAT,
             "position": self.position.to_json(),
             "states": self.states,
@@ -135,6 +139,9 @@ class Checkpoint:
             "seen": base64.b64encode(packed).decode(),
             "applied": self.applied,
         }
+        if self.integrity is not None:
+            out["integrity"] = self.integrity
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Checkpoint:
@@ -149,6 +156,7 @@ class Checkpoint:
                 digests=dict(data["digests"]),
                 seen=seen,
                 applied=int(data["applied"]),
+                integrity=data.get("integrity"),
             )
         except (KeyError, TypeError, ValueError, struct.error) as exc:
             raise CheckpointError(f"checkpoint is malformed: {exc!r}") from exc
@@ -189,8 +197,12 @@ class ProjectionRunner:
         projections: Sequence[Projection],
         codec: Codec | None = None,
         batch: int = 5000,
+        verifier: ChainVerifier | None = None,
     ) -> None:
         self.log = log
+        #: With a verifier, only records of verified, entitled batches change state
+        #: (``docs/log-integrity.md``); the others are skipped and reported by it.
+        self.verifier = verifier
         self.projections = list(projections)
         self.codec = codec or default_codec()
         self.batch = batch
@@ -219,6 +231,7 @@ class ProjectionRunner:
             digests={p.name: p.digest() for p in self.projections},
             seen=frozenset(self._seen),
             applied=self.applied,
+            integrity=self.verifier.state() if self.verifier is not None else None,
         )
 
     def restore(self, cp: Checkpoint) -> None:
@@ -231,6 +244,14 @@ class ProjectionRunner:
             p.restore(cp.states[p.name])
             if p.digest() != cp.digests[p.name]:
                 raise CheckpointError(f"checkpoint of {p.name} does not match its digest")
+        if self.verifier is not None:
+            if cp.integrity is None:
+                raise CheckpointError("checkpoint carries no chain heads; the runner verifies")
+            try:
+                self.verifier.check_state(self.log, cp.position, cp.integrity)
+            except IntegrityError as exc:
+                raise CheckpointError(f"checkpoint refused: {exc}") from exc
+            self.verifier.restore(cp.integrity)
         self.position = cp.position
         self._seen = dict.fromkeys(cp.seen)
         self.applied = cp.applied
@@ -245,6 +266,13 @@ class ProjectionRunner:
         On an undecodable or unappliable record, raises; the position then points at that
         record and every record before it is applied whole.
         """
+        if self.verifier is not None:
+            # Verified records are released when their batch's seal is read; the position
+            # still moves past every record read (held ones live in the verifier's state).
+            released = self._apply_released(self.verifier.feed(records))
+            if records:
+                self.position = self.position.advanced(records)
+            return released
         decode = self.codec.decode
         seen = self._seen
         dedupe = self._dedupe
@@ -269,6 +297,28 @@ class ProjectionRunner:
             if k:
                 self.position = self.position.advanced(records[:k])
         return done
+
+    def _apply_released(self, records: Sequence[Record]) -> list[Event]:
+        decode = self.codec.decode
+        seen = self._seen
+        done: list[Event] = []
+        for rec in records:
+            event = decode(rec.value, where=rec.where)
+            if self._dedupe:
+                h = _id_hash(event.envelope.event_id)
+                if h in seen:
+                    self.duplicates += 1
+                    continue
+                seen[h] = None
+            self._apply_event(event, rec.where)
+            done.append(event)
+            self.applied += 1
+        return done
+
+    @property
+    def skipped(self) -> int:
+        """Records never applied because verification refused them."""
+        return self.verifier.rejected if self.verifier is not None else 0
 
     def _replacing(self) -> frozenset[str]:
         """Types that supersede their aggregate's earlier events for every projection."""
@@ -311,8 +361,12 @@ class ProjectionRunner:
         registered = 0  # records put in ``pending`` since the last flush
         appended = 0  # of which appended to a list (the others replaced one)
         scanned = self.position
-        scan_messages = getattr(self.log, "scan_messages", None) if compact else None
-        scan = getattr(self.log, "scan", None)
+        verifier = self.verifier
+        # Verification needs each record's seal: the plain read path carries it.
+        scan_messages = (
+            getattr(self.log, "scan_messages", None) if compact and verifier is None else None
+        )
+        scan = getattr(self.log, "scan", None) if verifier is None else None
         # A compacted scan makes only acyclic objects (messages, bytes, ints) by the million;
         # the cyclic collector would walk the pending records and projection state over and
         # over for nothing, so it is paused until the survivors are applied.
@@ -334,8 +388,16 @@ class ProjectionRunner:
                         start=scanned, max_records=self.batch, timeout=0.5
                     )
                     recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
-                    raw = [(r.stream, r.partition, r.offset, r.key, r.value) for r in recs]
                     after = scanned.advanced(recs)
+                    if compact and verifier is not None:
+                        ok = verifier.feed(recs)
+                        raw = [(r.stream, r.partition, r.offset, r.key, r.value) for r in ok]
+                        if recs and not raw:  # progress, nothing (yet) to apply
+                            scanned = after
+                            last_progress = time.monotonic()
+                            continue
+                    else:
+                        raw = [(r.stream, r.partition, r.offset, r.key, r.value) for r in recs]
                 if not raw:
                     if time.monotonic() - last_progress > stall_timeout:
                         raise LogUnavailable(

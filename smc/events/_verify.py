@@ -1,0 +1,375 @@
+"""Verifying the log: chains, seals, writers and entitlements, record by record.
+
+Role: :class:`ChainVerifier` is fed every record of the log in partition order (as the logs
+return them, with their writer header and seal) and releases only the records of batches
+whose seal verifies: the chain extends the previous head, the signature is the writer's,
+the writer certificate chains to the trust roots at signing time and was not revoked then,
+and the writer's role is entitled to each record's event type. Everything else is a
+:class:`Finding` naming the record's position; ``smc audit verify`` prints them and the
+projection runner skips those records (the same records on every replica: the decision
+depends only on the log and the trust roots). A batch whose seal has not been read yet is
+held. State (heads, writers, held records, counts) is plain data for checkpoints.
+Concurrency: not thread-safe; one verifier per reader.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from smc.events._codec import Codec, default_codec
+from smc.events._integrity import (
+    PARTITION,
+    WRITER,
+    IntegrityError,
+    Seal,
+    batch_head,
+    genesis,
+    record_digest,
+)
+from smc.events._log import EventLog, Position, Record
+from smc.events._writers import Writer, WriterTrust, entitled, ms_to_datetime
+
+__all__ = ["ChainVerifier", "Finding"]
+
+#: Finding kinds.
+BAD_SEAL = "bad-seal"
+BAD_SIGNATURE = "bad-signature"
+CHAIN_BREAK = "chain-break"
+MISSING = "missing-records"
+UNSIGNED = "unsigned"
+UNKNOWN_WRITER = "unknown-writer"
+REVOKED = "revoked-writer"
+NOT_ENTITLED = "not-entitled"
+UNKNOWN_TYPE = "unknown-type"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem found on the log, at a record's position."""
+
+    stream: str
+    partition: int
+    offset: int
+    kind: str
+    detail: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.stream}[{self.partition}]@{self.offset}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"position": self.where, "kind": self.kind, "detail": self.detail}
+
+
+_RESYNC = b""  # a head we cannot know (after a batch whose content was altered)
+
+
+class ChainVerifier:
+    """Streams records through the integrity checks; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        trust: WriterTrust,
+        codec: Codec | None = None,
+        on_finding: Callable[[Finding], None] | None = None,
+    ) -> None:
+        self.trust = trust
+        self.codec = codec or default_codec()
+        self.on_finding = on_finding
+        self.heads: dict[tuple[str, int], bytes] = {}
+        self.wheads: dict[tuple[str, int, bytes], bytes] = {}
+        #: Offset of the seal that produced each head (checkpoints prove heads with it).
+        self.head_at: dict[tuple[str, int, bytes], int] = {}
+        self.pending: dict[tuple[str, int, bytes], list[Record]] = {}
+        self.writers: dict[bytes, Writer] = {}
+        self._certs: dict[bytes, tuple[bytes, ...]] = {}
+        self.verified = 0
+        self.rejected = 0
+        self.findings: list[Finding] = []
+        #: The writer of each record the last :meth:`feed` returned (same order).
+        self.released_by: list[Writer] = []
+
+    # -- findings ---------------------------------------------------------------------------
+    def _find(self, rec: Record, kind: str, detail: str) -> None:
+        f = Finding(rec.stream, rec.partition, rec.offset, kind, detail)
+        self.findings.append(f)
+        del self.findings[:-1000]
+        self.rejected += 1
+        if self.on_finding is not None:
+            self.on_finding(f)
+
+    # -- feeding ----------------------------------------------------------------------------
+    def feed(self, records: Sequence[Record]) -> list[Record]:
+        """Check records (in partition order); returns those now verified, in release order."""
+        out: list[Record] = []
+        self.released_by = []
+        pending = self.pending
+        for r in records:
+            if not r.seal:
+                key = (r.stream, r.partition, r.writer)
+                batch = pending.get(key)
+                if batch is None:
+                    pending[key] = [r]
+                else:
+                    batch.append(r)
+                continue
+            self._close(r, out)
+        return out
+
+    def finish(self) -> None:
+        """Report every held record as unsigned (the end of a verification range)."""
+        for batch in self.pending.values():
+            for r in batch:
+                self._find(r, UNSIGNED, "no seal covers this record")
+        self.pending.clear()
+
+    def _writer(self, seal: Seal, rec: Record) -> Writer | None:
+        w = self.writers.get(seal.key_id)
+        certs = seal.certs or self._certs.get(seal.key_id)
+        if certs is None:
+            return None
+        if w is None or (seal.certs and seal.certs != self._certs.get(seal.key_id)):
+            w = self.trust.writer(certs, at=ms_to_datetime(seal.signed_at_ms))
+            if w.key_id != seal.key_id:
+                raise IntegrityError("seal key id does not match its certificate")
+            self.writers[seal.key_id] = w
+            self._certs[seal.key_id] = certs
+        at = ms_to_datetime(seal.signed_at_ms)
+        if not (w.not_before <= at <= w.not_after):
+            raise IntegrityError(f"writer {w.label} certificate not valid at {at.isoformat()}")
+        return w
+
+    def _close(self, r: Record, out: list[Record]) -> None:
+        stream, part = r.stream, r.partition
+        try:
+            seal = Seal.decode(r.seal)
+        except IntegrityError as exc:
+            self._reject_batch(
+                self.pending.pop((stream, part, r.writer), []), r, BAD_SEAL, str(exc)
+            )
+            return
+        if seal.mode == WRITER:
+            sid = seal.key_id + seal.session
+            if r.writer != sid:
+                self._reject_batch(
+                    self.pending.pop((stream, part, r.writer), []), r, BAD_SEAL,
+                    "seal names another writer session than its record",
+                )  # fmt: skip
+                return
+            held = self.pending.pop((stream, part, sid), [])
+        else:
+            held = self.pending.pop((stream, part, r.writer), [])
+        batch = [*held, r]
+        if len(batch) < seal.count:
+            self._reject_batch(
+                batch[:-1], r, MISSING,
+                f"seal covers {seal.count} records, only {len(batch)} precede it "
+                "(records deleted)",
+            )  # fmt: skip
+            self._advance_unknown(seal, stream, part, r.offset)
+            return
+        # More records than the seal covers: the first ones are unsigned, if the sealed
+        # ones verify; otherwise the batch itself was tampered with (checked below).
+        extra = batch[: len(batch) - seal.count]
+        batch = batch[len(batch) - seal.count :]
+        head = batch_head(seal.prev, [record_digest(_b(x.key), x.value) for x in batch])
+        try:
+            writer = self._writer(seal, r)
+        except IntegrityError as exc:
+            self._reject_batch(extra + batch[:-1], r, UNKNOWN_WRITER, str(exc))
+            self._advance(seal, stream, part, head, r.offset)
+            return
+        if writer is None:
+            self._reject_batch(
+                extra + batch[:-1], r, UNKNOWN_WRITER,
+                f"writer key {seal.key_id.hex()} not introduced on this partition",
+            )  # fmt: skip
+            self._advance(seal, stream, part, head, r.offset)
+            return
+        if not seal.verify(writer.public_key, seal.signed_bytes(stream, part, head)):
+            self._reject_batch(
+                extra + batch[:-1], r, BAD_SIGNATURE,
+                f"batch of {seal.count} records sealed by {writer.label} does not match its "
+                "signature (a record was edited, reordered, inserted or deleted)",
+            )  # fmt: skip
+            self._advance_unknown(seal, stream, part, r.offset)
+            return
+        for x in extra:
+            self._find(x, UNSIGNED, "no seal covers this record")
+        expected = self._expected_prev(seal, stream, part)
+        if expected is not _RESYNC and expected != seal.prev:
+            first = batch[0]
+            self._find(
+                first, CHAIN_BREAK,
+                f"batch sealed by {writer.label} does not extend the chain before it "
+                "(records before it were deleted, reordered or inserted)",
+            )  # fmt: skip
+        self._advance(seal, stream, part, head, r.offset)
+        revoked = self.trust.revoked_at(writer.serial)
+        if revoked is not None and ms_to_datetime(seal.signed_at_ms) >= revoked:
+            self._reject_batch(
+                batch[:-1], r, REVOKED, f"writer {writer.label} was revoked at {revoked}"
+            )
+            return
+        by_fp = self.codec.by_fingerprint
+        for x in batch:
+            info = by_fp.get(x.value[2:10])
+            if info is None:
+                self._find(x, UNKNOWN_TYPE, "unknown writer schema fingerprint")
+            elif not entitled(writer.role, info.name):
+                self._find(
+                    x, NOT_ENTITLED, f"{writer.label} may not append {info.name.rsplit('.', 1)[-1]}"
+                )
+            else:
+                self.verified += 1
+                out.append(x)
+                self.released_by.append(writer)
+
+    def _expected_prev(self, seal: Seal, stream: str, part: int) -> bytes:
+        if seal.mode == PARTITION:
+            return self.heads.get((stream, part)) or genesis(stream, part)
+        sid = seal.key_id + seal.session
+        got = self.wheads.get((stream, part, sid))
+        return genesis(stream, part, sid) if got is None else got
+
+    def _advance(self, seal: Seal, stream: str, part: int, head: bytes, at: int) -> None:
+        if seal.mode == PARTITION:
+            self.heads[(stream, part)] = head
+            self.head_at[(stream, part, b"")] = at
+        else:
+            sid = seal.key_id + seal.session
+            self.wheads[(stream, part, sid)] = head
+            self.head_at[(stream, part, sid)] = at
+
+    def _advance_unknown(self, seal: Seal, stream: str, part: int, at: int) -> None:
+        self._advance(seal, stream, part, _RESYNC, at)
+
+    def _reject_batch(self, held: list[Record], closing: Record, kind: str, detail: str) -> None:
+        first = held[0] if held else closing
+        if held:
+            detail += f"; batch skipped: @{first.offset}..@{closing.offset}"
+        self._find(first, kind, detail)
+        self.rejected += len(held)  # the whole batch is skipped; one finding names it
+
+    # -- state ------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Heads, known writers and held records, as JSON-able data (for checkpoints)."""
+        enc = base64.b64encode
+
+        def rec(r: Record) -> list[Any]:
+            return [r.stream, r.partition, r.offset, r.timestamp_ms, r.key,
+                    enc(r.value).decode(), enc(r.writer).decode(), enc(r.seal).decode()]  # fmt: skip
+
+        at = self.head_at
+        return {
+            "heads": {
+                f"{s}:{p}": f"{h.hex()}@{at[(s, p, b'')]}"
+                for (s, p), h in sorted(self.heads.items())
+            },
+            "wheads": {
+                f"{s}:{p}:{sid.hex()}": f"{h.hex()}@{at[(s, p, sid)]}"
+                for (s, p, sid), h in sorted(self.wheads.items())
+            },
+            "pending": [rec(r) for batch in self.pending.values() for r in batch],
+            "certs": {k.hex(): [enc(c).decode() for c in v] for k, v in self._certs.items()},
+            "verified": self.verified,
+            "rejected": self.rejected,
+        }
+
+    def check_state(self, log: EventLog, position: Position, data: dict[str, Any]) -> None:
+        """Refuse a saved state (a checkpoint's) whose chain heads this log does not prove.
+
+        Each head names the seal that produced it: that record must be on the log before
+        ``position``, and its writer's signature must cover exactly that head (so an edited
+        head, or a checkpoint of another or rewritten log, fails). In partition-chain mode no
+        other seal may lie between it and ``position`` (a checkpoint claiming a later position
+        than its state). Raises :class:`IntegrityError`."""
+        heads = _heads_of(data)
+        certs = {bytes.fromhex(k): tuple(base64.b64decode(c) for c in v)
+                 for k, v in data.get("certs", {}).items()}  # fmt: skip
+        for (s, p, sid), (head, at) in heads.items():
+            where = f"{s}[{p}]@{at}"
+            if at >= position.get((s, p)):
+                raise IntegrityError(f"head at {where} lies past the checkpoint's position")
+            rec = _record_at(log, s, p, at)
+            if rec is None or not rec.seal:
+                raise IntegrityError(f"no seal at {where} on {log.url}")
+            seal = Seal.decode(rec.seal)
+            chain = seal.certs or certs.get(seal.key_id)
+            if not chain:
+                raise IntegrityError(f"writer of the seal at {where} unknown")
+            writer = self.trust.writer(chain, at=ms_to_datetime(seal.signed_at_ms))
+            if head == _RESYNC or not seal.verify(writer.public_key, seal.signed_bytes(s, p, head)):
+                raise IntegrityError(f"chain head for {where} is not the one sealed there")
+            if not sid:
+                start = Position({**dict(log.end_position().items()), (s, p): at + 1})
+                limit = position.get((s, p))
+                while start.get((s, p)) < limit:
+                    recs = [
+                        r for r in log.read(start=start, max_records=5000, timeout=0.5)
+                        if (r.stream, r.partition) == (s, p) and r.offset < limit
+                    ]  # fmt: skip
+                    if not recs:
+                        break
+                    if any(r.seal for r in recs):
+                        raise IntegrityError(
+                            f"{s}[{p}] has seals after {where} the checkpoint does not cover"
+                        )
+                    start = start.advanced(recs)
+
+    def restore(self, data: dict[str, Any]) -> None:
+        dec = base64.b64decode
+        self.heads, self.wheads, self.head_at = {}, {}, {}
+        for (s, p, sid), (h, at) in _heads_of(data).items():
+            if sid:
+                self.wheads[(s, p, sid)] = h
+            else:
+                self.heads[(s, p)] = h
+            self.head_at[(s, p, sid)] = at
+        self.pending = {}
+        for s, p, o, ts, key, v, w, seal in data["pending"]:
+            r = Record(s, p, o, ts, key, dec(v), "", "", dec(w), dec(seal))
+            self.pending.setdefault((s, p, r.writer), []).append(r)
+        self._certs = {bytes.fromhex(k): tuple(dec(c) for c in v) for k, v in data["certs"].items()}
+        self.writers = {}
+        self.verified = int(data["verified"])
+        self.rejected = int(data["rejected"])
+
+
+def _heads_of(data: dict[str, Any]) -> dict[tuple[str, int, bytes], tuple[bytes, int]]:
+    out: dict[tuple[str, int, bytes], tuple[bytes, int]] = {}
+    try:
+        for k, v in data["heads"].items():
+            s, _, p = k.rpartition(":")
+            h, _, at = v.partition("@")
+            out[(s, int(p), b"")] = (bytes.fromhex(h), int(at))
+        for k, v in data["wheads"].items():
+            rest, _, sid = k.rpartition(":")
+            s, _, p = rest.rpartition(":")
+            h, _, at = v.partition("@")
+            out[(s, int(p), bytes.fromhex(sid))] = (bytes.fromhex(h), int(at))
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise IntegrityError(f"chain heads are malformed: {exc!r}") from exc
+    return out
+
+
+def _record_at(log: EventLog, stream: str, part: int, offset: int) -> Record | None:
+    end = log.end_position()
+    if offset >= end.get((stream, part)):
+        return None
+    start = Position({**dict(end.items()), (stream, part): offset})
+    for _ in range(20):
+        for r in log.read(start=start, max_records=50, timeout=0.5):
+            if (r.stream, r.partition, r.offset) == (stream, part, offset):
+                return r
+    return None
+
+
+def _b(key: Any) -> bytes:
+    if key is None:
+        return b""
+    return key if isinstance(key, bytes) else key.encode()
