@@ -156,7 +156,7 @@ def test_checkpoint_records_heads_and_refuses_stale_or_edited(
     r2.catch_up()
     assert r2.digests() == rebuild(log, creds).digests()
     # an edited head is refused
-    head, _, at = data["integrity"]["heads"]["smc.registry:0"].partition("@")
+    _head, _, at = data["integrity"]["heads"]["smc.registry:0"].partition("@")
     bad = json.loads(json.dumps(data))
     bad["integrity"]["heads"]["smc.registry:0"] = ("0" * 64) + "@" + at
     r3 = ProjectionRunner(log=log, projections=all_projections(), verifier=verifier(creds))

@@ -112,7 +112,7 @@ def kafka_rows(log: KafkaLog) -> dict[tuple[str, int], Rows]:
             "bootstrap.servers": log.bootstrap,
             "group.id": f"copy-{uuid.uuid4()}",
             "enable.auto.commit": False,
-        }  # fmt: skip
+        }
     )
     out: dict[tuple[str, int], Rows] = {}
     try:
