@@ -13,9 +13,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from eventgen import service
 
-from smc.events import MeshConfigChanged, ServiceRemoved, SqliteLog, make_event
+from smc.events import KafkaLog, MeshConfigChanged, ServiceRemoved, SqliteLog, make_event
 
 
 def smc(*args: str, log: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -64,6 +65,29 @@ def test_tail_prints_events(tmp_path: Path) -> None:
     assert rows[5]["payload"] == {"namespace": "ns", "name": "svc1"}
     last = smc("log", "tail", "-n", "1", log=db).stdout
     assert "MeshConfigChanged" in last and "ServiceUpserted" not in last
+
+
+@pytest.mark.kafka
+def test_tail_on_kafka_prints_every_record(kafka_log: KafkaLog) -> None:
+    """On a real broker (several partitions per topic), ``--from-start`` prints every record
+    and ``-n N`` the last N: a Kafka consumer's first poll returns nothing, which must not end
+    the read."""
+    events = [service(i, actor="alice") for i in range(40)]
+    kafka_log.append(events)
+    time.sleep(0.01)  # record timestamps are milliseconds: the last one is strictly later
+    last_event = make_event(ServiceRemoved, source="cli", actor="bob", namespace="ns", name="x")
+    kafka_log.append([last_event])
+    events.append(last_event)
+    base = [sys.executable, "-m", "smc.cli", "--log", kafka_log.url, "log", "tail"]
+    out = subprocess.run(
+        [*base, "--from-start", "--json"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.splitlines()
+    rows = [json.loads(line) for line in out]
+    assert sorted(r["event_id"] for r in rows) == sorted(e.envelope.event_id for e in events)
+    last = subprocess.run(
+        [*base, "-n", "1", "--json"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.splitlines()
+    assert [json.loads(line)["actor"] for line in last] == ["bob"]
 
 
 def test_tail_follow_sees_new_events(tmp_path: Path) -> None:

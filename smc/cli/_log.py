@@ -61,6 +61,10 @@ def _plain(v: Any) -> Any:
     return v
 
 
+#: How long ``log tail`` waits for a record it knows exists before failing.
+_TAIL_READ_TIMEOUT = 30.0
+
+
 def _short_type(t: str) -> str:
     return t.rsplit(".", 1)[-1]
 
@@ -91,10 +95,8 @@ def tail(
         end = log.end_position()
         pos = Position({tp: max(0, off - lines) for tp, off in end.items()})
     console = Console()
-    while True:
-        recs = log.read(start=pos, max_records=1000, timeout=0.5 if follow else 0.0)
-        if not from_start and not since and not follow:
-            recs = recs[-lines:] if lines > 0 else []
+
+    def show(recs: list[Record]) -> None:
         for rec in recs:
             row = event_row(rec, codec.decode(rec.value, where=rec.where))
             if as_json:
@@ -107,9 +109,33 @@ def tail(
                     highlight=False,
                 )
         sys.stdout.flush()
+
+    # Without --follow, read up to the end position taken now. A read may return nothing
+    # before the end (a Kafka consumer fetches asynchronously: an empty first poll is normal),
+    # so the loop ends on reaching the end, never on an empty read.
+    end = log.end_position()
+    deadline = time.monotonic() + _TAIL_READ_TIMEOUT
+    last: list[Record] = []
+    while not pos.covers(end):
+        recs = log.read(start=pos, max_records=1000, timeout=0.5)
+        if recs:
+            deadline = time.monotonic() + _TAIL_READ_TIMEOUT
+        elif time.monotonic() > deadline:
+            raise click.ClickException(
+                f"{log.url}: no record arrived within {_TAIL_READ_TIMEOUT:.0f}s while reading "
+                f"from {pos.to_json()} up to {end.to_json()}"
+            )
         pos = pos.advanced(recs)
-        if not recs and not follow:
-            break
+        if from_start or since:
+            show(recs)
+        else:
+            last.extend(recs)  # at most ``lines`` per partition
+    if not from_start and not since and lines > 0:
+        show(sorted(last, key=lambda r: r.timestamp_ms)[-lines:])  # stable: ties keep log order
+    while follow:
+        recs = log.read(start=pos, max_records=1000, timeout=0.5)
+        show(recs)
+        pos = pos.advanced(recs)
 
 
 @log_group.command("replay")

@@ -204,9 +204,19 @@ class XdsController:
             on_ack=self._on_ack,
             on_subscription=self._on_subscription,
             authorize=authorize,
+            placement=self.placement_problem,
         )
         self.attach_server(server)
         return server
+
+    def placement_problem(self, node_id: str) -> str | None:
+        """Why SMC cannot place ``node_id`` (malformed, or naming no registry workload), or
+        None: it can, or it is not known yet (a node with a workload but no certificate yet
+        is placed, just not served yet)."""
+        node = self._nodes.get(node_id)
+        if node is None or not self._ready or node.identity is not None:
+            return None
+        return node.reason or None
 
     def attach_server(self, server: AdsServer) -> None:
         """Serve through ``server`` (marked ready now if the controller is ready)."""

@@ -4,7 +4,8 @@ Role: mounted on the API application of ``smc serve`` by :func:`mount_debug`:
 
 - ``GET /debug/proxies``: one row per open ADS stream (node id, stream kind, peer, acked and
   sent version per type, pending, last NACK), the NACKs kept after streams closed, and the
-  nodes the controller builds for (with the reason a node has no snapshot).
+  nodes the controller builds for (with the reason a node has no snapshot), and the streams
+  refused (identity mismatch, a node id SMC cannot place) with their reason.
 - ``GET /debug/config_dump?node=ID``: the node's current snapshot as JSON (protobuf JSON
   mapping); private keys are replaced by ``"[redacted]"``.
 - ``GET /debug/events/{event_id}``: the causal chain of one event (which snapshot versions
@@ -78,6 +79,19 @@ def proxies_view(server: AdsServer | None, controller: XdsController | None) -> 
         "ready": bool(server is not None and server.ready),
         "proxies": streams,
         "nacks": [_nack(r) for r in server.nacks()] if server is not None else [],
+        "refused": [
+            {
+                "node_id": r.node_id,
+                "peer": r.peer,
+                "peer_identity": r.peer_identity,
+                "reason": r.reason,
+                "message": r.message,
+                "at": r.at,
+            }
+            for r in server.refusals()
+        ]
+        if server is not None
+        else [],
         "nodes": controller.node_status() if controller is not None else [],
     }
 

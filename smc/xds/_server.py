@@ -40,7 +40,9 @@ may speak for the node id (the node id's workload runs as that service account, 
 waits for the snapshot because a node id whose workload is not yet registered gets none (the
 stream stays open until it joins, as without TLS). Refusals are kept for debug
 (:meth:`AdsServer.refusals`) and counted by reason (``smc_xds_refused_streams_total``, no
-node-id label). Without ``tls`` and ``authorize`` nothing changes. :meth:`AdsServer.update_tls`
+node-id label). Without ``tls`` and ``authorize`` nothing changes. With a ``placement`` hook a
+node id SMC cannot place is an error on its stream, not silence: malformed, INVALID_ARGUMENT at
+once; naming no workload, NOT_FOUND after a short grace (the workload may be joining). :meth:`AdsServer.update_tls`
 rotates the server certificate and the client CA bundle (dynamic gRPC credentials, fetched
 before each handshake): new connections get the new material, open streams keep theirs.
 
@@ -120,8 +122,16 @@ SubscriptionCallback = Callable[[str, str, bool], None]
 #: ``peer_identity`` be served the config of ``node_id``? Called on the server's loop, at most
 #: once per stream, once the node has a snapshot; must not block.
 Authorize = Callable[[str, SpiffeId], bool]
+#: ``placement(node_id)``: None when SMC can place the node id (it names a registry workload),
+#: else why not. Asked on the server's loop while a ready server has no snapshot for the node.
+Placement = Callable[[str], str | None]
 
-RefusalReason = Literal["no_client_certificate", "bad_identity", "identity_mismatch"]
+RefusalReason = Literal[
+    "no_client_certificate", "bad_identity", "identity_mismatch", "invalid_node_id", "unplaced"
+]
+#: How long a well-formed node id naming no workload waits (the workload may be joining) before
+#: its stream ends with NOT_FOUND.
+UNPLACED_GRACE = 5.0
 _REFUSALS_KEPT = 256
 
 _EOF = object()
@@ -397,6 +407,7 @@ class _Stream:
         "queue",
         "since",
         "types",
+        "unplaced_since",
         "unwatch",
     )
 
@@ -416,6 +427,7 @@ class _Stream:
         self.since: float | None = None
         self.nonces = 0
         self.unwatch: Unwatch | None = None
+        self.unplaced_since: float | None = None
 
     def wake(self) -> None:
         if not self.changed:
@@ -457,6 +469,8 @@ class AdsServer:
         on_ack: AckCallback | None = None,
         on_subscription: SubscriptionCallback | None = None,
         authorize: Authorize | None = None,
+        placement: Placement | None = None,
+        unplaced_grace: float = UNPLACED_GRACE,
     ) -> None:
         """``registry``: where to register new metrics (a private one if None); or pass the
         ``metrics`` of an earlier server (a restart in the same process) to keep counting.
@@ -464,8 +478,13 @@ class AdsServer:
         named type; both are called on the server's loop and must not block. ``authorize``
         (required by ``start(tls=...)``) checks a stream's node id against its client
         certificate's identity; with it, a stream without a verified SPIFFE client certificate
-        is refused."""
+        is refused. ``placement`` (see :data:`Placement`) turns silence into an error for node
+        ids SMC cannot place: a malformed one ends its stream with INVALID_ARGUMENT at once, one
+        naming no workload with NOT_FOUND after ``unplaced_grace`` seconds; both are recorded as
+        refusals (:meth:`refusals`, ``/debug/proxies``)."""
         self._cache = cache
+        self._placement = placement
+        self._unplaced_grace = unplaced_grace
         self._authorize = authorize
         self._trust_domain: str | None = None
         self._tls: ServerTLS | None = None
@@ -630,7 +649,8 @@ class AdsServer:
         return out
 
     def refusals(self, *, node_id: str | None = None) -> list[RefusalRecord]:
-        """The last streams refused by the identity check (at most 256), newest first."""
+        """The last streams refused (identity check, unplaceable node id; at most 256), newest
+        first."""
         found = [r for r in self._refusals if node_id is None or r.node_id == node_id]
         found.reverse()
         return found
@@ -935,12 +955,49 @@ class AdsServer:
             "identity",
         )
 
+    async def _check_placement(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
+        """A ready server has no snapshot for the stream's node: end the stream (raises) when
+        the node id is malformed, or names no workload for longer than the grace period."""
+        assert self._placement is not None
+        problem = self._placement(stream.node_id)
+        if problem is None:
+            stream.unplaced_since = None
+            return
+        try:
+            parse_node_id(stream.node_id)
+        except InvalidNodeId as exc:
+            await self._refuse(
+                stream,
+                context,
+                "invalid_node_id",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{exc}: SMC serves node ids naming a registry workload",
+            )
+        now = time.monotonic()
+        if stream.unplaced_since is None:
+            stream.unplaced_since = now
+            asyncio.get_running_loop().call_later(self._unplaced_grace, stream.wake)
+            return
+        if now - stream.unplaced_since < self._unplaced_grace:
+            return
+        await self._refuse(
+            stream,
+            context,
+            "unplaced",
+            grpc.StatusCode.NOT_FOUND,
+            f"node id {stream.node_id!r}: {problem} (register the workload, or use the node id "
+            "<namespace>/<workload> of a registered one)",
+        )
+
     async def _push(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
         if not self._ready or not stream.node_id:
             return
         snapshot = self._cache.get(stream.node_id)
         if snapshot is None:
+            if self._placement is not None:
+                await self._check_placement(stream, context)
             return
+        stream.unplaced_since = None
         if not stream.authorized:
             await self._check_identity(stream, context)
         in_flight = False
