@@ -159,40 +159,72 @@ def test_json_output_reports_every_document(tmp_path: Path) -> None:
     assert body["errors"][0]["field"] == "spec.backends[0].weight"
 
 
-def test_unresolved_reference_is_refused_with_field(tmp_path: Path) -> None:
+def check(db: Path, *args: str) -> str:
+    res = run(db, "policy", "check", "--from", "shop/web", "--to", "shop/api", *args)
+    assert res.exit_code == 0, res.output
+    return res.output.split(":", 1)[0]
+
+
+def test_reference_to_a_missing_group_is_pending_until_it_exists(tmp_path: Path) -> None:
+    """GitOps order: the TrafficTarget first (accepted, pending, grants nothing), then its
+    group (the target resolves and grants)."""
     db = tmp_path / "smc.db"
     f = write(tmp_path / "t.yaml", TARGET)
     res = run(db, "apply", "-f", str(f))
-    assert res.exit_code == 1
-    assert "TrafficTarget/shop/web-to-api" in res.stderr
-    assert "spec.rules[0].name" in res.stderr
-    assert "HTTPRouteGroup shop/routes does not exist" in res.stderr
-    assert events_of(db) == []
-    # a group without the named match: refused naming the match
+    assert res.exit_code == 0, res.output
+    assert "TrafficTarget/shop/web-to-api created" in res.stdout
+    assert "pending: field spec.rules[0].name: HTTPRouteGroup shop/routes does not exist" in (
+        res.stderr
+    )
+    [tt] = json.loads(run(db, "get", "traffictargets", "-o", "json").output)
+    assert tt["status"] == "pending" and "shop/routes does not exist" in tt["pending"][0]
+    assert "pending" in run(db, "get", "traffictargets").output
+    assert check(db, "--path", "/items", "--method", "GET") == "deny"
+    # a group without the named match: the target stays pending, naming the match
     g = write(tmp_path / "g.yaml", GROUP.replace("name: read", "name: other"))
     assert run(db, "apply", "-f", str(g)).exit_code == 0
-    res = run(db, "apply", "-f", str(f))
-    assert res.exit_code == 1 and "spec.rules[0].matches[0]" in res.stderr
+    [tt] = json.loads(run(db, "get", "traffictargets", "-o", "json").output)
+    assert tt["status"] == "pending" and "spec.rules[0].matches[0]" in tt["pending"][0]
+    assert check(db, "--path", "/items", "--method", "GET") == "deny"
+    assert run(db, "apply", "-f", str(write(tmp_path / "g2.yaml", GROUP))).exit_code == 0
+    [tt] = json.loads(run(db, "get", "traffictargets", "-o", "json").output)
+    assert tt["status"] == "ready" and tt["pending"] == []
+    assert check(db, "--path", "/items", "--method", "GET") == "allow"
 
 
-def test_change_breaking_a_stored_resource_is_refused(tmp_path: Path) -> None:
+def test_deleting_a_referenced_resource_succeeds_with_a_warning(tmp_path: Path) -> None:
     db = tmp_path / "smc.db"
     both = write(tmp_path / "both.yaml", GROUP, TARGET)
     assert run(db, "apply", "-f", str(both)).exit_code == 0
-    # dropping the match the stored TrafficTarget uses
+    assert check(db, "--path", "/items", "--method", "GET") == "allow"
+    # dropping the match the stored TrafficTarget uses: accepted, the target is pending
     g = write(tmp_path / "g.yaml", GROUP.replace("name: read", "name: other"))
     res = run(db, "apply", "-f", str(g))
-    assert res.exit_code == 1
-    assert "HTTPRouteGroup/shop/routes" in res.stderr
-    assert "would break TrafficTarget/shop/web-to-api" in res.stderr
-    # deleting the group alone is refused; deleting both together works
+    assert res.exit_code == 0, res.output
+    assert check(db, "--path", "/items", "--method", "GET") == "deny"
+    assert run(db, "apply", "-f", str(both)).exit_code == 0
+    # deleting the group alone succeeds, warning that the target is now pending
     only_group = write(tmp_path / "og.yaml", GROUP)
     res = run(db, "delete", "-f", str(only_group))
-    assert res.exit_code == 1 and "would break TrafficTarget/shop/web-to-api" in res.stderr
-    res = run(db, "delete", "-f", str(both))
     assert res.exit_code == 0, res.output
-    assert "HTTPRouteGroup/shop/routes deleted" in res.output
+    assert "HTTPRouteGroup/shop/routes deleted" in res.stdout
+    assert "TrafficTarget/shop/web-to-api is now pending" in res.stderr
+    assert check(db, "--path", "/items", "--method", "GET") == "deny"
+    res = run(db, "delete", "-f", str(both), "--ignore-not-found")
+    assert res.exit_code == 0, res.output
+    assert "TrafficTarget/shop/web-to-api deleted" in res.output
     assert json.loads(run(db, "get", "policies", "-o", "json").output) == []
+
+
+def test_last_duplicate_in_a_file_wins(tmp_path: Path) -> None:
+    db = tmp_path / "smc.db"
+    first = GROUP.replace("/items", "/first")
+    f = write(tmp_path / "dup.yaml", first, GROUP)
+    res = run(db, "apply", "-f", str(f))
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("HTTPRouteGroup/shop/routes created") == 1
+    [g] = json.loads(run(db, "get", "policies", "-o", "json").output)
+    assert g["manifest"]["spec"]["matches"][0]["pathRegex"] == "/items"
 
 
 def test_delete_and_not_found(tmp_path: Path) -> None:

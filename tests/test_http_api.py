@@ -230,9 +230,21 @@ async def test_delete_and_reference_errors(tmp_path: Path) -> None:
         assert status == 200
         group = ACCESS.split("---")[1]  # the HTTPRouteGroup the TrafficTargets use
         status, body = await api.post("/v1/delete", group)
-        assert status == 422
-        assert body["results"][0]["status"] == "error"
-        assert "would break TrafficTarget/default/" in body["errors"][0]["reason"]
+        assert status == 200, body
+        assert body["results"][0]["status"] == "deleted"
+        assert body["warnings"] and all(
+            "TrafficTarget/default/" in w["warning"] and "is now pending" in w["warning"]
+            for w in body["warnings"]
+        )
+        warned = {w["warning"].split(" ", 1)[0] for w in body["warnings"]}
+        _, targets = await api.get("/v1/policies", kind="TrafficTarget")
+        status_of = {f"TrafficTarget/default/{t['name']}": t["status"] for t in targets["items"]}
+        assert warned and {status_of[k] for k in warned} == {"pending"}
+        assert {v for k, v in status_of.items() if k not in warned} <= {"ready"}
+        status, _ = await api.post("/v1/apply", group)  # resolves them again
+        assert status == 200
+        _, targets = await api.get("/v1/policies", kind="TrafficTarget")
+        assert {t["status"] for t in targets["items"]} == {"ready"}
         status, body = await api.post("/v1/delete", ACCESS, **{"X-SMC-Actor": "bob"})
         assert status == 200 and {r["status"] for r in body["results"]} == {"deleted"}
         _, pols = await api.get("/v1/policies")

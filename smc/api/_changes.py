@@ -4,8 +4,13 @@ Role: turns parsed resources (:mod:`smc.smi`) into events and appends them, kube
 each resource is reported ``created``, ``configured``, ``unchanged``, ``deleted`` or ``error``,
 and only created/configured/deleted ones produce events. Before anything is appended, the set the
 projections would hold afterwards is checked with :func:`smc.smi.check_references`; a change that
-would introduce a reference error (its own, or one in a resource already stored) is refused and
-named, while the other changes of the same request still go through.
+would introduce a set-level error (a second MeshConfig, weights summing to zero) is refused and
+named, while the other changes of the same request still go through. Apply order never matters:
+a reference to a resource that does not exist (yet) is accepted, and the referring resource is
+*pending* (it grants or routes nothing through the missing part until it exists); the result
+carries a warning saying so, and deleting a resource others still name succeeds with a warning
+naming the resources it leaves pending. Within one request the last document of a
+``Kind/ns/name`` wins (as with ``kubectl apply``).
 
 Mapping to events:
 
@@ -77,6 +82,7 @@ from smc.smi import (
     parse_manifest,
     resource_key,
     to_manifest,
+    unresolved_references,
 )
 
 __all__ = [
@@ -89,6 +95,7 @@ __all__ = [
     "Plan",
     "Status",
     "current_resources",
+    "pending_reason",
 ]
 
 Status = Literal["created", "configured", "unchanged", "deleted", "not found", "error"]
@@ -120,6 +127,9 @@ class DocumentResult:
     name: str | None
     status: Status
     errors: tuple[ManifestError, ...] = ()
+    #: Accepted, but something is pending: a reference to a missing resource (this one's, or
+    #: one a deletion left in another resource), each a sentence naming field and resource.
+    warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +138,7 @@ class DocumentResult:
             "name": self.name,
             "status": self.status,
             "errors": [error_dict(e) for e in self.errors],
+            "warnings": list(self.warnings),
         }
 
 
@@ -181,6 +192,11 @@ class ChangeReport:
             "ok": self.ok,
             "results": [r.as_dict() for r in self.plan.results],
             "errors": [error_dict(e) for e in self.plan.errors],
+            "warnings": [
+                {"document": r.document, "warning": w}
+                for r in self.plan.results
+                for w in r.warnings
+            ],
             "events": len(self.appended),
             "duplicates": sum(1 for a in self.appended if a.duplicate),
         }
@@ -330,14 +346,9 @@ class MeshChanges:
             if problem is not None:
                 failed.append(_fail(r, *problem))
                 continue
-            if key in changes:
-                if changes[key] != r:
-                    failed.append(
-                        _fail(r, "", f"{key} appears more than once with different content")
-                    )
-                continue
-            changes[key] = r
-            order.append(key)
+            if key not in changes:
+                order.append(key)
+            changes[key] = r  # a later document of the same resource wins (kubectl's rule)
         accepted, refused = self._resolve(current, upserts=changes, deletes=set())
         for key, errs in refused.items():
             r = changes[key]
@@ -348,6 +359,9 @@ class MeshChanges:
                 status="error",
                 errors=tuple(errs),
             )
+        final = {k: r for k, (r, _) in current.items()}
+        final.update((k, changes[k]) for k in accepted)
+        pending = _pending_by_document(final.values())
         events: list[Event] = []
         known_sas = set(self.registry.service_accounts)
         for key in order:
@@ -371,7 +385,11 @@ class MeshChanges:
                     )
                 )
             results[key] = DocumentResult(
-                document=key, kind=r.KIND, name=f"{r.namespace}/{r.name}", status=status
+                document=key,
+                kind=r.KIND,
+                name=f"{r.namespace}/{r.name}",
+                status=status,
+                warnings=tuple(pending.get(key, ())),
             )
         ordered = [results[k] for k in order if k in results]
         return Plan(results=(*ordered, *failed), events=tuple(events))
@@ -389,8 +407,8 @@ class MeshChanges:
     ) -> Plan:
         """Plan deleting ``resources`` (identified by kind, namespace and name only).
 
-        A deletion that would leave a stored resource with a dangling reference is refused,
-        naming that resource; deleting the referrer in the same request is fine.
+        A deletion that leaves a stored resource with a reference to a missing resource
+        succeeds with a warning naming that resource (it is pending from then on).
         """
         current = current_resources(registry=self.registry, policy=self.policy)
         failed: list[DocumentResult] = [_load_failure(e) for e in _group_errors(load_errors)]
@@ -415,6 +433,7 @@ class MeshChanges:
                     results[key] = _fail(r, "", f"{key} not found", status="not found")
         deletes = {k for k in order if k in current}
         accepted, refused = self._resolve(current, upserts={}, deletes=deletes)
+        left = _left_pending({k: r for k, (r, _) in current.items()}, accepted)
         events: list[Event] = []
         for key in order:
             if key in results:
@@ -432,9 +451,12 @@ class MeshChanges:
             cause = id_seed(key) if id_seed is not None else request_id
             events.append(_delete_event(r, actor=actor, source=source, cause=cause))
             results[key] = DocumentResult(
-                document=key, kind=r.KIND, name=f"{r.namespace}/{r.name}", status="deleted"
+                document=key,
+                kind=r.KIND,
+                name=f"{r.namespace}/{r.name}",
+                status="deleted",
+                warnings=tuple(left.get(key, ())),
             )
-        del accepted
         return Plan(results=(*(results[k] for k in order), *failed), events=tuple(events))
 
     # -- reference checks -------------------------------------------------------------------
@@ -445,14 +467,15 @@ class MeshChanges:
         upserts: Mapping[str, Resource],
         deletes: set[str],
     ) -> tuple[set[str], dict[str, list[ManifestError]]]:
-        """Split changes into accepted and refused so that no new reference error appears.
+        """Split changes into accepted and refused so that no new set-level error appears
+        (references to missing resources are pending state, not errors).
 
         A change is an upsert (key in ``upserts``) or a delete (key in ``deletes``). An error on
         an upserted resource refuses that upsert; an error that newly appears on a resource
         that is not changed is pinned on the changes whose reversal makes it go away.
         """
         base = {k: r for k, (r, _) in current.items()}
-        baseline = set(check_references(base.values()))
+        baseline = set(check_references(base.values(), unresolved=False))
         pending = set(upserts) | set(deletes)
         refused: dict[str, list[ManifestError]] = {}
 
@@ -470,7 +493,9 @@ class MeshChanges:
             ]
 
         while pending:
-            new = [e for e in check_references(state(pending)) if e not in baseline]
+            new = [
+                e for e in check_references(state(pending), unresolved=False) if e not in baseline
+            ]
             if not new:
                 break
             blamed: dict[str, list[ManifestError]] = {}
@@ -479,7 +504,10 @@ class MeshChanges:
                     blamed.setdefault(e.document, []).append(e)
             if not blamed:
                 # which change, when left out, makes the error go away (one check per change)
-                without = {k: set(check_references(state(pending - {k}))) for k in pending}
+                without = {
+                    k: set(check_references(state(pending - {k}), unresolved=False))
+                    for k in pending
+                }
                 for e in new:
                     culprits = [k for k in sorted(pending) if e not in without[k]]
                     for k in culprits or sorted(pending):
@@ -550,6 +578,40 @@ class MeshChanges:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def pending_reason(e: ManifestError) -> str:
+    """One unresolved reference as the sentence shown to users."""
+    field = f"field {e.path}: " if e.path else ""
+    return f"pending: {field}{e.reason} (nothing is granted or routed through it until it does)"
+
+
+def _pending_by_document(resources: Iterable[Resource]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for e in unresolved_references(resources):
+        out.setdefault(e.document, []).append(pending_reason(e))
+    return out
+
+
+def _left_pending(base: Mapping[str, Resource], deletes: set[str]) -> dict[str, list[str]]:
+    """Per deleted key: the references that deleting it leaves unresolved in kept resources."""
+    if not deletes:
+        return {}
+    before = set(unresolved_references(base.values()))
+
+    def after(gone: set[str]) -> set[ManifestError]:
+        return set(unresolved_references(r for k, r in base.items() if k not in gone))
+
+    new = after(deletes) - before
+    out: dict[str, list[str]] = {}
+    for key in sorted(deletes):
+        # the references that keeping this one would resolve
+        caused = new if len(deletes) == 1 else new - after(deletes - {key})
+        for e in sorted(caused, key=lambda e: (e.document, e.path)):
+            out.setdefault(key, []).append(
+                f"{e.document} is now pending: field {e.path}: {e.reason}"
+            )
+    return out
 
 
 def _fail(r: Resource, path: str, reason: str, *, status: Status = "error") -> DocumentResult:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from smc.api._changes import BACKS_LABEL_PREFIX, MANAGED_BY_LABEL
+from smc.api._changes import BACKS_LABEL_PREFIX, MANAGED_BY_LABEL, pending_reason
 from smc.projections import PolicyProjection, RegistryProjection
 from smc.projections._policyview import PolicyView
+from smc.smi import ManifestErrors, Resource, parse_manifest, unresolved_references
 
 __all__ = [
     "meshconfig_view",
@@ -84,11 +85,23 @@ def workloads_view(registry: RegistryProjection) -> list[dict[str, Any]]:
 
 
 def policies_view(policy: PolicyProjection, *, kind: str | None = None) -> list[dict[str, Any]]:
-    """Stored SMI resources (optionally of one kind), with their canonical manifests."""
+    """Stored SMI resources (optionally of one kind), with their canonical manifests and
+    ``status``: ``ready``, or ``pending`` with the references to missing resources in
+    ``pending`` (such a resource grants or routes nothing through them until they exist)."""
+    parsed: list[Resource] = []
+    for (k, ns, name), r in policy.resources.items():
+        try:
+            parsed.append(parse_manifest(r.manifest(), document=f"{k}/{ns}/{name}"))
+        except (ManifestErrors, ValueError):
+            continue  # written by another SMC version: shown, not checked
+    waiting: dict[str, list[str]] = {}
+    for e in unresolved_references(parsed):
+        waiting.setdefault(e.document, []).append(pending_reason(e))
     out = []
     for (k, ns, name), r in sorted(policy.resources.items()):
         if kind is not None and k != kind:
             continue
+        why = waiting.get(f"{k}/{ns}/{name}", [])
         out.append(
             {
                 "kind": k,
@@ -96,6 +109,8 @@ def policies_view(policy: PolicyProjection, *, kind: str | None = None) -> list[
                 "name": name,
                 "apiVersion": r.api_version,
                 "manifest": r.manifest(),
+                "status": "pending" if why else "ready",
+                "pending": why,
             }
         )
     return out

@@ -105,6 +105,8 @@ def _print_report(report: ChangeReport, *, output: str, dry_run: bool) -> None:
                 click.echo(f"error: {e}", err=True)
         else:
             click.echo(f"{r.document} {r.status}{suffix}")
+            for w in r.warnings:
+                click.echo(f"warning: {r.document}: {w}", err=True)
 
 
 def _change(
@@ -339,9 +341,14 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
                     f"{dest['namespace']}/{dest['name']}",
                     ",".join(f"{s['namespace']}/{s['name']}" for s in spec["sources"]),
                     ",".join(f"{x['kind']}/{x['name']}" for x in spec["rules"]),
+                    r["status"],
                 ]
             )
-        _table("traffic targets", ["NAMESPACE", "NAME", "DESTINATION", "SOURCES", "RULES"], rows)
+        _table(
+            "traffic targets",
+            ["NAMESPACE", "NAME", "DESTINATION", "SOURCES", "RULES", "STATUS"],
+            rows,
+        )
     elif what in _OSM_GET:
         _table(
             what,
@@ -362,14 +369,19 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
                     spec["service"],
                     ",".join(f"{b['service']}={b['weight']}" for b in spec["backends"]),
                     ",".join(m["name"] for m in spec.get("matches", [])) or "-",
+                    r["status"],
                 ]
             )
-        _table("traffic splits", ["NAMESPACE", "NAME", "SERVICE", "BACKENDS", "MATCHES"], rows)
+        _table(
+            "traffic splits",
+            ["NAMESPACE", "NAME", "SERVICE", "BACKENDS", "MATCHES", "STATUS"],
+            rows,
+        )
     else:
         _table(
             "policies",
-            ["KIND", "NAMESPACE", "NAME", "API VERSION"],
-            [[r["kind"], r["namespace"], r["name"], r["apiVersion"]] for r in data],
+            ["KIND", "NAMESPACE", "NAME", "API VERSION", "STATUS"],
+            [[r["kind"], r["namespace"], r["name"], r["apiVersion"], r["status"]] for r in data],
         )
 
 

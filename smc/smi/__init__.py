@@ -55,7 +55,7 @@ from smc.smi._policy import (
     http_match_matches,
     split_service_key,
 )
-from smc.smi._refs import check_references
+from smc.smi._refs import check_references, unresolved_references
 from smc.smi._render import resource_key, to_manifest
 
 __all__ = [
@@ -107,5 +107,6 @@ __all__ = [
     "resource_key",
     "split_service_key",
     "to_manifest",
+    "unresolved_references",
     "vm_backs_service",
 ]

@@ -614,22 +614,22 @@ def _headers(
     if isinstance(value, Mapping):
         for k, v in value.items():
             pairs.append((k, v, _join(path, str(k))))
-    elif isinstance(value, list) and version == "v1alpha2":
-        # specs v1alpha2 writes headers as a list of single-entry mappings.
+    elif isinstance(value, list):
+        # The CRDs (SMI's and OSM's) type headers as a list of mappings of header name to
+        # regex (OSM's bookstore writes one header per item); every entry of every item counts.
         for i, item in enumerate(value):
             p = _idx(path, i)
-            if not isinstance(item, Mapping) or len(item) != 1:
-                r.fail(p, "must be a mapping with exactly one header name: regex")
+            if not isinstance(item, Mapping) or not item:
+                r.fail(p, "must be a mapping of header name to regex, e.g. {client-app: bookbuyer}")
                 continue
-            ((k, v),) = item.items()
-            pairs.append((k, v, _join(p, str(k))))
+            for k, v in item.items():
+                pairs.append((k, v, _join(p, str(k))))
     else:
-        form = (
-            "a mapping of header name to regex (or a list of one-entry mappings)"
-            if version == "v1alpha2"
-            else "a mapping of header name to regex"
+        r.fail(
+            path,
+            "must be a mapping of header name to regex, or a list of such mappings, "
+            f"got {_type_name(value)}",
         )
-        r.fail(path, f"must be {form}, got {_type_name(value)}")
         return None
     out: dict[str, str] = {}
     ok = True

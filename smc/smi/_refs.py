@@ -4,6 +4,9 @@ Role: ``check_references`` looks at a whole set of resources (what the policy pr
 hold after an apply) and reports TrafficTarget rules naming missing route resources or missing
 named matches, TrafficSplit matches naming missing HTTPRouteGroups, splits whose weights sum to
 zero, VMs naming missing MeshServices, duplicate resources and more than one MeshConfig.
+``unresolved_references`` reports only the references to missing resources: the API stores
+such resources as *pending* (GitOps tools apply files in any order), so only the set-level
+problems refuse a change.
 Concurrency: pure function; safe everywhere.
 """
 
@@ -25,7 +28,7 @@ from smc.smi._model import (
 )
 from smc.smi._render import resource_key
 
-__all__ = ["check_references"]
+__all__ = ["check_references", "unresolved_references"]
 
 
 def _error(resource: Resource, path: str, reason: str) -> ManifestError:
@@ -38,19 +41,40 @@ def _error(resource: Resource, path: str, reason: str) -> ManifestError:
     )
 
 
-def check_references(resources: Iterable[Resource]) -> list[ManifestError]:
+def check_references(
+    resources: Iterable[Resource], *, unresolved: bool = True
+) -> list[ManifestError]:
     """Every unresolved reference or set-level inconsistency in ``resources`` (empty: all good).
 
     References are namespace-local, as in SMI: a rule of a TrafficTarget in namespace ``ns``
-    names a route resource in ``ns``.
+    names a route resource in ``ns``. With ``unresolved=False`` only the set-level errors are
+    reported (duplicates with different content, more than one MeshConfig, splits whose weights
+    sum to zero): references to missing resources are then not errors but pending state (see
+    :func:`unresolved_references`), which is how the API treats them (apply order never
+    matters).
     """
+    hard, soft = _check(resources)
+    return hard + soft if unresolved else hard
+
+
+def unresolved_references(resources: Iterable[Resource]) -> list[ManifestError]:
+    """References in ``resources`` to resources (or named matches) that do not exist: a
+    TrafficTarget rule naming a missing route resource or match, a TrafficSplit match naming a
+    missing HTTPRouteGroup, a VirtualMachine naming a missing MeshService. Such a resource is
+    *pending*: it is stored, and the missing part grants or routes nothing until it exists."""
+    return _check(resources)[1]
+
+
+def _check(resources: Iterable[Resource]) -> tuple[list[ManifestError], list[ManifestError]]:
+    """``(set-level errors, unresolved references)`` of ``resources``."""
     items = list(resources)
-    errors: list[ManifestError] = []
+    hard: list[ManifestError] = []
+    errors: list[ManifestError] = []  # unresolved references
     by_key: dict[str, Resource] = {}
     for r in items:
         key = resource_key(r)
         if key in by_key and by_key[key] != r:
-            errors.append(_error(r, "", f"{key} is defined more than once with different content"))
+            hard.append(_error(r, "", f"{key} is defined more than once with different content"))
         by_key.setdefault(key, r)
     unique = list(by_key.values())
 
@@ -63,7 +87,7 @@ def check_references(resources: Iterable[Resource]) -> list[ManifestError]:
     if len(configs) > 1:
         names = ", ".join(resource_key(c) for c in configs)
         for c in configs[1:]:
-            errors.append(_error(c, "", f"only one MeshConfig may exist, found {names}"))
+            hard.append(_error(c, "", f"only one MeshConfig may exist, found {names}"))
 
     for r in unique:
         if isinstance(r, TrafficTarget):
@@ -118,7 +142,7 @@ def check_references(resources: Iterable[Resource]) -> list[ManifestError]:
                             )
         elif isinstance(r, TrafficSplit):
             if r.total_weight == 0:
-                errors.append(
+                hard.append(
                     _error(
                         r, "spec.backends", "the weights sum to zero: no traffic could be routed"
                     )
@@ -142,4 +166,4 @@ def check_references(resources: Iterable[Resource]) -> list[ManifestError]:
                             f"MeshService {r.namespace}/{svc} does not exist",
                         )
                     )
-    return errors
+    return hard, errors
