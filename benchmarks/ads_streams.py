@@ -232,6 +232,7 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
             index = cmd[1] % services
             extra += 1
             cpu0 = _cpu()
+            t_ns = time.time_ns()
             t = time.monotonic()
             entry = make_entry(_cla(names[index], index, endpoints, extra=extra))
             for node in nodes:
@@ -240,7 +241,15 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
                 cache.set_snapshot(node_id=node, snapshot=snap.replace(upsert=[entry]))
             publish_s = time.monotonic() - t
             version = cache.get(nodes[0]).version(ENDPOINT)  # type: ignore[union-attr]
-            conn.send({"t0": t, "cpu0": cpu0, "publish_s": publish_s, "eds_version": version})
+            conn.send(
+                {
+                    "t0": t,
+                    "t0_ns": t_ns,
+                    "cpu0": cpu0,
+                    "publish_s": publish_s,
+                    "eds_version": version,
+                }
+            )
 
 
 # ---------------------------------------------------------------------- clients

@@ -1,7 +1,8 @@
 """Performance report: runs every benchmark, then writes one JSON and one Markdown table.
 
-Role: runs ``replay.py``, ``kafka_raw.py``, ``certs.py``, ``ads_streams.py``, ``convergence.py``
-and ``sovereign_compare.py`` one after the other as ``nice -n 10`` subprocesses (each with the
+Role: runs ``replay.py``, ``kafka_raw.py``, ``certs.py``, ``ads_streams.py``, ``ads_scale.py``,
+``convergence.py`` and ``sovereign_compare.py`` one after the other as ``nice -n 10``
+subprocesses (each with the
 sizes the issues ask for, or small ones with ``--quick``), records the load average before and
 after each run, the command, exit code and wall time, reads each benchmark's JSON result, and
 turns them into figures with their targets: ``report.json`` (every figure and run) and
@@ -67,6 +68,13 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         ["--streams", "1000", "--services", "1000", "--endpoints", "10", "--changes", "5"],
         ["--streams", "500", "--services", "500", "--endpoints", "10", "--changes", "3"],
         (1800, 400),
+    ),
+    "ads_scale": (
+        "ads_scale.py",
+        "--out",
+        ["--sizes", "1000,3000,10000", "--changes", "5"],
+        ["--sizes", "1000,3000", "--changes", "3"],
+        (3600, 900),
     ),
     "convergence": (
         "convergence.py",
@@ -366,6 +374,48 @@ def figures_ads_streams(r: dict[str, Any]) -> list[Figure]:
     return out
 
 
+def figures_ads_scale(r: dict[str, Any]) -> list[Figure]:
+    b = "ads_scale"
+    out = []
+    for m in r.get("results", []):
+        n = m["streams"]
+        label = f"{m['mode']}, {n:,} streams, {m['services']} svc / {m['endpoints']} ep"
+        storm = m.get("storm_all_acked_s")
+        out.append(
+            _target(b, f"connect storm -> all ACKed ({label})", storm, "s", below=60.0)
+            if n >= 10_000
+            else _info(b, f"connect storm -> all ACKed ({label})", storm, "s")
+        )
+        lost = _target(
+            b, f"streams lost ({n:,})", m.get("streams_lost_total"), "count", below=1, shown="0"
+        )
+        out.append(replace(lost, ratio=None))
+        p99_target = 0.1 if n <= 1000 else 2.0 if n >= 10_000 else None
+        if p99_target is not None:
+            out.append(
+                _target(
+                    b, f"change -> all, p99 ({n:,})", m.get("change_p99_s"), "s", below=p99_target
+                )
+            )
+        else:
+            out.append(_info(b, f"change -> all, p99 ({n:,})", m.get("change_p99_s"), "s"))
+        out.append(_info(b, f"change -> all, p50 ({n:,})", m.get("change_p50_s"), "s"))
+        out.append(
+            _target(
+                b,
+                f"server CPU per stream per change ({n:,})",
+                m.get("server_cpu_ms_per_stream_per_change"),
+                "ms",
+                below=0.1,
+                shown="<= 0.1",
+            )
+        )
+        out.append(
+            _target(b, f"memory per stream ({n:,})", m.get("memory_per_stream_mb"), "MB", below=0.1)
+        )
+    return out
+
+
 def figures_sovereign(r: dict[str, Any]) -> list[Figure]:
     b = "sovereign_compare"
     out: list[Figure] = []
@@ -458,6 +508,7 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "kafka_raw": figures_kafka_raw,
     "certs": figures_certs,
     "ads_streams": figures_ads_streams,
+    "ads_scale": figures_ads_scale,
     "convergence": figures_convergence,
     "sovereign_compare": figures_sovereign,
 }

@@ -140,6 +140,10 @@ _CHANGED = object()
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 EMPTY_VERSION = "0" * 32  # the version of a type with no resources
 _BODY_CACHE_SIZE = 32  # response bodies shared between streams sent the same content
+# How many new streams gRPC core may hold before the server's loop picks them up, and for how
+# long (its defaults, 1,000 / 3,000 and 30 s, cancel streams in a connect storm).
+_MAX_PENDING_STREAMS = 1_000_000
+_MAX_PENDING_SECONDS = 600
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -544,6 +548,14 @@ class AdsServer:
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
+                # A connect storm (every proxy of a restarted replica at once): gRPC core holds
+                # the streams this loop has not picked up yet in a pending queue and, by
+                # default, cancels those past 1,000 (3,000 hard) or 30 s old. They wait
+                # instead: picking them up is fair (one queue, in arrival order) and each is
+                # served as soon as the loop gets to it.
+                ("grpc.server.max_pending_requests", _MAX_PENDING_STREAMS),
+                ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_STREAMS),
+                ("grpc.server_max_unrequested_time_in_server", _MAX_PENDING_SECONDS),
             ]
         )
         self.add_to(server)
