@@ -27,6 +27,7 @@ from smc.api._views import (
     policies_view,
     policy_check,
     services_view,
+    vmgroups_view,
     workloads_view,
 )
 
@@ -54,5 +55,6 @@ __all__ = [
     "policy_check",
     "services_view",
     "start_http",
+    "vmgroups_view",
     "workloads_view",
 ]

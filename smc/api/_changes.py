@@ -14,8 +14,8 @@ naming the resources it leaves pending. Within one request the last document of 
 
 Mapping to events:
 
-- TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficSplit and OSM's Egress,
-  IngressBackend, Retry, UpstreamTrafficSetting -> ``SmiResourceApplied``
+- TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficSplit, OSM's Egress,
+  IngressBackend, Retry, UpstreamTrafficSetting and VirtualMachineGroup -> ``SmiResourceApplied``
   (``manifest_json`` is the canonical JSON of :func:`smc.smi.to_manifest`) / ``SmiResourceDeleted``.
 - MeshService -> ``ServiceUpserted`` / ``ServiceRemoved``.
 - VirtualMachine -> ``WorkloadJoined(kind="vm")`` plus ``ServiceAccountUpserted`` for its identity
@@ -77,6 +77,7 @@ from smc.smi import (
     UDPRoute,
     UpstreamTrafficSetting,
     VirtualMachine,
+    VirtualMachineGroup,
     WorkloadPort,
     check_references,
     parse_manifest,
@@ -113,6 +114,7 @@ _SMI_KINDS = (
     IngressBackendPolicy,
     RetryPolicy,
     UpstreamTrafficSetting,
+    VirtualMachineGroup,
 )
 
 

@@ -32,6 +32,7 @@ from smc.api._views import (
     policies_view,
     policy_check,
     services_view,
+    vmgroups_view,
     workloads_view,
 )
 from smc.events import LogUnavailable
@@ -165,6 +166,7 @@ class HttpApi:
             web.post("/v1/delete", self.delete),
             web.get("/v1/services", self.services),
             web.get("/v1/workloads", self.workloads),
+            web.get("/v1/vmgroups", self.vmgroups),
             web.get("/v1/policies", self.policies),
             web.get("/v1/meshconfig", self.meshconfig),
             web.get("/v1/policy/check", self.check),
@@ -232,6 +234,9 @@ class HttpApi:
 
     async def workloads(self, request: web.Request) -> web.Response:
         return web.json_response({"items": workloads_view(self.ctx.registry)})
+
+    async def vmgroups(self, request: web.Request) -> web.Response:
+        return web.json_response({"items": vmgroups_view(self.ctx.registry, self.ctx.policy)})
 
     async def policies(self, request: web.Request) -> web.Response:
         kind = request.query.get("kind")

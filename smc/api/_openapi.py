@@ -149,6 +149,14 @@ def openapi_document(*, server_url: str | None = None) -> dict[str, Any]:
             "/v1/workloads": {
                 "get": _list_op("listWorkloads", "Workloads (pods and VMs)", "Workload", [])
             },
+            "/v1/vmgroups": {
+                "get": _list_op(
+                    "listVmGroups",
+                    "VirtualMachineGroups: provider status and instances",
+                    "VmGroup",
+                    [],
+                )
+            },
             "/v1/policies": {
                 "get": _list_op(
                     "listPolicies",
@@ -346,6 +354,22 @@ def openapi_document(*, server_url: str | None = None) -> dict[str, Any]:
                                 },
                             },
                         },
+                    },
+                },
+                "VmGroup": {
+                    "type": "object",
+                    "required": ["namespace", "name", "status", "instances"],
+                    "properties": {
+                        "namespace": {"type": "string"},
+                        "name": {"type": "string"},
+                        "provider": {"type": ["string", "null"]},
+                        "cloudGroup": {"type": ["string", "null"]},
+                        "selector": {"type": "object"},
+                        "status": {"enum": ["ok", "stale", "removed"]},
+                        "reason": {"type": "string"},
+                        "joined": {"type": "integer"},
+                        "draining": {"type": "integer"},
+                        "instances": {"type": "array", "items": {"type": "object"}},
                     },
                 },
                 "Workload": {

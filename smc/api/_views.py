@@ -20,6 +20,7 @@ __all__ = [
     "policies_view",
     "policy_check",
     "services_view",
+    "vmgroups_view",
     "workloads_view",
 ]
 
@@ -173,3 +174,53 @@ def policy_check(
             for g in grants
         ],
     }
+
+
+def vmgroups_view(registry: RegistryProjection, policy: PolicyProjection) -> list[dict[str, Any]]:
+    """Every VirtualMachineGroup: its membership source, provider status (``stale`` while the
+    provider cannot be read: the last known instances are kept) and its instances."""
+    from smc.smi import ManifestErrors, VirtualMachineGroup, parse_manifest
+
+    specs: dict[tuple[str, str], VirtualMachineGroup] = {}
+    for stored in policy.of_kind(VirtualMachineGroup.KIND):
+        try:
+            g = parse_manifest(stored.manifest(), document=f"{stored.namespace}/{stored.name}")
+        except (ManifestErrors, ValueError):
+            continue
+        if isinstance(g, VirtualMachineGroup):
+            specs[(g.namespace, g.name)] = g
+    out = []
+    for key in sorted(set(specs) | set(registry.vm_groups.groups)):
+        spec = specs.get(key)
+        state = registry.vm_groups.groups.get(key)
+        instances = sorted(state.instances.values(), key=lambda i: i.instance_id) if state else []
+        out.append(
+            {
+                "namespace": key[0],
+                "name": key[1],
+                "provider": spec.provider if spec else None,
+                "cloudGroup": spec.cloud_group if spec else None,
+                "selector": dict(spec.selector) if spec else {},
+                "serviceAccount": spec.service_account if spec else None,
+                "services": list(spec.services) if spec else [],
+                "status": state.status if state else ("ok" if spec else "removed"),
+                "reason": state.reason if state else "",
+                "statusSince": state.since if state else "",
+                "joined": sum(1 for i in instances if i.phase == "joined"),
+                "draining": sum(1 for i in instances if i.phase == "draining"),
+                "instances": [
+                    {
+                        "instanceId": i.instance_id,
+                        "workload": i.workload,
+                        "nodeId": f"{key[0]}/{i.workload}",
+                        "phase": i.phase,
+                        "cause": i.cause,
+                        "address": i.address,
+                        "state": i.state,
+                        "since": i.since,
+                    }
+                    for i in instances
+                ],
+            }
+        )
+    return out

@@ -29,6 +29,7 @@ from smc.api import (
     policies_view,
     policy_check,
     services_view,
+    vmgroups_view,
     workloads_view,
 )
 from smc.cli._app import cli, open_log_from
@@ -248,6 +249,7 @@ _GET_KINDS = (
     "splits",
     "meshconfig",
     *_OSM_GET,
+    "vmgroups",
 )
 
 
@@ -286,6 +288,8 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
         data = policies_view(policy, kind="TrafficSplit")
     elif what in _OSM_GET:
         data = policies_view(policy, kind=_OSM_GET[what])
+    elif what == "vmgroups":
+        data = vmgroups_view(registry, policy)
     else:
         data = meshconfig_view(policy)
     if output == "json":
@@ -321,6 +325,24 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
                     _labels(w["labels"]),
                 ]
                 for w in data
+            ],
+        )
+    elif what == "vmgroups":
+        _table(
+            "VM groups",
+            ["NAMESPACE", "NAME", "PROVIDER", "MEMBERS", "STATUS", "JOINED", "DRAINING", "REASON"],
+            [
+                [
+                    g["namespace"],
+                    g["name"],
+                    g["provider"] or "-",
+                    g["cloudGroup"] or _labels(g["selector"]),
+                    g["status"],
+                    str(g["joined"]),
+                    str(g["draining"]),
+                    g["reason"] or "-",
+                ]
+                for g in data
             ],
         )
     elif what == "meshconfig":

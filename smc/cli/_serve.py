@@ -51,6 +51,7 @@ import click
 
 from smc.cli._app import cli, open_log_from
 from smc.cli._certs import ca_options, factory_from_ca_options, keys_option
+from smc.cli._vmgroups import parse_clouds
 from smc.errors import SMCError
 from smc.projections import (
     CheckpointStore,
@@ -463,6 +464,8 @@ async def _start_api(
     inventory: str | None,
     inventory_interval: float,
     xds: _Xds | None = None,
+    clouds: dict[str, dict[str, str]] | None = None,
+    group_interval: float = 5.0,
 ) -> tuple[list[Callable[[], Awaitable[None]]], list[asyncio.Task[None]]]:
     """Start the HTTP API and the inventory VM provider (when asked); returns what to close."""
     from smc.api import (
@@ -481,6 +484,12 @@ async def _start_api(
     live = LiveMeshChanges(changes=changes, runner=runner)
     closers: list[Callable[[], Awaitable[None]]] = []
     tasks: list[asyncio.Task[None]] = []
+    from smc.cli._vmgroups import start_vm_groups
+
+    vm_groups, vm_groups_task = start_vm_groups(
+        live=live, stop=stop, clouds=clouds or {}, interval=group_interval, xds=xds
+    )
+    tasks.append(vm_groups_task)
     if http is not None:
         from smc.xds._debug import mount_debug
 
@@ -491,7 +500,7 @@ async def _start_api(
             app,
             controller=xds.controller if xds is not None else None,
             server=xds.server if xds is not None else None,
-            registries=[xds.metrics] if xds is not None else [],
+            registries=[*([xds.metrics] if xds is not None else []), vm_groups.metrics],
         )
         from smc.console import mount_console
         from smc.console._serve import console_hub
@@ -568,6 +577,8 @@ async def _serve(
     kube: KubeEndpoint | None = None,
     identity: IdentityOptions | None = None,
     agent_keys: bool = False,
+    clouds: dict[str, dict[str, str]] | None = None,
+    group_interval: float = 5.0,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -579,7 +590,9 @@ async def _serve(
         else None
     )
     # the API listens before the runner starts: /readyz answers 503 until it has caught up
-    closers, side_tasks = await _start_api(runner, stop, http, inventory, inventory_interval, xds)
+    closers, side_tasks = await _start_api(
+        runner, stop, http, inventory, inventory_interval, xds, clouds, group_interval
+    )
     task = asyncio.create_task(runner.run(stop=stop))
     kube_failed: list[BaseException] = []
     kube_task: asyncio.Task[None] | None = None
@@ -740,6 +753,22 @@ async def _serve(
     "serves it over local SDS; the control plane serves roots and CRLs only) or "
     "'control-plane' (one key per identity, made here and served over SDS).",
 )
+@click.option(
+    "--cloud",
+    "clouds",
+    multiple=True,
+    metavar="NAME[:key=value,...]",
+    help="A cloud VM provider VirtualMachineGroups may use (repeatable), e.g. "
+    "aws:region=eu-west-1 or aws:endpoint_url=http://127.0.0.1:5000; credentials come from "
+    "the provider's own chain (environment, profile, instance role).",
+)
+@click.option(
+    "--vm-group-interval",
+    type=click.FloatRange(min=0.05),
+    default=5.0,
+    show_default=True,
+    help="Seconds between polls of each VirtualMachineGroup's provider.",
+)
 @ca_options
 @keys_option
 @click.pass_context
@@ -762,6 +791,8 @@ def serve(
     ca_listen: str,
     token_audience: str,
     workload_keys: str,
+    clouds: tuple[str, ...],
+    vm_group_interval: float,
     ca: str | None,
     vault_role: str,
     vault_mount: str,
@@ -875,6 +906,8 @@ def serve(
                 kube_endpoint,
                 identity_opts,
                 workload_keys == "agent",
+                clouds=parse_clouds(clouds),
+                group_interval=vm_group_interval,
             )
         )
     except SMCError as exc:

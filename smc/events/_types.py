@@ -39,6 +39,8 @@ __all__ = [
     "SmiResourceApplied",
     "SmiResourceDeleted",
     "TrustBundleChanged",
+    "VmGroupStatusChanged",
+    "VmInstanceChanged",
     "WorkloadJoined",
     "WorkloadLeft",
     "WorkloadPort",
@@ -193,6 +195,49 @@ class WorkloadLeft(Event):
     @classmethod
     def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
         return f"workload/{payload['kind']}/{payload['namespace']}/{payload['name']}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmInstanceChanged(Event):
+    """An instance of a VirtualMachineGroup joined, started draining or left, with the cause.
+
+    The workload itself travels as ``WorkloadJoined``/``WorkloadLeft``; this record is the
+    group's own account of the change (what the audit shows, what ``smc get vmgroups`` folds).
+    """
+
+    TYPE = "smc.registry.VmInstanceChanged"
+    STREAM = REGISTRY
+    namespace: str
+    group: str
+    instance_id: str
+    workload: str
+    phase: str
+    cause: str
+    provider: str
+    address: str
+    state: str = ""
+
+    @classmethod
+    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
+        return f"vminstance/{payload['namespace']}/{payload['group']}/{payload['instance_id']}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmGroupStatusChanged(Event):
+    """A VirtualMachineGroup's provider status: ``ok``, ``stale`` (unreachable; last known
+    instances kept) or ``removed`` (the group was deleted)."""
+
+    TYPE = "smc.registry.VmGroupStatusChanged"
+    STREAM = REGISTRY
+    namespace: str
+    group: str
+    status: str
+    reason: str = ""
+    instances: int = 0
+
+    @classmethod
+    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
+        return f"vmgroup/{payload['namespace']}/{payload['group']}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -391,6 +436,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         ProxyCertificateIssued,
         ProxyCertificateRevoked,
         JoinTokenIssued,
+        VmInstanceChanged,
+        VmGroupStatusChanged,
     )
 }
 

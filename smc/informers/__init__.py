@@ -1,6 +1,9 @@
 """Informers: sources that observe the world and append what they see to the log.
 
-Role: public API of :mod:`smc.informers`: the VM provider plugin interface
+Role: public API of :mod:`smc.informers`: the cloud VM provider interface
+(:class:`CloudProvider`, the ``aws`` provider in :mod:`smc.informers.aws`) and the controller
+that keeps VirtualMachineGroup instances in the mesh (:class:`VmGroupController`), the VM
+provider plugin interface
 (:class:`VMProvider`, discovered through entry point group ``smc.vm_providers``), the bridge that
 applies provider reports (:class:`ProviderBridge`), the shipped inventory directory provider, and
 the Kubernetes informers (:class:`KubeInformers`: list + watch of namespaces, services, endpoint
@@ -8,6 +11,15 @@ slices, pods, service accounts and SMI resources into events with deterministic 
 Concurrency: providers and informers run as tasks on the ``smc serve`` asyncio loop.
 """
 
+from smc.informers._cloud import (
+    CloudInstance,
+    CloudProvider,
+    GroupQuery,
+    ProviderStats,
+    ProviderUnavailable,
+    load_cloud_provider,
+    tags_to_labels,
+)
 from smc.informers._errors import InformersError, ProviderNotFound
 from smc.informers._kube import (
     CORE_RESOURCES,
@@ -30,6 +42,7 @@ from smc.informers._vm import (
     available_vm_providers,
     load_vm_provider,
 )
+from smc.informers._vmgroup import DrainWaiter, PollResult, VmGroupController, workload_name
 from smc.informers.inventory import InventoryDirectoryProvider
 
 __all__ = [
@@ -37,7 +50,11 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "MEMBER_LABEL",
     "SMI_RESOURCES",
+    "CloudInstance",
+    "CloudProvider",
+    "DrainWaiter",
     "EventSink",
+    "GroupQuery",
     "InformersError",
     "InventoryDirectoryProvider",
     "KubeConfigError",
@@ -45,12 +62,19 @@ __all__ = [
     "KubeInformers",
     "KubeResource",
     "LogSink",
+    "PollResult",
     "ProviderBridge",
     "ProviderNotFound",
+    "ProviderStats",
+    "ProviderUnavailable",
     "VMProvider",
     "VMReport",
     "VMSink",
+    "VmGroupController",
     "WatchStats",
     "available_vm_providers",
+    "load_cloud_provider",
     "load_vm_provider",
+    "tags_to_labels",
+    "workload_name",
 ]

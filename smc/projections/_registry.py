@@ -23,11 +23,14 @@ from smc.events import (
     ServicePort,
     ServiceRemoved,
     ServiceUpserted,
+    VmGroupStatusChanged,
+    VmInstanceChanged,
     WorkloadJoined,
     WorkloadLeft,
     WorkloadPort,
 )
 from smc.projections._base import canonical_digest
+from smc.projections._vmgroups import DRAINING_LABEL, VmGroups
 
 __all__ = ["RegistryProjection", "Service", "Workload"]
 
@@ -78,6 +81,8 @@ class RegistryProjection:
             WorkloadLeft.TYPE,
             ServiceAccountUpserted.TYPE,
             ServiceAccountRemoved.TYPE,
+            VmInstanceChanged.TYPE,
+            VmGroupStatusChanged.TYPE,
         }
     )
 
@@ -86,6 +91,8 @@ class RegistryProjection:
         self.endpoints: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
         self.workloads: dict[tuple[str, str, str], Workload] = {}
         self.service_accounts: set[tuple[str, str]] = set()
+        #: VirtualMachineGroup instances and provider status (see :mod:`._vmgroups`).
+        self.vm_groups = VmGroups()
         self._handlers: dict[type, Callable[[Any], None]] = {
             ServiceUpserted: self._service_upserted,
             ServiceRemoved: self._service_removed,
@@ -94,6 +101,8 @@ class RegistryProjection:
             WorkloadLeft: self._workload_left,
             ServiceAccountUpserted: self._sa_upserted,
             ServiceAccountRemoved: self._sa_removed,
+            VmInstanceChanged: self.vm_groups.instance_changed,
+            VmGroupStatusChanged: self.vm_groups.status_changed,
         }
 
     # -- fold -------------------------------------------------------------------------------
@@ -163,8 +172,8 @@ class RegistryProjection:
         if svc is not None:
             known = {(e.address, e.port) for e in out}
             for w in self.workloads_of(svc):
-                if w.kind != "vm":
-                    continue
+                if w.kind != "vm" or (DRAINING_LABEL, "true") in w.labels:
+                    continue  # a draining VM keeps its config but no client sends it more
                 for sp in svc.ports:
                     if (w.address, sp.target_port) not in known:
                         out.append(
@@ -185,6 +194,12 @@ class RegistryProjection:
 
     # -- state as data ----------------------------------------------------------------------
     def _plain(self) -> dict[str, Any]:
+        out = self._plain_core()
+        if self.vm_groups.groups:  # absent when empty: digests of logs without groups unchanged
+            out["vm_groups"] = self.vm_groups.plain()
+        return out
+
+    def _plain_core(self) -> dict[str, Any]:
         return {
             "services": {
                 f"{ns}/{n}": {
@@ -256,3 +271,4 @@ class RegistryProjection:
             sas.add((ns, n))
         self.services, self.endpoints, self.workloads = services, endpoints, workloads
         self.service_accounts = sas
+        self.vm_groups.restore(data.get("vm_groups", {}))

@@ -28,6 +28,7 @@ from smc.smi._model import (
     TrafficTarget,
     UDPRoute,
     VirtualMachine,
+    VirtualMachineGroup,
     WorkloadPort,
     vm_backs_service,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "UDPRoute",
     "UpstreamTrafficSetting",
     "VirtualMachine",
+    "VirtualMachineGroup",
     "WorkloadPort",
     "check_references",
     "evaluate",

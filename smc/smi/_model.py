@@ -29,6 +29,7 @@ __all__ = [
     "TrafficTarget",
     "UDPRoute",
     "VirtualMachine",
+    "VirtualMachineGroup",
     "WorkloadPort",
     "vm_backs_service",
 ]
@@ -277,6 +278,39 @@ from smc.smi._osm_model import (  # noqa: E402  (OSM's policy kinds join the Res
     UpstreamTrafficSetting,
 )
 
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VirtualMachineGroup:
+    """A group of identical VMs (smc.dev/v1alpha1): a template plus where its members come from.
+
+    ``template_*`` is what every instance gets (service account, labels, ports, the services it
+    backs). Membership comes from ``provider`` (a name in entry point group
+    ``smc.vm_providers``): either the cloud group ``cloud_group`` (an AWS Auto Scaling group,
+    an Azure VM scale set) or the instances whose provider labels (tags) match ``selector``.
+    ``drain_seconds`` is how long a leaving instance keeps serving in-flight requests after
+    every client dropped it; ``join_token_seconds`` the lifetime of its join tokens.
+    """
+
+    KIND: ClassVar[str] = "VirtualMachineGroup"
+    namespace: str
+    name: str
+    service_account: str
+    labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[WorkloadPort, ...] = ()
+    services: tuple[str, ...] = ()
+    provider: str
+    cloud_group: str | None = None
+    selector: tuple[tuple[str, str], ...] = ()
+    region: str | None = None
+    drain_seconds: int = 10
+    join_token_seconds: int = 600
+
+    @property
+    def identity(self) -> str:
+        """The identity string ``ns/sa`` every instance runs as."""
+        return f"{self.namespace}/{self.service_account}"
+
+
 Resource = (
     TrafficTarget
     | HTTPRouteGroup
@@ -290,6 +324,7 @@ Resource = (
     | IngressBackendPolicy
     | RetryPolicy
     | UpstreamTrafficSetting
+    | VirtualMachineGroup
 )
 
 

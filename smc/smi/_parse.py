@@ -58,6 +58,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "IngressBackend": (f"{OSM}/v1alpha1",),
     "Retry": (f"{OSM}/v1alpha1",),
     "UpstreamTrafficSetting": (f"{OSM}/v1alpha1",),
+    "VirtualMachineGroup": (f"{SMC}/v1alpha1",),
 }
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -1049,6 +1050,14 @@ def _duration(r: _Reader, value: object, path: str) -> int | None:
     return total
 
 
+def _vm_group(
+    r: _Reader, obj: Mapping[str, object], version: str, namespace: str, name: str
+) -> Resource:
+    from smc.smi._vmgroup import parse_vm_group  # its own module (imports this one)
+
+    return parse_vm_group(r, obj, version, namespace, name)
+
+
 _PARSERS: dict[str, Callable[[_Reader, Mapping[str, object], str, str, str], Resource]] = {
     "TrafficTarget": _traffic_target,
     "HTTPRouteGroup": _http_route_group,
@@ -1058,6 +1067,7 @@ _PARSERS: dict[str, Callable[[_Reader, Mapping[str, object], str, str, str], Res
     "MeshService": _mesh_service,
     "VirtualMachine": _virtual_machine,
     "MeshConfig": _mesh_config,
+    "VirtualMachineGroup": _vm_group,
 }
 
 from smc.smi._osm_parse import OSM_PARSERS  # noqa: E402  (it reads this module's _Reader)

@@ -25,6 +25,7 @@ from smc.smi._model import (
     TrafficTarget,
     UDPRoute,
     VirtualMachine,
+    VirtualMachineGroup,
 )
 from smc.smi._render import resource_key
 
@@ -156,13 +157,16 @@ def _check(resources: Iterable[Resource]) -> tuple[list[ManifestError], list[Man
                             f"HTTPRouteGroup {r.namespace}/{ref.name} does not exist",
                         )
                     )
-        elif isinstance(r, VirtualMachine):
+        elif isinstance(r, VirtualMachine | VirtualMachineGroup):
+            base = (
+                "spec.template.services" if isinstance(r, VirtualMachineGroup) else "spec.services"
+            )
             for i, svc in enumerate(r.services):
                 if (r.namespace, svc) not in services:
                     errors.append(
                         _error(
                             r,
-                            f"spec.services[{i}]",
+                            f"{base}[{i}]",
                             f"MeshService {r.namespace}/{svc} does not exist",
                         )
                     )

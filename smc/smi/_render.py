@@ -22,6 +22,7 @@ from smc.smi._model import (
     TrafficTarget,
     UDPRoute,
     VirtualMachine,
+    VirtualMachineGroup,
 )
 from smc.smi._osm_model import (
     OSM_POLICY,
@@ -169,6 +170,10 @@ def to_manifest(resource: Resource) -> dict[str, object]:
             "metadata": _meta(resource),
             "spec": resource.spec(),
         }
+    if isinstance(resource, VirtualMachineGroup):
+        from smc.smi._vmgroup import vm_group_manifest
+
+        return vm_group_manifest(resource)
     raise TypeError(f"not an SMI resource: {type(resource).__name__}")
 
 
