@@ -18,7 +18,7 @@ from smc.console import backing_index, mesh_graph
 from smc.events import Envelope, ServicePort, ServiceUpserted, WorkloadJoined, WorkloadPort
 from smc.projections import PolicyProjection, RegistryProjection
 from smc.projections._policyview import BACKS_LABEL_PREFIX, PolicyView
-from smc.testing.serve import ServeProcess, http_json
+from smc.testing.serve import ServeProcess, eventually, http_json
 
 
 def _apply(serve: ServeProcess, text: str, actor: str = "alice") -> Any:
@@ -45,6 +45,12 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     try:
         proc.wait_ready()
         _apply(proc, MESH)
+
+        def settled() -> bool:  # the CA has certified the three identities: no more events
+            items = _get(proc, "/v1/console/timeline?kind=Certificate&limit=100")["items"]
+            return len(items) >= 3
+
+        eventually(settled, what="certificates of the mesh's identities", diag=proc.tail)
         yield proc
     finally:
         proc.stop()
@@ -128,7 +134,8 @@ def test_time_travel_and_why(serve: ServeProcess) -> None:
     effects = [(e["seq"], e["effect"]) for e in now_why["decidedBy"]]
     assert (before_edit, "grants") in effects and (edit, "changes the rules of") in effects
     assert any(
-        e["aggregate"] == "HTTPRouteGroup/shop/store-post" and e["effect"] == "defines the matches of"
+        e["aggregate"] == "HTTPRouteGroup/shop/store-post"
+        and e["effect"] == "defines the matches of"
         for e in now_why["decidedBy"]
     )
     # a time travel by timestamp lands on the last change at or before it

@@ -93,11 +93,11 @@ def test_console_end_to_end(serve: ServeProcess, browser: Any, tmp_path: Path) -
 
     # click an edge: its rules are shown
     browser.execute_script(
-        "window.smcConsole.cy.getElementById('allow:id:shop/buyer->svc:shop/bookstore')"
-        ".emit('tap')"
+        "window.smcConsole.cy.getElementById('allow:id:shop/buyer->svc:shop/bookstore').emit('tap')"
     )
     panel = browser.find_element(By.ID, "panel-details").text
     assert "TrafficTarget/shop/buyer-to-store" in panel and "GET /books" in panel
+    assert "null" not in panel and "undefined" not in panel
 
     # a change appears on the timeline (and the map) within a second of the apply
     t0 = time.monotonic()

@@ -160,6 +160,13 @@ async def _run(
 )
 @click.option("--delta", is_flag=True, help="Envoys use delta (incremental) ADS.")
 @click.option(
+    "--console",
+    "console_addr",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Serve the web console (and the API) on HOST:PORT (port 0: a free one), or 'off'.",
+)
+@click.option(
     "--manifests",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -178,6 +185,7 @@ def demo(
     rate: float,
     delta: bool,
     manifests: str | None,
+    console_addr: str,
 ) -> None:
     """Run a bookstore mesh on 127.0.0.1: the control plane on an embedded log, a local CA, five
     applications behind real Envoy sidecars (one a VM), SMI policy and a traffic split, with
@@ -197,6 +205,14 @@ def demo(
     workdir = Path(tempfile.mkdtemp(prefix="smc-demo-"))
     if keep:
         click.echo(f"work directory (kept): {workdir}", err=True)
+    console: tuple[str, int] | None = None
+    if console_addr != "off":
+        host, _, port_text = console_addr.rpartition(":")
+        if not host or not port_text.isdigit() or int(port_text) > 65535:
+            raise click.BadParameter(
+                f"{console_addr!r} is not HOST:PORT or 'off'", param_hint="--console"
+            )
+        console = (host, int(port_text))
     options = DemoOptions(
         workdir=workdir,
         log_url=log_url,
@@ -206,6 +222,7 @@ def demo(
         thief_rate=rate / 2,
         delta=delta,
         manifests=Path(manifests) if manifests else DEFAULT_MANIFESTS,
+        console=console,
     )
     live = not no_live and sys.stdout.isatty()
     try:

@@ -264,6 +264,10 @@ class _Xds:
             self.server = self.controller.make_server(
                 authorize=workload_authorizer(workloads=lambda: registry.workloads)
             )
+        from smc.xds._metrics_sink import MetricsSink
+
+        self.traffic = MetricsSink(authorize=self.server.check_peer)
+        self.server.services.append(self.traffic.add_to)
 
     async def _server_tls(self, task: asyncio.Task[None]) -> ServerTLS:
         """The ADS server's TLS material, once the projections caught up (the trust domain and
@@ -511,6 +515,7 @@ async def _start_api(
                 runner=runner,
                 server=xds.server if xds is not None else None,
                 controller=xds.controller if xds is not None else None,
+                traffic=xds.traffic if xds is not None else None,
             ),
         )
         try:

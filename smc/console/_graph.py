@@ -18,6 +18,7 @@ from typing import Any
 from smc.projections._policyview import BACKS_LABEL_PREFIX, PolicyView
 from smc.projections._registry import Service, Workload
 from smc.smi import Grant
+from smc.xds._metrics_sink import EdgeTraffic
 
 __all__ = ["ProxyState", "backing_index", "mesh_graph"]
 
@@ -100,10 +101,13 @@ def mesh_graph(
     view: PolicyView,
     *,
     proxies: Iterable[ProxyState] = (),
+    traffic: Iterable[EdgeTraffic] = (),
     namespace: str | None = None,
 ) -> dict[str, Any]:
-    """The map of the mesh (see the module docstring); ``namespace`` keeps the services of one
-    namespace and the edges touching them."""
+    """The map of the mesh (see the module docstring); ``traffic`` (from the proxies' stats)
+    marks the edges carrying requests with their rate and error/deny ratios, adding edges the
+    policy does not name (permissive mode); ``namespace`` keeps the services of one namespace
+    and the edges touching them."""
     registry = view.registry
     proxy_map = {p.node_id: p for p in proxies}
     backing = backing_index(view)
@@ -191,6 +195,33 @@ def mesh_graph(
                 "percent": round(100 * b.weight / total, 1),
                 "split": plan.default_split,
             }
+    by_node = {(w.namespace, w.name): w for w in registry.workloads.values()}
+    flows: dict[str, list[float]] = {}
+    for t in traffic:
+        ns, _, name = t.node_id.partition("/")
+        w = by_node.get((ns, name))
+        target = f"svc:{t.service}"
+        if w is None or (namespace is not None and target not in nodes):
+            continue
+        for src in sources_of(w.identity):
+            acc = flows.setdefault(f"{src}->{target}", [0.0, 0.0, 0.0, 0.0])
+            acc[0] += t.rps
+            acc[1] += t.requests
+            acc[2] += t.error_ratio * t.requests
+            acc[3] += t.deny_ratio * t.requests
+    for pair, (rps, requests, errors, denied) in flows.items():
+        src, _, target = pair.partition("->")
+        stats = {
+            "rps": round(rps, 2),
+            "requests": int(requests),
+            "errorRatio": round(errors / requests, 3) if requests else 0.0,
+            "denyRatio": round(denied / requests, 3) if requests else 0.0,
+        }
+        found = edges.get(f"allow:{pair}")
+        if found is None:
+            eid = f"traffic:{pair}"
+            found = edges[eid] = {"id": eid, "kind": "traffic", "source": src, "target": target}
+        found["traffic"] = stats
     # an edge may name a node outside the namespace filter or a split backend not registered
     for e in edges.values():
         for end in (e["source"], e["target"]):

@@ -41,6 +41,7 @@ from smc.console._why import deciding_changes
 from smc.events import EventLog
 from smc.projections import ProjectionRunner
 from smc.projections._policyview import PolicyView
+from smc.xds._metrics_sink import EdgeTraffic
 
 __all__ = ["ConsoleHub", "mount_console"]
 
@@ -97,11 +98,13 @@ class ConsoleHub:
         view: PolicyView,
         open_log: Callable[[], EventLog],
         proxies: Callable[[], Iterable[ProxyState]] = lambda: (),
+        traffic: Callable[[], Iterable[EdgeTraffic]] = lambda: (),
         config_dump: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         self.runner = runner
         self.view = view
         self.proxies = proxies
+        self.traffic = traffic
         self.config_dump = config_dump
         self.timeline = Timeline(open_log())
         self.machine = TimeMachine(open_log)
@@ -109,6 +112,7 @@ class ConsoleHub:
         self._dirty = asyncio.Event()
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._warming: asyncio.Task[None] | None = None
         runner.listeners.append(lambda _events: self._dirty.set())
 
     # -- feeding ----------------------------------------------------------------------------
@@ -120,8 +124,10 @@ class ConsoleHub:
 
     async def run(self) -> None:
         """Follow the log: refresh on every applied batch (and every few seconds), tell
-        subscribers."""
+        subscribers. Once the projections are current, the map is built once so the first
+        page does not pay for evaluating the policy set."""
         self._dirty.set()
+        self._warming = asyncio.create_task(self._warm())
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout=2.0)
@@ -144,15 +150,20 @@ class ConsoleHub:
                 )
                 self._publish("graph", {"applied": self.runner.applied})
 
+    async def _warm(self) -> None:
+        await self.runner.caught_up.wait()
+        mesh_graph(self.view)
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self.run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._warming):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.timeline.log.close()
 
     def _publish(self, kind: str, data: Any) -> None:
@@ -191,8 +202,13 @@ class ConsoleHub:
     async def graph(self, request: web.Request) -> web.Response:
         view, info = await self._past_view(request.query.get("at"))
         ns = request.query.get("namespace") or None
-        proxies = list(self.proxies()) if info is None else []
-        body = mesh_graph(view, proxies=proxies, namespace=ns)
+        live = info is None  # a past map has no proxies nor traffic to show
+        body = mesh_graph(
+            view,
+            proxies=list(self.proxies()) if live else [],
+            traffic=list(self.traffic()) if live else [],
+            namespace=ns,
+        )
         body["timeTravel"] = info
         return web.json_response(body)
 
@@ -210,13 +226,16 @@ class ConsoleHub:
         offset = _int(request, "offset", 0, 0, 10**9)
         limit = _int(request, "limit", 100, 1, _MAX_PAGE)
         query = self._query(request)
+        await self.refresh()  # read your writes: what the log holds now is on the page
         return web.json_response(self.timeline.page(query, offset=offset, limit=limit))
 
     async def facets(self, request: web.Request) -> web.Response:
+        await self.refresh()
         return web.json_response(self.timeline.facets())
 
     async def event(self, request: web.Request) -> web.Response:
         raw = request.match_info["seq"]
+        await self.refresh()
         tl = self.timeline
         if not raw.isdigit() or int(raw) >= len(tl.rows):
             return _bad("seq", f"no timeline entry {raw!r}", status=404)

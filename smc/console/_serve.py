@@ -13,16 +13,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from aiohttp import web
+
+from smc.api import LiveMeshChanges
 from smc.console._graph import ProxyState
-from smc.console._routes import ConsoleHub
+from smc.console._routes import ConsoleHub, mount_console
 from smc.events import open_log
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.projections._policyview import PolicyView
 from smc.xds._controller import XdsController
 from smc.xds._debug import config_dump
+from smc.xds._metrics_sink import MetricsSink
 from smc.xds._server import AdsServer
 
-__all__ = ["console_hub"]
+__all__ = ["console_hub", "start_console_app"]
 
 
 def console_hub(
@@ -30,6 +34,7 @@ def console_hub(
     runner: ProjectionRunner,
     server: AdsServer | None = None,
     controller: XdsController | None = None,
+    traffic: MetricsSink | None = None,
 ) -> ConsoleHub:
     registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
     policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
@@ -57,5 +62,31 @@ def console_hub(
         view=PolicyView(registry=registry, policy=policy),
         open_log=lambda: open_log(url),
         proxies=proxies,
+        traffic=traffic.edges if traffic is not None else lambda: (),
         config_dump=dump,
     )
+
+
+async def start_console_app(
+    *,
+    runner: ProjectionRunner,
+    live: LiveMeshChanges,
+    host: str,
+    port: int,
+    server: AdsServer | None = None,
+    controller: XdsController | None = None,
+    traffic: MetricsSink | None = None,
+) -> tuple[web.AppRunner, str]:
+    """Serve the API with the console on ``host:port`` for an in-process control plane
+    (``smc demo``); returns the app runner (``cleanup()`` it) and the page URL."""
+    from smc.api import ApiContext, create_app, start_http
+
+    registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
+    policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
+    app = create_app(ApiContext(live=live, runner=runner, registry=registry, policy=policy))
+    mount_console(
+        app,
+        console_hub(runner=runner, server=server, controller=controller, traffic=traffic),
+    )
+    app_runner = await start_http(app, host=host, port=port)
+    return app_runner, f"http://{host}:{port}/console/"

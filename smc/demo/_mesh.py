@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from smc.api import ChangeReport
 from smc.demo._apps import BookApp, Flow, client_loop, probe
@@ -49,6 +50,7 @@ from smc.events import (
 from smc.smi import load_documents
 from smc.testing.envoy import ENVOY_VERSION, envoy_binary
 from smc.testing.mesh import ControlPlane, Sidecar
+from smc.testing.ports import free_port
 from smc.xds import APP_PORT_LABEL
 
 __all__ = [
@@ -94,6 +96,8 @@ class DemoOptions:
     delta: bool = False
     manifests: Path = DEFAULT_MANIFESTS
     ready_timeout: float = 60.0
+    #: Where the web console (and the API behind it) listens; None: no console.
+    console: tuple[str, int] | None = ("127.0.0.1", 0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,6 +173,8 @@ class BookstoreDemo:
         self.cp: ControlPlane | None = None
         self.flows: dict[str, Flow] = {}
         self.envoy_pids: list[int] = []
+        self.console_url: str | None = None
+        self._console: web.AppRunner | None = None
         self.traffic_started: float | None = None
         self.traffic_stopped: float | None = None
         self.ready_after: float | None = None
@@ -317,6 +323,8 @@ class BookstoreDemo:
             f"control plane up: log {cp.log.url}, local CA in {opts.workdir / 'ca'}, "
             f"ADS on 127.0.0.1:{cp.port}"
         )
+        if opts.console is not None:
+            await self._start_console(opts.console)
         # applications (their ports go into the registry)
         for w in WORKLOADS:
             sidecar = Sidecar(
@@ -338,7 +346,9 @@ class BookstoreDemo:
         # one Envoy sidecar per workload
         await asyncio.gather(
             *(
-                asyncio.to_thread(s.start_envoy, ads_port=cp.port, delta=opts.delta)
+                asyncio.to_thread(
+                    s.start_envoy, ads_port=cp.port, delta=opts.delta, stats_sink=True
+                )
                 for s in self._s.sidecars.values()
             )
         )
@@ -356,6 +366,28 @@ class BookstoreDemo:
         self.say(f"mesh ready in {self.ready_after:.1f}s; traffic running")
         self._start_traffic()
         return True
+
+    async def _start_console(self, where: tuple[str, int]) -> None:
+        assert self.cp is not None
+        from smc.console._serve import start_console_app
+
+        cp = self.cp
+        host, port = where[0], where[1] or free_port()
+        try:
+            app, url = await start_console_app(
+                runner=cp.runner,
+                live=cp.live,
+                host=host,
+                port=port,
+                server=cp.server,
+                controller=cp.controller,
+                traffic=cp.traffic,
+            )
+        except OSError as exc:
+            raise DemoError(f"cannot serve the console on {host}:{port}: {exc}") from exc
+        self._console = app
+        self.console_url = url
+        self.say(f"console: {url}")
 
     async def _apply(self, text: str) -> None:
         assert self.cp is not None
@@ -514,6 +546,7 @@ class BookstoreDemo:
         return {
             "stopped_by": stopped_by,
             "run_id": self.run_id,
+            "console_url": self.console_url,
             "ready_after_s": None if self.ready_after is None else round(self.ready_after, 2),
             "traffic_seconds": round(st.uptime, 2),
             "flows": {f.key: f.as_dict() for f in st.flows},
@@ -575,6 +608,9 @@ class BookstoreDemo:
         for app in self._s.apps.values():
             with contextlib.suppress(Exception):
                 await app.stop()
+        if self._console is not None:
+            await self._console.cleanup()
+            self._console = None
         cp = self.cp
         if cp is not None:
             if self._s.cp_started:

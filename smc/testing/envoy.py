@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from smc.errors import SMCError
+from smc.xds._metrics_sink import stats_sink_bootstrap
 
 __all__ = [
     "ENVOY_VERSION",
@@ -201,12 +202,16 @@ def ads_bootstrap(
     initial_fetch_timeout_s: float | None = None,
     extra_clusters: list[dict[str, Any]] | None = None,
     tls: AdsTLS | None = None,
+    stats_sink: bool = False,
+    stats_flush_s: float = 1.0,
 ) -> dict[str, Any]:
     """Build a bootstrap that gets LDS and CDS (hence EDS/RDS/SDS) over one ADS stream.
 
     ``delta`` picks ``DELTA_GRPC`` (incremental xDS) instead of ``GRPC`` (state of the world).
     The ADS server is reached over HTTP/2 cleartext at ``ads_host:ads_port``, or over mTLS
-    with ``tls`` (the proxy's certificate and the CA that signed the server's).
+    with ``tls`` (the proxy's certificate and the CA that signed the server's). With
+    ``stats_sink`` the proxy also streams its stats there every ``stats_flush_s`` seconds
+    (the metrics service: traffic edges of the console's map).
     """
     config_source: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
     if initial_fetch_timeout_s is not None:
@@ -230,7 +235,13 @@ def ads_bootstrap(
     }
     if tls is not None:
         xds_cluster["transport_socket"] = tls.transport_socket()
+    sink = (
+        stats_sink_bootstrap(cluster_name=ads_cluster_name, flush_seconds=stats_flush_s)
+        if stats_sink
+        else {}
+    )
     return {
+        **sink,
         "node": {"id": node_id, "cluster": cluster},
         "admin": {"address": _socket_address("127.0.0.1", admin_port)},
         "dynamic_resources": {

@@ -53,6 +53,7 @@ from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.ports import free_port
 from smc.xds import AdsServer, IssuingCertSource, XdsController
 from smc.xds._certs import IssuerCache, KeyStoreCertSource, local_issuer_of
+from smc.xds._metrics_sink import MetricsSink
 
 __all__ = ["ControlPlane", "Sidecar", "vm_yaml"]
 
@@ -106,6 +107,7 @@ class ControlPlane:
         self.runner: ProjectionRunner
         self.controller: XdsController
         self.server: AdsServer
+        self.traffic: MetricsSink
         self.live: LiveMeshChanges
         self.keystore: KeyStore
         self.certs: KeyStoreCertSource | IssuingCertSource
@@ -138,6 +140,8 @@ class ControlPlane:
         )
         source.add_listener(self.controller.on_certs_changed)
         self.server = self.controller.make_server()
+        self.traffic = MetricsSink(authorize=self.server.check_peer)
+        self.server.services.append(self.traffic.add_to)
         await self.server.start(host="127.0.0.1", port=self.port)
         self._tasks = [
             asyncio.create_task(self.runner.run(stop=self._stop)),
@@ -352,7 +356,9 @@ class Sidecar:
         await asyncio.wait_for(self.agent.ready.wait(), timeout=30)
         return self.agent
 
-    def start_envoy(self, *, ads_port: int, delta: bool) -> None:
+    def start_envoy(self, *, ads_port: int, delta: bool, stats_sink: bool = False) -> None:
+        """Start the Envoy; ``stats_sink``: it streams its stats to the control plane (the
+        traffic edges of the console's map)."""
         boot = ads_bootstrap(
             node_id=self.node_id,
             cluster=self.name,
@@ -361,6 +367,7 @@ class Sidecar:
             delta=delta,
             admin_port=free_port(),
             extra_clusters=[agent_cluster(str(self.sds_socket))] if self.agent else None,
+            stats_sink=stats_sink,
         )
         self.envoy = EnvoyProcess(
             bootstrap=boot,

@@ -505,6 +505,8 @@ class AdsServer:
         self._ids = itertools.count(1)
         self._nacks: dict[tuple[str, str], NackRecord] = {}
         self._server: grpc.aio.Server | None = None
+        #: More gRPC services mounted beside ADS when :meth:`start` runs (the metrics sink).
+        self.services: list[Callable[[grpc.aio.Server], None]] = []
         # Serialised responses (without nonce) shared by streams sent the same content (LRU).
         self._bodies: OrderedDict[tuple[Any, ...], tuple[bytes, int, int]] = OrderedDict()
         self._port: int | None = None
@@ -559,6 +561,8 @@ class AdsServer:
             ]
         )
         self.add_to(server)
+        for mount in self.services:
+            mount(server)
         if tls is None:
             bound: int = server.add_insecure_port(f"{host}:{port}")
         else:
@@ -575,6 +579,27 @@ class AdsServer:
         await server.start()
         self._server, self._port = server, bound
         return bound
+
+    async def check_peer(self, node_id: str, context: grpc.aio.ServicerContext) -> str | None:
+        """Why the TLS peer of ``context`` may not speak for ``node_id`` (None: it may), by the
+        rule ADS streams follow; always None on a cleartext server. For services mounted
+        beside ADS (:attr:`services`)."""
+        if self._authorize is None:
+            return None
+        found = _peer_identity(context, trust_domain=self._trust_domain)
+        if not isinstance(found, SpiffeId):
+            return found[1]
+        try:
+            allowed = bool(self._authorize(node_id, found))
+        except Exception:
+            _log.exception("authorize hook failed for node %s", node_id)
+            allowed = False
+        if allowed:
+            return None
+        return (
+            f"node id {node_id!r} does not run as the identity of the client certificate "
+            f"({found.uri})"
+        )
 
     def _fetch_tls(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC before each TLS handshake (on its own threads): the new material

@@ -17,6 +17,8 @@ const state = {
   graphTimer: null,
   nodeSignature: "",
   ready: false,
+  readyAt: 0, // ms after navigation start: map drawn
+  timelineAt: 0, // ms after navigation start: first timeline rows shown
 };
 window.smcConsole = state; // for tests and the curious
 
@@ -56,6 +58,9 @@ async function api(path) {
   }
   return body;
 }
+function fill(where, ...children) {
+  where.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+}
 function showError(where, err) {
   where.replaceChildren(el("p", { class: "error", role: "alert" }, String(err.message || err)));
 }
@@ -82,6 +87,10 @@ const STYLE = [
   { selector: 'edge[kind = "split"]', style: { "line-style": "dashed", "line-color": "#7048e8",
       "target-arrow-color": "#7048e8", label: "data(label)", "font-size": 10, "text-background-color": "#fff",
       "text-background-opacity": 1 } },
+  { selector: 'edge[kind = "traffic"]', style: { "line-color": "#adb5bd", "target-arrow-color": "#adb5bd" } },
+  { selector: "edge[?busy]", style: { width: "data(width)", label: "data(label)", "font-size": 9,
+      "text-background-color": "#fff", "text-background-opacity": 1 } },
+  { selector: "edge[?failing]", style: { "line-color": "#c92a2a", "target-arrow-color": "#c92a2a" } },
   { selector: ":selected", style: { "overlay-color": "#1c7ed6", "overlay-opacity": 0.25 } },
 ];
 
@@ -89,9 +98,16 @@ function elementsOf(graph) {
   const nodes = graph.nodes.map((n) => ({ group: "nodes", data: {
     id: n.id, label: n.namespace ? `${n.label}.${n.namespace}` : n.label, kind: n.kind,
     vm: n.vms > 0, nacked: n.proxies.nacked > 0, raw: n } }));
-  const edges = graph.edges.map((e) => ({ group: "edges", data: {
-    id: e.id, source: e.source, target: e.target, kind: e.kind,
-    label: e.kind === "split" ? `${e.percent}%` : "", raw: e } }));
+  const edges = graph.edges.map((e) => {
+    const t = e.traffic;
+    const label = [e.kind === "split" ? `${e.percent}%` : "",
+      t ? `${t.rps} rps${t.denyRatio ? ` ${Math.round(t.denyRatio * 100)}% denied` : ""}${t.errorRatio ? ` ${Math.round(t.errorRatio * 100)}% 5xx` : ""}` : ""]
+      .filter(Boolean).join(" ");
+    return { group: "edges", data: {
+      id: e.id, source: e.source, target: e.target, kind: e.kind, label, raw: e,
+      busy: Boolean(t), width: t ? Math.min(8, 1.5 + Math.log2(1 + t.rps)) : 1.5,
+      failing: Boolean(t && (t.denyRatio + t.errorRatio) > 0.5) } };
+  });
   return { nodes, edges };
 }
 
@@ -100,13 +116,19 @@ function renderGraph(graph) {
   const signature = nodes.map((n) => n.data.id).join("|");
   const cy = state.cy;
   cy.batch(() => {
+    if (cy.elements().empty()) {
+      cy.add([...nodes, ...edges]); // first draw: one call
+      return;
+    }
     const keep = new Set([...nodes, ...edges].map((x) => x.data.id));
     cy.elements().filter((x) => !keep.has(x.id())).remove();
+    const fresh = [];
     for (const x of [...nodes, ...edges]) {
       const have = cy.getElementById(x.data.id);
       if (have.nonempty()) have.data(x.data);
-      else cy.add(x);
+      else fresh.push(x);
     }
+    cy.add(fresh);
   });
   if (signature !== state.nodeSignature) {
     state.nodeSignature = signature;
@@ -154,16 +176,23 @@ function showNode(raw) {
   rows.push(["pods / VMs", `${raw.pods} / ${raw.vms}`]);
   rows.push(["identities", raw.identities.join(", ") || "—"]);
   rows.push(["proxies", `${raw.proxies.connected} connected, ${raw.proxies.acked} ACKed, ${raw.proxies.nacked} NACKed`]);
-  $("panel-details").replaceChildren(el("h2", {}, raw.id), kv(rows));
+  fill($("panel-details"), el("h2", {}, raw.id), kv(rows));
 }
 
 function showEdge(raw) {
   selectTab("details");
   const panel = $("panel-details");
   if (raw.kind === "split") {
-    panel.replaceChildren(el("h2", {}, "TrafficSplit"), kv([
+    fill(panel, el("h2", {}, "TrafficSplit"), kv([
       ["split", raw.split], ["from", raw.source], ["to", raw.target],
       ["weight", `${raw.weight} (${raw.percent}%)`]]));
+    return;
+  }
+  const t = raw.traffic;
+  const traffic = t ? kv([["requests/s", t.rps], ["requests (window)", t.requests],
+    ["denied (403)", `${Math.round(t.denyRatio * 1000) / 10}%`], ["errors (5xx)", `${Math.round(t.errorRatio * 1000) / 10}%`]]) : null;
+  if (raw.kind === "traffic") {
+    fill(panel, el("h2", {}, "Traffic (no SMI grant)"), kv([["from", raw.source], ["to", raw.target]]), traffic);
     return;
   }
   const rules = raw.rules.map((r) => el("li", {},
@@ -175,12 +204,13 @@ function showEdge(raw) {
     el("button", { type: "button", onclick: () => {
       $("why-from").value = r.source; $("why-to").value = r.destination; selectTab("why"); runWhy();
     } }, "Why?")));
-  panel.replaceChildren(el("h2", {}, "Allowed"), kv([["from", raw.source], ["to", raw.target]]), el("ul", {}, rules));
+  fill(panel, el("h2", {}, "Allowed"), kv([["from", raw.source], ["to", raw.target]]),
+    traffic ? el("h3", {}, "Traffic") : null, traffic, el("h3", {}, "Rules"), el("ul", {}, rules));
 }
 
 function initMap() {
   state.cy = cytoscape({
-    container: $("map"), style: STYLE, wheelSensitivity: 0.3, minZoom: 0.05, maxZoom: 4,
+    container: $("map"), style: STYLE, minZoom: 0.05, maxZoom: 4,
     textureOnViewport: true, hideEdgesOnViewport: true,
   });
   state.cy.on("tap", "node", (ev) => showNode(ev.target.data("raw")));
@@ -260,6 +290,7 @@ function renderTimeline() {
       `@${r.source}`) : el("div", attrs, "…"));
   }
   $("timeline").replaceChildren($("tl-spacer"), ...rows);
+  if (!state.timelineAt && rows.some((r) => r.dataset.seq)) state.timelineAt = performance.now();
   for (const p of want) if (p >= 0) loadPage(p);
 }
 function resetTimeline() {
@@ -289,7 +320,7 @@ async function showChange(seq) {
     const diff = el("table", { class: "kv diff" }, ev.diff.map((d) => el("tr", {},
       el("td", {}, d.path), el("td", {}, d.before === null ? null : el("div", { class: "before" }, fmt(d.before)),
         d.after === null ? null : el("div", { class: "after" }, fmt(d.after))))));
-    panel.replaceChildren(
+    fill(panel, 
       el("h2", {}, `#${ev.seq} ${ev.type}`),
       kv([["aggregate", ev.aggregate], ["actor", ev.actor], ["source", ev.source], ["appended", ev.at],
         ["occurred", ev.occurredAt], ["position", ev.position], ["event id", ev.eventId],
@@ -356,7 +387,7 @@ async function runWhy() {
   if (state.travelSeq !== null) q.set("at", String(state.travelSeq));
   try {
     const r = await api(`/v1/console/why?${q}`);
-    out.replaceChildren(
+    fill(out, 
       el("p", {}, el("span", { class: r.allowed ? "allow" : "deny", id: "why-decision" }, r.decision.toUpperCase()), " ", r.reason),
       el("h3", {}, "Decided by"),
       r.decidedBy.length ? el("ol", { id: "why-events" }, r.decidedBy.map((e) => el("li", {},
@@ -371,7 +402,7 @@ async function runProxy() {
   try {
     const r = await api(`/v1/console/proxy?${new URLSearchParams({ node })}`);
     const c = r.config;
-    out.replaceChildren(
+    fill(out, 
       kv([["node", r.node_id], ["connected", r.connected], ["ACKed", r.acked], ["NACKed", r.nacked],
         ["versions", c ? c.versions : null]]),
       c ? el("div", {}, Object.entries(c.resources).map(([type, items]) => el("details", {},
@@ -457,11 +488,14 @@ async function start() {
   boot();
 }
 async function boot() {
-  const graph = await loadGraph();
+  const graphLoad = loadGraph();
+  resetTimeline(); // the first timeline page loads while the map is drawn
+  const graph = await graphLoad;
   if (graph === null) return;
-  resetTimeline();
+  state.readyAt = performance.now(); // the map is drawn and answers clicks
   loadFacets();
   follow();
+  setInterval(scheduleGraph, 5000); // traffic rates change without log events
   state.ready = true;
   document.body.dataset.ready = "true";
 }
