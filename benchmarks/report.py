@@ -1,7 +1,7 @@
 """Performance report: runs every benchmark, then writes one JSON and one Markdown table.
 
 Role: runs ``replay.py``, ``kafka_raw.py``, ``certs.py``, ``ads_streams.py``, ``ads_scale.py``,
-``convergence.py`` and ``sovereign_compare.py`` one after the other as ``nice -n 10``
+``convergence.py``, ``sovereign_compare.py`` and ``console.py`` one after the other as ``nice -n 10``
 subprocesses (each with the
 sizes the issues ask for, or small ones with ``--quick``), records the load average before and
 after each run, the command, exit code and wall time, reads each benchmark's JSON result, and
@@ -89,6 +89,13 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         ["--sizes", "1000,3000,10000", "--changes", "5", "--repeats", "2"],
         ["--sizes", "1000,3000", "--changes", "3", "--idle-s", "3"],
         (3600, 600),
+    ),
+    "console": (
+        "console.py",
+        "--out",
+        ["--services", "1000", "--workloads", "10000", "--events", "100000", "--passes", "5"],
+        ["--services", "300", "--workloads", "3000", "--events", "20000", "--passes", "3"],
+        (1800, 600),
     ),
 }
 
@@ -416,6 +423,25 @@ def figures_ads_scale(r: dict[str, Any]) -> list[Figure]:
     return out
 
 
+def figures_console(r: dict[str, Any]) -> list[Figure]:
+    b = "console"
+    med = r.get("median", {})
+    size = f"{r.get('services')} services / {r.get('workloads')} workloads"
+    total = med.get("timeline_total")
+    return [
+        _target(
+            b,
+            f"page interactive, median ({size})",
+            med.get("interactive_s"),
+            "s",
+            below=1.0,
+        ),
+        _info(b, "first timeline rows shown, median", med.get("timeline_s"), "s"),
+        _info(b, f"timeline jump to the oldest of {total} events", med.get("jump_oldest_s"), "s"),
+        _info(b, "timeline rows fetched while scrolling", med.get("rows_loaded"), "rows"),
+    ]
+
+
 def figures_sovereign(r: dict[str, Any]) -> list[Figure]:
     b = "sovereign_compare"
     out: list[Figure] = []
@@ -511,6 +537,7 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "ads_scale": figures_ads_scale,
     "convergence": figures_convergence,
     "sovereign_compare": figures_sovereign,
+    "console": figures_console,
 }
 
 
