@@ -714,3 +714,48 @@ def test_json_document() -> None:
     result = load_documents(json.dumps([to_manifest(CANARY), {"kind": "Nope"}]), source="l.json")
     assert result.resources == (CANARY,)
     assert result.errors[0].document == "l.json#1[1]"
+
+
+@pytest.mark.parametrize("version", ["v1alpha2", "v1alpha3", "v1alpha4"])
+def test_list_form_headers_as_osm_writes_them(version: str) -> None:
+    """OSM's CRD form: a list of mappings of header name to regex (one or more per item)."""
+    matches = """\
+matches:
+- name: books-bought
+  headers:
+  - "User-Agent": ".*-http-client/*.*"
+  - {client-app: bookbuyer, x-tier: gold}
+"""
+    if version != "v1alpha2":  # v1alpha3+ nest the matches under spec
+        matches = "spec:\n" + "".join("  " + line for line in matches.splitlines(True))
+    text = (
+        f"apiVersion: specs.smi-spec.io/{version}\nkind: HTTPRouteGroup\n"
+        "metadata: {name: g, namespace: bookstore}\n" + matches
+    )
+    result = load_documents(text, source="osm.yaml")
+    assert result.errors == ()
+    [group] = result.resources
+    assert isinstance(group, HTTPRouteGroup)
+    assert group.matches[0].headers == (
+        ("client-app", "bookbuyer"),
+        ("user-agent", ".*-http-client/*.*"),
+        ("x-tier", "gold"),
+    )
+
+
+def test_list_form_headers_errors_name_the_item() -> None:
+    base = """\
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: g}
+spec:
+  matches:
+  - name: m
+    headers:
+"""
+    err = only_error(base + "    - {a: x}\n    - {A: y}\n")
+    assert err.path == "spec.matches[0].headers[1].A" and "more than once" in err.reason
+    err = only_error(base + "    - {a: x}\n    - just-a-string\n")
+    assert err.path == "spec.matches[0].headers[1]" and "mapping of header name" in err.reason
+    err = only_error(base + "    - {}\n")
+    assert err.path == "spec.matches[0].headers[0]"
