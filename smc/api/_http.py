@@ -35,7 +35,7 @@ from smc.api._views import (
     vmgroups_view,
     workloads_view,
 )
-from smc.events import LogUnavailable
+from smc.events import LogCorrupt, LogFull, LogUnavailable
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.projections._policyview import PolicyView
 from smc.smi import LoadResult, ManifestError, Resource, load_documents
@@ -74,6 +74,12 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _errors(400, _err(exc.reason, field=exc.field, document="request"))
     except ChangeNotApplied as exc:
         return _errors(504, _err(str(exc)))
+    except LogFull as exc:
+        log.warning("log full serving %s %s: %s", request.method, request.path, exc)
+        return _errors(507, _err(f"the event log's disk is full, nothing was recorded: {exc}"))
+    except LogCorrupt as exc:
+        log.error("log corrupt serving %s %s: %s", request.method, request.path, exc)
+        return _errors(500, _err(f"nothing was recorded: {exc}"))
     except LogUnavailable as exc:
         log.warning("log unavailable serving %s %s: %s", request.method, request.path, exc)
         return _errors(
@@ -276,16 +282,26 @@ class HttpApi:
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: fails for good once the log was found corrupt (restarting helps only
+        after an operator repaired it; the record is named)."""
+        fatal = self.ctx.runner.health.fatal
+        if fatal is not None:
+            return web.json_response({"status": "failed", "reason": fatal}, status=500)
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 503 while catching up, or while the log cannot be read or written."""
         r = self.ctx.runner
-        ready = r.caught_up.is_set()
+        health = r.health
+        caught = r.caught_up.is_set()
+        ready = caught and health.available
+        status = "ready" if ready else ("log unavailable" if caught else "catching up")
         return web.json_response(
             {
-                "status": "ready" if ready else "catching up",
+                "status": status,
                 "position": r.position.to_json(),
                 "applied": r.applied,
+                "log": health.as_dict(),
             },
             status=200 if ready else 503,
         )

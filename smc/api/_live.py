@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from smc.api._changes import ChangeReport, IdSeed, MeshChanges, Plan
 from smc.api._errors import ChangeNotApplied
-from smc.events import Event, Position
+from smc.events import Event, LogError, LogUnavailable, Position
 from smc.projections import ProjectionRunner
 from smc.smi import ManifestError, Resource
 
@@ -57,7 +57,16 @@ class LiveMeshChanges:
     async def _run(self, make_plan: Plan, dry_run: bool) -> ChangeReport:
         if dry_run:
             return ChangeReport(plan=make_plan, appended=(), target=Position())
-        report = await asyncio.to_thread(self.changes.commit, make_plan)
+        health = self.runner.health
+        try:
+            report = await asyncio.to_thread(self.changes.commit, make_plan)
+        except LogUnavailable as exc:
+            health.report("append", exc)
+            raise
+        except LogError as exc:
+            health.set_fatal(str(exc))
+            raise
+        health.report("append", None)
         await self.wait_for(report.target)
         return report
 

@@ -73,8 +73,10 @@ def _change_op(verb: str, summary: str, extra: list[dict[str, Any]]) -> dict[str
                 _ref("ChangeReport"),
                 "Some documents were refused (listed in errors); the valid ones were applied.",
             ),
+            "500": _ERRORS,
             "503": _ERRORS,
             "504": _ERRORS,
+            "507": _ERRORS,
         },
     }
 
@@ -225,16 +227,23 @@ def openapi_document(*, server_url: str | None = None) -> dict[str, Any]:
                 "get": {
                     "operationId": "healthz",
                     "summary": "Liveness",
-                    "responses": {"200": _json(_ref("Status"), "The server is running.")},
+                    "responses": {
+                        "200": _json(_ref("Status"), "The server is running."),
+                        "500": _json(
+                            _ref("Status"), "The log is corrupt (reason names the record)."
+                        ),
+                    },
                 }
             },
             "/readyz": {
                 "get": {
                     "operationId": "readyz",
-                    "summary": "Readiness: projections caught up with the log",
+                    "summary": "Readiness: projections caught up and the log readable/writable",
                     "responses": {
                         "200": _json(_ref("Status"), "Caught up."),
-                        "503": _json(_ref("Status"), "Still replaying the log."),
+                        "503": _json(
+                            _ref("Status"), "Still replaying the log, or the log is unavailable."
+                        ),
                     },
                 }
             },
@@ -431,6 +440,8 @@ def openapi_document(*, server_url: str | None = None) -> dict[str, Any]:
                         "status": {"type": "string"},
                         "position": {"type": "object"},
                         "applied": {"type": "integer"},
+                        "reason": {"type": "string"},
+                        "log": {"type": "object"},
                     },
                 },
             }

@@ -49,6 +49,7 @@ class _Group(click.Group):
     "what this command appends (env SMC_WRITER).",
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="smc", prog_name="smc", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, log_url: str, writer_dir: str | None, verbose: int) -> None:
     """SMC: an event-sourced service mesh control plane for Envoy."""
@@ -59,9 +60,11 @@ def cli(ctx: click.Context, log_url: str, writer_dir: str | None, verbose: int) 
     ctx.obj["writer_dir"] = writer_dir
 
 
-def open_log_from(ctx: click.Context) -> EventLog:
-    """The log ``--log`` names; appends are sealed with ``--writer`` credentials if given."""
-    log = open_log(ctx.obj["log_url"])
+def open_log_from(ctx: click.Context, *, create: bool = False) -> EventLog:
+    """The log ``--log`` names; appends are sealed with ``--writer`` credentials if given.
+    Read commands never create one (``create=False``: a missing SQLite file is an error
+    naming it); commands that write pass ``create=True``."""
+    log = open_log(ctx.obj["log_url"], create=create)
     ctx.call_on_close(log.close)
     writer_dir = (ctx.find_root().obj or {}).get("writer_dir")
     if writer_dir:

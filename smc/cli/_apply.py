@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import json
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from smc.api import (
     workloads_view,
 )
 from smc.cli._app import cli, open_log_from
-from smc.events import EventLog, Position
+from smc.events import EventLog, LogError, Position, SqliteLog
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.projections._policyview import PolicyView
 from smc.smi import ManifestError, Resource, load_documents
@@ -122,7 +123,7 @@ def _change(
     ignore_not_found: bool = False,
 ) -> None:
     resources, errors = read_manifests(files)
-    log = open_log_from(ctx)
+    log = _log_for_change(ctx, verb=verb, dry_run=dry_run)
     registry, policy = _projections(log)
     changes = MeshChanges(log=log, registry=registry, policy=policy)
     who = actor or _default_actor()
@@ -150,6 +151,22 @@ def _change(
         sys.exit(1)
     if not report.ok:
         sys.exit(1)
+
+
+def _log_for_change(ctx: click.Context, *, verb: str, dry_run: bool) -> EventLog:
+    """The log to plan against: ``apply`` creates a missing one; a dry run or a delete never
+    does (with no log, a dry run plans against an empty mesh in memory)."""
+    try:
+        return open_log_from(ctx, create=verb == "apply" and not dry_run)
+    except LogError:
+        url = ctx.obj["log_url"]
+        if not (dry_run and url.startswith("sqlite:///")):
+            raise
+    scratch = tempfile.TemporaryDirectory(prefix="smc-dry-run-")
+    ctx.call_on_close(scratch.cleanup)
+    empty = SqliteLog(Path(scratch.name) / "empty.db")
+    ctx.call_on_close(empty.close)
+    return empty
 
 
 def _default_actor() -> str:
@@ -452,3 +469,5 @@ def policy_check_cmd(
         click.echo(json.dumps(result, indent=2, sort_keys=True))
     else:
         click.echo(f"{result['decision']}: {result['reason']}")
+    if result["decision"] != "allow":
+        sys.exit(1)  # as `kubectl auth can-i`: scripts can test the answer

@@ -53,6 +53,7 @@ from smc.cli._app import cli, open_log_from
 from smc.cli._certs import ca_options, factory_from_ca_options, keys_option
 from smc.cli._vmgroups import parse_clouds
 from smc.errors import SMCError
+from smc.events._health import watch_log
 from smc.projections import (
     CheckpointStore,
     PolicyProjection,
@@ -599,6 +600,7 @@ async def _serve(
         runner, stop, http, inventory, inventory_interval, xds, clouds, group_interval
     )
     task = asyncio.create_task(runner.run(stop=stop))
+    side_tasks.append(asyncio.create_task(watch_log(runner.log, runner.health, stop=stop)))
     kube_failed: list[BaseException] = []
     kube_task: asyncio.Task[None] | None = None
     if kube is not None:
@@ -886,7 +888,7 @@ def serve(
             cert_file=xds_cert,
             key_file=xds_key,
         )
-    log_ = open_log_from(ctx)
+    log_ = open_log_from(ctx, create=True)
     runner = ProjectionRunner(log=log_, projections=all_projections())
     store = CheckpointStore(checkpoint) if checkpoint else None
     if store is not None:

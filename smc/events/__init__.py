@@ -9,10 +9,13 @@ from smc.events._errors import (
     DecodeError,
     EventError,
     InvalidEvent,
+    LogCorrupt,
     LogError,
+    LogFull,
     LogUnavailable,
     UnknownSchema,
 )
+from smc.events._health import LogHealth, probe_log
 from smc.events._integrity import (
     PARTITION,
     WRITER,
@@ -104,7 +107,10 @@ __all__ = [
     "InvalidEvent",
     "JoinTokenIssued",
     "KafkaLog",
+    "LogCorrupt",
     "LogError",
+    "LogFull",
+    "LogHealth",
     "LogUnavailable",
     "MeshConfigChanged",
     "Position",
@@ -141,6 +147,7 @@ __all__ = [
     "make_event",
     "open_log",
     "parse_writer_identity",
+    "probe_log",
     "record_digest",
     "schemas_dir",
     "writer_identity",

@@ -12,7 +12,9 @@ __all__ = [
     "DecodeError",
     "EventError",
     "InvalidEvent",
+    "LogCorrupt",
     "LogError",
+    "LogFull",
     "LogUnavailable",
     "UnknownSchema",
 ]
@@ -51,3 +53,18 @@ class LogError(EventError):
 
 class LogUnavailable(LogError):
     """The log cannot be reached (after retries, where the caller asked for them)."""
+
+
+class LogFull(LogUnavailable):
+    """An append failed because the disk holding the log is full; nothing was appended."""
+
+
+class LogCorrupt(LogError):
+    """The log's storage is damaged where a record should be read; names the record.
+
+    Not retried: serve stops (exit 1) and ``/healthz`` fails, so a supervisor notices."""
+
+    def __init__(self, *, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"the event log is corrupt at {where}: {reason}")

@@ -31,6 +31,7 @@ from confluent_kafka import (
 
 from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
+from smc.events._health import StateChangeFilter
 from smc.events._integrity import WRITER, Signer, record_digest
 from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
@@ -38,6 +39,10 @@ from smc.events._types import STREAMS, Event
 __all__ = ["KafkaLog"]
 
 _rdlog = logging.getLogger("smc.events.kafka")
+#: librdkafka retries a lost broker several times a second and logs each attempt: one line per
+#: state change is kept (see StateChangeFilter).
+_RDFILTER = StateChangeFilter()
+_rdlog.addFilter(_RDFILTER)
 
 
 class KafkaLog:
@@ -99,6 +104,7 @@ class KafkaLog:
         self._assigned: Position | None = None
         self._tps: list[TopicPartition] = []
         self._errors: list[str] = []
+        self._probe_failed = False
 
     def _on_error(self, err: KafkaError) -> None:
         self._errors.append(str(err))
@@ -122,6 +128,21 @@ class KafkaLog:
                 out[stream] = sorted(t.partitions)
             self._partitions = out
         return self._partitions
+
+    def probe(self, *, write: bool = False, timeout: float = 2.0) -> None:
+        """Raise :class:`LogUnavailable` unless a broker answers a metadata request for the
+        log's topics within ``timeout`` seconds (``write`` changes nothing: a broker that
+        answers takes appends). Thread-safe (uses the producer's handle)."""
+        try:
+            md = self._producer.list_topics(self.prefix + self.streams[0], timeout=timeout)
+            if not md.brokers:
+                raise LogUnavailable(f"Kafka at {self.bootstrap}: no broker in the metadata")
+        except KafkaException as exc:
+            self._probe_failed = True
+            raise LogUnavailable(f"Kafka at {self.bootstrap} unreachable: {exc}") from exc
+        if self._probe_failed:
+            self._probe_failed = False
+            _RDFILTER.reset()
 
     def append(self, events: Sequence[Event], *, signer: Signer | None = None) -> list[Appended]:
         """Produce ``events`` and wait for every acknowledgement. With a signer (``signer``

@@ -13,15 +13,18 @@ from smc.events._log import EventLog
 __all__ = ["open_log"]
 
 
-def open_log(url: str) -> EventLog:
-    """Open the log named by ``url``; raises :class:`LogError` naming a bad URL."""
+def open_log(url: str, *, create: bool = True) -> EventLog:
+    """Open the log named by ``url``; raises :class:`LogError` naming a bad URL.
+
+    ``create=False`` (read-only commands): a SQLite file that does not exist is an error
+    naming it, never created."""
     if url.startswith("sqlite:///"):
         from smc.events._sqlite import SqliteLog
 
         path = url[len("sqlite:///") :]
         if not path:
             raise LogError(f"log URL {url!r}: missing file path (sqlite:///path/to/log.db)")
-        return SqliteLog(path)
+        return SqliteLog(path, create=create)
     if url.startswith("kafka://"):
         from smc.events._kafka import KafkaLog
 

@@ -22,12 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from smc.events._codec import Codec, default_codec
-from smc.events._errors import LogError, LogUnavailable
+from smc.events._errors import LogCorrupt, LogError, LogFull, LogUnavailable
 from smc.events._integrity import PARTITION, Signer, genesis, record_digest
 from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
 
 __all__ = ["SqliteLog"]
+
+
+def _errname(exc: sqlite3.Error) -> str:
+    return str(getattr(exc, "sqlite_errorname", ""))
+
+
+def _corrupt(exc: sqlite3.Error) -> bool:
+    return _errname(exc).startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -62,12 +71,19 @@ class SqliteLog:
         *,
         codec: Codec | None = None,
         signer: Signer | None = None,
+        create: bool = True,
     ) -> None:
+        """``create=False`` (read-only commands): a missing file is an error, never made."""
         self.path = Path(path)
         #: Seals every append that names no signer of its own (see ``docs/log-integrity.md``).
         self.signer = signer
         self.url = f"sqlite:///{self.path}"
         self.codec = codec or default_codec()
+        if not create and not self.path.is_file():
+            raise LogError(
+                f"no event log at {self.path} ({self.url}); name one with --log or $SMC_LOG "
+                "(smc apply and smc serve create it)"
+            )
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +93,11 @@ class SqliteLog:
             for name, decl in _COLUMNS:
                 if name not in have:
                     self._writer.execute(f"ALTER TABLE events ADD COLUMN {name} {decl}")
-        except (sqlite3.Error, OSError) as exc:
+        except sqlite3.DatabaseError as exc:
+            if _corrupt(exc):
+                raise LogCorrupt(where=f"{self.path} (file header)", reason=str(exc)) from exc
+            raise LogUnavailable(f"cannot open SQLite log {self.path}: {exc}") from exc
+        except OSError as exc:
             raise LogUnavailable(f"cannot open SQLite log {self.path}: {exc}") from exc
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -129,16 +149,80 @@ class SqliteLog:
                     out, sealed = self._append_locked(w, rows, signer)
                     w.execute("COMMIT")
                 except BaseException:
-                    w.execute("ROLLBACK")
+                    # SQLite rolls back by itself after some errors (a full disk): a second
+                    # ROLLBACK would fail and hide the cause
+                    if w.in_transaction:
+                        w.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
-            raise LogUnavailable(f"append to {self.path} failed: {exc}") from exc
+            raise self._append_error(exc) from exc
         if signer is not None:
             for stream, head in sealed:
                 signer.committed(stream, 0, head=head, mode=PARTITION)
         with self._cond:
             self._cond.notify_all()
         return out
+
+    def _append_error(self, exc: sqlite3.Error) -> LogError:
+        if _errname(exc).startswith("SQLITE_FULL"):
+            return LogFull(
+                f"append to {self.path} failed: the disk holding the log is full ({exc}); "
+                "nothing was appended"
+            )
+        if _corrupt(exc):
+            return LogCorrupt(where=f"{self.path} (appending)", reason=str(exc))
+        return LogUnavailable(f"append to {self.path} failed: {exc}")
+
+    def probe(self, *, write: bool = False, timeout: float = 2.0) -> None:
+        """Raise unless the file can be read (and, with ``write``, written: one small
+        transaction on the ``meta`` table). Thread-safe."""
+        if not self.path.exists():
+            raise LogUnavailable(f"SQLite log {self.path} is gone (deleted or unmounted)")
+        try:
+            self._reader().execute("SELECT MAX(id) FROM events").fetchone()
+            if write:
+                with self._lock:
+                    w = self._writer
+                    w.execute("BEGIN IMMEDIATE")
+                    try:
+                        w.execute(
+                            "INSERT OR REPLACE INTO meta (k, v) VALUES ('probe', ?)",
+                            (str(time.time()),),
+                        )
+                        w.execute("COMMIT")
+                    except BaseException:
+                        if w.in_transaction:
+                            w.execute("ROLLBACK")
+                        raise
+        except sqlite3.Error as exc:
+            raise self._append_error(exc) if write else self._read_error(exc, None) from exc
+
+    def _read_error(self, exc: sqlite3.Error, start: Position | None) -> LogError:
+        if not _corrupt(exc):
+            return LogUnavailable(f"read from {self.path} failed: {exc}")
+        return LogCorrupt(where=self._unreadable(start), reason=str(exc))
+
+    def _unreadable(self, start: Position | None) -> str:
+        """The first record at or after ``start`` that cannot be read (``stream[0]@offset``),
+        found by reading each stream's records one at a time."""
+        conn = self._reader()
+        for stream in STREAMS:
+            seq = start.get((stream, 0)) if start is not None else 0
+            try:
+                (end,) = conn.execute(
+                    "SELECT MAX(seq) FROM events WHERE stream = ?", (stream,)
+                ).fetchone()
+            except sqlite3.Error:
+                return f"{stream}[0]@{seq} of {self.path}"
+            for off in range(seq, (end if end is not None else -1) + 1):
+                try:
+                    conn.execute(
+                        "SELECT value FROM events WHERE stream = ? AND seq = ?", (stream, off)
+                    ).fetchone()
+                except sqlite3.Error:
+                    return f"{stream}[0]@{off} of {self.path}"
+        where = "" if start is None else f" after {start.to_json()}"
+        return f"{self.path} (an index or table page{where})"
 
     def _append_locked(
         self,
@@ -266,17 +350,20 @@ class SqliteLog:
                 with self._cond:
                     self._cond.wait(min(_POLL, left))
         except sqlite3.Error as exc:
-            raise LogUnavailable(f"read from {self.path} failed: {exc}") from exc
+            raise self._read_error(exc, start) from exc
 
     def end_position(self) -> Position:
         conn = self._reader()
         out = {}
-        for stream in STREAMS:
-            (mx,) = conn.execute(
-                "SELECT MAX(seq) FROM events WHERE stream = ?", (stream,)
-            ).fetchone()
-            if mx is not None:
-                out[(stream, 0)] = mx + 1
+        try:
+            for stream in STREAMS:
+                (mx,) = conn.execute(
+                    "SELECT MAX(seq) FROM events WHERE stream = ?", (stream,)
+                ).fetchone()
+                if mx is not None:
+                    out[(stream, 0)] = mx + 1
+        except sqlite3.Error as exc:
+            raise self._read_error(exc, None) from exc
         return Position(out)
 
     def position_at(self, when: datetime) -> Position:

@@ -36,8 +36,11 @@ from smc.events import (
     ChainVerifier,
     Codec,
     Event,
+    EventError,
     EventLog,
     IntegrityError,
+    LogError,
+    LogHealth,
     LogUnavailable,
     Position,
     Record,
@@ -221,6 +224,8 @@ class ProjectionRunner:
             for s in p.streams:
                 self._by_stream.setdefault(s, []).append(p)
         self.caught_up = asyncio.Event()
+        #: What the runner (and the change service, and serve's probe) learn about the log.
+        self.health = LogHealth(getattr(log, "url", ""))
         self.listeners: list[Callable[[list[Event]], None]] = []
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -626,15 +631,27 @@ class ProjectionRunner:
                     self.log.read, start=self.position, max_records=self.batch, timeout=0.2
                 )
                 attempt = 0
+                self.health.report("read", None)
             except LogUnavailable as exc:
+                self.health.report("read", exc)
                 delay = min(retry_max, 0.1 * 2**attempt) * (0.5 + random.random() / 2)
                 attempt += 1
-                log.warning("log unavailable (%s); retrying in %.2fs", exc, delay)
+                # one warning when it starts failing; LogHealth logs when it works again
+                (log.warning if attempt == 1 else log.debug)(
+                    "log unavailable (%s); retrying in %.2fs", exc, delay
+                )
                 await asyncio.sleep(delay)
                 continue
-            for i in range(0, len(recs), 1000):
-                self.step_records(recs[i : i + 1000])
-                await asyncio.sleep(0)
+            except LogError as exc:  # corrupt storage: never retried
+                self.health.set_fatal(str(exc))
+                raise
+            try:
+                for i in range(0, len(recs), 1000):
+                    self.step_records(recs[i : i + 1000])
+                    await asyncio.sleep(0)
+            except (EventError, ProjectionError) as exc:
+                self.health.set_fatal(str(exc))
+                raise
             if not self.caught_up.is_set() and self.position.covers(target):
                 log.info("projections caught up at %s (%d events)", self.position, self.applied)
                 self.caught_up.set()

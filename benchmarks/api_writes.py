@@ -1,0 +1,167 @@
+"""Benchmark: applies per second through ``smc serve``'s HTTP API, on SQLite and on Kafka.
+
+Role: starts a real ``smc serve`` (SQLite log in a temporary folder; and on a real single-node
+Kafka broker started here, unless ``--skip-kafka``), then 50 concurrent clients (aiohttp, one
+keep-alive connection each) POST ``/v1/apply`` with one MeshService each, every request a real
+change (a new port number), until ``--applies`` requests were answered. Every answer must be
+200 with the document ``created`` or ``configured``. Then one request with ``--large``
+MeshServices (default 20,000) is timed. Prints applies/s, p50/p99 latency and the large apply's
+seconds against the targets (SQLite >= 500 applies/s with p99 < 250 ms, Kafka >= 300/s,
+20,000 documents < 10 s) and writes ``benchmarks/results/api_writes.json``.
+Concurrency: one process (the clients share one event loop); serve is a child process.
+
+Usage: python benchmarks/api_writes.py [--applies 2000] [--clients 50] [--large 20000]
+       [--skip-kafka] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+
+from smc.testing.serve import ServeProcess
+
+TARGETS = {"sqlite_rate": 500.0, "sqlite_p99_ms": 250.0, "kafka_rate": 300.0, "large_s": 10.0}
+
+
+def _doc(i: int, port: int) -> str:
+    return (
+        "apiVersion: smc.dev/v1alpha1\nkind: MeshService\n"
+        f"metadata: {{name: s{i}, namespace: bench}}\n"
+        f"spec: {{ports: [{{name: http, port: {port}, protocol: http}}], selector: {{app: s{i}}}}}\n"
+    )
+
+
+async def _clients(base: str, *, applies: int, clients: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(applies))
+
+    async def client(c: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            for n in counter:
+                body = _doc(c, 1000 + n).encode()
+                t0 = time.perf_counter()
+                async with session.post(base + "/v1/apply", data=body) as resp:
+                    answer = await resp.json()
+                latencies.append(time.perf_counter() - t0)
+                if resp.status != 200 or answer["results"][0]["status"] not in (
+                    "created",
+                    "configured",
+                ):
+                    errors.append(f"{resp.status}: {json.dumps(answer)[:300]}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "applies": applies,
+        "clients": clients,
+        "seconds": round(elapsed, 3),
+        "applies_per_s": round(applies / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 1),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1),
+        "max_ms": round(latencies[-1] * 1000, 1),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+    }
+
+
+async def _large(base: str, n: int) -> dict[str, Any]:
+    body = "---\n".join(_doc(100_000 + i, 80) for i in range(n)).encode()
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        t0 = time.perf_counter()
+        async with session.post(base + "/v1/apply", data=body) as resp:
+            answer = await resp.json()
+        took = time.perf_counter() - t0
+        async with session.get(base + "/v1/services") as resp:
+            listed = len((await resp.json())["items"])
+    created = sum(1 for r in answer.get("results", []) if r["status"] == "created")
+    return {
+        "documents": n,
+        "body_bytes": len(body),
+        "status": resp.status,
+        "seconds": round(took, 3),
+        "created": created,
+        "services_listed": listed,
+    }
+
+
+def _run(tmp: Path, log_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    serve = ServeProcess(tmp, xds_host=None, log_url=log_url)
+    try:
+        serve.wait_ready(timeout=120)
+        asyncio.run(_clients(serve.base, applies=min(200, args.applies), clients=args.clients))
+        out = asyncio.run(_clients(serve.base, applies=args.applies, clients=args.clients))
+        if args.large:
+            out["large"] = asyncio.run(_large(serve.base, args.large))
+        return out
+    finally:
+        serve.stop()
+
+
+def _show(name: str, r: dict[str, Any], rate_target: float) -> None:
+    print(
+        f"{name:7s} {r['applies']} applies by {r['clients']} clients: {r['applies_per_s']:.0f}/s "
+        f"(target {rate_target:.0f}, ratio {r['applies_per_s'] / rate_target:.2f}), "
+        f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}"
+    )
+    big = r.get("large")
+    if big:
+        print(
+            f"{name:7s} one apply of {big['documents']} documents: {big['seconds']:.2f} s "
+            f"(target {TARGETS['large_s']:.0f} s, ratio {TARGETS['large_s'] / big['seconds']:.2f}), "
+            f"HTTP {big['status']}, {big['created']} created, {big['services_listed']} listed"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--applies", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--large", type=int, default=20_000)
+    ap.add_argument("--skip-kafka", action="store_true")
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "api_writes.json"
+    )
+    args = ap.parse_args()
+    results: dict[str, Any] = {
+        "benchmark": "api_writes",
+        "machine": {"python": platform.python_version(), "cpus": platform.machine()},
+        "targets": TARGETS,
+    }
+    with tempfile.TemporaryDirectory(prefix="smc-bench-api-") as d:
+        tmp = Path(d)
+        (tmp / "sqlite").mkdir()
+        results["sqlite"] = _run(tmp / "sqlite", f"sqlite:///{tmp / 'sqlite' / 'log.db'}", args)
+        _show("sqlite", results["sqlite"], TARGETS["sqlite_rate"])
+        if not args.skip_kafka:
+            from smc.testing.kafka import KafkaBroker
+
+            (tmp / "kafka").mkdir()
+            with KafkaBroker() as broker:
+                broker.create_topics()
+                results["kafka"] = _run(tmp / "kafka", f"kafka://{broker.bootstrap}", args)
+            _show("kafka", results["kafka"], TARGETS["kafka_rate"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
