@@ -329,15 +329,18 @@ class MeshChanges:
         load_errors: Sequence[ManifestError] = (),
         owner: str | None = None,
         id_seed: IdSeed | None = None,
+        current: dict[str, tuple[Resource, str | None]] | None = None,
     ) -> Plan:
         """Plan creating/updating ``resources``.
 
         ``load_errors`` (from :func:`smc.smi.load_documents`) are reported as failed documents.
         ``owner`` marks VMs and services as managed by a provider. ``id_seed(resource_key)``
         replaces ``request_id`` as the cause of a resource's event ids (VM providers use a hash
-        of the file the resource came from).
+        of the file the resource came from). ``current`` (default: what the projections hold)
+        lets a group commit plan against the state earlier plans of its batch leave.
         """
-        current = current_resources(registry=self.registry, policy=self.policy)
+        if current is None:
+            current = current_resources(registry=self.registry, policy=self.policy)
         results: dict[str, DocumentResult] = {}
         order: list[str] = []
         failed: list[DocumentResult] = [_load_failure(e) for e in _group_errors(load_errors)]
@@ -406,13 +409,16 @@ class MeshChanges:
         load_errors: Sequence[ManifestError] = (),
         ignore_not_found: bool = False,
         id_seed: IdSeed | None = None,
+        current: dict[str, tuple[Resource, str | None]] | None = None,
     ) -> Plan:
         """Plan deleting ``resources`` (identified by kind, namespace and name only).
 
         A deletion that leaves a stored resource with a reference to a missing resource
-        succeeds with a warning naming that resource (it is pending from then on).
+        succeeds with a warning naming that resource (it is pending from then on). ``current``:
+        as for :meth:`plan_apply`.
         """
-        current = current_resources(registry=self.registry, policy=self.policy)
+        if current is None:
+            current = current_resources(registry=self.registry, policy=self.policy)
         failed: list[DocumentResult] = [_load_failure(e) for e in _group_errors(load_errors)]
         order: list[str] = []
         by_key: dict[str, Resource] = {}

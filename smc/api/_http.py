@@ -45,6 +45,8 @@ __all__ = ["MAX_BODY_BYTES", "ApiContext", "HttpApi", "create_app", "start_http"
 log = logging.getLogger("smc.api")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Bodies up to this size are decoded on the loop (a worker thread costs more than the parse).
+_INLINE_BODY = 8 * 1024
 _ACTOR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,252}$")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 _IDENTITY = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
@@ -197,7 +199,10 @@ class HttpApi:
             return _errors(503, _err("projections are still catching up with the log; retry"))
         raw = await request.read()
         _, chunks = _decode_body(raw)
-        loaded = await asyncio.to_thread(_load, chunks)
+        if len(raw) <= _INLINE_BODY:
+            loaded = _load(chunks)  # a few documents: cheaper than a thread hop
+        else:
+            loaded = await asyncio.to_thread(_load, chunks)
         live = self.ctx.live
         report: ChangeReport
         if verb == "apply":
