@@ -161,8 +161,9 @@ def test_json_output_reports_every_document(tmp_path: Path) -> None:
 
 def check(db: Path, *args: str) -> str:
     res = run(db, "policy", "check", "--from", "shop/web", "--to", "shop/api", *args)
-    assert res.exit_code == 0, res.output
-    return res.output.split(":", 1)[0]
+    decision = res.output.split(":", 1)[0]
+    assert res.exit_code == (0 if decision == "allow" else 1), res.output  # as kubectl auth can-i
+    return decision
 
 
 def test_reference_to_a_missing_group_is_pending_until_it_exists(tmp_path: Path) -> None:
@@ -321,9 +322,9 @@ def test_policy_check(tmp_path: Path) -> None:
     res = run(db, *args, "--path", "/metrics", "--method", "GET", "--port", "8080")
     assert res.exit_code == 0 and res.output.startswith("allow: allowed by TrafficTarget/")
     res = run(db, *args, "--path", "/metrics", "--method", "POST", "--port", "8080")
-    assert res.output.startswith("deny:")
+    assert res.exit_code == 1 and res.output.startswith("deny:")
     res = run(db, "policy", "check", "--from", "default/nobody", "--to", "default/api-service")
-    assert res.output.startswith("deny:") and "deny by default" in res.output
+    assert res.exit_code == 1 and res.output.startswith("deny:") and "deny by default" in res.output
     res = run(db, "policy", "check", "--from", "nonsense", "--to", "default/api-service")
     assert res.exit_code == 2 and "namespace/serviceaccount" in res.output
 
