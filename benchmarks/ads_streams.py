@@ -166,20 +166,27 @@ def _cpu() -> float:
 # ---------------------------------------------------------------------- server process
 
 
+_PROFILE: Any = None  # cProfile.Profile while profiling
+
+
 def _server_main(conn: Connection, streams: int, services: int, endpoints: int) -> None:
-    profile = os.environ.get("SMC_BENCH_PROFILE")  # a path: write the server's cProfile stats
+    # SMC_BENCH_PROFILE=PATH: write the server's cProfile stats there; from the first change
+    # only (the connect storm left out) when SMC_BENCH_PROFILE_CHANGES is set too.
+    global _PROFILE
+    profile = os.environ.get("SMC_BENCH_PROFILE")
     if not profile:
         asyncio.run(_serve(conn, streams, services, endpoints))
         return
     import cProfile
 
-    prof = cProfile.Profile()
-    prof.enable()
+    _PROFILE = cProfile.Profile()
+    if not os.environ.get("SMC_BENCH_PROFILE_CHANGES"):
+        _PROFILE.enable()
     try:
         asyncio.run(_serve(conn, streams, services, endpoints))
     finally:
-        prof.disable()
-        prof.dump_stats(profile)
+        _PROFILE.disable()
+        _PROFILE.dump_stats(profile)
 
 
 async def _serve(conn: Connection, streams: int, services: int, endpoints: int) -> None:
@@ -230,6 +237,8 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
             conn.send({"rss": _rss_bytes(), "cpu": _cpu(), "bytes_sent": bytes_sent})
         elif isinstance(cmd, tuple) and cmd[0] == "change":
             index = cmd[1] % services
+            if _PROFILE is not None and os.environ.get("SMC_BENCH_PROFILE_CHANGES"):
+                _PROFILE.enable()
             extra += 1
             cpu0 = _cpu()
             t_ns = time.time_ns()

@@ -481,6 +481,40 @@ async def test_entries_compose_and_replace_like_a_fresh_build() -> None:
         Snapshot.from_entries([shared[0], shared[0]])
 
 
+async def test_replace_shares_work_between_proxies_and_keeps_checking_consistency() -> None:
+    """The same change to the same type content is derived once for every proxy; a checked
+    snapshot stays known consistent after a harmless change, and a change that breaks it is
+    still caught (removal of a referenced resource, a new dangling reference)."""
+    one = mesh_snapshot(lport=1000, route_to="svc", endpoints={"svc": (1,), "old": (2,)})
+    two = one.replace(upsert=[make_entry(listener(name="other", port=2000, route="web"))])
+    one.check_consistency()
+    two.check_consistency()
+    assert two.types[ENDPOINT] is one.types[ENDPOINT]
+    change = [make_entry(cla("svc", 9))]
+    a, b = one.replace(upsert=change), two.replace(upsert=change)
+    assert a.types[ENDPOINT] is b.types[ENDPOINT]  # derived once, shared
+    assert a.types[ENDPOINT].changes_since(one.version(ENDPOINT)) == b.types[
+        ENDPOINT
+    ].changes_since(two.version(ENDPOINT))
+    fresh = mesh_snapshot(lport=1000, route_to="svc", endpoints={"svc": (9,), "old": (2,)})
+    assert a.versions() == fresh.versions()
+    assert a.missing_references() == {} and b.consistent()
+    # Known consistent, then broken by the change: still refused.
+    broken = one.replace(remove=[(ENDPOINT, "old")])
+    assert broken.missing_references() == {ENDPOINT: {"old": ("Cluster 'old'",)}}
+    dangling = one.replace(upsert=[make_entry(listener(name="l2", port=2, route="nope"))])
+    assert dangling.missing_references() == {ROUTE: {"nope": ("Listener 'l2'",)}}
+    repointed = one.replace(upsert=[make_entry(eds_cluster("old", service_name="elsewhere"))])
+    assert repointed.missing_references() == {ENDPOINT: {"elsewhere": ("Cluster 'old'",)}}
+    with pytest.raises(InconsistentSnapshot):
+        SnapshotCache().set_snapshot(node_id=NODE, snapshot=broken)
+    # Removing the cluster with its endpoints, or re-adding what a change removed, is fine.
+    dropped = one.replace(remove=[(CLUSTER, "old"), (ENDPOINT, "old")])
+    assert dropped.missing_references() == {}
+    back = broken.replace(upsert=[make_entry(cla("old", 2))])
+    assert back.consistent() and back.versions() == one.versions()
+
+
 async def test_inconsistent_snapshot_is_refused() -> None:
     cache = SnapshotCache()
     good = mesh_snapshot(lport=1000, route_to="svc", endpoints={"svc": (1,)})

@@ -20,8 +20,9 @@ dropped when its subscription drops it). When a subscribed named resource is rem
 snapshot, or the change history no longer reaches back to the last response (a long lag, or a
 snapshot built afresh rather than by :meth:`Snapshot.replace`), the whole requested set of that
 type is sent again unless its content is what the client holds. An ACK repeating the same
-names is recognised by a digest of its serialised names (no per-name work). Delta sends only
-what changed plus ``removed_resources`` and honours ``initial_resource_versions``. Pushes go in
+names is recognised by a digest of its serialised names: requests are parsed without decoding
+the names (:mod:`smc.xds._requests`), so an ACK costs no work per name. Delta sends only what
+changed plus ``removed_resources`` and honours ``initial_resource_versions``. Pushes go in
 the order CDS -> EDS -> LDS -> RDS -> SDS and at most one response is in flight per stream and
 type; LDS and RDS wait while a CDS or EDS response is un-ACKed (make-before-break: Envoy ACKs
 CDS once the new clusters warmed, so a listener or route never points at a cluster Envoy
@@ -61,7 +62,6 @@ same content, each getting only its own nonce field appended.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import sys
@@ -83,6 +83,7 @@ from smc.projections import Workload
 from smc.xds._cache import SnapshotSource, Unwatch
 from smc.xds._errors import XdsError
 from smc.xds._identity import InvalidNodeId, find_workload, parse_node_id
+from smc.xds._requests import RequestHead, names_bytes, names_digest, names_of
 from smc.xds._snapshot import ResourceEntry, Snapshot, TypeResources
 from smc.xds._types import (
     CLUSTER,
@@ -518,7 +519,7 @@ class AdsServer:
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.StreamAggregatedResources,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                request_deserializer=RequestHead.FromString,
                 response_serializer=_serialize,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
@@ -862,7 +863,8 @@ class AdsServer:
                 except Exception:
                     _log.exception("on_subscription callback failed")
 
-    def _on_sotw_request(self, stream: _Stream, request: discovery_pb2.DiscoveryRequest) -> None:
+    def _on_sotw_request(self, stream: _Stream, request: Any) -> None:
+        """``request``: a :data:`~smc.xds._requests.RequestHead` (names left undecoded)."""
         type_url = request.type_url
         ts = stream.types.get(type_url)
         if ts is None:
@@ -875,19 +877,24 @@ class AdsServer:
             self._on_reply(stream, ts, type_url, request)
         # Otherwise the nonce is stale (a newer response is on its way, which the client will
         # answer): no ACK/NACK to record, but a change of resource_names still applies.
-        names = request.resource_names
-        if type_url in WILDCARD_TYPES and not names and (ts.sent_key is None or ts.wildcard):
+        # The names were not decoded (see smc.xds._requests): their raw bytes, digested.
+        raw_names = names_bytes(request)
+        if (
+            type_url in WILDCARD_TYPES
+            and (ts.sent_key is None or ts.wildcard)
+            and not names_of(raw_names)
+        ):
             wildcard, wanted = True, frozenset[str]()
             ts.names_digest = None
         else:
             # Every SotW request repeats all requested names (1,000 on each EDS ACK): when they
             # are the same, in the same order, as last time, the subscription is unchanged.
-            digest = _names_digest(request)
+            digest = names_digest(raw_names)
             if digest == ts.names_digest:
                 self._subscription_changed(stream, ts, type_url)
                 return
             ts.names_digest = digest
-            wanted = frozenset(names)
+            wanted = frozenset(names_of(raw_names))
             wildcard = "*" in wanted
             if wildcard:
                 wanted = wanted.difference(("*",))
@@ -1366,15 +1373,6 @@ def workload_authorizer(
         )
 
     return authorize
-
-
-def _names_digest(request: discovery_pb2.DiscoveryRequest) -> bytes:
-    """Digest of ``request.resource_names`` (in order) made without a Python string per name:
-    the request is cleared down to its type URL and names, and serialised. Call it last: it
-    clears the request's other fields."""
-    for field in ("version_info", "node", "response_nonce", "error_detail", "resource_locators"):
-        request.ClearField(field)
-    return hashlib.blake2b(request.SerializeToString(), digest_size=16).digest()
 
 
 def _string_field(number: int, value: str) -> bytes:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -309,6 +310,136 @@ def _update_refs(
     return MappingProxyType(merged)
 
 
+_Derived = tuple[TypeResources, list[tuple[ResourceEntry, bool]], list[tuple[str, str]]]
+#: Shared derivations: (type, id(old TypeResources), removed names, ids of upserted entries) ->
+#: (old, upserts, result). The old object and the entries are held, so their ids stay valid.
+_DERIVED_MAX = 64
+_derived: OrderedDict[tuple[Any, ...], tuple[Any, tuple[ResourceEntry, ...], _Derived | None]] = (
+    OrderedDict()
+)
+_refs_memo: OrderedDict[tuple[Any, ...], tuple[Any, Any, Any]] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
+def _derive(
+    type_url: str,
+    old_tr: TypeResources | None,
+    removes: list[str],
+    upserts: list[ResourceEntry],
+) -> _Derived | None:
+    """The new content of one type after removing ``removes`` then upserting ``upserts``:
+    ``(TypeResources, reference updates, (type, name) removed or replaced)``, or None when
+    nothing changed. Memoised on the identity of ``old_tr`` and of the entries, so proxies
+    sharing a type's content share the result."""
+    key = (type_url, id(old_tr), tuple(removes), tuple(map(id, upserts)))
+    with _memo_lock:
+        hit = _derived.get(key)
+        if hit is not None and hit[0] is old_tr:
+            _derived.move_to_end(key)
+            return hit[2]
+    made = _derive_now(type_url, old_tr, removes, upserts)
+    with _memo_lock:
+        _derived[key] = (old_tr, tuple(upserts), made)
+        if len(_derived) > _DERIVED_MAX:
+            _derived.popitem(last=False)
+    return made
+
+
+def _derive_now(
+    type_url: str,
+    old_tr: TypeResources | None,
+    removes: list[str],
+    upserts: list[ResourceEntry],
+) -> _Derived | None:
+    entries = old_tr.entries.copy() if old_tr is not None else {}
+    mix = old_tr.mix if old_tr is not None else 0
+    diff: dict[str, tuple[int, int]] = {}
+    refs: list[tuple[ResourceEntry, bool]] = []
+    gone: list[tuple[str, str]] = []
+
+    def note(name: str, old_mix: int, new_mix: int) -> None:
+        seen = diff.get(name)
+        diff[name] = (old_mix if seen is None else seen[0], new_mix)
+
+    for name in removes:
+        was = entries.pop(name, None)
+        if was is not None:
+            mix ^= was.mix
+            note(name, was.mix, 0)
+            gone.append((type_url, name))
+            if was.refs:
+                refs.append((was, False))
+    for entry in upserts:
+        old_entry = entries.get(entry.name)
+        if old_entry is entry:
+            continue
+        if old_entry is not None:
+            mix ^= old_entry.mix
+            gone.append((type_url, entry.name))
+            if old_entry.refs:
+                refs.append((old_entry, False))
+        entries[entry.name] = entry
+        mix ^= entry.mix
+        note(entry.name, old_entry.mix if old_entry else 0, entry.mix)
+        if entry.refs:
+            refs.append((entry, True))
+    diff = {n: d for n, d in diff.items() if d[0] != d[1]}
+    if not diff:
+        return None
+    prev = old_tr.change if old_tr is not None else None
+    depth = prev.depth + 1 if prev is not None else 1
+    if depth > CHANGE_HISTORY:
+        prev, depth = None, 1
+    step = TypeChange(
+        prev_version=old_tr.version if old_tr is not None else _mix_version(0),
+        changes=MappingProxyType(diff),
+        prev=prev,
+        depth=depth,
+    )
+    return TypeResources.of(entries, mix, step), refs, gone
+
+
+def _update_refs_shared(
+    refs: Mapping[str, Mapping[str, tuple[str, ...]]],
+    updates: list[tuple[ResourceEntry, bool]],
+) -> Mapping[str, Mapping[str, tuple[str, ...]]]:
+    """:func:`_update_refs`, memoised on the identity of ``refs`` and of the updates."""
+    key = (id(refs), tuple((id(e), added) for e, added in updates))
+    with _memo_lock:
+        hit = _refs_memo.get(key)
+        if hit is not None and hit[0] is refs:
+            _refs_memo.move_to_end(key)
+            return hit[2]  # type: ignore[no-any-return]
+    made = _update_refs(refs, updates)
+    with _memo_lock:
+        _refs_memo[key] = (refs, tuple(updates), made)
+        if len(_refs_memo) > _DERIVED_MAX:
+            _refs_memo.popitem(last=False)
+    return made
+
+
+def _still_consistent(
+    made: Snapshot,
+    refs: Mapping[str, Mapping[str, tuple[str, ...]]],
+    ref_updates: list[tuple[ResourceEntry, bool]],
+    gone: list[tuple[str, str]],
+) -> bool:
+    """Whether ``made``, derived from a consistent snapshot, is consistent: no name removed
+    (or replaced away) is still referenced while absent, and every reference added exists."""
+    for type_url, name in gone:
+        if name in refs.get(type_url, _EMPTY) and name not in made.entries(type_url):
+            return False
+    for entry, added in ref_updates:
+        if added:
+            for ref_type, ref_name in entry.refs:
+                if ref_name not in made.entries(ref_type):
+                    return False
+    return True
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """The resources of one proxy, per type URL, with content-derived versions. Build with
@@ -316,6 +447,9 @@ class Snapshot:
 
     types: Mapping[str, TypeResources]
     _refs: Mapping[str, Mapping[str, tuple[str, ...]]] = field(repr=False)
+    #: True once known consistent (checked, or derived by :meth:`replace` from a consistent
+    #: snapshot by a change that keeps it so); False/unknown otherwise.
+    _consistent: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def from_entries(cls, entries: Iterable[ResourceEntry]) -> Snapshot:
@@ -335,72 +469,46 @@ class Snapshot:
         self, *, upsert: Iterable[ResourceEntry] = (), remove: Iterable[tuple[str, str]] = ()
     ) -> Snapshot:
         """A new snapshot with ``upsert`` entries added or replaced and ``remove``
-        ``(type_url, name)`` pairs dropped. Unchanged types are shared with this snapshot, and
-        versions update in O(changes), so a small change to many per-proxy snapshots is cheap."""
-        changed: dict[str, dict[str, ResourceEntry]] = {}
-        mixes: dict[str, int] = {}
-        diffs: dict[str, dict[str, tuple[int, int]]] = {}
-        ref_updates: list[tuple[ResourceEntry, bool]] = []  # (entry, added?)
+        ``(type_url, name)`` pairs dropped (removals first, then upserts in order). Unchanged
+        types are shared with this snapshot, and versions update in O(changes), so a small
+        change to many per-proxy snapshots is cheap.
 
-        def bucket(type_url: str) -> dict[str, ResourceEntry]:
-            found = changed.get(type_url)
-            if found is None:
-                old = self.types.get(type_url)
-                found = changed[type_url] = old.entries.copy() if old is not None else {}
-                mixes[type_url] = old.mix if old is not None else 0
-                diffs[type_url] = {}
-            return found
-
-        def note(type_url: str, name: str, old_mix: int, new_mix: int) -> None:
-            diff = diffs[type_url]
-            seen = diff.get(name)
-            diff[name] = (old_mix if seen is None else seen[0], new_mix)
-
+        Work is shared between proxies: the same change applied to the same type content (the
+        same :class:`TypeResources` object, e.g. every proxy's EDS after one endpoint change)
+        gives the very same new :class:`TypeResources`, derived once (a small memo). A
+        snapshot known to be consistent stays known consistent after a change that removes
+        nothing still referenced and adds no dangling reference (checked in O(changes)), so
+        :meth:`check_consistency` costs nothing per proxy for the common change."""
+        per_type: dict[str, tuple[list[str], list[ResourceEntry]]] = {}
         for type_url, name in remove:
-            b = bucket(type_url)
-            gone = b.pop(name, None)
-            if gone is not None:
-                mixes[type_url] ^= gone.mix
-                note(type_url, name, gone.mix, 0)
-                if gone.refs:
-                    ref_updates.append((gone, False))
+            per_type.setdefault(type_url, ([], []))[0].append(name)
         for entry in upsert:
-            b = bucket(entry.type_url)
-            old_entry = b.get(entry.name)
-            if old_entry is entry:
-                continue
-            if old_entry is not None:
-                mixes[entry.type_url] ^= old_entry.mix
-                if old_entry.refs:
-                    ref_updates.append((old_entry, False))
-            b[entry.name] = entry
-            mixes[entry.type_url] ^= entry.mix
-            note(entry.type_url, entry.name, old_entry.mix if old_entry else 0, entry.mix)
-            if entry.refs:
-                ref_updates.append((entry, True))
+            per_type.setdefault(entry.type_url, ([], []))[1].append(entry)
+        if not per_type:
+            return self
         types = dict(self.types)
-        for type_url, b in changed.items():
-            diff = {n: d for n, d in diffs[type_url].items() if d[0] != d[1]}
-            if not diff:
-                continue
+        ref_updates: list[tuple[ResourceEntry, bool]] = []  # (entry, added?)
+        gone: list[tuple[str, str]] = []  # (type_url, name) removed or replaced
+        changed = False
+        for type_url, (removes, upserts) in per_type.items():
             old_tr = self.types.get(type_url)
-            prev = old_tr.change if old_tr is not None else None
-            depth = prev.depth + 1 if prev is not None else 1
-            if depth > CHANGE_HISTORY:
-                prev, depth = None, 1
-            step = TypeChange(
-                prev_version=old_tr.version if old_tr is not None else _mix_version(0),
-                changes=MappingProxyType(diff),
-                prev=prev,
-                depth=depth,
-            )
-            types[type_url] = TypeResources.of(b, mixes[type_url], step)
-        if all(types[t] is self.types.get(t) for t in changed):
+            derived = _derive(type_url, old_tr, removes, upserts)
+            if derived is None:
+                continue
+            new_tr, type_refs, type_gone = derived
+            types[type_url] = new_tr
+            ref_updates.extend(type_refs)
+            gone.extend(type_gone)
+            changed = True
+        if not changed:
             return self
         refs = self._refs
         if ref_updates:
-            refs = _update_refs(refs, ref_updates)
-        return Snapshot(types=MappingProxyType(types), _refs=refs)
+            refs = _update_refs_shared(refs, ref_updates)
+        made = Snapshot(types=MappingProxyType(types), _refs=refs)
+        if self._consistent and _still_consistent(made, refs, ref_updates, gone):
+            object.__setattr__(made, "_consistent", True)
+        return made
 
     @classmethod
     def from_resources(cls, resources: Mapping[str, Iterable[Message]]) -> Snapshot:
@@ -479,11 +587,15 @@ class Snapshot:
 
     def missing_references(self) -> dict[str, dict[str, tuple[str, ...]]]:
         """``{type_url: {missing name: referrers}}`` for every referenced name not present."""
+        if self._consistent:
+            return {}
         missing: dict[str, dict[str, tuple[str, ...]]] = {}
         for type_url, wanted in self._refs.items():
             absent = wanted.keys() - self.entries(type_url).keys()  # C-level set difference
             if absent:
                 missing[type_url] = {name: wanted[name] for name in sorted(absent)}
+        if not missing:
+            object.__setattr__(self, "_consistent", True)
         return missing
 
     def consistent(self) -> bool:
