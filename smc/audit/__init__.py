@@ -9,5 +9,15 @@ Concurrency: blocking functions for one thread (the CLI's).
 
 from smc.audit._check import VerifyReport, verify_log
 from smc.audit._credentials import issue_writer, load_trust
+from smc.audit._travel import CheckpointDir, access_history, proxy_config_at, state_at
 
-__all__ = ["VerifyReport", "issue_writer", "load_trust", "verify_log"]
+__all__ = [
+    "CheckpointDir",
+    "VerifyReport",
+    "access_history",
+    "issue_writer",
+    "load_trust",
+    "proxy_config_at",
+    "state_at",
+    "verify_log",
+]

@@ -96,6 +96,20 @@ def _projections(log: EventLog) -> tuple[RegistryProjection, PolicyProjection]:
     return registry, policy
 
 
+def _projections_at(
+    log: EventLog, at: str | None, trust: str | None
+) -> tuple[RegistryProjection, PolicyProjection]:
+    from smc.audit import load_trust, state_at
+    from smc.cli._app import parse_position
+    from smc.events import ChainVerifier
+
+    verifier = ChainVerifier(trust=load_trust(trust)) if trust else None
+    runner = state_at(log, parse_position(log, at) if at else log.end_position(), verifier=verifier)
+    registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
+    policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
+    return registry, policy
+
+
 def _print_report(report: ChangeReport, *, output: str, dry_run: bool) -> None:
     if output == "json":
         click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
@@ -443,6 +457,14 @@ def _identity(value: str, name: str) -> str:
 @click.option("--method", default=None, help="HTTP method (implies HTTP).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Destination port.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("--at", "at", default=None, help="Answer as of this TIME or log position.")
+@click.option(
+    "--trust",
+    envvar="SMC_TRUST",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Only records whose seals verify against these PEM roots count.",
+)
 @click.pass_context
 def policy_check_cmd(
     ctx: click.Context,
@@ -452,11 +474,16 @@ def policy_check_cmd(
     method: str | None,
     port: int | None,
     output: str,
+    at: str | None,
+    trust: str | None,
 ) -> None:
-    """Print allow or deny for traffic from one identity to another."""
+    """Print allow or deny for traffic from one identity to another (now, or --at a past point)."""
     _identity(source, "--from")
     _identity(destination, "--to")
-    registry, policy = _projections(open_log_from(ctx))
+    if at is not None or trust is not None:
+        registry, policy = _projections_at(open_log_from(ctx), at, trust)
+    else:
+        registry, policy = _projections(open_log_from(ctx))
     result = policy_check(
         PolicyView(registry=registry, policy=policy),
         source=source,

@@ -15,13 +15,21 @@ from datetime import timedelta
 
 import click
 
-from smc.audit import issue_writer, load_trust, verify_log
+from smc.audit import (
+    CheckpointDir,
+    access_history,
+    issue_writer,
+    load_trust,
+    proxy_config_at,
+    verify_log,
+)
 from smc.cli._app import cli, open_log_from, parse_position
 from smc.cli._certs import ca_options, factory_from_ca_options
 from smc.cli._log import audit
-from smc.events import ROLES
+from smc.cli._proxy import proxy
+from smc.events import ROLES, ChainVerifier
 
-__all__ = ["verify_cmd", "writer_group"]
+__all__ = ["proxy_config_cmd", "verify_cmd", "why_cmd", "writer_group"]
 
 _TRUST = click.option(
     "--trust",
@@ -37,6 +45,28 @@ _REVOKED = click.option(
     type=click.Path(dir_okay=False, exists=True),
     help="JSON {serial: revoked-at time} of revoked writer certificates.",
 )
+
+
+_TRUST_OPTIONAL = click.option(
+    "--trust",
+    envvar="SMC_TRUST",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Only records whose seals verify against these PEM roots count (env SMC_TRUST).",
+)
+_CHECKPOINTS = click.option(
+    "--checkpoints",
+    envvar="SMC_CHECKPOINTS",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory of checkpoints (`smc serve --checkpoint-dir`): start from the newest "
+    "one before the point asked for (env SMC_CHECKPOINTS).",
+)
+
+
+def verifier_from(trust: str | None, revoked: str | None = None) -> ChainVerifier | None:
+    """A verifier over ``--trust`` roots, or None without them."""
+    return ChainVerifier(trust=load_trust(trust, revoked=revoked)) if trust else None
 
 
 @cli.group("writer")
@@ -119,3 +149,80 @@ def verify_cmd(
             click.echo(f"  {f.where} {f.kind}: {f.detail}")
     if report.findings:
         sys.exit(1)
+
+
+@proxy.command("config")
+@click.argument("node")
+@click.option("--at", "at", required=True, help="TIME, OFFSET or stream:partition=offset,...")
+@_TRUST_OPTIONAL
+@_CHECKPOINTS
+@click.pass_context
+def proxy_config_cmd(
+    ctx: click.Context, node: str, at: str, trust: str | None, checkpoints: str | None
+) -> None:
+    """The config NODE (ns/workload) was served at a past point of the log, rebuilt by replay:
+    listeners, routes, clusters, endpoints (with RBAC) and secret names, as JSON."""
+    log = open_log_from(ctx)
+    position = parse_position(log, at)
+    data = proxy_config_at(
+        log,
+        node,
+        position,
+        verifier=verifier_from(trust),
+        checkpoints=CheckpointDir(checkpoints) if checkpoints else None,
+    )
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+    if data["reason"]:
+        click.echo(f"error: no config for {node} then: {data['reason']}", err=True)
+        sys.exit(1)
+
+
+@audit.command("why")
+@click.option("--from", "source", required=True, help="Source identity ns/serviceaccount.")
+@click.option("--to", "destination", required=True, help="Destination identity ns/sa.")
+@click.option("--path", default=None, help="HTTP path.")
+@click.option("--method", default=None, help="HTTP method.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None)
+@click.option("--until", default=None, help="Stop at this TIME or position.")
+@_TRUST_OPTIONAL
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of lines.")
+@click.pass_context
+def why_cmd(
+    ctx: click.Context,
+    source: str,
+    destination: str,
+    path: str | None,
+    method: str | None,
+    port: int | None,
+    until: str | None,
+    trust: str | None,
+    as_json: bool,
+) -> None:
+    """The events that granted, widened, narrowed or revoked SOURCE's access to DESTINATION,
+    in log order, with the actor on each and the writer whose seal proves it."""
+    for value, name in ((source, "--from"), (destination, "--to")):
+        ns, sep, sa = value.partition("/")
+        if not sep or not ns or not sa or "/" in sa:
+            raise click.BadParameter(f"{value!r} is not namespace/serviceaccount", param_hint=name)
+    log = open_log_from(ctx)
+    rows = access_history(
+        log,
+        source=source,
+        destination=destination,
+        path=path,
+        method=method,
+        port=port,
+        verifier=verifier_from(trust),
+        end=parse_position(log, until) if until else None,
+    )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    if not rows:
+        click.echo(f"no event ever changed whether {source} may reach {destination}")
+    for r in rows:
+        who = r["writer"] if r["verified"] else "unverified"
+        click.echo(
+            f"{r['position']} {r['occurred_at']} {r['effect']:8} {r['type']} {r['aggregate']} "
+            f"by {r['actor']} (sealed by {who}): {r['decision']}, {r['reason']}"
+        )
