@@ -136,7 +136,7 @@ def test_group_manifest_errors_name_the_field(spec: str, field: str, reason: str
     assert any(e.path == field and reason in e.reason for e in res.errors), res.errors
 
 
-def test_group_naming_a_missing_service_is_refused_by_the_api(tmp_path: Path) -> None:
+def test_group_naming_a_missing_service_is_pending_with_a_field_warning(tmp_path: Path) -> None:
     log = SqliteLog(tmp_path / "log.db")
     try:
         reg, pol = RegistryProjection(), PolicyProjection()
@@ -144,9 +144,10 @@ def test_group_naming_a_missing_service_is_refused_by_the_api(tmp_path: Path) ->
         (g,) = load_documents(group_yaml(), source="g").resources
         plan = changes.plan_apply([g], actor="t", source="t", request_id="r")
         (res,) = plan.results
-        assert res.status == "error"
-        assert res.errors[0].path == "spec.template.services[0]"
-        assert "MeshService shop/web does not exist" in res.errors[0].reason
+        assert res.status == "created" and not res.errors  # apply order never matters
+        (warning,) = res.warnings
+        assert "spec.template.services[0]" in warning
+        assert "MeshService shop/web does not exist" in warning
     finally:
         log.close()
 
