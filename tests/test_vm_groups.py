@@ -112,6 +112,11 @@ def test_group_manifest_round_trips_and_normalises() -> None:
             "duration",
         ),
         (
+            "template: {serviceAccount: a}\n  provider: {name: aws, group: g}\n  readiness: maybe",
+            "spec.readiness",
+            "proxy or running",
+        ),
+        (
             "template: {serviceAccount: a}\n  provider: {name: aws, group: g}\n  joinTokenTTL: 5s",
             "spec.joinTokenTTL",
             "between 1m and 24h",

@@ -206,7 +206,14 @@ def vmgroups_view(registry: RegistryProjection, policy: PolicyProjection) -> lis
                 "status": state.status if state else ("ok" if spec else "removed"),
                 "reason": state.reason if state else "",
                 "statusSince": state.since if state else "",
-                "joined": sum(1 for i in instances if i.phase == "joined"),
+                "joined": sum(1 for i in instances if i.phase in ("joined", "serving")),
+                "warming": sum(
+                    1
+                    for i in instances
+                    if i.phase == "joined"
+                    and ("smc.dev/warming", "true")
+                    in getattr(registry.workloads.get(("vm", key[0], i.workload)), "labels", ())
+                ),
                 "draining": sum(1 for i in instances if i.phase == "draining"),
                 "instances": [
                     {

@@ -11,7 +11,7 @@ Concurrency: called on the serve loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from smc.api import LiveMeshChanges
     from smc.informers import CloudProvider, VmGroupController
 
-__all__ = ["parse_clouds", "start_vm_groups"]
+__all__ = ["parse_clouds", "proxy_ready_check", "start_vm_groups"]
 
 _SECRET_KEYS = ("secret", "password", "token", "access_key", "key_id")
 
@@ -53,6 +53,22 @@ def parse_clouds(specs: Sequence[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def proxy_ready_check(server: Any) -> Callable[[str], bool]:
+    """``ready(node_id)``: a proxy with that node id has a stream open to ``server`` (an
+    :class:`smc.xds.AdsServer`) and ACKed its listeners."""
+    from smc.xds._types import LISTENER
+
+    def ready(node_id: str) -> bool:
+        for p in server.proxies():
+            if p.node_id == node_id:
+                ts = p.types.get(LISTENER)
+                if ts is not None and ts.acked_version:
+                    return True
+        return False
+
+    return ready
+
+
 def start_vm_groups(
     *,
     live: LiveMeshChanges,
@@ -73,14 +89,16 @@ def start_vm_groups(
         except (TypeError, ValueError, ImportError) as exc:
             raise click.BadParameter(f"{name}: {exc}", param_hint="--cloud") from exc
     waiter = None
+    ready = None
     if xds is not None:
         controller = xds.controller
+        ready = proxy_ready_check(xds.server)
 
         async def waiter(event_id: str, timeout: float) -> None:
             await controller.wait_acked(event_id, timeout=timeout)
 
     groups = VmGroupController(
-        live=live, providers=providers, interval=interval, drain_waiter=waiter
+        live=live, providers=providers, interval=interval, drain_waiter=waiter, ready_check=ready
     )
 
     async def run() -> None:

@@ -133,6 +133,7 @@ def load_cloud_provider(name: str, **options: Any) -> CloudProvider:
     return provider
 
 
+_PASSED = frozenset({"smc.dev/app-port"})
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -140,10 +141,13 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 
 def tags_to_labels(tags: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """Cloud tags as workload labels: tags that are valid label names and values are kept,
-    the provider's own (``aws:``, ``azure:``) and SMC's reserved prefixes are dropped."""
+    the provider's own (``aws:``, ``azure:``) and SMC's reserved prefixes are dropped, except
+    ``smc.dev/app-port`` (where the instance's application listens, read by the xDS builder)."""
     out = []
     for k, v in tags.items():
-        if k.startswith(("aws:", "azure:", "smc.dev/", "backs.smc.dev/")):
+        if k in _PASSED:
+            pass
+        elif k.startswith(("aws:", "azure:", "smc.dev/", "backs.smc.dev/")):
             continue
         prefix, _, name = k.rpartition("/")
         if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):

@@ -9,7 +9,10 @@ group is applied) and turns what changed into events:
   ``<group>-<instance id>`` (node id ``<namespace>/<group>-<instance id>``) with the template's
   service account, ports and services, its tags and template labels, and
   ``VmInstanceChanged(phase="joined", cause=scale-out|discovered|...)``; a ServiceAccount
-  upsert first when the identity is new;
+  upsert first when the identity is new. With ``readiness: proxy`` (the default) it joins
+  labelled ``smc.dev/warming: "true"``: its proxy gets its config, no client sends it
+  traffic, until ``ready_check`` sees that proxy ACK its listeners; then the label goes and
+  ``VmInstanceChanged(phase="serving", cause="proxy-ready")`` is appended;
 - an instance that left the group, stopped or was terminated -> a drain: ``WorkloadJoined``
   labelled ``smc.dev/draining: "true"`` (its endpoint leaves every service's EDS, its own
   proxy keeps its config and certificate) and ``VmInstanceChanged(phase="draining")``; once
@@ -57,10 +60,17 @@ from smc.events import (
 from smc.events import WorkloadPort as EvWorkloadPort
 from smc.informers._cloud import CloudInstance, CloudProvider, GroupQuery, ProviderUnavailable
 from smc.projections._policyview import BACKS_LABEL_PREFIX
-from smc.projections._vmgroups import DRAINING_LABEL, GROUP_LABEL, INSTANCE_LABEL, GroupState
+from smc.projections._vmgroups import (
+    DRAINING_LABEL,
+    GROUP_LABEL,
+    INSTANCE_LABEL,
+    WARMING_LABEL,
+    GroupState,
+    InstanceState,
+)
 from smc.smi import ManifestErrors, VirtualMachineGroup, parse_manifest
 
-__all__ = ["DrainWaiter", "PollResult", "VmGroupController", "workload_name"]
+__all__ = ["DrainWaiter", "PollResult", "ReadyCheck", "VmGroupController", "workload_name"]
 
 log = logging.getLogger("smc.informers.vmgroup")
 
@@ -69,6 +79,10 @@ log = logging.getLogger("smc.informers.vmgroup")
 DrainWaiter = Callable[[str, float], Awaitable[Any]]
 
 _UNSAFE = re.compile(r"[^a-z0-9.-]+")
+#: Phases of an instance that is in the mesh (``joined``: warming up or serving at once).
+_IN_MESH = ("joined", "serving")
+#: ``ready_check(node_id)``: whether that proxy has ACKed its config (listeners) here.
+ReadyCheck = Callable[[str], bool]
 
 
 def workload_name(group: str, instance_id: str) -> str:
@@ -100,8 +114,10 @@ class VmGroupController:
         drain_waiter: DrainWaiter | None = None,
         drain_ack_timeout: float = 30.0,
         metrics: CollectorRegistry | None = None,
+        ready_check: ReadyCheck | None = None,
     ) -> None:
         self.live = live
+        self.ready_check = ready_check
         self.registry = live.changes.registry
         self.policy = live.changes.policy
         self.providers = dict(providers)
@@ -260,12 +276,18 @@ class VmGroupController:
             had = current.get(inst.instance_id)
             labels = self._labels(group, inst, draining=False)
             w = self.registry.workloads.get(("vm", group.namespace, had.workload)) if had else None
+            stored = dict(w.labels) if w is not None else {}
+            warming = stored.pop(WARMING_LABEL, None) is not None
+            if had is None:
+                warming = group.readiness == "proxy" and self.ready_check is not None
+            if warming:
+                labels[WARMING_LABEL] = "true"
             if (
                 had is not None
-                and had.phase == "joined"
+                and had.phase in _IN_MESH
                 and w is not None
                 and w.address == inst.address
-                and dict(w.labels) == labels
+                and stored == {k: v for k, v in labels.items() if k != WARMING_LABEL}
                 and w.service_account == group.service_account
                 and tuple((p.name, p.port, p.protocol) for p in w.ports)
                 == tuple((p.name, p.port, p.protocol) for p in group.ports)
@@ -283,7 +305,7 @@ class VmGroupController:
             joined += 1
         drains = 0
         for iid, had in sorted(current.items()):
-            if had.phase != "joined":
+            if had.phase not in _IN_MESH:
                 continue
             gone = by_id.get(iid)
             if gone is not None and gone.serving:
@@ -291,12 +313,73 @@ class VmGroupController:
             cause = _leave_cause(group, gone)
             self._start_drain(group, iid, had.workload, cause, gone)
             drains += 1
+        events.extend(self._promotions(group, current, by_id))
         if events:
             await self._append(events)
             for e in events:
                 if isinstance(e, VmInstanceChanged):
                     self._changes.labels(e.namespace, e.group, e.phase, e.cause).inc()
         return PollResult(group=group.name, joined=joined, draining=drains, events=len(events))
+
+    def _promotions(
+        self,
+        group: VirtualMachineGroup,
+        current: Mapping[str, InstanceState],
+        by_id: Mapping[str, CloudInstance],
+    ) -> list[Event]:
+        """Warming instances whose proxy has ACKed its config: their endpoint goes live."""
+        if self.ready_check is None:
+            return []
+        out: list[Event] = []
+        for iid, had in sorted(current.items()):
+            inst = by_id.get(iid)
+            if had.phase != "joined" or inst is None or not inst.serving:
+                continue
+            w = self.registry.workloads.get(("vm", group.namespace, had.workload))
+            if w is None or (WARMING_LABEL, "true") not in w.labels:
+                continue
+            if not self.ready_check(f"{group.namespace}/{had.workload}"):
+                continue
+            labels = {k: v for k, v in w.labels if k != WARMING_LABEL}
+            seed = ("vm-group", group.namespace, group.name, iid, had.since, "serving")
+            ready_id = deterministic_id(*seed)
+            common: dict[str, Any] = {
+                "actor": self.actor,
+                "source": f"vm-provider:{group.provider}",
+                "correlation_id": f"{group.namespace}/{group.name}",
+            }
+            out.append(
+                make_event(
+                    WorkloadJoined,
+                    event_id=ready_id,
+                    kind="vm",
+                    namespace=group.namespace,
+                    name=had.workload,
+                    address=w.address,
+                    service_account=w.service_account,
+                    labels=labels,
+                    ports=w.ports,
+                    **common,
+                )
+            )
+            out.append(
+                make_event(
+                    VmInstanceChanged,
+                    event_id=deterministic_id(*seed, "record"),
+                    causation_id=ready_id,
+                    namespace=group.namespace,
+                    group=group.name,
+                    instance_id=iid,
+                    workload=had.workload,
+                    phase="serving",
+                    cause="proxy-ready",
+                    provider=group.provider,
+                    address=w.address,
+                    state=inst.state,
+                    **common,
+                )
+            )
+        return out
 
     def _labels(
         self, group: VirtualMachineGroup, inst: CloudInstance, *, draining: bool
@@ -441,8 +524,9 @@ class VmGroupController:
             w = self.registry.workloads.get(("vm", ns, workload))
             if rec is None or w is None:
                 return
-            if rec.phase == "joined":
+            if rec.phase in _IN_MESH:
                 labels = dict(w.labels)
+                labels.pop(WARMING_LABEL, None)
                 labels[DRAINING_LABEL] = "true"
                 seed = ("vm-group", ns, gname, iid, rec.since, "draining")
                 drained_id = deterministic_id(*seed)
@@ -544,7 +628,7 @@ class VmGroupController:
         ns, gname = key
         live = {iid: s for iid, s in state.instances.items()}
         for iid, s in sorted(live.items()):
-            if s.phase == "joined":
+            if s.phase in _IN_MESH:
                 self._start_drain(
                     None, iid, s.workload, "group-deleted", None, namespace=ns, group_name=gname
                 )
@@ -601,7 +685,7 @@ class VmGroupController:
         self._instances.clear()
         self._stale.clear()
         for (ns, gname), g in self.registry.vm_groups.groups.items():
-            phases = {"joined": 0, "draining": 0}
+            phases = {"joined": 0, "serving": 0, "draining": 0}
             for s in g.instances.values():
                 phases[s.phase] = phases.get(s.phase, 0) + 1
             for phase, n in phases.items():

@@ -30,7 +30,7 @@ from smc.events import (
     WorkloadPort,
 )
 from smc.projections._base import canonical_digest
-from smc.projections._vmgroups import DRAINING_LABEL, VmGroups
+from smc.projections._vmgroups import DRAINING_LABEL, WARMING_LABEL, VmGroups
 
 __all__ = ["RegistryProjection", "Service", "Workload"]
 
@@ -172,8 +172,8 @@ class RegistryProjection:
         if svc is not None:
             known = {(e.address, e.port) for e in out}
             for w in self.workloads_of(svc):
-                if w.kind != "vm" or (DRAINING_LABEL, "true") in w.labels:
-                    continue  # a draining VM keeps its config but no client sends it more
+                if w.kind != "vm" or _out_of_rotation(w):
+                    continue  # warming up or draining: its proxy has config, clients don't
                 for sp in svc.ports:
                     if (w.address, sp.target_port) not in known:
                         out.append(
@@ -272,3 +272,8 @@ class RegistryProjection:
         self.services, self.endpoints, self.workloads = services, endpoints, workloads
         self.service_accounts = sas
         self.vm_groups.restore(data.get("vm_groups", {}))
+
+
+def _out_of_rotation(w: Workload) -> bool:
+    """A VM group instance whose proxy is not ready yet, or that is draining."""
+    return (DRAINING_LABEL, "true") in w.labels or (WARMING_LABEL, "true") in w.labels

@@ -20,6 +20,7 @@ __all__ = [
     "DRAINING_LABEL",
     "GROUP_LABEL",
     "INSTANCE_LABEL",
+    "WARMING_LABEL",
     "GroupState",
     "InstanceState",
     "VmGroups",
@@ -30,6 +31,8 @@ GROUP_LABEL = "smc.dev/vm-group"
 INSTANCE_LABEL = "smc.dev/instance-id"
 #: Set on an instance while it drains: its endpoint leaves every EDS, its proxy keeps serving.
 DRAINING_LABEL = "smc.dev/draining"
+#: Set on a new instance until its proxy has ACKed its config: no client sends it traffic yet.
+WARMING_LABEL = "smc.dev/warming"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

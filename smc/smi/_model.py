@@ -288,7 +288,9 @@ class VirtualMachineGroup:
     ``smc.vm_providers``): either the cloud group ``cloud_group`` (an AWS Auto Scaling group,
     an Azure VM scale set) or the instances whose provider labels (tags) match ``selector``.
     ``drain_seconds`` is how long a leaving instance keeps serving in-flight requests after
-    every client dropped it; ``join_token_seconds`` the lifetime of its join tokens.
+    every client dropped it; ``join_token_seconds`` the lifetime of its join tokens;
+    ``readiness`` when a new instance gets traffic: once its proxy ACKed its config
+    (``proxy``) or as soon as the provider says it runs (``running``).
     """
 
     KIND: ClassVar[str] = "VirtualMachineGroup"
@@ -304,6 +306,7 @@ class VirtualMachineGroup:
     region: str | None = None
     drain_seconds: int = 10
     join_token_seconds: int = 600
+    readiness: Literal["proxy", "running"] = "proxy"
 
     @property
     def identity(self) -> str:

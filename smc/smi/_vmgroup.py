@@ -20,6 +20,7 @@ Manifest::
       provider: {name: aws, group: web-asg, region: us-east-1}   # or selector: {role: web}
       drain: 10s
       joinTokenTTL: 10m
+      readiness: proxy      # traffic once the instance's proxy ACKed its config (or: running)
 
 Concurrency: pure functions over their arguments; safe everywhere.
 """
@@ -53,7 +54,7 @@ def parse_vm_group(
         r,
         obj,
         top_level=False,
-        allowed=("template", "provider", "drain", "joinTokenTTL"),
+        allowed=("template", "provider", "drain", "joinTokenTTL", "readiness"),
         required=("template", "provider"),
     )
     if len(name) > 63:
@@ -152,6 +153,9 @@ def parse_vm_group(
                 r.fail(kp, f"must be between 1m and 24h, got {seconds}s")
             else:
                 token = seconds
+    readiness = body.get("readiness") or "proxy"
+    if readiness not in ("proxy", "running"):
+        r.fail(_join(base, "readiness"), f"must be proxy or running, got {readiness!r}")
     if r.errors or sa is None or provider_name is None or labels is None or selector is None:
         raise _Abort
     return VirtualMachineGroup(
@@ -167,6 +171,7 @@ def parse_vm_group(
         region=region,
         drain_seconds=drain,
         join_token_seconds=token,
+        readiness="running" if readiness == "running" else "proxy",
     )
 
 
@@ -195,5 +200,6 @@ def vm_group_manifest(group: VirtualMachineGroup) -> dict[str, object]:
             "provider": provider,
             "drain": f"{group.drain_seconds}s",
             "joinTokenTTL": f"{group.join_token_seconds}s",
+            "readiness": group.readiness,
         },
     }

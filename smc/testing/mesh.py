@@ -271,6 +271,12 @@ class ControlPlane:
 
 
 async def _echo(name: str, request: web.Request) -> web.Response:
+    try:
+        delay = float(request.query.get("delay", "0"))
+    except ValueError:
+        delay = 0.0
+    if 0 < delay <= 30:  # a slow request (?delay=SECONDS), e.g. in flight during a drain
+        await asyncio.sleep(delay)
     return web.json_response(
         {
             "app": name,
