@@ -53,6 +53,7 @@ from smc.cli._app import cli, open_log_from
 from smc.cli._certs import ca_options, factory_from_ca_options, keys_option
 from smc.cli._vmgroups import parse_clouds
 from smc.errors import SMCError
+from smc.events import ChainVerifier, for_role
 from smc.events._health import watch_log
 from smc.projections import (
     CheckpointStore,
@@ -248,7 +249,7 @@ class _Xds:
         self.identity = (
             IdentityHook(
                 runner=runner,
-                log=runner.log,
+                log=for_role(runner.log, "ca"),
                 issuers=self.issuers,
                 certs=self.certs,
                 metrics=self.metrics,
@@ -386,7 +387,7 @@ class _Xds:
         elif self.agent_keys:
             ca = run_trust_only(
                 runner=self.runner,
-                log=self.runner.log,
+                log=for_role(self.runner.log, "ca"),
                 issuer=self.issuers,
                 keystore=self.keystore,
                 stop=stop,
@@ -394,7 +395,7 @@ class _Xds:
         else:
             ca = run_ca(
                 runner=self.runner,
-                log=self.runner.log,
+                log=for_role(self.runner.log, "ca"),
                 issuer=self.issuers,
                 keystore=self.keystore,
                 stop=stop,
@@ -442,6 +443,12 @@ class _Xds:
             self._tmp.cleanup()
 
 
+def _verifier(trust: str) -> ChainVerifier:
+    from smc.audit import load_trust
+
+    return ChainVerifier(trust=load_trust(trust))
+
+
 def _state_handler(runner: ProjectionRunner) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``GET /debug/state``: position, events applied, duplicates dropped and the digest of
     every projection (as ``smc log replay --json`` prints them), to compare replicas."""
@@ -456,6 +463,7 @@ def _state_handler(runner: ProjectionRunner) -> Callable[[web.Request], Awaitabl
                 "applied": runner.applied,
                 "duplicates": runner.duplicates,
                 "digests": runner.digests(),
+                "skipped": runner.skipped,
             }
         )
 
@@ -485,7 +493,7 @@ async def _start_api(
 
     registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
     policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
-    changes = MeshChanges(log=runner.log, registry=registry, policy=policy)
+    changes = MeshChanges(log=for_role(runner.log, "api"), registry=registry, policy=policy)
     live = LiveMeshChanges(changes=changes, runner=runner)
     closers: list[Callable[[], Awaitable[None]]] = []
     tasks: list[asyncio.Task[None]] = []
@@ -606,7 +614,7 @@ async def _serve(
     if kube is not None:
         from smc.informers import KubeInformers, LogSink
 
-        informers = KubeInformers(endpoint=kube, sink=LogSink(runner.log))
+        informers = KubeInformers(endpoint=kube, sink=LogSink(for_role(runner.log, "informer")))
         kube_task = asyncio.create_task(_run_kube(informers, stop, kube_failed))
         click.echo(f"Kubernetes informers watching {kube.host}", err=True)
     if xds is not None:
@@ -657,6 +665,23 @@ async def _serve(
 
 
 @cli.command("serve")
+@click.option(
+    "--writers",
+    envvar="SMC_WRITERS",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Directory of writer credentials, one subdirectory per role (ca, api, informer, "
+    "provider) as `smc writer issue --out` writes them: each component seals what it "
+    "appends with its role's key (docs/log-integrity.md) (env SMC_WRITERS).",
+)
+@click.option(
+    "--trust",
+    envvar="SMC_TRUST",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="PEM roots that certify log writers: only records whose seals verify, from writers "
+    "entitled to them, change state; the others are skipped and reported (env SMC_TRUST).",
+)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file to use.")
 @click.option("--checkpoint-every", default=30.0, show_default=True, help="Seconds between saves.")
 @click.option(
@@ -781,6 +806,8 @@ async def _serve(
 @click.pass_context
 def serve(
     ctx: click.Context,
+    writers: str | None,
+    trust: str | None,
     checkpoint: str | None,
     checkpoint_every: float,
     http_addr: str,
@@ -889,7 +916,13 @@ def serve(
             key_file=xds_key,
         )
     log_ = open_log_from(ctx, create=True)
-    runner = ProjectionRunner(log=log_, projections=all_projections())
+    if writers:
+        from smc.cli._writers import use_role_writers
+
+        use_role_writers(log_, writers)
+    runner = ProjectionRunner(
+        log=log_, projections=all_projections(), verifier=_verifier(trust) if trust else None
+    )
     store = CheckpointStore(checkpoint) if checkpoint else None
     if store is not None:
         cp = store.load()

@@ -30,6 +30,7 @@ from smc.events._kafka import KafkaLog
 from smc.events._kafka_topics import DEFAULT_TOPICS, TopicSetupError, ensure_topics
 from smc.events._log import Appended, EventLog, Position, Record, TopicPartition
 from smc.events._open import open_log
+from smc.events._signed import SignedLog, for_role, with_role_signers
 from smc.events._sqlite import SqliteLog
 from smc.events._types import (
     CERTS,
@@ -123,6 +124,7 @@ __all__ = [
     "ServicePort",
     "ServiceRemoved",
     "ServiceUpserted",
+    "SignedLog",
     "Signer",
     "SmiResourceApplied",
     "SmiResourceDeleted",
@@ -143,6 +145,7 @@ __all__ = [
     "deterministic_id",
     "ensure_topics",
     "entitled",
+    "for_role",
     "genesis",
     "make_event",
     "open_log",
@@ -150,5 +153,6 @@ __all__ = [
     "probe_log",
     "record_digest",
     "schemas_dir",
+    "with_role_signers",
     "writer_identity",
 ]

@@ -1,0 +1,90 @@
+"""``smc serve --writers DIR --trust ROOTS``: the CA and the API seal what they append with
+their own role's writer key; the serving replica's projections skip a forged record (it never
+changes state) and report it; ``smc audit verify`` names the writers and the forged record."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from smc.audit import issue_writer, load_trust, verify_log
+from smc.ca import LocalIssuer
+from smc.events import (
+    CertificateIssued,
+    MeshConfigChanged,
+    Position,
+    Signer,
+    SqliteLog,
+    make_event,
+)
+from smc.testing.serve import ServeProcess, eventually, http_json
+
+TD = "cluster.local"
+
+MESH = """
+apiVersion: smc.dev/v1alpha1
+kind: MeshService
+metadata: {name: web, namespace: shop}
+spec:
+  backing: vm
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: smc.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {address: 127.0.71.1, serviceAccount: web}
+"""
+
+
+def test_serve_seals_per_role_and_skips_forgeries(tmp_path: Path) -> None:
+    ca = LocalIssuer(directory=tmp_path / "ca", trust_domain=TD)
+    writers = tmp_path / "writers"
+    for role in ("ca", "api", "informer"):
+        issue_writer(ca, trust_domain=TD, role=role, name="replica-0", directory=writers / role)
+    trust = writers / "api" / "trust.pem"
+    serve = ServeProcess(tmp_path, args=["--writers", str(writers), "--trust", str(trust)])
+    db = tmp_path / "log.db"
+    try:
+        serve.wait_ready()
+        status, body = http_json(serve.base + "/v1/apply", method="POST", body=MESH.encode())
+        assert status == 200, body
+        log = SqliteLog(db)
+
+        def certs_on_log() -> bool:
+            return any(r.stream == "smc.certs" for r in log.read(start=Position(), max_records=500))
+
+        eventually(certs_on_log, what="a certificate event", diag=serve.tail, wait=30)
+        # an insider with an informer key (or anyone with file access) appends what only the
+        # API or an operator may: a permissive mesh, and a certificate only the CA may record
+        informer = Signer.from_dir(writers / "informer")
+        forged = [
+            make_event(MeshConfigChanged, source="k8s", actor="mallory", permissive=True,
+                       trust_domain=TD, cert_lifetime_seconds=3600),
+        ]  # fmt: skip
+        log.append(forged, signer=informer)
+        now = datetime.now(UTC)
+        log.append(
+            [make_event(CertificateIssued, source="k8s", actor="mallory",
+                        identity=f"spiffe://{TD}/ns/shop/sa/web", serial="ff", not_before=now,
+                        not_after=now + timedelta(days=1), issuer="local",
+                        fingerprint="ab" * 32)],
+            signer=informer,
+        )  # fmt: skip
+
+        def skipped() -> int:
+            _, state = http_json(serve.base + "/debug/state")
+            return int(state.get("skipped", 0)) >= 2
+
+        eventually(skipped, what="the forged records skipped", diag=serve.tail, wait=30)
+        _, mesh = http_json(serve.base + "/v1/meshconfig")
+        assert mesh["permissiveTrafficMode"] is False  # the forgery never changed state
+        _, state = http_json(serve.base + "/debug/state")
+        assert state["skipped"] == 2
+    finally:
+        serve.stop()
+    report = verify_log(SqliteLog(db), load_trust(trust))
+    roles = {w["role"] for w in report.writers.values()}
+    assert roles == {"ca", "api"}, report.writers
+    assert [f.kind for f in report.findings] == ["not-entitled", "not-entitled"]
+    assert report.verified == report.records - 2
