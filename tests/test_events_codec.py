@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from smc.events import (
 )
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+HISTORY = Path(__file__).resolve().parent.parent / "schemas-history"
 
 
 @settings(max_examples=300, deadline=None)
@@ -60,7 +62,7 @@ def test_every_type_has_a_strategy_and_a_schema() -> None:
 
 def test_older_schema_version_decodes_with_newer() -> None:
     """A ServiceUpserted written with v1 (no labels) reads as v2 with the default labels."""
-    v1 = parse_schema(json.loads((SCHEMAS / "smc.registry.ServiceUpserted.v1.avsc").read_text()))
+    v1 = parse_schema(json.loads((HISTORY / "smc.registry.ServiceUpserted.v1.avsc").read_text()))
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(v1), "CRC-64-AVRO"))
     ev = service(1)
     record = default_codec()._encoders[ServiceUpserted](ev)
@@ -76,10 +78,15 @@ def test_older_schema_version_decodes_with_newer() -> None:
 
 
 def test_consumer_with_only_the_schemas_directory_decodes() -> None:
-    """What a third-party consumer does: fastavro + schemas/*.avsc, no SMC code."""
-    by_fp = {}
+    """What a third-party consumer does: fastavro + schemas/*.avsc, no SMC code (the shared
+    named types first, then every event schema with its references expanded)."""
+    named: dict[str, object] = {}
     for path in SCHEMAS.glob("*.avsc"):
-        parsed = parse_schema(json.loads(path.read_text()))
+        if not re.search(r"\.v\d+\.avsc$", path.name):  # NAME.avsc: a shared type
+            parse_schema(json.loads(path.read_text()), named)
+    by_fp = {}
+    for path in [*SCHEMAS.glob("*.v*.avsc"), *HISTORY.glob("*.avsc")]:
+        parsed = parse_schema(json.loads(path.read_text()), dict(named), expand=True)
         by_fp[bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))] = parsed
     data = default_codec().encode(service(7, actor="carol"))
     assert data[:2] == b"\xc3\x01"

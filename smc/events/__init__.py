@@ -4,7 +4,7 @@ Role: public API of the event layer; everything else in :mod:`smc` reads and wri
 through it. Concurrency: see each backend (``SqliteLog``, ``KafkaLog``).
 """
 
-from smc.events._codec import MAGIC, Codec, default_codec, schemas_dir
+from smc.events._codec import MAGIC, Codec, default_codec, history_dir, schemas_dir
 from smc.events._errors import (
     DecodeError,
     EventError,
@@ -147,6 +147,7 @@ __all__ = [
     "entitled",
     "for_role",
     "genesis",
+    "history_dir",
     "make_event",
     "open_log",
     "parse_writer_identity",

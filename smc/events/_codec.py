@@ -3,9 +3,16 @@
 Role: turns :class:`~smc.events.Event` values into bytes and back. Every record is
 ``C3 01`` + the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing
 Canonical Form + the Avro binary body (the Avro specification's single-object encoding), so a
-consumer holding only ``schemas/`` can decode every event ever written. Records are always
-written with the newest version of their schema and read into the newest version (Avro schema
-resolution fills fields added later from their defaults).
+consumer holding ``schemas/`` and ``schemas-history/`` can decode every event ever written.
+Records are always written with the newest version of their schema and read into the newest
+version (Avro schema resolution fills fields added later from their defaults).
+
+Layout (laid out for standard Avro code generation): ``schemas/`` holds the *current* version
+of every event type (``NAME.vN.avsc``) plus the named types they share (``NAME.avsc``, e.g.
+``smc.events.Envelope``), which the event schemas reference by name, so every full name is
+defined exactly once there; ``schemas-history/`` holds the older versions, self-contained,
+kept for resolution only. A reference is expanded before fingerprinting, so the fingerprint of
+a schema does not depend on how its file is split (the Parsing Canonical Form is the same).
 Concurrency: a :class:`Codec` is immutable after construction; share it between threads.
 """
 
@@ -37,10 +44,11 @@ from smc.events._types import (
     WorkloadPort,
 )
 
-__all__ = ["MAGIC", "Codec", "SchemaInfo", "default_codec", "schemas_dir"]
+__all__ = ["MAGIC", "Codec", "SchemaInfo", "default_codec", "history_dir", "schemas_dir"]
 
 MAGIC = b"\xc3\x01"
 _FILE_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)\.v(?P<version>\d+)\.avsc$")
+_SHARED_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)\.avsc$")
 
 # Fields whose Avro array of records maps to a tuple of these dataclasses.
 _NESTED: Mapping[type[Event], Mapping[str, type]] = {
@@ -52,8 +60,22 @@ _TUPLES: Mapping[type[Event], tuple[str, ...]] = {TrustBundleChanged: ("roots_pe
 
 
 def schemas_dir() -> Path:
-    """The directory holding the ``*.avsc`` files (shipped inside the package)."""
+    """The directory holding the current ``*.avsc`` files (shipped inside the package)."""
     return Path(__file__).resolve().parent / "schemas"
+
+
+def history_dir() -> Path:
+    """The directory holding the older schema versions (shipped inside the package)."""
+    return Path(__file__).resolve().parent / "schemas_history"
+
+
+def _load_shared(directory: Path) -> dict[str, Any]:
+    """The named types of ``directory``'s ``NAME.avsc`` files, for the event schemas' refs."""
+    named: dict[str, Any] = {}
+    for path in sorted(directory.glob("*.avsc")):
+        if _FILE_RE.match(path.name) is None and _SHARED_RE.match(path.name) is not None:
+            parse_schema(json.loads(path.read_text()), named)
+    return named
 
 
 class SchemaInfo:
@@ -117,24 +139,63 @@ def _make_encoder(cls: type[Event]) -> Callable[[Event], dict[str, Any]]:
 class Codec:
     """Encodes and decodes events against the schemas in a directory."""
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, history: Path | None = None) -> None:
+        """``directory``: the current schemas (default: the packaged ``schemas/``);
+        ``history``: the older versions (default: the packaged ones when ``directory`` is the
+        default, else none)."""
         self.directory = directory or schemas_dir()
+        if history is None and directory is None:
+            history = history_dir()
+        self.history = history
         self.by_fingerprint: dict[bytes, SchemaInfo] = {}
         self.latest: dict[str, SchemaInfo] = {}
-        for path in sorted(self.directory.glob("*.avsc")):
+        shared = _load_shared(self.directory)
+        paths = sorted(self.directory.glob("*.avsc"))
+        if history is not None:
+            paths += sorted(history.glob("*.avsc"))
+        for path in paths:
             m = _FILE_RE.match(path.name)
             if m is None:
+                if path.parent == self.directory and _SHARED_RE.match(path.name):
+                    continue  # a shared named type, loaded above
                 raise UnknownSchema(where=str(path), reason="schema file name is not NAME.vN.avsc")
             raw = json.loads(path.read_text())
-            parsed = parse_schema(raw)
+            try:
+                # References to shared types are expanded: the parsed schema (and so its
+                # canonical form and fingerprint) is the self-contained one.
+                parsed = parse_schema(raw, dict(shared), expand=True)
+            except Exception as exc:  # fastavro raises several types for a bad schema
+                raise UnknownSchema(where=str(path), reason=f"invalid schema: {exc}") from exc
             fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
             info = SchemaInfo(
                 name=m["name"], version=int(m["version"]), parsed=parsed, fp=fp, path=path
             )
+            if fp in self.by_fingerprint:
+                raise UnknownSchema(
+                    where=str(path),
+                    reason=f"same schema as {self.by_fingerprint[fp].path} (fingerprint {fp.hex()})",
+                )
             self.by_fingerprint[fp] = info
             cur = self.latest.get(info.name)
             if cur is None or cur.version < info.version:
                 self.latest[info.name] = info
+        current: dict[str, Path] = {}
+        for info in self.by_fingerprint.values():
+            if info.path.parent != self.directory:
+                continue
+            if info.name in current:
+                raise UnknownSchema(
+                    where=str(info.path),
+                    reason=f"{current[info.name].name} is also in {self.directory}: only the "
+                    "current version of a type belongs there (older ones go to the history)",
+                )
+            current[info.name] = info.path
+        for info in self.latest.values():
+            if info.path.parent != self.directory:
+                raise UnknownSchema(
+                    where=str(info.path),
+                    reason=f"the newest version of {info.name} must be in {self.directory}",
+                )
         for info in self.by_fingerprint.values():
             first = info.parsed["fields"][0]
             if first["name"] != "envelope" or first["type"]["fields"][0]["name"] != "event_id":
