@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 import grpc
 import pytest
@@ -118,3 +119,93 @@ def test_connect_storm_loses_no_stream() -> None:
             proc.kill()
             proc.wait()
     assert outcomes == Counter(served=STREAMS), f"{outcomes} in {took:.1f}s"
+
+
+async def test_a_stalled_proxy_delays_nobody() -> None:
+    """A proxy that stops reading (its HTTP/2 window full mid-response) holds only its own
+    stream: every other proxy still gets the initial config and later changes at once."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from smc.xds import AdsServer, Snapshot, SnapshotCache, make_entry
+
+    def clusters(tag: str) -> Snapshot:
+        # ~150 KB of clusters: far more than the stalled client's flow-control window.
+        return Snapshot.from_entries(
+            make_entry(cluster_pb2.Cluster(name=f"c{i}-{tag}-" + "x" * 40)) for i in range(3000)
+        )
+
+    cache = SnapshotCache()
+    nodes = [f"node-{k}" for k in range(20)]
+    for node in ["stalled", *nodes]:
+        cache.set_snapshot(node_id=node, snapshot=clusters("a"))
+    server = AdsServer(cache=cache)
+    port = await server.start()
+    server.mark_ready()
+    method = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+    stalled_ch = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.http2.lookahead_bytes", 1024)]
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    calls: list[Any] = []
+    try:
+        stalled = stalled_ch.stream_stream(
+            method, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString
+        )()
+        calls.append(stalled)
+        await stalled.write(
+            discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="stalled"), type_url=CLUSTER)
+        )  # ... and never reads
+        loop = asyncio.get_running_loop()
+
+        async def follow(node: str, seen: dict[str, float]) -> None:
+            call = channel.stream_stream(
+                method,
+                request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+            )()
+            calls.append(call)
+            await call.write(
+                discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=node), type_url=CLUSTER)
+            )
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    return
+                seen.setdefault(resp.version_info, loop.time())
+                await call.write(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=CLUSTER,
+                        version_info=resp.version_info,
+                        response_nonce=resp.nonce,
+                    )
+                )
+
+        seen: dict[str, dict[str, float]] = {n: {} for n in nodes}
+        tasks = [asyncio.create_task(follow(n, seen[n])) for n in nodes]
+        first = clusters("a").version(CLUSTER)
+        second = clusters("b").version(CLUSTER)
+
+        async def everyone_has(version: str) -> None:
+            while not all(version in seen[n] for n in nodes):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(everyone_has(first), timeout=60)
+        stalled_status = next(p for p in server.proxies() if p.node_id == "stalled")
+        assert stalled_status.types[CLUSTER].pending  # its response is stuck in flight
+        changed_at = loop.time()
+        for node in ["stalled", *nodes]:
+            cache.set_snapshot(node_id=node, snapshot=clusters("b"))
+        await asyncio.wait_for(everyone_has(second), timeout=60)
+        slowest = max(seen[n][second] for n in nodes) - changed_at
+        assert slowest < 30, f"the change took {slowest:.1f}s to reach every live proxy"
+        stalled_status = next(p for p in server.proxies() if p.node_id == "stalled")
+        assert stalled_status.types[CLUSTER].acked_version is None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for call in calls:
+            call.cancel()
+        await channel.close()
+        await stalled_ch.close()
+        await server.stop(grace=0)

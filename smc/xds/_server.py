@@ -141,6 +141,7 @@ _CHANGED = object()
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 EMPTY_VERSION = "0" * 32  # the version of a type with no resources
 _BODY_CACHE_SIZE = 32  # response bodies shared between streams sent the same content
+_NAME_SETS_KEPT = 4096  # distinct SotW subscriptions shared between streams
 # How many new streams gRPC core may hold before the server's loop picks them up, and for how
 # long (its defaults, 1,000 / 3,000 and 30 s, cancel streams in a connect storm).
 _MAX_PENDING_STREAMS = 1_000_000
@@ -401,8 +402,10 @@ class _TypeState:
 class _Stream:
     __slots__ = (
         "authorized",
+        "blocked",
         "changed",
         "connected_at",
+        "due",
         "id",
         "identity",
         "kind",
@@ -429,6 +432,10 @@ class _Stream:
         self.types: dict[str, _TypeState] = {}
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.changed = False
+        # Whether the next turn must compute responses (a change, a new or changed
+        # subscription, or an answer to a response the last push held something back for).
+        self.due = True
+        self.blocked = False
         self.since: float | None = None
         self.nonces = 0
         self.unwatch: Unwatch | None = None
@@ -510,6 +517,8 @@ class AdsServer:
         self.services: list[Callable[[grpc.aio.Server], None]] = []
         # Serialised responses (without nonce) shared by streams sent the same content (LRU).
         self._bodies: OrderedDict[tuple[Any, ...], tuple[bytes, int, int]] = OrderedDict()
+        # SotW subscriptions by digest of their names, shared between streams (LRU).
+        self._name_sets: OrderedDict[bytes, tuple[bool, frozenset[str]]] = OrderedDict()
         self._port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -756,7 +765,8 @@ class AdsServer:
                         closed = True
                         break
                     closed = await self._handle(stream, item, context)
-                await self._push(stream, context)
+                if stream.due:
+                    await self._push(stream, context)
                 if closed:
                     return
         finally:
@@ -770,6 +780,7 @@ class AdsServer:
         """Apply one queue item; returns True when the stream must end."""
         if item is _CHANGED:
             stream.changed = False
+            stream.due = True
             return False
         if not item.type_url:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request has no type_url")
@@ -784,14 +795,21 @@ class AdsServer:
                 return True
             stream.node_id = node_id
             stream.unwatch = self._cache.watch(node_id, stream.wake)
-        if stream.since is None:
-            stream.since = time.monotonic()
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("request from %s: %s", stream.node_id, str(item).replace("\n", " ")[:300])
+        type_url = item.type_url
+        existed = type_url in stream.types
         if stream.kind == "sotw":
             self._on_sotw_request(stream, item)
         else:
             self._on_delta_request(stream, item)
+        # A plain ACK needs no push: nothing to send changed since the last push (the snapshot
+        # did not, or a wake-up would have said so; nor did the subscription) and the last push
+        # held nothing back waiting for an answer.
+        if not existed or stream.blocked or stream.types[type_url].dirty:
+            stream.due = True
+            if stream.since is None:
+                stream.since = time.monotonic()
         return False
 
     def _on_reply(self, stream: _Stream, ts: _TypeState, type_url: str, request: Any) -> None:
@@ -894,10 +912,7 @@ class AdsServer:
                 self._subscription_changed(stream, ts, type_url)
                 return
             ts.names_digest = digest
-            wanted = frozenset(names_of(raw_names))
-            wildcard = "*" in wanted
-            if wildcard:
-                wanted = wanted.difference(("*",))
+            wildcard, wanted = self._name_set(digest, raw_names)
         if wildcard != ts.wildcard or wanted != ts.names:
             if type_url not in WILDCARD_TYPES:
                 if wildcard or ts.wildcard:
@@ -909,9 +924,25 @@ class AdsServer:
                         if ts.added is None:
                             ts.added = set()
                         ts.added.update(map(sys.intern, new))
-            # Interned: 1,000 streams naming the same resources share the strings.
-            ts.wildcard, ts.names, ts.dirty = wildcard, frozenset(map(sys.intern, wanted)), True
+            ts.wildcard, ts.names, ts.dirty = wildcard, wanted, True
         self._subscription_changed(stream, ts, type_url)
+
+    def _name_set(self, digest: bytes, raw_names: bytes) -> tuple[bool, frozenset[str]]:
+        """``(wildcard, names)`` of a SotW subscription, shared by every stream requesting the
+        same names (one frozenset of interned strings, not one per stream: less memory, and
+        the garbage collector walks it once)."""
+        found = self._name_sets.get(digest)
+        if found is not None:
+            self._name_sets.move_to_end(digest)
+            return found
+        wanted = frozenset(map(sys.intern, names_of(raw_names)))
+        wildcard = "*" in wanted
+        if wildcard:
+            wanted = wanted.difference(("*",))
+        found = self._name_sets[digest] = (wildcard, wanted)
+        if len(self._name_sets) > _NAME_SETS_KEPT:
+            self._name_sets.popitem(last=False)
+        return found
 
     def _on_delta_request(
         self, stream: _Stream, request: discovery_pb2.DeltaDiscoveryRequest
@@ -1034,6 +1065,7 @@ class AdsServer:
         )
 
     async def _push(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
+        stream.due = stream.blocked = False
         if not self._ready or not stream.node_id:
             return
         snapshot = self._cache.get(stream.node_id)
@@ -1050,13 +1082,13 @@ class AdsServer:
             if ts is None:
                 continue
             if ts.pending:
-                in_flight = True
+                in_flight = stream.blocked = True
                 continue
             held_for = HOLD_FOR.get(type_url)
             if held_for is not None and (
                 _pending(stream, held_for[0]) or _pending(stream, held_for[1])
             ):
-                in_flight = True
+                in_flight = stream.blocked = True
                 continue
             if stream.kind == "sotw":
                 response: Any = self._sotw_response(stream, ts, type_url, snapshot)
