@@ -8,7 +8,7 @@ token's own expiry or ``cache_ttl``, whichever is first; refusals are cached for
 ``negative_ttl``. The apiserver checks the signature, expiry, audience and that the bound
 pod and service account still exist; this class adds the audience check of the answer and
 maps refusals onto stable kinds (``token-expired``, ``token-audience``,
-``service-account-deleted``, ``token-invalid``).
+``service-account-deleted``, ``pod-deleted``, ``token-invalid``).
 Concurrency: ``review`` is a coroutine; the cache is only touched on the event loop.
 """
 
@@ -70,7 +70,11 @@ def _kind(error: str) -> str:
         return "token-expired"
     if "audience" in text:
         return "token-audience"
-    if "service account" in text or "serviceaccount" in text or "not found" in text:
+    if "serviceaccount" in text or "service account" in text:
+        return "service-account-deleted"
+    if "pod" in text:
+        return "pod-deleted"
+    if "not found" in text or "deleted" in text:
         return "service-account-deleted"
     return "token-invalid"
 

@@ -38,6 +38,7 @@ from smc.identity import (
     CertificateServer,
     ProxyCertificateService,
     ProxyRevoker,
+    TokenReviewer,
     join_token_event,
     run_trust_only,
 )
@@ -73,6 +74,7 @@ class ControlPlane:
         log: EventLog | None = None,
         agents: bool = False,
         revoke_grace: float = 120.0,
+        reviewer: TokenReviewer | None = None,
     ) -> None:
         """``ca=False``: no CA task; certificates come from an :class:`IssuingCertSource`
         (issued in memory on first use, nothing on the log), for builder-level tests that
@@ -87,6 +89,7 @@ class ControlPlane:
         self.ca = ca
         self.agents = agents
         self.revoke_grace = revoke_grace
+        self.reviewer = reviewer  # TokenReview of pods' service-account tokens (agents=True)
         self.ca_port = free_port()
         self.identity: ProxyCertificateService | None = None
         self.ca_server: CertificateServer | None = None
@@ -188,7 +191,11 @@ class ControlPlane:
             return issuer if isinstance(issuer, CsrSigner) else None
 
         self.identity = ProxyCertificateService(
-            runner=self.runner, log=self.log, issuer=signer, metrics=self.metrics
+            runner=self.runner,
+            log=self.log,
+            issuer=signer,
+            metrics=self.metrics,
+            reviewer=self.reviewer,
         )
         self.revoker = ProxyRevoker(
             runner=self.runner,
