@@ -70,10 +70,10 @@ def _kind(error: str) -> str:
         return "token-expired"
     if "audience" in text:
         return "token-audience"
+    if "invalidated" in text or "pod" in text:  # the pod it is bound to is gone
+        return "pod-deleted"
     if "serviceaccount" in text or "service account" in text:
         return "service-account-deleted"
-    if "pod" in text:
-        return "pod-deleted"
     if "not found" in text or "deleted" in text:
         return "service-account-deleted"
     return "token-invalid"
