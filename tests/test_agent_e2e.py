@@ -230,8 +230,10 @@ async def test_attackers_probes_are_refused_and_counted(mesh: Mesh) -> None:
     svc = mesh.cp.identity
     assert svc is not None
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        key, hashes.SHA256()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
     )
     csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
     a, b = mesh.servers
@@ -350,9 +352,11 @@ async def test_renewal_with_the_current_certificate_reaches_envoy(mesh: Mesh) ->
     assert resp.serial != old
     certs = certs_projection(mesh.cp)
     await eventually(
-        lambda: (rec := certs.proxy_cert(f"vm/{NS}/{a.name}")) is not None
-        and rec.serial == resp.serial
-        and rec.proof == f"certificate:{old}",
+        lambda: (
+            (rec := certs.proxy_cert(f"vm/{NS}/{a.name}")) is not None
+            and rec.serial == resp.serial
+            and rec.proof == f"certificate:{old}"
+        ),
         what="renewal recorded",
     )
     assert certs.proxy_certs[f"vm/{NS}/{a.name}"][old].status == "superseded"
@@ -379,6 +383,64 @@ async def test_one_proxys_key_does_not_open_another_identitys_door(mesh: Mesh) -
     assert await mesh.direct(a, mesh.agent_material(mesh.client)) == 200
     assert await mesh.direct(a, mesh.agent_material(b)) == 403
     assert await mesh.direct(a, None) != 200
+
+
+async def _ads_first_answer(mesh: Mesh, *, node_id: str, material: tuple[str, str] | None) -> Any:
+    """Open an ADS stream as ``node_id`` with ``material``: the first answer or the error."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=mesh.cp.ca_bundle().encode(),
+        private_key=material[1].encode() if material else None,
+        certificate_chain=material[0].encode() if material else None,
+    )
+    chan = grpc.aio.secure_channel(
+        f"127.0.0.1:{mesh.cp.port}", creds, options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(chan)
+
+    async def requests() -> AsyncIterator[Any]:
+        yield discovery_pb2.DiscoveryRequest(
+            type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            node=base_pb2.Node(id=node_id),
+        )
+        await asyncio.sleep(30)
+
+    call = stub.StreamAggregatedResources(requests())
+    try:
+        return await asyncio.wait_for(call.read(), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    finally:
+        call.cancel()
+        await chan.close()
+
+
+async def test_ads_is_mtls_and_a_stolen_node_id_gets_nothing(mesh: Mesh) -> None:
+    import grpc
+
+    a, b = mesh.servers
+    # a's own certificate opens a's config
+    own = await _ads_first_answer(mesh, node_id=a.node_id, material=mesh.agent_material(a))
+    assert not isinstance(own, grpc.StatusCode) and len(own.resources) > 0
+    # a's certificate claiming the client's node id (another identity): refused
+    stolen = await _ads_first_answer(
+        mesh,
+        node_id=mesh.servers[1].node_id.replace("server-2", "client-1"),
+        material=mesh.agent_material(a),
+    )
+    assert stolen == grpc.StatusCode.PERMISSION_DENIED
+    # no client certificate: the handshake fails, nothing is served
+    assert await _ads_first_answer(mesh, node_id=a.node_id, material=None) == (
+        grpc.StatusCode.UNAVAILABLE
+    )
+    refusals = mesh.cp.server.refusals(node_id=mesh.client.node_id)
+    assert [r.reason for r in refusals] == ["identity_mismatch"]
+    # b, of a's identity, is served its own node only with its own certificate
+    other = await _ads_first_answer(mesh, node_id=b.node_id, material=mesh.agent_material(b))
+    assert not isinstance(other, grpc.StatusCode)
 
 
 async def test_deleting_a_vm_revokes_its_proxy_certificate(mesh: Mesh) -> None:

@@ -163,7 +163,10 @@ async def test_pod_agent_gets_its_certificate_with_its_projected_token(
         sid = verify_certificate(cert_pem=agent.current.cert_pem, trust_bundle=[cp.ca_bundle()])
         assert sid.uri == f"spiffe://cluster.local/ns/{NS}/sa/web"
         certs = next(p for p in cp.runner.projections if isinstance(p, CertsProjection))
-        rec = certs.proxy_cert(f"pod/{NS}/web-1")
+        deadline = time.monotonic() + 15
+        while (rec := certs.proxy_cert(f"pod/{NS}/web-1")) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)  # the runner applies what the service appended
         assert rec is not None and rec.proof == "service-account-token"
         assert rec.serial == agent.current.serial
         # the socket is the agent's user's and group's only
@@ -231,6 +234,9 @@ async def test_forged_and_stolen_tokens_are_refused_and_counted(
     assert total_after - total_before == 7, after
     # nothing signed for the thief: every certificate of web-2 carries the pod's key
     certs = next(p for p in cp.runner.projections if isinstance(p, CertsProjection))
-    assert set(certs.proxy_certs[f"pod/{NS}/web-2"]) == {first.serial, again.serial}
+    deadline = time.monotonic() + 15
+    while set(certs.proxy_certs.get(f"pod/{NS}/web-2", {})) != {first.serial, again.serial}:
+        assert time.monotonic() < deadline, certs.proxy_certs.get(f"pod/{NS}/web-2")
+        await asyncio.sleep(0.05)  # the runner applies what the service appended
     assert f"pod/{NS}/web-3" not in certs.proxy_certs
     assert f"pod/{NS}/gone-1" not in certs.proxy_certs

@@ -183,6 +183,9 @@ def test_demo_runs_policy_split_and_vm_then_exits_clean(tmp_path: Path) -> None:
     certs = [e for e in events if e["type"].startswith("smc.certs.")]
     assert {e["actor"] for e in mesh} == {"demo"}
     assert {e["actor"] for e in certs} <= {"ca"}  # the local CA records what it issued
+    # one certificate per proxy, each made over its agent's CSR (the key never left it)
+    per_proxy = [e for e in certs if e["type"] == "smc.certs.ProxyCertificateIssued"]
+    assert len(per_proxy) >= 5
     types = {e["type"] for e in mesh}
     assert {"smc.registry.WorkloadJoined", "smc.policy.SmiResourceApplied"} <= types
 

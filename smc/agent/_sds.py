@@ -151,6 +151,11 @@ class SdsServer:
 
     async def start(self) -> None:
         """Listen on the unix socket (replacing a stale socket file)."""
+        if len(os.fsencode(self.socket_path)) > 107:
+            raise AgentError(
+                f"--sds-socket {self.socket_path}: longer than the 107 bytes a unix socket path "
+                "may have; choose a shorter path"
+            )
         parent = self.socket_path.parent
         parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):

@@ -143,7 +143,7 @@ def bootstrap_cmd(
             "name the CA with --ca"
         )
     token, event = join_token_event(
-        proxy=f"vm/{vm.namespace}/{vm.name}", identity=identity, ttl=valid_for, actor="cli"
+        proxy=f"vm/{vm.namespace}/{vm.name}", identity=identity, ttl=valid_for
     )
     log_.append([event])
     directory = Path(out) if out else Path(f"smc-vm-{namespace}-{name}")

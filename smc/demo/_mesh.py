@@ -1,13 +1,15 @@
 """The bookstore mesh of ``smc demo``: control plane, sidecars, applications and traffic.
 
 Role: :class:`BookstoreDemo` starts, in order, the control plane of :mod:`smc.testing.mesh`
-(event log, projection runner, mesh-change API, xDS controller and ADS server, certificates from
-a local CA) on the log the user chose, the five applications of :mod:`smc.demo._apps`, registers
+(event log, projection runner, mesh-change API, xDS controller and ADS server over mTLS, the
+certificate service of a local CA) on the log the user chose, the five applications of :mod:`smc.demo._apps`, registers
 the four Kubernetes-style pods (the events the Kubernetes informer appends for a Pod, its
 ServiceAccount and the EndpointSlices of its services), applies ``smc/demo/bookstore.yaml``
 (services, the bookwarehouse VM, SMI policy, traffic split) through the declarative API with
 actor ``demo``, starts one real Envoy sidecar per workload on its own loopback address
-``<net>.N``, waits until the policy is in effect, then runs the client loops (bookbuyer and
+``<net>.N`` with an SMC agent beside it (the proxy's key is made by the agent; its
+certificate is per proxy, proven with a one-time join token), waits until the policy is in
+effect, then runs the client loops (bookbuyer and
 bookthief to bookstore, both bookstore versions to bookwarehouse). :meth:`BookstoreDemo.status`
 is a point-in-time view for the screen; :meth:`BookstoreDemo.summary` the final report as data.
 :meth:`BookstoreDemo.close` stops everything it started, in reverse order, also after a failed
@@ -312,7 +314,7 @@ class BookstoreDemo:
         if stop.is_set():
             return False
         log = self._open_log()
-        cp = ControlPlane(workdir=opts.workdir)
+        cp = ControlPlane(workdir=opts.workdir, agents=True)
         if log is not None:  # the harness opened <workdir>/log.db; use the user's log instead
             cp.log.close()
             cp.log = log
@@ -321,7 +323,7 @@ class BookstoreDemo:
         self._s.cp_started = True
         self.say(
             f"control plane up: log {cp.log.url}, local CA in {opts.workdir / 'ca'}, "
-            f"ADS on 127.0.0.1:{cp.port}"
+            f"ADS over mTLS on 127.0.0.1:{cp.port}, certificate service on 127.0.0.1:{cp.ca_port}"
         )
         if opts.console is not None:
             await self._start_console(opts.console)
@@ -341,6 +343,23 @@ class BookstoreDemo:
         await cp.live.wait_for(target)
         self.say(f"registered {sum(w.kind == 'pod' for w in WORKLOADS)} Kubernetes-style pods")
         await self._apply(self._manifests(self._s.apps))
+        if stop.is_set():
+            return False
+        # one SMC agent per sidecar: it makes the proxy's key here and gets its certificate
+        # with a one-time join token (the demo's pods run outside Kubernetes, like VMs)
+        workloads = {w.name: w for w in WORKLOADS}
+        await asyncio.gather(
+            *(
+                s.start_agent(
+                    cp, service_account=workloads[name].service_account, kind=workloads[name].kind
+                )
+                for name, s in self._s.sidecars.items()
+            )
+        )
+        self.say(
+            f"{len(self._s.sidecars)} SMC agents made their proxies' keys and got per-proxy "
+            "certificates"
+        )
         if stop.is_set():
             return False
         # one Envoy sidecar per workload

@@ -24,10 +24,11 @@ def join_token_event(
     proxy: str,
     identity: str,
     ttl: timedelta,
-    actor: str = "cli",
+    actor: str = "ca",
     now: datetime | None = None,
 ) -> tuple[str, JoinTokenIssued]:
-    """``(token, event)``: append the event, hand the token to the VM only."""
+    """``(token, event)``: append the event, hand the token to the VM only. The event is the
+    CA's (actor ``ca``, like every ``smc.certs`` event); ``source`` names the tool."""
     token = secrets.token_urlsafe(32)
     digest = token_digest(token)
     when = now or datetime.now(UTC)

@@ -9,15 +9,17 @@ establishes who the caller is, from exactly one proof:
   is bound to the first key it got a certificate for: presented again with another key (a
   replay) it is refused until it expires (its digest and the key's are kept in memory, never
   the token); the same CSR again (the agent retrying after a lost answer) is signed again;
-- a VM's one-time join token (``smc vm bootstrap``): its SHA-256 must be on the log
-  (``JoinTokenIssued``), unexpired, unused, for this proxy, whose VM is still registered;
+- a VM's one-time join token (``smc vm bootstrap``; also what the demo's pods, which run
+  outside Kubernetes, use): its SHA-256 must be on the log (``JoinTokenIssued``), unexpired,
+  unused, for this proxy, whose workload is still registered with the token's identity;
 - a renewal: the proxy's current certificate (active on the log for this proxy, chaining to
   the trust bundle, unexpired, unrevoked) and a signature by its key over the new CSR.
 
 Then the issuer (local CA or Vault ``pki/sign``) signs the CSR for that identity only
 (:func:`smc.ca.check_csr`), and ``ProxyCertificateIssued`` (proxy id, serial, identity,
 validity, issuer, fingerprint, proof kind: never a key nor a token) is appended, in group
-commits, before the answer is sent. Refusals raise :class:`ProofRefused` and are counted per
+commits, and applied by the projection runner before the answer is sent (so a join token is
+seen as used, and the new certificate as current, by the very next request). Refusals raise :class:`ProofRefused` and are counted per
 kind (``smc_identity_refusals_total``).
 
 :class:`ProxyRevoker` revokes a proxy's certificate when its pod or VM leaves the registry
@@ -112,10 +114,13 @@ class _Proven:
 
 
 class _GroupAppender:
-    """Appends events in batches: callers await durability of their own events."""
+    """Appends events in batches; callers wait until their event is durable and applied by
+    the runner (so the next request sees it: a used join token, a current certificate)."""
 
-    def __init__(self, log_: EventLog) -> None:
+    def __init__(self, log_: EventLog, runner: ProjectionRunner, *, timeout: float = 30.0) -> None:
         self.log = log_
+        self.runner = runner
+        self.timeout = timeout
         self._queue: list[tuple[Event, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -130,7 +135,14 @@ class _GroupAppender:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                await asyncio.to_thread(self.log.append, [e for e, _ in batch])
+                appended = await asyncio.to_thread(self.log.append, [e for e, _ in batch])
+                deadline = time.monotonic() + self.timeout
+                while not all(
+                    self.runner.position.get((a.stream, a.partition)) > a.offset for a in appended
+                ):
+                    if time.monotonic() > deadline:
+                        raise ServiceNotReady("the projection runner did not apply the events")
+                    await asyncio.sleep(0.002)
             except Exception as exc:  # every waiter of the batch learns of it
                 for _, fut in batch:
                     if not fut.done():
@@ -164,7 +176,7 @@ class ProxyCertificateService:
         self.registry = _projection(runner, RegistryProjection)
         self.policy = _projection(runner, PolicyProjection)
         self.certs = _projection(runner, CertsProjection)
-        self._appender = _GroupAppender(log)
+        self._appender = _GroupAppender(log, runner)
         # token digest -> (forget after, SHA-256 of the public key it was first used for)
         self._used_tokens: dict[str, tuple[float, str]] = {}
         self._consuming: set[str] = set()  # join tokens being used right now
@@ -252,16 +264,17 @@ class ProxyCertificateService:
             raise self._refuse("join-token-replayed", "this join token was already used")
         if self.clock() >= token.expires_at:
             raise self._refuse("join-token-expired", f"expired at {token.expires_at.isoformat()}")
-        proxy = canonical_proxy(req.proxy, kind="vm")
+        kind = token.proxy.split("/", 1)[0]
+        proxy = canonical_proxy(req.proxy, kind=kind)
         if proxy != token.proxy:
             raise self._refuse(
                 "proxy-mismatch", f"node id {req.proxy!r} is not the token's {token.proxy}"
             )
         _, ns, name = proxy.split("/")
-        vm = self.registry.workloads.get(("vm", ns, name))
-        if vm is None:
-            raise self._refuse("workload-gone", f"VirtualMachine {ns}/{name} is not registered")
-        identity = f"{ns}/{vm.service_account}"
+        workload = self.registry.workloads.get((kind, ns, name))
+        if workload is None:
+            raise self._refuse("workload-gone", f"{kind} {ns}/{name} is not registered")
+        identity = f"{ns}/{workload.service_account}"
         if self._spiffe(identity).uri != token.identity:
             raise self._refuse(
                 "identity-changed", f"the VM now runs as {identity}, not as the token's identity"
@@ -362,7 +375,7 @@ class ProxyCertificateService:
             event = make_event(
                 ProxyCertificateIssued,
                 source=SOURCE,
-                actor=f"proxy:{proven.proxy}",
+                actor="ca",
                 event_id=deterministic_id("ca", "proxy", proven.proxy, signed.serial),
                 proxy=proven.proxy,
                 serial=signed.serial,

@@ -204,8 +204,12 @@ def ads_bootstrap(
     tls: AdsTLS | None = None,
     stats_sink: bool = False,
     stats_flush_s: float = 1.0,
+    transport_socket: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a bootstrap that gets LDS and CDS (hence EDS/RDS/SDS) over one ADS stream.
+
+    ``transport_socket`` (instead of ``tls``): the ADS cluster's transport socket as is, e.g.
+    :func:`smc.agent.ads_tls_transport_socket` (mTLS with the SMC agent's certificate).
 
     ``delta`` picks ``DELTA_GRPC`` (incremental xDS) instead of ``GRPC`` (state of the world).
     The ADS server is reached over HTTP/2 cleartext at ``ads_host:ads_port``, or over mTLS
@@ -235,6 +239,8 @@ def ads_bootstrap(
     }
     if tls is not None:
         xds_cluster["transport_socket"] = tls.transport_socket()
+    elif transport_socket is not None:
+        xds_cluster["transport_socket"] = transport_socket
     sink = (
         stats_sink_bootstrap(cluster_name=ads_cluster_name, flush_seconds=stats_flush_s)
         if stats_sink

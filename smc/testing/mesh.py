@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import tempfile
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +31,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from smc.agent import Agent, AgentConfig, agent_cluster
+from smc.agent import Agent, AgentConfig, ads_tls_transport_socket, agent_cluster
 from smc.api import ChangeReport, LiveMeshChanges, MeshChanges
 from smc.ca import CsrSigner, Issuer, KeyStore, LocalIssuer, run_ca
 from smc.events import EventLog, SqliteLog
@@ -55,6 +57,7 @@ from smc.testing.ports import free_port
 from smc.xds import AdsServer, IssuingCertSource, XdsController
 from smc.xds._certs import IssuerCache, KeyStoreCertSource, local_issuer_of
 from smc.xds._metrics_sink import MetricsSink
+from smc.xds._server import ServerTLS, workload_authorizer
 
 __all__ = ["ControlPlane", "Sidecar", "vm_yaml"]
 
@@ -142,10 +145,18 @@ class ControlPlane:
             debounce=self.debounce,
         )
         source.add_listener(self.controller.on_certs_changed)
-        self.server = self.controller.make_server()
+        if self.agents:
+            # ADS over mTLS: each proxy presents its agent's certificate, matched to its node id
+            self.server = self.controller.make_server(
+                authorize=workload_authorizer(workloads=lambda: registry.workloads)
+            )
+        else:
+            self.server = self.controller.make_server()
         self.traffic = MetricsSink(authorize=self.server.check_peer)
         self.server.services.append(self.traffic.add_to)
-        await self.server.start(host="127.0.0.1", port=self.port)
+        await self.server.start(
+            host="127.0.0.1", port=self.port, tls=await self._ads_tls() if self.agents else None
+        )
         self._tasks = [
             asyncio.create_task(self.runner.run(stop=self._stop)),
             asyncio.create_task(self.controller.run(stop=self._stop)),
@@ -219,14 +230,30 @@ class ControlPlane:
         )
         self._tasks.append(asyncio.create_task(self.revoker.run(stop=self._stop)))
 
+    async def _ads_tls(self) -> ServerTLS:
+        local = local_issuer_of(self.issuer)
+        assert local is not None, "agents=True needs a LocalIssuer (for the servers' TLS)"
+        served = await asyncio.to_thread(
+            issue_serving_certificate, local, ip_addresses=["127.0.0.1"], dns_names=["localhost"]
+        )
+        return ServerTLS.of(
+            cert_pem=served.cert_pem + served.chain_pem,
+            key_pem=served.private_key_pem,
+            client_ca_pems=list(self.issuer.trust_bundle()),
+            trust_domain="cluster.local",
+        )
+
     def ca_bundle(self) -> str:
         """PEM of the roots agents verify the certificate service with."""
         return "".join(self.issuer.trust_bundle())
 
-    async def join_token(self, *, namespace: str, name: str, service_account: str) -> str:
-        """A one-time join token for VM ``namespace/name``, recorded (by digest) and applied."""
+    async def join_token(
+        self, *, namespace: str, name: str, service_account: str, kind: str = "vm"
+    ) -> str:
+        """A one-time join token for workload ``kind/namespace/name``, recorded (by digest)
+        and applied."""
         token, event = join_token_event(
-            proxy=f"vm/{namespace}/{name}",
+            proxy=f"{kind}/{namespace}/{name}",
             identity=f"spiffe://cluster.local/ns/{namespace}/sa/{service_account}",
             ttl=timedelta(hours=1),
         )
@@ -316,6 +343,8 @@ class Sidecar:
         self.envoy: EnvoyProcess | None = None
         self._app: web.AppRunner | None = None
         self.agent: Agent | None = None
+        self._agent_dir: Path | None = None
+        self._ca_pem = ""
         self._agent_stop = asyncio.Event()
         self._agent_task: asyncio.Task[None] | None = None
 
@@ -341,15 +370,21 @@ class Sidecar:
 
     @property
     def sds_socket(self) -> Path:
-        return self.workdir / f"agent-{self.namespace}-{self.name}" / "sds.sock"
+        """The agent's socket: in a short private directory (unix socket paths are short)."""
+        if self._agent_dir is None:
+            self._agent_dir = Path(tempfile.mkdtemp(prefix="smc-agent-"))
+        return self._agent_dir / "sds.sock"
 
-    async def start_agent(self, cp: ControlPlane, *, service_account: str) -> Agent:
-        """Run an SMC agent for this (registered VM) sidecar: a join token from ``cp``, the key
-        made here, its certificate served on :attr:`sds_socket`. Returns once it serves."""
+    async def start_agent(
+        self, cp: ControlPlane, *, service_account: str, kind: str = "vm"
+    ) -> Agent:
+        """Run an SMC agent for this registered sidecar (a VM, or a pod outside Kubernetes): a
+        join token from ``cp``, the key made here, its certificate served on
+        :attr:`sds_socket`; its Envoy then speaks mTLS to ADS with it. Returns once it serves."""
         folder = self.sds_socket.parent
-        folder.mkdir(parents=True, exist_ok=True)
+        self._ca_pem = cp.ca_bundle()
         token = await cp.join_token(
-            namespace=self.namespace, name=self.name, service_account=service_account
+            namespace=self.namespace, name=self.name, service_account=service_account, kind=kind
         )
         token_file = folder / "join-token"
         token_file.write_text(token)
@@ -365,8 +400,14 @@ class Sidecar:
             )
         )
         self._agent_stop = asyncio.Event()
-        self._agent_task = asyncio.create_task(self.agent.run(stop=self._agent_stop))
-        await asyncio.wait_for(self.agent.ready.wait(), timeout=30)
+        task = self._agent_task = asyncio.create_task(self.agent.run(stop=self._agent_stop))
+        ready = asyncio.ensure_future(self.agent.ready.wait())
+        await asyncio.wait({ready, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            task.result()  # raises what stopped the agent
+        if not self.agent.ready.is_set():
+            raise TimeoutError(f"agent of {self.node_id}: no certificate in 30s")
         return self.agent
 
     def start_envoy(self, *, ads_port: int, delta: bool, stats_sink: bool = False) -> None:
@@ -381,6 +422,11 @@ class Sidecar:
             admin_port=free_port(),
             extra_clusters=[agent_cluster(str(self.sds_socket))] if self.agent else None,
             stats_sink=stats_sink,
+            transport_socket=(
+                ads_tls_transport_socket(ca_pem=self._ca_pem, server_san="127.0.0.1")
+                if self.agent
+                else None
+            ),
         )
         self.envoy = EnvoyProcess(
             bootstrap=boot,
@@ -398,6 +444,9 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._agent_task, timeout=5)
             self._agent_task = None
+        if self._agent_dir is not None:
+            shutil.rmtree(self._agent_dir, ignore_errors=True)
+            self._agent_dir = None
         if self._app is not None:
             await self._app.cleanup()
             self._app = None
