@@ -94,6 +94,27 @@ from smc.smi import Grant, HTTPMatch
 from smc.xds._certs import CertSource
 from smc.xds._identity import InvalidNodeId, find_workload, parse_node_id
 from smc.xds._snapshot import ResourceEntry, Snapshot, make_entry
+from smc.xds._traffic import (
+    NO_EGRESS,
+    TLS_INSPECTOR_FILTER,
+    EgressParts,
+    apply_retries,
+    cluster_settings,
+    egress_parts,
+    explicit_egress_listeners,
+    inbound_http_filters,
+    inbound_routes,
+    inbound_tcp_filters,
+    ingress_http_chain,
+    ingress_of,
+    ingress_rbac_policies,
+    observe_hcm,
+    observe_tcp,
+    settings_tag,
+    tracing_cluster,
+    traffic_policy,
+    transparent_egress_chains,
+)
 from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 __all__ = [
@@ -202,6 +223,7 @@ class _Outbound:
     deps: frozenset[str]
     tcp: tuple[tuple[int, str], ...] = ()  # (service port, cluster) of outbound TCP listeners
     http_ports: tuple[int, ...] = ()  # HTTP service ports (the transparent listener's chains)
+    egress: EgressParts = NO_EGRESS  # what its Egress policies allow (smc.xds._traffic)
 
 
 class BuildPass:
@@ -219,6 +241,8 @@ class BuildPass:
         self.view = view
         self.registry = view.registry
         self.certs = certs
+        #: OSM policies and observability settings (see :mod:`smc.xds._traffic`).
+        self.traffic = traffic_policy(view)
         self.outbound_port = outbound_port
         self.inbound_port = inbound_port
         self._passthrough: ResourceEntry | None = None
@@ -331,6 +355,19 @@ class BuildPass:
             }
             for port, cluster in _free_tcp_ports(node_id, outbound.tcp, taken):
                 entries.append(self._outbound_tcp_listener(workload, port, cluster))
+                taken.add(port)
+            entries.extend(
+                explicit_egress_listeners(
+                    self.traffic,
+                    outbound.egress,
+                    address=workload.address or "127.0.0.1",
+                    taken=taken,
+                    node=node_id,
+                )
+            )
+        tracer = tracing_cluster(self.traffic)
+        if tracer is not None:
+            entries.append(tracer)
         snapshot = Snapshot.from_entries(entries)
         return ProxyBuild(
             node_id=node_id,
@@ -388,12 +425,14 @@ class BuildPass:
         self, workload: Workload, deps: set[str], *, transparent: bool
     ) -> list[ResourceEntry]:
         ports: dict[int, str] = {}  # target port -> protocol (http wins over tcp)
+        port_services: dict[int, list[str]] = {}  # target port -> services (traffic policy)
         for svc_key in self.services_backed_by(workload):
             deps.add(f"svc:{svc_key}")
             svc = self._service(svc_key)
             if svc is None:
                 continue
             for sp in svc.ports:
+                port_services.setdefault(sp.target_port, []).append(svc_key)
                 proto = "tcp" if sp.protocol in ("tcp", "udp") else "http"
                 if sp.protocol == "udp":
                     continue
@@ -417,6 +456,7 @@ class BuildPass:
         grants = () if self.view.permissive else self.view.allowed_sources(workload.identity)
         out: list[ResourceEntry] = []
         chains: list[dict[str, Any]] = []
+        inspect = False  # the transparent listener needs the TLS inspector (ingress chains)
         for port in sorted(ports):
             name = inbound_name(port)
             out.append(
@@ -449,13 +489,46 @@ class BuildPass:
                 )
             )
             flt = None
+            svcs = port_services.get(port, [])
+            node = f"{workload.namespace}/{workload.name}"
+            ingress = ingress_of(self.traffic, svcs, port)
             if ports[port] == "http":
-                flt = self._inbound_http_filter(port)
-                out.append(self._inbound_route(port, grants))
-            chain = self._inbound_chain(port, grants, http_filter=flt)
+                flt = observe_hcm(
+                    self.traffic,
+                    self._inbound_http_filter(port, services=svcs),
+                    node=node,
+                    direction="inbound",
+                )
+                out.append(self._inbound_route(port, grants, services=svcs, ingress=ingress))
+            chain = self._inbound_chain(port, grants, http_filter=flt, services=svcs, node=node)
+            extra = (
+                ingress_http_chain(
+                    self.traffic,
+                    ingress,
+                    self._endpoint_triples(),
+                    port=port,
+                    cluster=name,
+                    node=node,
+                )
+                if ingress and ports[port] == "http"
+                else None
+            )
+            match: dict[str, Any] = {"transport_protocol": "tls"} if extra else {}
             if transparent:
-                chains.append(
-                    {"name": name, "filter_chain_match": {"destination_port": port}} | chain
+                match["destination_port"] = port
+                chains.append({"name": name, "filter_chain_match": match} | chain)
+                if extra is not None:
+                    extra["filter_chain_match"]["destination_port"] = port
+                    chains.append(extra)
+                    inspect = True
+            elif extra is not None:
+                out.append(
+                    _listener(
+                        name,
+                        _sockaddr(address, port),
+                        [{"filter_chain_match": match} | chain, extra],
+                        listener_filters=[TLS_INSPECTOR_FILTER],
+                    )
                 )
             else:
                 out.append(_listener(name, _sockaddr(address, port), [chain]))
@@ -466,6 +539,7 @@ class BuildPass:
                     _sockaddr("0.0.0.0", self.inbound_port),
                     chains,
                     default=_passthrough_chain("inbound_passthrough"),
+                    listener_filters=[TLS_INSPECTOR_FILTER] if inspect else None,
                 )
             )
         return out
@@ -507,7 +581,15 @@ class BuildPass:
             policies[name]["principals"].append(self._principal(g.source))
         return policies
 
-    def _inbound_http_filter(self, port: int) -> dict[str, Any]:
+    def _endpoint_triples(self) -> list[tuple[str, str, str]]:
+        """(namespace, service, address) of every endpoint (IngressBackend Service sources)."""
+        out = []
+        for ns, name in self.registry.services:
+            for e in self.registry.endpoints_of(ns, name):
+                out.append((ns, name, e.address))
+        return out
+
+    def _inbound_http_filter(self, port: int, *, services: Sequence[str] = ()) -> dict[str, Any]:
         """The HTTP connection manager of an inbound port. Its RBAC filter denies everything
         by default; the allowed sources live in the RDS route config (per-route RBAC), so a
         policy change updates routes, which apply to open connections at once (a listener
@@ -526,18 +608,31 @@ class BuildPass:
                         "name": "envoy.filters.http.rbac",
                         "typed_config": {"@type": _HTTP_RBAC, "rules": {"action": "ALLOW"}},
                     },
+                    *inbound_http_filters(self.traffic, services),
                     _ROUTER_FILTER,
                 ],
             },
         }
 
-    def _inbound_route(self, port: int, grants: Sequence[Grant]) -> ResourceEntry:
+    def _inbound_route(
+        self,
+        port: int,
+        grants: Sequence[Grant],
+        *,
+        services: Sequence[str] = (),
+        ingress: Sequence[Any] = (),
+    ) -> ResourceEntry:
         name = inbound_name(port)
         per_route: dict[str, Any] = {"@type": _HTTP_RBAC_PER_ROUTE}
         if not self.view.permissive:
-            per_route["rbac"] = {
-                "rules": {"action": "ALLOW", "policies": self._http_policies(port, grants)}
-            }
+            policies = self._http_policies(port, grants)
+            policies.update(ingress_rbac_policies(ingress, self._endpoint_triples()))
+            per_route["rbac"] = {"rules": {"action": "ALLOW", "policies": policies}}
+        routes, vhost_filters = inbound_routes(
+            self.traffic,
+            services,
+            {"match": {"prefix": "/"}, "route": {"cluster": name, "timeout": "30s"}},
+        )
         return make_entry(
             _parse(
                 {
@@ -546,13 +641,11 @@ class BuildPass:
                         {
                             "name": name,
                             "domains": ["*"],
-                            "routes": [
-                                {
-                                    "match": {"prefix": "/"},
-                                    "route": {"cluster": name, "timeout": "30s"},
-                                }
-                            ],
-                            "typed_per_filter_config": {"envoy.filters.http.rbac": per_route},
+                            "routes": routes,
+                            "typed_per_filter_config": {
+                                "envoy.filters.http.rbac": per_route,
+                                **vhost_filters,
+                            },
                         }
                     ],
                 },
@@ -567,14 +660,16 @@ class BuildPass:
         grants: Sequence[Grant],
         *,
         http_filter: dict[str, Any] | None,
+        services: Sequence[str] = (),
+        node: str = "",
     ) -> dict[str, Any]:
         """The filter chain of one inbound port: mTLS required, then HTTP (RBAC per route)
         or TCP (network RBAC, TCP proxy) to the local application."""
         name = inbound_name(port)
+        filters = inbound_tcp_filters(self.traffic, services, port)
         if http_filter is not None:
-            filters = [http_filter]
+            filters.append(http_filter)
         else:
-            filters = []
             if not self.view.permissive:
                 filters.append(
                     {
@@ -589,7 +684,14 @@ class BuildPass:
                         },
                     }
                 )
-            filters.append(_tcp_proxy(f"inbound_tcp_{port}", name))
+            filters.append(
+                observe_tcp(
+                    self.traffic,
+                    _tcp_proxy(f"inbound_tcp_{port}", name),
+                    node=node,
+                    direction="inbound",
+                )
+            )
         return {
             "filters": filters,
             "transport_socket": {
@@ -608,43 +710,69 @@ class BuildPass:
     # ------------------------------------------------------------------ outbound
 
     def _outbound_listener(self, workload: Workload) -> ResourceEntry:
+        hcm = observe_hcm(
+            self.traffic,
+            _outbound_http_filter("outbound"),
+            node=f"{workload.namespace}/{workload.name}",
+            direction="outbound",
+        )
         return _listener(
             OUTBOUND_LISTENER,
             _sockaddr(workload.address or "127.0.0.1", self.outbound_port),
-            [{"filters": [_outbound_http_filter("outbound")]}],
+            [{"filters": [hcm]}],
         )
 
     def _outbound_tcp_listener(self, workload: Workload, port: int, cluster: str) -> ResourceEntry:
         return _listener(
             f"outbound-tcp|{port}",
             _sockaddr(workload.address or "127.0.0.1", port),
-            [{"filters": [_tcp_proxy(f"outbound_tcp_{port}", cluster)]}],
+            [
+                {
+                    "filters": [
+                        observe_tcp(
+                            self.traffic,
+                            _tcp_proxy(f"outbound_tcp_{port}", cluster),
+                            node=f"{workload.namespace}/{workload.name}",
+                            direction="outbound",
+                        )
+                    ]
+                }
+            ],
         )
 
     def _transparent_outbound(self, node_id: str, outbound: _Outbound) -> ResourceEntry:
         """The transparent ``outbound`` listener: a chain per destination port."""
         chains: list[dict[str, Any]] = []
+        tp = self.traffic
         for port in outbound.http_ports:
+            hcm = _outbound_http_filter(f"outbound_{port}")
             chains.append(
                 {
                     "name": f"outbound|{port}",
                     "filter_chain_match": {"destination_port": port},
-                    "filters": [_outbound_http_filter(f"outbound_{port}")],
+                    "filters": [observe_hcm(tp, hcm, node=node_id, direction="outbound")],
                 }
             )
         for port, cluster in _free_tcp_ports(node_id, outbound.tcp, set(outbound.http_ports)):
+            flt = _tcp_proxy(f"outbound_tcp_{port}", cluster)
             chains.append(
                 {
                     "name": f"outbound-tcp|{port}",
                     "filter_chain_match": {"destination_port": port},
-                    "filters": [_tcp_proxy(f"outbound_tcp_{port}", cluster)],
+                    "filters": [observe_tcp(tp, flt, node=node_id, direction="outbound")],
                 }
             )
+        egress = transparent_egress_chains(
+            tp, outbound.egress, passthrough=PASSTHROUGH_CLUSTER, node=node_id
+        )
+        chains.extend(egress)
         return _listener(
             OUTBOUND_LISTENER,
             _sockaddr("0.0.0.0", self.outbound_port),
             chains,
-            default=_passthrough_chain("outbound_passthrough"),
+            default=_passthrough_chain("outbound_passthrough") if tp.enable_egress else None,
+            listener_filters=[TLS_INSPECTOR_FILTER] if outbound.egress.tls else None,
+            original_dst=True,
         )
 
     def _passthrough_cluster(self) -> ResourceEntry:
@@ -709,6 +837,7 @@ class BuildPass:
                 else:
                     default = self._split_action(svc, sp, (), deps, clusters)
                 routes.append({"match": {"prefix": "/"}, "route": default})
+                apply_retries(self.traffic, identity, svc_key, routes)
                 vhosts.append(
                     {
                         "name": f"{svc_key}|{sp.port}",
@@ -716,6 +845,9 @@ class BuildPass:
                         "routes": routes,
                     }
                 )
+        egress = egress_parts(self.traffic, identity)
+        vhosts.extend(egress.vhosts)
+        http_ports.update(egress.http_ports)
         entries: list[ResourceEntry] = [
             make_entry(
                 _parse(
@@ -727,11 +859,13 @@ class BuildPass:
         ]
         for key in sorted(clusters):
             entries.extend(self._cluster(*key))
+        entries.extend(egress.clusters)
         made = _Outbound(
             entries=tuple(entries),
             deps=frozenset(deps),
             tcp=tuple(sorted(tcp)),
             http_ports=tuple(sorted(http_ports)),
+            egress=egress,
         )
         self._outbound[identity] = made
         return made
@@ -784,11 +918,13 @@ class BuildPass:
                     "matcher": {"prefix": f"spiffe://{self.view.trust_domain}/"},
                 }
             ]
+        settings = cluster_settings(self.traffic.upstream.get(service))
         cluster = _parse(
             {
+                "connect_timeout": "1s",
+                **settings,
                 "name": name,
                 "type": "EDS",
-                "connect_timeout": "1s",
                 "eds_cluster_config": {"eds_config": _ADS},
                 "transport_socket": {
                     "name": "envoy.transport_sockets.tls",
@@ -828,6 +964,10 @@ class BuildPass:
         cla: dict[str, Any] = {"cluster_name": name}
         if lb:
             cla["endpoints"] = [{"lb_endpoints": lb}]
+        if settings:
+            # A changed cluster warms until its endpoints arrive again; tagging the endpoints
+            # with the settings makes them change with the cluster, so they are re-sent.
+            cla["endpoints"] = [{"lb_endpoints": lb, "metadata": settings_tag(settings)}]
         made = (
             make_entry(cluster, type_url=CLUSTER),
             make_entry(_parse(cla, endpoint_pb2.ClusterLoadAssignment()), type_url=ENDPOINT),
@@ -880,18 +1020,25 @@ def _listener(
     chains: list[dict[str, Any]],
     *,
     default: dict[str, Any] | None = None,
+    listener_filters: list[dict[str, Any]] | None = None,
+    original_dst: bool = False,
 ) -> ResourceEntry:
-    """A listener entry; with a ``default`` chain (transparent listeners) it also gets the
-    ``original_dst`` listener filter, so chains match the original destination port."""
+    """A listener entry; with a ``default`` chain (transparent listeners) or ``original_dst``
+    it also gets the ``original_dst`` listener filter, so chains match the original
+    destination port; ``listener_filters`` come after it (e.g. the TLS inspector)."""
     spec: dict[str, Any] = {
         "name": name,
         "address": address,
         "enable_reuse_port": False,
         "filter_chains": chains,
     }
+    filters = list(listener_filters or ())
     if default is not None:
         spec["default_filter_chain"] = default
-        spec["listener_filters"] = [_ORIGINAL_DST_FILTER]
+    if default is not None or original_dst:
+        filters.insert(0, _ORIGINAL_DST_FILTER)
+    if filters:
+        spec["listener_filters"] = filters
     return make_entry(_parse(spec, listener_pb2.Listener()), type_url=LISTENER)
 
 

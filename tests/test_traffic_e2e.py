@@ -1,0 +1,588 @@
+"""OSM traffic policy with real Envoys and applications that misbehave on purpose.
+
+One mesh per parameter set (module fixture, Envoys reused across scenarios): state of the world
+in strict mode, delta in permissive mode, so both ADS flavours and both traffic modes run every
+scenario. Workloads (explicit sidecar model, loopback addresses 127.18.N.x): ``client-1``,
+``mid-1`` (a relay), ``app-1`` and ``app-2`` backing service ``app`` (HTTP 80 -> 8080, TCP
+9000). Each scenario applies OSM policies through the real write path, waits until real traffic
+shows their effect, checks it, deletes them and checks the effect is gone; every scenario ends
+with no NACK from any Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from smc.testing.apps import AppSidecar, TcpEcho, tls_server_context
+from smc.testing.mesh import ControlPlane, vm_yaml
+from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
+
+NS = "traffic"
+TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+OSM = "apiVersion: policy.openservicemesh.io/v1alpha1"
+
+BASE = """
+apiVersion: smc.dev/v1alpha1
+kind: MeshService
+metadata: {name: app, namespace: traffic}
+spec:
+  backing: vm
+  selector: {app: app}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: raw, port: 9000, targetPort: 9000, protocol: tcp}
+---
+apiVersion: smc.dev/v1alpha1
+kind: MeshService
+metadata: {name: mid, namespace: traffic}
+spec:
+  backing: vm
+  selector: {app: mid}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: everything, namespace: traffic}
+spec:
+  matches: [{name: all, pathRegex: ".*", methods: ["*"]}]
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: {name: raw, namespace: traffic}
+spec:
+  matches: {ports: [9000]}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: to-app, namespace: traffic}
+spec:
+  destination: {kind: ServiceAccount, name: app, namespace: traffic}
+  rules: [{kind: HTTPRouteGroup, name: everything}]
+  sources:
+  - {kind: ServiceAccount, name: client, namespace: traffic}
+  - {kind: ServiceAccount, name: mid, namespace: traffic}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: to-app-raw, namespace: traffic}
+spec:
+  destination: {kind: ServiceAccount, name: app, namespace: traffic}
+  rules: [{kind: TCPRoute, name: raw}]
+  sources: [{kind: ServiceAccount, name: client, namespace: traffic}]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: to-mid, namespace: traffic}
+spec:
+  destination: {kind: ServiceAccount, name: mid, namespace: traffic}
+  rules: [{kind: HTTPRouteGroup, name: everything}]
+  sources: [{kind: ServiceAccount, name: client, namespace: traffic}]
+"""
+
+
+def mesh_config(*, permissive: bool, access_log: Path) -> str:
+    return f"""
+apiVersion: smc.dev/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh, namespace: smc-system}}
+spec:
+  permissiveTrafficMode: {"true" if permissive else "false"}
+  observability:
+    accessLog: {{format: json, path: {access_log}}}
+"""
+
+
+class Mesh:
+    def __init__(self, cp: ControlPlane, sc: dict[str, AppSidecar], workdir: Path) -> None:
+        self.cp = cp
+        self.sc = sc
+        self.workdir = workdir
+        self.session: aiohttp.ClientSession
+
+    async def get(
+        self, source: str, path: str, *, host: str = "app.traffic", timeout: float = 5.0
+    ) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        url = self.sc[source].outbound + path
+        async with self.session.get(
+            url, headers={"Host": host}, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            body = await resp.json(content_type=None) if resp.status == 200 else None
+            return resp.status, body, dict(resp.headers)
+
+    async def status(self, source: str, path: str, *, host: str = "app.traffic") -> int:
+        return (await self.get(source, path, host=host))[0]
+
+    async def apply(self, text: str, *, delete: bool = False) -> None:
+        """Apply (or delete) through the mesh API and wait until every proxy ACKed it."""
+        await self.cp.apply(text, delete=delete)
+        await until("every proxy ACKed the change", self.in_sync)
+
+    async def in_sync(self) -> bool:
+        proxies = self.cp.server.proxies()
+        if len(proxies) < len(self.sc):
+            return False
+        for p in proxies:
+            snap = self.cp.controller.cache.get(p.node_id)
+            if snap is None:
+                return False
+            for t in TYPES:
+                ts = p.types.get(t)
+                if ts is None or (not ts.wildcard and not ts.names):
+                    continue
+                if ts.pending or ts.acked_version != snap.version(t):
+                    return False
+        return True
+
+    def assert_no_nacks(self) -> None:
+        for name, s in self.sc.items():
+            if s.envoy is not None:
+                assert s.rejected() == {}, f"{name} rejected config"
+        assert self.cp.server.nacks() == []
+
+
+async def until(what: str, check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0) -> float:
+    """Poll ``check`` until it is true; the seconds it took (fails after ``timeout``)."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not true after {timeout}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - start
+
+
+@pytest.fixture(
+    scope="module", params=[(False, False), (True, True)], ids=["sotw-strict", "delta-permissive"]
+)
+async def mesh(request: pytest.FixtureRequest, tmp_path_factory: Any) -> AsyncIterator[Mesh]:
+    delta, permissive = request.param
+    workdir: Path = tmp_path_factory.mktemp("traffic")
+    octet = 2 if delta else 1
+    cp = ControlPlane(workdir=workdir)
+    await cp.start()
+    names = {"client-1": "client", "mid-1": "mid", "app-1": "app", "app-2": "app"}
+    labels = {"mid-1": {"app": "mid"}, "app-1": {"app": "app"}, "app-2": {"app": "app"}}
+    sc = {
+        n: AppSidecar(namespace=NS, name=n, address=f"127.18.{octet}.{i + 1}", workdir=workdir)
+        for i, n in enumerate(names)
+    }
+    for s in sc.values():
+        await s.start_app()
+    docs = [BASE, mesh_config(permissive=permissive, access_log=workdir / "access.log")]
+    docs += [vm_yaml(sc[n], service_account=sa, labels=labels.get(n)) for n, sa in names.items()]
+    await cp.apply("\n---\n".join(docs))
+    for s in sc.values():
+        s.start_envoy(ads_port=cp.port, delta=delta)
+    m = Mesh(cp, sc, workdir)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=5)
+    ) as session:
+        m.session = session
+        for s in sc.values():
+            assert s.envoy is not None
+            await s.envoy.wait_live()
+
+        async def ready() -> bool:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                return await m.status("client-1", "/") == 200
+            return False
+
+        await until("client reaches app", ready, timeout=30)
+        yield m
+    for s in sc.values():
+        await s.stop()
+    await cp.stop()
+    cp.close()
+
+
+RETRY = f"""
+{OSM}
+kind: Retry
+metadata: {{name: client-retry, namespace: traffic}}
+spec:
+  source: {{kind: ServiceAccount, name: client, namespace: traffic}}
+  destinations: [{{kind: Service, name: app, namespace: traffic}}]
+  retryPolicy: {{retryOn: 5xx, numRetries: 10, perTryTimeout: 2s, retryBackoffBaseInterval: 1ms}}
+"""
+
+
+async def success_ratio(mesh: Mesh, source: str, n: int) -> float:
+    ok = 0
+    for _ in range(n):
+        ok += await mesh.status(source, "/flaky") == 200
+    return ok / n
+
+
+async def test_retry_turns_half_failures_into_success(mesh: Mesh) -> None:
+    # Without a Retry the app fails about half of the requests.
+    assert await success_ratio(mesh, "client-1", 40) < 0.85
+    await mesh.apply(RETRY)
+
+    async def retried() -> bool:
+        return await success_ratio(mesh, "client-1", 10) == 1.0
+
+    await until("retry policy in effect", retried)
+    assert await success_ratio(mesh, "client-1", 200) > 0.99
+    # Only the Retry's source retries: mid still sees the failures.
+    assert await success_ratio(mesh, "mid-1", 40) < 0.85
+    await mesh.apply(RETRY, delete=True)
+
+    async def gone() -> bool:
+        return await success_ratio(mesh, "client-1", 20) < 0.9
+
+    await until("retry policy removed", gone)
+    mesh.assert_no_nacks()
+
+
+def uts(spec: str) -> str:
+    return f"""
+{OSM}
+kind: UpstreamTrafficSetting
+metadata: {{name: app-settings, namespace: traffic}}
+spec:
+  host: app.traffic.svc.cluster.local
+{spec}"""
+
+
+async def test_per_route_timeout_cuts_slow_app(mesh: Mesh) -> None:
+    assert await mesh.status("client-1", "/slow?ms=700") == 200
+    await mesh.apply(uts("  httpRoutes: [{path: /slow, timeout: 300ms}]"))
+
+    async def cut() -> bool:
+        return await mesh.status("client-1", "/slow?ms=700") == 504
+
+    await until("route timeout in effect", cut)
+    start = time.monotonic()
+    assert await mesh.status("client-1", "/slow?ms=2000") == 504
+    assert 0.25 < time.monotonic() - start < 1.5
+    assert await mesh.status("client-1", "/slow?ms=10") == 200  # fast enough
+    assert await mesh.status("client-1", "/other") == 200  # other routes keep 30 s
+    await mesh.apply(uts("  httpRoutes: [{path: /slow, timeout: 300ms}]"), delete=True)
+
+    async def uncut() -> bool:
+        return await mesh.status("client-1", "/slow?ms=700") == 200
+
+    await until("route timeout removed", uncut)
+    mesh.assert_no_nacks()
+
+
+CIRCUIT = """  connectionSettings:
+    tcp: {maxConnections: 1}
+    http: {maxPendingRequests: 1, maxRequests: 1}"""
+
+
+async def burst(mesh: Mesh, n: int, path: str) -> tuple[Counter[int], list[dict[str, str]]]:
+    results = await asyncio.gather(*(mesh.get("client-1", path) for _ in range(n)))
+    return Counter(r[0] for r in results), [r[2] for r in results if r[0] == 503]
+
+
+async def test_circuit_breaking_answers_503_past_the_limits(mesh: Mesh) -> None:
+    codes, _ = await burst(mesh, 8, "/slow?ms=600")
+    assert codes == Counter({200: 8})
+    await mesh.apply(uts(CIRCUIT))
+
+    async def tripped() -> bool:
+        codes, _ = await burst(mesh, 8, "/slow?ms=600")
+        return codes[503] > 0
+
+    await until("circuit breaker in effect", tripped)
+    codes, overloaded = await burst(mesh, 8, "/slow?ms=600")
+    # One connection, one request and one pending at a time: most of the burst overflows.
+    assert 1 <= codes[200] <= 4 and codes[503] >= 4, codes
+    assert all(h.get("x-envoy-overloaded") == "true" for h in overloaded)
+    await mesh.apply(uts(CIRCUIT), delete=True)
+
+    async def closed() -> bool:
+        codes, _ = await burst(mesh, 8, "/slow?ms=300")
+        return codes == Counter({200: 8})
+
+    await until("circuit breaker removed", closed)
+    mesh.assert_no_nacks()
+
+
+OUTLIER = """  outlierDetection:
+    consecutive5xxErrors: 2
+    interval: 500ms
+    baseEjectionTime: 2s
+    maxEjectionPercent: 100"""
+
+
+async def test_outlier_detection_ejects_and_brings_back(mesh: Mesh) -> None:
+    await mesh.apply(uts(OUTLIER))
+    bad = mesh.sc["app-2"].app
+
+    async def apps_seen(n: int) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for _ in range(n):
+            status, body, _ = await mesh.get("client-1", "/who")
+            seen[body["app"] if body else f"status-{status}"] += 1
+        return seen
+
+    async def configured() -> bool:  # the cluster has outlier detection once Envoy has it
+        assert mesh.sc["client-1"].envoy is not None
+        dump = await asyncio.to_thread(mesh.sc["client-1"].envoy.config_dump)
+        return "outlier_detection" in str(dump)
+
+    await until("outlier detection configured", configured)
+    bad.failing = True
+    try:
+        seen = await apps_seen(12)
+        assert seen["status-500"] <= 4, seen  # ejected after 2 consecutive errors
+        seen = await apps_seen(20)
+        assert seen == Counter({"app-1": 20}), seen  # the bad endpoint is out
+    finally:
+        bad.failing = False
+
+    async def back() -> bool:
+        return (await apps_seen(6))["app-2"] > 0
+
+    took = await until("ejected endpoint brought back", back, timeout=15)
+    assert took < 12
+    await mesh.apply(uts(OUTLIER), delete=True)
+    mesh.assert_no_nacks()
+
+
+RATE = """  rateLimit:
+    local:
+      http:
+        requests: 3
+        unit: minute
+        responseHeadersToAdd: [{name: x-limited, value: "yes"}]
+      tcp: {connections: 2, unit: minute}
+  httpRoutes:
+  - path: /limited
+    rateLimit:
+      local: {requests: 1, unit: minute, responseStatusCode: 503}"""
+
+
+async def tcp_roundtrip(address: str) -> bool:
+    """One connection through the client's outbound TCP listener to app's raw port."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, 9000), 3)
+    except OSError:
+        return False
+    try:
+        writer.write(b"GET /tcp HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 3)
+        return data.startswith(b"HTTP/1.1 200")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+async def test_local_rate_limits_http_per_route_and_tcp(mesh: Mesh) -> None:
+    client = mesh.sc["client-1"].address
+    assert await tcp_roundtrip(client)
+    await mesh.apply(uts(RATE))
+
+    async def limited() -> bool:
+        return await mesh.status("client-1", "/limited") == 503
+
+    await until("per-route limit in effect", limited)
+    # The route's own bucket (1 a minute per app sidecar, 2 sidecars) is spent now: 503s.
+    codes = Counter([await mesh.status("client-1", "/limited") for _ in range(4)])
+    assert codes[503] >= 3 and codes[200] <= 1, codes
+    # The virtual host's bucket: 3 a minute per sidecar, then 429 with the configured header.
+    results = [await mesh.get("client-1", "/any") for _ in range(10)]
+    codes = Counter(r[0] for r in results)
+    assert codes[200] <= 6 and codes[429] >= 4, codes
+    assert all(r[2].get("x-limited") == "yes" for r in results if r[0] == 429)
+    # TCP: 2 connections a minute per sidecar, then the connection is closed.
+    tcp = [await tcp_roundtrip(client) for _ in range(8)]
+    assert tcp.count(True) <= 4 and tcp.count(False) >= 4, tcp
+    await mesh.apply(uts(RATE), delete=True)
+
+    async def unlimited() -> bool:
+        return await mesh.status("client-1", "/any") == 200 and await tcp_roundtrip(client)
+
+    await until("rate limits removed", unlimited)
+    mesh.assert_no_nacks()
+
+
+async def test_egress_by_host_sni_and_ip(mesh: Mesh, tmp_path: Path) -> None:
+    from aiohttp import web
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"app": "external", "tls": request.secure})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    from smc.testing.ports import free_port
+
+    http_port, tls_port = free_port(), free_port()
+    server_ctx, ca_file = tls_server_context(tmp_path, "localhost")
+    await web.TCPSite(runner, "127.0.0.1", http_port).start()
+    await web.TCPSite(runner, "127.0.0.1", tls_port, ssl_context=server_ctx).start()
+    echo = TcpEcho()
+    await echo.start()
+    egress = f"""
+{OSM}
+kind: Egress
+metadata: {{name: client-web, namespace: traffic}}
+spec:
+  sources: [{{kind: ServiceAccount, name: client, namespace: traffic}}]
+  hosts: [localhost]
+  ports: [{{number: {http_port}, protocol: http}}, {{number: {tls_port}, protocol: https}}]
+---
+{OSM}
+kind: Egress
+metadata: {{name: client-echo, namespace: traffic}}
+spec:
+  sources: [{{kind: ServiceAccount, name: client, namespace: traffic}}]
+  ipAddresses: [127.0.0.1/32]
+  ports: [{{number: {echo.port}, protocol: tcp}}]
+"""
+    client = mesh.sc["client-1"].address
+    client_ctx = ssl.create_default_context(cafile=str(ca_file))
+
+    async def tls_get(sni: str) -> int | None:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(client, tls_port, ssl=client_ctx, server_hostname=sni),
+                3,
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            return None
+        writer.write(f"GET /tls HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 3)
+        writer.close()
+        return int(data.split(b" ", 2)[1]) if data else None
+
+    async def echo_via(address: str) -> bytes:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(address, echo.port), 3)
+        except OSError:
+            return b""
+        writer.write(b"ping\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 3)
+        writer.close()
+        return data
+
+    host = f"localhost:{http_port}"
+    try:
+        # Deny: no Egress, no route for the host, no listener for TLS or TCP.
+        assert await mesh.status("client-1", "/x", host=host) == 404
+        assert await tls_get("localhost") is None
+        assert await echo_via(client) == b""
+        await mesh.apply(egress)
+
+        async def allowed() -> bool:
+            return await mesh.status("client-1", "/x", host=host) == 200
+
+        await until("egress in effect", allowed)
+        status, body, _ = await mesh.get("client-1", "/x", host=host)
+        assert status == 200 and body == {"app": "external", "tls": False}
+        assert await tls_get("localhost") == 200  # by SNI, end-to-end TLS to the host
+        assert await tls_get("other.example") is None  # any other SNI: closed
+        assert await echo_via(client) == b"echo:ping\n"  # TCP to the listed range
+        # Egress is per source: mid may not leave the mesh.
+        assert await mesh.status("mid-1", "/x", host=host) == 404
+        await mesh.apply(egress, delete=True)
+
+        async def denied() -> bool:
+            return await mesh.status("client-1", "/x", host=host) == 404
+
+        await until("egress removed", denied)
+        assert await echo_via(client) == b""
+    finally:
+        await echo.stop()
+        await runner.cleanup()
+    mesh.assert_no_nacks()
+
+
+async def test_ingress_backend_admits_only_the_named_ingress(mesh: Mesh, tmp_path: Path) -> None:
+    app = mesh.sc["app-1"]
+    url = f"http://{app.address}:8080/ingress"
+    https_url = f"https://{app.address}:8080/ingress"
+    octet = app.address.split(".")[2]
+    ingress_ip, stranger_ip = f"127.18.{octet}.200", f"127.18.{octet}.201"
+
+    async def plain_from(source_ip: str) -> int | None:
+        conn = aiohttp.TCPConnector(force_close=True, local_addr=(source_ip, 0))
+        async with aiohttp.ClientSession(connector=conn) as s:
+            try:
+                async with s.get(url, timeout=aiohttp.ClientTimeout(total=3)) as r:
+                    return r.status
+            except aiohttp.ClientError:
+                return None
+
+    issued = mesh.cp.issuer.issue(
+        identity="spiffe://cluster.local/ns/ingress/sa/nginx", lifetime=timedelta(hours=1)
+    )
+    other = mesh.cp.issuer.issue(
+        identity="spiffe://cluster.local/ns/ingress/sa/rogue", lifetime=timedelta(hours=1)
+    )
+    roots = "".join(mesh.cp.issuer.trust_bundle())
+
+    def tls_context(cert: Any) -> ssl.SSLContext:
+        d = tmp_path / cert.identity.replace("/", "_").replace(":", "_")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cert.pem").write_text(cert.cert_pem + cert.chain_pem)
+        (d / "key.pem").write_text(cert.private_key_pem)
+        ctx = ssl.create_default_context(cadata=roots)
+        ctx.check_hostname = False  # the sidecar's certificate names its SPIFFE id
+        ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
+        return ctx
+
+    async def tls_with(ctx: ssl.SSLContext) -> int | None:
+        conn = aiohttp.TCPConnector(force_close=True, ssl=ctx)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            try:
+                async with s.get(https_url, timeout=aiohttp.ClientTimeout(total=3)) as r:
+                    return r.status
+            except aiohttp.ClientError:
+                return None
+
+    policy = f"""
+{OSM}
+kind: IngressBackend
+metadata: {{name: app-ingress, namespace: traffic}}
+spec:
+  backends: [{{name: app, port: {{number: 8080, protocol: http}}}}]
+  sources: [{{kind: IPRange, name: {ingress_ip}/32}}]
+"""
+    # Without an IngressBackend the port speaks mTLS only.
+    assert await plain_from(ingress_ip) is None
+    await mesh.apply(policy)
+
+    async def admitted() -> bool:
+        return await plain_from(ingress_ip) == 200
+
+    await until("http ingress admitted", admitted)
+    assert await plain_from(stranger_ip) == 403
+    # Mesh traffic still works over mTLS on the same port.
+    assert await mesh.status("client-1", "/") == 200
+    https = policy.replace("protocol: http}", "protocol: https}").replace(
+        f"sources: [{{kind: IPRange, name: {ingress_ip}/32}}]",
+        f"sources: [{{kind: AuthenticatedPrincipal, name: {issued.identity}}}]",
+    )
+    await mesh.apply(https)
+    good, rogue = tls_context(issued), tls_context(other)
+
+    async def over_mtls() -> bool:
+        return await tls_with(good) == 200 and await plain_from(ingress_ip) is None
+
+    await until("https ingress admitted", over_mtls)
+    # In strict mode only the named principal gets in; permissive mode admits any mesh cert.
+    expected = 200 if mesh.cp.controller.view.permissive else 403
+    assert await tls_with(rogue) == expected
+    await mesh.apply(https, delete=True)
+    mesh.assert_no_nacks()
