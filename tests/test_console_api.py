@@ -128,16 +128,20 @@ def test_time_travel_and_why(serve: ServeProcess) -> None:
     q = "from=shop/buyer&to=shop/bookstore&path=/books&method=GET"
     then = _get(serve, f"/v1/console/why?{q}&at={before_edit}")
     assert then["allowed"] is True
-    assert [e["seq"] for e in then["decidedBy"] if e["effect"] == "grants"] == [before_edit]
+    assert [(e["seq"], e["effect"]) for e in then["decidedBy"]] == [(before_edit, "granted")]
     now_why = _get(serve, f"/v1/console/why?{q}")
     assert now_why["allowed"] is False
-    effects = [(e["seq"], e["effect"]) for e in now_why["decidedBy"]]
-    assert (before_edit, "grants") in effects and (edit, "changes the rules of") in effects
-    assert any(
-        e["aggregate"] == "HTTPRouteGroup/shop/store-post"
-        and e["effect"] == "defines the matches of"
-        for e in now_why["decidedBy"]
+    effects = [(e["seq"], e["effect"], e["actor"]) for e in now_why["decidedBy"]]
+    assert effects == [(before_edit, "granted", "alice"), (edit, "revoked", "carol")]
+    # the config the store's proxy was served just before the edit (its certificate issued by
+    # then): its inbound RBAC let the buyer GET, not POST
+    past = _get(serve, f"/v1/console/proxy?node=shop/store-v1&at={edit - 1}")
+    assert past["timeTravel"]["seq"] == edit - 1 and past["past"]["identity"] == "shop/bookstore"
+    assert past["past"]["reason"] == "", past["past"]
+    assert "GET" in json.dumps(past["past"]["routes"]) and "POST" not in json.dumps(
+        past["past"]["routes"]
     )
+    assert all("privateKey" not in json.dumps(x) for x in past["past"]["secrets"])
     # a time travel by timestamp lands on the last change at or before it
     ts = _get(serve, f"/v1/console/events/{before_edit}")["ts"]
     by_time = _get(serve, f"/v1/console/graph?at={ts}")

@@ -12,7 +12,6 @@ from smc.console._graph import ProxyState, backing_index, mesh_graph
 from smc.console._routes import ConsoleHub, mount_console
 from smc.console._timeline import Row, Timeline, TimelineQuery, diff_values
 from smc.console._travel import PastState, TimeMachine
-from smc.console._why import deciding_changes
 
 __all__ = [
     "ConsoleHub",
@@ -23,7 +22,6 @@ __all__ = [
     "Timeline",
     "TimelineQuery",
     "backing_index",
-    "deciding_changes",
     "diff_values",
     "mesh_graph",
     "mount_console",

@@ -34,11 +34,11 @@ from typing import Any
 from aiohttp import web
 
 from smc.api._views import policy_check
+from smc.audit import access_history, proxy_config_at
 from smc.console._graph import ProxyState, mesh_graph
 from smc.console._timeline import Timeline, TimelineQuery
-from smc.console._travel import TimeMachine
-from smc.console._why import deciding_changes
-from smc.events import EventLog
+from smc.console._travel import PastState, TimeMachine
+from smc.events import ChainVerifier, EventLog, Position
 from smc.projections import ProjectionRunner
 from smc.projections._policyview import PolicyView
 from smc.xds._metrics_sink import EdgeTraffic
@@ -100,6 +100,7 @@ class ConsoleHub:
         proxies: Callable[[], Iterable[ProxyState]] = lambda: (),
         traffic: Callable[[], Iterable[EdgeTraffic]] = lambda: (),
         config_dump: Callable[[str], dict[str, Any] | None] | None = None,
+        verifier: Callable[[], ChainVerifier | None] = lambda: None,
     ) -> None:
         self.runner = runner
         self.view = view
@@ -107,7 +108,7 @@ class ConsoleHub:
         self.traffic = traffic
         self.config_dump = config_dump
         self.timeline = Timeline(open_log())
-        self.machine = TimeMachine(open_log)
+        self.machine = TimeMachine(open_log, verifier=verifier)
         self._subscribers: set[asyncio.Queue[tuple[str, Any]]] = set()
         self._dirty = asyncio.Event()
         self._refresh_lock = asyncio.Lock()
@@ -177,9 +178,10 @@ class ConsoleHub:
                 q.put_nowait((kind, data))
 
     # -- resolving ``at`` -------------------------------------------------------------------
-    async def _past_view(self, at: str | None) -> tuple[PolicyView, dict[str, Any] | None]:
+    async def _past(self, at: str | None) -> tuple[PastState, dict[str, Any]] | None:
+        """The state after timeline entry ``at`` (a number) or at time ``at``; None: now."""
         if at is None or at == "":
-            return self.view, None
+            return None
         await self.refresh()
         tl = self.timeline
         if at.isdigit() and len(at) < 12:
@@ -188,15 +190,19 @@ class ConsoleHub:
                 raise web.HTTPBadRequest(reason=f"at: no timeline entry {seq}")
         else:
             seq = tl.seq_at_time(_time_ms(at, "at"))
-        position = tl.position_after(seq) if seq >= 0 else tl.position_after(-1)
+        position = tl.position_after(seq)
         state = await asyncio.to_thread(self.machine.state_at, position)
         info = {
             "seq": seq,
             "position": position.to_json(),
-            "events": state.applied,
+            "events": state.runner.applied,
             "at": tl.rows[seq].to_json(seq)["at"] if seq >= 0 else None,
         }
-        return state.view, info
+        return state, info
+
+    async def _past_view(self, at: str | None) -> tuple[PolicyView, dict[str, Any] | None]:
+        past = await self._past(at)
+        return (self.view, None) if past is None else (past[0].view, past[1])
 
     # -- handlers ---------------------------------------------------------------------------
     async def graph(self, request: web.Request) -> web.Response:
@@ -261,22 +267,53 @@ class ConsoleHub:
             method=q.get("method") or None,
             port=port,
         )
-        await self.refresh()
-        upto = info["seq"] if info is not None else len(self.timeline.rows) - 1
+        position = (
+            Position.from_json(info["position"]) if info is not None else self.timeline.position
+        )
         answer["decidedBy"] = await asyncio.to_thread(
-            deciding_changes,
-            self.timeline,
-            source=q["from"],
-            destination=q["to"],
-            upto=upto,
+            self._history, q["from"], q["to"], q.get("path"), q.get("method"), port, position
         )
         answer["timeTravel"] = info
         return web.json_response(answer)
+
+    def _history(
+        self,
+        source: str,
+        destination: str,
+        path: str | None,
+        method: str | None,
+        port: int | None,
+        end: Position,
+    ) -> list[dict[str, Any]]:
+        """The changes that moved access for the pair (``smc audit why``), with their
+        timeline entries (worker thread: replays the log up to ``end``)."""
+        log = self.machine.open_log()
+        try:
+            rows = access_history(
+                log,
+                source=source,
+                destination=destination,
+                path=path or None,
+                method=method or None,
+                port=port,
+                verifier=self.machine.verifier(),
+                end=end,
+            )
+        finally:
+            log.close()
+        seqs = self.timeline.seqs_by_position()
+        return [{**r, "seq": seqs.get(r["position"])} for r in rows]
 
     async def proxy(self, request: web.Request) -> web.Response:
         node = request.query.get("node", "")
         if not node:
             return _bad("node", "required (a node id namespace/workload)")
+        past = await self._past(request.query.get("at"))
+        if past is not None:  # what the log says it was served then
+            config = await asyncio.to_thread(
+                proxy_config_at, past[0].runner.log, node, past[0].position, runner=past[0].runner
+            )
+            return web.json_response({"node_id": node, "timeTravel": past[1], "past": config})
         state = next((p for p in self.proxies() if p.node_id == node), None)
         dump = self.config_dump(node) if self.config_dump is not None else None
         if dump is None and state is None:

@@ -18,7 +18,7 @@ from aiohttp import web
 from smc.api import LiveMeshChanges
 from smc.console._graph import ProxyState
 from smc.console._routes import ConsoleHub, mount_console
-from smc.events import open_log
+from smc.events import ChainVerifier, open_log
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.projections._policyview import PolicyView
 from smc.xds._controller import XdsController
@@ -57,8 +57,13 @@ def console_hub(
     def dump(node: str) -> dict[str, Any] | None:
         return config_dump(controller, node) if controller is not None else None
 
+    def verifier() -> ChainVerifier | None:  # past states are verified as the live one is
+        live = runner.verifier
+        return ChainVerifier(trust=live.trust) if live is not None else None
+
     return ConsoleHub(
         runner=runner,
+        verifier=verifier,
         view=PolicyView(registry=registry, policy=policy),
         open_log=lambda: open_log(url),
         proxies=proxies,

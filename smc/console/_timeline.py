@@ -272,6 +272,10 @@ class Timeline:
         """The last row appended at or before ``ts_ms`` (-1: none)."""
         return bisect.bisect_right(self.rows, ts_ms, key=_ts) - 1
 
+    def seqs_by_position(self) -> dict[str, int]:
+        """Timeline entry of every record, by its position (``stream[partition]@offset``)."""
+        return {r.where: i for i, r in enumerate(self.rows)}
+
     def seqs_of(self, aggregate: str) -> list[int]:
         return list(self._by_aggregate.get(aggregate, ()))
 

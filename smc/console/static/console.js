@@ -391,16 +391,27 @@ async function runWhy() {
       el("p", {}, el("span", { class: r.allowed ? "allow" : "deny", id: "why-decision" }, r.decision.toUpperCase()), " ", r.reason),
       el("h3", {}, "Decided by"),
       r.decidedBy.length ? el("ol", { id: "why-events" }, r.decidedBy.map((e) => el("li", {},
-        el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showChange(e.seq); } }, `#${e.seq}`),
-        ` ${e.at.replace("+00:00", "Z")} ${e.actor} ${e.effect} ${r.source} → ${r.destination}: ${e.type} ${e.aggregate}`)))
-        : el("p", { class: "hint" }, "no change on the log names this pair (deny by default)"));
+        e.seq === null ? e.position : el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showChange(e.seq); } }, `#${e.seq}`),
+        ` ${e.occurred_at.replace("+00:00", "Z")}: ${e.type} ${e.aggregate} by ${e.actor}`,
+        e.verified ? ` (signed by ${e.writer})` : "", ` ${e.effect} access`)))
+        : el("p", { class: "hint" }, "no change on the log moved access for this pair (deny by default)"));
   } catch (err) { showError(out, err); }
 }
 async function runProxy() {
   const out = $("proxy-result");
   const node = $("proxy-node").value.trim();
   try {
-    const r = await api(`/v1/console/proxy?${new URLSearchParams({ node })}`);
+    const q = new URLSearchParams({ node });
+    if (state.travelSeq !== null) q.set("at", String(state.travelSeq));
+    const r = await api(`/v1/console/proxy?${q}`);
+    if (r.past) { // the config the log says it was served at that point
+      const p = r.past;
+      fill(out, el("p", {}, `as of #${r.timeTravel.seq} (${r.timeTravel.at})`),
+        kv([["node", p.node], ["identity", p.identity], ["no config because", p.reason || null], ["versions", p.versions]]),
+        ["listeners", "routes", "clusters", "endpoints", "secrets"].map((t) => el("details", {},
+          el("summary", {}, `${t} (${p[t].length})`), el("pre", {}, JSON.stringify(p[t], null, 1)))));
+      return;
+    }
     const c = r.config;
     fill(out, 
       kv([["node", r.node_id], ["connected", r.connected], ["ACKed", r.acked], ["NACKed", r.nacked],
