@@ -134,8 +134,9 @@ function renderGraph(graph) {
     state.nodeSignature = signature;
     const big = nodes.length > 80;
     cy.layout(big ? { name: "grid", avoidOverlap: true, animate: false }
-      : { name: "breadthfirst", directed: true, spacingFactor: 1.2, animate: false }).run();
+      : { name: "breadthfirst", directed: true, spacingFactor: 1.4, avoidOverlap: true, animate: false }).run();
     cy.fit(undefined, 30);
+    if (cy.zoom() > 1.2) { cy.zoom(1.2); cy.center(); } // a small mesh: keep labels readable
   }
   $("permissive").hidden = !graph.permissive;
   const services = graph.nodes.filter((n) => n.kind === "service").length;
