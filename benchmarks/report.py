@@ -62,6 +62,26 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         ["--local-n", "1000", "--vault-n", "200", "--threads", "1,4", "--local-threads", "1"],
         (1200, 300),
     ),
+    "identity": (
+        "identity.py",
+        "--out",
+        ["--local-n", "5000", "--vault-n", "1000", "--proxies", "500", "--agents", "5"],
+        [
+            "--local-n",
+            "1000",
+            "--vault-n",
+            "200",
+            "--vault-threads",
+            "1,4",
+            "--proxies",
+            "100",
+            "--renew-n",
+            "100",
+            "--agents",
+            "3",
+        ],
+        (1200, 300),
+    ),
     "ads_streams": (
         "ads_streams.py",
         "--out",
@@ -311,6 +331,34 @@ def figures_certs(r: dict[str, Any]) -> list[Figure]:
     ]
 
 
+def figures_identity(r: dict[str, Any]) -> list[Figure]:
+    b = "identity"
+    best = r.get("best", {})
+    ren = r.get("renewals", {})
+    first = r.get("first_certificate", {})
+    rss = r.get("agent_rss_mb", {})
+    return [
+        _target(b, "CSR signing, local issuer", best.get("local"), "CSRs/s", at_least=2000),
+        _target(b, "CSR signing, Vault pki/sign", best.get("vault"), "CSRs/s", at_least=250),
+        _target(
+            b,
+            "renewals end to end (gRPC+TLS, proof, log, applied)",
+            ren.get("renewals_per_s"),
+            "/s",
+            at_least=ren.get("needed_for_10000_proxies_per_s", 0.12),
+            shown=">= 10,000 proxies at 24 h",
+        ),
+        _target(
+            b,
+            "first certificate, agent spawn -> serving (median)",
+            first.get("median_spawn_to_serving_s"),
+            "s",
+            below=1.0,
+        ),
+        _target(b, "agent memory (VmRSS, max)", rss.get("max"), "MB", below=30.0),
+    ]
+
+
 def figures_convergence(r: dict[str, Any]) -> list[Figure]:
     b = "convergence"
     out = []
@@ -533,6 +581,7 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "replay": figures_replay,
     "kafka_raw": figures_kafka_raw,
     "certs": figures_certs,
+    "identity": figures_identity,
     "ads_streams": figures_ads_streams,
     "ads_scale": figures_ads_scale,
     "convergence": figures_convergence,
