@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 
 from smc.api._changes import ChangeReport, IdSeed, MeshChanges, Plan, current_resources
 from smc.api._errors import ChangeNotApplied
-from smc.events import Appended, Event, LogError, LogUnavailable, Position
+from smc.events import Appended, Event, LogError, Position
 from smc.projections import ProjectionRunner
 from smc.smi import ManifestError, Resource, resource_key
 
@@ -148,7 +149,7 @@ class LiveMeshChanges:
             else:
                 plans.append((r, plan))
         events = [ev for _, plan in plans for ev in plan.events]
-        appended = await self._append(events)
+        appended = await self._append(events, len(plans))
         self.rounds += 1
         self.grouped += len(plans)
         reports: list[tuple[_Request, ChangeReport]] = []
@@ -162,20 +163,18 @@ class LiveMeshChanges:
             if not r.done.done():
                 r.done.set_result(report)
 
-    async def _append(self, events: list[Event]) -> list[Appended]:
+    async def _append(self, events: list[Event], requests: int) -> list[Appended]:
         if not events:
             return []
         health = self.runner.health
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
-            loop = asyncio.get_running_loop()
             appended = await loop.run_in_executor(self._writer, self.changes.log.append, events)
-        except LogUnavailable as exc:
-            health.report("append", exc)
-            raise
         except LogError as exc:
-            health.set_fatal(str(exc))
+            health.appended(time.perf_counter() - started, requests, exc)
             raise
-        health.report("append", None)
+        health.appended(time.perf_counter() - started, requests, None)
         return appended
 
     async def apply(

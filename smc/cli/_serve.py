@@ -51,6 +51,7 @@ import click
 
 from smc.cli._app import cli, open_log_from
 from smc.cli._certs import ca_options, factory_from_ca_options, keys_option
+from smc.cli._metrics import ServeMetrics, zero_ads_series
 from smc.cli._vmgroups import parse_clouds
 from smc.errors import SMCError
 from smc.events import ChainVerifier, for_role
@@ -509,11 +510,19 @@ async def _start_api(
         ctx = ApiContext(live=live, runner=runner, registry=registry, policy=policy)
         app = create_app(ctx)
         app.router.add_get("/debug/state", _state_handler(runner))
+        serve_metrics = ServeMetrics(runner)
+        app.middlewares.insert(0, serve_metrics.middleware())
+        if xds is not None:
+            zero_ads_series(xds.server.metrics)
         mount_debug(
             app,
             controller=xds.controller if xds is not None else None,
             server=xds.server if xds is not None else None,
-            registries=[*([xds.metrics] if xds is not None else []), vm_groups.metrics],
+            registries=[
+                *([xds.metrics] if xds is not None else []),
+                vm_groups.metrics,
+                serve_metrics.registry,
+            ],
         )
         from smc.console import mount_console
         from smc.console._serve import console_hub

@@ -18,8 +18,12 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from smc.events._errors import EventError, LogUnavailable
+from smc.events._log import Position
 
 __all__ = ["LogHealth", "StateChangeFilter", "probe_log", "watch_log"]
 
@@ -41,6 +45,11 @@ class LogHealth:
         self.url = url
         self._reports: dict[str, _Report] = {"read": _OK, "append": _OK, "probe": _OK}
         self.fatal: str | None = None
+        #: The log's end position at the last successful probe (see :func:`watch_log`).
+        self.end = Position()
+        #: Called as ``observer(seconds, requests, error)`` after each append reported through
+        #: :meth:`appended` (metrics).
+        self.append_observers: list[Callable[[float, int, BaseException | None], None]] = []
         #: How many times a report kind turned from working to failing or back.
         self.transitions = 0
 
@@ -64,6 +73,17 @@ class LogHealth:
         self._reports[kind] = _Report(
             ok=False, detail=detail, at=old.at if not old.ok else time.time()
         )
+
+    def appended(self, seconds: float, requests: int, error: BaseException | None) -> None:
+        """Report one append that took ``seconds`` for ``requests`` change requests."""
+        if error is None:
+            self.report("append", None)
+        elif isinstance(error, LogUnavailable):
+            self.report("append", error)
+        else:
+            self.set_fatal(str(error))
+        for observe in self.append_observers:
+            observe(seconds, requests, error)
 
     def set_fatal(self, reason: str) -> None:
         self.fatal = reason
@@ -113,11 +133,20 @@ def probe_log(log: object, health: LogHealth, *, timeout: float = 2.0) -> None:
 
 
 async def watch_log(
-    log: object, health: LogHealth, *, stop: asyncio.Event, every: float = 1.0
+    log: object,
+    health: LogHealth,
+    *,
+    stop: asyncio.Event,
+    every: float = 1.0,
 ) -> None:
-    """Run :func:`probe_log` every ``every`` seconds until ``stop`` is set."""
+    """Run :func:`probe_log` every ``every`` seconds until ``stop`` is set; while the log
+    answers, keep its end position in ``health.end`` (metrics: lag per partition)."""
+    end_position = getattr(log, "end_position", None)
     while not stop.is_set():
         await asyncio.to_thread(probe_log, log, health, timeout=max(every * 2, 1.0))
+        if end_position is not None and health.available:
+            with contextlib.suppress(EventError):
+                health.end = await asyncio.to_thread(end_position)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every)
 
