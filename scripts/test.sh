@@ -18,5 +18,6 @@ echo "== mypy"
 "$py" -m mypy
 echo "== real parts (cached after the first run)"
 "$py" -m smc.testing.kube
+"$py" -m smc.testing.promtool
 echo "== pytest"
 "$py" -m pytest -q -p no:cacheprovider "$@"

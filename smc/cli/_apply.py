@@ -16,10 +16,13 @@ import json
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import yaml
+from click.shell_completion import CompletionItem
 from rich.console import Console
 from rich.table import Table
 
@@ -34,6 +37,7 @@ from smc.api import (
     workloads_view,
 )
 from smc.cli._app import cli, open_log_from
+from smc.cli._output import emit, kind_alias, output_option, parse_selector, select
 from smc.events import EventLog, LogError, Position, SqliteLog
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.projections._policyview import PolicyView
@@ -111,8 +115,16 @@ def _projections_at(
 
 
 def _print_report(report: ChangeReport, *, output: str, dry_run: bool) -> None:
-    if output == "json":
-        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    if output in ("json", "yaml"):
+        emit(report.as_dict(), output, table=lambda: None)
+        return
+    if output == "name":  # as kubectl apply -o name: one kind/namespace/name per document
+        for r in report.results:
+            if r.errors:
+                for e in r.errors:
+                    click.echo(f"error: {e}", err=True)
+            else:
+                click.echo(r.document.lower())
         return
     suffix = " (dry run)" if dry_run else ""
     for r in report.results:
@@ -203,9 +215,7 @@ _RID_OPT = click.option(
     "--request-id", default=None, help="Idempotency key (a retry with it applies once)."
 )
 _DRY_OPT = click.option("--dry-run", is_flag=True, help="Show what would change; append nothing.")
-_OUT_OPT = click.option(
-    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
+_OUT_OPT = output_option()
 
 
 @cli.command("apply")
@@ -281,7 +291,12 @@ _GET_KINDS = (
     "meshconfig",
     *_OSM_GET,
     "vmgroups",
+    "virtualmachines",
+    "httproutegroups",
+    "tcproutes",
+    "udproutes",
 )
+_SMI_GET = {"httproutegroups": "HTTPRouteGroup", "tcproutes": "TCPRoute", "udproutes": "UDPRoute"}
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -297,17 +312,130 @@ def _labels(m: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(m.items())) or "-"
 
 
+def _complete_kind(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return [CompletionItem(k) for k in _GET_KINDS if k.startswith(incomplete.lower())]
+
+
 @cli.command("get")
-@click.argument("what", type=click.Choice(_GET_KINDS))
+@click.argument("what", metavar="KIND", shell_complete=_complete_kind)
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default=None, help="Only this namespace.")
 @click.option(
-    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+    "-A", "--all-namespaces", is_flag=True, help="Every namespace (the default without -n)."
 )
+@click.option("-l", "--selector", default=None, help="Label selector (k=v,k!=v,k,!k,k in (a,b)).")
+@click.option("-w", "--watch", is_flag=True, help="After listing, print each change as it lands.")
+@output_option()
 @click.pass_context
-def get_cmd(ctx: click.Context, what: str, output: str) -> None:
-    """List services, workloads, policies, traffic targets, splits or the mesh config."""
-    registry, policy = _projections(open_log_from(ctx))
+def get_cmd(
+    ctx: click.Context,
+    what: str,
+    name: str | None,
+    namespace: str | None,
+    all_namespaces: bool,
+    selector: str | None,
+    watch: bool,
+    output: str,
+) -> None:
+    """List mesh resources of one KIND (kinds and short names as kubectl: svc, tt, ts, vm...).
+
+    NAME picks one (exit 1 when it does not exist); -n/--namespace, -A and -l filter; -o
+    table|json|yaml|name; -w/--watch keeps printing changes until interrupted.
+    """
+    what = kind_alias(what, _GET_KINDS)
+    if namespace is not None and all_namespaces:
+        raise click.UsageError("-n/--namespace and -A/--all-namespaces exclude each other")
+    if selector:
+        parse_selector(selector)  # a bad selector fails before the log is opened
+    log = open_log_from(ctx)
+    registry, policy = RegistryProjection(), PolicyProjection()
+    runner = ProjectionRunner(log=log, projections=[registry, policy])
+    runner.catch_up()
+
+    def current() -> Any:
+        data = _get_data(what, registry, policy)
+        if isinstance(data, list):
+            data = select(data, namespace=namespace, name=name, selector=selector)
+        return data
+
+    data = current()
+    if name is not None and not data:
+        where = f" in namespace {namespace!r}" if namespace else ""
+        raise click.ClickException(f"{what} {name!r} not found{where}")
+    if (
+        name is not None
+        and isinstance(data, list)
+        and output in ("json", "yaml")
+        and len(data) == 1
+    ):
+        emit(data[0], output, table=lambda: None)
+    else:
+        emit(
+            data,
+            output,
+            table=lambda: _get_table(what, data),
+            names=lambda: _get_names(what, data),
+        )
+    if watch:
+        _watch(what, runner, current, output)
+
+
+def _get_names(what: str, data: Any) -> list[str]:
+    if isinstance(data, dict):
+        return [f"{what}/{data.get('resource') or 'mesh'}"]
+    return [f"{what}/{i['namespace']}/{i['name']}" for i in data]
+
+
+def _watch(what: str, runner: ProjectionRunner, current: Callable[[], Any], output: str) -> None:
+    """Follow the log; print each item that changed (or went away), until Ctrl-C."""
+
+    def keyed(data: Any) -> dict[str, Any]:
+        if isinstance(data, dict):
+            return {"meshconfig": data}
+        return {f"{i['namespace']}/{i['name']}": i for i in data}
+
+    seen = keyed(current())
+    try:
+        while True:
+            recs = runner.log.read(start=runner.position, timeout=1.0)
+            if not recs:
+                continue
+            runner.step_records(recs)
+            now = keyed(current())
+            changed = [k for k in now if seen.get(k) != now[k]]
+            gone = [k for k in seen if k not in now]
+            for k in changed:
+                _watch_line(what, k, now[k], output, deleted=False)
+            for k in gone:
+                _watch_line(what, k, seen[k], output, deleted=True)
+            seen = now
+    except KeyboardInterrupt:
+        return
+
+
+def _watch_line(what: str, key: str, item: Any, output: str, *, deleted: bool) -> None:
+    if output in ("json", "yaml"):
+        event = {"type": "DELETED" if deleted else "MODIFIED", "object": item}
+        if output == "json":
+            click.echo(json.dumps(event, sort_keys=True))
+        else:
+            click.echo("---\n" + yaml.safe_dump(event, sort_keys=True).rstrip("\n"))
+    elif output == "name":
+        click.echo(f"{what}/{key}")
+    else:
+        click.echo(f"{'DELETED' if deleted else 'MODIFIED':9s} {what}/{key}", nl=True)
+    sys.stdout.flush()
+
+
+def _get_data(what: str, registry: RegistryProjection, policy: PolicyProjection) -> Any:
     data: Any
-    if what == "services":
+    if what == "virtualmachines":
+        data = [w for w in workloads_view(registry) if w["kind"] == "vm"]
+    elif what in _SMI_GET:
+        data = policies_view(policy, kind=_SMI_GET[what])
+    elif what == "services":
         data = services_view(registry)
     elif what == "workloads":
         data = workloads_view(registry)
@@ -323,9 +451,10 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
         data = vmgroups_view(registry, policy)
     else:
         data = meshconfig_view(policy)
-    if output == "json":
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
-        return
+    return data
+
+
+def _get_table(what: str, data: Any) -> None:
     if what == "services":
         _table(
             "services",
@@ -342,9 +471,9 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
                 for s in data
             ],
         )
-    elif what == "workloads":
+    elif what in ("workloads", "virtualmachines"):
         _table(
-            "workloads",
+            what,
             ["KIND", "NAMESPACE", "NAME", "ADDRESS", "IDENTITY", "LABELS"],
             [
                 [
@@ -402,7 +531,7 @@ def get_cmd(ctx: click.Context, what: str, output: str) -> None:
             ["NAMESPACE", "NAME", "DESTINATION", "SOURCES", "RULES", "STATUS"],
             rows,
         )
-    elif what in _OSM_GET:
+    elif what in _OSM_GET or what in _SMI_GET:
         _table(
             what,
             ["NAMESPACE", "NAME", "SPEC"],
@@ -456,7 +585,7 @@ def _identity(value: str, name: str) -> str:
 @click.option("--path", default=None, help="HTTP path (implies HTTP).")
 @click.option("--method", default=None, help="HTTP method (implies HTTP).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Destination port.")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@output_option()
 @click.option("--at", "at", default=None, help="Answer as of this TIME or log position.")
 @click.option(
     "--trust",
@@ -492,9 +621,11 @@ def policy_check_cmd(
         method=method,
         port=port,
     )
-    if output == "json":
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
-    else:
-        click.echo(f"{result['decision']}: {result['reason']}")
+    emit(
+        result,
+        output,
+        table=lambda: click.echo(f"{result['decision']}: {result['reason']}"),
+        names=lambda: [str(result["decision"])],
+    )
     if result["decision"] != "allow":
         sys.exit(1)  # as `kubectl auth can-i`: scripts can test the answer

@@ -57,6 +57,12 @@ def ensure_promtool(*, timeout: float = 3600.0) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if binary.is_file() and os.access(binary, os.X_OK):
             return binary
+        # build from a copy of the recipe: a checkout that changes meanwhile (a rebase, a
+        # branch switch) cannot pull the module files from under the build
+        recipe = cache / "recipe"
+        recipe.mkdir(exist_ok=True)
+        for name in ("go.mod", "go.sum"):
+            shutil.copyfile(_RECIPE / name, recipe / name)
         tmp = cache / f".promtool.{os.getpid()}.tmp"
         env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false"}
         nice = shutil.which("nice")
@@ -64,7 +70,7 @@ def ensure_promtool(*, timeout: float = 3600.0) -> Path:
         argv += ["-o", str(tmp), "github.com/prometheus/prometheus/cmd/promtool"]
         try:
             proc = subprocess.run(
-                argv, cwd=_RECIPE, env=env, capture_output=True, text=True, timeout=timeout
+                argv, cwd=recipe, env=env, capture_output=True, text=True, timeout=timeout
             )
         except subprocess.TimeoutExpired as exc:
             tmp.unlink(missing_ok=True)
