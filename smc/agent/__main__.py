@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -82,7 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     try:
-        ca_pem = Path(args.ca_bundle).read_text("ascii")
+        if args.ca_bundle.startswith("env:"):
+            ca_pem = os.environ.get(args.ca_bundle[4:], "")
+            if "-----BEGIN CERTIFICATE-----" not in ca_pem:
+                raise AgentError(f"--ca-bundle {args.ca_bundle}: no PEM certificate there")
+        else:
+            ca_pem = Path(args.ca_bundle).read_text("ascii")
         config = AgentConfig(
             proxy=args.node_id,
             ca_address=args.ca_address,

@@ -28,6 +28,8 @@ from smc.injector._errors import (
     UnknownVirtualMachine,
 )
 from smc.injector._mutate import (
+    AGENT_CONTAINER,
+    AGENT_SOCKET,
     ANNOTATION_BOOTSTRAP_SECRET,
     ANNOTATION_EXCLUDE_INBOUND,
     ANNOTATION_EXCLUDE_OUTBOUND,
@@ -41,6 +43,8 @@ from smc.injector._mutate import (
     NAMESPACE_LABEL,
     PROXY_CONTAINER,
     PROXY_VOLUME,
+    TOKEN_VOLUME,
+    AgentSidecar,
     BootstrapCredentials,
     Decision,
     InjectorConfig,
@@ -67,6 +71,8 @@ from smc.injector._vm import VmBootstrapFiles, find_vm, vm_node_id, write_vm_boo
 
 __all__ = [
     "ADS_CLUSTER",
+    "AGENT_CONTAINER",
+    "AGENT_SOCKET",
     "ANNOTATION_BOOTSTRAP_SECRET",
     "ANNOTATION_EXCLUDE_INBOUND",
     "ANNOTATION_EXCLUDE_OUTBOUND",
@@ -84,8 +90,10 @@ __all__ = [
     "NAMESPACE_LABEL",
     "PROXY_CONTAINER",
     "PROXY_VOLUME",
+    "TOKEN_VOLUME",
     "AdmissionRequest",
     "AdsAddress",
+    "AgentSidecar",
     "BootstrapCredentials",
     "BootstrapSecrets",
     "CredentialSource",

@@ -8,9 +8,11 @@ left. ``--register NAME`` writes the CA's trust bundle into
 ``clientConfig.caBundle`` of every webhook of the MutatingWebhookConfiguration ``NAME`` at start
 (in-cluster credentials, or ``--kubeconfig``); ``--lookup-namespaces`` reads namespace labels
 from the apiserver instead of trusting the configuration's ``namespaceSelector``.
-``--credentials secret`` (the default) keeps each proxy's bootstrap key in a per-pod Secret
-(the webhook needs create/replace/list/delete on Secrets and list on Pods), ``env`` inlines it
-in the pod spec (no Kubernetes access needed).
+``--credentials agent`` puts no credential in the pod: an SMC agent container
+makes the proxy's key in the pod and proves the pod with its projected service-account token
+(audience ``--token-audience``) to the certificate service ``--ca-address``. ``secret`` keeps a
+bootstrap key per pod in a Secret (the default; the webhook needs create/replace/list/delete on Secrets and
+list on Pods), ``env`` inlines it in the pod spec.
 Concurrency: one asyncio loop; see :class:`~smc.injector.WebhookServer`.
 """
 
@@ -31,7 +33,7 @@ from smc.ca import IssuedCertificate, LocalIssuer
 from smc.errors import SMCError
 from smc.injector._bootstrap import parse_ads_address
 from smc.injector._errors import InjectorError
-from smc.injector._mutate import InjectorConfig
+from smc.injector._mutate import AgentSidecar, InjectorConfig
 from smc.injector._secrets import BootstrapSecrets
 from smc.injector._server import (
     NamespaceLabels,
@@ -69,10 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-hours", type=float, default=24.0)
     p.add_argument(
         "--credentials",
-        choices=("secret", "env"),
+        choices=("agent", "secret", "env"),
         default="secret",
-        help="bootstrap credentials in a per-pod Secret (default) or inline in the pod spec",
+        help="agent: no credential in the pod: an SMC agent in the pod makes the proxy's key "
+        "and proves the pod with its projected service-account token; secret (default): a "
+        "bootstrap key in a per-pod Secret; env: inline in the pod spec",
     )
+    p.add_argument("--agent-image", default="smc:latest", help="image of the SMC agent")
+    p.add_argument(
+        "--ca-address",
+        default="smc.smc-system.svc:15012",
+        help="HOST:PORT of the control plane's certificate service (smc serve --ca-listen)",
+    )
+    p.add_argument("--token-audience", default="smc", help="audience of the pods' tokens")
     p.add_argument(
         "--secret-grace",
         type=float,
@@ -146,6 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls=not args.plaintext_ads,
             ads_server_name=args.ads_server_name,
             bootstrap_lifetime=timedelta(hours=args.bootstrap_hours),
+            agent=(
+                AgentSidecar(
+                    image=args.agent_image,
+                    ca_address=args.ca_address,
+                    ca_pem="".join(issuer.trust_bundle()),
+                    audience=args.token_audience,
+                    server_name=args.ads_server_name,
+                )
+                if args.credentials == "agent"
+                else None
+            ),
         )
 
         def reissue() -> IssuedCertificate:
@@ -170,7 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             labels = kube_namespace_labels(api)
         server = WebhookServer(
             config=config,
-            credentials=issuer_credentials(issuer, trust_domain=args.trust_domain, config=config),
+            credentials=(
+                None
+                if config.agent is not None
+                else issuer_credentials(issuer, trust_domain=args.trust_domain, config=config)
+            ),
             ssl_context=server_ssl_context(serving),
             namespace_labels=labels,
             host=host,

@@ -23,6 +23,15 @@ the label ``smc.dev/inject=enabled`` (opt-in), the pod must not carry the annota
   Secret (named in the ``smc.dev/bootstrap-secret`` annotation) mounted read-only at
   ``/etc/smc/bootstrap``, read through file-based SDS with the directory watched, so a renewed
   Secret reaches the running proxy;
+- with :attr:`InjectorConfig.agent` (``--credentials agent``): no credential at all. An
+  ``smc-agent`` container (the SMC image, ``python -m smc.agent``, the proxy's UID, so its
+  traffic to the control plane is not redirected) makes the proxy's key in the pod, proves the
+  pod with a projected service-account token (volume ``smc-token``: audience-bound, expiring,
+  mounted in that container only) and serves the certificate to Envoy over the unix socket
+  ``/var/run/smc/agent/sds.sock`` in the shared ``smc-proxy-run`` volume; Envoy's bootstrap
+  takes its ADS client certificate from it and verifies the control plane with the mesh trust
+  bundle (public, inline in the env). The patch, the pod spec and every Secret then hold no key
+  nor token: a forged AdmissionReview gets nothing secret;
 - the ``smc-proxy-run`` emptyDir volume (Envoy's writable working directory), the
   ``smc.dev/status`` and ``smc.dev/node-id`` annotations, and the label
   ``smc.dev/interception: iptables``, which the informers carry into the registry and which
@@ -48,6 +57,8 @@ from smc.injector._bootstrap import AdsAddress, TlsSources, envoy_bootstrap
 from smc.injector._errors import InjectorError, InvalidPod
 
 __all__ = [
+    "AGENT_CONTAINER",
+    "AGENT_SOCKET",
     "ANNOTATION_BOOTSTRAP_SECRET",
     "ANNOTATION_EXCLUDE_INBOUND",
     "ANNOTATION_EXCLUDE_OUTBOUND",
@@ -61,6 +72,8 @@ __all__ = [
     "NAMESPACE_LABEL",
     "PROXY_CONTAINER",
     "PROXY_VOLUME",
+    "TOKEN_VOLUME",
+    "AgentSidecar",
     "BootstrapCredentials",
     "Decision",
     "InjectorConfig",
@@ -90,8 +103,25 @@ ANNOTATION_BOOTSTRAP_SECRET = "smc.dev/bootstrap-secret"
 #: Where the proxy mounts its bootstrap Secret (read through file-based SDS, watched).
 BOOTSTRAP_MOUNT = "/etc/smc/bootstrap"
 BOOTSTRAP_VOLUME = "smc-bootstrap"
+AGENT_CONTAINER = "smc-agent"
+#: The agent's SDS socket, in the shared ``smc-proxy-run`` volume.
+AGENT_SOCKET = "/var/run/smc/agent/sds.sock"
+TOKEN_VOLUME = "smc-token"
+TOKEN_MOUNT = "/var/run/secrets/smc"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SA = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentSidecar:
+    """The SMC agent the injector adds beside Envoy (see the module docstring)."""
+
+    image: str = "smc:latest"
+    ca_address: str = "smc.smc-system.svc:15012"  # the certificate service
+    ca_pem: str = ""  # the mesh trust bundle (public): verifies the control plane
+    audience: str = "smc"
+    token_seconds: int = 3600
+    server_name: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -114,6 +144,8 @@ class InjectorConfig:
     admin_port: int = 15000
     log_level: str = "info"
     bootstrap_lifetime: timedelta = timedelta(hours=24)
+    #: The SMC agent beside Envoy makes the proxy's key (no credential in the pod spec).
+    agent: AgentSidecar | None = None
     proxy_resources: Mapping[str, Any] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -307,7 +339,10 @@ def mutate(
     decision = injection_decision(pod, namespace_labels=namespace_labels)
     if not decision.inject:
         return []
-    if config.tls and credentials is None:
+    agent = config.agent
+    if agent is not None:
+        credentials = None  # nothing secret goes into the patch, whatever the caller gave
+    elif config.tls and credentials is None:
         raise InjectorError("TLS to the control plane is on but no bootstrap credentials given")
     meta, spec = _check_pod(pod)
     annotations: dict[str, str] = _obj(meta.get("annotations"), "metadata.annotations")
@@ -315,7 +350,9 @@ def mutate(
     node_id = f"{ns}/{name}" if name else f"{ns}/{meta.get('generateName', '')}"
     in_secret = config.tls and credentials is not None and credentials.secret_name is not None
     tls = None
-    if in_secret:
+    if agent is not None:
+        tls = TlsSources.agent(ca={"environment_variable": ENV_CA}) if config.tls else None
+    elif in_secret:
         tls = TlsSources.watched(BOOTSTRAP_MOUNT)
     elif config.tls:
         tls = TlsSources.environment(cert=ENV_CERT, key=ENV_KEY, ca=ENV_CA)
@@ -328,6 +365,7 @@ def mutate(
         delta=config.delta,
         server_name=config.ads_server_name,
         metadata={"namespace": ns, "service_account": sa, "kind": "pod"},
+        agent_socket=AGENT_SOCKET if agent is not None else None,
     )
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -337,6 +375,8 @@ def mutate(
             "value": json.dumps(bootstrap, sort_keys=True, separators=(",", ":")),
         },
     ]
+    if agent is not None and config.tls:
+        env.append({"name": ENV_CA, "value": agent.ca_pem})  # public: the mesh roots
     if credentials is not None and config.tls and not in_secret:
         env += [
             {"name": ENV_CERT, "value": credentials.cert_pem},
@@ -394,7 +434,7 @@ def mutate(
     status = json.dumps(
         {
             "version": 1,
-            "containers": [PROXY_CONTAINER],
+            "containers": [PROXY_CONTAINER] + ([AGENT_CONTAINER] if agent else []),
             "initContainers": [INIT_CONTAINER],
             "volumes": [PROXY_VOLUME],
             "image": config.proxy_image,
@@ -433,6 +473,11 @@ def mutate(
     ops.append(_append(spec, "initContainers", init))
     ops.append(_append(spec, "containers", proxy))
     ops.append(_append(spec, "volumes", {"name": PROXY_VOLUME, "emptyDir": {}}))
+    if agent is not None:
+        ops += [
+            {"op": "add", "path": "/spec/containers/-", "value": _agent_container(agent, config)},
+            {"op": "add", "path": "/spec/volumes/-", "value": _token_volume(agent)},
+        ]
     if in_secret:
         assert credentials is not None
         # Read-only for everyone in the proxy container (it runs as the proxy UID); only that
@@ -446,3 +491,67 @@ def mutate(
             }
         )
     return ops
+
+
+def _agent_container(agent: AgentSidecar, config: InjectorConfig) -> dict[str, Any]:
+    args = [
+        "--node-id",
+        "$(POD_NAMESPACE)/$(POD_NAME)",
+        "--ca-address",
+        agent.ca_address,
+        "--ca-bundle",
+        f"env:{ENV_CA}",
+        "--sds-socket",
+        AGENT_SOCKET,
+        "--token-file",
+        f"{TOKEN_MOUNT}/token",
+    ]
+    if agent.server_name:
+        args += ["--server-name", agent.server_name]
+    return {
+        "name": AGENT_CONTAINER,
+        "image": agent.image,
+        "command": ["python", "-m", "smc.agent"],
+        "args": args,
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+            {"name": ENV_CA, "value": agent.ca_pem},
+        ],
+        "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "96Mi"}},
+        "securityContext": {
+            # the proxy's UID: its socket is Envoy's to use, and iptables lets its traffic out
+            "runAsUser": config.proxy_uid,
+            "runAsGroup": config.proxy_uid,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": PROXY_VOLUME, "mountPath": "/var/run/smc"},
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": True},
+        ],
+    }
+
+
+def _token_volume(agent: AgentSidecar) -> dict[str, Any]:
+    """The projected service-account token the agent proves the pod with: bound to the pod
+    and to ``agent.audience``, rotated by the kubelet."""
+    return {
+        "name": TOKEN_VOLUME,
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": agent.audience,
+                        "expirationSeconds": agent.token_seconds,
+                        "path": "token",
+                    }
+                }
+            ]
+        },
+    }

@@ -336,7 +336,7 @@ class WebhookServer:
                 return review_response(req.uid)
             ns, sa, _ = pod_identity(req.obj, namespace=req.namespace)
             creds = None
-            if self.config.tls:
+            if self.config.tls and self.config.agent is None:
                 if self._credentials is None:
                     raise InjectorError("TLS bootstrap is on but the webhook has no CA")
                 creds = await asyncio.to_thread(self._credentials, ns, sa)

@@ -1,0 +1,199 @@
+"""The injector with SMC agents (``--credentials agent``): no credential in a pod, ever.
+
+The patch adds an ``smc-agent`` container beside Envoy (the key is made in the pod; the pod
+proves itself with a projected, audience-bound service-account token mounted in the agent only),
+and Envoy's bootstrap takes its certificate from the agent's unix socket. Checked: the patch,
+the mutated pod and its env hold no key, no token and no certificate but the public mesh roots;
+the agent's command line parses with the real agent CLI; the bootstrap validates with a real
+Envoy; a forged AdmissionReview sent over HTTPS to the running webhook, for any namespace and
+service account, gets nothing secret and makes the CA issue nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import os
+import ssl
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import jsonpatch  # type: ignore[import-untyped]
+import pytest
+
+from smc.agent.__main__ import parser as agent_parser
+from smc.ca import LocalIssuer
+from smc.injector import (
+    AGENT_CONTAINER,
+    AGENT_SOCKET,
+    PROXY_CONTAINER,
+    TOKEN_VOLUME,
+    AgentSidecar,
+    InjectorConfig,
+    WebhookServer,
+    mutate,
+    parse_ads_address,
+)
+from smc.injector._tls import issue_serving_certificate, server_ssl_context
+from smc.testing.envoy import envoy_binary
+
+TD = "cluster.local"
+ENABLED = {"smc.dev/inject": "enabled"}
+
+
+@pytest.fixture(scope="module")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> LocalIssuer:
+    return LocalIssuer(directory=tmp_path_factory.mktemp("ca"), trust_domain=TD)
+
+
+@pytest.fixture(scope="module")
+def config(issuer: LocalIssuer) -> InjectorConfig:
+    return InjectorConfig(
+        ads=parse_ads_address("smc.smc-system.svc:15010"),
+        trust_domain=TD,
+        ads_server_name="smc.smc-system.svc",
+        agent=AgentSidecar(
+            image="smc:test",
+            ca_address="smc.smc-system.svc:15012",
+            ca_pem="".join(issuer.trust_bundle()),
+            audience="smc",
+        ),
+    )
+
+
+def pod(name: str = "web-0", ns: str = "shop", sa: str = "web") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
+        "spec": {
+            "serviceAccountName": sa,
+            "containers": [{"name": "app", "image": "example.invalid/web:1"}],
+        },
+    }
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+def _only_public_pem(text: str, issuer: LocalIssuer) -> None:
+    assert "PRIVATE KEY" not in text
+    roots = "".join(issuer.trust_bundle())
+    # every certificate in it is a mesh root (public)
+    for block in text.replace("\\n", "\n").split("-----BEGIN CERTIFICATE-----")[1:]:
+        pem = "-----BEGIN CERTIFICATE-----" + block.split("-----END CERTIFICATE-----")[0]
+        assert pem.strip() in roots, "a certificate that is not a mesh root"
+
+
+def test_agent_patch_holds_no_credential_and_validates_with_envoy(
+    issuer: LocalIssuer, config: InjectorConfig
+) -> None:
+    p = pod()
+    ops = mutate(p, namespace_labels=ENABLED, config=config)
+    _only_public_pem(json.dumps(ops), issuer)
+    out = jsonpatch.apply_patch(copy.deepcopy(p), ops)
+    names = [c["name"] for c in out["spec"]["containers"]]
+    assert names == ["app", PROXY_CONTAINER, AGENT_CONTAINER]
+    assert "smc.dev/bootstrap-secret" not in out["metadata"]["annotations"]
+    proxy, agent = out["spec"]["containers"][1], out["spec"]["containers"][2]
+    # the token is projected, audience-bound, expiring, and mounted in the agent only
+    (token_vol,) = [v for v in out["spec"]["volumes"] if v["name"] == TOKEN_VOLUME]
+    sat = token_vol["projected"]["sources"][0]["serviceAccountToken"]
+    assert sat["audience"] == "smc" and sat["expirationSeconds"] == 3600
+    assert TOKEN_VOLUME in {m["name"] for m in agent["volumeMounts"]}
+    assert TOKEN_VOLUME not in {m["name"] for m in proxy["volumeMounts"]}
+    assert not any("secret" in v for v in out["spec"]["volumes"])
+    # agent and Envoy share the socket directory and run as the same (proxy) user
+    assert agent["securityContext"]["runAsUser"] == proxy["securityContext"]["runAsUser"]
+    boot = json.loads(env_of(proxy)["SMC_ENVOY_BOOTSTRAP"])
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    pipe = clusters["smc-agent"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert pipe["endpoint"]["address"] == {"pipe": {"path": AGENT_SOCKET}}
+    tls = clusters["smc_xds"]["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["tls_certificate_sds_secret_configs"][0]["name"] == "default"
+    # the agent's command line, as the kubelet expands it, parses with the real agent CLI
+    env = {"POD_NAME": "web-0", "POD_NAMESPACE": "shop"}
+    args = [
+        a.replace("$(POD_NAMESPACE)", "shop").replace("$(POD_NAME)", "web-0") for a in agent["args"]
+    ]
+    assert agent["command"] == ["python", "-m", "smc.agent"]
+    parsed = agent_parser().parse_args(args)
+    assert parsed.node_id == "shop/web-0" and parsed.token_file.endswith("/token")
+    assert parsed.ca_bundle == "env:SMC_PROXY_CA" and parsed.sds_socket == AGENT_SOCKET
+    del env
+    # Envoy accepts the bootstrap (its environment holds the public roots only)
+    penv = dict(os.environ, **env_of(proxy))
+    argv = [
+        str(envoy_binary()),
+        "--mode",
+        "validate",
+        *[a.replace("$(SMC_ENVOY_BOOTSTRAP)", penv["SMC_ENVOY_BOOTSTRAP"]) for a in proxy["args"]],
+    ]
+    done = subprocess.run(argv, env=penv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+class _Hook:
+    def __init__(self, server: WebhookServer) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> _Hook:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def hook(issuer: LocalIssuer, config: InjectorConfig) -> Iterator[_Hook]:
+    serving = issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"])
+    server = WebhookServer(config=config, credentials=None, ssl_context=server_ssl_context(serving))
+    with _Hook(server) as h:
+        yield h
+
+
+def test_forged_admission_review_gets_nothing_secret(hook: _Hook, issuer: LocalIssuer) -> None:
+    """What an attacker with network access does: curl a review for any namespace/account."""
+    ctx = ssl.create_default_context(cadata="".join(issuer.trust_bundle()))
+    for ns, sa in (("kube-system", "admin"), ("shop", "web"), ("payments", "ledger")):
+        body = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": f"forged-{ns}",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "operation": "CREATE",
+                "namespace": ns,
+                "object": pod("evil", ns, sa),
+            },
+        }
+        req = urllib.request.Request(
+            f"https://127.0.0.1:{hook.server.port}/mutate",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            answer = json.loads(resp.read())
+        patch = base64.b64decode(answer["response"]["patch"]).decode()
+        _only_public_pem(patch, issuer)
+        mutated = jsonpatch.apply_patch(body["request"]["object"], json.loads(patch))
+        values = [
+            e.get("value", "") for c in mutated["spec"]["containers"] for e in c.get("env", [])
+        ]
+        assert not any("eyJ" in v for v in values)  # no bearer token (JWT) either
+        assert not any("secret" in v for v in mutated["spec"]["volumes"])
+    assert hook.server.injected == 3
