@@ -786,13 +786,20 @@ async def _serve(
     "a TokenReview against the --kube apiserver).",
 )
 @click.option(
+    "--xds-plaintext",
+    is_flag=True,
+    help="Serve ADS in cleartext although --workload-keys agent would serve it over mTLS "
+    "(the proxies' keys never travel on ADS then; refused with --workload-keys control-plane).",
+)
+@click.option(
     "--workload-keys",
     type=click.Choice(["agent", "control-plane"]),
     default="control-plane",
     show_default=True,
     help="Who makes workload keys: 'agent' (an SMC agent beside each proxy makes its key and "
-    "serves it over local SDS; the control plane serves roots and CRLs only) or "
-    "'control-plane' (one key per identity, made here and served over SDS).",
+    "serves it over local SDS; the control plane serves roots and CRLs only; ADS is then "
+    "mTLS, as with --xds-tls, and --ca-listen is needed) or 'control-plane' (one key per "
+    "identity, made here and served over SDS).",
 )
 @click.option(
     "--cloud",
@@ -833,6 +840,7 @@ def serve(
     kube: str | None,
     ca_listen: str,
     token_audience: str,
+    xds_plaintext: bool,
     workload_keys: str,
     clouds: tuple[str, ...],
     vm_group_interval: float,
@@ -863,6 +871,24 @@ def serve(
             param_hint="--ca",
         )
     tls_opts: _XdsTLSOptions | None = None
+    agent_keys = workload_keys == "agent"
+    if agent_keys and xds is not None and not xds_plaintext:
+        xds_tls = True  # agents: ADS is mTLS unless --xds-plaintext says otherwise
+    if xds_plaintext and xds_tls and not agent_keys:
+        raise click.BadParameter("--xds-plaintext and --xds-tls exclude each other")
+    if xds_plaintext and not agent_keys:
+        raise click.BadParameter(
+            "plaintext ADS never carries keys: --xds-plaintext needs --workload-keys agent",
+            param_hint="--xds-plaintext",
+        )
+    if agent_keys and xds is not None and ca_listen == "off" and not follow:
+        raise click.BadParameter(
+            "with --workload-keys agent the agents need the certificate service: give "
+            "--ca-listen HOST:PORT",
+            param_hint="--ca-listen",
+        )
+    if xds_plaintext:
+        xds_tls = False
     if xds_tls:
         if xds is None:
             raise click.BadParameter("--xds-tls needs the xDS server (not --xds off)")
