@@ -11,6 +11,13 @@ Concurrency: asyncio (one loop); issuers and the log are called in worker thread
 """
 
 from smc.identity._errors import IdentityError, ProofRefused, ServiceNotReady
+from smc.identity._groupjoin import (
+    GroupJoinTokens,
+    check_group_join,
+    group_join_token_event,
+    join_user_data,
+    parse_user_data,
+)
 from smc.identity._grpc import CertificateServer
 from smc.identity._join import join_token_event
 from smc.identity._serve import (
@@ -26,6 +33,7 @@ from smc.identity._tokenreview import TokenIdentity, TokenReviewer, token_digest
 __all__ = [
     "AgentCertSource",
     "CertificateServer",
+    "GroupJoinTokens",
     "IdentityError",
     "IdentityHook",
     "IdentityOptions",
@@ -37,7 +45,11 @@ __all__ = [
     "TokenReviewer",
     "TrustOnlyController",
     "canonical_proxy",
+    "check_group_join",
+    "group_join_token_event",
     "join_token_event",
+    "join_user_data",
+    "parse_user_data",
     "run_trust_only",
     "token_digest",
 ]

@@ -12,6 +12,8 @@ establishes who the caller is, from exactly one proof:
 - a VM's one-time join token (``smc vm bootstrap``; also what the demo's pods, which run
   outside Kubernetes, use): its SHA-256 must be on the log (``JoinTokenIssued``), unexpired,
   unused, for this proxy, whose workload is still registered with the token's identity;
+  or a VirtualMachineGroup's join token, once per instance of that group
+  (:mod:`smc.identity._groupjoin`);
 - a renewal: the proxy's current certificate (active on the log for this proxy, chaining to
   the trust bundle, unexpired, unrevoked) and a signature by its key over the new CSR.
 
@@ -72,8 +74,10 @@ from smc.events import (
     make_event,
 )
 from smc.identity._errors import ProofRefused, ServiceNotReady
+from smc.identity._groupjoin import GROUP_PROOF, GROUP_TOKEN_PREFIX, check_group_join
 from smc.identity._tokenreview import TokenReviewer, token_digest
 from smc.projections import CertsProjection, PolicyProjection, ProjectionRunner, RegistryProjection
+from smc.projections._certs import JoinToken
 from smc.xds._identity import InvalidNodeId, parse_node_id
 
 __all__ = ["ProxyCertificateService", "ProxyRevoker", "canonical_proxy"]
@@ -260,6 +264,8 @@ class ProxyCertificateService:
         token = self.certs.join_token(digest)
         if token is None:
             raise self._refuse("join-token-unknown", "no such join token")
+        if token.proxy.startswith(GROUP_TOKEN_PREFIX):  # a VirtualMachineGroup's token
+            return self._prove_group_join(req, token)
         if token.used_by or digest in self._consuming:
             raise self._refuse("join-token-replayed", "this join token was already used")
         if self.clock() >= token.expires_at:
@@ -280,6 +286,24 @@ class ProxyCertificateService:
                 "identity-changed", f"the VM now runs as {identity}, not as the token's identity"
             )
         return _Proven(proxy=proxy, identity=identity, proof=f"join-token:{digest}")
+
+    def _prove_group_join(self, req: SignRequest, token: JoinToken) -> _Proven:
+        """See :mod:`smc.identity._groupjoin` (one use per instance of the token's group)."""
+        proxy = canonical_proxy(req.proxy, kind="vm")
+        if f"{token.token_sha256}|{proxy}" in self._consuming:
+            raise self._refuse("join-token-replayed", "this instance is using the token now")
+        try:
+            identity, proof = check_group_join(
+                token=token,
+                proxy=proxy,
+                registry=self.registry,
+                certs=self.certs,
+                now=self.clock(),
+                spiffe_of=lambda ident: self._spiffe(ident).uri,
+            )
+        except ProofRefused as exc:
+            raise self._refuse(exc.kind, exc.reason) from None
+        return _Proven(proxy=proxy, identity=identity, proof=proof)
 
     def _prove_certificate(self, req: SignRequest, csr: x509.CertificateSigningRequest) -> _Proven:
         bundle = list(self.certs.trust.get(self._issuer_name(), ())) or [
@@ -360,6 +384,8 @@ class ProxyCertificateService:
             proven = self._prove_certificate(req, csr)
         sid = self._spiffe(proven.identity)
         consuming = proven.proof if proven.proof.startswith("join-token:") else ""
+        if proven.proof.startswith(GROUP_PROOF + ":"):  # one use per instance of the group
+            consuming = f"{proven.proof}|{proven.proxy}"
         if consuming:
             self._consuming.add(consuming.partition(":")[2])
         try:

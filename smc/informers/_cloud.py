@@ -34,6 +34,7 @@ __all__ = [
     "GroupQuery",
     "ProviderStats",
     "ProviderUnavailable",
+    "UserDataDelivery",
     "load_cloud_provider",
     "tags_to_labels",
 ]
@@ -94,6 +95,17 @@ class ProviderStats:
         self.calls += 1
         self.described += described
         self.calls_by_operation[operation] = self.calls_by_operation.get(operation, 0) + 1
+
+
+@runtime_checkable
+class UserDataDelivery(Protocol):
+    """Optional: a provider that can set the user data new instances of a group boot with
+    (where a VirtualMachineGroup's join token travels)."""
+
+    async def deliver_user_data(self, query: GroupQuery, user_data: str) -> bool:
+        """True once new instances get ``user_data``; False when the group has no place for it
+        (e.g. a tag selector). Raises ProviderUnavailable."""
+        ...
 
 
 @runtime_checkable

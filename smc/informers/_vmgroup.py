@@ -19,6 +19,9 @@ group is applied) and turns what changed into events:
   every connected proxy ACKed the config without it (``drain_waiter``), plus the group's
   ``drain`` time for in-flight requests, ``WorkloadLeft`` and ``VmInstanceChanged(phase=
   "left")``. Only then does the certificate controller revoke what the workload held;
+- with ``join_tokens``, a group whose provider can set user data (an Auto Scaling group's
+  launch template) gets a join token there (:mod:`smc.identity._groupjoin`), renewed at half
+  its life; a booting instance's agent trades it once for its own certificate;
 - a provider that cannot be read keeps the last known instances and appends
   ``VmGroupStatusChanged(status="stale")`` once (``ok`` again when it answers).
 
@@ -39,7 +42,8 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -58,7 +62,13 @@ from smc.events import (
     make_event,
 )
 from smc.events import WorkloadPort as EvWorkloadPort
-from smc.informers._cloud import CloudInstance, CloudProvider, GroupQuery, ProviderUnavailable
+from smc.informers._cloud import (
+    CloudInstance,
+    CloudProvider,
+    GroupQuery,
+    ProviderUnavailable,
+    UserDataDelivery,
+)
 from smc.projections._policyview import BACKS_LABEL_PREFIX
 from smc.projections._vmgroups import (
     DRAINING_LABEL,
@@ -70,7 +80,14 @@ from smc.projections._vmgroups import (
 )
 from smc.smi import ManifestErrors, VirtualMachineGroup, parse_manifest
 
-__all__ = ["DrainWaiter", "PollResult", "ReadyCheck", "VmGroupController", "workload_name"]
+__all__ = [
+    "DrainWaiter",
+    "JoinTokens",
+    "PollResult",
+    "ReadyCheck",
+    "VmGroupController",
+    "workload_name",
+]
 
 log = logging.getLogger("smc.informers.vmgroup")
 
@@ -83,6 +100,18 @@ _UNSAFE = re.compile(r"[^a-z0-9.-]+")
 _IN_MESH = ("joined", "serving")
 #: ``ready_check(node_id)``: whether that proxy has ACKed its config (listeners) here.
 ReadyCheck = Callable[[str], bool]
+
+
+class JoinTokens(Protocol):
+    """Makes a group's join tokens (:class:`smc.identity.GroupJoinTokens`)."""
+
+    def make(self, group: VirtualMachineGroup, *, trust_domain: str) -> tuple[str, Event, datetime]:
+        """``(token, JoinTokenIssued event, expiry)``."""
+        ...
+
+    def user_data(self, group: VirtualMachineGroup, token: str, expires_at: datetime) -> str:
+        """What the group's instances boot with."""
+        ...
 
 
 def workload_name(group: str, instance_id: str) -> str:
@@ -115,9 +144,14 @@ class VmGroupController:
         drain_ack_timeout: float = 30.0,
         metrics: CollectorRegistry | None = None,
         ready_check: ReadyCheck | None = None,
+        join_tokens: JoinTokens | None = None,
     ) -> None:
         self.live = live
         self.ready_check = ready_check
+        self.join_tokens = join_tokens
+        self._token_expiry: dict[tuple[str, str], datetime] = {}
+        #: Join tokens made and handed to providers by this server.
+        self.tokens_issued = 0
         self.registry = live.changes.registry
         self.policy = live.changes.policy
         self.providers = dict(providers)
@@ -249,9 +283,39 @@ class VmGroupController:
         self._count_calls(provider)
         self._known[key] = {i.instance_id: i for i in listing}
         await self._set_status(group, "ok", "")
+        await self._ensure_join_token(group, provider, query)
         result = await self._reconcile(group, listing)
         self._poll_seconds.labels(provider.name).observe(time.perf_counter() - started)
         return result
+
+    async def _ensure_join_token(
+        self, group: VirtualMachineGroup, provider: CloudProvider, query: GroupQuery
+    ) -> None:
+        """Give the group's user data a fresh join token when it has none or half the current
+        one's life is gone (only the digest goes on the log)."""
+        if self.join_tokens is None or not isinstance(provider, UserDataDelivery):
+            return
+        key = (group.namespace, group.name)
+        now = datetime.now(UTC)
+        expiry = self._token_expiry.get(key)
+        if expiry is not None and now < expiry - timedelta(seconds=group.join_token_seconds / 2):
+            return
+        token, event, expires = self.join_tokens.make(
+            group, trust_domain=self.policy.mesh.trust_domain
+        )
+        await self._append([event])
+        try:
+            delivered = await provider.deliver_user_data(
+                query, self.join_tokens.user_data(group, token, expires)
+            )
+        except ProviderUnavailable as exc:
+            log.warning("VM group %s/%s: join token not delivered: %s", *key, exc)
+            return
+        if delivered:
+            self._token_expiry[key] = expires
+            self.tokens_issued += 1
+        else:
+            self._token_expiry[key] = datetime.max.replace(tzinfo=UTC)  # nowhere to put one
 
     def _count_calls(self, provider: CloudProvider) -> None:
         seen = self._calls_seen.get(provider.name, 0)

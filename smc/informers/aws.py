@@ -17,6 +17,10 @@ Membership:
 - ``selector`` (instance tags): a paged ``DescribeInstances`` filtered by the tags every poll
   (one call per ``page_size`` instances; EC2 has no change feed to do better without events).
 
+Join tokens: :meth:`AwsProvider.deliver_user_data` gives the Auto Scaling group a copy of its
+launch template with the new user data (its current join token) and deletes the copy it made
+before.
+
 Tags become labels (:func:`smc.informers._cloud.tags_to_labels`). Any API failure raises
 :class:`ProviderUnavailable` with the operation and the error code (no credentials).
 Concurrency: :meth:`list_instances` is a coroutine; the boto3 calls run in a worker thread
@@ -101,6 +105,56 @@ class AwsProvider:
             self._clients.clear()
         for c in clients:
             c.close()
+
+    async def deliver_user_data(self, query: GroupQuery, user_data: str) -> bool:
+        """Make ``user_data`` what new instances of the Auto Scaling group boot with (a copy of
+        its launch template with that user data). False for a tag-selector group or a group
+        without a launch template (nothing to write to)."""
+        if query.cloud_group is None:
+            return False
+        return await asyncio.to_thread(self._deliver, query, query.cloud_group, user_data)
+
+    def _deliver(self, query: GroupQuery, group: str, user_data: str) -> bool:
+        import base64
+
+        asg = self._client("autoscaling", query.region)
+        ec2 = self._client("ec2", query.region)
+        body = self._call(asg, "describe_auto_scaling_groups", AutoScalingGroupNames=[group])
+        self.stats.count("DescribeAutoScalingGroups", 0)
+        groups = body.get("AutoScalingGroups", [])
+        if not groups:
+            raise ProviderUnavailable(f"aws: Auto Scaling group {group!r} not found")
+        spec = groups[0].get("LaunchTemplate")
+        if not spec:
+            return False  # launch configurations / mixed policies: not written to
+        ref = (
+            {"LaunchTemplateId": spec["LaunchTemplateId"]}
+            if spec.get("LaunchTemplateId")
+            else {"LaunchTemplateName": spec["LaunchTemplateName"]}
+        )
+        version = spec.get("Version") or "$Default"
+        found = self._call(ec2, "describe_launch_template_versions", Versions=[version], **ref)
+        self.stats.count("DescribeLaunchTemplateVersions", 0)
+        current = found["LaunchTemplateVersions"][0]
+        data = dict(current.get("LaunchTemplateData", {}))
+        data["UserData"] = base64.b64encode(user_data.encode()).decode()
+        # A new template (a copy of the group's, with the new user data) rather than a new
+        # version: the same for AWS, and what AWS-compatible test servers implement fully.
+        name = f"{group}-smc-{time.time_ns()}"[:128]
+        self._call(ec2, "create_launch_template", LaunchTemplateName=name, LaunchTemplateData=data)
+        self.stats.count("CreateLaunchTemplate", 0)
+        self._call(
+            asg,
+            "update_auto_scaling_group",
+            AutoScalingGroupName=group,
+            LaunchTemplate={"LaunchTemplateName": name, "Version": "$Latest"},
+        )
+        self.stats.count("UpdateAutoScalingGroup", 0)
+        old = current.get("LaunchTemplateName", "")
+        if old.startswith(f"{group}-smc-"):  # the one SMC made before: no longer used
+            self._call(ec2, "delete_launch_template", LaunchTemplateName=old)
+            self.stats.count("DeleteLaunchTemplate", 0)
+        return True
 
     # -- implementation (worker thread) ------------------------------------------------------
     def _client(self, service: str, region: str | None) -> Any:
