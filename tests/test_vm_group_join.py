@@ -108,11 +108,13 @@ class World:
         token_file = folder / "join-token"
         token_file.write_text(data["SMC_JOIN_TOKEN"])
         token_file.chmod(0o600)
+        bundle = base64.b64decode(data["SMC_CA_BUNDLE"]).decode()
+        sc._ca_pem = bundle  # its Envoy speaks mTLS to ADS with the agent's certificate
         sc.agent = Agent(
             AgentConfig(
                 proxy=sc.node_id,
                 ca_address=data["SMC_CA_ADDRESS"],
-                ca_bundle_pem=base64.b64decode(data["SMC_CA_BUNDLE"]).decode(),
+                ca_bundle_pem=bundle,
                 sds_socket=sc.sds_socket,
                 join_token_file=token_file,
                 retry_initial=0.1,
