@@ -1,14 +1,20 @@
 """Injected pods on real network namespaces: iptables interception, transparent Envoy, mTLS, RBAC.
 
 The path a pod takes in a cluster, with every part real except the kubelet and the CNI plugin,
-which the test plays: a real kube-apiserver; ``smc serve --kube`` watching it, ADS on the pod
-network's gateway; two pods (``client``, ``server``) whose manifests go through the sidecar
+which the test plays: a real kube-apiserver; ``smc serve --kube --workload-keys agent`` watching
+it, ADS over mTLS and the certificate service on the pod network's gateway; two pods (``client``, ``server``) whose manifests go through the sidecar
 injector's :func:`~smc.injector.mutate` and are created mutated in the apiserver (the webhook
 round trip itself is tested in ``test_injector``); then, as a kubelet would, each pod gets a
 network namespace on a bridge (:class:`~smc.testing.netns.PodNetwork`), its IP in the pod
 status, the init container's own script (the injector's iptables rules, real ``iptables``, nat
 table) run inside, and the proxy container's command run inside as the UID/GID of its security
-context, with its environment and ``$(VAR)`` arguments expanded. The applications are plain
+context, with its environment and ``$(VAR)`` arguments expanded; before it, the injected SMC
+agent container, with a projected service-account token the apiserver issued bound to the pod
+(the kubelet's projected volume), which makes the proxy's key in the pod, proves the pod with a
+TokenReview and serves the certificate to Envoy over its unix socket (the volumes the kubelet
+would mount, the socket's and the token's, are per-pod directories here; the agent runs with
+the proxy's group, which the iptables rules let out, as root: the interpreter lives under
+``/root``). The applications are plain
 HTTP servers and clients that know nothing of the mesh: the client calls the Service's
 ClusterIP. The test checks that
 
@@ -46,16 +52,21 @@ from typing import Any
 import jsonpatch  # type: ignore[import-untyped]
 import pytest
 
+from smc.ca import LocalIssuer
 from smc.injector import (
+    AGENT_CONTAINER,
+    AGENT_SOCKET,
     INIT_CONTAINER,
     PROXY_CONTAINER,
     AdsAddress,
+    AgentSidecar,
     InjectorConfig,
     mutate,
 )
 from smc.testing.envoy import EnvoyError, envoy_binary
 from smc.testing.kube import KubeAPIServer, create_http_traffic_target, kube_apiserver_fixture
 from smc.testing.netns import NetnsError, Pod, PodNetwork, world_readable_copy
+from smc.testing.ports import free_port
 from smc.testing.serve import ServeProcess, eventually
 
 pytestmark = [pytest.mark.kube, pytest.mark.envoy, pytest.mark.timeout(240)]
@@ -213,10 +224,32 @@ def test_injected_pods_are_intercepted_and_secured(
         pytest.skip(f"no Envoy binary: {exc}")
     ns = f"tp-{uuid.uuid4().hex[:8]}"
     pods = {"client": net.add_pod("client"), "server": net.add_pod("server")}
-    serve = ServeProcess(tmp_path, args=["--kube", str(kube.kubeconfig_path)], xds_host=net.gateway)
-    config = InjectorConfig(
-        ads=AdsAddress(host=net.gateway, port=serve.xds_port), tls=False, init_install=""
+    # the CA serve will use (its root made now, so the injector can hand out the public roots)
+    roots = "".join(
+        LocalIssuer(directory=tmp_path / "ca", trust_domain="cluster.local").trust_bundle()
     )
+    ca_port = free_port()
+    serve = ServeProcess(
+        tmp_path,
+        args=[
+            "--kube",
+            str(kube.kubeconfig_path),
+            "--workload-keys",
+            "agent",
+            "--ca-listen",
+            f"{net.gateway}:{ca_port}",
+        ],
+        xds_host=net.gateway,
+    )
+    config = InjectorConfig(
+        ads=AdsAddress(host=net.gateway, port=serve.xds_port),
+        tls=True,
+        init_install="",
+        agent=AgentSidecar(
+            image="smc:test", ca_address=f"{net.gateway}:{ca_port}", ca_pem=roots, audience="smc"
+        ),
+    )
+    uids: dict[str, str] = {}
     spiffe = f"spiffe://cluster.local/ns/{ns}/sa/client"
 
     def diag() -> str:
@@ -252,6 +285,7 @@ def test_injected_pods_are_intercepted_and_secured(
                 ns, jsonpatch.apply_patch(copy.deepcopy(manifest), ops)
             )
             assert created.metadata.labels["smc.dev/interception"] == "iptables"
+            uids[name] = created.metadata.uid
             core.patch_namespaced_pod_status(
                 name,
                 ns,
@@ -315,12 +349,67 @@ def test_injected_pods_are_intercepted_and_secured(
                 done = pod.run(init["command"])
                 assert done.returncode == 0, done.stderr
                 proxy = container(spec, "containers", PROXY_CONTAINER)
-                env = kubelet_env(proxy, pod_name=name, ns=ns)
-                args = [expand(a, env) for a in proxy.get("args", [])]
                 ctx = proxy["securityContext"]
                 workdir = net.workdir / name
                 workdir.mkdir()
                 os.chown(workdir, ctx["runAsUser"], ctx["runAsGroup"])
+                # the kubelet's volumes: the shared socket directory and the projected token
+                sock = str(workdir / "agent" / "sds.sock")
+                token = core.create_namespaced_service_account_token(
+                    name,
+                    ns,
+                    {
+                        "spec": {
+                            "audiences": ["smc"],
+                            "expirationSeconds": 3600,
+                            "boundObjectRef": {
+                                "kind": "Pod",
+                                "apiVersion": "v1",
+                                "name": name,
+                                "uid": uids[name],
+                            },
+                        }
+                    },
+                ).status.token
+                token_file = workdir / "token"
+                token_file.write_text(token)
+                token_file.chmod(0o600)
+                agent = container(spec, "containers", AGENT_CONTAINER)
+                aenv = kubelet_env(agent, pod_name=name, ns=ns)
+                aargs = [
+                    expand(a, aenv)
+                    .replace(AGENT_SOCKET, sock)
+                    .replace("/var/run/secrets/smc/token", str(token_file))
+                    for a in agent["args"]
+                ]
+                assert agent["command"] == ["python", "-m", "smc.agent"]
+                pod.start(
+                    [sys.executable, "-m", "smc.agent", *aargs],
+                    log=workdir / "agent.log",
+                    uid=0,
+                    gid=agent["securityContext"]["runAsGroup"],
+                    env={
+                        "PATH": "/usr/bin:/bin",
+                        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                        **aenv,
+                    },
+                    cwd=workdir,
+                )
+                agent_log = workdir / "agent.log"
+                eventually(
+                    lambda s=sock, log=agent_log: (
+                        os.path.exists(s)
+                        and "serving certificate" in log.read_text(errors="replace")
+                    ),
+                    what=f"the {name} agent's first certificate",
+                    diag=lambda log=agent_log: (
+                        log.read_text(errors="replace")[-3000:] + "\n--- serve:\n" + serve.tail()
+                    ),
+                    wait=WAIT,
+                )
+                env = kubelet_env(proxy, pod_name=name, ns=ns)
+                env = {k: v.replace(AGENT_SOCKET, sock) for k, v in env.items()}
+                args = [expand(a, env) for a in proxy.get("args", [])]
                 pod.start(
                     [
                         str(envoy),
@@ -337,6 +426,9 @@ def test_injected_pods_are_intercepted_and_secured(
                     cwd=workdir,
                 )
 
+            # ADS is mTLS with the agents' certificates; the control plane made no key
+            assert "over mTLS" in serve.tail(None)
+            assert not any((tmp_path / "keys").glob("*.key"))
             # 1. Transparent listeners on both proxies.
             for name, pod in pods.items():
                 eventually(
