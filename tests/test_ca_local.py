@@ -246,3 +246,55 @@ def test_concurrent_issue_gives_distinct_valid_certs(issuer: LocalIssuer) -> Non
     bundle = issuer.trust_bundle()
     for c in results[::10]:
         assert verify_certificate(cert_pem=c.cert_pem, trust_bundle=bundle).uri == c.identity
+
+
+def test_local_issuer_signs_csrs_for_the_proven_identity_only(issuer: LocalIssuer) -> None:
+    """sign_csr: the leaf carries the CSR's key and exactly the proven SPIFFE id; CSRs asking for
+    other names, with weak keys, broken signatures or garbage are refused naming the part."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from smc.ca import InvalidCSR, SpiffeId, check_csr
+
+    sid = SpiffeId.of(trust_domain=TD, namespace="shop", service_account="web")
+
+    def csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, *uris: str) -> str:
+        b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+        if uris:
+            b = b.add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+                critical=True,
+            )
+        return b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    for pem in (csr(key), csr(key, sid.uri)):
+        signed = issuer.sign_csr(csr_pem=pem, identity=sid, lifetime=timedelta(hours=1))
+        leaf = x509.load_pem_x509_certificate(signed.cert_pem.encode())
+        assert leaf.public_key() == key.public_key()
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert list(san) == [x509.UniformResourceIdentifier(sid.uri)]
+        assert verify_certificate(cert_pem=signed.cert_pem, trust_bundle=issuer.trust_bundle())
+    serials = {
+        issuer.sign_csr(csr_pem=csr(key), identity=sid, lifetime=timedelta(hours=1)).serial
+        for _ in range(5)
+    }
+    assert len(serials) == 5  # each certificate its own serial
+    cases = [
+        (csr(key, f"spiffe://{TD}/ns/kube-system/sa/admin"), "subjectAltName"),
+        (csr(key, sid.uri, f"spiffe://{TD}/ns/shop/sa/other"), "subjectAltName"),
+        (csr(rsa.generate_private_key(public_exponent=65537, key_size=1024)), "key"),
+        ("-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n", "pem"),
+        ("x" * 20000, "size"),
+    ]
+    for pem, part in cases:
+        with pytest.raises(InvalidCSR) as err:
+            issuer.sign_csr(csr_pem=pem, identity=sid, lifetime=timedelta(hours=1))
+        assert err.value.part == part, err.value
+    der = bytearray(
+        x509.load_pem_x509_csr(csr(key).encode()).public_bytes(serialization.Encoding.DER)
+    )
+    der[-3] ^= 0x01  # the signature no longer verifies: not made by the key's holder
+    forged = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
+    with pytest.raises(InvalidCSR) as err:
+        check_csr(forged, identity=sid)
+    assert err.value.part == "signature"

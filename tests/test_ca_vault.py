@@ -380,3 +380,47 @@ def test_pooled_connection_survives_server_restart() -> None:
         setup_pki(second.client(), mount="pki", trust_domain=TD, role="r")
         cert = iss.issue(identity=ID, lifetime=timedelta(hours=1))
         assert cert.identity == ID
+
+
+def _csr_pem(key: ec.EllipticCurvePrivateKey, *sans: str) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if sans:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(s) for s in sans]),
+            critical=True,
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_vault_signs_a_proxys_csr_for_the_proven_identity_only(
+    issuer: VaultIssuer, bao: OpenBaoServer, pki: PkiSetup
+) -> None:
+    """pki/sign over the agent's CSR: the leaf carries the CSR's key (made by the proxy, never
+    seen by Vault nor SMC) and exactly the identity the caller proved."""
+    from smc.ca import InvalidCSR
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    signed = issuer.sign_csr(csr_pem=_csr_pem(key), identity=ID, lifetime=timedelta(hours=1))
+    leaf = x509.load_pem_x509_certificate(signed.cert_pem.encode())
+    assert leaf.public_key() == key.public_key()
+    bundle = issuer.trust_bundle()
+    assert verify_certificate(cert_pem=signed.cert_pem, trust_bundle=bundle).uri == ID
+    assert signed.issuer == "vault" and not hasattr(signed, "private_key_pem")
+    # a CSR asking for another identity than the proven one is refused before Vault is asked
+    other = f"spiffe://{TD}/ns/kube-system/sa/admin"
+    with pytest.raises(InvalidCSR, match="subjectAltName"):
+        issuer.sign_csr(csr_pem=_csr_pem(key, other), identity=ID, lifetime=timedelta(hours=1))
+    # a CSR whose self-signature does not verify (not made by the key's holder) is refused
+    pem = _csr_pem(key)
+    der = x509.load_pem_x509_csr(pem.encode()).public_bytes(serialization.Encoding.DER)
+    broken = bytearray(der)
+    broken[-5] ^= 0x01
+    bad = x509.load_der_x509_csr(bytes(broken)).public_bytes(serialization.Encoding.PEM).decode()
+    with pytest.raises(InvalidCSR):
+        issuer.sign_csr(csr_pem=bad, identity=ID, lifetime=timedelta(hours=1))
+    # the key pair stays with the proxy: Vault's storage holds no private key of it
+    private = format(key.private_numbers().private_value, "x")
+    dump = repr(bao.client().secrets.pki.list_certificates(mount_point=pki.mount))
+    assert private not in dump

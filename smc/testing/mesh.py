@@ -78,6 +78,7 @@ class ControlPlane:
         agents: bool = False,
         revoke_grace: float = 120.0,
         reviewer: TokenReviewer | None = None,
+        proxy_cert_lifetime: timedelta | None = None,
     ) -> None:
         """``ca=False``: no CA task; certificates come from an :class:`IssuingCertSource`
         (issued in memory on first use, nothing on the log), for builder-level tests that
@@ -93,6 +94,7 @@ class ControlPlane:
         self.agents = agents
         self.revoke_grace = revoke_grace
         self.reviewer = reviewer  # TokenReview of pods' service-account tokens (agents=True)
+        self.proxy_cert_lifetime = proxy_cert_lifetime  # None: the mesh config's lifetime
         self.ca_port = free_port()
         self.identity: ProxyCertificateService | None = None
         self.ca_server: CertificateServer | None = None
@@ -207,6 +209,7 @@ class ControlPlane:
             issuer=signer,
             metrics=self.metrics,
             reviewer=self.reviewer,
+            lifetime=self.proxy_cert_lifetime,
         )
         self.revoker = ProxyRevoker(
             runner=self.runner,

@@ -1,0 +1,120 @@
+"""Agents renew on their own schedule, with a fresh key, and traffic does not notice.
+
+Proxy certificates of 8 s (a control plane with agents, smc.testing.mesh): each agent renews at
+about two thirds of the lifetime with its current certificate as proof, the running Envoy takes
+the new secret over the local SDS socket, the previous certificate is recorded as superseded,
+and requests from a client sidecar to a server sidecar keep succeeding across several renewals
+of both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from smc.projections import CertsProjection
+from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
+
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
+
+SETUP = """
+apiVersion: smc.dev/v1alpha1
+kind: MeshService
+metadata: {name: server, namespace: renew}
+spec:
+  backing: vm
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: routes, namespace: renew}
+spec:
+  matches:
+  - {name: all, pathRegex: "/.*", methods: [GET]}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: to-server, namespace: renew}
+spec:
+  destination: {kind: ServiceAccount, name: server, namespace: renew}
+  rules: [{kind: HTTPRouteGroup, name: routes, matches: [all]}]
+  sources:
+  - {kind: ServiceAccount, name: client, namespace: renew}
+"""
+
+
+async def test_agents_renew_by_themselves_without_failed_requests(tmp_path: Path) -> None:
+    cp = ControlPlane(workdir=tmp_path, agents=True, proxy_cert_lifetime=timedelta(seconds=8))
+    await cp.start()
+    client = Sidecar(namespace="renew", name="client-1", address="127.0.62.1", workdir=tmp_path)
+    server = Sidecar(namespace="renew", name="server-1", address="127.0.62.2", workdir=tmp_path)
+    try:
+        for s in (client, server):
+            await s.start_app()
+        await cp.apply(
+            "\n---\n".join(
+                [
+                    SETUP,
+                    vm_yaml(client, service_account="client"),
+                    vm_yaml(server, service_account="server", labels={"app": "server"}),
+                ]
+            )
+        )
+        await client.start_agent(cp, service_account="client")
+        await server.start_agent(cp, service_account="server")
+        for s in (client, server):
+            s.start_envoy(ads_port=cp.port, delta=False)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True),
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as session:
+
+            async def get() -> int:
+                async with session.get(
+                    client.outbound + "/x", headers={"Host": "server.renew"}
+                ) as resp:
+                    await resp.read()
+                    return resp.status
+
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if await get() == 200:
+                        break
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                assert time.monotonic() < deadline, "no first request through the mesh"
+                await asyncio.sleep(0.1)
+            assert client.agent is not None and server.agent is not None
+            first = {client.agent.current.serial, server.agent.current.serial}  # type: ignore[union-attr]
+            statuses: list[int] = []
+            deadline = time.monotonic() + 40
+            while client.agent.renewals < 2 or server.agent.renewals < 2:
+                assert time.monotonic() < deadline, (client.agent.renewals, server.agent.renewals)
+                statuses.append(await get())
+                await asyncio.sleep(0.05)
+            for _ in range(20):  # and after the last renewal
+                statuses.append(await get())
+                await asyncio.sleep(0.05)
+        assert statuses and set(statuses) == {200}, sorted(set(statuses))
+        assert client.agent.failures == 0 and server.agent.failures == 0
+        certs = next(p for p in cp.runner.projections if isinstance(p, CertsProjection))
+        for sc in (client, server):
+            mine = certs.proxy_certs[f"vm/renew/{sc.name}"]
+            assert len(mine) >= 3
+            assert [r.status for r in mine.values()].count("active") == 1
+            renewals = [r for r in mine.values() if r.proof.startswith("certificate:")]
+            assert len(renewals) >= 2
+            assert sc.agent is not None and sc.agent.current is not None
+            assert sc.agent.current.serial not in first
+    finally:
+        for s in (client, server):
+            await s.stop()
+        await cp.stop()
+        cp.close()
