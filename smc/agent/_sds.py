@@ -23,16 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-from envoy.service.discovery.v3 import discovery_pb2
 
-from smc.agent._errors import AgentError
+from smc.agent._errors import AgentError, InvalidMessage
+from smc.agent._wire import SECRET_TYPE, decode_request, encode_secret_response
 
 __all__ = ["SECRET_TYPE", "WORKLOAD_SECRET", "SdsServer", "WorkloadSecret"]
 
 log = logging.getLogger("smc.agent.sds")
 
-SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 WORKLOAD_SECRET = "default"
 _SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 
@@ -70,20 +68,16 @@ class SdsServer:
         for wake in list(self._watchers):
             wake.set()
 
-    def _response(self, names: list[str]) -> discovery_pb2.DiscoveryResponse:
+    def _response(self, names: list[str]) -> bytes:
         secret = self._secret
         assert secret is not None
-        resp = discovery_pb2.DiscoveryResponse(
-            version_info=secret.version,
-            type_url=SECRET_TYPE,
+        return encode_secret_response(
+            version=secret.version,
             nonce=str(next(self._nonces)),
+            name=WORKLOAD_SECRET if not names or WORKLOAD_SECRET in names else None,
+            chain_pem=secret.chain_pem,
+            key_pem=secret.key_pem,
         )
-        if not names or WORKLOAD_SECRET in names:
-            msg = secret_pb2.Secret(name=WORKLOAD_SECRET)
-            msg.tls_certificate.certificate_chain.inline_string = secret.chain_pem
-            msg.tls_certificate.private_key.inline_string = secret.key_pem
-            resp.resources.add().Pack(msg)
-        return resp
 
     # ------------------------------------------------------------------ gRPC
     async def _stream(
@@ -97,15 +91,17 @@ class SdsServer:
         async def read() -> None:
             try:
                 async for raw in requests:
-                    req = discovery_pb2.DiscoveryRequest.FromString(raw)
+                    try:
+                        req = decode_request(raw)
+                    except InvalidMessage as exc:
+                        log.warning("unreadable SDS request: %s", exc)
+                        continue
                     if req.type_url and req.type_url != SECRET_TYPE:
                         continue
-                    if req.HasField("error_detail"):
+                    if req.error is not None:
                         self.nacks += 1
                         log.warning(
-                            "Envoy refused secret version %s: %s",
-                            req.version_info,
-                            req.error_detail.message,
+                            "Envoy refused secret version %s: %s", req.version_info, req.error
                         )
                         continue
                     names = sorted(req.resource_names)
@@ -134,7 +130,7 @@ class SdsServer:
                 state["resend"] = False
                 if names and WORKLOAD_SECRET not in names:
                     continue
-                yield self._response(names).SerializeToString()
+                yield self._response(names)
                 self.pushes += 1
                 sent = secret.version
         finally:
@@ -144,10 +140,13 @@ class SdsServer:
                 await reader
 
     async def _fetch(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        req = discovery_pb2.DiscoveryRequest.FromString(raw)
+        try:
+            req = decode_request(raw)
+        except InvalidMessage as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self._secret is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no certificate yet")
-        return bytes(self._response(sorted(req.resource_names)).SerializeToString())
+        return self._response(sorted(req.resource_names))
 
     async def start(self) -> None:
         """Listen on the unix socket (replacing a stale socket file)."""
