@@ -567,3 +567,242 @@ def test_injected_pods_are_intercepted_and_secured(
                 pod.stop_all()
             code = serve.stop()
         assert code == 0, serve.tail()
+
+
+PROBED_APP = r"""
+import http.server, os, socketserver, sys, threading
+from concurrent import futures
+import grpc
+flag = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path == "/healthz" and os.path.exists(flag)
+        body = ("ok " if ok else "sick ") + self.headers.get("X-Probe", "")
+        self.send_response(200 if ok else 503)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+    def log_message(self, *args):
+        pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+def check(request, context):
+    # grpc.health.v1.HealthCheckRequest{service="app"} -> HealthCheckResponse{status}
+    if request != b"\n\x03app":
+        context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+    return b"\x08\x01" if os.path.exists(flag) else b"\x08\x02"
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+    "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)})])
+server.add_insecure_port("0.0.0.0:9090")
+server.start()
+S(("0.0.0.0", 8080), H).serve_forever()
+"""
+
+TCP_APP = r"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(16)
+while True:
+    s.accept()[0].close()
+"""
+
+
+def test_kubelet_probes_reach_the_app_through_the_sidecar(
+    tmp_path: Path, kube: KubeAPIServer, net: PodNetwork
+) -> None:
+    """HTTP, TCP and gRPC probes on mesh ports of an injected pod, sent as a kubelet sends
+    them (from the node, plaintext, the mutated pod spec's port, path and headers), follow the
+    application's real health through the sidecar; the original mesh port refuses them."""
+    import urllib.error
+    import urllib.request
+
+    import grpc
+    from kubernetes import client as k8s
+
+    try:
+        envoy = world_readable_copy(envoy_binary(), net.workdir / "bin")
+    except EnvoyError as exc:
+        pytest.skip(f"no Envoy binary: {exc}")
+    ns = f"pr-{uuid.uuid4().hex[:8]}"
+    pod = net.add_pod("prober")
+    serve = ServeProcess(tmp_path, args=["--kube", str(kube.kubeconfig_path)], xds_host=net.gateway)
+    config = InjectorConfig(
+        ads=AdsAddress(host=net.gateway, port=serve.xds_port), tls=False, init_install=""
+    )
+    manifest = pod_manifest("prober", [8080, 7000, 9090])
+    app_spec = manifest["spec"]["containers"][0]
+    app_spec["livenessProbe"] = {
+        "httpGet": {
+            "path": "/healthz",
+            "port": 8080,
+            "httpHeaders": [{"name": "X-Probe", "value": "liveness"}],
+        }
+    }
+    app_spec["readinessProbe"] = {"tcpSocket": {"port": 7000}}
+    app_spec["startupProbe"] = {"grpc": {"port": 9090, "service": "app"}}
+    flag = net.workdir / "healthy"
+    flag.touch()
+
+    def diag() -> str:
+        log = net.workdir / "prober" / "envoy.log"
+        text = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        return f"--- listeners: {sorted(listeners(pod))}\n--- envoy: {text}\n--- serve:\n{serve.tail()}"
+
+    with kube.api_client() as api:
+        core = k8s.CoreV1Api(api)
+        core.create_namespace(
+            {
+                "metadata": {
+                    "name": ns,
+                    "labels": {"smc.dev/monitored": "true", "smc.dev/inject": "enabled"},
+                }
+            }
+        )
+        core.create_namespaced_service_account(ns, {"metadata": {"name": "prober"}})
+        ops = mutate(
+            manifest,
+            namespace_labels={"smc.dev/inject": "enabled", "smc.dev/monitored": "true"},
+            config=config,
+            namespace=ns,
+        )
+        core.create_namespaced_pod(ns, jsonpatch.apply_patch(copy.deepcopy(manifest), ops))
+        core.patch_namespaced_pod_status(
+            "prober",
+            ns,
+            {"status": {"phase": "Running", "podIP": pod.address, "podIPs": [{"ip": pod.address}]}},
+        )
+        # every probed port is a port of a Service: its inbound chain requires mTLS
+        ports = [("http", 8080), ("tcp-probe", 7000), ("grpc", 9090)]
+        core.create_namespaced_service(
+            ns,
+            {
+                "metadata": {"name": "prober"},
+                "spec": {
+                    "selector": {"app": "prober"},
+                    "ports": [{"name": n, "port": p, "targetPort": p} for n, p in ports],
+                },
+            },
+        )
+        k8s.DiscoveryV1Api(api).create_namespaced_endpoint_slice(
+            ns,
+            {
+                "metadata": {
+                    "name": "prober-a1",
+                    "labels": {"kubernetes.io/service-name": "prober"},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
+                "endpoints": [
+                    {
+                        "addresses": [pod.address],
+                        "conditions": {"ready": True},
+                        "targetRef": {"kind": "Pod", "name": "prober", "namespace": ns},
+                    }
+                ],
+            },
+        )
+        try:
+            serve.wait_ready()
+            spec = api.sanitize_for_serialization(core.read_namespaced_pod("prober", ns))["spec"]
+            app_file, tcp_file = net.workdir / "probed.py", net.workdir / "tcp.py"
+            app_file.write_text(PROBED_APP)
+            tcp_file.write_text(TCP_APP)
+            pod.start([sys.executable, str(app_file), str(flag)], log=net.workdir / "app.log")
+            tcp = pod.start([sys.executable, str(tcp_file)], log=net.workdir / "tcp.log")
+            done = pod.run(container(spec, "initContainers", INIT_CONTAINER)["command"])
+            assert done.returncode == 0, done.stderr
+            proxy = container(spec, "containers", PROXY_CONTAINER)
+            env = kubelet_env(proxy, pod_name="prober", ns=ns)
+            ctx = proxy["securityContext"]
+            workdir = net.workdir / "prober"
+            workdir.mkdir()
+            os.chown(workdir, ctx["runAsUser"], ctx["runAsGroup"])
+            pod.start(
+                [
+                    str(envoy),
+                    *(expand(a, env) for a in proxy.get("args", [])),
+                    "--base-id",
+                    str(random.randint(1000, 60000)),
+                    "--log-path",
+                    str(workdir / "envoy.log"),
+                ],
+                log=workdir / "envoy.out",
+                uid=ctx["runAsUser"],
+                gid=ctx["runAsGroup"],
+                env={"PATH": "/usr/bin:/bin", **env},
+                cwd=workdir,
+            )
+            eventually(
+                lambda: "inbound" in listeners(pod),
+                what="the prober's transparent listeners",
+                diag=diag,
+                wait=WAIT,
+            )
+            app = container(spec, "containers", "app")
+            live, ready, start = app["livenessProbe"], app["readinessProbe"], app["startupProbe"]
+
+            def http_probe(probe: dict[str, Any]) -> tuple[int, str]:
+                """kubelet's HTTP probe: GET scheme://podIP:port/path with the spec's headers."""
+                get = probe["httpGet"]
+                req = urllib.request.Request(
+                    f"http://{pod.address}:{get['port']}{get['path']}",
+                    headers={h["name"]: h["value"] for h in get.get("httpHeaders", [])},
+                )
+                try:
+                    with urllib.request.urlopen(req, timeout=5) as resp:
+                        return int(resp.status), resp.read().decode()
+                except urllib.error.HTTPError as err:
+                    return int(err.code), err.read().decode()
+                except OSError as err:
+                    return 0, str(err)
+
+            def grpc_probe(probe: dict[str, Any]) -> bytes | str:
+                """kubelet's gRPC probe: grpc.health.v1.Health/Check with the spec's service."""
+                target = f"{pod.address}:{probe['grpc']['port']}"
+                with grpc.insecure_channel(target) as channel:
+                    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+                    try:
+                        return bytes(
+                            check(b"\n\x03" + probe["grpc"]["service"].encode(), timeout=5)
+                        )
+                    except grpc.RpcError as err:
+                        return f"{err.code()}: {err.details()}"  # type: ignore[attr-defined]
+
+            # healthy app: every probe passes, the HTTP probe carries the spec's header
+            assert eventually(
+                lambda: http_probe(live)[0] == 200, what="HTTP probe 200", diag=diag, wait=WAIT
+            )
+            assert http_probe(live)[1] == "ok liveness"
+            eventually(
+                lambda: http_probe(ready)[0] == 200, what="TCP probe up", diag=diag, wait=WAIT
+            )
+            eventually(
+                lambda: grpc_probe(start) == b"\x08\x01", what="gRPC SERVING", diag=diag, wait=WAIT
+            )
+            # without the rewrite kubelet would meet the mTLS-only inbound chain
+            direct = dict(live, httpGet=dict(live["httpGet"], port=8080))
+            assert http_probe(direct)[0] != 200
+            # failing app: the HTTP and gRPC probes report it, the TCP probe follows the port
+            flag.unlink()
+            assert http_probe(live) == (503, "sick liveness")
+            assert grpc_probe(start) == b"\x08\x02"
+            tcp.terminate()
+            tcp.wait(timeout=10)
+            eventually(
+                lambda: http_probe(ready)[0] == 503, what="TCP probe down", diag=diag, wait=WAIT
+            )
+            # and healthy again
+            flag.touch()
+            pod.start([sys.executable, str(tcp_file)], log=net.workdir / "tcp.log")
+            eventually(
+                lambda: http_probe(ready)[0] == 200, what="TCP probe back", diag=diag, wait=WAIT
+            )
+            assert http_probe(live)[0] == 200 and grpc_probe(start) == b"\x08\x01"
+        finally:
+            pod.stop_all()
+            code = serve.stop()
+        assert code == 0, serve.tail()

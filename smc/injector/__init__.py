@@ -53,6 +53,7 @@ from smc.injector._mutate import (
     pod_identity,
     redirect_commands,
 )
+from smc.injector._probes import ANNOTATION_ORIGINAL_PROBES, PROBE_BASE_PORT, TCP_PROBE_PATH
 from smc.injector._secrets import BOOTSTRAP_LABEL, BootstrapSecrets, bootstrap_secret_name
 from smc.injector._server import (
     API_VERSION,
@@ -67,6 +68,7 @@ from smc.injector._server import (
     review_response,
 )
 from smc.injector._tls import issue_serving_certificate, server_ssl_context
+from smc.injector._uninject import uninject
 from smc.injector._vm import VmBootstrapFiles, find_vm, vm_node_id, write_vm_bootstrap
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "ANNOTATION_EXCLUDE_OUTBOUND",
     "ANNOTATION_INJECT",
     "ANNOTATION_NODE_ID",
+    "ANNOTATION_ORIGINAL_PROBES",
     "ANNOTATION_STATUS",
     "API_VERSION",
     "BOOTSTRAP_LABEL",
@@ -88,8 +91,10 @@ __all__ = [
     "INIT_CONTAINER",
     "LABEL_INTERCEPTION",
     "NAMESPACE_LABEL",
+    "PROBE_BASE_PORT",
     "PROXY_CONTAINER",
     "PROXY_VOLUME",
+    "TCP_PROBE_PATH",
     "TOKEN_VOLUME",
     "AdmissionRequest",
     "AdsAddress",
@@ -122,6 +127,7 @@ __all__ = [
     "redirect_commands",
     "review_response",
     "server_ssl_context",
+    "uninject",
     "vm_node_id",
     "watched_tls_files",
     "write_vm_bootstrap",

@@ -55,6 +55,11 @@ from typing import Any
 
 from smc.injector._bootstrap import AdsAddress, TlsSources, envoy_bootstrap
 from smc.injector._errors import InjectorError, InvalidPod
+from smc.injector._probes import (
+    ANNOTATION_ORIGINAL_PROBES,
+    plan_probes,
+    probe_static_resources,
+)
 
 __all__ = [
     "AGENT_CONTAINER",
@@ -367,6 +372,9 @@ def mutate(
         metadata={"namespace": ns, "service_account": sa, "kind": "pod"},
         agent_socket=AGENT_SOCKET if agent is not None else None,
     )
+    excluded = _excluded_ports(annotations)
+    probes = plan_probes(spec, excluded=excluded, skip=(PROXY_CONTAINER,))
+    probe_static_resources(probes, bootstrap)
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -412,7 +420,7 @@ def mutate(
     }
     rules = redirect_commands(
         config,
-        exclude_inbound_ports=_excluded_ports(annotations),
+        exclude_inbound_ports=[*excluded, *probes.ports],
         exclude_outbound_cidrs=_excluded_cidrs(annotations),
     )
     script = "set -e\n" + (config.init_install + "\n" if config.init_install else "")
@@ -443,6 +451,8 @@ def mutate(
         separators=(",", ":"),
     )
     added = {ANNOTATION_STATUS: status}
+    if probes.ops:
+        added[ANNOTATION_ORIGINAL_PROBES] = probes.annotation
     if name:  # with generateName the node id is known only once the pod is named
         added[ANNOTATION_NODE_ID] = node_id
     if in_secret:
@@ -470,6 +480,7 @@ def mutate(
         ops.append(
             {"op": "add", "path": "/metadata/labels", "value": {LABEL_INTERCEPTION: "iptables"}}
         )
+    ops.extend(probes.ops)
     ops.append(_append(spec, "initContainers", init))
     ops.append(_append(spec, "containers", proxy))
     ops.append(_append(spec, "volumes", {"name": PROXY_VOLUME, "emptyDir": {}}))

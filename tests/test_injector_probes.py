@@ -1,0 +1,168 @@
+"""Probe rewriting at injection and its undoing: which probes move to the proxy, what the
+proxy's bootstrap gains (validated by a real Envoy), what iptables leaves alone, and that
+uninjection gives back the pod as it was. The traffic itself is tested on real network
+namespaces in ``test_transparent_e2e``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonpatch  # type: ignore[import-untyped]
+import pytest
+
+from smc.injector import (
+    ANNOTATION_ORIGINAL_PROBES,
+    INIT_CONTAINER,
+    PROBE_BASE_PORT,
+    PROXY_CONTAINER,
+    TCP_PROBE_PATH,
+    AdsAddress,
+    InjectorConfig,
+    InvalidPod,
+    mutate,
+    uninject,
+)
+from smc.testing.envoy import envoy_binary
+
+LABELS = {"smc.dev/inject": "enabled"}
+CONFIG = InjectorConfig(ads=AdsAddress(host="10.0.0.1", port=15010), tls=False)
+
+
+def pod() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "web",
+            "namespace": "shop",
+            "labels": {"app": "web"},
+            "annotations": {"smc.dev/exclude-inbound-ports": "9100", "team": "a"},
+        },
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "app:1",
+                    "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": 7000}],
+                    "livenessProbe": {
+                        "httpGet": {
+                            "path": "/healthz",
+                            "port": "http",
+                            "httpHeaders": [{"name": "X-Probe", "value": "live"}],
+                        },
+                        "periodSeconds": 3,
+                    },
+                    "readinessProbe": {"tcpSocket": {"port": 7000}, "failureThreshold": 2},
+                    "startupProbe": {"grpc": {"port": 9090, "service": "app"}},
+                },
+                {
+                    "name": "metrics",
+                    "image": "exporter:1",
+                    "livenessProbe": {"httpGet": {"path": "/", "port": 9100}},
+                    "readinessProbe": {"exec": {"command": ["true"]}},
+                },
+            ],
+        },
+    }
+
+
+def injected() -> dict[str, Any]:
+    original = pod()
+    ops = mutate(copy.deepcopy(original), namespace_labels=LABELS, config=CONFIG)
+    return jsonpatch.apply_patch(copy.deepcopy(original), ops)
+
+
+def bootstrap_of(p: dict[str, Any]) -> dict[str, Any]:
+    proxy = next(c for c in p["spec"]["containers"] if c["name"] == PROXY_CONTAINER)
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    return json.loads(env["SMC_ENVOY_BOOTSTRAP"])
+
+
+def test_mesh_port_probes_move_to_the_proxy_and_others_stay() -> None:
+    p = injected()
+    app, metrics = p["spec"]["containers"][0], p["spec"]["containers"][1]
+    live, ready, start = app["livenessProbe"], app["readinessProbe"], app["startupProbe"]
+    assert live == {
+        "httpGet": {
+            "path": "/healthz",
+            "port": PROBE_BASE_PORT,
+            "httpHeaders": [{"name": "X-Probe", "value": "live"}],
+        },
+        "periodSeconds": 3,
+    }
+    # a TCP probe through a proxy would always connect: it becomes the proxy's health check
+    assert ready == {
+        "httpGet": {"path": TCP_PROBE_PATH, "port": PROBE_BASE_PORT + 1, "scheme": "HTTP"},
+        "failureThreshold": 2,
+    }
+    assert start == {"grpc": {"port": PROBE_BASE_PORT + 2, "service": "app"}}
+    # excluded port and exec probe: untouched
+    assert metrics["livenessProbe"] == {"httpGet": {"path": "/", "port": 9100}}
+    assert metrics["readinessProbe"] == {"exec": {"command": ["true"]}}
+    originals = json.loads(p["metadata"]["annotations"][ANNOTATION_ORIGINAL_PROBES])
+    assert originals == {
+        "app": {
+            k: pod()["spec"]["containers"][0][k]
+            for k in ("livenessProbe", "readinessProbe", "startupProbe")
+        }
+    }
+    static = bootstrap_of(p)["static_resources"]
+    by_name = {x["name"]: x for x in static["listeners"]}
+    clusters = {x["name"]: x for x in static["clusters"]}
+    for port, app_port in (
+        (PROBE_BASE_PORT, 8080),
+        (PROBE_BASE_PORT + 1, 7000),
+        (PROBE_BASE_PORT + 2, 9090),
+    ):
+        name = f"smc_probe_{port}"
+        assert by_name[name]["address"]["socket_address"] == {
+            "address": "0.0.0.0",
+            "port_value": port,
+        }
+        ep = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert ep["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": app_port}
+    assert "tcp_health_check" in clusters[f"smc_probe_{PROBE_BASE_PORT + 1}"]["health_checks"][0]
+    assert "http2_protocol_options" in json.dumps(clusters[f"smc_probe_{PROBE_BASE_PORT + 2}"])
+    # the probe ports are not intercepted (kubelet reaches the proxy's plaintext listener)
+    init = next(c for c in p["spec"]["initContainers"] if c["name"] == INIT_CONTAINER)
+    script = init["command"][-1]
+    for port in (PROBE_BASE_PORT, PROBE_BASE_PORT + 1, PROBE_BASE_PORT + 2, 9100):
+        assert f"--dport {port} -j RETURN" in script
+    assert "--dport 8080 -j RETURN" not in script
+
+
+def test_uninjection_gives_the_pod_back() -> None:
+    p = injected()
+    ops = uninject(p)
+    assert jsonpatch.apply_patch(copy.deepcopy(p), ops) == pod()
+    assert uninject(pod()) == []
+
+
+def test_bad_probe_ports_are_named() -> None:
+    bad = pod()
+    bad["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] = "nope"
+    with pytest.raises(
+        InvalidPod,
+        match=r"spec.containers\[0\].livenessProbe.httpGet.port: no container port is named 'nope'",
+    ):
+        mutate(bad, namespace_labels=LABELS, config=CONFIG)
+    bad["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] = 70000
+    with pytest.raises(InvalidPod, match="70000 is not a port"):
+        mutate(bad, namespace_labels=LABELS, config=CONFIG)
+
+
+def test_real_envoy_accepts_the_bootstrap(tmp_path: Path) -> None:
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(bootstrap_of(injected())))
+    done = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
