@@ -6,6 +6,7 @@ namespaces in ``test_transparent_e2e``."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -21,6 +22,7 @@ from smc.injector import (
     PROXY_CONTAINER,
     TCP_PROBE_PATH,
     AdsAddress,
+    AgentSidecar,
     InjectorConfig,
     InvalidPod,
     mutate,
@@ -136,10 +138,15 @@ def test_mesh_port_probes_move_to_the_proxy_and_others_stay() -> None:
     assert "--dport 8080 -j RETURN" not in script
 
 
-def test_uninjection_gives_the_pod_back() -> None:
-    p = injected()
-    ops = uninject(p)
-    assert jsonpatch.apply_patch(copy.deepcopy(p), ops) == pod()
+@pytest.mark.parametrize("agent", [False, True])
+def test_uninjection_gives_the_pod_back(agent: bool) -> None:
+    config = (
+        dataclasses.replace(CONFIG, tls=True, agent=AgentSidecar(ca_pem="x")) if agent else CONFIG
+    )
+    ops = mutate(copy.deepcopy(pod()), namespace_labels=LABELS, config=config)
+    p = jsonpatch.apply_patch(copy.deepcopy(pod()), ops)
+    assert any(c["name"] == "smc-agent" for c in p["spec"]["containers"]) == agent
+    assert jsonpatch.apply_patch(copy.deepcopy(p), uninject(p)) == pod()
     assert uninject(pod()) == []
 
 

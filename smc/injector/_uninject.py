@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from smc.injector._mutate import (
+    AGENT_CONTAINER,
     ANNOTATION_BOOTSTRAP_SECRET,
     ANNOTATION_NODE_ID,
     ANNOTATION_STATUS,
@@ -22,6 +23,7 @@ from smc.injector._mutate import (
     LABEL_INTERCEPTION,
     PROXY_CONTAINER,
     PROXY_VOLUME,
+    TOKEN_VOLUME,
 )
 from smc.injector._probes import ANNOTATION_ORIGINAL_PROBES, restore_probe_ops
 
@@ -59,9 +61,11 @@ def uninject(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
     ):
         return []
     ops = restore_probe_ops(pod)
-    ops += _removals(containers, "/spec/containers", (PROXY_CONTAINER,))
+    ops += _removals(containers, "/spec/containers", (PROXY_CONTAINER, AGENT_CONTAINER))
     ops += _removals(spec.get("initContainers"), "/spec/initContainers", (INIT_CONTAINER,))
-    ops += _removals(spec.get("volumes"), "/spec/volumes", (PROXY_VOLUME, BOOTSTRAP_VOLUME))
+    ops += _removals(
+        spec.get("volumes"), "/spec/volumes", (PROXY_VOLUME, BOOTSTRAP_VOLUME, TOKEN_VOLUME)
+    )
     added = [k for k in _ADDED_ANNOTATIONS if k in annotations]
     if added and len(added) == len(annotations):
         ops.append({"op": "remove", "path": "/metadata/annotations"})
