@@ -492,6 +492,18 @@ async def test_no_key_bytes_on_the_log_or_in_the_key_directory(mesh: Mesh) -> No
                 assert b"PRIVATE KEY" not in data, f
                 for k in keys:
                     assert k not in data
+    # nor in the debug output of the control plane (config_dump of every proxy, metrics)
+    from smc.xds._debug import config_dump
+
+    for sc in (*mesh.servers,):
+        dump = json.dumps(config_dump(mesh.cp.controller, sc.node_id))
+        assert "ROOTCA" in dump and "PRIVATE KEY" not in dump
+        for k in keys:
+            assert base64.b64encode(k).decode() not in dump
+    from prometheus_client import generate_latest
+
+    metrics = generate_latest(mesh.cp.metrics)
+    assert b"smc_identity_refusals_total" in metrics and b"PRIVATE KEY" not in metrics
     # the log names each proxy's certificates (issued, renewed, revoked), never a key
     certs = certs_projection(mesh.cp)
     statuses = {r.status for m in certs.proxy_certs.values() for r in m.values()}
