@@ -32,7 +32,8 @@ ClusterIP. The test checks that
    keeps the server reachable); deleting the TCP one too takes the server's services out of
    the client's outbound routes: its calls are passed through like any call leaving the mesh
    and get no answer (here no kube-proxy serves the ClusterIP; to the server pod directly, the
-   plaintext call meets the mTLS-only inbound chain); no Envoy rejected an update.
+   plaintext call meets the mTLS-only inbound chain); no Envoy rejected an update;
+7. deleting the client pod revokes its proxy's certificate (recorded on the log).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import jsonpatch  # type: ignore[import-untyped]
 import pytest
 
 from smc.ca import LocalIssuer
+from smc.events import SqliteLog
 from smc.injector import (
     AGENT_CONTAINER,
     AGENT_SOCKET,
@@ -63,6 +65,7 @@ from smc.injector import (
     InjectorConfig,
     mutate,
 )
+from smc.projections import CertsProjection, ProjectionRunner
 from smc.testing.envoy import EnvoyError, envoy_binary
 from smc.testing.kube import KubeAPIServer, create_http_traffic_target, kube_apiserver_fixture
 from smc.testing.netns import NetnsError, Pod, PodNetwork, world_readable_copy
@@ -562,6 +565,31 @@ def test_injected_pods_are_intercepted_and_secured(
             assert direct["status"] == 0, direct
             for pod in pods.values():
                 assert not rejected_updates(pod), diag()
+
+            # 7. Deleting the client pod revokes its proxy's own certificate (the informer's
+            #    WorkloadLeft), on the log; the server pod's certificate stays current.
+            core.delete_namespaced_pod("client", ns, grace_period_seconds=0)
+
+            def certs_now() -> CertsProjection:
+                projection = CertsProjection()
+                ProjectionRunner(
+                    log=SqliteLog(tmp_path / "log.db"), projections=[projection]
+                ).catch_up()
+                return projection
+
+            eventually(
+                lambda: any(
+                    r.status == "revoked" and r.reason == "pod-left"
+                    for r in certs_now().proxy_certs.get(f"pod/{ns}/client", {}).values()
+                ),
+                what="the deleted client pod's proxy certificate revoked",
+                diag=diag,
+                wait=WAIT,
+            )
+            after = certs_now()
+            assert after.proxy_cert(f"pod/{ns}/client") is None
+            server_cert = after.proxy_cert(f"pod/{ns}/server")
+            assert server_cert is not None and server_cert.proof == "service-account-token"
         finally:
             for pod in pods.values():
                 pod.stop_all()
