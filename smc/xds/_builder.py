@@ -304,6 +304,10 @@ class BuildPass:
             ref = parse_node_id(node_id)
         except InvalidNodeId as exc:
             return ProxyBuild(node_id=node_id, snapshot=None, deps=frozenset(), reason=str(exc))
+        if ref.proxyless:  # gRPC's own xDS client (same package, loaded on first use)
+            from smc.xds._grpc import build_proxyless
+
+            return build_proxyless(self, node_id, ref)
         deps: set[str] = {f"wl:{ref.key}"}
         workload = find_workload(ref, self.registry.workloads)
         if workload is None:

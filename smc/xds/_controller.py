@@ -56,6 +56,7 @@ from smc.projections import PolicyProjection, PolicyView, ProjectionRunner, Regi
 from smc.xds._builder import INBOUND_PORT, OUTBOUND_PORT, BuildPass, ProxyBuild
 from smc.xds._cache import SnapshotCache, Unwatch
 from smc.xds._certs import CertSource
+from smc.xds._grpc import proxyless_node_key
 from smc.xds._server import AdsServer, Authorize
 from smc.xds._snapshot import ResourceEntry, Snapshot
 from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, short_name
@@ -205,6 +206,7 @@ class XdsController:
             on_subscription=self._on_subscription,
             authorize=authorize,
             placement=self.placement_problem,
+            node_key=proxyless_node_key,
         )
         self.attach_server(server)
         return server

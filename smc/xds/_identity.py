@@ -11,7 +11,9 @@ the snapshots of its workloads (entries are interned by content).
 A node id that names no workload gets no snapshot (the server keeps the stream open and
 answers as soon as the workload joins). A pod and a VM with the same namespace and name
 are told apart with the long form ``<kind>/<namespace>/<workload>`` (``pod/...``, ``vm/...``);
-the short form then means the pod.
+the short form then means the pod. ``grpc:<node id>`` is the same workload served to gRPC's own
+xDS client (proxyless: see :mod:`smc.xds._grpc`); the ADS server derives it from the node's
+user agent.
 
 Concurrency: pure functions and immutable values; safe everywhere.
 """
@@ -29,6 +31,7 @@ __all__ = ["InvalidNodeId", "NodeRef", "find_workload", "parse_node_id"]
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _KINDS = ("pod", "vm")
+_GRPC = "grpc:"
 
 
 class InvalidNodeId(XdsError):
@@ -42,6 +45,8 @@ class NodeRef:
     namespace: str
     name: str
     kind: str | None = None
+    #: A proxyless gRPC node (``grpc:`` prefix): gRPC resources instead of Envoy ones.
+    proxyless: bool = False
 
     @property
     def key(self) -> str:
@@ -50,7 +55,8 @@ class NodeRef:
 
 def parse_node_id(node_id: str) -> NodeRef:
     """``ns/workload`` or ``kind/ns/workload`` -> :class:`NodeRef`; raises :class:`InvalidNodeId`."""
-    parts = node_id.split("/")
+    proxyless = node_id.startswith(_GRPC)
+    parts = node_id.removeprefix(_GRPC).split("/")
     kind: str | None = None
     if len(parts) == 3:
         kind, ns, name = parts
@@ -67,7 +73,7 @@ def parse_node_id(node_id: str) -> NodeRef:
     for what, value in (("namespace", ns), ("workload name", name)):
         if not value or len(value) > 253 or not _NAME.match(value):
             raise InvalidNodeId(f"node id {node_id!r}: {what} {value!r} is not a DNS name")
-    return NodeRef(namespace=ns, name=name, kind=kind)
+    return NodeRef(namespace=ns, name=name, kind=kind, proxyless=proxyless)
 
 
 def find_workload(

@@ -83,6 +83,7 @@ from smc.projections import Workload
 from smc.xds._cache import SnapshotSource, Unwatch
 from smc.xds._errors import XdsError
 from smc.xds._identity import InvalidNodeId, find_workload, parse_node_id
+from smc.xds._notfound import by_name_key, with_missing
 from smc.xds._requests import RequestHead, names_bytes, names_digest, names_of
 from smc.xds._snapshot import ResourceEntry, Snapshot, TypeResources
 from smc.xds._types import (
@@ -483,6 +484,7 @@ class AdsServer:
         authorize: Authorize | None = None,
         placement: Placement | None = None,
         unplaced_grace: float = UNPLACED_GRACE,
+        node_key: Callable[[Any], str] | None = None,
     ) -> None:
         """``registry``: where to register new metrics (a private one if None); or pass the
         ``metrics`` of an earlier server (a restart in the same process) to keep counting.
@@ -497,6 +499,8 @@ class AdsServer:
         self._cache = cache
         self._placement = placement
         self._unplaced_grace = unplaced_grace
+        # node -> the snapshot key of its stream (e.g. grpc:<id> for gRPC's xDS client)
+        self._node_key = node_key
         self._authorize = authorize
         self._trust_domain: str | None = None
         self._tls: ServerTLS | None = None
@@ -787,6 +791,8 @@ class AdsServer:
             return True
         if not stream.node_id:
             node_id = item.node.id if item.HasField("node") else ""
+            if node_id and self._node_key is not None:
+                node_id = self._node_key(item.node)
             if not node_id:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -1237,8 +1243,11 @@ class AdsServer:
                     self._bodies.move_to_end(cache_key)
                 return self._sotw_send(stream, ts, type_url, version, found)
             # Otherwise the whole requested set, unless its content is what the client holds.
+        by_name = type_url in WILDCARD_TYPES and not ts.wildcard  # LDS/CDS by name (gRPC)
         if ts.wildcard:
             key = tr.mix if tr is not None else 0
+        elif by_name:
+            key = by_name_key(ts.names, tr)  # missing names count: each gets an answer
         elif not ts.dirty and ts.synced == version:
             key = ts.cur_key
         else:
@@ -1252,9 +1261,10 @@ class AdsServer:
         ts.sent_key = key
         if named:
             ts.resync, ts.added = False, None
-        return self._sotw_send(
-            stream, ts, type_url, version, self._sotw_body(type_url, ts, tr, key)
-        )
+        body = self._sotw_body(type_url, ts, tr, key)
+        if by_name:
+            body = with_missing(body, ts.names, tr)
+        return self._sotw_send(stream, ts, type_url, version, body)
 
     def _sotw_send(
         self,
