@@ -36,7 +36,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from smc.ca import IssuedCertificate, certificate_event
 from smc.projections import CertsProjection
 from smc.testing.mesh import ControlPlane
-from smc.xds import LISTENER
+from smc.xds import LISTENER, ROUTE
 from smc.xds._grpc import GRPC_PREFIX, grpc_bootstrap
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session")]  # the fixtures' loop
@@ -225,11 +225,28 @@ async def grpc_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[G
             g.write_certs(name, sa)
         for name, _, address, _ in WORKLOADS[:2]:
             g.start_server(name, address)
+        # An xDS server listens once its listener came over xDS: wait for both.
+        for name, _, address, _ in WORKLOADS[:2]:
+            deadline = time.monotonic() + 60
+            while not await listening(address, PORT):
+                assert time.monotonic() < deadline, (
+                    f"{name} never listened: {(g.folder(name) / 'server.log').read_text()[-2000:]}"
+                )
+                await asyncio.sleep(0.1)
         yield g
     finally:
         g.stop()
         await cp.stop()
         cp.close()
+
+
+async def listening(address: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 2)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def assert_no_nacks(g: Grpc) -> None:
@@ -387,3 +404,55 @@ async def test_named_lds_is_answered_at_once_with_not_found(grpc_mesh: Grpc) -> 
         any_.Unpack(lis)
         names.append(lis.name)
     assert names == ["greeter.demo"]
+
+
+CANARY = f"""
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {{name: canary, namespace: {NS}}}
+spec:
+  matches:
+  - name: canary-users
+    headers:
+    - x-canary: "yes"
+---
+apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {{name: greeter-canary, namespace: {NS}}}
+spec:
+  service: greeter
+  matches: [{{kind: HTTPRouteGroup, name: canary}}]
+  backends: [{{service: greeter-v2, weight: 100}}]
+"""
+
+
+async def test_split_matches_route_by_metadata(grpc_mesh: Grpc) -> None:
+    """A TrafficSplit with ``matches`` (A/B): RPCs carrying the metadata go to v2 only, the
+    others keep the 50/50 split."""
+    await grpc_mesh.cp.apply(CANARY)
+    try:
+        # the client's route configuration has the A/B route before a new client asks for it
+        node, name = f"{GRPC_PREFIX}{NS}/client-1", f"grpc|{NS}/greeter|{PORT}"
+        deadline = time.monotonic() + 10
+        while True:
+            snap = grpc_mesh.cp.controller.cache.get(node)
+            route = snap.resource(ROUTE, name) if snap is not None else None
+            if route is not None and len(route.virtual_hosts[0].routes) == 2:
+                break
+            assert time.monotonic() < deadline, f"no A/B route in {route}"
+            await asyncio.sleep(0.05)
+        rows = await grpc_mesh.call(
+            "client-1",
+            "--target",
+            "xds:///greeter.demo",
+            "--metadata",
+            "x-canary=yes",
+            "--count",
+            "20",
+        )
+        assert {r["reply"]["server"] for r in rows} == {"greeter-v2-1"}, rows
+        rows = await grpc_mesh.call("client-1", "--target", "xds:///greeter.demo", "--count", "30")
+        assert {r["reply"]["server"] for r in rows} == {"greeter-v1-1", "greeter-v2-1"}, rows
+    finally:
+        await grpc_mesh.cp.apply(CANARY, delete=True)
+    assert_no_nacks(grpc_mesh)
