@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import textwrap
 import time
@@ -440,3 +441,75 @@ def test_bad_group_manifest_is_a_field_error_not_a_crash() -> None:
             document="d",
         )
     assert info.value.errors[0].path == "spec.template"
+
+
+# -- inside smc serve ------------------------------------------------------------------------
+
+
+def test_smc_serve_runs_the_groups_and_shows_them_stale_in_get_and_metrics(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from smc.testing.serve import ServeProcess, eventually, http_json
+
+    server = MotoServer(workdir=tmp_path)
+    saved = {k: os.environ.get(k) for k in MotoServer.env()}
+    os.environ.update(MotoServer.env())
+    server.start()
+    serve = None
+    try:
+        auto_scaling_group(server, "web-asg", capacity=3)
+        cloud = f"aws:endpoint_url={server.endpoint_url},region=us-east-1,timeout=2"
+        serve = ServeProcess(tmp_path, args=["--cloud", cloud, "--vm-group-interval", "0.2"])
+        serve.wait_ready()
+        status, body = http_json(
+            f"{serve.base}/v1/apply",
+            method="POST",
+            body=(SERVICE + "---\n" + group_yaml(drain="0s")).encode(),
+            headers={"Content-Type": "application/yaml", "X-SMC-Actor": "alice"},
+        )
+        assert status == 200, body
+
+        def groups() -> Any:
+            return http_json(serve.base + "/v1/vmgroups")[1]["items"]
+
+        eventually(lambda: groups()[0]["joined"] == 3, what="3 instances", diag=serve.tail)
+        server.stop()  # the provider goes away: the instances stay, marked stale
+        eventually(lambda: groups()[0]["status"] == "stale", what="stale", diag=serve.tail)
+        (g,) = groups()
+        assert g["joined"] == 3 and g["reason"]
+        metrics = http_json(serve.base + "/metrics")[1]
+        assert 'smc_vmgroup_stale{group="web",namespace="shop"} 1.0' in metrics
+        assert 'smc_vmgroup_instances{group="web",namespace="shop",phase="joined"} 3.0' in metrics
+        assert "testing" not in metrics  # no credential in metrics
+        smc = [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{tmp_path / 'log.db'}"]
+        out = subprocess.run(
+            [*smc, "get", "vmgroups", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        (cli,) = json.loads(out.stdout)
+        assert cli["status"] == "stale" and cli["joined"] == 3
+        assert {i["nodeId"] for i in cli["instances"]} == {
+            f"shop/{i['workload']}" for i in cli["instances"]
+        }
+        table = subprocess.run(
+            [*smc, "get", "vmgroups"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "stale" in table.stdout and "web-asg" in table.stdout
+    finally:
+        if serve is not None:
+            serve.stop()
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

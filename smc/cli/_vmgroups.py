@@ -3,7 +3,9 @@
 Role: parses the ``--cloud`` options (which cloud providers this server may call, and their
 options: ``endpoint_url``, ``region``, ``profile``, ``page_size``, ``resync_seconds``,
 ``timeout``; credentials come from the provider's own chain, never from a flag), builds the
-:class:`smc.informers.VmGroupController` (drains wait for the xDS server's ACKs) and runs it.
+:class:`smc.informers.VmGroupController` (drains wait for the xDS server's ACKs, new
+instances serve once their proxy ACKed its listeners, and, when this server signs agents'
+CSRs with ``--ca-listen``, groups get join tokens in their user data) and runs it.
 Kept out of ``_serve.py`` so that module only carries the hook.
 Concurrency: called on the serve loop.
 """
@@ -69,6 +71,34 @@ def proxy_ready_check(server: Any) -> Callable[[str], bool]:
     return ready
 
 
+def _join_tokens(xds: Any) -> Any:
+    """Join tokens for VM groups when this server signs agents' CSRs (``--ca-listen``): the
+    instances are told the certificate service's and ADS's listen addresses (a wildcard
+    listen address cannot be told: no tokens then, and a warning)."""
+    identity = getattr(xds, "identity", None)
+    if identity is None:
+        return None
+    from smc.identity import GroupJoinTokens
+
+    ca_host, ca_port = identity.options.listen
+    ads_host, ads_port = xds.addr
+    if "0.0.0.0" in (ca_host, ads_host) or "::" in (ca_host, ads_host):
+        click.echo(
+            "VM groups: no join tokens (--ca-listen and --xds must name an address instances "
+            "can reach, not a wildcard)",
+            err=True,
+        )
+        return None
+
+    def bundle() -> str:
+        issuer = xds.issuers.current() if xds.issuers is not None else None
+        return "".join(issuer.trust_bundle()) if issuer is not None else ""
+
+    return GroupJoinTokens(
+        ca=f"{ca_host}:{ca_port}", ads=f"{ads_host}:{ads_port}", ca_bundle=bundle
+    )
+
+
 def start_vm_groups(
     *,
     live: LiveMeshChanges,
@@ -90,15 +120,22 @@ def start_vm_groups(
             raise click.BadParameter(f"{name}: {exc}", param_hint="--cloud") from exc
     waiter = None
     ready = None
+    join = None
     if xds is not None:
         controller = xds.controller
         ready = proxy_ready_check(xds.server)
+        join = _join_tokens(xds)
 
         async def waiter(event_id: str, timeout: float) -> None:
             await controller.wait_acked(event_id, timeout=timeout)
 
     groups = VmGroupController(
-        live=live, providers=providers, interval=interval, drain_waiter=waiter, ready_check=ready
+        live=live,
+        providers=providers,
+        interval=interval,
+        drain_waiter=waiter,
+        ready_check=ready,
+        join_tokens=join,
     )
 
     async def run() -> None:
