@@ -117,6 +117,13 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         ["--services", "300", "--workloads", "3000", "--events", "20000", "--passes", "3"],
         (1800, 600),
     ),
+    "vm_groups": (
+        "vm_groups.py",
+        "--out",
+        ["--instances", "1000", "--polls", "5", "--changes", "10"],
+        ["--instances", "300", "--polls", "3", "--changes", "10"],
+        (1200, 400),
+    ),
 }
 
 
@@ -490,6 +497,36 @@ def figures_console(r: dict[str, Any]) -> list[Figure]:
     ]
 
 
+def figures_vm_groups(r: dict[str, Any]) -> list[Figure]:
+    b = "vm_groups"
+    n = r.get("instances")
+    u = r.get("unchanged_median", {})
+    c = r.get("after_changes", {})
+    return [
+        _target(
+            b,
+            f"cloud API calls per unchanged poll ({n} instances)",
+            u.get("calls"),
+            "calls",
+            below=3,
+            shown="2 (constant)",
+        ),
+        _target(
+            b,
+            f"instances described per unchanged poll ({n})",
+            u.get("described"),
+            "",
+            below=1,
+            shown="0",
+        ),
+        _info(b, "events appended per unchanged poll", u.get("events"), "events"),
+        _info(b, f"SMC CPU per unchanged poll ({n} instances)", u.get("smc_cpu_s"), "s"),
+        _info(b, "SMC CPU full poll / unchanged poll", r.get("cpu_ratio_full_to_unchanged"), "x"),
+        _info(b, f"calls after +{r.get('changes')} instances", c.get("calls"), "calls"),
+        _info(b, f"described after +{r.get('changes')} instances", c.get("described"), ""),
+    ]
+
+
 def figures_sovereign(r: dict[str, Any]) -> list[Figure]:
     b = "sovereign_compare"
     out: list[Figure] = []
@@ -587,6 +624,7 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "convergence": figures_convergence,
     "sovereign_compare": figures_sovereign,
     "console": figures_console,
+    "vm_groups": figures_vm_groups,
 }
 
 

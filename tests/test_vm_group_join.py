@@ -11,6 +11,8 @@ import asyncio
 import base64
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from smc.testing.moto import MotoServer, auto_scaling_group
 pytestmark = pytest.mark.envoy
 
 NS = "shop"
+SMC = [sys.executable, "-m", "smc.cli"]
 
 
 def group(name: str, asg: str, sa: str) -> str:
@@ -93,8 +96,26 @@ class World:
         return [codec.decode(r.value, where=r.where) for r in self.cp.log.read(start=Position())]
 
     async def boot(self, iid: str, group: str) -> Sidecar:
-        """An instance booting: its agent reads the token from the user data, makes its key,
-        gets its certificate; then its Envoy starts with the agent's SDS."""
+        """An instance booting: ``smc vm join`` turns its user data into the agent's files,
+        its agent makes its key and trades the token for its certificate, then its Envoy
+        starts with the agent's SDS."""
+        raw = self.moto.client("ec2").describe_instance_attribute(
+            InstanceId=iid, Attribute="userData"
+        )
+        ud = self.workdir / f"user-data-{iid}"
+        ud.write_bytes(base64.b64decode(raw["UserData"]["Value"]))
+        out = self.workdir / f"join-{iid}"
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [*SMC, "vm", "join", "--user-data", str(ud), "--instance-id", iid, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"node id {NS}/{workload_name(group, iid)}" in done.stdout
+        assert (out / "join-token").stat().st_mode & 0o077 == 0
+        assert f"{NS}/{workload_name(group, iid)}" in (out / "bootstrap.yaml").read_text()
         data = self.user_data(iid)
         sc = Sidecar(
             namespace=NS,
@@ -105,10 +126,9 @@ class World:
         await sc.start_app()
         folder = sc.sds_socket.parent
         folder.mkdir(parents=True, exist_ok=True)
-        token_file = folder / "join-token"
-        token_file.write_text(data["SMC_JOIN_TOKEN"])
-        token_file.chmod(0o600)
-        bundle = base64.b64decode(data["SMC_CA_BUNDLE"]).decode()
+        token_file = out / "join-token"  # what smc vm join wrote
+        bundle = (out / "ca.pem").read_text()
+        assert bundle.strip() == base64.b64decode(data["SMC_CA_BUNDLE"]).decode().strip()
         sc._ca_pem = bundle  # its Envoy speaks mTLS to ADS with the agent's certificate
         sc.agent = Agent(
             AgentConfig(

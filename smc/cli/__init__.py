@@ -18,6 +18,7 @@ from smc.cli import _log as _log
 from smc.cli import _proxy as _proxy
 from smc.cli import _serve as _serve
 from smc.cli import _vm as _vm
+from smc.cli import _vmjoin as _vmjoin
 from smc.cli._app import cli, main
 
 __all__ = ["cli", "main"]

@@ -138,6 +138,7 @@ def join_user_data(
     ca: str,
     ads: str,
     ca_bundle_pem: str = "",
+    identity: str = "",
 ) -> str:
     """The user data an instance of the group boots with (a shell fragment of variables its
     agent reads): the group, the token, where the certificate service and ADS are, and the
@@ -152,6 +153,7 @@ def join_user_data(
         f"SMC_CA_ADDRESS={ca}\n"
         f"SMC_ADS_ADDRESS={ads}\n"
         f"SMC_CA_BUNDLE={bundle}\n"
+        f"SMC_IDENTITY={identity}\n"
     )
 
 
@@ -163,6 +165,7 @@ class GroupJoinTokens:
         self.ca = ca
         self.ads = ads
         self.ca_bundle = ca_bundle
+        self._identity: dict[tuple[str, str], str] = {}
 
     def make(
         self, group: VirtualMachineGroup, *, trust_domain: str
@@ -172,6 +175,7 @@ class GroupJoinTokens:
             namespace=group.namespace,
             service_account=group.service_account,
         ).uri
+        self._identity[(group.namespace, group.name)] = identity
         token, event = group_join_token_event(
             namespace=group.namespace,
             group=group.name,
@@ -189,6 +193,7 @@ class GroupJoinTokens:
             ca=self.ca,
             ads=self.ads,
             ca_bundle_pem=self.ca_bundle(),
+            identity=self._identity.get((group.namespace, group.name), ""),
         )
 
 
