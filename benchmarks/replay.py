@@ -108,9 +108,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed_rebuild(log: EventLog) -> tuple[ProjectionRunner, int, float, float]:
-    """A compacted rebuild from zero: the runner, events, wall seconds and CPU seconds."""
-    runner = ProjectionRunner(log=log, projections=all_projections(), batch=10_000)
+def timed_rebuild(
+    log: EventLog, trust: str | None = None
+) -> tuple[ProjectionRunner, int, float, float]:
+    """A compacted rebuild from zero: the runner, events, wall seconds and CPU seconds.
+    With ``trust`` (PEM roots), every record's seal and chain are verified on the way."""
+    verifier = None
+    if trust is not None:
+        from smc.audit import load_trust
+        from smc.events import ChainVerifier
+
+        verifier = ChainVerifier(trust=load_trust(trust))
+    runner = ProjectionRunner(
+        log=log, projections=all_projections(), batch=10_000, verifier=verifier
+    )
     t = time.perf_counter()
     cpu = time.process_time()
     n = runner.catch_up()
@@ -141,23 +152,68 @@ def rebuild_child(url: str) -> None:
     log.close()
 
 
-def rebuild_only_child(url: str) -> None:
-    """Run in a fresh process: the compacted rebuild alone, timed as in rebuild_child."""
+def rebuild_only_child(url: str, trust: str | None = None) -> None:
+    """Run in a fresh process: the compacted rebuild alone, timed as in rebuild_child
+    (verified against ``trust`` when given)."""
     log = open_log(url)
-    runner, n, secs, _ = timed_rebuild(log)
-    print(json.dumps({"events": n, "events_per_second": n / secs, "digests": runner.digests()}))
+    runner, n, secs, cpu = timed_rebuild(log, trust)
+    skipped = runner.skipped
+    print(json.dumps({"events": n, "events_per_second": n / secs, "cpu_seconds": cpu,
+                      "skipped": skipped, "digests": runner.digests()}))
     log.close()
 
 
-def rebuild_again(url: str, digests: dict[str, str]) -> float:
-    """One more compacted rebuild in a fresh process (events/s); checks it ends in the same state."""
+def rebuild_again(url: str, digests: dict[str, str], trust: str | None = None) -> float:
+    """One more compacted rebuild in a fresh process (events/s); checks it ends in the same
+    state (and, verified, that nothing was skipped)."""
     out = subprocess.run(
-        [sys.executable, __file__, "--rebuild-only-child", url],
+        [sys.executable, __file__, "--rebuild-only-child", url,
+         *(["--trust", trust] if trust else [])],
         check=True, capture_output=True, text=True,
     )
     again = json.loads(out.stdout.strip().splitlines()[-1])
     assert again["digests"] == digests, "a repeated rebuild ended in another state"
+    assert again["skipped"] == 0, "a verified rebuild skipped records of a sealed log"
     return float(again["events_per_second"])
+
+
+def writer_credentials(tmp: str) -> tuple[Any, str]:
+    """An operator writer certified by a fresh local CA: (signer, trust roots PEM path)."""
+    from smc.audit import issue_writer
+    from smc.ca import LocalIssuer
+    from smc.events import Signer
+
+    ca = LocalIssuer(directory=f"{tmp}/ca", trust_domain="bench.local")
+    issue_writer(ca, trust_domain="bench.local", role="operator", name="bench",
+                 directory=f"{tmp}/writer")
+    return Signer.from_dir(f"{tmp}/writer"), f"{tmp}/writer/trust.pem"
+
+
+def bench_sealed(url: str, events: list[Event], signer: Any, trust: str,
+                 unsealed: dict[str, Any], repeats: int = 1) -> dict[str, Any]:
+    """The same events appended sealed (5,000 per append, as bench_backend), then rebuilt
+    from zero with verification on, in fresh processes (best of ``repeats``)."""
+    log = open_log(url)
+    n = len(events)
+    t = time.perf_counter()
+    for i in range(0, n, 5000):
+        log.append(events[i : i + 5000], signer=signer)
+    append_s = time.perf_counter() - t
+    log.close()
+    digests = unsealed["rebuild"]["digests"]
+    rates = [rebuild_again(url, digests, trust) for _ in range(max(1, repeats))]
+    out = {
+        "sealed_append_events_per_second": n / append_s,
+        "sealed_vs_unsealed_append": (n / append_s) / unsealed["append_events_per_second"],
+        "verified_rebuild_passes_events_per_second": rates,
+        "verified_rebuild_events_per_second": max(rates),
+        "verified_vs_unverified_rebuild": max(rates) / unsealed["rebuild"]["events_per_second"],
+    }
+    print(f"  sealed append {out['sealed_append_events_per_second']:12,.0f} ev/s "
+          f"({out['sealed_vs_unsealed_append']:.2f}x unsealed; target >= 0.8)")
+    print(f"  verified rebuild {max(rates):12,.0f} ev/s "
+          f"({out['verified_vs_unverified_rebuild']:.2f}x unverified); same digests")
+    return out
 
 
 def raw_child(url: str, n: int) -> None:
@@ -258,6 +314,9 @@ def main() -> None:
     ap.add_argument("--rebuild-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rebuild-only-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--raw-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--trust", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-integrity", action="store_true",
+                    help="skip the sealed append and verified rebuild passes")
     ap.add_argument("--repeats", type=int, default=5,
                     help="Kafka: rebuild and raw consume passes, interleaved; best of each")
     ap.add_argument("--out", default=str(RESULTS / "replay.json"))
@@ -266,7 +325,7 @@ def main() -> None:
         rebuild_child(args.rebuild_child)
         return
     if args.rebuild_only_child:
-        rebuild_only_child(args.rebuild_only_child)
+        rebuild_only_child(args.rebuild_only_child, args.trust)
         return
     if args.raw_child:
         raw_child(args.raw_child, args.events)
@@ -289,6 +348,14 @@ def main() -> None:
             r["rebuild_vs_target"] = r["rebuild"]["events_per_second"] / 100_000
             results["backends"]["sqlite"] = r
             report("sqlite", r)
+            if not args.no_integrity:
+                signer, trust = writer_credentials(tmp)
+                r["integrity"] = bench_sealed(
+                    f"sqlite:///{tmp}/sealed.db", events, signer, trust, r
+                )
+                r["integrity"]["verified_rebuild_vs_target"] = (
+                    r["integrity"]["verified_rebuild_events_per_second"] / 100_000
+                )
         if "kafka" in backends:
             broker = None
             bootstrap = args.bootstrap
@@ -345,6 +412,20 @@ def main() -> None:
                 print(f"  (count-only consume loop passes {', '.join(f'{x:,.0f}' for x in bares)} "
                       f"ev/s; best {bare:,.0f}; rebuild/that = "
                       f"{r['rebuild_vs_raw_count_only']:.2f})")
+                if not args.no_integrity:
+                    signer, trust = writer_credentials(tmp)
+                    sprefix = f"sealed{uuid.uuid4().hex[:8]}."
+                    ensure_topics(bootstrap=bootstrap, definitions={"topics": [
+                        {**t, "name": sprefix + t["name"]} for t in DEFAULT_TOPICS["topics"]
+                        if t["name"] != "smc.checkpoints"]})
+                    integ = bench_sealed(f"kafka://{bootstrap}?prefix={sprefix}", events,
+                                         signer, trust, r, repeats=args.repeats)
+                    integ["verified_rebuild_vs_raw_consume"] = (
+                        integ["verified_rebuild_events_per_second"] / raw
+                    )
+                    r["integrity"] = integ
+                    print(f"  verified rebuild / raw consume = "
+                          f"{integ['verified_rebuild_vs_raw_consume']:.2f} (target >= 0.5)")
             finally:
                 if broker is not None:
                     broker.stop()

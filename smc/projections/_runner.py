@@ -395,8 +395,7 @@ class ProjectionRunner:
                     recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
                     after = scanned.advanced(recs)
                     if compact and verifier is not None:
-                        ok = verifier.feed(recs)
-                        raw = [(r.stream, r.partition, r.offset, r.key, r.value) for r in ok]
+                        raw = verifier.feed(recs)  # Records: see _scan(records=True)
                         if recs and not raw:  # progress, nothing (yet) to apply
                             scanned = after
                             last_progress = time.monotonic()
@@ -418,7 +417,9 @@ class ProjectionRunner:
                     if scan_messages is not None:
                         added, tails = self._scan_messages(raw, pending, kinds)
                     else:
-                        added, tails = self._scan(raw, pending, kinds)
+                        added, tails = self._scan(
+                            raw, pending, kinds, records=verifier is not None
+                        )
                     registered += added
                     appended += tails
                     scanned = after
@@ -449,9 +450,11 @@ class ProjectionRunner:
 
     def _scan(
         self,
-        raw: list[_Raw],
+        raw: Sequence[Any],
         pending: dict[object, Any],
         kinds: dict[bytes, bool],
+        *,
+        records: bool = False,
     ) -> tuple[int, int]:
         """Register records for a compacted apply: check headers, drop duplicates by id.
 
@@ -464,8 +467,10 @@ class ProjectionRunner:
         dedupe = self._dedupe
         xxh = xxh64_intdigest
         duplicates = tails = 0
+        # raw tuples hold (.., key, value) at 3 and 4; Records (verified catch-up) at 4 and 5
+        ki, vi = (4, 5) if records else (3, 4)
         for r in raw:
-            v = r[4]
+            v = r[vi]
             rep = kinds.get(v[:10])
             if rep is None:
                 self.codec.header(v, where=_where(r))  # raises the precise DecodeError
@@ -480,9 +485,9 @@ class ProjectionRunner:
                 seen[h] = None
             # Aggregate keys carry their kind as a prefix, so they are unique across streams.
             if rep:
-                pending[r[3]] = r
+                pending[r[ki]] = r
             else:
-                _add_tail(pending, r[3], r)
+                _add_tail(pending, r[ki], r)
                 tails += 1
         added = len(raw) - duplicates
         self.applied += added
@@ -578,6 +583,8 @@ class ProjectionRunner:
             return
         if messages:
             survivors = [_message_raw(m) for m in survivors]
+        elif survivors[0].__class__ is Record:
+            survivors = [(r[0], r[1], r[2], r[4], r[5]) for r in survivors]
         survivors.sort(key=lambda r: (r[0], r[1], r[2]))
         self._apply_checked(survivors)
 
