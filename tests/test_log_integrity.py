@@ -28,6 +28,7 @@ from smc.events import (
     CertificateIssued,
     EventLog,
     KafkaLog,
+    Position,
     Signer,
     SqliteLog,
     WriterTrust,
@@ -357,3 +358,30 @@ def _serial(d: Path) -> int:
     from cryptography import x509
 
     return x509.load_pem_x509_certificates((d / "writer.crt").read_bytes())[0].serial_number
+
+
+@pytest.mark.kafka
+def test_kafka_read_sealed_equals_read(kafka_broker: KafkaBroker, writers: dict[str, Path]) -> None:
+    """The verified rebuild's batch read gives the records ``read`` gives, seals included."""
+    prefix = new_topics(kafka_broker)
+    log = KafkaLog(kafka_broker.bootstrap, topic_prefix=prefix)
+    try:
+        log.append([service(i) for i in range(30)], signer=Signer.from_dir(writers["operator"]))
+        log.append([service(99)])  # one unsealed
+        end = log.end_position()
+        plain, pos = [], Position()
+        while not pos.covers(end):
+            got = log.read(start=pos, max_records=7, timeout=1)
+            plain.extend(got)
+            pos = pos.advanced(got)
+        other = KafkaLog(kafka_broker.bootstrap, topic_prefix=prefix)
+        sealed, pos = [], Position()
+        while not pos.covers(end):
+            got, pos = other.read_sealed(start=pos, max_records=7, timeout=1, end=end)
+            sealed.extend(got)
+        other.close()
+        key = lambda r: (r.stream, r.partition, r.offset)  # noqa: E731
+        assert sorted(sealed, key=key) == sorted(plain, key=key)
+        assert sum(1 for r in sealed if r.seal) >= 2 and any(not r.writer for r in sealed)
+    finally:
+        log.close()

@@ -372,6 +372,7 @@ class ProjectionRunner:
             getattr(self.log, "scan_messages", None) if compact and verifier is None else None
         )
         scan = getattr(self.log, "scan", None) if verifier is None else None
+        read_sealed = getattr(self.log, "read_sealed", None) if verifier is not None else None
         # A compacted scan makes only acyclic objects (messages, bytes, ints) by the million;
         # the cyclic collector would walk the pending records and projection state over and
         # over for nothing, so it is paused until the survivors are applied.
@@ -389,11 +390,15 @@ class ProjectionRunner:
                         start=scanned, max_records=self.batch, timeout=0.5, end=target
                     )
                 else:
-                    recs: list[Record] = self.log.read(
-                        start=scanned, max_records=self.batch, timeout=0.5
-                    )
-                    recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
-                    after = scanned.advanced(recs)
+                    recs: list[Record]
+                    if read_sealed is not None:
+                        recs, after = read_sealed(
+                            start=scanned, max_records=self.batch, timeout=0.5, end=target
+                        )
+                    else:
+                        recs = self.log.read(start=scanned, max_records=self.batch, timeout=0.5)
+                        recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
+                        after = scanned.advanced(recs)
                     if compact and verifier is not None:
                         raw = verifier.feed(recs)  # Records: see _scan(records=True)
                         if recs and not raw:  # progress, nothing (yet) to apply
@@ -417,9 +422,7 @@ class ProjectionRunner:
                     if scan_messages is not None:
                         added, tails = self._scan_messages(raw, pending, kinds)
                     else:
-                        added, tails = self._scan(
-                            raw, pending, kinds, records=verifier is not None
-                        )
+                        added, tails = self._scan(raw, pending, kinds, records=verifier is not None)
                     registered += added
                     appended += tails
                     scanned = after
