@@ -19,6 +19,7 @@ import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import partial
 from itertools import repeat
 from typing import Any
 
@@ -441,19 +442,21 @@ class KafkaLog:
         topics: Iterable[str] = map(m_.topic, msgs)
         if self.prefix:
             topics = map(operator.itemgetter(slice(len(self.prefix), None)), topics)
-        recs = list(
+        recs: list[Record] = list(
             map(
-                Record,
-                topics,
-                map(m_.partition, msgs),
-                map(m_.offset, msgs),
-                map(_TS, map(m_.timestamp, msgs)),
-                map(bytes.decode, keys),
-                values,
-                repeat(""),
-                repeat(""),
-                map(_WRITER, dicts),
-                map(_SEAL, dicts),
+                _new_record,
+                zip(
+                    topics,
+                    map(m_.partition, msgs),
+                    map(m_.offset, msgs),
+                    map(_TS, map(m_.timestamp, msgs)),
+                    map(bytes.decode, keys),
+                    values,
+                    repeat(""),
+                    repeat(""),
+                    map(_WRITER, dicts),
+                    map(_SEAL, dicts),
+                ),
             )
         )
         return recs, after
@@ -515,6 +518,8 @@ class KafkaLog:
 
 _message_error = Message.error
 _TS = operator.itemgetter(1)
+#: Record from a 10-tuple without a Python frame (the namedtuple's __new__ is Python code).
+_new_record: Any = partial(tuple.__new__, Record)
 _WRITER = operator.methodcaller("get", "smc.writer", b"")
 _SEAL = operator.methodcaller("get", "smc.seal", b"")
 

@@ -19,7 +19,7 @@ import hashlib
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, count, groupby, repeat
 from typing import Any
 
 from smc.events._codec import MAGIC, Codec, default_codec
@@ -111,20 +111,26 @@ class ChainVerifier:
         out: list[Record] = []
         self.released_by = []
         pending = self.pending
-        last_key: tuple[str, int, bytes] | None = None
-        held: list[Record] = []
-        for r in records:
-            if r[9]:  # the seal closing a batch
-                last_key = None
-                self._close(r, out)
-                continue
-            key = (r[0], r[1], r[8])
-            if key != last_key:
-                got = pending.get(key)
-                if got is None:
-                    got = pending[key] = []
-                held, last_key = got, key
-            held.append(r)
+        # Runs of records of one (stream, partition, writer), then the seals within each run:
+        # C-level passes; the Python work is per run and per seal, not per record.
+        for key, group in groupby(records, _RUN_KEY):
+            run = list(group)
+            start = 0
+            for i in compress(count(), map(_SEAL_OF, run)):
+                if i > start:
+                    held = pending.get(key)
+                    if held is None:
+                        pending[key] = run[start:i]
+                    else:
+                        held.extend(run[start:i])
+                self._close(run[i], out)
+                start = i + 1
+            if start < len(run):
+                held = pending.get(key)
+                if held is None:
+                    pending[key] = run[start:]
+                else:
+                    held.extend(run[start:])
         return out
 
     def finish(self) -> None:
@@ -388,6 +394,8 @@ def _record_at(log: EventLog, stream: str, part: int, offset: int) -> Record | N
     return None
 
 
+_RUN_KEY = operator.itemgetter(0, 1, 8)  # stream, partition, writer
+_SEAL_OF = operator.itemgetter(9)
 _KEY = operator.itemgetter(4)
 _VALUE = operator.itemgetter(5)
 _HEADER = operator.itemgetter(slice(0, 10))

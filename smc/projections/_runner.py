@@ -85,6 +85,8 @@ def _survivors(pending: dict[object, Any]) -> list[Any]:
 
 
 _HEADER = operator.itemgetter(slice(0, 10))  # magic + schema fingerprint
+_REC_KEY = operator.itemgetter(4)  # a Record's key and value
+_REC_VALUE = operator.itemgetter(5)
 _ID_LENGTH = operator.itemgetter(10)  # the event id's zigzag length byte
 _id_slices: dict[int, Callable[[bytes], bytes]] = {}
 
@@ -421,6 +423,13 @@ class ProjectionRunner:
                 else:
                     if scan_messages is not None:
                         added, tails = self._scan_messages(raw, pending, kinds)
+                    elif (
+                        verifier is not None
+                        and self._dedupe
+                        and self._scan_batch(raw, pending, kinds, records=True)
+                    ):
+                        added, tails = len(raw), 0
+                        self.applied += added
                     else:
                         added, tails = self._scan(raw, pending, kinds, records=verifier is not None)
                     registered += added
@@ -545,7 +554,12 @@ class ProjectionRunner:
         return added, tails
 
     def _scan_batch(
-        self, msgs: list[Any], pending: dict[object, Any], kinds: dict[bytes, bool]
+        self,
+        msgs: list[Any],
+        pending: dict[object, Any],
+        kinds: dict[bytes, bool],
+        *,
+        records: bool = False,
     ) -> bool:
         """The common case of :meth:`_scan_messages` as C-level passes over the batch (about
         12% less CPU than the per-record loop): every record of a replacing type, every event
@@ -556,7 +570,8 @@ class ProjectionRunner:
         if not msgs:
             return False
         cls = msgs[0].__class__  # the messages' C methods, mapped: no Python frame each
-        values = list(map(cls.value, msgs))
+        value_of, key_of = (_REC_VALUE, _REC_KEY) if records else (cls.value, cls.key)
+        values = list(map(value_of, msgs))
         try:
             if not all(map(kinds.__getitem__, map(_HEADER, values))):
                 return False
@@ -572,7 +587,7 @@ class ProjectionRunner:
         if len(ids) != len(values) or not self._seen.keys().isdisjoint(ids):
             return False
         self._seen.update(ids)
-        pending.update(zip(map(cls.key, msgs), msgs, strict=True))
+        pending.update(zip(map(key_of, msgs), msgs, strict=True))
         return True
 
     def _flush(
