@@ -971,7 +971,8 @@ def test_deploy_container_arguments_parse_with_the_real_command_lines() -> None:
                 seen["serve"] += 1
             elif command[:3] == ["python", "-m", "smc.injector"]:
                 parsed = _parser().parse_args(command[3:])
-                assert not parsed.plaintext_ads and parsed.credentials == "secret"
+                assert not parsed.plaintext_ads and parsed.credentials == "agent"
+                assert parsed.ca_address == "smc-ca.smc-system.svc:15012"
                 assert parsed.ads_server_name == "smc.smc-system.svc"
                 seen["injector"] += 1
     assert seen == {"serve": 2, "injector": 1}
