@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from smc.agent import Agent, AgentConfig, CertificateClient, SigningRefused, SignRequest
 from smc.ca import verify_certificate
+from smc.events import ProxyCertificateRevoked, deterministic_id, make_event
 from smc.identity import TokenReviewer
 from smc.informers import KubeEndpoint
 from smc.projections import CertsProjection
@@ -171,6 +172,39 @@ async def test_pod_agent_gets_its_certificate_with_its_projected_token(
         assert rec.serial == agent.current.serial
         # the socket is the agent's user's and group's only
         assert (tmp_path / "agent" / "sds.sock").stat().st_mode & 0o007 == 0
+        # its certificate revoked (say, by mistake): the renewal with it is refused, and the pod
+        # proves itself again with its token once the kubelet rotated it
+        revoked = agent.current.serial
+        await asyncio.to_thread(cp.issuer.revoke, serial=revoked)
+        await asyncio.to_thread(
+            cp.log.append,
+            [
+                make_event(
+                    ProxyCertificateRevoked,
+                    source="test",
+                    actor="ca",
+                    event_id=deterministic_id("test", "revoke", revoked),
+                    proxy=f"pod/{NS}/web-1",
+                    serial=revoked,
+                    identity=f"spiffe://cluster.local/ns/{NS}/sa/web",
+                    reason="test",
+                )
+            ],
+        )
+        deadline = time.monotonic() + 15
+        while certs.proxy_cert(f"pod/{NS}/web-1") is not None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        with pytest.raises(SigningRefused, match="certificate-revoked"):
+            await agent.request()
+        token_file.write_text(token_for(kube, "web", pod="web-1", uid=uid))  # rotated
+        again = await agent.request()
+        assert again.serial != revoked
+        deadline = time.monotonic() + 15
+        while (rec := certs.proxy_cert(f"pod/{NS}/web-1")) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert rec.proof == "service-account-token" and rec.serial == again.serial
     finally:
         stop.set()
         await task

@@ -10,7 +10,7 @@ one-time join token of ``join_token_file`` once. Renewals happen on the agent's 
 (``renew_after`` of the answer, about two thirds of the lifetime with jitter) with a fresh key
 each time, proven with the current certificate (a signature by the current key over the new
 CSR). A failed request is retried with exponential backoff; once the current certificate has
-expired a pod falls back to its token.
+expired, or the control plane refused it as proof (revoked), a pod falls back to its token.
 Concurrency: one asyncio loop; signing (cryptography) is quick and done inline.
 """
 
@@ -140,6 +140,7 @@ class Agent:
         self.ready = asyncio.Event()
         self._join_used = False
         self._pending_key: ec.EllipticCurvePrivateKey | None = None
+        self._cert_refused = False
 
     # ------------------------------------------------------------------ one request
     def _csr(self, key: ec.EllipticCurvePrivateKey) -> x509.CertificateSigningRequest:
@@ -183,7 +184,7 @@ class Agent:
         csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
         current = self.current
         proof: dict[str, str]
-        if current is not None and self.clock() < current.not_after:
+        if current is not None and self.clock() < current.not_after and not self._cert_refused:
             message = renewal_message(
                 proxy=self.config.proxy, csr_der=csr.public_bytes(serialization.Encoding.DER)
             )
@@ -195,7 +196,15 @@ class Agent:
         else:
             proof = self._first_proof()
         req = SignRequest(proxy=self.config.proxy, csr_pem=csr_pem, **proof)
-        resp = await self.client.sign(req)
+        try:
+            resp = await self.client.sign(req)
+        except SigningRefused as exc:
+            if "certificate_pem" in proof and exc.code == "UNAUTHENTICATED":
+                # the current certificate is no proof any more (revoked, superseded elsewhere):
+                # a pod proves itself again with its token on the next attempt
+                self._cert_refused = True
+            raise
+        self._cert_refused = False
         if "join_token" in proof:
             self._join_used = True
         await self._install(key, resp)
