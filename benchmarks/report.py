@@ -96,6 +96,13 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         ["--sizes", "1000,3000", "--changes", "3"],
         (3600, 900),
     ),
+    "ads_replicas": (
+        "ads_replicas.py",
+        "--out",
+        ["--proxies", "5000"],
+        ["--proxies", "1000"],
+        (3600, 1200),
+    ),
     "convergence": (
         "convergence.py",
         "--out",
@@ -527,6 +534,61 @@ def figures_vm_groups(r: dict[str, Any]) -> list[Figure]:
     ]
 
 
+def figures_ads_replicas(r: dict[str, Any]) -> list[Figure]:
+    b = "ads_replicas"
+    n = r.get("proxies_per_replica", 0)
+    storm = r.get("storm", {})
+    absorb = r.get("absorb", {})
+    out = [
+        _info(
+            b,
+            f"storm -> all served, replica 1 ({n:,} proxies)",
+            storm.get("replica1_all_served_s"),
+            "s",
+        ),
+        _info(
+            b,
+            f"storm -> all served, replica 2 ({n:,} proxies)",
+            storm.get("replica2_all_served_s"),
+            "s",
+        ),
+        _info(
+            b,
+            f"kill -9 of replica 1 -> its {n:,} proxies served by replica 2",
+            absorb.get("kill_to_all_served_s"),
+            "s",
+        ),
+    ]
+    changed = _target(
+        b,
+        "config types changed on reconnect to the other replica",
+        absorb.get("types_changed_on_reconnect"),
+        "count",
+        below=1,
+        shown="0",
+    )
+    lost = _target(
+        b,
+        "replica 2's own streams lost while absorbing",
+        absorb.get("replica2_streams_lost"),
+        "count",
+        below=1,
+        shown="0",
+    )
+    out += [replace(changed, ratio=None), replace(lost, ratio=None)]
+    if absorb.get("resumed") is not None:
+        resumed = _target(
+            b,
+            "moved proxies not served again",
+            n - absorb["resumed"],
+            "count",
+            below=1,
+            shown="0",
+        )
+        out.append(replace(resumed, ratio=None))
+    return out
+
+
 def figures_sovereign(r: dict[str, Any]) -> list[Figure]:
     b = "sovereign_compare"
     out: list[Figure] = []
@@ -621,6 +683,7 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "identity": figures_identity,
     "ads_streams": figures_ads_streams,
     "ads_scale": figures_ads_scale,
+    "ads_replicas": figures_ads_replicas,
     "convergence": figures_convergence,
     "sovereign_compare": figures_sovereign,
     "console": figures_console,

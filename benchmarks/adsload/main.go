@@ -56,7 +56,9 @@ func (rawCodec) Unmarshal(data []byte, v any) error {
 func (rawCodec) Name() string { return "proto" }
 
 var (
-	addr         = flag.String("addr", "127.0.0.1:15010", "ADS server address")
+	addr         = flag.String("addr", "127.0.0.1:15010", "ADS server address(es), comma-separated: a stream that ends reconnects to the next one (with -reconnect)")
+	learn        = flag.Bool("learn", false, "subscribe EDS/RDS to the names the CDS/LDS responses reference (like Envoy) instead of svc-N / outbound")
+	nodeFormat   = flag.String("node-format", "", "node id format with one %d (default: -node-prefix + index)")
 	streams      = flag.Int("streams", 1000, "number of ADS streams (one node id each)")
 	conns        = flag.Int("conns", 10, "gRPC connections the streams are spread over")
 	delta        = flag.Bool("delta", false, "incremental xDS instead of state of the world")
@@ -68,11 +70,13 @@ var (
 )
 
 type stream struct {
-	node   string
-	ready  atomic.Bool
-	mu     sync.Mutex
-	seen   map[string]int64 // EDS version -> first seen (Unix ns)
-	latest map[string]string
+	node  string
+	ready atomic.Bool
+	mu    sync.Mutex
+	seen  map[string]int64  // EDS version -> first seen (Unix ns)
+	held  map[string]string // type URL -> version held (kept across reconnects)
+	addr  int               // index of the address in use
+	lost  bool              // lost its connection and not yet served again
 }
 
 type state struct {
@@ -83,8 +87,14 @@ type state struct {
 	ready     atomic.Int64
 	lost      atomic.Int64
 	reconns   atomic.Int64
+	resumed   atomic.Int64 // streams served again after a reconnect
+	changed   atomic.Int64 // types whose version differed after a reconnect
+	unchanged atomic.Int64 // types whose version was the same after a reconnect
+	lastBack  atomic.Int64 // Unix ns of the last stream served again
+	firstLoss atomic.Int64 // Unix ns of the first stream lost
 	codes     map[string]int
 	sample    map[string]string // code -> one error message
+	names     []string
 	readyCh   chan struct{}
 	readyOnce sync.Once
 }
@@ -180,10 +190,11 @@ func parseResponse(b []byte) (version, typeURL, nonce string, err error) {
 	return
 }
 
-func (s *state) run(ctx context.Context, cc *grpc.ClientConn, st *stream, names []string) {
+func (s *state) run(ctx context.Context, clients [][]*grpc.ClientConn, k int, st *stream) {
 	for {
 		began := time.Now()
-		err := s.once(ctx, cc, st, names)
+		cc := clients[st.addr][k%len(clients[st.addr])]
+		err := s.once(ctx, cc, st)
 		if ctx.Err() != nil {
 			return
 		}
@@ -192,24 +203,177 @@ func (s *state) run(ctx context.Context, cc *grpc.ClientConn, st *stream, names 
 			code = "EOF"
 		}
 		s.lost.Add(1)
+		s.firstLoss.CompareAndSwap(0, time.Now().UnixNano())
 		s.mu.Lock()
 		s.codes[code]++
 		if _, ok := s.sample[code]; !ok && err != nil {
 			s.sample[code] = fmt.Sprintf("%v (after %.1f s, ready %v)", err, time.Since(began).Seconds(), st.ready.Load())
 		}
+		s.mu.Unlock()
 		if os.Getenv("ADSLOAD_DEBUG") != "" {
 			fmt.Fprintf(os.Stderr, "lost %s after %.1f s ready=%v: %v\n", st.node, time.Since(began).Seconds(), st.ready.Load(), err)
 		}
-		s.mu.Unlock()
 		if !*reconnect {
 			return
 		}
+		st.mu.Lock()
+		st.lost = true
+		st.mu.Unlock()
 		s.reconns.Add(1)
-		time.Sleep(100 * time.Millisecond)
+		st.addr = (st.addr + 1) % len(clients)
+		time.Sleep(time.Duration(50+k%100) * time.Millisecond)
 	}
 }
 
-func (s *state) once(ctx context.Context, cc *grpc.ClientConn, st *stream, names []string) error {
+// clusterEDSNames: the EDS names of the EDS clusters in a CDS response's resources.
+func clusterEDSNames(resources [][]byte) []string {
+	var out []string
+	for _, c := range resources {
+		name, eds, service := "", false, ""
+		walk(c, func(num protowire.Number, typ protowire.Type, v []byte, x uint64) {
+			switch {
+			case num == 1 && typ == protowire.BytesType:
+				name = string(v)
+			case num == 2 && typ == protowire.VarintType:
+				eds = x == 3
+			case num == 3 && typ == protowire.BytesType:
+				walk(v, func(n protowire.Number, t protowire.Type, w []byte, _ uint64) {
+					if n == 2 && t == protowire.BytesType {
+						service = string(w)
+					}
+				})
+			}
+		})
+		if eds {
+			if service == "" {
+				service = name
+			}
+			out = append(out, service)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// listenerRouteNames: the RDS route names the HTTP connection managers of a LDS response use.
+func listenerRouteNames(resources [][]byte) []string {
+	found := map[string]bool{}
+	chain := func(fc []byte) {
+		walk(fc, func(n protowire.Number, t protowire.Type, f []byte, _ uint64) {
+			if n != 3 || t != protowire.BytesType {
+				return
+			}
+			walk(f, func(n protowire.Number, t protowire.Type, anyMsg []byte, _ uint64) {
+				if n != 4 || t != protowire.BytesType {
+					return
+				}
+				walk(anyMsg, func(n protowire.Number, t protowire.Type, hcm []byte, _ uint64) {
+					if n != 2 || t != protowire.BytesType {
+						return
+					}
+					walk(hcm, func(n protowire.Number, t protowire.Type, rds []byte, _ uint64) {
+						if n != 3 || t != protowire.BytesType {
+							return
+						}
+						walk(rds, func(n protowire.Number, t protowire.Type, v []byte, _ uint64) {
+							if n == 2 && t == protowire.BytesType {
+								found[string(v)] = true
+							}
+						})
+					})
+				})
+			})
+		})
+	}
+	for _, l := range resources {
+		walk(l, func(n protowire.Number, t protowire.Type, v []byte, _ uint64) {
+			if (n == 3 || n == 25) && t == protowire.BytesType {
+				chain(v)
+			}
+		})
+	}
+	var out []string
+	for k := range found {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// walk calls fn for every field of a message (bytes value or varint).
+func walk(b []byte, fn func(protowire.Number, protowire.Type, []byte, uint64)) {
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return
+		}
+		b = b[n:]
+		switch typ {
+		case protowire.BytesType:
+			v, m := protowire.ConsumeBytes(b)
+			if m < 0 {
+				return
+			}
+			fn(num, typ, v, 0)
+			b = b[m:]
+		case protowire.VarintType:
+			x, m := protowire.ConsumeVarint(b)
+			if m < 0 {
+				return
+			}
+			fn(num, typ, nil, x)
+			b = b[m:]
+		default:
+			m := protowire.ConsumeFieldValue(num, typ, b)
+			if m < 0 {
+				return
+			}
+			b = b[m:]
+		}
+	}
+}
+
+// anyValues: the value bytes of the resources (field 2, Any) of a response.
+func anyValues(resp []byte, delta bool) [][]byte {
+	var out [][]byte
+	walk(resp, func(n protowire.Number, t protowire.Type, v []byte, _ uint64) {
+		if n != 2 || t != protowire.BytesType {
+			return
+		}
+		if delta { // Resource{name=3, version=1, resource=2 (Any)}
+			walk(v, func(n protowire.Number, t protowire.Type, a []byte, _ uint64) {
+				if n == 2 && t == protowire.BytesType {
+					walk(a, func(n protowire.Number, t protowire.Type, w []byte, _ uint64) {
+						if n == 2 && t == protowire.BytesType {
+							out = append(out, w)
+						}
+					})
+				}
+			})
+			return
+		}
+		walk(v, func(n protowire.Number, t protowire.Type, w []byte, _ uint64) {
+			if n == 2 && t == protowire.BytesType {
+				out = append(out, w)
+			}
+		})
+	})
+	return out
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *state) once(ctx context.Context, cc *grpc.ClientConn, st *stream) error {
 	method := "StreamAggregatedResources"
 	if *delta {
 		method = "DeltaAggregatedResources"
@@ -222,31 +386,41 @@ func (s *state) once(ctx context.Context, cc *grpc.ClientConn, st *stream, names
 	s.live.Add(1)
 	defer s.live.Add(-1)
 	send := func(b []byte) error { return cs.SendMsg(&b) }
-	namesFor := func(t string) []string {
-		switch t {
-		case typeEndpoint:
-			return names
-		case typeRoute:
-			return []string{"outbound"}
+	names := map[string][]string{typeEndpoint: s.names, typeRoute: {"outbound"}}
+	if *learn {
+		names = map[string][]string{}
+	}
+	st.mu.Lock()
+	held := map[string]string{}
+	for k, v := range st.held {
+		held[k] = v
+	}
+	resuming := st.lost
+	st.mu.Unlock()
+	nonces := map[string]string{}
+	request := func(t string, node string) error {
+		var msg []byte
+		if *delta {
+			msg = deltaRequest(node, t, "", names[t])
+		} else {
+			msg = sotwRequest(node, t, held[t], nonces[t], names[t])
 		}
-		return nil
+		return send(msg)
 	}
 	for i, t := range []string{typeCluster, typeEndpoint, typeListener, typeRoute} {
+		if *learn && (t == typeEndpoint || t == typeRoute) {
+			continue
+		}
 		node := ""
 		if i == 0 {
 			node = st.node
 		}
-		var msg []byte
-		if *delta {
-			msg = deltaRequest(node, t, "", namesFor(t))
-		} else {
-			msg = sotwRequest(node, t, "", "", namesFor(t))
-		}
-		if err := send(msg); err != nil {
+		if err := request(t, node); err != nil {
 			return err
 		}
 	}
 	got := map[string]bool{}
+	checked := map[string]bool{}
 	for {
 		var resp []byte
 		if err := cs.RecvMsg(&resp); err != nil {
@@ -257,24 +431,65 @@ func (s *state) once(ctx context.Context, cc *grpc.ClientConn, st *stream, names
 		if err != nil {
 			return err
 		}
+		if resuming && !checked[typeURL] {
+			checked[typeURL] = true
+			if old, ok := held[typeURL]; ok {
+				if old == version {
+					s.unchanged.Add(1)
+				} else {
+					s.changed.Add(1)
+					if os.Getenv("ADSLOAD_DEBUG") != "" {
+						fmt.Fprintf(os.Stderr, "%s: %s changed on reconnect: %s -> %s\n", st.node, typeURL, old, version)
+					}
+				}
+			}
+		}
+		held[typeURL] = version
+		nonces[typeURL] = nonce
 		var ack []byte
 		if *delta {
 			ack = deltaRequest("", typeURL, nonce, nil)
 		} else {
-			ack = sotwRequest("", typeURL, version, nonce, namesFor(typeURL))
+			ack = sotwRequest("", typeURL, version, nonce, names[typeURL])
 		}
 		if err := send(ack); err != nil {
 			return err
 		}
+		if *learn && !*delta && (typeURL == typeCluster || typeURL == typeListener) {
+			dep, want := typeEndpoint, []string(nil)
+			if typeURL == typeCluster {
+				want = clusterEDSNames(anyValues(resp, false))
+			} else {
+				dep, want = typeRoute, listenerRouteNames(anyValues(resp, false))
+			}
+			if !equal(want, names[dep]) {
+				names[dep] = want
+				if err := request(dep, ""); err != nil {
+					return err
+				}
+			}
+		}
+		st.mu.Lock()
+		st.held[typeURL] = version
 		if typeURL == typeEndpoint {
-			st.mu.Lock()
 			if _, ok := st.seen[version]; !ok {
 				st.seen[version] = now
 			}
-			st.mu.Unlock()
 		}
+		st.mu.Unlock()
 		got[typeURL] = true
-		if len(got) == 4 && !st.ready.Load() {
+		complete := got[typeCluster] && got[typeListener] &&
+			(got[typeEndpoint] || len(names[typeEndpoint]) == 0) &&
+			(got[typeRoute] || len(names[typeRoute]) == 0)
+		if complete && resuming {
+			resuming = false
+			st.mu.Lock()
+			st.lost = false
+			st.mu.Unlock()
+			s.resumed.Add(1)
+			s.lastBack.Store(now)
+		}
+		if complete && !st.ready.Load() {
 			st.ready.Store(true)
 			if s.ready.Add(1) == int64(len(s.streams)) {
 				s.readyOnce.Do(func() { close(s.readyCh) })
@@ -334,25 +549,34 @@ func main() {
 	for i := range names {
 		names[i] = "svc-" + strconv.Itoa(i)
 	}
+	s.names = names
 	for i := 0; i < *streams; i++ {
+		node := *nodePrefix + strconv.Itoa(*nodeOffset+i)
+		if *nodeFormat != "" {
+			node = fmt.Sprintf(*nodeFormat, *nodeOffset+i)
+		}
 		s.streams = append(s.streams, &stream{
-			node: *nodePrefix + strconv.Itoa(*nodeOffset+i), seen: map[string]int64{},
+			node: node, seen: map[string]int64{}, held: map[string]string{},
 		})
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var clients []*grpc.ClientConn
-	for i := 0; i < *conns; i++ {
-		cc, err := grpc.NewClient(*addr,
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<30)),
-			grpc.WithInitialWindowSize(1<<20), grpc.WithInitialConnWindowSize(16<<20),
-		)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
+	var clients [][]*grpc.ClientConn
+	for _, a := range strings.Split(*addr, ",") {
+		var per []*grpc.ClientConn
+		for i := 0; i < *conns; i++ {
+			cc, err := grpc.NewClient(a,
+				grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<30)),
+				grpc.WithInitialWindowSize(1<<20), grpc.WithInitialConnWindowSize(16<<20),
+			)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
+			per = append(per, cc)
 		}
-		clients = append(clients, cc)
+		clients = append(clients, per)
 	}
 	s.emit(map[string]any{"event": "hello", "streams": *streams, "conns": *conns})
 	in := bufio.NewScanner(os.Stdin)
@@ -365,7 +589,7 @@ func main() {
 		case "start":
 			t0 := time.Now()
 			for i, st := range s.streams {
-				go s.run(ctx, clients[i%len(clients)], st, names)
+				go s.run(ctx, clients, i, st)
 			}
 			go func() {
 				select {
@@ -399,12 +623,16 @@ func main() {
 			s.emit(map[string]any{
 				"event": "stats", "live": s.live.Load(), "ready": s.ready.Load(),
 				"lost": s.lost.Load(), "reconnects": s.reconns.Load(), "codes": codes,
-				"errors": sample,
+				"errors": sample, "resumed": s.resumed.Load(), "changed_on_reconnect": s.changed.Load(),
+				"unchanged_on_reconnect": s.unchanged.Load(), "first_loss_ns": s.firstLoss.Load(),
+				"last_back_ns": s.lastBack.Load(),
 			})
 		case "quit":
 			cancel()
-			for _, cc := range clients {
-				_ = cc.Close()
+			for _, per := range clients {
+				for _, cc := range per {
+					_ = cc.Close()
+				}
 			}
 			return
 		}

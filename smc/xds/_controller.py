@@ -7,7 +7,9 @@ changes, and trust-bundle changes, rebuild every proxy) in one :class:`BuildPass
 publishes each snapshot with :meth:`Snapshot.replace` (so the server diffs in O(changes)).
 Proxies are built for the node ids that connected (:attr:`XdsController.source` is the
 :class:`~smc.xds.SnapshotSource` handed to the :class:`~smc.xds.AdsServer`; its ``watch``
-registers the node). It also records the causal chain: for each event, the runner position
+registers the node); nodes that connect meanwhile are built together after the debounce, in
+one :class:`BuildPass`, so a reconnect storm shares the per-identity and per-service work. It
+also records the causal chain: for each event, the runner position
 and the snapshot versions (per node and type) that carried it, and, from the server's ACKs,
 when each proxy acknowledged them (:meth:`XdsController.trace`).
 
@@ -232,7 +234,12 @@ class XdsController:
 
     def idle(self) -> bool:
         """True when no applied change is waiting to be built (after the debounce)."""
-        return not self._dirty_keys and not self._pending_events and not self._wake.is_set()
+        return (
+            not self._dirty_keys
+            and not self._dirty_nodes
+            and not self._pending_events
+            and not self._wake.is_set()
+        )
 
     def node_ids(self) -> list[str]:
         return sorted(self._nodes)
@@ -245,7 +252,10 @@ class XdsController:
             node = self._nodes[node_id] = _Node(node_id=node_id)
             self._tracked_gauge.set(len(self._nodes))
             if self._ready:
-                self._rebuild({node_id}, pub=None)
+                # Built by the loop with every other node that connected meanwhile, in one
+                # BuildPass (a reconnect storm shares the per-identity and per-service work).
+                self._dirty_nodes.add(node_id)
+                self._wake.set()
         node.watchers += 1
 
     def _unregister(self, node_id: str) -> None:
@@ -393,6 +403,9 @@ class XdsController:
 
     def _flush(self) -> None:
         self._wake.clear()
+        new_nodes, self._dirty_nodes = self._dirty_nodes, set()
+        if new_nodes:
+            self._rebuild(new_nodes, pub=None)
         keys, self._dirty_keys = self._dirty_keys, set()
         events, self._pending_events = self._pending_events, []
         since, self._pending_since = self._pending_since, None
