@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 import time
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import aiohttp
 import pytest
 
 from smc.testing.apps import AppSidecar, TcpEcho, tls_server_context
+from smc.testing.jaeger import Jaeger
 from smc.testing.mesh import ControlPlane, vm_yaml
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
@@ -127,8 +130,13 @@ class Mesh:
 
     async def apply(self, text: str, *, delete: bool = False) -> None:
         """Apply (or delete) through the mesh API and wait until every proxy ACKed it."""
-        await self.cp.apply(text, delete=delete)
-        await until("every proxy ACKed the change", self.in_sync)
+        ids = await self.cp.apply(text, delete=delete)
+
+        async def acked() -> bool:
+            done = all(self.cp.controller.acked_by_all(i) is not None for i in ids)
+            return done and await self.in_sync()
+
+        await until("every proxy ACKed the change", acked)
 
     async def in_sync(self) -> bool:
         proxies = self.cp.server.proxies()
@@ -585,4 +593,105 @@ spec:
     expected = 200 if mesh.cp.controller.view.permissive else 403
     assert await tls_with(rogue) == expected
     await mesh.apply(https, delete=True)
+    mesh.assert_no_nacks()
+
+
+@pytest.fixture(scope="module")
+def jaeger(tmp_path_factory: Any) -> Iterator[Jaeger]:
+    j = Jaeger(workdir=tmp_path_factory.mktemp("jaeger"))
+    j.start()
+    yield j
+    j.stop()
+
+
+def traced_config(mesh: Mesh, *, provider: str, port: int) -> str:
+    permissive = mesh.cp.controller.view.permissive
+    return mesh_config(permissive=permissive, access_log=mesh.workdir / "access.log") + (
+        f"    tracing: {{provider: {provider}, address: 127.0.0.1, port: {port}, sampling: 100}}\n"
+    )
+
+
+async def traced_request(mesh: Mesh, jaeger: Jaeger, provider: str, port: int) -> None:
+    """One request client -> mid -> app with tracing by ``provider``: its spans in Jaeger
+    (one trace over the three sidecars) and its lines in every sidecar's JSON access log."""
+    mid = mesh.sc["mid-1"]
+    await mesh.apply(traced_config(mesh, provider=provider, port=port))
+    marker = f"{provider}-{uuid.uuid4().hex[:8]}"
+    # client -> mid (a relay) -> app: one request through three sidecars.
+    path = f"/relay?to=http://{mid.address}:15001/{marker}&host=app.traffic"
+    status, body, _ = await mesh.get("client-1", path, host="mid.traffic")
+    assert status == 200 and body is not None and body["upstream"]["path"] == f"/{marker}"
+    served_by = body["upstream"]["app"]
+
+    def trace_of_marker() -> dict[str, Any] | None:
+        for service in jaeger.services():
+            for trace in jaeger.traces(service):
+                if marker in json.dumps(trace["spans"]):
+                    return trace
+        return None
+
+    found: dict[str, Any] = {}
+
+    async def collected() -> bool:
+        trace = await asyncio.to_thread(trace_of_marker)
+        if trace is None:
+            return False
+        names = {trace["processes"][s["processID"]]["serviceName"] for s in trace["spans"]}
+        found.update(trace=trace, names=names)
+        # Zipkin: a client and a server span per hop (4); OpenTelemetry: at least one
+        # span per sidecar.
+        return len(names) >= 3 and len(trace["spans"]) >= (4 if provider == "zipkin" else 3)
+
+    await until(f"{provider} spans in Jaeger", collected, timeout=20)
+    trace = found["trace"]
+    assert {s["traceID"] for s in trace["spans"]} == {trace["traceID"]}
+    names = " ".join(sorted(found["names"]))
+    for workload in ("client-1", "mid-1", served_by):
+        assert workload in names, (workload, names)
+
+    # The same request in the JSON access logs of every sidecar it crossed.
+    def logged() -> list[dict[str, Any]]:
+        lines = (mesh.workdir / "access.log").read_text().splitlines()
+        entries = [json.loads(line) for line in lines if marker in line]
+        return entries
+
+    async def all_logged() -> bool:
+        return len(await asyncio.to_thread(logged)) >= 4
+
+    await until("access log lines", all_logged)
+    entries = logged()
+    seen = {(e["node"], e["direction"]) for e in entries}
+    assert {
+        ("traffic/client-1", "outbound"),
+        ("traffic/mid-1", "inbound"),
+        ("traffic/mid-1", "outbound"),
+        (f"traffic/{served_by}", "inbound"),
+    } <= seen, seen
+    assert len({e["request_id"] for e in entries}) == 1  # one request id end to end
+    assert all(e["response_code"] == 200 for e in entries)
+    inbound_app = next(e for e in entries if e["node"] == f"traffic/{served_by}")
+    assert inbound_app["peer_identity"] == "spiffe://cluster.local/ns/traffic/sa/mid"
+
+
+async def test_access_logs_tracing_and_stats(mesh: Mesh, jaeger: Jaeger) -> None:
+    for provider, port in (("zipkin", jaeger.zipkin_port), ("opentelemetry", jaeger.otlp_port)):
+        await traced_request(mesh, jaeger, provider, port)
+    # Envoy's own Prometheus stats carry the mesh's labels.
+    client = mesh.sc["client-1"].envoy
+    assert client is not None
+    text = await asyncio.to_thread(client.prometheus)
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("envoy_cluster_upstream_rq_total{")
+        and 'envoy_cluster_name="outbound|traffic/mid|80"' in ln
+    )
+    assert 'smc_namespace="traffic"' in line and 'smc_workload="client-1"' in line
+    assert float(line.rsplit(" ", 1)[1]) >= 2
+    # Back to the fixture's config: tracing off, no collector cluster any more.
+    await mesh.apply(
+        mesh_config(
+            permissive=mesh.cp.controller.view.permissive, access_log=mesh.workdir / "access.log"
+        )
+    )
     mesh.assert_no_nacks()

@@ -26,6 +26,7 @@ from typing import Any
 
 from smc.agent._bootstrap import agent_cluster, agent_sds_config
 from smc.injector._errors import InjectorError
+from smc.xds._stats import mesh_stats_config
 
 __all__ = [
     "ADS_CLUSTER",
@@ -272,6 +273,7 @@ def envoy_bootstrap(
         node["metadata"] = dict(metadata)
     return {
         "node": node,
+        "stats_config": mesh_stats_config(node_id),
         "admin": {"address": _address(admin_address, admin_port)},
         "dynamic_resources": {
             "ads_config": {

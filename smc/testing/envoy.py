@@ -38,6 +38,7 @@ from typing import Any
 
 from smc.errors import SMCError
 from smc.xds._metrics_sink import stats_sink_bootstrap
+from smc.xds._stats import mesh_stats_config
 
 __all__ = [
     "ENVOY_VERSION",
@@ -249,6 +250,7 @@ def ads_bootstrap(
     return {
         **sink,
         "node": {"id": node_id, "cluster": cluster},
+        "stats_config": mesh_stats_config(node_id),
         "admin": {"address": _socket_address("127.0.0.1", admin_port)},
         "dynamic_resources": {
             "ads_config": {
@@ -408,6 +410,13 @@ class EnvoyProcess:
                 return int(resp.status), resp.read()
         except urllib.error.HTTPError as err:
             return int(err.code), err.read()
+
+    def prometheus(self) -> str:
+        """Admin ``/stats/prometheus``: the text a Prometheus server scrapes."""
+        status, body = self._get("/stats/prometheus")
+        if status != 200:
+            raise EnvoyError(f"/stats/prometheus answered {status}")
+        return body.decode()
 
     def _admin_answers(self) -> bool:
         try:
