@@ -39,3 +39,73 @@ def test_agent_cli_refuses_a_missing_proof_and_an_unusable_bundle(tmp_path: Path
         main([*base, "--ca-bundle", str(tmp_path / "ca.pem")])
     assert main([*base, "--ca-bundle", "env:SMC_NO_SUCH_VAR", "--token-file", "t"]) == 1
     assert main([*base, "--ca-bundle", str(tmp_path / "missing.pem"), "--token-file", "t"]) == 1
+
+
+def test_certs_proxies_lists_each_proxys_certificates(tmp_path: Path) -> None:
+    """issue, renew and revoke per proxy, as the log records them (never a key)."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from smc.events import (
+        ProxyCertificateIssued,
+        ProxyCertificateRevoked,
+        SqliteLog,
+        deterministic_id,
+        make_event,
+    )
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    sid = "spiffe://cluster.local/ns/shop/sa/web"
+
+    def issued(proxy: str, serial: str, proof: str, previous: str = "") -> ProxyCertificateIssued:
+        return make_event(
+            ProxyCertificateIssued,
+            source="test",
+            actor="ca",
+            event_id=deterministic_id("t", proxy, serial),
+            proxy=proxy,
+            serial=serial,
+            previous_serial=previous,
+            identity=sid,
+            not_before=now,
+            not_after=now + timedelta(hours=1),
+            issuer="local",
+            fingerprint="ab" * 32,
+            proof=proof,
+        )
+
+    log = SqliteLog(tmp_path / "log.db")
+    log.append(
+        [
+            issued("pod/shop/web-1", "01", "service-account-token"),
+            issued("pod/shop/web-1", "02", "certificate:01", "01"),
+            issued("pod/shop/web-2", "03", "service-account-token"),
+            make_event(
+                ProxyCertificateRevoked,
+                source="test",
+                actor="ca",
+                event_id=deterministic_id("t", "revoke", "03"),
+                proxy="pod/shop/web-2",
+                serial="03",
+                identity=sid,
+                reason="pod-left",
+            ),
+        ]
+    )
+    log.close()
+    run = CliRunner().invoke(
+        cli, ["--log", f"sqlite:///{tmp_path / 'log.db'}", "certs", "proxies", "-o", "json"]
+    )
+    assert run.exit_code == 0, run.output
+    rows = {r["serial"]: r for r in json.loads(run.output)}
+    assert rows["01"]["status"] == "superseded" and rows["02"]["status"] == "active"
+    assert rows["02"]["proof"] == "certificate" and rows["01"]["proof"] == "service-account-token"
+    assert rows["03"]["status"] == "revoked" and rows["03"]["reason"] == "pod-left"
+    assert {r["proxy"] for r in rows.values()} == {"pod/shop/web-1", "pod/shop/web-2"}
+    current = CliRunner().invoke(
+        cli,
+        ["--log", f"sqlite:///{tmp_path / 'log.db'}", "certs", "proxies", "--current"],
+    )
+    assert (
+        current.exit_code == 0 and "02" in current.output and "pod/shop/web-2" not in current.output
+    )

@@ -16,6 +16,7 @@ from smc.cli import _demo as _demo
 from smc.cli import _kubectl as _kubectl
 from smc.cli import _log as _log
 from smc.cli import _proxy as _proxy
+from smc.cli import _proxycerts as _proxycerts
 from smc.cli import _serve as _serve
 from smc.cli import _vm as _vm
 from smc.cli import _vmjoin as _vmjoin
