@@ -237,3 +237,26 @@ def test_get_watch_prints_changes_until_interrupted(tmp_path: Path, db: Path) ->
             proc.kill()
             raise
     assert code == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_output_formats_on_log_audit_and_certs(db: Path) -> None:
+    lines = [
+        json.loads(x)
+        for x in run(db, "log", "tail", "--from-start", "-o", "json").output.splitlines()
+    ]
+    assert lines and lines == [
+        json.loads(x) for x in run(db, "log", "tail", "--from-start", "--json").output.splitlines()
+    ]
+    docs = list(yaml.safe_load_all(run(db, "log", "tail", "--from-start", "-o", "yaml").output))
+    assert docs == lines
+    names = run(db, "log", "tail", "--from-start", "-o", "name").output.split()
+    assert names == [f"event/{x['event_id']}" for x in lines]
+    audit_names = run(db, "audit", "-o", "name").output.split()
+    assert sorted(audit_names) == sorted(names)
+    audit = yaml.safe_load(run(db, "audit", "-o", "yaml").output)
+    assert audit == json.loads(run(db, "audit", "--json").output)
+    replay = yaml.safe_load(run(db, "log", "replay", "-o", "yaml").output)
+    assert replay["events"] == len(lines)
+    assert run(db, "log", "replay", "-o", "name").exit_code == 2
+    certs = run(db, "certs", "list", "-o", "yaml")
+    assert certs.exit_code == 0 and yaml.safe_load(certs.output) == []

@@ -158,7 +158,8 @@ class LiveMeshChanges:
             mine = appended[at : at + len(plan.events)]
             at += len(plan.events)
             reports.append((r, ChangeReport(plan=plan, appended=tuple(mine), target=_target(mine))))
-        await self.wait_for(_target(appended))
+        # a large change takes the runner longer to apply: its own time on top of the timeout
+        await self.wait_for(_target(appended), timeout=self.timeout + len(events) / 1000)
         for r, report in reports:
             if not r.done.done():
                 r.done.set_result(report)

@@ -14,7 +14,6 @@ Concurrency: one command per process, on the main thread.
 from __future__ import annotations
 
 import getpass
-import json
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -37,6 +36,7 @@ from smc.ca import (
     revocation_event,
 )
 from smc.cli._app import cli, open_log_from
+from smc.cli._output import emit, output_option
 from smc.events import EventLog
 from smc.projections import (
     CertRecord,
@@ -213,9 +213,7 @@ def certs_group() -> None:
     """Workload certificates: list, show, rotate, revoke."""
 
 
-_OUTPUT = click.option(
-    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+_OUTPUT = output_option()
 
 
 @certs_group.command("list")
@@ -230,10 +228,12 @@ def list_cmd(ctx: click.Context, output: str, only_current: bool) -> None:
     if only_current:
         records = [r for r in records if certs.current.get(r.identity) == r.serial]
     rows = [_row(r, now) for r in records]
-    if output == "json":
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-        return
-    _table(rows, f"{len(rows)} certificates ({len(certs.current)} current)")
+    emit(
+        rows,
+        output,
+        table=lambda: _table(rows, f"{len(rows)} certificates ({len(certs.current)} current)"),
+        names=lambda: [f"certificate/{r['serial']}" for r in rows],
+    )
 
 
 @certs_group.command("show")
@@ -274,8 +274,13 @@ def show_cmd(ctx: click.Context, identity_or_serial: str, output: str) -> None:
         data = {"identity": rec.identity, "current": None, "certificates": [_row(rec, now)]}
         if certs.current.get(rec.identity) == rec.serial:
             data["current"] = _row(rec, now)
-    if output == "json":
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    if output != "table":
+        emit(
+            data,
+            output,
+            table=lambda: None,
+            names=lambda: [f"certificate/{r['serial']}" for r in data["certificates"]],
+        )
         return
     cur_row = data["current"]
     click.echo(f"identity:    {data['identity']}")

@@ -14,12 +14,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from smc.audit import load_trust
 from smc.cli._app import cli, open_log_from, parse_position, parse_time
+from smc.cli._output import emit, output_option
 from smc.events import ChainVerifier, Event, EventLog, Position, Record, default_codec
 from smc.projections import ProjectionRunner, all_projections
 
@@ -79,12 +81,22 @@ def log_group() -> None:
 @click.option("--from-start", is_flag=True, help="Start at the beginning of the log.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
 @click.option("-n", "--lines", default=20, show_default=True, help="Last N events (no --since).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (= -o json).")
+@output_option()
 @click.pass_context
 def tail(
-    ctx: click.Context, since: str | None, from_start: bool, follow: bool, lines: int, as_json: bool
+    ctx: click.Context,
+    since: str | None,
+    from_start: bool,
+    follow: bool,
+    lines: int,
+    as_json: bool,
+    output: str,
 ) -> None:
-    """Print events from the log, optionally following it."""
+    """Print events from the log, optionally following it (-o json: one object per line,
+    yaml: one document per event, name: event/ID)."""
+    if as_json:
+        output = "json"
     log = open_log_from(ctx)
     codec = default_codec()
     if from_start:
@@ -99,8 +111,12 @@ def tail(
     def show(recs: list[Record]) -> None:
         for rec in recs:
             row = event_row(rec, codec.decode(rec.value, where=rec.where))
-            if as_json:
+            if output == "json":
                 click.echo(json.dumps(row, sort_keys=True))
+            elif output == "yaml":
+                click.echo("---\n" + yaml.safe_dump(row, sort_keys=True).rstrip("\n"))
+            elif output == "name":
+                click.echo(f"event/{row['event_id']}")
             else:
                 console.print(
                     f"[dim]{row['position']}[/] {row['occurred_at']} "
@@ -140,7 +156,8 @@ def tail(
 
 @log_group.command("replay")
 @click.option("--until", help="Stop before OFFSET, stream:partition=offset,..., or a TIME.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (= -o json).")
+@output_option()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--full", is_flag=True, help="Decode and apply every record (also superseded ones).")
 @click.option(
@@ -158,8 +175,12 @@ def replay(
     no_progress: bool,
     full: bool,
     trust: str | None,
+    output: str,
 ) -> None:
     """Rebuild every projection from the log and print their digests and sizes."""
+    if output == "name":
+        raise click.UsageError("-o name: replay prints a summary, not named objects")
+    as_json = as_json or output in ("json", "yaml")
     log = open_log_from(ctx)
     target = parse_position(log, until) if until else log.end_position()
     total = sum(off for _, off in target.items()) if log.dedupes_on_append else None
@@ -187,7 +208,7 @@ def replay(
     secs = time.perf_counter() - t0
     result = _summary(runner, secs)
     if as_json:
-        click.echo(json.dumps(result, sort_keys=True, indent=2))
+        emit(result, "yaml" if output == "yaml" else "json", table=lambda: None)
         return
     click.echo(
         f"replayed {result['events']} events in {secs:.2f}s "
@@ -288,10 +309,16 @@ def _audit_data(log: EventLog, start: Position, end: Position) -> dict[str, Any]
 @click.option("--from", "from_", default=None, help="Start (TIME or position); default: beginning.")
 @click.option("--to", default=None, help="End (TIME or position); default: now.")
 @click.option("--actor", default=None, help="Only events by this actor.")
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table (= -o json).")
+@output_option()
 @click.pass_context
 def audit(
-    ctx: click.Context, from_: str | None, to: str | None, actor: str | None, as_json: bool
+    ctx: click.Context,
+    from_: str | None,
+    to: str | None,
+    actor: str | None,
+    as_json: bool,
+    output: str,
 ) -> None:
     """What changed, when and by whom between two points in time, and the state difference.
 
@@ -304,8 +331,13 @@ def audit(
     data = _audit_data(log, start, end)
     if actor:
         data["events"] = [e for e in data["events"] if e["actor"] == actor]
-    if as_json:
-        click.echo(json.dumps(data, sort_keys=True, indent=2))
+    if as_json or output != "table":
+        emit(
+            data,
+            "json" if as_json else output,
+            table=lambda: None,
+            names=lambda: [f"event/{e['event_id']}" for e in data["events"]],
+        )
         return
     console = Console()
     table = Table(title=f"{len(data['events'])} changes")

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from smc.cli._app import cli
+from smc.cli._output import emit, output_option
 from smc.errors import SMCError
 
 __all__ = ["proxy"]
@@ -93,11 +94,19 @@ def proxy() -> None:
     envvar="SMC_SERVER",
     help="Base URL of the HTTP API of `smc serve` (env SMC_SERVER).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
-def status(server: str, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer (= -o json).")
+@output_option()
+def status(server: str, as_json: bool, output: str) -> None:
     """Connected proxies: ACKed version per type, pending pushes and the last NACK."""
     data = fetch_status(server)
-    if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        click.echo(render_table(data))
+    emit(
+        data,
+        "json" if as_json else output,
+        table=lambda: click.echo(render_table(data)),
+        names=lambda: [f"proxy/{p.get('node_id', p.get('node', ''))}" for p in _proxies(data)],
+    )
+
+
+def _proxies(data: Any) -> list[dict[str, Any]]:
+    items = data.get("proxies", []) if isinstance(data, dict) else data
+    return [p for p in items if isinstance(p, dict)] if isinstance(items, list) else []

@@ -208,6 +208,8 @@ def _decode_yaml(chunk: str, max_bytes: int, max_nodes: int, max_depth: int) -> 
     size = len(chunk.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise _DocumentRejected(f"document is {size} bytes, larger than the limit of {max_bytes}")
+    if _bounded(chunk, max_nodes, max_depth):
+        return _compose(chunk, max_nodes, max_depth)
     # Pass 1: events only (no recursion anywhere) to bound nesting and raw node count, so that
     # composing the node graph in pass 2 cannot exhaust the C stack.
     loader: Any = _Loader(chunk)
@@ -233,9 +235,24 @@ def _decode_yaml(chunk: str, max_bytes: int, max_nodes: int, max_depth: int) -> 
         raise _DocumentRejected(f"invalid YAML: {_yaml_reason(exc)}") from None
     finally:
         loader.dispose()
+    return _compose(chunk, max_nodes, max_depth)
+
+
+def _bounded(chunk: str, max_nodes: int, max_depth: int) -> bool:
+    """True when the text alone proves pass 1 would pass: no anchors or aliases (so nothing
+    expands), at most one node per two characters, and no more nesting than the characters
+    that can open a level (a line, ``[``, ``{``, ``-``, ``:``, ``?``) allow. Small documents,
+    the common case of a large apply, then skip the event scan."""
+    if "&" in chunk or "*" in chunk or 2 * len(chunk) + 2 > max_nodes:
+        return False
+    opens = sum(chunk.count(c) for c in "\n[{-:?") + 1
+    return opens <= max_depth
+
+
+def _compose(chunk: str, max_nodes: int, max_depth: int) -> object:
     # Pass 2: compose, check the expanded size (aliases counted every time they are used),
     # recursion and duplicate keys, then construct plain Python values.
-    loader = _Loader(chunk)
+    loader: Any = _Loader(chunk)
     try:
         try:
             node = loader.get_single_node()
