@@ -141,7 +141,9 @@ async def watch_log(
 ) -> None:
     """Run :func:`probe_log` every ``every`` seconds until ``stop`` is set; while the log
     answers, keep its end position in ``health.end`` (metrics: lag per partition)."""
-    end_position = getattr(log, "end_position", None)
+    # a log that knows its end without asking (Kafka's cached watermarks) says so: asking the
+    # broker every second would queue behind, and delay, the runner's own fetches
+    end_position = getattr(log, "cached_end_position", None) or getattr(log, "end_position", None)
     while not stop.is_set():
         await asyncio.to_thread(probe_log, log, health, timeout=max(every * 2, 1.0))
         if end_position is not None and health.available:

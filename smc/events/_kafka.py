@@ -489,6 +489,19 @@ class KafkaLog:
                     out[(stream, p)] = high
         return Position(out)
 
+    def cached_end_position(self) -> Position:
+        """The high watermarks the consumer learnt from its last fetches: no request to the
+        broker, so metrics can read it beside the runner's reads without delaying them."""
+        out = {}
+        for stream, parts in (self._partitions or {}).items():
+            for p in parts:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.prefix + stream, p), cached=True
+                )
+                if high > 0:
+                    out[(stream, p)] = high
+        return Position(out)
+
     def position_at(self, when: datetime) -> Position:
         ms = int(when.timestamp() * 1000)
         tps = [
