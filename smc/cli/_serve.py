@@ -889,6 +889,13 @@ def serve(
         )
     if xds_plaintext:
         xds_tls = False
+    if xds is not None and not xds_tls and not agent_keys:
+        click.echo(
+            "warning: ADS in cleartext with keys made by the control plane: any client that "
+            "names a node id gets that identity's key. Use --workload-keys agent (per-proxy keys "
+            "made beside each proxy, ADS over mTLS) or --xds-tls.",
+            err=True,
+        )
     if xds_tls:
         if xds is None:
             raise click.BadParameter("--xds-tls needs the xDS server (not --xds off)")
