@@ -142,7 +142,7 @@ class World:
         )
         sc._agent_stop = asyncio.Event()
         sc._agent_task = asyncio.create_task(sc.agent.run(stop=sc._agent_stop))
-        await asyncio.wait_for(sc.agent.ready.wait(), timeout=30)
+        await asyncio.wait_for(sc.agent.ready.wait(), timeout=90)
         host, _, port = data["SMC_ADS_ADDRESS"].rpartition(":")
         assert host == "127.0.0.1"
         sc.start_envoy(ads_port=int(port), delta=False)
@@ -200,7 +200,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
                 os.environ[k] = v
 
 
-async def until(pred: Any, what: str, timeout: float = 30.0) -> None:
+async def until(pred: Any, what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not await asyncio.to_thread(pred):
         if time.monotonic() > deadline:

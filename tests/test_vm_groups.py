@@ -292,7 +292,7 @@ async def test_auto_scaling_group_scales_0_5_2_and_stops_and_terminates(
         kept = asg_ids(moto, "web-asg")
         removed = set(ids) - set(kept)
         await m.groups.poll_once()
-        await m.groups.wait_drained(20)
+        await m.groups.wait_drained(60)
         assert set(m.vms()) == {workload_name("web", i) for i in kept}
         left = changes_of(m, "left")
         assert {i: left[i] for i in removed} == dict.fromkeys(removed, "scale-in")
@@ -302,13 +302,13 @@ async def test_auto_scaling_group_scales_0_5_2_and_stops_and_terminates(
         # a stopped instance drains and leaves, its endpoint first
         ec2.stop_instances(InstanceIds=[kept[0]])
         await m.groups.poll_once()
-        await m.groups.wait_drained(20)
+        await m.groups.wait_drained(60)
         assert workload_name("web", kept[0]) not in m.vms()
         assert changes_of(m, "left")[kept[0]] == "stopped"
         # terminated outside the group's own scaling: moto's group replaces it
         ec2.terminate_instances(InstanceIds=[kept[1]])
         await m.groups.poll_once()
-        await m.groups.wait_drained(20)
+        await m.groups.wait_drained(60)
         assert changes_of(m, "left")[kept[1]] == "terminated"
         now = asg_ids(moto, "web-asg")
         assert set(m.vms()) == {
@@ -358,7 +358,7 @@ async def test_provider_outage_keeps_instances_marked_stale(tmp_path: Path) -> N
             server.start()
             auto_scaling_group(server, "web-asg", capacity=2)
             await m.groups.poll_once()
-            await m.groups.wait_drained(20)
+            await m.groups.wait_drained(60)
             (view,) = vmgroups_view(m.registry, m.policy)
             assert view["status"] == "ok" and view["joined"] == 2 and len(m.vms()) == 2
             statuses = [e.status for e in m.records() if isinstance(e, VmGroupStatusChanged)]
@@ -475,9 +475,9 @@ def test_smc_serve_runs_the_groups_and_shows_them_stale_in_get_and_metrics(
         def groups() -> Any:
             return http_json(serve.base + "/v1/vmgroups")[1]["items"]
 
-        eventually(lambda: groups()[0]["joined"] == 3, what="3 instances", diag=serve.tail)
+        eventually(lambda: groups()[0]["joined"] == 3, what="3 instances", diag=serve.tail, wait=60)
         server.stop()  # the provider goes away: the instances stay, marked stale
-        eventually(lambda: groups()[0]["status"] == "stale", what="stale", diag=serve.tail)
+        eventually(lambda: groups()[0]["status"] == "stale", what="stale", diag=serve.tail, wait=60)
         (g,) = groups()
         assert g["joined"] == 3 and g["reason"]
         metrics = http_json(serve.base + "/metrics")[1]

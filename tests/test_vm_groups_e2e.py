@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -201,11 +203,12 @@ async def generate(url: str, load: Load, stop: asyncio.Event, concurrency: int =
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def until(pred: Any, what: str, timeout: float = 30.0) -> None:
+async def until(pred: Any, what: str, timeout: float = 90.0, diag: Any = None) -> None:
+    """Wait for a condition (generous bound: the test machine is shared and loaded)."""
     deadline = time.monotonic() + timeout
     while not await asyncio.to_thread(pred):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}: {diag() if diag else ''}")
         await asyncio.sleep(0.05)
 
 
@@ -230,7 +233,18 @@ async def test_scale_out_and_drained_scale_in_with_real_envoys(tmp_path: Path) -
         await f.boot(new)
         f.start_envoys()
         names = {workload_name("web", i) for i in f.asg_ids()}
-        await until(lambda: set(load.answered) == names, "requests reaching all 5 instances")
+        await until(
+            lambda: set(load.answered) == names,
+            "requests reaching all 5 instances",
+            diag=lambda: (
+                dict(load.answered),
+                {
+                    i: s.phase
+                    for i, s in f.groups.registry.vm_groups.groups[(NS, "web")].instances.items()
+                },
+                load.failed[:3],
+            ),
+        )
 
         # drained scale-in 5 -> 2 while slow requests are in flight to every instance
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
@@ -284,6 +298,32 @@ async def test_scale_out_and_drained_scale_in_with_real_envoys(tmp_path: Path) -
         assert {(e.instance_id, e.cause) for e in changes if e.phase == "left"} == {
             (i, "scale-in") for i in removed
         }
+        # smc audit shows them, each with its cause
+        smc = [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{f.workdir / 'log.db'}"]
+        audit = subprocess.run(
+            [*smc, "audit", "--json", "--actor", "vm-group-controller"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert audit.returncode == 0, audit.stderr
+        rows = [
+            r["payload"]
+            for r in json.loads(audit.stdout)["events"]
+            if r["type"] == "smc.registry.VmInstanceChanged"
+        ]
+        assert {(r["instance_id"], r["cause"]) for r in rows if r["phase"] == "left"} == {
+            (i, "scale-in") for i in removed
+        }
+        table = subprocess.run(
+            [*smc, "audit", "--actor", "vm-group-controller"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+        assert table.stdout.count("left (scale-in)") == 3, table.stdout[-3000:]
+        assert "joined (scale-out)" in table.stdout
         for e in changes:
             if e.phase != "draining":
                 continue
@@ -310,7 +350,7 @@ async def test_zero_to_one_hundred_instances_in_every_client_eds_within_10s(
         )
         ids = f.asg_ids()
         assert len(ids) == 100
-        await until(lambda: len(f.eds_hosts(f.client)) == 100, "100 endpoints in EDS", 30)
+        await until(lambda: len(f.eds_hosts(f.client)) == 100, "100 endpoints in EDS", 60)
         took = time.monotonic() - start
         print(f"0 -> 100 instances in the client's EDS: {took:.2f}s")
         assert took < 10.0

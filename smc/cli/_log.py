@@ -51,6 +51,14 @@ def event_row(rec: Record, ev: Event) -> dict[str, Any]:
     }
 
 
+def _why(row: dict[str, Any]) -> str:
+    """What a VM group instance did and why (`` joined (scale-out)``), for the audit table."""
+    if row["type"] != "smc.registry.VmInstanceChanged":
+        return ""
+    p = row["payload"]
+    return f" {p.get('phase')} ({p.get('cause')})"
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, tuple | list):
         return [_plain(x) for x in v]
@@ -346,7 +354,7 @@ def audit(
     for e in data["events"]:
         table.add_row(
             e["occurred_at"],
-            _short_type(e["type"]),
+            _short_type(e["type"]) + _why(e),
             e["aggregate"],
             e["actor"],
             e["source"],
