@@ -328,6 +328,30 @@ async def test_auto_scaling_group_scales_0_5_2_and_stops_and_terminates(
                 assert e.envelope.causation_id in target
 
 
+async def test_deleting_a_group_drains_its_instances_and_removes_it(
+    tmp_path: Path, moto: MotoServer
+) -> None:
+    auto_scaling_group(moto, "gone-asg", cidr="10.50.0.0/24", capacity=2)
+    provider = load_cloud_provider("aws", **moto.provider_options())
+    async with mesh(tmp_path, provider) as m:
+        text = SERVICE + "---\n" + group_yaml("gone", membership="group: gone-asg")
+        await m.apply(text)
+        await m.groups.poll_once()
+        assert len(m.vms("gone")) == 2
+        (g,) = load_documents(
+            group_yaml("gone", membership="group: gone-asg"), source="t"
+        ).resources
+        report = await m.live.delete([g], actor="tester", source="test", request_id="del")
+        assert report.ok, report.as_dict()
+        await m.groups.poll_once()
+        await m.groups.wait_drained(60)
+        assert m.vms("gone") == {}
+        assert set(changes_of(m, "left").values()) == {"group-deleted"}
+        await m.groups.poll_once()
+        assert [v for v in vmgroups_view(m.registry, m.policy) if v["name"] == "gone"] == []
+        assert ("shop", "gone") not in m.registry.vm_groups.groups
+
+
 async def test_provider_outage_keeps_instances_marked_stale(tmp_path: Path) -> None:
     server = MotoServer(workdir=tmp_path)
     server.start()
