@@ -55,6 +55,13 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         ["--events", "100000"],
         (1800, 600),
     ),
+    "api_writes": (
+        "api_writes.py",
+        "--out",
+        ["--applies", "2000", "--clients", "50", "--large", "20000"],
+        ["--applies", "500", "--clients", "50", "--large", "5000"],
+        (1800, 600),
+    ),
     "certs": (
         "certs.py",
         "--out",
@@ -317,6 +324,45 @@ def figures_kafka_raw(r: dict[str, Any]) -> list[Figure]:
                 "msgs/s",
             )
         )
+    return out
+
+
+def figures_api_writes(r: dict[str, Any]) -> list[Figure]:
+    b = "api_writes"
+    out: list[Figure] = []
+    for log, rate in (("sqlite", 500), ("kafka", 300)):
+        run = r.get(log)
+        if not run:
+            continue
+        n = f"{run['applies']} applies, {run['clients']} clients"
+        out.append(
+            _target(b, f"{log}: applies/s ({n})", run["applies_per_s"], "1/s", at_least=rate)
+        )
+        if log == "sqlite":
+            out.append(_target(b, f"{log}: p99 latency ({n})", run["p99_ms"], "ms", below=250))
+        else:
+            out.append(_info(b, f"{log}: p99 latency ({n})", run["p99_ms"], "ms"))
+        big = run.get("large")
+        if big:
+            out.append(
+                _target(
+                    b,
+                    f"{log}: one apply of {big['documents']} documents (JSON)",
+                    big["seconds"],
+                    "s",
+                    below=10,
+                )
+            )
+        big = run.get("large_yaml")
+        if big:
+            out.append(
+                _info(
+                    b,
+                    f"{log}: one apply of {big['documents']} documents (YAML)",
+                    big["seconds"],
+                    "s",
+                )
+            )
     return out
 
 
@@ -679,6 +725,7 @@ def figures_sovereign(r: dict[str, Any]) -> list[Figure]:
 EXTRACT: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "replay": figures_replay,
     "kafka_raw": figures_kafka_raw,
+    "api_writes": figures_api_writes,
     "certs": figures_certs,
     "identity": figures_identity,
     "ads_streams": figures_ads_streams,
