@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
+from smc.auth import ClientCredentials
 from smc.testing.serve import ServeProcess
 
 TARGETS = {"sqlite_rate": 500.0, "sqlite_p99_ms": 250.0, "kafka_rate": 300.0, "large_s": 10.0}
@@ -46,13 +47,21 @@ def _doc(i: int, port: int) -> str:
     )
 
 
-async def _clients(base: str, *, applies: int, clients: int) -> dict[str, Any]:
+def _session(creds: ClientCredentials, **kwargs: Any) -> aiohttp.ClientSession:
+    """A session that verifies serve's certificate and carries its admin token."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=creds.ssl_context()), headers=creds.headers(), **kwargs
+    )
+
+
+async def _clients(creds: ClientCredentials, *, applies: int, clients: int) -> dict[str, Any]:
+    base = creds.server
     latencies: list[float] = []
     errors: list[str] = []
     counter = iter(range(applies))
 
     async def client(c: int) -> None:
-        async with aiohttp.ClientSession() as session:
+        async with _session(creds) as session:
             for n in counter:
                 body = _doc(c, 1000 + n).encode()
                 t0 = time.perf_counter()
@@ -94,7 +103,8 @@ def _json_doc(i: int, port: int) -> dict[str, Any]:
     }
 
 
-async def _large(base: str, n: int, *, form: str, first: int) -> dict[str, Any]:
+async def _large(creds: ClientCredentials, n: int, *, form: str, first: int) -> dict[str, Any]:
+    base = creds.server
     """One apply of ``n`` new MeshServices, as compact JSON (``{"documents": [...]}``, what a
     client converting manifests sends, as kubectl does) or as a YAML stream."""
     if form == "json":
@@ -103,7 +113,7 @@ async def _large(base: str, n: int, *, form: str, first: int) -> dict[str, Any]:
     else:
         body = "---\n".join(_doc(first + i, 80) for i in range(n)).encode()
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with _session(creds, timeout=timeout) as session:
         t0 = time.perf_counter()
         async with session.post(base + "/v1/apply", data=body) as resp:
             answer = await resp.json()
@@ -126,12 +136,16 @@ def _run(tmp: Path, log_url: str, args: argparse.Namespace) -> dict[str, Any]:
     serve = ServeProcess(tmp, xds_host=None, log_url=log_url)
     try:
         serve.wait_ready(timeout=120)
-        asyncio.run(_clients(serve.base, applies=min(200, args.applies), clients=args.clients))
-        out = asyncio.run(_clients(serve.base, applies=args.applies, clients=args.clients))
+        asyncio.run(
+            _clients(serve.credentials, applies=min(200, args.applies), clients=args.clients)
+        )
+        out = asyncio.run(_clients(serve.credentials, applies=args.applies, clients=args.clients))
         if args.large:
-            out["large"] = asyncio.run(_large(serve.base, args.large, form="json", first=100_000))
+            out["large"] = asyncio.run(
+                _large(serve.credentials, args.large, form="json", first=100_000)
+            )
             out["large_yaml"] = asyncio.run(
-                _large(serve.base, args.large, form="yaml", first=200_000)
+                _large(serve.credentials, args.large, form="yaml", first=200_000)
             )
         return out
     finally:

@@ -202,8 +202,8 @@ def main() -> None:
     driver = None
     try:
         serve.wait_ready(timeout=300)
-        driver = headless_chromium()
-        url = serve.base + "/console/"
+        driver = headless_chromium(accept_insecure_certs=True)  # serve's own API CA
+        url = f"{serve.base}/console/#token={serve.credentials.token}"
         passes = [_page_pass(driver, url) for _ in range(args.passes)]
     finally:
         if driver is not None:

@@ -4,6 +4,8 @@ on a real SQLite event log and real manifest files."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import textwrap
 from pathlib import Path
 
@@ -245,16 +247,22 @@ def test_delete_and_not_found(tmp_path: Path) -> None:
 
 def test_actor_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db = tmp_path / "smc.db"
+    """A direct log write records the operator's principal (``unix:`` + the login of the
+    process uid); ``--as`` is recorded as an impersonation, with both names."""
+    me = f"unix:{pwd.getpwuid(os.getuid()).pw_name}"
     assert run(db, "apply", "-f", str(HYBRID), "--as", "alice").exit_code == 0
     evs = events_of(db)
-    assert evs and {e.envelope.actor for e in evs} == {"alice"}
+    assert evs and {e.envelope.actor for e in evs} == {f"{me} as alice"}
     assert {e.envelope.source for e in evs} == {"cli"}
     for var in ("LOGNAME", "USER", "LNAME", "USERNAME"):
-        monkeypatch.setenv(var, "carol")
+        monkeypatch.setenv(var, "carol")  # the environment cannot forge the operator
     assert run(db, "delete", "-f", str(HYBRID)).exit_code == 0
-    assert {e.envelope.actor for e in events_of(db)[len(evs) :]} == {"carol"}
-    audit = run(db, "audit", "--actor", "carol", "--json")
-    assert audit.exit_code == 0 and len(json.loads(audit.output)["events"]) == 5
+    assert {e.envelope.actor for e in events_of(db)[len(evs) :]} == {me}
+    audit = run(db, "audit", "--actor", "alice", "--json")
+    assert audit.exit_code == 0 and len(json.loads(audit.output)["events"]) == len(evs)
+    audit = run(db, "audit", "--actor", me, "--json")
+    assert audit.exit_code == 0 and len(json.loads(audit.output)["events"]) == len(evs) + 5
+    assert run(db, "audit", "--actor", "carol", "--json").output.count('"actor"') == 0
 
 
 def test_directory_recursive_and_stdin(tmp_path: Path) -> None:

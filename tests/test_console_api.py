@@ -22,8 +22,9 @@ from smc.testing.serve import ServeProcess, eventually, http_json
 
 
 def _apply(serve: ServeProcess, text: str, actor: str = "alice") -> Any:
-    status, body = http_json(
-        f"{serve.base}/v1/apply",
+    """Apply as the local admin impersonating ``actor`` (recorded as ``local:admin as ACTOR``)."""
+    status, body = serve.request(
+        "/v1/apply",
         method="POST",
         body=text.encode(),
         headers={"Content-Type": "application/yaml", "X-SMC-Actor": actor},
@@ -33,7 +34,7 @@ def _apply(serve: ServeProcess, text: str, actor: str = "alice") -> Any:
 
 
 def _get(serve: ServeProcess, path: str) -> Any:
-    status, body = http_json(serve.base + path)
+    status, body = serve.request(path)
     assert status == 200, (path, body)
     return body
 
@@ -44,6 +45,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     proc = ServeProcess(tmp)
     try:
         proc.wait_ready()
+        proc.grant("console-actors", ["alice", "bob", "carol", "dave"], ["apply"])
         _apply(proc, MESH)
 
         def settled() -> bool:  # the CA has certified the three identities: no more events
@@ -93,14 +95,14 @@ def test_timeline_pages_filters_and_details(serve: ServeProcess) -> None:
         "TrafficTarget/shop/store-to-warehouse",
     }
     facets = _get(serve, "/v1/console/timeline/facets")
-    assert {"alice", "bob"} <= set(facets["actors"])
+    assert {"local:admin as alice", "local:admin as bob"} <= set(facets["actors"])
     assert {"TrafficTarget", "VirtualMachine", "Service"} <= set(facets["kinds"])
     # an edit shows what changed against the aggregate's previous event
     _apply(serve, BUYER_POST_ONLY, actor="carol")
     seqs = _seq_of(serve, "TrafficTarget/shop/buyer-to-store")
     assert len(seqs) == 2
     detail = _get(serve, f"/v1/console/events/{seqs[1]}")
-    assert detail["actor"] == "carol" and detail["previousSeq"] == seqs[0]
+    assert detail["actor"] == "local:admin as carol" and detail["previousSeq"] == seqs[0]
     changed = {d["path"]: d for d in detail["diff"]}
     assert changed["manifest.spec.rules"]["before"][0]["name"] == "store-routes"
     assert changed["manifest.spec.rules"]["after"][0]["name"] == "store-post"
@@ -132,7 +134,10 @@ def test_time_travel_and_why(serve: ServeProcess) -> None:
     now_why = _get(serve, f"/v1/console/why?{q}")
     assert now_why["allowed"] is False
     effects = [(e["seq"], e["effect"], e["actor"]) for e in now_why["decidedBy"]]
-    assert effects == [(before_edit, "granted", "alice"), (edit, "revoked", "carol")]
+    assert effects == [
+        (before_edit, "granted", "local:admin as alice"),
+        (edit, "revoked", "local:admin as carol"),
+    ]
     # the config the store's proxy was served just before the edit (its certificate issued by
     # then): its inbound RBAC let the buyer GET, not POST
     past = _get(serve, f"/v1/console/proxy?node=shop/store-v1&at={edit - 1}")
@@ -153,7 +158,9 @@ def test_live_stream_sends_a_change_within_a_second(serve: ServeProcess) -> None
     ready = threading.Event()
 
     def listen() -> None:
-        with urllib.request.urlopen(serve.base + "/v1/console/stream", timeout=20) as resp:
+        creds = serve.credentials
+        req = urllib.request.Request(serve.base + "/v1/console/stream", headers=creds.headers())
+        with urllib.request.urlopen(req, timeout=20, context=creds.ssl_context()) as resp:
             kind = ""
             for raw in resp:
                 line = raw.decode().rstrip("\n")
@@ -184,7 +191,7 @@ def test_live_stream_sends_a_change_within_a_second(serve: ServeProcess) -> None
         for at, d in rows
         if any(r["aggregate"] == "TrafficTarget/shop/live-one" for r in d["items"])
     )
-    assert any(r["actor"] == "dave" for r in data["items"])
+    assert any(r["actor"] == "local:admin as dave" for r in data["items"])
     assert at - sent < 1.0, f"the change reached the stream after {at - sent:.2f}s"
     assert any(kind == "graph" for _, kind, _ in got)
 
@@ -195,27 +202,39 @@ def test_bad_requests_name_the_field(serve: ServeProcess) -> None:
         ("/v1/console/why?from=shop/buyer", "to"),
         ("/v1/console/proxy", "node"),
     ]:
-        status, body = http_json(serve.base + path)
+        status, body = serve.request(path)
         assert status == 400 and body["errors"][0]["field"] == field, (path, body)
-    status, body = http_json(serve.base + "/v1/console/events/99999999")
+    status, body = serve.request("/v1/console/events/99999999")
     assert status == 404 and body["errors"][0]["field"] == "seq"
-    status, body = http_json(serve.base + "/v1/console/graph?at=99999999")
+    status, body = serve.request("/v1/console/graph?at=99999999")
     assert status == 400 and "at" in body["errors"][0]["reason"]
-    status, body = http_json(serve.base + "/v1/console/timeline?limit=0")
+    status, body = serve.request("/v1/console/timeline?limit=0")
     assert status == 400 and "limit" in body["errors"][0]["reason"]
-    status, body = http_json(serve.base + "/v1/console/timeline?since=yesterday")
+    status, body = serve.request("/v1/console/timeline?since=yesterday")
     assert status == 400 and "since" in body["errors"][0]["reason"]
-    status, _ = http_json(serve.base + "/console/static/..%2Fsmc.db")
+    status, _ = serve.request("/console/static/..%2Fsmc.db")
     assert status == 404
-    assert http_json(serve.base + "/healthz")[0] == 200  # still serving
+    assert serve.request("/healthz")[0] == 200  # still serving
+
+
+def test_console_data_needs_a_credential_and_the_shell_does_not(serve: ServeProcess) -> None:
+    anonymous = serve.credentials.ssl_context()  # verifies the server, sends no token
+    for path in ("/v1/console/graph", "/v1/console/timeline", "/v1/console/stream",
+                 "/v1/console/events/1", "/v1/console/proxy?node=shop/store-1"):  # fmt: skip
+        status, _ = http_json(serve.base + path, context=anonymous)
+        assert status == 401, path
+    assert http_json(serve.base + "/console/", context=anonymous)[0] == 200
 
 
 def test_page_assets_are_served_with_a_strict_policy(serve: ServeProcess) -> None:
-    with urllib.request.urlopen(serve.base + "/console/") as resp:
+    ctx = serve.credentials.ssl_context()  # no token: the shell is public
+    with urllib.request.urlopen(serve.base + "/console/", context=ctx) as resp:
         html = resp.read().decode()
         assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
     assert "/console/static/cytoscape.min.js" in html
-    with urllib.request.urlopen(serve.base + "/console/static/cytoscape-license.txt") as resp:
+    with urllib.request.urlopen(
+        serve.base + "/console/static/cytoscape-license.txt", context=ctx
+    ) as resp:
         assert "Cytoscape Consortium" in resp.read().decode()
 
 

@@ -15,14 +15,14 @@ import pytest
 from console_mesh import MESH, STORE_TO_WAREHOUSE
 
 from smc.testing.browser import headless_chromium
-from smc.testing.serve import ServeProcess, http_json
+from smc.testing.serve import ServeProcess
 
 pytestmark = pytest.mark.slow
 
 
 def _apply(serve: ServeProcess, text: str, actor: str) -> None:
-    status, body = http_json(
-        f"{serve.base}/v1/apply",
+    status, body = serve.request(
+        "/v1/apply",
         method="POST",
         body=text.encode(),
         headers={"X-SMC-Actor": actor},
@@ -35,6 +35,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     proc = ServeProcess(tmp_path_factory.mktemp("console-browser"))
     try:
         proc.wait_ready()
+        proc.grant("console-actors", ["alice", "bob"], ["apply"])
         _apply(proc, MESH, "alice")
         yield proc
     finally:
@@ -43,7 +44,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    driver = headless_chromium()
+    driver = headless_chromium(accept_insecure_certs=True)  # serve's own API CA
     try:
         yield driver
     finally:
@@ -76,7 +77,8 @@ def test_console_end_to_end(serve: ServeProcess, browser: Any, tmp_path: Path) -
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    browser.get(serve.base + "/console/")
+    # the operator opens the console with the admin token in the URL fragment (never sent)
+    browser.get(f"{serve.base}/console/#token={serve.credentials.token}")
     _until(browser, "return document.body.dataset.ready === 'true'", what="the page to load")
     # the demo-like mesh is drawn: services, the client identity, allowed and split edges
     ids = _until(

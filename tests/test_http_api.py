@@ -1,5 +1,6 @@
-"""The HTTP API over real HTTP: an aiohttp server on a free port, a real SQLite log, the real
-projection runner in the same loop, and an aiohttp client."""
+"""The HTTP API over real HTTPS: an aiohttp server on a free port behind the real guard (the
+local admin token, grants on the log), a real SQLite log, the real projection runner in the
+same loop, and an aiohttp client carrying the admin token."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ from smc.api import (
     MeshChanges,
     create_app,
     start_http,
+)
+from smc.auth import (
+    ApiTLS,
+    Authenticator,
+    ClientCredentials,
+    GrantAuthorizer,
+    Guard,
+    LocalCredential,
+    server_context,
+    server_dir,
 )
 from smc.events import Position, default_codec
 from smc.events._sqlite import SqliteLog
@@ -97,13 +108,25 @@ async def serve(tmp_path: Path, *, start_runner: bool = True) -> AsyncIterator[A
     live = LiveMeshChanges(
         changes=MeshChanges(log=log, registry=registry, policy=policy), runner=runner
     )
-    app = create_app(ApiContext(live=live, runner=runner, registry=registry, policy=policy))
+    local = LocalCredential(tmp_path / "auth")
+    token = local.ensure()
+    guard = Guard(authenticator=Authenticator(local=local), authorizer=GrantAuthorizer(policy))
+    app = create_app(
+        ApiContext(live=live, runner=runner, registry=registry, policy=policy), guard=guard
+    )
+    material = ApiTLS(tmp_path / "auth", hosts=["127.0.0.1"]).ensure()
+    server_ssl, _ = server_context(material)
     port = free_port()
-    site = await start_http(app, host="127.0.0.1", port=port)
+    site = await start_http(app, host="127.0.0.1", port=port, ssl_context=server_ssl)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop=stop)) if start_runner else None
-    session = aiohttp.ClientSession()
-    api = Api(f"http://127.0.0.1:{port}", log, runner, app, session, stop)
+    creds = ClientCredentials(
+        server=f"https://127.0.0.1:{port}", ca_pem=material.ca_pem, token=token
+    )
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=creds.ssl_context()), headers=creds.headers()
+    )
+    api = Api(creds.server, log, runner, app, session, stop)
     try:
         if task is not None:
             await asyncio.wait_for(runner.caught_up.wait(), 10)
@@ -134,10 +157,10 @@ async def test_readyz_until_caught_up_and_healthz(tmp_path: Path) -> None:
 
 async def test_hybrid_apply_then_get_sees_it_at_once(tmp_path: Path) -> None:
     async with serve(tmp_path) as api:
-        status, body = await api.post("/v1/apply", HYBRID, **{"X-SMC-Actor": "alice"})
+        status, body = await api.post("/v1/apply", HYBRID)
         assert status == 200, body
         assert [r["status"] for r in body["results"]] == ["created"] * 5
-        assert body["actor"] == "alice" and body["events"] == 6
+        assert body["actor"] == "local:admin" and body["events"] == 6
         status, services = await api.get("/v1/services")  # no wait: the POST waited
         assert status == 200
         backing = {s["name"]: s["backing"] for s in services["items"]}
@@ -154,16 +177,16 @@ async def test_hybrid_apply_then_get_sees_it_at_once(tmp_path: Path) -> None:
         assert status == 200 and body["events"] == 0
         assert {r["status"] for r in body["results"]} == {"unchanged"}
         recs = api.records()
-        assert len(recs) == 6 and {e.envelope.actor for e in recs} == {"alice"}
+        assert len(recs) == 6 and {e.envelope.actor for e in recs} == {"local:admin"}
         assert {e.envelope.source for e in recs} == {"api"}
 
 
-async def test_anonymous_actor_and_request_id_header(tmp_path: Path) -> None:
+async def test_actor_is_the_principal_and_request_id_header(tmp_path: Path) -> None:
     async with serve(tmp_path) as api:
         status, body = await api.post("/v1/apply", json.dumps(GROUP), **{"X-Request-Id": "req-42"})
         assert status == 200 and body["requestId"] == "req-42"
         (ev,) = api.records()
-        assert ev.envelope.actor == "anonymous"
+        assert ev.envelope.actor == "local:admin"
         assert ev.envelope.correlation_id == "req-42"
         status, body = await api.post("/v1/apply", json.dumps(GROUP), **{"X-SMC-Actor": " "})
         assert status == 400 and body["errors"][0]["field"] == "X-SMC-Actor"
@@ -245,6 +268,15 @@ async def test_delete_and_reference_errors(tmp_path: Path) -> None:
         assert status == 200
         _, targets = await api.get("/v1/policies", kind="TrafficTarget")
         assert {t["status"] for t in targets["items"]} == {"ready"}
+        grant = {
+            "apiVersion": "smc.dev/v1alpha1",
+            "kind": "AccessGrant",
+            "metadata": {"name": "bob-deletes"},
+            "spec": {"subjects": ["bob"], "verbs": ["delete"], "resources": ["*"],
+                     "namespaces": ["*"]},
+        }  # fmt: skip
+        async with api.session.put(api.url + "/v1/grants/bob-deletes", json=grant) as r:
+            assert r.status == 200, await r.text()
         status, body = await api.post("/v1/delete", ACCESS, **{"X-SMC-Actor": "bob"})
         assert status == 200 and {r["status"] for r in body["results"]} == {"deleted"}
         _, pols = await api.get("/v1/policies")
@@ -253,7 +285,7 @@ async def test_delete_and_reference_errors(tmp_path: Path) -> None:
         assert status == 422 and body["results"][0]["status"] == "not found"
         status, body = await api.post("/v1/delete?ignoreNotFound=true", ACCESS)
         assert status == 200
-        deleted = [e for e in api.records() if e.envelope.actor == "bob"]
+        deleted = [e for e in api.records() if e.envelope.actor == "local:admin as bob"]
         assert len(deleted) == 7
 
 
@@ -321,6 +353,11 @@ async def test_smc_serve_hosts_api_and_inventory(tmp_path: Path) -> None:
     inv.mkdir()
     (inv / "vms.yaml").write_text(HYBRID.split("---", 1)[1])  # services and VMs, no MeshConfig
     port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent.parent),
+        "SMC_CONFIG_DIR": str(tmp_path / "cfg"),
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -337,11 +374,19 @@ async def test_smc_serve_hosts_api_and_inventory(tmp_path: Path) -> None:
         "--xds",
         "off",
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        env=env,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
+    creds_file = server_dir("127.0.0.1", port, root=tmp_path / "cfg") / "credentials.json"
     try:
-        async with aiohttp.ClientSession() as s:
+        while not creds_file.is_file():
+            assert proc.returncode is None, "serve exited"
+            await asyncio.sleep(0.05)
+        creds = ClientCredentials.load(creds_file)
+        assert creds.server == url
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=creds.ssl_context()), headers=creds.headers()
+        ) as s:
             deadline = asyncio.get_running_loop().time() + 30
             workloads: list[Any] = []
             while len(workloads) < 2:
@@ -377,7 +422,7 @@ async def test_smc_serve_hosts_api_and_inventory(tmp_path: Path) -> None:
             "--xds",
             "off",
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+            env=env,
         )
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:

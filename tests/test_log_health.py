@@ -17,7 +17,7 @@ from smc.events import LogFull, Position, ServiceUpserted, make_event
 from smc.events import ServicePort as EvPort
 from smc.events._sqlite import SqliteLog
 from smc.testing.kafka import KafkaBroker
-from smc.testing.serve import ServeProcess, eventually, http_json
+from smc.testing.serve import ServeProcess, eventually
 
 
 def _service(i: int, pad: int = 0) -> ServiceUpserted:
@@ -98,26 +98,26 @@ def test_disk_full_over_http_503_then_ready_again(small_disk: Path, tmp_path: Pa
     serve = ServeProcess(tmp_path, xds_host=None, log_url=f"sqlite:///{small_disk / 'log.db'}")
     try:
         serve.wait_ready()
-        status, body = http_json(serve.base + "/v1/apply", method="POST", body=_manifest(0))
+        status, body = serve.request("/v1/apply", method="POST", body=_manifest(0))
         assert status == 200, body
         filler = _fill(small_disk, 8 * 1024)
         big = b"---\n".join(_manifest(i) for i in range(1, 400))
-        status, body = http_json(serve.base + "/v1/apply", method="POST", body=big)
+        status, body = serve.request("/v1/apply", method="POST", body=big)
         assert status == 507, body
         reason = body["errors"][0]["reason"]
         assert "disk is full" in reason and "nothing was recorded" in reason
-        status, ready = http_json(serve.base + "/readyz")
+        status, ready = serve.request("/readyz")
         assert status == 503 and ready["status"] == "log unavailable", ready
         assert any("full" in p for p in ready["log"]["problems"]), ready
         filler.unlink()
         eventually(
-            lambda: http_json(serve.base + "/readyz")[0] == 200,
+            lambda: serve.request("/readyz")[0] == 200,
             what="/readyz 200 once the disk has room",
             diag=serve.tail,
         )
-        status, body = http_json(serve.base + "/v1/apply", method="POST", body=big)
+        status, body = serve.request("/v1/apply", method="POST", body=big)
         assert status == 200, body
-        status, items = http_json(serve.base + "/v1/services")
+        status, items = serve.request("/v1/services")
         assert len(items["items"]) == 400
     finally:
         assert serve.stop() == 0, serve.tail()
@@ -165,28 +165,26 @@ def test_kafka_broker_killed_and_restarted_readyz_follows(tmp_path: Path) -> Non
         broker.create_topics()
         serve = ServeProcess(tmp_path, xds_host=None, log_url=f"kafka://{broker.bootstrap}")
         serve.wait_ready(timeout=90)
-        status, body = http_json(serve.base + "/v1/apply", method="POST", body=_manifest(1))
+        status, body = serve.request("/v1/apply", method="POST", body=_manifest(1))
         assert status == 200, body
         broker.kill9()
         eventually(
-            lambda: http_json(serve.base + "/readyz")[0] == 503,
+            lambda: serve.request("/readyz")[0] == 503,
             what="/readyz 503 with the broker down",
             diag=serve.tail,
         )
-        status, ready = http_json(serve.base + "/readyz")
+        status, ready = serve.request("/readyz")
         assert ready["status"] == "log unavailable" and ready["log"]["problems"], ready
-        status, body = http_json(
-            serve.base + "/v1/apply", method="POST", body=_manifest(2), timeout=60
-        )
+        status, body = serve.request("/v1/apply", method="POST", body=_manifest(2), timeout=60)
         assert status == 503, body
         broker.restart()
         eventually(
-            lambda: http_json(serve.base + "/readyz")[0] == 200,
+            lambda: serve.request("/readyz")[0] == 200,
             what="/readyz 200 once the broker is back",
             diag=serve.tail,
             wait=90,
         )
-        status, body = http_json(serve.base + "/v1/apply", method="POST", body=_manifest(3))
+        status, body = serve.request("/v1/apply", method="POST", body=_manifest(3))
         assert status == 200, body
         out = serve.tail(None)
         rd = [line for line in out.splitlines() if "smc.events.kafka" in line]

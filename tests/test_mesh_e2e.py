@@ -25,6 +25,7 @@ import pytest
 
 from smc.events import deterministic_id
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
+from smc.testing.serve import admin_session
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
@@ -498,7 +499,11 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
     from smc.testing.ports import free_port
 
     http_port, xds_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent.parent),
+        "SMC_CONFIG_DIR": str(tmp_path / "cfg"),
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -515,10 +520,10 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
-    url = f"http://127.0.0.1:{http_port}"
+    url = f"https://127.0.0.1:{http_port}"
     sidecar = Sidecar(namespace=NS, name="client-1", address="127.0.41.1", workdir=tmp_path)
     try:
-        async with aiohttp.ClientSession() as s:
+        async with await admin_session(tmp_path / "cfg", http_port) as s:
             deadline = time.monotonic() + 30
             while True:
                 assert time.monotonic() < deadline, "serve did not come up"

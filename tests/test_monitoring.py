@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from smc.testing.promtool import ensure_promtool
-from smc.testing.serve import ServeProcess, eventually, http_json
+from smc.testing.serve import ServeProcess, eventually
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 MESH = Path(__file__).resolve().parent / "data" / "smi" / "hybrid-mesh.yaml"
@@ -20,7 +20,7 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
 
 def _scrape(serve: ServeProcess) -> dict[str, float]:
-    status, text = http_json(serve.base + "/metrics")
+    status, text = serve.request("/metrics")
     assert status == 200
     out: dict[str, float] = {}
     for line in str(text).splitlines():
@@ -53,7 +53,7 @@ def test_series_exist_before_any_proxy_and_follow_the_log(serve: ServeProcess) -
     assert before["smc_log_caught_up"] == 1 and before["smc_log_available"] == 1
     assert before["smc_log_fatal"] == 0
     assert before["process_resident_memory_bytes"] > 0 and "process_cpu_seconds_total" in before
-    status, body = http_json(serve.base + "/v1/apply", method="POST", body=MESH.read_bytes())
+    status, body = serve.request("/v1/apply", method="POST", body=MESH.read_bytes())
     assert status == 200, body
 
     def settled() -> dict[str, float] | None:
@@ -74,8 +74,8 @@ def test_series_exist_before_any_proxy_and_follow_the_log(serve: ServeProcess) -
     # issued certificates live ~24 h by default: the earliest expiry is hours away
     assert 3600 < after["smc_certificate_earliest_expiry_seconds"] <= 48 * 3600
     assert after['smc_http_requests_total{method="POST",route="/v1/apply",status="200"}'] >= 1
-    http_json(serve.base + "/v1/nothing-here")
-    http_json(serve.base + "/v1/policy/check?from=bad")
+    serve.request("/v1/nothing-here")
+    serve.request("/v1/policy/check?from=bad")
     m = _scrape(serve)
     assert m['smc_http_requests_total{method="GET",route="unmatched",status="404"}'] >= 1
     assert m['smc_http_requests_total{method="GET",route="/v1/policy/check",status="400"}'] >= 1

@@ -48,6 +48,7 @@ from smc.events import (
 from smc.projections import CertsProjection
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 from smc.testing.ports import free_port
+from smc.testing.serve import admin_session
 from smc.testing.vault import OpenBaoServer, setup_pki
 from smc.xds import ROOT_SECRET, SECRET, WORKLOAD_SECRET
 
@@ -650,7 +651,11 @@ async def test_vault_issuer_mtls_renewal_and_revocation(vault: tuple[Mesh, str])
 
 
 async def _start_serve(tmp_path: Path, http_port: int, xds_port: int) -> asyncio.subprocess.Process:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent.parent),
+        "SMC_CONFIG_DIR": str(tmp_path / "cfg"),
+    }
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -683,7 +688,7 @@ async def test_smc_serve_restart_same_keys_and_log_keeps_secrets(tmp_path: Path)
     certificate; after a restart on the same log and key directory it keeps exactly the same
     secrets and nothing is issued again."""
     http_port, xds_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{http_port}"
+    url = f"https://127.0.0.1:{http_port}"
     client = Sidecar(namespace=NS, name="client-1", address="127.0.53.1", workdir=tmp_path)
     server = Sidecar(namespace=NS, name="server-1", address="127.0.53.2", workdir=tmp_path)
 
@@ -702,7 +707,9 @@ async def test_smc_serve_restart_same_keys_and_log_keeps_secrets(tmp_path: Path)
 
     proc = await _start_serve(tmp_path, http_port, xds_port)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        async with await admin_session(
+            tmp_path / "cfg", http_port, timeout=aiohttp.ClientTimeout(total=5)
+        ) as s:
             deadline = time.monotonic() + 30
             while True:
                 assert time.monotonic() < deadline, "serve did not come up"
@@ -740,7 +747,9 @@ async def test_smc_serve_restart_same_keys_and_log_keeps_secrets(tmp_path: Path)
             log.close()
         assert issued == 2  # client and server identities
         proc = await _start_serve(tmp_path, http_port, xds_port)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        async with await admin_session(
+            tmp_path / "cfg", http_port, timeout=aiohttp.ClientTimeout(total=5)
+        ) as s:
             deadline = time.monotonic() + 30
             again: str | None = None
             while again is None:

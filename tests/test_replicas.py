@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from smc.api import LiveMeshChanges, MeshChanges
+from smc.auth import ClientCredentials, CredentialError, server_dir
 from smc.ca import KeyStore, LocalIssuer, run_ca
 from smc.ca._controller import CertificateFollower, follow_ca
 from smc.errors import SMCError
@@ -101,9 +103,16 @@ spec:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _http(method: str, url: str, body: bytes | None = None, **headers: str) -> tuple[int, Any]:
-    """Blocking JSON request; (status, parsed body or text)."""
-    return http_json(url, method=method, body=body, headers=headers, timeout=30)
+def _http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    *,
+    creds: ClientCredentials,
+    **headers: str,
+) -> tuple[int, Any]:
+    """Blocking JSON request with ``creds``; (status, parsed body or text)."""
+    return http_json(url, method=method, body=body, headers=headers, timeout=30, creds=creds)
 
 
 class Replica:
@@ -118,10 +127,28 @@ class Replica:
         self.xds_port = free_port()
         self.out = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.config_dir = workdir / f"{name}-config"
+        self._creds: ClientCredentials | None = None
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"https://127.0.0.1:{self.http_port}"
+
+    @property
+    def creds(self) -> ClientCredentials:
+        """The admin credentials this replica wrote (its API CA and admin token)."""
+        if self._creds is None:
+            path = server_dir("127.0.0.1", self.http_port, root=self.config_dir)
+            self._creds = ClientCredentials.load(path / "credentials.json")
+        return self._creds
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An aiohttp session that verifies this replica and carries its admin token."""
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self.creds.ssl_context()),
+            headers=self.creds.headers(),
+            **kwargs,
+        )
 
     def start(self) -> None:
         cmd = [
@@ -143,7 +170,11 @@ class Replica:
         ]
         with open(self.out, "ab") as out:
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "SMC_CONFIG_DIR": str(self.config_dir)},
             )
 
     def tail(self, n: int = 3000) -> str:
@@ -156,14 +187,14 @@ class Replica:
         return self.proc is not None and self.proc.poll() is None
 
     def get(self, path: str) -> tuple[int, Any]:
-        return _http("GET", self.api + path)
+        return _http("GET", self.api + path, creds=self.creds)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if not self.alive():
                 raise AssertionError(f"{self.name} exited:\n{self.tail()}")
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, CredentialError):
                 status, _ = self.get("/readyz")
                 if status == 200:
                     return
@@ -442,7 +473,8 @@ async def test_replicas_serve_identical_snapshots(cluster: Cluster) -> None:
         "POST",
         c.r1.api + "/v1/apply",
         "\n---\n".join(docs).encode(),
-        **{"Content-Type": "application/yaml", "X-SMC-Actor": "replica-test"},
+        creds=c.r1.creds,
+        **{"Content-Type": "application/yaml"},
     )
     assert status == 200, body
     assert body["ok"] and body["events"] >= 5, body
@@ -631,7 +663,7 @@ async def test_broker_kill9_mid_change_loses_no_acknowledged_event(cluster: Clus
     async def api_changes() -> None:
         """MeshService changes through replica 2's API; 200 means appended and applied."""
         i = 0
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        async with c.r2.session(timeout=aiohttp.ClientTimeout(total=20)) as session:
             while not stop.is_set():
                 name = f"api-{run}-{i}"
                 doc = (
@@ -750,7 +782,7 @@ async def test_replica_kill9_mid_change_loses_no_acknowledged_event(cluster: Clu
 
     async def changes() -> None:
         i = 0
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        async with c.r1.session(timeout=aiohttp.ClientTimeout(total=20)) as session:
             while not stop.is_set():
                 name = f"crash-{run}-{i}"
                 doc = (

@@ -17,7 +17,7 @@ from smc.events import (
     SqliteLog,
     make_event,
 )
-from smc.testing.serve import ServeProcess, eventually, http_json
+from smc.testing.serve import ServeProcess, eventually
 
 TD = "cluster.local"
 
@@ -47,7 +47,7 @@ def test_serve_seals_per_role_and_skips_forgeries(tmp_path: Path) -> None:
     db = tmp_path / "log.db"
     try:
         serve.wait_ready()
-        status, body = http_json(serve.base + "/v1/apply", method="POST", body=MESH.encode())
+        status, body = serve.request("/v1/apply", method="POST", body=MESH.encode())
         assert status == 200, body
         log = SqliteLog(db)
 
@@ -73,13 +73,13 @@ def test_serve_seals_per_role_and_skips_forgeries(tmp_path: Path) -> None:
         )  # fmt: skip
 
         def skipped() -> int:
-            _, state = http_json(serve.base + "/debug/state")
+            _, state = serve.request("/debug/state")
             return int(state.get("skipped", 0)) >= 2
 
         eventually(skipped, what="the forged records skipped", diag=serve.tail, wait=30)
-        _, mesh = http_json(serve.base + "/v1/meshconfig")
+        _, mesh = serve.request("/v1/meshconfig")
         assert mesh["permissiveTrafficMode"] is False  # the forgery never changed state
-        _, state = http_json(serve.base + "/debug/state")
+        _, state = serve.request("/debug/state")
         assert state["skipped"] == 2
     finally:
         serve.stop()

@@ -36,7 +36,7 @@ from smc.ca import KeyStore, LocalIssuer
 from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
 from smc.testing.kube import KubeAPIServer, KubeBuildError
 from smc.testing.ports import free_port
-from smc.testing.serve import ServeProcess, http_json
+from smc.testing.serve import ServeProcess
 from smc.xds import CLUSTER
 from smc.xds._certs import KeyStoreCertSource
 
@@ -51,10 +51,6 @@ spec:
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: 8080}]
 """
-
-
-def http(method: str, url: str, body: bytes | None = None) -> tuple[int, Any]:
-    return http_json(url, method=method, body=body, timeout=60)
 
 
 class Serve(ServeProcess):
@@ -83,7 +79,7 @@ def test_apply_while_log_unwritable_answers_503(tmp_path: Path, serves: list[Ser
     soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE)
     resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (0, hard))
     try:
-        status, body = http("POST", s.base + "/v1/apply", SERVICE.encode())
+        status, body = s.request("/v1/apply", method="POST", body=SERVICE.encode(), timeout=60)
     finally:
         resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
     assert status == 503, body
@@ -92,9 +88,9 @@ def test_apply_while_log_unwritable_answers_503(tmp_path: Path, serves: list[Ser
     assert "event log is unavailable" in reason and "retry" in reason, reason
     assert "Traceback" not in s.stderr()
     assert s.proc.poll() is None
-    status, body = http("POST", s.base + "/v1/apply", SERVICE.encode())
+    status, body = s.request("/v1/apply", method="POST", body=SERVICE.encode(), timeout=60)
     assert status == 200, body
-    _, services = http("GET", s.base + "/v1/services")
+    _, services = s.request("/v1/services", timeout=60)
     assert [(i["namespace"], i["name"]) for i in services["items"]] == [("wire", "web")], services
     assert s.stop() == 0
 
@@ -160,7 +156,7 @@ async def test_xds_tls_serves_envoy_with_mesh_certificate(
     )
     serves.append(s)
     await asyncio.to_thread(s.wait_ready)
-    status, body = http("POST", s.base + "/v1/apply", VM.encode())
+    status, body = s.request("/v1/apply", method="POST", body=VM.encode(), timeout=60)
     assert status == 200, body
     chain, key = await asyncio.to_thread(find_leaf, keys, "/ns/wire/sa/web")
     roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
@@ -426,7 +422,7 @@ def test_kube_informers_feed_serve(tmp_path: Path, serves: list[Serve]) -> None:
         deadline = time.monotonic() + 60
         names: list[tuple[str, str]] = []
         while time.monotonic() < deadline:
-            _, body = http("GET", s.base + "/v1/services")
+            _, body = s.request("/v1/services", timeout=60)
             names = [(i["namespace"], i["name"]) for i in body["items"]]
             if (ns, "api") in names:
                 break

@@ -20,7 +20,7 @@ from smc.ca import LocalIssuer
 from smc.events import ChainVerifier, Position, Signer, SqliteLog
 from smc.projections import ProjectionRunner, all_projections
 from smc.testing.mesh import Sidecar, vm_yaml
-from smc.testing.serve import ServeProcess, http_json
+from smc.testing.serve import ServeProcess
 
 TD = "cluster.local"
 
@@ -120,9 +120,9 @@ def test_past_configs_equal_what_envoy_acked(tmp_path: Path, operator: Path) -> 
             stable_since, last = time.monotonic(), None
             while time.monotonic() < deadline:
                 end = SqliteLog(db).end_position()
-                _, state = http_json(serve.base + "/debug/state")
+                _, state = serve.request("/debug/state")
                 applied = Position.from_json(state.get("position", {}))
-                _, view = http_json(serve.base + "/debug/proxies")
+                _, view = serve.request("/debug/proxies")
                 rows = [p for p in view.get("proxies", []) if p["node_id"] == client.node_id]
                 types = rows[0]["types"] if rows else {}
                 now = {t: s.get("acked_version") for t, s in types.items()}

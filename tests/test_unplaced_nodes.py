@@ -18,7 +18,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from smc.testing.serve import ServeProcess, http_json
+from smc.testing.serve import ServeProcess
 from smc.xds import CLUSTER
 from smc.xds._server import UNPLACED_GRACE
 
@@ -89,7 +89,7 @@ async def test_malformed_and_unknown_node_ids_get_errors(serve: ServeProcess) ->
     assert "no workload 'demo/nobody'" in (got.details() or "")
     assert took >= UNPLACED_GRACE - 0.5
 
-    status, body = http_json(serve.base + "/debug/proxies")
+    status, body = serve.request("/debug/proxies")
     assert status == 200
     refused = {r["node_id"]: r for r in body["refused"]}
     assert refused["greeter-client"]["reason"] == "invalid_node_id"
@@ -101,8 +101,8 @@ async def test_workload_joining_within_the_grace_is_served(serve: ServeProcess) 
     task = asyncio.create_task(first_answer(serve.xds_port, "demo/web-1", wait=30))
     await asyncio.sleep(0.5)  # the stream is open and waiting before the workload exists
     status, body = await asyncio.to_thread(
-        http_json,
-        serve.base + "/v1/apply",
+        serve.request,
+        "/v1/apply",
         method="POST",
         body=VM,
         headers={"Content-Type": "application/yaml"},

@@ -7,6 +7,10 @@ query, 413 for a body over the cap, 422 when some documents were refused (the va
 applied), 503 before the projections have caught up or when the event log cannot be reached (nothing
 was recorded; retry), 504 if appended events were not applied in
 time. No input can crash the server: unexpected exceptions become a 500 JSON answer.
+Every route but the probes sits behind a :class:`smc.auth.Guard` (401 without a credential,
+403 without the grant); the actor recorded on events is the authenticated principal, and each
+document of an apply or delete is authorized (verb x kind x namespace) before anything is
+appended.
 Concurrency: handlers run on the asyncio loop that runs the projection runner, so reads see
 whole events; manifest decoding and the append run in worker threads; writes are serialised.
 """
@@ -17,12 +21,14 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from smc.api._access import AccessRoutes
 from smc.api._changes import ChangeReport
 from smc.api._errors import BodyError, ChangeNotApplied
 from smc.api._live import LiveMeshChanges
@@ -35,8 +41,16 @@ from smc.api._views import (
     vmgroups_view,
     workloads_view,
 )
+from smc.auth import GUARD as GUARD_KEY
+from smc.auth import PRINCIPAL, AuthError, Guard, Principal, resource_of_kind
+from smc.auth import Access as AuthAccess
 from smc.events import LogCorrupt, LogFull, LogUnavailable
-from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
+from smc.projections import (
+    CertsProjection,
+    PolicyProjection,
+    ProjectionRunner,
+    RegistryProjection,
+)
 from smc.projections._policyview import PolicyView
 from smc.smi import LoadResult, ManifestError, Resource, load_documents
 
@@ -47,7 +61,6 @@ log = logging.getLogger("smc.api")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 #: Bodies up to this size are decoded on the loop (a worker thread costs more than the parse).
 _INLINE_BODY = 8 * 1024
-_ACTOR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,252}$")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 _IDENTITY = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
 
@@ -66,6 +79,8 @@ def _err(reason: str, *, field: str = "", document: str | None = None) -> dict[s
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except AuthError:
+        raise  # the guard (the outer middleware) answers 401/403
     except web.HTTPRequestEntityTooLarge:
         return _errors(413, _err(f"request body is larger than {MAX_BODY_BYTES} bytes"))
     except web.HTTPException as exc:
@@ -105,7 +120,9 @@ class ApiContext:
         runner: ProjectionRunner,
         registry: RegistryProjection,
         policy: PolicyProjection,
+        certs: CertsProjection | None = None,
     ) -> None:
+        self.certs = certs
         self.live = live
         self.runner = runner
         self.registry = registry
@@ -185,9 +202,8 @@ class HttpApi:
 
     # -- writes -----------------------------------------------------------------------------
     async def _change(self, request: web.Request, verb: str) -> web.Response:
-        actor = request.headers.get("X-SMC-Actor", "anonymous")
-        if not _ACTOR.match(actor):
-            raise BodyError(field="X-SMC-Actor", reason="must be 1-253 printable ASCII characters")
+        principal: Principal = request[PRINCIPAL]
+        actor = principal.actor
         request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
         if not _REQUEST_ID.match(request_id):
             raise BodyError(
@@ -203,6 +219,12 @@ class HttpApi:
             loaded = _load(chunks)  # a few documents: cheaper than a thread hop
         else:
             loaded = await asyncio.to_thread(_load, chunks)
+        guard = request.app[GUARD_KEY]
+        for r in loaded.resources:  # every document authorized before anything is appended
+            await guard.authorize(
+                principal,
+                AuthAccess(verb=verb, resource=resource_of_kind(r.KIND), namespace=r.namespace),
+            )
         live = self.ctx.live
         report: ChangeReport
         if verb == "apply":
@@ -315,17 +337,25 @@ class HttpApi:
         return web.json_response(openapi_document(server_url=f"{request.scheme}://{request.host}"))
 
 
-def create_app(ctx: ApiContext, *, max_body_bytes: int = MAX_BODY_BYTES) -> web.Application:
-    """The aiohttp application of the API (request bodies capped at ``max_body_bytes``)."""
+def create_app(
+    ctx: ApiContext, *, guard: Guard, max_body_bytes: int = MAX_BODY_BYTES
+) -> web.Application:
+    """The aiohttp application of the API (request bodies capped at ``max_body_bytes``),
+    behind ``guard``: every route but the probes needs an authenticated, authorized caller."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+    guard.install(app)
     app.add_routes(HttpApi(ctx).routes())
+    app.add_routes(AccessRoutes(ctx.live, ctx.policy, certs=ctx.certs).routes())
     return app
 
 
-async def start_http(app: web.Application, *, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on ``host:port`` on the running loop; call ``cleanup()`` on the result."""
+async def start_http(
+    app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Serve ``app`` on ``host:port`` (HTTPS with ``ssl_context``) on the running loop; call
+    ``cleanup()`` on the result."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from smc.api._openapi_access import add_access
+
 __all__ = ["openapi_document"]
 
 
@@ -42,8 +44,8 @@ def _change_op(verb: str, summary: str, extra: list[dict[str, Any]]) -> dict[str
                 "in": "header",
                 "required": False,
                 "schema": {"type": "string", "maxLength": 253},
-                "description": "Who makes the change (recorded on every event); default "
-                "'anonymous'.",
+                "description": "Act as this name (impersonation: needs the impersonate grant; "
+                "events record 'PRINCIPAL as NAME'). Default: the authenticated principal.",
             },
             *extra,
         ],
@@ -447,6 +449,7 @@ def openapi_document(*, server_url: str | None = None) -> dict[str, Any]:
             }
         },
     }
+    add_access(doc)
     if server_url:
         doc["servers"] = [{"url": server_url}]
     return doc

@@ -50,14 +50,43 @@ class _Group(click.Group):
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.version_option(package_name="smc", prog_name="smc", message="%(prog)s %(version)s")
+@click.option(
+    "--server",
+    envvar="SMC_SERVER",
+    default=None,
+    help="https://HOST:PORT of a running `smc serve`: apply, delete and get go through its "
+    "API with your credential instead of writing to the log (env SMC_SERVER).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Bearer token for --server (or $SMC_TOKEN; default: the local admin credential).",
+)
+@click.option(
+    "--cacert", type=click.Path(dir_okay=False), default=None, help="CA of --server's certificate."
+)
+@click.option("--cert", type=click.Path(dir_okay=False), default=None, help="Client certificate.")
+@click.option("--key", type=click.Path(dir_okay=False), default=None, help="Key of --cert.")
 @click.pass_context
-def cli(ctx: click.Context, log_url: str, writer_dir: str | None, verbose: int) -> None:
+def cli(
+    ctx: click.Context,
+    log_url: str,
+    writer_dir: str | None,
+    verbose: int,
+    server: str | None,
+    token_file: str | None,
+    cacert: str | None,
+    cert: str | None,
+    key: str | None,
+) -> None:
     """SMC: an event-sourced service mesh control plane for Envoy."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.ensure_object(dict)
     ctx.obj["log_url"] = log_url
     ctx.obj["writer_dir"] = writer_dir
+    ctx.obj.update(server=server, token_file=token_file, cacert=cacert, cert=cert, key=key)
 
 
 def open_log_from(ctx: click.Context, *, create: bool = False) -> EventLog:

@@ -3,7 +3,8 @@
 Role: kubectl-style commands. ``apply``/``delete`` read manifests from files, directories
 (recursively: ``*.yaml``, ``*.yml``, ``*.json``) or stdin (``-``), rebuild the registry and policy
 projections from the log, and append the changes through :class:`smc.api.MeshChanges` with the
-actor recorded (``--as NAME``, default ``$USER``). Each document is reported created /
+actor recorded (``unix:USER``, ``unix:USER as NAME`` with ``--as``); with ``smc --server URL``
+they go through the server's API instead (:mod:`smc.cli._client`). Each document is reported created /
 configured / unchanged / deleted / error; valid documents apply even when others fail, and the
 exit code is 1 if any failed. ``get`` and ``policy check`` read the projections only.
 Concurrency: one command per process; everything runs on the main thread.
@@ -11,7 +12,6 @@ Concurrency: one command per process; everything runs on the main thread.
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 import tempfile
@@ -37,6 +37,7 @@ from smc.api import (
     workloads_view,
 )
 from smc.cli._app import cli, open_log_from
+from smc.cli._client import ApiClient, change_via_api, client_from, operator_actor
 from smc.cli._output import emit, kind_alias, output_option, parse_selector, select
 from smc.events import EventLog, LogError, Position, SqliteLog
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
@@ -148,11 +149,26 @@ def _change(
     output: str,
     ignore_not_found: bool = False,
 ) -> None:
+    client = client_from(ctx)
+    if client is not None:  # through the server's API, as the caller's credential
+        ok = change_via_api(
+            client,
+            verb=verb,
+            files=files,
+            actor=actor,
+            request_id=request_id,
+            dry_run=dry_run,
+            output=output,
+            ignore_not_found=ignore_not_found,
+        )
+        if not ok:
+            sys.exit(1)
+        return
     resources, errors = read_manifests(files)
     log = _log_for_change(ctx, verb=verb, dry_run=dry_run)
     registry, policy = _projections(log)
     changes = MeshChanges(log=log, registry=registry, policy=policy)
-    who = actor or _default_actor()
+    who = operator_actor(actor)
     rid = request_id or str(uuid.uuid4())
     if verb == "apply":
         plan = changes.plan_apply(
@@ -195,13 +211,6 @@ def _log_for_change(ctx: click.Context, *, verb: str, dry_run: bool) -> EventLog
     return empty
 
 
-def _default_actor() -> str:
-    try:
-        return getpass.getuser() or "unknown"
-    except (KeyError, OSError):
-        return "unknown"
-
-
 _FILE_OPT = click.option(
     "-f",
     "--filename",
@@ -210,7 +219,13 @@ _FILE_OPT = click.option(
     required=True,
     help="Manifest file, directory (recursive) or - for stdin; repeatable.",
 )
-_AS_OPT = click.option("--as", "actor", default=None, help="Actor recorded on events ($USER).")
+_AS_OPT = click.option(
+    "--as",
+    "actor",
+    default=None,
+    help="Act as NAME (impersonation: recorded with your own principal, as 'you as NAME'; "
+    "through --server it needs the impersonate grant).",
+)
 _RID_OPT = click.option(
     "--request-id", default=None, help="Idempotency key (a retry with it applies once)."
 )
@@ -349,13 +364,20 @@ def get_cmd(
         raise click.UsageError("-n/--namespace and -A/--all-namespaces exclude each other")
     if selector:
         parse_selector(selector)  # a bad selector fails before the log is opened
-    log = open_log_from(ctx)
+    client = client_from(ctx)
+    if client is not None and watch:
+        raise click.UsageError("-w/--watch follows the log itself: not with --server")
     registry, policy = RegistryProjection(), PolicyProjection()
-    runner = ProjectionRunner(log=log, projections=[registry, policy])
-    runner.catch_up()
+    runner: ProjectionRunner | None = None
+    if client is None:
+        log = open_log_from(ctx)
+        runner = ProjectionRunner(log=log, projections=[registry, policy])
+        runner.catch_up()
 
     def current() -> Any:
-        data = _get_data(what, registry, policy)
+        data = (
+            _api_get_data(client, what) if client is not None else _get_data(what, registry, policy)
+        )
         if isinstance(data, list):
             data = select(data, namespace=namespace, name=name, selector=selector)
         return data
@@ -379,6 +401,7 @@ def get_cmd(
             names=lambda: _get_names(what, data),
         )
     if watch:
+        assert runner is not None
         _watch(what, runner, current, output)
 
 
@@ -427,6 +450,24 @@ def _watch_line(what: str, key: str, item: Any, output: str, *, deleted: bool) -
     else:
         click.echo(f"{'DELETED' if deleted else 'MODIFIED':9s} {what}/{key}", nl=True)
     sys.stdout.flush()
+
+
+def _api_get_data(client: ApiClient, what: str) -> Any:
+    """What :func:`_get_data` reads, from the server's API (``smc --server``)."""
+    kinds = {
+        "traffictargets": "TrafficTarget",
+        "splits": "TrafficSplit",
+        **_SMI_GET,
+        **_OSM_GET,
+    }
+    route = {"virtualmachines": "workloads"}.get(what, what)
+    if what in kinds:
+        route = f"policies?kind={kinds[what]}"
+    body = client.checked(f"/v1/{route}")
+    data = body["items"] if isinstance(body, dict) and "items" in body else body
+    if what == "virtualmachines":
+        data = [w for w in data if w["kind"] == "vm"]
+    return data
 
 
 def _get_data(what: str, registry: RegistryProjection, policy: PolicyProjection) -> Any:

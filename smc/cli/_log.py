@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from smc.audit import load_trust
+from smc.auth import actor_matches
 from smc.cli._app import cli, open_log_from, parse_position, parse_time
 from smc.cli._output import emit, output_option
 from smc.events import ChainVerifier, Event, EventLog, Position, Record, default_codec
@@ -338,7 +339,7 @@ def audit(
     end = parse_position(log, to) if to else log.end_position()
     data = _audit_data(log, start, end)
     if actor:
-        data["events"] = [e for e in data["events"] if e["actor"] == actor]
+        data["events"] = [e for e in data["events"] if actor_matches(e["actor"], actor)]
     if as_json or output != "table":
         emit(
             data,

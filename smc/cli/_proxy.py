@@ -3,7 +3,9 @@
 Role: reads ``GET /debug/proxies`` of the server's HTTP API and prints one row per ADS stream
 (node id, stream kind, the ACKed version of each type, whether a push is pending, the last
 NACK), then the registered nodes that have no configuration and why; ``--json`` prints the
-raw answer. Concurrency: one blocking HTTP request.
+raw answer. It authenticates like every client (:meth:`smc.auth.ClientCredentials.for_server`:
+``$SMC_TOKEN`` or the local credential file of that server) and needs the ``debug`` grant.
+Concurrency: one blocking HTTP request.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import click
 
+from smc.auth import ClientCredentials, CredentialError
 from smc.cli._app import cli
 from smc.cli._output import emit, output_option
 from smc.errors import SMCError
@@ -33,8 +36,17 @@ class ProxyStatusError(SMCError):
 def fetch_status(server: str, *, timeout: float = 5.0) -> dict[str, Any]:
     """``GET <server>/debug/proxies`` as parsed JSON; raises :class:`ProxyStatusError`."""
     url = server.rstrip("/") + "/debug/proxies"
+    headers: dict[str, str] = {}
+    context = None
+    if url.startswith("https://"):
+        try:
+            creds = ClientCredentials.for_server(server)
+        except CredentialError as exc:
+            raise ProxyStatusError(str(exc)) from exc
+        headers, context = creds.headers(), creds.ssl_context()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        req = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             body = resp.read()
     except urllib.error.HTTPError as exc:
         raise ProxyStatusError(f"{url} answered HTTP {exc.code}") from exc
@@ -89,7 +101,7 @@ def proxy() -> None:
 @proxy.command("status")
 @click.option(
     "--server",
-    default="http://127.0.0.1:8470",
+    default="https://127.0.0.1:8470",
     show_default=True,
     envvar="SMC_SERVER",
     help="Base URL of the HTTP API of `smc serve` (env SMC_SERVER).",

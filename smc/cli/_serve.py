@@ -45,13 +45,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from smc.cli._app import cli, open_log_from
 from smc.cli._certs import ca_options, factory_from_ca_options, keys_option
 from smc.cli._metrics import ServeMetrics, zero_ads_series
+from smc.cli._serve_auth import api_auth_options, options_from
 from smc.cli._vmgroups import parse_clouds
 from smc.errors import SMCError
 from smc.events import ChainVerifier, for_role
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from smc.ca import Issuer, IssuerFactory
+    from smc.cli._serve_auth import ApiAuthOptions
     from smc.identity import IdentityOptions
     from smc.informers import KubeEndpoint, KubeInformers
     from smc.xds._server import ServerTLS
@@ -480,6 +482,8 @@ async def _start_api(
     xds: _Xds | None = None,
     clouds: dict[str, dict[str, str]] | None = None,
     group_interval: float = 5.0,
+    auth: ApiAuthOptions | None = None,
+    kube: KubeEndpoint | None = None,
 ) -> tuple[list[Callable[[], Awaitable[None]]], list[asyncio.Task[None]]]:
     """Start the HTTP API and the inventory VM provider (when asked); returns what to close."""
     from smc.api import (
@@ -505,10 +509,14 @@ async def _start_api(
     )
     tasks.append(vm_groups_task)
     if http is not None:
+        from smc.cli._serve_auth import ApiAuthOptions, start_api_auth
+        from smc.projections import CertsProjection
         from smc.xds._debug import mount_debug
 
-        ctx = ApiContext(live=live, runner=runner, registry=registry, policy=policy)
-        app = create_app(ctx)
+        certs = next(p for p in runner.projections if isinstance(p, CertsProjection))
+        door = start_api_auth(auth or ApiAuthOptions(), http=http, runner=runner, kube=kube)
+        ctx = ApiContext(live=live, runner=runner, registry=registry, policy=policy, certs=certs)
+        app = create_app(ctx, guard=door.guard)
         app.router.add_get("/debug/state", _state_handler(runner))
         serve_metrics = ServeMetrics(runner)
         app.middlewares.insert(0, serve_metrics.middleware())
@@ -519,6 +527,7 @@ async def _start_api(
             controller=xds.controller if xds is not None else None,
             server=xds.server if xds is not None else None,
             registries=[
+                door.guard.registry,
                 *([xds.metrics] if xds is not None else []),
                 vm_groups.metrics,
                 serve_metrics.registry,
@@ -537,15 +546,20 @@ async def _start_api(
             ),
         )
         try:
-            app_runner = await start_http(app, host=http[0], port=http[1])
+            app_runner = await start_http(
+                app, host=http[0], port=http[1], ssl_context=door.ssl_context
+            )
         except OSError as exc:
             raise ApiError(
                 f"cannot serve the HTTP API on {http[0]}:{http[1]}: {exc.strerror or exc}; "
                 "choose another with --http HOST:PORT or disable it with --http off"
             ) from exc
         closers.append(app_runner.cleanup)
+        closers.extend(door.closers)
+        tasks.append(asyncio.create_task(door.follow_mesh_roots(runner, stop)))
         click.echo(
-            f"HTTP API on http://{http[0]}:{http[1]} (OpenAPI: /openapi.json, console: /console/)",
+            f"HTTP API on https://{http[0]}:{http[1]} (OpenAPI: /openapi.json, console: "
+            f"/console/); credentials for the CLI in {door.credentials_path}",
             err=True,
         )
     if inventory is not None:
@@ -602,6 +616,7 @@ async def _serve(
     agent_keys: bool = False,
     clouds: dict[str, dict[str, str]] | None = None,
     group_interval: float = 5.0,
+    auth: ApiAuthOptions | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -614,7 +629,16 @@ async def _serve(
     )
     # the API listens before the runner starts: /readyz answers 503 until it has caught up
     closers, side_tasks = await _start_api(
-        runner, stop, http, inventory, inventory_interval, xds, clouds, group_interval
+        runner,
+        stop,
+        http,
+        inventory,
+        inventory_interval,
+        xds,
+        clouds,
+        group_interval,
+        auth,
+        kube,
     )
     task = asyncio.create_task(runner.run(stop=stop))
     side_tasks.append(asyncio.create_task(watch_log(runner.log, runner.health, stop=stop)))
@@ -819,9 +843,11 @@ async def _serve(
 )
 @ca_options
 @keys_option
+@api_auth_options
 @click.pass_context
 def serve(
     ctx: click.Context,
+    /,
     writers: str | None,
     trust: str | None,
     checkpoint: str | None,
@@ -850,6 +876,7 @@ def serve(
     vault_token_file: str | None,
     vault_ca_cert: str | None,
     keys_dir: str | None,
+    **auth_kwargs: Any,
 ) -> None:
     """Run the control plane: follow the log, keep projections current, serve xDS.
 
@@ -990,6 +1017,7 @@ def serve(
                 workload_keys == "agent",
                 clouds=parse_clouds(clouds),
                 group_interval=vm_group_interval,
+                auth=options_from(auth_kwargs),
             )
         )
     except SMCError as exc:

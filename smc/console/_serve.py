@@ -11,6 +11,7 @@ Concurrency: build and use it on the serve loop.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -81,17 +82,32 @@ async def start_console_app(
     server: AdsServer | None = None,
     controller: XdsController | None = None,
     traffic: MetricsSink | None = None,
-) -> tuple[web.AppRunner, str]:
+) -> tuple[web.AppRunner, str, Path]:
     """Serve the API with the console on ``host:port`` for an in-process control plane
-    (``smc demo``); returns the app runner (``cleanup()`` it) and the page URL."""
+    (``smc demo``), over HTTPS behind the same door as ``smc serve`` (the local admin
+    credential, AccessGrants); returns the app runner (``cleanup()`` it), the page URL and
+    the admin token's file (paste the token in the page, or add ``#token=...`` to the URL:
+    the fragment is never sent to the server)."""
     from smc.api import ApiContext, create_app, start_http
+    from smc.auth import open_door
+    from smc.projections import CertsProjection
 
     registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
     policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
-    app = create_app(ApiContext(live=live, runner=runner, registry=registry, policy=policy))
+    certs = next((p for p in runner.projections if isinstance(p, CertsProjection)), None)
+    from smc.auth import config_root
+
+    # one folder for every demo run (its port changes): the same CA and admin token each time
+    door = open_door(
+        host=host, port=port, policy=policy, certs=certs, folder=config_root() / "demo"
+    )
+    app = create_app(
+        ApiContext(live=live, runner=runner, registry=registry, policy=policy, certs=certs),
+        guard=door.guard,
+    )
     mount_console(
         app,
         console_hub(runner=runner, server=server, controller=controller, traffic=traffic),
     )
-    app_runner = await start_http(app, host=host, port=port)
-    return app_runner, f"http://{host}:{port}/console/"
+    app_runner = await start_http(app, host=host, port=port, ssl_context=door.ssl_context)
+    return app_runner, f"{door.url}/console/", door.token_path

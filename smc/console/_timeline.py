@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
+from smc.auth import actor_matches
 from smc.events import Event, EventLog, Position, Record, default_codec
 
 __all__ = ["Row", "Timeline", "TimelineQuery", "diff_values", "kind_of", "namespace_of"]
@@ -234,7 +235,7 @@ class Timeline:
             out = [
                 i
                 for i in range(lo, hi)
-                if (q.actor is None or rows[i].actor == q.actor)
+                if (q.actor is None or actor_matches(rows[i].actor, q.actor))
                 and (q.kind is None or rows[i].kind == q.kind or rows[i].type == q.kind)
                 and (q.namespace is None or rows[i].namespace == q.namespace)
             ]

@@ -393,7 +393,7 @@ class BookstoreDemo:
         cp = self.cp
         host, port = where[0], where[1] or free_port()
         try:
-            app, url = await start_console_app(
+            app, url, token_file = await start_console_app(
                 runner=cp.runner,
                 live=cp.live,
                 host=host,
@@ -406,7 +406,7 @@ class BookstoreDemo:
             raise DemoError(f"cannot serve the console on {host}:{port}: {exc}") from exc
         self._console = app
         self.console_url = url
-        self.say(f"console: {url}")
+        self.say(f"console: {url} (bearer token in {token_file})")
 
     async def _apply(self, text: str) -> None:
         assert self.cp is not None

@@ -17,7 +17,9 @@ from smc.testing._apt import ensure_commands
 __all__ = ["headless_chromium"]
 
 
-def headless_chromium(*, width: int = 1400, height: int = 900) -> Any:
+def headless_chromium(
+    *, width: int = 1400, height: int = 900, accept_insecure_certs: bool = False
+) -> Any:
     """A Selenium WebDriver on a new headless Chromium (see the module docstring)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -41,6 +43,9 @@ def headless_chromium(*, width: int = 1400, height: int = 900) -> Any:
     ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if accept_insecure_certs:
+        # a test server whose private CA Chromium does not know (the HTTPS API of smc serve)
+        opts.set_capability("acceptInsecureCerts", True)
     return webdriver.Chrome(
         service=Service(executable_path=str(paths["chromedriver"])), options=opts
     )
