@@ -14,7 +14,10 @@ p50/p99/max per mode and log, the Kafka/SQLite ratio of the p99s, and writes JSO
 the test run.
 
 Usage: python benchmarks/convergence.py [--envoys 10] [--rounds 60] [--mode sotw|delta|both]
-       [--logs sqlite,kafka] [--passes 1] [--out benchmarks/results/convergence.json]
+       [--logs sqlite,kafka] [--passes 1] [--traffic-policy]
+       [--out benchmarks/results/convergence.json]
+``--traffic-policy`` configures every OSM policy kind, JSON access logs and tracing on every
+proxy first (the figures then include their cost).
 """
 
 from __future__ import annotations
@@ -97,6 +100,58 @@ spec:
 """
 
 
+#: ``--traffic-policy``: every OSM policy kind and the observability settings, configured on
+#: every proxy (retries, circuit breakers, outlier detection, local rate limits and a route
+#: timeout on the backend, egress for the clients, an IngressBackend, JSON access logs and
+#: Zipkin tracing at 1 % sampling).
+TRAFFIC_POLICY = """
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Retry
+metadata: {{name: client-retry, namespace: bench}}
+spec:
+  source: {{kind: ServiceAccount, name: client, namespace: bench}}
+  destinations: [{{kind: Service, name: backend, namespace: bench}}, {{kind: Service, name: backend-v2, namespace: bench}}]
+  retryPolicy: {{retryOn: 5xx, numRetries: 3, perTryTimeout: 1s, retryBackoffBaseInterval: 10ms}}
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: UpstreamTrafficSetting
+metadata: {{name: backend, namespace: bench}}
+spec:
+  host: backend.bench.svc.cluster.local
+  connectionSettings:
+    tcp: {{maxConnections: 100, connectTimeout: 2s}}
+    http: {{maxRequests: 100, maxPendingRequests: 50, maxRetries: 10}}
+  rateLimit:
+    local:
+      http: {{requests: 1000, unit: second}}
+      tcp: {{connections: 1000, unit: second}}
+  httpRoutes: [{{path: /slow, timeout: 2s, rateLimit: {{local: {{requests: 10, unit: second}}}}}}]
+  outlierDetection: {{consecutive5xxErrors: 5, interval: 1s, baseEjectionTime: 10s}}
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: {{name: client-egress, namespace: bench}}
+spec:
+  sources: [{{kind: ServiceAccount, name: client, namespace: bench}}]
+  hosts: [example.org]
+  ports: [{{number: 80, protocol: http}}]
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: IngressBackend
+metadata: {{name: backend-ingress, namespace: bench}}
+spec:
+  backends: [{{name: backend, port: {{number: 8080, protocol: http}}}}]
+  sources: [{{kind: IPRange, name: 10.0.0.0/8}}]
+---
+apiVersion: smc.dev/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh, namespace: smc-system}}
+spec:
+  observability:
+    accessLog: {{format: json, path: {log}}}
+    tracing: {{provider: zipkin, address: 127.0.0.1, port: 9, sampling: 1}}
+"""
+
 IDLE_S = 3.0
 
 
@@ -121,7 +176,7 @@ def _kafka_log(bootstrap: str) -> KafkaLog:
 
 
 async def run_mode(
-    *, delta: bool, envoys: int, rounds: int, kafka: str | None = None
+    *, delta: bool, envoys: int, rounds: int, kafka: str | None = None, traffic: bool = False
 ) -> dict[str, Any]:
     """One pass: ``rounds`` changes with ``envoys`` Envoys, on SQLite or (``kafka``: the
     bootstrap address) on Kafka."""
@@ -139,6 +194,8 @@ async def run_mode(
         ]
         try:
             docs = [BASE, SPLIT.format(a=50, b=50)]
+            if traffic:
+                docs.append(TRAFFIC_POLICY.format(log=workdir / "access.log"))
             docs += [vm_yaml(s, service_account="client") for s in sidecars]
             await cp.apply("\n---\n".join(docs))
             for s in sidecars:
@@ -186,6 +243,7 @@ async def run_mode(
     out: dict[str, Any] = {
         "mode": "delta" if delta else "sotw",
         "log": "kafka" if kafka is not None else "sqlite",
+        "traffic_policy": traffic,
         "samples_s": every,
         "process_cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
         "idle_cpu_s_per_s": idle_cpu,
@@ -214,7 +272,10 @@ def _merge(passes: list[dict[str, Any]]) -> dict[str, Any]:
     """The passes of one mode and log as one result (samples pooled)."""
     every = [x for p in passes for x in p["samples_s"]]
     first = passes[0]
-    out = {k: first[k] for k in ("mode", "log", "envoys", "debounce_s", "target_p99_s")}
+    out = {
+        k: first[k]
+        for k in ("mode", "log", "envoys", "debounce_s", "target_p99_s", "traffic_policy")
+    }
     out.update(
         {
             "rounds": sum(p["rounds"] for p in passes),
@@ -267,6 +328,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         envoys=args.envoys,
                         rounds=args.rounds,
                         kafka=bootstrap if name == "kafka" else None,
+                        traffic=args.traffic_policy,
                     )
                     passes.setdefault((res["mode"], name), []).append(res)
                     print(
@@ -324,6 +386,11 @@ def main() -> None:
     parser.add_argument("--logs", default="sqlite,kafka", help="sqlite, kafka or both (alternated)")
     parser.add_argument("--passes", type=int, default=1, help="alternated passes per log and mode")
     parser.add_argument("--bootstrap", default=None, help="use this Kafka broker, else start one")
+    parser.add_argument(
+        "--traffic-policy",
+        action="store_true",
+        help="configure every OSM policy kind, access logs and tracing on every proxy",
+    )
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parent / "results" / "convergence.json")
     )

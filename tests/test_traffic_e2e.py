@@ -29,6 +29,7 @@ import pytest
 from smc.testing.apps import AppSidecar, TcpEcho, tls_server_context
 from smc.testing.jaeger import Jaeger
 from smc.testing.mesh import ControlPlane, vm_yaml
+from smc.testing.ratelimit import RateLimitService
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
@@ -694,4 +695,72 @@ async def test_access_logs_tracing_and_stats(mesh: Mesh, jaeger: Jaeger) -> None
             permissive=mesh.cp.controller.view.permissive, access_log=mesh.workdir / "access.log"
         )
     )
+    mesh.assert_no_nacks()
+
+
+RLS_CONFIG = """
+domain: smc-test
+descriptors:
+  - key: generic_key
+    value: app
+    rate_limit: {unit: hour, requests_per_unit: 4}
+  - key: route
+    value: burst
+    rate_limit: {unit: hour, requests_per_unit: 1}
+  - key: connection
+    value: raw
+    rate_limit: {unit: hour, requests_per_unit: 2}
+"""
+
+
+@pytest.fixture
+def rls(tmp_path: Path) -> Iterator[RateLimitService]:
+    service = RateLimitService(workdir=tmp_path / "rls", config=RLS_CONFIG)
+    service.start()
+    yield service
+    service.stop()
+
+
+def global_limits(port: int) -> str:
+    return f"""  rateLimit:
+    global:
+      http:
+        rateLimitService: {{host: 127.0.0.1, port: {port}}}
+        domain: smc-test
+        descriptors: [{{entries: [{{genericKey: {{value: app}}}}]}}]
+        failOpen: false
+      tcp:
+        rateLimitService: {{host: 127.0.0.1, port: {port}}}
+        domain: smc-test
+        descriptors: [{{entries: [{{key: connection, value: raw}}]}}]
+        failOpen: false
+  httpRoutes:
+  - path: /burst
+    rateLimit:
+      global:
+        descriptors: [{{entries: [{{genericKey: {{key: route, value: burst}}}}]}}]"""
+
+
+async def test_global_rate_limit_through_the_rate_limit_service(
+    mesh: Mesh, rls: RateLimitService
+) -> None:
+    """Counters in the rate-limit service (Redis) are shared by both app sidecars: the
+    limits hold for the service as a whole, not per sidecar."""
+    client = mesh.sc["client-1"].address
+    policy = uts(global_limits(rls.grpc_port))
+    await mesh.apply(policy)
+    # 4 an hour for the whole service, whichever sidecar answers.
+    codes = Counter([await mesh.status("client-1", "/any") for _ in range(10)])
+    assert codes == Counter({200: 4, 429: 6}), codes
+    # The route's own descriptor: 1 an hour.
+    codes = Counter([await mesh.status("client-1", "/burst") for _ in range(4)])
+    assert codes == Counter({200: 1, 429: 3}), codes
+    # TCP: 2 connections an hour, over both sidecars.
+    tcp = [await tcp_roundtrip(client) for _ in range(6)]
+    assert tcp.count(True) == 2, tcp
+    # failOpen false: with the service gone, requests are refused, not let through.
+    rls.stop()
+    assert await mesh.status("client-1", "/other") != 200
+    await mesh.apply(policy, delete=True)
+    assert await mesh.status("client-1", "/any") == 200 and await tcp_roundtrip(client)
     mesh.assert_no_nacks()

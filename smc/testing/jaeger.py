@@ -2,9 +2,8 @@
 
 Role: :func:`ensure_jaeger` finds the ``jaeger`` binary (``$SMC_JAEGER``, else
 ``~/.cache/smc/jaeger-<version>/jaeger``) or builds it once from the Go module
-``github.com/jaegertracing/jaeger`` at :data:`JAEGER_VERSION` (module source from the Go
-module proxy, built with ``go build ./cmd/jaeger`` under an exclusive file lock, so parallel
-test processes build it once). :class:`Jaeger` runs it on 127.0.0.1 with a generated config on
+``github.com/jaegertracing/jaeger`` at :data:`JAEGER_VERSION` (``./cmd/jaeger``, see
+:func:`smc.testing._gobuild.go_build_module`). :class:`Jaeger` runs it on 127.0.0.1 with a generated config on
 free ports: a Zipkin receiver (HTTP JSON, ``/api/v2/spans``), an OTLP gRPC receiver, in-memory
 storage and the query service, whose HTTP API (``/api/traces``) the tests read.
 Concurrency: one process per :class:`Jaeger`; its methods are blocking (call them from a worker
@@ -13,12 +12,9 @@ thread inside an event loop).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -26,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from smc.errors import SMCError
+from smc.testing._gobuild import GoBuildError, go_build_module
 from smc.testing.ports import free_port
 
 __all__ = ["JAEGER_VERSION", "Jaeger", "JaegerError", "ensure_jaeger"]
@@ -42,56 +39,21 @@ def _cache_dir() -> Path:
     return Path.home() / ".cache" / "smc" / f"jaeger-{JAEGER_VERSION.lstrip('v')}"
 
 
-def ensure_jaeger(*, timeout: float = 3600.0) -> Path:
+def ensure_jaeger() -> Path:
     """The path of a built ``jaeger`` binary (built on first use; needs ``go``)."""
     env_path = os.environ.get("SMC_JAEGER")
     if env_path:
         return Path(env_path)
-    cache = _cache_dir()
-    binary = cache / "jaeger"
-    if binary.exists():
-        return binary
-    go = shutil.which("go") or (
-        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
-    )
-    if go is None:
-        raise JaegerError("building Jaeger needs the Go toolchain ('go' not found)")
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if binary.exists():
-            return binary
-        env = {**os.environ, "GOFLAGS": "-mod=mod -buildvcs=false"}
-        with tempfile.TemporaryDirectory(prefix="jaeger-build-") as tmp:
-            done = subprocess.run(
-                [go, "mod", "download", "-json", f"{_MODULE}@{JAEGER_VERSION}"],
-                cwd=tmp,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            if done.returncode != 0:
-                raise JaegerError(f"go mod download {_MODULE}: {done.stderr.strip()[-800:]}")
-            source = Path(json.loads(done.stdout)["Dir"])
-            work = Path(tmp) / "src"
-            shutil.copytree(source, work)
-            for p in work.rglob("*"):
-                if not p.is_symlink():
-                    p.chmod(p.stat().st_mode | 0o200)
-            out = cache / "jaeger.tmp"
-            done = subprocess.run(
-                [go, "build", "-o", str(out), "./cmd/jaeger"],
-                cwd=work,
-                env={**env, "GOFLAGS": "-buildvcs=false"},
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            if done.returncode != 0:
-                raise JaegerError(f"go build ./cmd/jaeger: {done.stderr.strip()[-800:]}")
-            out.rename(binary)
-    return binary
+    try:
+        return go_build_module(
+            module=_MODULE,
+            version=JAEGER_VERSION,
+            package="./cmd/jaeger",
+            cache=_cache_dir(),
+            name="jaeger",
+        )
+    except GoBuildError as exc:
+        raise JaegerError(str(exc)) from None
 
 
 _CONFIG = """

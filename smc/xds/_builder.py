@@ -97,6 +97,7 @@ from smc.xds._snapshot import ResourceEntry, Snapshot, make_entry
 from smc.xds._traffic import (
     NO_EGRESS,
     TLS_INSPECTOR_FILTER,
+    VHOST_RATE_LIMITS,
     EgressParts,
     apply_retries,
     cluster_settings,
@@ -110,6 +111,7 @@ from smc.xds._traffic import (
     ingress_rbac_policies,
     observe_hcm,
     observe_tcp,
+    rls_clusters,
     settings_tag,
     tracing_cluster,
     traffic_policy,
@@ -369,6 +371,7 @@ class BuildPass:
                     node=node_id,
                 )
             )
+        entries.extend(rls_clusters(self.traffic, self.services_backed_by(workload)))
         tracer = tracing_cluster(self.traffic)
         if tracer is not None:
             entries.append(tracer)
@@ -630,13 +633,15 @@ class BuildPass:
         per_route: dict[str, Any] = {"@type": _HTTP_RBAC_PER_ROUTE}
         if not self.view.permissive:
             policies = self._http_policies(port, grants)
-            policies.update(ingress_rbac_policies(ingress, self._endpoint_triples()))
+            if ingress:
+                policies.update(ingress_rbac_policies(ingress, self._endpoint_triples()))
             per_route["rbac"] = {"rules": {"action": "ALLOW", "policies": policies}}
         routes, vhost_filters = inbound_routes(
             self.traffic,
             services,
             {"match": {"prefix": "/"}, "route": {"cluster": name, "timeout": "30s"}},
         )
+        vhost_limits = vhost_filters.pop(VHOST_RATE_LIMITS, None)
         return make_entry(
             _parse(
                 {
@@ -650,6 +655,7 @@ class BuildPass:
                                 "envoy.filters.http.rbac": per_route,
                                 **vhost_filters,
                             },
+                            **({"rate_limits": vhost_limits} if vhost_limits else {}),
                         }
                     ],
                 },
@@ -670,7 +676,9 @@ class BuildPass:
         """The filter chain of one inbound port: mTLS required, then HTTP (RBAC per route)
         or TCP (network RBAC, TCP proxy) to the local application."""
         name = inbound_name(port)
-        filters = inbound_tcp_filters(self.traffic, services, port)
+        # Connection limits (rate limits per connection) apply to TCP ports; HTTP ports are
+        # limited per request (their connections are pooled by the clients).
+        filters = [] if http_filter else inbound_tcp_filters(self.traffic, services, port)
         if http_filter is not None:
             filters.append(http_filter)
         else:

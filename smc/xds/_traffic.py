@@ -58,11 +58,15 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2 as _stream_pb2 
 from envoy.extensions.filters.http.local_ratelimit.v3 import (  # noqa: F401
     local_rate_limit_pb2 as _http_lrl_pb2,
 )
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2 as _http_rl_pb2  # noqa: F401
 from envoy.extensions.filters.listener.tls_inspector.v3 import (  # noqa: F401
     tls_inspector_pb2 as _tls_inspector_pb2,
 )
 from envoy.extensions.filters.network.local_ratelimit.v3 import (  # noqa: F401
     local_rate_limit_pb2 as _net_lrl_pb2,
+)
+from envoy.extensions.filters.network.ratelimit.v3 import (  # noqa: F401
+    rate_limit_pb2 as _net_rl_pb2,
 )
 from envoy.extensions.upstreams.http.v3 import (  # noqa: F401
     http_protocol_options_pb2 as _hpo_pb2,
@@ -92,6 +96,8 @@ __all__ = [
     "access_logs",
     "cluster_settings",
     "egress_cluster_name",
+    "rls_cluster_name",
+    "rls_clusters",
     "settings_tag",
     "traffic_policy",
 ]
@@ -102,6 +108,8 @@ TRACING_CLUSTER = "smc-tracing"
 _T = "type.googleapis.com/"
 _HTTP_LRL = _T + "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 _NET_LRL = _T + "envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit"
+_HTTP_RL = _T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+_NET_RL = _T + "envoy.extensions.filters.network.ratelimit.v3.RateLimit"
 _FILE_LOG = _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog"
 #: /dev/stdout and /dev/stderr are written by Envoy's stream loggers (no open(): a sidecar
 #: running as its own UID may not open the container's stdout as a file).
@@ -124,6 +132,8 @@ _HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpCon
 _ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
 _TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 HTTP_LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
+#: Key of :func:`inbound_routes`' second result holding the virtual host's ``rate_limits``.
+VHOST_RATE_LIMITS = "rate_limits"
 TLS_INSPECTOR_FILTER = {
     "name": "envoy.filters.listener.tls_inspector",
     "typed_config": {"@type": _TLS_INSPECTOR},
@@ -289,7 +299,13 @@ def cluster_settings(uts: UpstreamTrafficSetting | None) -> dict[str, Any]:
     per connection, outlier detection (empty without one)."""
     if uts is None:
         return {}
-    out: dict[str, Any] = {}
+    # The setting's digest in the cluster's metadata: a changed setting changes the cluster,
+    # so clients open new connections, which meet the upstream's new listener filters (rate
+    # limits); connections opened before would keep the old filter chain while it drains.
+    digest = hashlib.sha256(uts.spec_json.encode()).hexdigest()[:16]
+    out: dict[str, Any] = {
+        "metadata": {"filter_metadata": {"smc": {"traffic_setting": f"{uts.name}@{digest}"}}}
+    }
     thresholds: dict[str, Any] = {}
     for attr, key in (
         ("max_connections", "max_connections"),
@@ -368,14 +384,152 @@ def inbound_http_filters(tp: TrafficPolicy, services: Sequence[str]) -> list[dic
     """HTTP filters to put before the router of an inbound port of a workload backing
     ``services``: the local rate limit filter when one of them has HTTP limits."""
     uts = _backing_settings(tp, services)
-    if uts is None or (uts.local_http is None and not any(r.local for r in uts.routes)):
+    if uts is None:
         return []
-    return [
-        {
-            "name": HTTP_LOCAL_RATELIMIT,
-            "typed_config": {"@type": _HTTP_LRL, "stat_prefix": "inbound_http_local_rate_limit"},
-        }
-    ]
+    out: list[dict[str, Any]] = []
+    if uts.local_http is not None or any(r.local for r in uts.routes):
+        out.append(
+            {
+                "name": HTTP_LOCAL_RATELIMIT,
+                "typed_config": {
+                    "@type": _HTTP_LRL,
+                    "stat_prefix": "inbound_http_local_rate_limit",
+                },
+            }
+        )
+    glob = _global_spec(uts, "http")
+    if glob is not None:
+        rls = glob["rateLimitService"]
+        out.append(
+            {
+                "name": "envoy.filters.http.ratelimit",
+                "typed_config": {
+                    "@type": _HTTP_RL,
+                    "domain": glob["domain"],
+                    "timeout": _proto_duration(glob["timeout"]),
+                    "failure_mode_deny": not glob["failOpen"],
+                    "enable_x_ratelimit_headers": (
+                        "DRAFT_VERSION_03" if glob["enableXRateLimitHeaders"] else "OFF"
+                    ),
+                    "rate_limited_status": {"code": glob["responseStatusCode"]},
+                    "rate_limit_service": _rls_service(rls["host"], rls["port"]),
+                },
+            }
+        )
+    return out
+
+
+def _global_spec(uts: UpstreamTrafficSetting, kind: str) -> dict[str, Any] | None:
+    if not uts.has_global:
+        return None
+    found: dict[str, Any] | None = uts.spec().get("rateLimit", {}).get("global", {}).get(kind)
+    return found
+
+
+def rls_cluster_name(host: str, port: int) -> str:
+    """``ratelimit|<host>|<port>``: the cluster of a global rate-limit service."""
+    return f"ratelimit|{host}|{port}"
+
+
+def _rls_service(host: str, port: int) -> dict[str, Any]:
+    return {
+        "grpc_service": {"envoy_grpc": {"cluster_name": rls_cluster_name(host, port)}},
+        "transport_api_version": "V3",
+    }
+
+
+def _proto_duration(go: str) -> str:
+    """A normalised Go duration (``20ms``, ``1.5s``, ``2s``) as a protobuf JSON duration."""
+    if go.endswith("ms"):
+        return _dur(int(go[:-2]))
+    return f"{float(go[:-1]):.3f}s"
+
+
+def _actions(descriptor: dict[str, Any]) -> dict[str, Any]:
+    """One OSM HTTP descriptor as an Envoy route ``rate_limits`` entry."""
+    actions: list[dict[str, Any]] = []
+    for e in descriptor.get("entries", []):
+        if "genericKey" in e:
+            g = e["genericKey"]
+            actions.append(
+                {"generic_key": {"descriptor_key": g["key"], "descriptor_value": g["value"]}}
+            )
+        elif "remoteAddress" in e:
+            actions.append({"remote_address": {}})
+        elif "requestHeader" in e:
+            h = e["requestHeader"]
+            actions.append(
+                {"request_headers": {"header_name": h["name"], "descriptor_key": h["key"]}}
+            )
+        elif "headerValueMatch" in e:
+            m = e["headerValueMatch"]
+            actions.append(
+                {
+                    "header_value_match": {
+                        "descriptor_key": m["key"],
+                        "descriptor_value": m["value"],
+                        "expect_match": m["expectMatch"],
+                        "headers": [_header_matcher(h) for h in m["headers"]],
+                    }
+                }
+            )
+    return {"actions": actions}
+
+
+def _header_matcher(h: dict[str, Any]) -> dict[str, Any]:
+    name = h["name"]
+    if "present" in h:
+        return {"name": name, "present_match": bool(h["present"])}
+    if "regex" in h:
+        return {"name": name, "string_match": {"safe_regex": {"regex": h["regex"]}}}
+    for key in ("exact", "prefix", "suffix", "contains"):
+        if key in h:
+            return {"name": name, "string_match": {key: h[key]}}
+    return {"name": name, "present_match": True}
+
+
+def rls_clusters(tp: TrafficPolicy, services: Iterable[str]) -> list[ResourceEntry]:
+    """Clusters of the global rate-limit services the backed ``services`` use (HTTP/2)."""
+    out: dict[str, ResourceEntry] = {}
+    for s in services:
+        uts = tp.upstream.get(s)
+        if uts is None:
+            continue
+        for kind in ("http", "tcp"):
+            glob = _global_spec(uts, kind)
+            if glob is None:
+                continue
+            host, port = glob["rateLimitService"]["host"], glob["rateLimitService"]["port"]
+            name = rls_cluster_name(host, port)
+            if name not in out:
+                out[name] = _grpc_cluster(name, host, port)
+    return [out[k] for k in sorted(out)]
+
+
+def _grpc_cluster(name: str, host: str, port: int) -> ResourceEntry:
+    try:
+        ipaddress.ip_address(host)
+        kind = "STATIC"
+    except ValueError:
+        kind = "STRICT_DNS"
+    spec: dict[str, Any] = {
+        "name": name,
+        "type": kind,
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _sockaddr(host, port)}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+    if kind == "STRICT_DNS":
+        spec["dns_lookup_family"] = "V4_PREFERRED"
+    return make_entry(json_format.ParseDict(spec, cluster_pb2.Cluster()), type_url=CLUSTER)
 
 
 def inbound_routes(
@@ -387,10 +541,15 @@ def inbound_routes(
     if uts is None:
         return [default_route], {}
     routes: list[dict[str, Any]] = []
+    glob = _global_spec(uts, "http")
+    plain_routes = uts.spec().get("httpRoutes", [])
     for i, rs in enumerate(uts.routes):
         action = dict(default_route["route"])
         if rs.timeout_ms is not None:
             action["timeout"] = _dur(rs.timeout_ms)
+        if rs.has_global and glob is not None:
+            descriptors = plain_routes[i]["rateLimit"]["global"]["descriptors"]
+            action["rate_limits"] = [_actions(d) for d in descriptors]
         route: dict[str, Any] = {
             "match": {"safe_regex": {"regex": f"(?:{rs.path}).*"}},
             "route": action,
@@ -404,6 +563,8 @@ def inbound_routes(
     vhost: dict[str, Any] = {}
     if uts.local_http is not None:
         vhost[HTTP_LOCAL_RATELIMIT] = _http_bucket(uts.local_http, "inbound_vhost")
+    if glob is not None and glob["descriptors"]:
+        vhost[VHOST_RATE_LIMITS] = [_actions(d) for d in glob["descriptors"]]
     return routes, vhost
 
 
@@ -412,23 +573,42 @@ def inbound_tcp_filters(
 ) -> list[dict[str, Any]]:
     """Network filters at the head of an inbound chain: the TCP local rate limit."""
     uts = _backing_settings(tp, services)
-    if uts is None or uts.local_tcp is None:
+    if uts is None:
         return []
-    lim = uts.local_tcp
-    return [
-        {
-            "name": "envoy.filters.network.local_ratelimit",
-            "typed_config": {
-                "@type": _NET_LRL,
-                "stat_prefix": f"inbound_tcp_local_rate_limit_{port}",
-                "token_bucket": {
-                    "max_tokens": lim.connections + lim.burst,
-                    "tokens_per_fill": lim.connections,
-                    "fill_interval": f"{UNIT_SECONDS[lim.unit]}s",
+    out: list[dict[str, Any]] = []
+    glob = _global_spec(uts, "tcp")
+    if glob is not None:
+        rls = glob["rateLimitService"]
+        out.append(
+            {
+                "name": "envoy.filters.network.ratelimit",
+                "typed_config": {
+                    "@type": _NET_RL,
+                    "stat_prefix": f"inbound_tcp_rate_limit_{port}",
+                    "domain": glob["domain"],
+                    "descriptors": glob["descriptors"],
+                    "timeout": _proto_duration(glob["timeout"]),
+                    "failure_mode_deny": not glob["failOpen"],
+                    "rate_limit_service": _rls_service(rls["host"], rls["port"]),
                 },
+            }
+        )
+    if uts.local_tcp is None:
+        return out
+    lim = uts.local_tcp
+    local = {
+        "name": "envoy.filters.network.local_ratelimit",
+        "typed_config": {
+            "@type": _NET_LRL,
+            "stat_prefix": f"inbound_tcp_local_rate_limit_{port}",
+            "token_bucket": {
+                "max_tokens": lim.connections + lim.burst,
+                "tokens_per_fill": lim.connections,
+                "fill_interval": f"{UNIT_SECONDS[lim.unit]}s",
             },
-        }
-    ]
+        },
+    }
+    return [local, *out]  # the local bucket first: no service call for a refused connection
 
 
 # ---------------------------------------------------------------------- observability
