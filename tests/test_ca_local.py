@@ -298,3 +298,22 @@ def test_local_issuer_signs_csrs_for_the_proven_identity_only(issuer: LocalIssue
     with pytest.raises(InvalidCSR) as err:
         check_csr(forged, identity=sid)
     assert err.value.part == "signature"
+
+
+def test_revoked_serials_leave_the_crl_an_hour_after_their_certificate_expired(
+    issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    """Per-proxy certificates come and go with pods: a revoked serial whose certificate expired
+    (plus an hour of clock skew) is dropped from the revoked list and the CRLs, so they do not
+    grow with every proxy that ever left; one without a known expiry stays; state persists."""
+    now = datetime.now(UTC)
+    issuer.revoke(serial="0a01", not_after=now - timedelta(hours=2))  # long expired
+    issuer.revoke(serial="0a02", not_after=now - timedelta(minutes=10))  # within the grace
+    issuer.revoke(serial="0a03", not_after=now + timedelta(hours=1))  # still valid
+    issuer.revoke(serial="0a04")  # expiry unknown
+    live = {"0a02", "0a03", "0a04"}
+    assert issuer.revoked_serials() == live
+    crl = x509.load_pem_x509_crl(issuer.crl_pem().encode())
+    assert {format(r.serial_number, "04x") for r in crl} == live
+    again = LocalIssuer(directory=issuer.directory, trust_domain=TD)
+    assert again.revoked_serials() == live

@@ -10,7 +10,8 @@ On-disk layout of ``directory`` (created with mode 0700)::
     roots/<serial>.key   PKCS#8 PEM of a root key, mode 0600 (refused if looser)
     roots/<serial>.pem   the root certificate
     state.json           {"active": serial, "trusted": [...], "retired": [...],
-                          "revoked": {serial: revoked-at ISO time}}
+                          "revoked": {serial: revoked-at ISO time},
+                          "revoked_until": {serial: the certificate's not-after}}
 
 Concurrency: thread-safe. ``issue`` only reads an immutable snapshot of the active
 signer, so many threads may issue at once; rotation, retirement and revocation take a
@@ -72,6 +73,8 @@ _LEAF_EKU = x509.ExtendedKeyUsage(
 )
 _LEAF_BASIC = x509.BasicConstraints(ca=False, path_length=None)
 _EMPTY_NAME = x509.Name([])
+#: How long after its expiry a revoked certificate's serial stays in the CRLs.
+_EXPIRED_GRACE = timedelta(hours=1)
 
 
 def load_key_file(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -164,6 +167,7 @@ class LocalIssuer:
         self._trusted: list[str] = []
         self._retired: list[str] = []
         self._revoked: dict[str, str] = {}
+        self._revoked_until: dict[str, str] = {}  # serial -> not_after, when known
         self._certs: dict[str, x509.Certificate] = {}
         self._pems: dict[str, str] = {}
         self._signer: _Signer
@@ -206,6 +210,7 @@ class LocalIssuer:
             trusted = [str(s) for s in state["trusted"]]
             retired = [str(s) for s in state.get("retired", [])]
             revoked = {str(k): str(v) for k, v in dict(state.get("revoked", {})).items()}
+            until = {str(k): str(v) for k, v in dict(state.get("revoked_until", {})).items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CAStateError(f"CA state file {self._state_path} is unreadable: {exc}") from exc
         if active not in trusted:
@@ -215,6 +220,7 @@ class LocalIssuer:
         for serial in trusted:
             self._load_root_cert(serial)
         self._trusted, self._retired, self._revoked = trusted, retired, revoked
+        self._revoked_until = until
         self._signer = self._make_signer(active)
 
     def _load_root_cert(self, serial: str) -> x509.Certificate:
@@ -234,6 +240,7 @@ class LocalIssuer:
             "trusted": self._trusted,
             "retired": self._retired,
             "revoked": self._revoked,
+            "revoked_until": self._revoked_until,
             "trust_domain": self._trust_domain,
         }
         _write_atomic(self._state_path, json.dumps(state, indent=1, sort_keys=True).encode())
@@ -392,19 +399,34 @@ class LocalIssuer:
         cert, signer = self._leaf(csr.public_key(), sid, lifetime)
         return signed_from(cert, identity=sid.uri, issuer=self._name, chain_pem=signer.cert_pem)
 
-    def revoke(self, *, serial: str) -> None:
-        """Add ``serial`` to the revoked list (idempotent; persisted in ``state.json``)."""
+    def revoke(self, *, serial: str, not_after: datetime | None = None) -> None:
+        """Add ``serial`` to the revoked list (idempotent; persisted in ``state.json``). With the
+        certificate's ``not_after``, the serial leaves the revoked list (and the CRLs) an hour
+        after it expired: peers refuse an expired certificate anyway, so CRLs do not grow with
+        every proxy that ever left."""
         canon = normalize_serial(serial)
         with self._lock:
-            if canon in self._revoked:
+            if canon in self._revoked and (not_after is None or canon in self._revoked_until):
                 return
-            self._revoked[canon] = datetime.now(UTC).replace(microsecond=0).isoformat()
+            self._revoked.setdefault(canon, datetime.now(UTC).replace(microsecond=0).isoformat())
+            if not_after is not None:
+                self._revoked_until[canon] = not_after.astimezone(UTC).isoformat()
             self._save()
 
+    def _live_revoked(self) -> dict[str, str]:
+        """Revoked serials whose certificate may still be valid (an hour of clock skew)."""
+        horizon = datetime.now(UTC) - _EXPIRED_GRACE
+        return {
+            s: at
+            for s, at in self._revoked.items()
+            if s not in self._revoked_until
+            or datetime.fromisoformat(self._revoked_until[s]) > horizon
+        }
+
     def revoked_serials(self) -> frozenset[str]:
-        """Canonical serials revoked so far."""
+        """Canonical serials revoked whose certificate may still be valid."""
         with self._lock:
-            return frozenset(self._revoked)
+            return frozenset(self._live_revoked())
 
     def trust_bundle(self) -> list[str]:
         """PEM of every trusted root: the active one and those not yet retired."""
@@ -459,7 +481,7 @@ class LocalIssuer:
             if canon not in self._trusted:
                 raise CAStateError(f"root {canon} is not a trusted root of this issuer")
             signer = self._signer if canon == self._signer.serial else self._make_signer(canon)
-            revoked = dict(self._revoked)
+            revoked = self._live_revoked()
         now = datetime.now(UTC).replace(microsecond=0)
         builder = (
             x509.CertificateRevocationListBuilder()

@@ -21,8 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TypeVar
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from smc.ca._csr import CsrSigner, SignedCertificate
 from smc.ca._errors import CAStateError, InvalidRotationPolicy, IssuerUnavailable
@@ -138,9 +138,13 @@ class RetryingIssuer:
             lambda: inner.sign_csr(csr_pem=csr_pem, identity=identity, lifetime=lifetime)
         )
 
-    def revoke(self, *, serial: str) -> None:
-        """``inner.revoke`` with retries."""
-        self._run(lambda: self._inner.revoke(serial=serial))
+    def revoke(self, *, serial: str, not_after: datetime | None = None) -> None:
+        """``inner.revoke`` with retries (``not_after`` passed on when the issuer takes it)."""
+        inner: Any = self._inner
+        if not_after is None:
+            self._run(lambda: inner.revoke(serial=serial))
+        else:
+            self._run(lambda: inner.revoke(serial=serial, not_after=not_after))
 
     def revoked_serials(self) -> frozenset[str]:
         """``inner.revoked_serials`` with retries."""

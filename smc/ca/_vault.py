@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import hvac
@@ -331,8 +331,9 @@ class VaultIssuer:
         cert, _, chain_pem = self._sign(csr, sid, lifetime)
         return signed_from(cert, identity=sid.uri, issuer=self._name, chain_pem=chain_pem)
 
-    def revoke(self, *, serial: str) -> None:
-        """Revoke at ``<mount>/revoke`` (idempotent in Vault; unknown serial: rejected)."""
+    def revoke(self, *, serial: str, not_after: datetime | None = None) -> None:
+        """Revoke at ``<mount>/revoke`` (idempotent in Vault; unknown serial: rejected).
+        ``not_after`` is not needed: Vault's own tidy drops expired entries from its CRL."""
         colon = serial_to_colon_hex(serial)
         self._call("revoke", "post", f"{self._mount}/revoke", json={"serial_number": colon})
 

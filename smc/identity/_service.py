@@ -512,8 +512,9 @@ class ProxyRevoker:
             if signer is not None:
                 revoke = getattr(signer, "revoke", None)
                 if callable(revoke):
+                    until = self.certs.proxy_certs[proxy][serial].not_after
                     try:
-                        await asyncio.to_thread(revoke, serial=serial)
+                        await asyncio.to_thread(revoke, serial=serial, not_after=until)
                     except CAError as exc:
                         log.warning("cannot revoke %s of %s yet: %s", serial, proxy, exc)
                         self._left.add(proxy)
