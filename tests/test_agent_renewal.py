@@ -10,6 +10,7 @@ of both.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -116,5 +117,72 @@ async def test_agents_renew_by_themselves_without_failed_requests(tmp_path: Path
     finally:
         for s in (client, server):
             await s.stop()
+        await cp.stop()
+        cp.close()
+
+
+async def test_a_restarted_agent_serves_its_saved_key_and_renews_with_it(tmp_path: Path) -> None:
+    """A VM reboots: its join token was used once, but the agent kept its key (0600) and
+    certificate in --state-dir on the VM, so it serves them at once and renews with the
+    certificate; without that state the used token gets nothing."""
+    import stat
+
+    from smc.agent import Agent, AgentConfig
+
+    cp = ControlPlane(workdir=tmp_path, agents=True)
+    await cp.start()
+    try:
+        vm = Sidecar(namespace="renew", name="vm-1", address="127.0.62.9", workdir=tmp_path)
+        await cp.apply(vm_yaml(vm, service_account="app"))
+        token = await cp.join_token(namespace="renew", name="vm-1", service_account="app")
+        (tmp_path / "token").write_text(token)
+        state = tmp_path / "agent-state"
+
+        def make(sock: str, *, state_dir: Path | None) -> Agent:
+            return Agent(
+                AgentConfig(
+                    proxy="renew/vm-1",
+                    ca_address=f"127.0.0.1:{cp.ca_port}",
+                    ca_bundle_pem=cp.ca_bundle(),
+                    sds_socket=Path(tempfile.mkdtemp(prefix="smc-t-")) / sock,
+                    join_token_file=tmp_path / "token",
+                    state_dir=state_dir,
+                    retry_initial=0.05,
+                )
+            )
+
+        async def run_until_ready(agent: Agent, timeout: float) -> bool:
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop=stop))
+            try:
+                await asyncio.wait_for(agent.ready.wait(), timeout=timeout)
+                return True
+            except TimeoutError:
+                return False
+            finally:
+                stop.set()
+                await task
+
+        first = make("a.sock", state_dir=state)
+        assert await run_until_ready(first, 30)
+        assert first.current is not None
+        serial = first.current.serial
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert stat.S_IMODE((state / "key.pem").stat().st_mode) == 0o600
+        # restarted: the saved certificate is served at once, no new proof needed
+        second = make("b.sock", state_dir=state)
+        assert await run_until_ready(second, 10)
+        assert second.current is not None and second.current.serial == serial
+        renewed = await second.request()
+        assert renewed.serial != serial
+        certs = next(p for p in cp.runner.projections if isinstance(p, CertsProjection))
+        assert certs.proxy_certs["vm/renew/vm-1"][renewed.serial].proof == f"certificate:{serial}"
+        # without the state, the used join token gets nothing
+        third = make("c.sock", state_dir=None)
+        assert not await run_until_ready(third, 2)
+        assert third.failures > 0 and "join-token-replayed" in (third.last_error or "")
+        raw = b"".join(f.read_bytes() for f in tmp_path.glob("log.db*"))
+        assert b"PRIVATE KEY" not in raw
+    finally:
         await cp.stop()
         cp.close()

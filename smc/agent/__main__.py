@@ -40,6 +40,11 @@ def parser() -> argparse.ArgumentParser:
     proof.add_argument("--token-file", help="Projected service-account token (pods).")
     proof.add_argument("--join-token-file", help="One-time join token (VMs).")
     p.add_argument("--ready-file", default=None, help="Written once the first cert is served.")
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="Keep the key (0600) and certificate in this directory (0700) across restarts.",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -97,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sds_socket=Path(args.sds_socket),
             token_file=Path(args.token_file) if args.token_file else None,
             join_token_file=Path(args.join_token_file) if args.join_token_file else None,
+            state_dir=Path(args.state_dir) if args.state_dir else None,
         )
         agent = Agent(config)
     except (OSError, AgentError) as exc:

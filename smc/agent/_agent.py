@@ -11,6 +11,9 @@ one-time join token of ``join_token_file`` once. Renewals happen on the agent's 
 each time, proven with the current certificate (a signature by the current key over the new
 CSR). A failed request is retried with exponential backoff; once the current certificate has
 expired, or the control plane refused it as proof (revoked), a pod falls back to its token.
+With ``state_dir`` the key (0600) and certificate are also kept on the host, in a 0700
+directory, so a restarted agent (a rebooted VM, whose join token was used once) serves them at
+once and renews with the certificate; nothing leaves the host either way.
 Concurrency: one asyncio loop; signing (cryptography) is quick and done inline.
 """
 
@@ -20,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +91,9 @@ class AgentConfig:
     join_token_file: Path | None = None  # a VM's one-time join token
     retry_initial: float = 0.5
     retry_max: float = 30.0
+    #: Where the agent keeps its key (0600) and certificate across its own restarts (a VM
+    #: reboot, an agent container restart on an in-memory volume); None: memory only.
+    state_dir: Path | None = None
 
 
 @dataclass(slots=True)
@@ -211,7 +218,50 @@ class Agent:
         self._pending_key = None
         return resp
 
-    async def _install(self, key: ec.EllipticCurvePrivateKey, resp: SignResponse) -> None:
+    # ------------------------------------------------------------------ state across restarts
+    def _save(self, key: ec.EllipticCurvePrivateKey, resp: SignResponse) -> None:
+        folder = self.config.state_dir
+        if folder is None:
+            return
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        for name, data, mode in (
+            ("key.pem", _key_pem(key).encode("ascii"), 0o600),
+            ("certificate.json", resp.encode(), 0o600),
+        ):
+            tmp = folder / f".{name}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            try:
+                os.fchmod(fd, mode)
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, folder / name)
+
+    async def restore(self) -> bool:
+        """Serve the key and certificate kept in ``state_dir`` if the certificate is still
+        valid and matches the key (then no first proof is needed); False otherwise."""
+        folder = self.config.state_dir
+        if folder is None:
+            return False
+        try:
+            key = serialization.load_pem_private_key((folder / "key.pem").read_bytes(), None)
+            resp = SignResponse.decode((folder / "certificate.json").read_bytes())
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                return False
+            if datetime.fromisoformat(resp.not_after) <= self.clock():
+                return False
+            await self._install(key, resp, restored=True)
+        except (OSError, ValueError, AgentError) as exc:
+            log.info("no usable saved certificate in %s (%s)", folder, exc)
+            return False
+        log.info("serving the saved certificate %s until %s", resp.serial, resp.not_after)
+        return True
+
+    async def _install(
+        self, key: ec.EllipticCurvePrivateKey, resp: SignResponse, *, restored: bool = False
+    ) -> None:
         try:
             leaf = x509.load_pem_x509_certificate(resp.certificate_pem.encode("ascii"))
             not_after = datetime.fromisoformat(resp.not_after)
@@ -233,6 +283,8 @@ class Agent:
             renew_after=renew_after,
         )
         self.trust_bundle = resp.trust_bundle
+        if not restored:
+            self._save(key, resp)
         await self.sds.update(
             WorkloadSecret(version=resp.serial, chain_pem=chain, key_pem=_key_pem(key))
         )
@@ -253,6 +305,7 @@ class Agent:
     async def run(self, *, stop: asyncio.Event) -> None:
         """Serve SDS and keep a valid certificate until ``stop``."""
         await self.sds.start()
+        await self.restore()
         backoff = self.config.retry_initial
         try:
             while not stop.is_set():

@@ -39,6 +39,9 @@ TOKEN = "join-token"
 RUN = "run-envoy.sh"
 AGENT_SOCKET = "agent/sds.sock"
 AGENT_READY = "agent/ready.json"
+#: The agent keeps the VM's key (0600) and certificate here across restarts (a reboot): the
+#: join token is used once.
+AGENT_STATE = "agent/state"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -96,7 +99,8 @@ def _run_script(
         f'"${{SMC_PYTHON:-python3}}" -m smc.agent --node-id {q(node_id)} '
         f"--ca-address {q(ca_address)} --ca-bundle {q(str(home / CA))} "
         f"--sds-socket {q(str(home / AGENT_SOCKET))} --join-token-file {q(str(home / TOKEN))} "
-        f"--ready-file {ready}" + (f" --server-name {q(server_name)}" if server_name else "")
+        f"--ready-file {ready} --state-dir {q(str(home / AGENT_STATE))}"
+        + (f" --server-name {q(server_name)}" if server_name else "")
     )
     return (
         "#!/bin/sh\n"
