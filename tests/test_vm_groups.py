@@ -352,6 +352,38 @@ async def test_deleting_a_group_drains_its_instances_and_removes_it(
         assert ("shop", "gone") not in m.registry.vm_groups.groups
 
 
+async def test_two_replicas_polling_one_cloud_append_each_change_once(
+    tmp_path: Path, moto: MotoServer
+) -> None:
+    auto_scaling_group(moto, "twin-asg", cidr="10.60.0.0/24", capacity=3)
+    a = load_cloud_provider("aws", **moto.provider_options())
+    b = load_cloud_provider("aws", **moto.provider_options())
+    async with mesh(tmp_path, a) as one, mesh(tmp_path, b) as two:
+        await one.apply(SERVICE + "---\n" + group_yaml("twin", membership="group: twin-asg"))
+        await two.runner.caught_up.wait()
+        await asyncio.gather(one.groups.poll_once(), two.groups.poll_once())
+        await asyncio.gather(one.groups.poll_once(), two.groups.poll_once())
+        moto.client("autoscaling").set_desired_capacity(
+            AutoScalingGroupName="twin-asg", DesiredCapacity=1
+        )
+        await asyncio.gather(one.groups.poll_once(), two.groups.poll_once())
+        await asyncio.gather(one.groups.wait_drained(60), two.groups.wait_drained(60))
+        recs = one.records()
+        by_phase: dict[str, list[str]] = {}
+        for e in recs:
+            if isinstance(e, VmInstanceChanged):
+                by_phase.setdefault(e.phase, []).append(e.instance_id)
+        # each change once, although both replicas saw and wrote it
+        assert (
+            sorted(by_phase["joined"]) == sorted(set(by_phase["joined"]))
+            and len(by_phase["joined"]) == 3
+        )
+        assert len(by_phase["left"]) == 2 == len(set(by_phase["left"]))
+        assert len({e.event_id for e in recs}) == len(recs)
+        assert one.vms("twin") == two.vms("twin") and len(one.vms("twin")) == 1
+        assert one.registry.digest() == two.registry.digest()
+
+
 async def test_provider_outage_keeps_instances_marked_stale(tmp_path: Path) -> None:
     server = MotoServer(workdir=tmp_path)
     server.start()
