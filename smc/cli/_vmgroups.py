@@ -136,6 +136,8 @@ def start_vm_groups(
         drain_waiter=waiter,
         ready_check=ready,
         join_tokens=join,
+        # followers (--ca follow) never append: the issuing replica polls and drains
+        read_only=bool(getattr(xds, "follow", False)),
     )
 
     async def run() -> None:

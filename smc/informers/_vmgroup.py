@@ -145,8 +145,11 @@ class VmGroupController:
         metrics: CollectorRegistry | None = None,
         ready_check: ReadyCheck | None = None,
         join_tokens: JoinTokens | None = None,
+        read_only: bool = False,
     ) -> None:
         self.live = live
+        #: A follower replica: never polls nor appends, only exports the metrics of the log.
+        self.read_only = read_only
         self.ready_check = ready_check
         self.join_tokens = join_tokens
         self._token_expiry: dict[tuple[str, str], datetime] = {}
@@ -247,6 +250,9 @@ class VmGroupController:
         """Poll every group once; drains continue in the background."""
         await self.live.runner.caught_up.wait()
         self.polls += 1
+        if self.read_only:
+            self._update_gauges()
+            return []
         groups = self.groups()
         results = list(await asyncio.gather(*(self._poll_group(g) for g in groups)))
         present = {(g.namespace, g.name) for g in groups}
