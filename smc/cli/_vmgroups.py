@@ -108,6 +108,7 @@ def start_vm_groups(
     xds: Any = None,
 ) -> tuple[VmGroupController, asyncio.Task[None]]:
     """Load the providers, build the controller and start it (returns it and its task)."""
+    from smc.events import for_role
     from smc.informers import VmGroupController, load_cloud_provider
 
     providers: dict[str, CloudProvider] = {}
@@ -138,6 +139,7 @@ def start_vm_groups(
         join_tokens=join,
         # followers (--ca follow) never append: the issuing replica polls and drains
         read_only=bool(getattr(xds, "follow", False)),
+        certs_log=for_role(live.runner.log, "ca"),  # join tokens: only the CA writes smc.certs
     )
 
     async def run() -> None:

@@ -51,6 +51,8 @@ from smc.api import LiveMeshChanges
 from smc.api._changes import MANAGED_BY_LABEL, Plan
 from smc.events import (
     Event,
+    EventLog,
+    Position,
     ServiceAccountUpserted,
     SmiResourceApplied,
     SmiResourceDeleted,
@@ -146,8 +148,12 @@ class VmGroupController:
         ready_check: ReadyCheck | None = None,
         join_tokens: JoinTokens | None = None,
         read_only: bool = False,
+        certs_log: EventLog | None = None,
     ) -> None:
         self.live = live
+        #: Where certificate-stream events (join tokens) are appended: the CA's writer when
+        #: the log is signed (only the CA may write them); default the API's log.
+        self.certs_log = certs_log
         #: A follower replica: never polls nor appends, only exports the metrics of the log.
         self.read_only = read_only
         self.ready_check = ready_check
@@ -309,7 +315,7 @@ class VmGroupController:
         token, event, expires = self.join_tokens.make(
             group, trust_domain=self.policy.mesh.trust_domain
         )
-        await self._append([event])
+        await self._append([event], log=self.certs_log)
         try:
             delivered = await provider.deliver_user_data(
                 query, self.join_tokens.user_data(group, token, expires)
@@ -745,7 +751,15 @@ class VmGroupController:
             ]
         )
 
-    async def _append(self, events: list[Event]) -> None:
+    async def _append(self, events: list[Event], *, log: EventLog | None = None) -> None:
+        if log is not None:
+            appended = await asyncio.to_thread(log.append, events)
+            offsets: dict[tuple[str, int], int] = {}
+            for a in appended:
+                tp = (a.stream, a.partition)
+                offsets[tp] = max(offsets.get(tp, 0), a.offset + 1)
+            await self.live.wait_for(Position(offsets))
+            return
         report = await asyncio.to_thread(
             self.live.changes.commit, Plan(results=(), events=tuple(events))
         )
