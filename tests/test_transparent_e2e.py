@@ -524,6 +524,58 @@ def test_injected_pods_are_intercepted_and_secured(
                 "xfcc": "",
             }
 
+            # 3b. Egress (OSM's kind, through the apiserver): with enableEgress off, only what
+            #     an Egress allows leaves the mesh (here: by destination IP range, matched by
+            #     the transparent outbound listener on the original destination).
+            status, body = serve.request(
+                "/v1/apply",
+                method="POST",
+                body=b"apiVersion: smc.dev/v1alpha1\nkind: MeshConfig\n"
+                b"metadata: {name: mesh, namespace: smc-system}\nspec: {enableEgress: false}\n",
+                headers={"Content-Type": "application/yaml"},
+            )
+            assert status == 200, body
+
+            def off_mesh() -> int:
+                return int(
+                    request(client, pods["server"].address, 9000, "-", "GET", "/x")["status"]
+                )
+
+            eventually(lambda: off_mesh() == 0, what="egress off", diag=diag, wait=WAIT)
+            custom.create_namespaced_custom_object(
+                "policy.openservicemesh.io",
+                "v1alpha1",
+                ns,
+                "egresses",
+                {
+                    "apiVersion": "policy.openservicemesh.io/v1alpha1",
+                    "kind": "Egress",
+                    "metadata": {"name": "client-direct"},
+                    "spec": {
+                        "sources": [{"kind": "ServiceAccount", "name": "client", "namespace": ns}],
+                        "ipAddresses": [f"{pods['server'].address}/32"],
+                        "ports": [{"number": 9000, "protocol": "tcp"}],
+                    },
+                },
+            )
+            eventually(lambda: off_mesh() == 200, what="egress by IP range", diag=diag, wait=WAIT)
+            assert (
+                int(request(client, pods["server"].address, 9001, "-", "GET", "/")["status"]) == 0
+            )
+            custom.delete_namespaced_custom_object(
+                "policy.openservicemesh.io", "v1alpha1", ns, "egresses", "client-direct"
+            )
+            eventually(lambda: off_mesh() == 0, what="egress removed", diag=diag, wait=WAIT)
+            status, body = serve.request(
+                "/v1/apply",
+                method="POST",
+                body=b"apiVersion: smc.dev/v1alpha1\nkind: MeshConfig\n"
+                b"metadata: {name: mesh, namespace: smc-system}\nspec: {enableEgress: true}\n",
+                headers={"Content-Type": "application/yaml"},
+            )
+            assert status == 200, body
+            eventually(lambda: off_mesh() == 200, what="egress on again", diag=diag, wait=WAIT)
+
             # 4. Outside the mesh (the node), plaintext to the mesh port fails.
             outside = json.loads(
                 subprocess.run(

@@ -101,6 +101,7 @@ from smc.xds._traffic import (
     EgressParts,
     apply_retries,
     cluster_settings,
+    egress_denied_chain,
     egress_parts,
     explicit_egress_listeners,
     inbound_http_filters,
@@ -782,9 +783,12 @@ class BuildPass:
             OUTBOUND_LISTENER,
             _sockaddr("0.0.0.0", self.outbound_port),
             chains,
-            default=_passthrough_chain("outbound_passthrough") if tp.enable_egress else None,
+            default=(
+                _passthrough_chain("outbound_passthrough")
+                if tp.enable_egress
+                else egress_denied_chain(tp, passthrough=PASSTHROUGH_CLUSTER, node=node_id)
+            ),
             listener_filters=[TLS_INSPECTOR_FILTER] if outbound.egress.tls else None,
-            original_dst=True,
         )
 
     def _passthrough_cluster(self) -> ResourceEntry:
@@ -1033,11 +1037,10 @@ def _listener(
     *,
     default: dict[str, Any] | None = None,
     listener_filters: list[dict[str, Any]] | None = None,
-    original_dst: bool = False,
 ) -> ResourceEntry:
-    """A listener entry; with a ``default`` chain (transparent listeners) or ``original_dst``
-    it also gets the ``original_dst`` listener filter, so chains match the original
-    destination port; ``listener_filters`` come after it (e.g. the TLS inspector)."""
+    """A listener entry; with a ``default`` chain (transparent listeners) it also gets the
+    ``original_dst`` listener filter, so chains match the original destination port;
+    ``listener_filters`` come after it (e.g. the TLS inspector)."""
     spec: dict[str, Any] = {
         "name": name,
         "address": address,
@@ -1047,7 +1050,7 @@ def _listener(
     filters = list(listener_filters or ())
     if default is not None:
         spec["default_filter_chain"] = default
-    if default is not None or original_dst:
+    if default is not None:
         filters.insert(0, _ORIGINAL_DST_FILTER)
     if filters:
         spec["listener_filters"] = filters

@@ -96,6 +96,7 @@ __all__ = [
     "access_logs",
     "cluster_settings",
     "egress_cluster_name",
+    "egress_denied_chain",
     "rls_cluster_name",
     "rls_clusters",
     "settings_tag",
@@ -131,6 +132,7 @@ _HTTP_RBAC = _T + "envoy.extensions.filters.http.rbac.v3.RBAC"
 _HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
 _TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_NET_RBAC = _T + "envoy.extensions.filters.network.rbac.v3.RBAC"
 HTTP_LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 #: Key of :func:`inbound_routes`' second result holding the virtual host's ``rate_limits``.
 VHOST_RATE_LIMITS = "rate_limits"
@@ -890,6 +892,25 @@ def explicit_egress_listeners(
             make_entry(json_format.ParseDict(spec, listener_pb2.Listener()), type_url=LISTENER)
         )
     return out
+
+
+def egress_denied_chain(tp: TrafficPolicy, *, passthrough: str, node: str) -> dict[str, Any]:
+    """The transparent ``outbound`` listener's default chain with ``enableEgress: false``:
+    an RBAC filter allowing nothing closes every connection no other chain took."""
+    return {
+        "name": "egress-denied",
+        "filters": [
+            {
+                "name": "envoy.filters.network.rbac",
+                "typed_config": {
+                    "@type": _NET_RBAC,
+                    "stat_prefix": "outbound_egress_denied",
+                    "rules": {"action": "ALLOW", "policies": {}},
+                },
+            },
+            _tcp_proxy(tp, "outbound_egress_denied", passthrough, node),
+        ],
+    }
 
 
 def transparent_egress_chains(
