@@ -635,6 +635,7 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "Job": ("/apis/batch/v1", "jobs", True),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
     "MutatingWebhookConfiguration": (
         "/apis/admissionregistration.k8s.io/v1",
         "mutatingwebhookconfigurations",
@@ -685,6 +686,7 @@ def test_every_deploy_manifest_passes_a_server_side_dry_run(kube: Any) -> None:
         "Service",
         "MutatingWebhookConfiguration",
         "Job",
+        "NetworkPolicy",
     ):
         assert needed in kinds
     namespace = next(d for d in docs if d["kind"] == "Namespace")

@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from smc.auth._errors import Forbidden, ReviewUnavailable, Unauthenticated
 from smc.auth._kube import TokenReviewer
@@ -169,6 +170,13 @@ class Guard:
             ["reason"],
             registry=self.registry,
         )
+        self.seconds = Histogram(
+            "smc_api_auth_seconds",
+            "Time spent authenticating a request and authorizing each of its accesses",
+            ["step"],
+            buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5, 2.5),
+            registry=self.registry,
+        )
         self.allowed_total = Counter(
             "smc_api_authenticated_requests",
             "API requests from an authenticated principal, by how it was proven",
@@ -185,7 +193,9 @@ class Guard:
         """Raise :class:`Forbidden` unless ``principal`` may do ``access``."""
         if principal.is_admin and principal.impersonated_by is None:
             return
+        t0 = time.perf_counter()
         ok, reason = await self.authorizer.allowed(principal, access)
+        self.seconds.labels("authorize").observe(time.perf_counter() - t0)
         if not ok:
             log.info("denied %s: %s (%s)", principal.actor, access.describe(), reason)
             raise Forbidden(
@@ -199,8 +209,10 @@ class Guard:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in self.public or request.path.startswith(PUBLIC_PREFIXES):
             return await handler(request)
+        t0 = time.perf_counter()
         try:
             principal = await self.authenticator.authenticate(request)
+            self.seconds.labels("authenticate").observe(time.perf_counter() - t0)
         except Unauthenticated as exc:
             return self._refuse(request, 401, "unauthenticated", str(exc))
         except ReviewUnavailable as exc:
