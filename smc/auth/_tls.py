@@ -15,6 +15,7 @@ serving (:meth:`ClientRoots.add`), which applies to new handshakes.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import ssl
 from collections.abc import Iterable, Sequence
@@ -270,8 +271,10 @@ def serial_of_certificate(cert: x509.Certificate) -> str:
     return serial_from_int(cert.serial_number)
 
 
+@functools.lru_cache(maxsize=4096)
 def principal_of_certificate(der: bytes) -> tuple[Principal, x509.Certificate]:
-    """The principal of a verified client certificate (see the module docstring)."""
+    """The principal of a verified client certificate (see the module docstring); cached by
+    the certificate's bytes (a keep-alive client presents the same one on every request)."""
     cert = x509.load_der_x509_certificate(der)
     name = ""
     try:
