@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -33,8 +34,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from smc.ca import IssuedCertificate, certificate_event
-from smc.projections import CertsProjection
+from smc.agent import Agent, AgentConfig
 from smc.testing.mesh import ControlPlane
 from smc.xds import LISTENER, ROUTE
 from smc.xds._grpc import GRPC_PREFIX, grpc_bootstrap
@@ -44,6 +44,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session")]  # the fixtures' loop
 NS = "demo"
 PORT = 50051
 TRUST = "cluster.local"
+LIFETIME = timedelta(seconds=12)
 
 MESH = f"""
 apiVersion: smc.dev/v1alpha1
@@ -117,28 +118,43 @@ class Grpc:
         self.cp = cp
         self.workdir = workdir
         self.servers: list[subprocess.Popen[str]] = []
+        self.agents: dict[str, Agent] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stop_agents = asyncio.Event()
 
     def folder(self, workload: str) -> Path:
         return self.workdir / workload
 
-    def write_certs(self, workload: str, sa: str) -> str:
-        """Write the workload's current mesh certificate, key and the trust bundle where its
-        bootstrap's file_watcher provider reads them (atomically); returns the serial."""
-        mat = self.cp.keystore.get(f"{NS}/{sa}")
-        assert mat is not None, f"no certificate for {sa}"
+    async def start_agent(self, workload: str, sa: str) -> Agent:
+        """The workload's SMC agent: its key made here, a CSR with a one-time join token,
+        the certificate, key and trust bundle written where the bootstrap's file_watcher
+        provider reads them, renewed in place."""
         d = self.folder(workload)
         d.mkdir(exist_ok=True)
-        for fname, text in (
-            ("cert.pem", mat.cert_pem + mat.chain_pem),
-            ("key.pem", mat.key_pem),
-            ("ca.pem", "".join(self.cp.keystore.trust_bundle())),
-        ):
-            tmp = d / (fname + ".tmp")
-            tmp.write_text(text)
-            if fname == "key.pem":
-                tmp.chmod(0o600)
-            tmp.replace(d / fname)
-        return format(x509.load_pem_x509_certificate(mat.cert_pem.encode()).serial_number, "x")
+        token = await self.cp.join_token(namespace=NS, name=workload, service_account=sa)
+        token_file = d / "join-token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        agent = Agent(
+            AgentConfig(
+                proxy=f"{NS}/{workload}",
+                ca_address=f"127.0.0.1:{self.cp.ca_port}",
+                ca_bundle_pem=self.cp.ca_bundle(),
+                sds_socket=d / "sds.sock",
+                join_token_file=token_file,
+                retry_initial=0.1,
+                cert_dir=d,
+            )
+        )
+        self.agents[workload] = agent
+        self.tasks.append(asyncio.create_task(agent.run(stop=self.stop_agents)))
+        await asyncio.wait_for(agent.ready.wait(), timeout=30)
+        return agent
+
+    def serial(self, workload: str) -> str:
+        """The serial of the certificate in the workload's cert.pem."""
+        pem = (self.folder(workload) / "cert.pem").read_bytes()
+        return format(x509.load_pem_x509_certificate(pem).serial_number, "x")
 
     def env(self, workload: str) -> dict[str, str]:
         d = self.folder(workload)
@@ -212,17 +228,15 @@ class Grpc:
 @pytest.fixture(scope="module")
 async def grpc_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grpc]:
     workdir = tmp_path_factory.mktemp("grpc")
-    cp = ControlPlane(workdir=workdir)
+    # Agents make the keys beside the workloads; the control plane holds none. Proxy
+    # certificates live 12 s, so agents renew them while the tests run.
+    cp = ControlPlane(workdir=workdir, agents=True, proxy_cert_lifetime=LIFETIME)
     await cp.start()
     g = Grpc(cp, workdir)
     try:
         await cp.apply("\n---\n".join([MESH, *(vm(*w) for w in WORKLOADS)]))
-        deadline = time.monotonic() + 30
-        while any(cp.keystore.get(f"{NS}/{sa}") is None for _, sa, _, _ in WORKLOADS):
-            assert time.monotonic() < deadline, "certificates not issued"
-            await asyncio.sleep(0.1)
         for name, sa, _, _ in WORKLOADS:
-            g.write_certs(name, sa)
+            await g.start_agent(name, sa)
         for name, _, address, _ in WORKLOADS[:2]:
             g.start_server(name, address)
         # An xDS server listens once its listener came over xDS: wait for both.
@@ -236,6 +250,8 @@ async def grpc_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[G
         yield g
     finally:
         g.stop()
+        g.stop_agents.set()
+        await asyncio.gather(*g.tasks, return_exceptions=True)
         await cp.stop()
         cp.close()
 
@@ -342,34 +358,32 @@ async def test_unknown_or_unreachable_name_fails_fast(grpc_mesh: Grpc) -> None:
     assert_no_nacks(grpc_mesh)
 
 
-async def test_rotated_client_certificate_is_used(grpc_mesh: Grpc) -> None:
-    first = await grpc_mesh.call(
+async def test_renewed_certificates_are_used(grpc_mesh: Grpc) -> None:
+    """The agents renew every certificate (fresh key, same identity) while the servers keep
+    running: gRPC's file_watcher provider picks the new files up, calls keep succeeding, and
+    the server sees the client's new certificate."""
+    await grpc_mesh.call(
         "client-1", "--target", "xds:///greeter.demo", "--wait-for", "OK", "--within", "60"
     )
-    del first
-    before = grpc_mesh.write_certs("client-1", "client")
-    rows = await grpc_mesh.call("client-1", "--target", "xds:///greeter.demo")
-    assert rows[0]["reply"]["peer"]["serial"] == before
-    # what `smc certs rotate` does: a new certificate issued, recorded on the log
-    cp = grpc_mesh.cp
-    uri = f"spiffe://{TRUST}/ns/{NS}/sa/client"
-    certs = next(p for p in cp.runner.projections if isinstance(p, CertsProjection))
-    cur = certs.current_cert(uri)
-    assert cur is not None
-    cert: IssuedCertificate = await asyncio.to_thread(
-        lambda: cp.issuer.issue(identity=uri, lifetime=timedelta(hours=1))
-    )
-    cp.keystore.put(cert, durable=True)
-    event = certificate_event(cert, previous_serial=cur.serial, source="test", actor="test")
-    await asyncio.to_thread(cp.log.append, [event])
-    deadline = time.monotonic() + 30
-    while grpc_mesh.write_certs("client-1", "client") == before:
-        assert time.monotonic() < deadline, "rotated certificate not in the key store"
-        await asyncio.sleep(0.1)
-    after = grpc_mesh.write_certs("client-1", "client")
+    client = grpc_mesh.agents["client-1"]
+    servers = [grpc_mesh.agents[w] for w, _, _, _ in WORKLOADS[:2]]
+    before = grpc_mesh.serial("client-1")
+    renewed = {a: a.renewals for a in (client, *servers)}
+    deadline = time.monotonic() + LIFETIME.total_seconds() * 2
+    while any(a.renewals == n for a, n in renewed.items()):
+        assert time.monotonic() < deadline, "agents did not renew"
+        await asyncio.sleep(0.2)
+    after = grpc_mesh.serial("client-1")
     assert after != before
-    rows = await grpc_mesh.call("client-1", "--target", "xds:///greeter.demo", "--count", "3")
-    assert all(r["code"] == "OK" and r["reply"]["peer"]["serial"] == after for r in rows), rows
+    key = grpc_mesh.folder("client-1") / "key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    rows = await grpc_mesh.call(
+        "client-1", "--target", "xds:///greeter.demo", "--count", "20", "--timeout", "10"
+    )
+    assert all(r["code"] == "OK" for r in rows), rows
+    served = {r["reply"]["peer"]["serial"] for r in rows}
+    assert served <= {after, grpc_mesh.serial("client-1")}, (served, before)
+    assert {r["reply"]["server"] for r in rows} == {"greeter-v1-1", "greeter-v2-1"}
     assert_no_nacks(grpc_mesh)
 
 
@@ -377,7 +391,13 @@ async def test_named_lds_is_answered_at_once_with_not_found(grpc_mesh: Grpc) -> 
     """At the protocol level, whatever the client: a gRPC node asking LDS for a name SMC does
     not have gets a response right away, carrying a NOT_FOUND resource error for it next to
     the names it does have."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_mesh.cp.port}") as chan:
+    d = grpc_mesh.folder("client-1")  # ADS is mTLS: the workload's own certificate
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(d / "ca.pem").read_bytes(),
+        private_key=(d / "key.pem").read_bytes(),
+        certificate_chain=(d / "cert.pem").read_bytes(),
+    )
+    async with grpc.aio.secure_channel(f"127.0.0.1:{grpc_mesh.cp.port}", creds) as chan:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(chan)
         done = asyncio.Event()
         node = base_pb2.Node(id=f"{NS}/client-1", user_agent_name="gRPC C-core linux Python")

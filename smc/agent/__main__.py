@@ -45,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="Keep the key (0600) and certificate in this directory (0700) across restarts.",
     )
+    p.add_argument(
+        "--cert-dir",
+        default=None,
+        help="Also write cert.pem, key.pem (0600) and ca.pem here, renewed in place "
+        "(for a proxyless gRPC workload's file_watcher certificate provider).",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -103,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             token_file=Path(args.token_file) if args.token_file else None,
             join_token_file=Path(args.join_token_file) if args.join_token_file else None,
             state_dir=Path(args.state_dir) if args.state_dir else None,
+            cert_dir=Path(args.cert_dir) if args.cert_dir else None,
         )
         agent = Agent(config)
     except (OSError, AgentError) as exc:

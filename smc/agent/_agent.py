@@ -14,6 +14,10 @@ expired, or the control plane refused it as proof (revoked), a pod falls back to
 With ``state_dir`` the key (0600) and certificate are also kept on the host, in a 0700
 directory, so a restarted agent (a rebooted VM, whose join token was used once) serves them at
 once and renews with the certificate; nothing leaves the host either way.
+For a proxyless gRPC workload (no Envoy: gRPC's ``file_watcher`` certificate provider reads
+PEM files) ``cert_dir`` makes the agent also write ``cert.pem`` (certificate and chain),
+``key.pem`` (mode 0600) and ``ca.pem`` (trust bundle) there, each replaced atomically on every
+renewal; the key still never leaves the host.
 Concurrency: one asyncio loop; signing (cryptography) is quick and done inline.
 """
 
@@ -94,6 +98,8 @@ class AgentConfig:
     #: Where the agent keeps its key (0600) and certificate across its own restarts (a VM
     #: reboot, an agent container restart on an in-memory volume); None: memory only.
     state_dir: Path | None = None
+    #: Also write cert.pem, key.pem (0600) and ca.pem here (gRPC's file_watcher provider).
+    cert_dir: Path | None = None
 
 
 @dataclass(slots=True)
@@ -111,6 +117,26 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode("ascii")
+
+
+def _write_pem_files(
+    folder: Path, chain_pem: str, key_pem: str, trust_bundle: tuple[str, ...]
+) -> None:
+    """cert.pem, key.pem (0600) and ca.pem in ``folder``, each replaced atomically; the key
+    first, so a reader never pairs a new certificate with an old key for long."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    roots = "".join(r if r.endswith("\n") else r + "\n" for r in trust_bundle)
+    for name, text, mode in (
+        ("key.pem", key_pem, 0o600),
+        ("cert.pem", chain_pem, 0o644),
+        ("ca.pem", roots, 0o644),
+    ):
+        tmp = folder / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, folder / name)
 
 
 class Agent:
@@ -288,6 +314,8 @@ class Agent:
         await self.sds.update(
             WorkloadSecret(version=resp.serial, chain_pem=chain, key_pem=_key_pem(key))
         )
+        if self.config.cert_dir is not None:
+            _write_pem_files(self.config.cert_dir, chain, _key_pem(key), resp.trust_bundle)
         if first:
             self.first_certificate_at = time.monotonic()
             log.info(

@@ -104,16 +104,25 @@ def grpc_bootstrap(
     key_file: str,
     ca_file: str,
     refresh: str = "1s",
+    ads_tls: bool = True,
 ) -> dict[str, Any]:
     """The xDS bootstrap (``GRPC_XDS_BOOTSTRAP``) of a gRPC process speaking for workload
-    ``node_id``: ADS at ``ads_address`` (``host:port``), the ``smc`` certificate provider
-    watching the PEM files of the workload's mesh certificate, its key and the trust bundle,
-    and the server listener name template."""
+    ``node_id``: ADS at ``ads_address`` (``host:port``) over mTLS with the workload's own
+    certificate (gRFC A65 ``tls`` channel credentials; ``ads_tls=False``: plaintext), the
+    ``smc`` certificate provider watching the same PEM files (the workload's mesh certificate
+    with its chain, its key, the trust bundle), and the server listener name template."""
+    files = {
+        "certificate_file": cert_file,
+        "private_key_file": key_file,
+        "ca_certificate_file": ca_file,
+        "refresh_interval": refresh,
+    }
+    creds: dict[str, Any] = {"type": "tls", "config": files} if ads_tls else {"type": "insecure"}
     return {
         "xds_servers": [
             {
                 "server_uri": ads_address,
-                "channel_creds": [{"type": "insecure"}],
+                "channel_creds": [creds],
                 "server_features": ["xds_v3"],
             }
         ],
@@ -121,12 +130,7 @@ def grpc_bootstrap(
         "certificate_providers": {
             CERT_PROVIDER: {
                 "plugin_name": "file_watcher",
-                "config": {
-                    "certificate_file": cert_file,
-                    "private_key_file": key_file,
-                    "ca_certificate_file": ca_file,
-                    "refresh_interval": refresh,
-                },
+                "config": files,
             }
         },
         "server_listener_resource_name_template": SERVER_LISTENER_TEMPLATE,
