@@ -79,6 +79,13 @@ class SnapshotCache:
     def get(self, node_id: str) -> Snapshot | None:
         return self._snapshots.get(node_id)
 
+    def poke(self, *, node_id: str) -> None:
+        """Wake ``node_id``'s watchers without a snapshot change (e.g. the controller found
+        it cannot place the node: its streams should say so)."""
+        with self._lock:
+            watches = list(self._watches.get(node_id, ()))
+        self._notify(watches)
+
     def node_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._snapshots)

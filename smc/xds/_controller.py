@@ -463,11 +463,14 @@ class XdsController:
             builds[node_id] = build
             node.deps, node.identity, node.reason = build.deps, build.identity, build.reason
             if build.snapshot is None:
+                if build.workload is None:
+                    self.cache.clear(node_id=node_id)
                 if node.logged != build.reason:
                     log.warning("no snapshot for proxy %s: %s", node_id, build.reason)
                     node.logged = build.reason
-                if build.workload is None:
-                    self.cache.clear(node_id=node_id)
+                    if build.workload is None:
+                        # its streams learn why (placement_problem): an error, not silence
+                        self.cache.poke(node_id=node_id)
                 continue
             node.logged = ""
             self._publish(node_id, build.snapshot, pub)
