@@ -211,6 +211,32 @@ def _get(d: Any, *path: str) -> Any:
 # ---------------------------------------------------------------------- figures per benchmark
 
 
+def _integrity_figures(b: str, name: str, n: Any, it: dict[str, Any] | None) -> list[Figure]:
+    """Sealed appends and verified rebuilds (docs/log-integrity.md), when measured."""
+    if not it:
+        return []
+    out = [
+        _target(b, f"{name} sealed append / unsealed append",
+                it.get("sealed_vs_unsealed_append"), "x", at_least=0.8,
+                shown=">= 0.8 (within 20%)"),
+        _info(b, f"{name} verified rebuild ({n:,} events, seals and chains checked)",
+              it.get("verified_rebuild_events_per_second"), "events/s"),
+        _info(b, f"{name} verified / unverified rebuild",
+              it.get("verified_vs_unverified_rebuild"), "x"),
+    ]  # fmt: skip
+    if name == "SQLite":
+        out.append(_target(b, "SQLite verified rebuild",
+                           it.get("verified_rebuild_events_per_second"), "events/s",
+                           at_least=100_000))  # fmt: skip
+    if "verified_rebuild_vs_raw_consume" in it:
+        out.append(_target(b, "Kafka verified rebuild / raw consume",
+                           it.get("verified_rebuild_vs_raw_consume"), "x", at_least=0.5,
+                           shown=">= 0.5 (within 2x)"))  # fmt: skip
+        out.append(_info(b, "Kafka verified rebuild / raw consume, medians",
+                         it.get("verified_rebuild_vs_raw_consume_medians"), "x"))  # fmt: skip
+    return out
+
+
 def figures_replay(r: dict[str, Any]) -> list[Figure]:
     b = "replay"
     n = r.get("events")
@@ -246,6 +272,7 @@ def figures_replay(r: dict[str, Any]) -> list[Figure]:
             )
         )
         out.append(_info(b, "SQLite rebuild peak RSS", _get(sq, "rebuild", "peak_rss_mb"), "MB"))
+        out.extend(_integrity_figures(b, "SQLite", n, sq.get("integrity")))
     ka = _get(r, "backends", "kafka")
     if ka is not None:
         passes = len(ka.get("rebuild_passes_events_per_second") or [None])
@@ -277,6 +304,7 @@ def figures_replay(r: dict[str, Any]) -> list[Figure]:
                 shown=">= 0.5 (within 2x)",
             )
         )
+        out.extend(_integrity_figures(b, "Kafka", n, ka.get("integrity")))
         if "raw_count_only_events_per_second" in ka:
             out.append(
                 _info(
