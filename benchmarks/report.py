@@ -223,6 +223,10 @@ def _integrity_figures(b: str, name: str, n: Any, it: dict[str, Any] | None) -> 
               it.get("verified_rebuild_events_per_second"), "events/s"),
         _info(b, f"{name} verified / unverified rebuild",
               it.get("verified_vs_unverified_rebuild"), "x"),
+        _info(b, f"{name} verified rebuild per CPU second",
+              it.get("verified_rebuild_events_per_cpu_second"), "events/CPU-s"),
+        _info(b, f"{name} verified / unverified rebuild, per CPU second",
+              it.get("verified_vs_unverified_rebuild_per_cpu_second"), "x"),
     ]  # fmt: skip
     if name == "SQLite":
         out.append(_target(b, "SQLite verified rebuild",

@@ -247,3 +247,31 @@ def test_at_starts_from_the_newest_checkpoint_before_it(tmp_path: Path, operator
     slow = state_at(log, mid, verifier=ChainVerifier(trust=trust))
     assert fast.digests() == slow.digests()
     assert fast.applied == slow.applied == 20
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_catch_up_until_a_point_before_another_streams_first_record(
+    tmp_path: Path, operator: Path, verified: bool
+) -> None:
+    """A target that stops a stream before its first record (here: the certificate appended
+    first) is reached on SQLite, whose reads follow one append order across streams."""
+    from datetime import UTC, datetime, timedelta
+
+    from eventgen import service
+
+    from smc.events import CertificateIssued, make_event
+
+    log = SqliteLog(tmp_path / "log.db", signer=Signer.from_dir(operator))
+    now = datetime.now(UTC)
+    log.append(
+        [make_event(CertificateIssued, source="x", actor="x", identity=f"spiffe://{TD}/ns/a/sa/b",
+                    serial="01", not_before=now, not_after=now + timedelta(days=1),
+                    issuer="local", fingerprint="00" * 32)]
+    )  # fmt: skip
+    for i in range(0, 40, 10):
+        log.append([service(j) for j in range(i, i + 10)])
+    verifier = ChainVerifier(trust=load_trust(operator / "trust.pem")) if verified else None
+    r = ProjectionRunner(log=log, projections=all_projections(), batch=7, verifier=verifier)
+    r.catch_up(until=Position({("smc.certs", 0): 0, ("smc.registry", 0): 30}), stall_timeout=5)
+    assert r.position.get(("smc.registry", 0)) == 30
+    assert r.position.get(("smc.certs", 0)) == 0

@@ -9,7 +9,8 @@ Concurrency: blocking functions for one thread (the CLI's).
 
 from smc.audit._check import VerifyReport, verify_log
 from smc.audit._credentials import issue_writer, load_trust
-from smc.audit._travel import CheckpointDir, access_history, proxy_config_at, state_at
+from smc.audit._travel import access_history, proxy_config_at, state_at
+from smc.projections import CheckpointDir
 
 __all__ = [
     "CheckpointDir",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -25,8 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from smc.events import POLICY, ChainVerifier, EventLog, Position, Writer
 from smc.projections import (
     CertsProjection,
-    Checkpoint,
-    CheckpointError,
+    CheckpointDir,
     PolicyProjection,
     ProjectionRunner,
     RegistryProjection,
@@ -48,33 +46,6 @@ _TYPES = {
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "endpoints",
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret": "secrets",
 }
-
-
-class CheckpointDir:
-    """A directory of checkpoints (``cp-<applied>.json``), for fast travel to any point:
-    :meth:`save` adds one, :meth:`best_for` picks the newest one at or before a position."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def save(self, cp: Checkpoint) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        out = self.path / f"cp-{cp.applied:012d}.json"
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cp.to_json(), separators=(",", ":")))
-        tmp.replace(out)
-        return out
-
-    def best_for(self, position: Position) -> Checkpoint | None:
-        best: Checkpoint | None = None
-        for f in sorted(self.path.glob("cp-*.json")) if self.path.exists() else []:
-            try:
-                cp = Checkpoint.from_json(json.loads(f.read_text()))
-            except (OSError, ValueError, CheckpointError):
-                continue
-            if position.covers(cp.position) and (best is None or cp.applied > best.applied):
-                best = cp
-        return best
 
 
 def state_at(

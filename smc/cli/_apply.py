@@ -13,6 +13,7 @@ Concurrency: one command per process; everything runs on the main thread.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import uuid
@@ -107,9 +108,16 @@ def _projections_at(
     from smc.audit import load_trust, state_at
     from smc.cli._app import parse_position
     from smc.events import ChainVerifier
+    from smc.projections import CheckpointDir
 
     verifier = ChainVerifier(trust=load_trust(trust)) if trust else None
-    runner = state_at(log, parse_position(log, at) if at else log.end_position(), verifier=verifier)
+    history = os.environ.get("SMC_CHECKPOINTS")
+    runner = state_at(
+        log,
+        parse_position(log, at) if at else log.end_position(),
+        verifier=verifier,
+        checkpoints=CheckpointDir(history) if history else None,
+    )
     registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
     policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
     return registry, policy

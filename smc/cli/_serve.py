@@ -716,6 +716,13 @@ async def _serve(
     "entitled to them, change state; the others are skipped and reported (env SMC_TRUST).",
 )
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file to use.")
+@click.option(
+    "--checkpoint-history",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also keep every checkpoint saved in this directory: `smc proxy config --at` and "
+    "`smc policy check --at` start from the newest one before the point asked for.",
+)
 @click.option("--checkpoint-every", default=30.0, show_default=True, help="Seconds between saves.")
 @click.option(
     "--http",
@@ -851,6 +858,7 @@ def serve(
     writers: str | None,
     trust: str | None,
     checkpoint: str | None,
+    checkpoint_history: str | None,
     checkpoint_every: float,
     http_addr: str,
     inventory: str | None,
@@ -992,7 +1000,7 @@ def serve(
     runner = ProjectionRunner(
         log=log_, projections=all_projections(), verifier=_verifier(trust) if trust else None
     )
-    store = CheckpointStore(checkpoint) if checkpoint else None
+    store = CheckpointStore(checkpoint, history=checkpoint_history) if checkpoint else None
     if store is not None:
         cp = store.load()
         if cp is not None:

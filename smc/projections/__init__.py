@@ -6,6 +6,7 @@ Concurrency: projections are single-threaded; see :mod:`smc.projections._runner`
 
 from smc.projections._base import Projection, canonical_digest, canonical_json
 from smc.projections._certs import CertRecord, CertsProjection, JoinToken, ProxyCertRecord
+from smc.projections._checkpoints import CheckpointDir
 from smc.projections._errors import CheckpointError, ProjectionError, ProjectionsError
 from smc.projections._policy import MeshConfig, PolicyProjection, StoredResource
 from smc.projections._policyview import PolicyView
@@ -16,6 +17,7 @@ __all__ = [
     "CertRecord",
     "CertsProjection",
     "Checkpoint",
+    "CheckpointDir",
     "CheckpointError",
     "CheckpointStore",
     "JoinToken",

@@ -71,6 +71,29 @@ def _add_tail(pending: dict[object, Any], key: object, record: Any) -> None:
         pending[key] = [cur, record]
 
 
+def _skip_done(scanned: Position, target: Position, log_end: Position) -> Position:
+    """Where to read from: partitions already at their target start at the log's end, so
+    a reader that returns records in one order across partitions (SQLite's append order)
+    does not keep handing back records of a partition the target stops early."""
+    tps = {tp for tp, _ in log_end.items()} | {tp for tp, _ in scanned.items()}
+    return Position(
+        {
+            tp: log_end.get(tp) if scanned.get(tp) >= target.get(tp) else scanned.get(tp)
+            for tp in tps
+        }
+    )
+
+
+def _keep_done(after: Position, scanned: Position, target: Position) -> Position:
+    """``after`` with the partitions :func:`_skip_done` moved back where they were."""
+    return Position(
+        {
+            tp: scanned.get(tp) if scanned.get(tp) >= target.get(tp) else off
+            for tp, off in after.items()
+        }
+    )
+
+
 def _survivors(pending: dict[object, Any]) -> list[Any]:
     """The records held in a compaction's ``pending`` map (see ``ProjectionRunner._scan``)."""
     out: list[Any] = []
@@ -170,8 +193,12 @@ class Checkpoint:
 class CheckpointStore:
     """Checkpoints in one JSON file, replaced atomically (write, fsync, rename)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, history: str | os.PathLike[str] | None = None
+    ) -> None:
         self.path = Path(path)
+        #: A directory that also keeps every checkpoint saved (see ``CheckpointDir``).
+        self.history = Path(history) if history is not None else None
 
     def load(self) -> Checkpoint | None:
         if not self.path.exists():
@@ -190,6 +217,10 @@ class CheckpointStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        if self.history is not None:
+            from smc.projections._checkpoints import CheckpointDir
+
+            CheckpointDir(self.history).save(cp)
 
 
 class ProjectionRunner:
@@ -356,7 +387,7 @@ class ProjectionRunner:
         target; if the log stops answering for ``stall_timeout`` seconds first, raises
         :class:`~smc.events.LogUnavailable`.
         """
-        end = self.log.end_position()
+        log_end = end = self.log.end_position()
         if until is not None:
             end = Position({tp: min(off, until.get(tp)) for tp, off in end.items()})
         target = end
@@ -389,8 +420,12 @@ class ProjectionRunner:
                     )
                 elif compact and scan is not None:
                     raw, after = scan(
-                        start=scanned, max_records=self.batch, timeout=0.5, end=target
+                        start=_skip_done(scanned, target, log_end),
+                        max_records=self.batch,
+                        timeout=0.5,
+                        end=target,
                     )
+                    after = _keep_done(after, scanned, target)
                 else:
                     recs: list[Record]
                     if read_sealed is not None:
@@ -398,7 +433,11 @@ class ProjectionRunner:
                             start=scanned, max_records=self.batch, timeout=0.5, end=target
                         )
                     else:
-                        recs = self.log.read(start=scanned, max_records=self.batch, timeout=0.5)
+                        recs = self.log.read(
+                            start=_skip_done(scanned, target, log_end),
+                            max_records=self.batch,
+                            timeout=0.5,
+                        )
                         recs = [r for r in recs if r.offset < target.get((r.stream, r.partition))]
                         after = scanned.advanced(recs)
                     if compact and verifier is not None:
