@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from smc.smi import load_documents
-from smc.testing.serve import ServeProcess, http_json
+from smc.testing.serve import ServeProcess
 
 
 def _doc(i: int) -> dict[str, object]:
@@ -36,11 +36,11 @@ def test_twenty_thousand_documents_in_one_request(tmp_path: Path) -> None:
         ).encode()
         assert len(body) < 4 * 1024 * 1024  # under the API body cap
         started = time.monotonic()
-        status, answer = http_json(serve.base + "/v1/apply", method="POST", body=body, timeout=200)
+        status, answer = serve.request("/v1/apply", method="POST", body=body, timeout=200)
         took = time.monotonic() - started
         assert status == 200, (status, str(answer)[:500])
         assert [r["status"] for r in answer["results"]] == ["created"] * 20_000
-        status, listed = http_json(serve.base + "/v1/services", timeout=60)
+        status, listed = serve.request("/v1/services", timeout=60)
         assert status == 200 and len(listed["items"]) == 20_000
         print(f"20,000 documents applied in {took:.1f} s")
     finally:

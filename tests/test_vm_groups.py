@@ -508,7 +508,7 @@ def test_smc_serve_runs_the_groups_and_shows_them_stale_in_get_and_metrics(
     import subprocess
     import sys
 
-    from smc.testing.serve import ServeProcess, eventually, http_json
+    from smc.testing.serve import ServeProcess, eventually
 
     server = MotoServer(workdir=tmp_path)
     saved = {k: os.environ.get(k) for k in MotoServer.env()}
@@ -520,23 +520,23 @@ def test_smc_serve_runs_the_groups_and_shows_them_stale_in_get_and_metrics(
         cloud = f"aws:endpoint_url={server.endpoint_url},region=us-east-1,timeout=2"
         serve = ServeProcess(tmp_path, args=["--cloud", cloud, "--vm-group-interval", "0.2"])
         serve.wait_ready()
-        status, body = http_json(
-            f"{serve.base}/v1/apply",
+        status, body = serve.request(
+            "/v1/apply",
             method="POST",
             body=(SERVICE + "---\n" + group_yaml(drain="0s")).encode(),
-            headers={"Content-Type": "application/yaml", "X-SMC-Actor": "alice"},
+            headers={"Content-Type": "application/yaml"},
         )
         assert status == 200, body
 
         def groups() -> Any:
-            return http_json(serve.base + "/v1/vmgroups")[1]["items"]
+            return serve.request("/v1/vmgroups")[1]["items"]
 
         eventually(lambda: groups()[0]["joined"] == 3, what="3 instances", diag=serve.tail, wait=60)
         server.stop()  # the provider goes away: the instances stay, marked stale
         eventually(lambda: groups()[0]["status"] == "stale", what="stale", diag=serve.tail, wait=60)
         (g,) = groups()
         assert g["joined"] == 3 and g["reason"]
-        metrics = http_json(serve.base + "/metrics")[1]
+        metrics = serve.request("/metrics")[1]
         assert 'smc_vmgroup_stale{group="web",namespace="shop"} 1.0' in metrics
         assert 'smc_vmgroup_instances{group="web",namespace="shop",phase="joined"} 3.0' in metrics
         assert "testing" not in metrics  # no credential in metrics
