@@ -11,12 +11,14 @@ from smc.audit import issue_writer, load_trust, verify_log
 from smc.ca import LocalIssuer
 from smc.events import (
     CertificateIssued,
+    ChainVerifier,
     MeshConfigChanged,
     Position,
     Signer,
     SqliteLog,
     make_event,
 )
+from smc.projections import CheckpointDir, ProjectionRunner, all_projections
 from smc.testing.serve import ServeProcess, eventually
 
 TD = "cluster.local"
@@ -43,7 +45,13 @@ def test_serve_seals_per_role_and_skips_forgeries(tmp_path: Path) -> None:
     for role in ("ca", "api", "informer"):
         issue_writer(ca, trust_domain=TD, role=role, name="replica-0", directory=writers / role)
     trust = writers / "api" / "trust.pem"
-    serve = ServeProcess(tmp_path, args=["--writers", str(writers), "--trust", str(trust)])
+    history = tmp_path / "history"
+    serve = ServeProcess(
+        tmp_path,
+        args=["--writers", str(writers), "--trust", str(trust), "--checkpoint",
+              str(tmp_path / "cp.json"), "--checkpoint-every", "0.2",
+              "--checkpoint-history", str(history)],
+    )  # fmt: skip
     db = tmp_path / "log.db"
     try:
         serve.wait_ready()
@@ -83,6 +91,22 @@ def test_serve_seals_per_role_and_skips_forgeries(tmp_path: Path) -> None:
         assert state["skipped"] == 2
     finally:
         serve.stop()
+    # the checkpoints serve kept prove their chain heads to a verifying runner
+    cps = CheckpointDir(history)
+    saved = cps.best_for(SqliteLog(db).end_position())
+    assert saved is not None and saved.integrity is not None
+    runner = ProjectionRunner(
+        log=SqliteLog(db), projections=all_projections(),
+        verifier=ChainVerifier(trust=load_trust(trust)),
+    )  # fmt: skip
+    runner.restore(saved)
+    runner.catch_up()
+    fresh = ProjectionRunner(
+        log=SqliteLog(db), projections=all_projections(),
+        verifier=ChainVerifier(trust=load_trust(trust)),
+    )  # fmt: skip
+    fresh.catch_up()
+    assert runner.digests() == fresh.digests()
     report = verify_log(SqliteLog(db), load_trust(trust))
     roles = {w["role"] for w in report.writers.values()}
     assert roles == {"ca", "api"}, report.writers
