@@ -569,3 +569,24 @@ def test_smc_serve_runs_the_groups_and_shows_them_stale_in_get_and_metrics(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_cloud_options_parse_and_credentials_are_refused_on_the_command_line() -> None:
+    import click
+
+    from smc.cli._vmgroups import parse_clouds
+
+    assert parse_clouds(["aws:endpoint_url=http://127.0.0.1:5000, region=eu-west-1", "azure"]) == {
+        "aws": {"endpoint_url": "http://127.0.0.1:5000", "region": "eu-west-1"},
+        "azure": {},
+    }
+    for bad, why in (
+        ("aws:aws_secret_access_key=abc", "credential"),
+        ("aws:session_token=abc", "credential"),
+        ("aws:region", "not key=value"),
+        (":region=x", "name is missing"),
+    ):
+        with pytest.raises(click.BadParameter, match=why):
+            parse_clouds([bad])
+    with pytest.raises(Exception, match="no cloud VM provider named 'nope'"):
+        load_cloud_provider("nope")
