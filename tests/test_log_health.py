@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from smc.events import LogFull, Position, ServiceUpserted, make_event
+from smc.events import LogCorrupt, LogFull, Position, ServiceUpserted, make_event
 from smc.events import ServicePort as EvPort
 from smc.events._sqlite import SqliteLog
 from smc.testing.kafka import KafkaBroker
@@ -207,3 +207,48 @@ def test_unreachable_kafka_one_shot_prints_few_lines(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: Kafka at 127.0.0.1:9 unreachable"), done.stderr
     assert len(lines) <= 4, done.stderr
+
+
+async def test_healthz_fails_naming_the_record_once_the_runner_meets_corruption(
+    tmp_path: Path,
+) -> None:
+    """In-process: the API beside a runner whose log turns out corrupt answers /healthz 500
+    with the record named (serve itself then exits 1, tested above)."""
+    import asyncio
+
+    import aiohttp
+
+    from smc.api import ApiContext, LiveMeshChanges, MeshChanges, create_app, start_http
+    from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
+    from smc.testing.ports import free_port
+
+    db = tmp_path / "log.db"
+    log = SqliteLog(db)
+    for i in range(0, 3000, 100):
+        log.append([_service(j, pad=50) for j in range(i, i + 100)])
+    log.close()
+    _corrupt_middle(db)
+    log = SqliteLog(db)
+    registry, policy = RegistryProjection(), PolicyProjection()
+    runner = ProjectionRunner(log=log, projections=[registry, policy])
+    live = LiveMeshChanges(
+        changes=MeshChanges(log=log, registry=registry, policy=policy), runner=runner
+    )
+    app = create_app(ApiContext(live=live, runner=runner, registry=registry, policy=policy))
+    port = free_port()
+    site = await start_http(app, host="127.0.0.1", port=port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200
+            with pytest.raises(LogCorrupt):
+                await asyncio.wait_for(runner.run(stop=asyncio.Event()), 60)
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                body = await resp.json()
+                assert resp.status == 500, body
+                assert "corrupt at smc.registry[0]@" in body["reason"], body
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                assert resp.status == 503
+    finally:
+        await site.cleanup()
+        log.close()
