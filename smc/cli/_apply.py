@@ -17,12 +17,10 @@ import os
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from click.shell_completion import CompletionItem
 from rich.console import Console
 from rich.table import Table
@@ -40,6 +38,7 @@ from smc.api import (
 from smc.cli._app import cli, open_log_from
 from smc.cli._client import ApiClient, change_via_api, client_from, operator_actor
 from smc.cli._output import emit, kind_alias, output_option, parse_selector, select
+from smc.cli._watch import watch as follow_changes
 from smc.events import EventLog, LogError, Position, SqliteLog
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.projections._policyview import PolicyView
@@ -410,54 +409,13 @@ def get_cmd(
         )
     if watch:
         assert runner is not None
-        _watch(what, runner, current, output)
+        follow_changes(what, runner, current, output)
 
 
 def _get_names(what: str, data: Any) -> list[str]:
     if isinstance(data, dict):
         return [f"{what}/{data.get('resource') or 'mesh'}"]
     return [f"{what}/{i['namespace']}/{i['name']}" for i in data]
-
-
-def _watch(what: str, runner: ProjectionRunner, current: Callable[[], Any], output: str) -> None:
-    """Follow the log; print each item that changed (or went away), until Ctrl-C."""
-
-    def keyed(data: Any) -> dict[str, Any]:
-        if isinstance(data, dict):
-            return {"meshconfig": data}
-        return {f"{i['namespace']}/{i['name']}": i for i in data}
-
-    seen = keyed(current())
-    try:
-        while True:
-            recs = runner.log.read(start=runner.position, timeout=1.0)
-            if not recs:
-                continue
-            runner.step_records(recs)
-            now = keyed(current())
-            changed = [k for k in now if seen.get(k) != now[k]]
-            gone = [k for k in seen if k not in now]
-            for k in changed:
-                _watch_line(what, k, now[k], output, deleted=False)
-            for k in gone:
-                _watch_line(what, k, seen[k], output, deleted=True)
-            seen = now
-    except KeyboardInterrupt:
-        return
-
-
-def _watch_line(what: str, key: str, item: Any, output: str, *, deleted: bool) -> None:
-    if output in ("json", "yaml"):
-        event = {"type": "DELETED" if deleted else "MODIFIED", "object": item}
-        if output == "json":
-            click.echo(json.dumps(event, sort_keys=True))
-        else:
-            click.echo("---\n" + yaml.safe_dump(event, sort_keys=True).rstrip("\n"))
-    elif output == "name":
-        click.echo(f"{what}/{key}")
-    else:
-        click.echo(f"{'DELETED' if deleted else 'MODIFIED':9s} {what}/{key}", nl=True)
-    sys.stdout.flush()
 
 
 def _api_get_data(client: ApiClient, what: str) -> Any:
