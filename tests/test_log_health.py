@@ -213,12 +213,14 @@ async def test_healthz_fails_naming_the_record_once_the_runner_meets_corruption(
     tmp_path: Path,
 ) -> None:
     """In-process: the API beside a runner whose log turns out corrupt answers /healthz 500
-    with the record named (serve itself then exits 1, tested above)."""
+    with the record named (serve itself then exits 1, tested above). The probes need no
+    credentials (kubelet has none), so plain HTTP suffices here."""
     import asyncio
 
     import aiohttp
 
     from smc.api import ApiContext, LiveMeshChanges, MeshChanges, create_app, start_http
+    from smc.auth import Authenticator, GrantAuthorizer, Guard, LocalCredential
     from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
     from smc.testing.ports import free_port
 
@@ -234,7 +236,12 @@ async def test_healthz_fails_naming_the_record_once_the_runner_meets_corruption(
     live = LiveMeshChanges(
         changes=MeshChanges(log=log, registry=registry, policy=policy), runner=runner
     )
-    app = create_app(ApiContext(live=live, runner=runner, registry=registry, policy=policy))
+    local = LocalCredential(tmp_path / "auth")
+    local.ensure()
+    guard = Guard(authenticator=Authenticator(local=local), authorizer=GrantAuthorizer(policy))
+    app = create_app(
+        ApiContext(live=live, runner=runner, registry=registry, policy=policy), guard=guard
+    )
     port = free_port()
     site = await start_http(app, host="127.0.0.1", port=port)
     try:

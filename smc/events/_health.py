@@ -153,7 +153,7 @@ async def watch_log(
             await asyncio.wait_for(stop.wait(), timeout=every)
 
 
-_VARYING = re.compile(r"\d+ms|\d+ identical error\(s\) suppressed|rdkafka#\w+-\d+")
+_VARYING = re.compile(r"\d+ms|,?\s*\d+ identical error\(s\) suppressed|rdkafka#\w+-\d+")
 _BROKER = re.compile(r"\[thrd:([^\]]*)\]")
 
 
