@@ -17,11 +17,12 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from itertools import repeat
 from typing import Any
+from urllib.parse import urlencode
 
 from confluent_kafka import (
     Consumer,
@@ -63,10 +64,13 @@ class KafkaLog:
         timeout: float = 10.0,
         config: dict[str, Any] | None = None,
         topic_prefix: str = "",
+        url_options: Mapping[str, str] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.prefix = topic_prefix
-        self.url = f"kafka://{bootstrap}" + (f"?prefix={topic_prefix}" if topic_prefix else "")
+        #: The URL that opens this log again (security options by file, never a secret).
+        query = {**({"prefix": topic_prefix} if topic_prefix else {}), **dict(url_options or {})}
+        self.url = f"kafka://{bootstrap}" + (f"?{urlencode(query)}" if query else "")
         self.codec = codec or default_codec()
         #: Seals every append that names no signer of its own (see ``docs/log-integrity.md``).
         self.signer = signer
@@ -193,6 +197,8 @@ class KafkaLog:
                         break
                     except BufferError:
                         self._producer.poll(0.05)
+                    except KafkaException as exc:
+                        raise self._refused(exc) from exc
             remaining = self._producer.flush(self.timeout)
         if remaining:
             raise LogUnavailable(
@@ -285,6 +291,17 @@ class KafkaLog:
                 return
             except BufferError:
                 self._producer.poll(0.05)
+            except KafkaException as exc:
+                raise self._refused(exc) from exc
+
+    def _refused(self, exc: KafkaException) -> LogError:
+        """A producer that cannot take records (fatal: e.g. the broker's authorizer denied
+        this principal the write or idempotent-write ACL): one error naming the cause."""
+        seen = "; ".join(self._errors[-3:])
+        return LogError(
+            f"Kafka at {self.bootstrap} refused the append: {exc.args[0] if exc.args else exc}"
+            + (f" ({seen})" if seen else "")
+        )
 
     def _assign(self, start: Position) -> None:
         tps = [
@@ -525,6 +542,8 @@ class KafkaLog:
     def close(self) -> None:
         try:
             self._producer.flush(min(self.timeout, 5.0))
+        except KafkaException as exc:  # a fatal producer (e.g. refused by the authorizer)
+            _rdlog.warning("Kafka at %s: producer closed with an error: %s", self.bootstrap, exc)
         finally:
             self._consumer.close()
 

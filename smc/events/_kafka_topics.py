@@ -183,8 +183,10 @@ def ensure_topics(
     definitions: Mapping[str, Any] | None = None,
     replication_factor: int = 1,
     timeout: float = 30.0,
+    config: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Create the topics that are missing and verify those that exist.
+    """Create the topics that are missing and verify those that exist (``config``: client
+    security settings, e.g. an admin's SASL credentials).
 
     Returns the names of the topics created by this call (an empty list when all existed).
     Existing topics must have the defined partition count, the given replication factor and
@@ -207,6 +209,7 @@ def ensure_topics(
             "bootstrap.servers": bootstrap,
             "socket.timeout.ms": int(timeout * 1000),
             "log_level": 5,  # keep warnings and errors; drop informational chatter
+            **dict(config or {}),
         }
     )
     try:

@@ -32,5 +32,8 @@ def open_log(url: str, *, create: bool = True) -> EventLog:
         if not parsed.netloc:
             raise LogError(f"log URL {url!r}: missing host:port (kafka://host:port)")
         prefix = parse_qs(parsed.query).get("prefix", [""])[0]
-        return KafkaLog(parsed.netloc, topic_prefix=prefix)
+        from smc.events._kafka_security import kafka_options
+
+        config, kept = kafka_options(parsed.query)
+        return KafkaLog(parsed.netloc, topic_prefix=prefix, config=config or None, url_options=kept)
     raise LogError(f"log URL {url!r}: unknown scheme; use sqlite:///path or kafka://host:port")

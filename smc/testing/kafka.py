@@ -184,7 +184,15 @@ class KafkaBroker:
         keep_data: bool = False,
         libs_dir: Path | None = None,
         extra_properties: Mapping[str, str] | None = None,
+        sasl_users: Mapping[str, str] | None = None,
     ) -> None:
+        """``sasl_users`` (name -> password): the client listener takes SASL/SCRAM-SHA-512
+        only, those users exist from the start, the StandardAuthorizer is on and ``admin``
+        (which must be one of them) is the only super user: without an ACL nobody else may
+        do anything."""
+        if sasl_users is not None and "admin" not in sasl_users:
+            raise KafkaHarnessError("sasl_users needs an 'admin' user (the super user)")
+        self.sasl_users = dict(sasl_users) if sasl_users is not None else None
         self._heap = heap
         self._startup_timeout = startup_timeout
         self._stop_timeout = stop_timeout
@@ -229,6 +237,17 @@ class KafkaBroker:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def client_config(self, user: str = "admin") -> dict[str, str]:
+        """librdkafka settings to connect as ``user`` (empty without SASL)."""
+        if self.sasl_users is None:
+            return {}
+        return {
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": user,
+            "sasl.password": self.sasl_users[user],
+        }
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -289,7 +308,10 @@ class KafkaBroker:
         if definitions_path is not None:
             definitions = load_definitions(definitions_path)
         return ensure_topics(
-            bootstrap=self.bootstrap, definitions=definitions, replication_factor=1
+            bootstrap=self.bootstrap,
+            definitions=definitions,
+            replication_factor=1,
+            config=self.client_config(),
         )
 
     def __enter__(self) -> KafkaBroker:
@@ -340,6 +362,27 @@ class KafkaBroker:
             "num.recovery.threads.per.data.dir": "1",
             "log.retention.hours": "-1",
         }
+        if self.sasl_users is not None:
+            admin = self.sasl_users["admin"]
+            props.update(
+                {
+                    "listener.security.protocol.map": (
+                        "CONTROLLER:PLAINTEXT,PLAINTEXT:SASL_PLAINTEXT"
+                    ),
+                    "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                    "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+                    "listener.name.plaintext.scram-sha-512.sasl.jaas.config": (
+                        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                        f'username="admin" password="{admin}";'
+                    ),
+                    "authorizer.class.name": (
+                        "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+                    ),
+                    # the controller listener (this JVM talking to itself) is PLAINTEXT
+                    "super.users": "User:admin;User:ANONYMOUS",
+                    "allow.everyone.if.no.acl.found": "false",
+                }
+            )
         props.update(self._extra)
         text = "".join(f"{k}={v}\n" for k, v in props.items())
         (wd / "server.properties").write_text(text, encoding="utf-8")
@@ -374,6 +417,8 @@ class KafkaBroker:
             str(wd / "server.properties"),
             "--standalone",
         ]
+        for user, password in (self.sasl_users or {}).items():
+            cmd += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise KafkaHarnessError(
@@ -418,7 +463,7 @@ class KafkaBroker:
             if time.monotonic() > deadline:
                 raise self._startup_error("the PLAINTEXT listener never accepted connections")
             time.sleep(0.05)
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, **self.client_config()})
         last: str = "no answer"
         while True:
             self._check_alive(proc)
