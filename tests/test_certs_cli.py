@@ -4,6 +4,8 @@ dir and a real OpenBao dev server."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import stat
 from collections.abc import Iterator
 from datetime import timedelta
@@ -157,7 +159,8 @@ def test_rotate_with_local_issuer(
     assert res.exit_code == 0, res.output
     (ren,) = events_of(path, CertificateRenewed)
     assert ren.previous_serial == issued[CART].serial and ren.identity == CART
-    assert ren.envelope.actor == "alice" and ren.serial != issued[CART].serial
+    me = f"unix:{pwd.getpwuid(os.getuid()).pw_name}"  # the operator, who acted as alice
+    assert ren.envelope.actor == f"{me} as alice" and ren.serial != issued[CART].serial
     certs = certs_of(path)
     assert certs.current[CART] == ren.serial
     assert certs.certs[CART][issued[CART].serial].status == "superseded"

@@ -3,8 +3,8 @@
 Role: ``list`` and ``show`` rebuild the certificate projection from the log (no issuer
 needed). ``rotate`` and ``revoke`` act at the issuer named by ``--ca`` (``local:DIR`` or
 ``vault:URL``; Vault token from ``VAULT_TOKEN``/``BAO_TOKEN`` or ``--vault-token-file``)
-and append ``CertificateRenewed`` / ``CertificateRevoked`` with the actor (``--as``,
-default ``$USER``). ``rotate`` writes the new key only to ``--keys DIR`` (the key
+and append ``CertificateRenewed`` / ``CertificateRevoked`` with the operator as actor
+(``unix:LOGIN``, ``unix:LOGIN as NAME`` with ``--as``). ``rotate`` writes the new key only to ``--keys DIR`` (the key
 directory ``smc serve`` uses), never to the log; without it the running control plane,
 which then holds no key for the new certificate, renews it once more with its own key.
 :func:`ca_options` is the set of issuer options, reusable by ``smc serve``.
@@ -13,7 +13,6 @@ Concurrency: one command per process, on the main thread.
 
 from __future__ import annotations
 
-import getpass
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -140,12 +139,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def _actor(given: str | None) -> str:
-    if given:
-        return given
-    try:
-        return getpass.getuser() or "unknown"
-    except (KeyError, OSError):
-        return "unknown"
+    """The operator writing to the log directly (``unix:LOGIN``; ``unix:LOGIN as NAME``)."""
+    from smc.cli._client import operator_actor
+
+    return operator_actor(given)
 
 
 def _rebuild(log: EventLog) -> tuple[RegistryProjection, PolicyProjection, CertsProjection]:
@@ -299,7 +296,7 @@ def show_cmd(ctx: click.Context, identity_or_serial: str, output: str) -> None:
 @click.argument("identity")
 @ca_options
 @keys_option
-@click.option("--as", "actor", default=None, help="Actor recorded on the event ($USER).")
+@click.option("--as", "actor", default=None, help="Act as NAME (recorded as 'unix:LOGIN as NAME').")
 @click.pass_context
 def rotate_cmd(
     ctx: click.Context,
@@ -357,7 +354,7 @@ def rotate_cmd(
 @click.argument("serial")
 @click.option("--reason", default="revoked by operator", show_default=True)
 @ca_options
-@click.option("--as", "actor", default=None, help="Actor recorded on the event ($USER).")
+@click.option("--as", "actor", default=None, help="Act as NAME (recorded as 'unix:LOGIN as NAME').")
 @click.pass_context
 def revoke_cmd(
     ctx: click.Context,
