@@ -37,6 +37,8 @@ except ImportError:  # run from a checkout without the package installed
         load_definitions,
         parse_definitions,
     )
+from smc.events import LogError  # noqa: E402 (after the path fallback above)
+from smc.events._kafka_security import read_properties  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per admin request")
     parser.add_argument(
+        "--command-config",
+        type=Path,
+        default=None,
+        help="key=value client properties (librdkafka names) of an admin principal, for "
+        "SASL/SSL clusters",
+    )
+    parser.add_argument(
         "--print-defaults",
         action="store_true",
         help="print the built-in definitions as JSON (this is how topics.json is made) and exit",
@@ -71,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         definitions = load_definitions(args.definitions)
         names = [s.name for s in parse_definitions(definitions, source=str(args.definitions))]
+        config = read_properties(str(args.command_config)) if args.command_config else {}
         created = ensure_topics(
             bootstrap=args.bootstrap,
             definitions=definitions,
             replication_factor=args.replication_factor,
             timeout=args.timeout,
+            config=config,
         )
-    except TopicSetupError as exc:
+    except (TopicSetupError, LogError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for name in names:

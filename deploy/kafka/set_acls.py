@@ -17,8 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from smc.events import LogError
+try:
+    from smc.events import LogError
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from smc.events import LogError
 from smc.events._kafka_security import apply_acls, read_properties
 
 
