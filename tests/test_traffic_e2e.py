@@ -689,6 +689,20 @@ async def test_access_logs_tracing_and_stats(mesh: Mesh, jaeger: Jaeger) -> None
     )
     assert 'smc_namespace="traffic"' in line and 'smc_workload="client-1"' in line
     assert float(line.rsplit(" ", 1)[1]) >= 2
+    # Text access logs in the configured format, to the same file.
+    text_log = mesh.workdir / "access-text.log"
+    await mesh.apply(
+        mesh_config(permissive=mesh.cp.controller.view.permissive, access_log=text_log).replace(
+            "format: json", 'format: text, textFormat: "SMC %REQ(:PATH)% %RESPONSE_CODE%"'
+        )
+    )
+    marker = uuid.uuid4().hex[:8]
+    assert await mesh.status("client-1", f"/text-{marker}") == 200
+
+    async def text_logged() -> bool:
+        return text_log.exists() and f"SMC /text-{marker} 200" in text_log.read_text()
+
+    await until("text access log line", text_logged)
     # Back to the fixture's config: tracing off, no collector cluster any more.
     await mesh.apply(
         mesh_config(
