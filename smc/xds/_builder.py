@@ -64,7 +64,9 @@ Built entries are immutable and interned, so proxies of one identity share them.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -1050,11 +1052,26 @@ def _listener(
     filters = list(listener_filters or ())
     if default is not None:
         spec["default_filter_chain"] = default
-    if default is not None:
         filters.insert(0, _ORIGINAL_DST_FILTER)
     if filters:
         spec["listener_filters"] = filters
-    return make_entry(_parse(spec, listener_pb2.Listener()), type_url=LISTENER)
+    # Listeners are per proxy and mostly unchanged between builds: converting the JSON form to
+    # protobuf is most of their cost (access-log formats, tracing), so an identical JSON form
+    # reuses its entry (a bounded memo; entries are immutable; builds run on one thread).
+    key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    found = _LISTENER_MEMO.get(key)
+    if found is not None:
+        _LISTENER_MEMO.move_to_end(key)
+        return found
+    made = make_entry(_parse(spec, listener_pb2.Listener()), type_url=LISTENER)
+    _LISTENER_MEMO[key] = made
+    if len(_LISTENER_MEMO) > _LISTENER_MEMO_MAX:
+        _LISTENER_MEMO.popitem(last=False)
+    return made
+
+
+_LISTENER_MEMO: OrderedDict[str, ResourceEntry] = OrderedDict()
+_LISTENER_MEMO_MAX = 20_000
 
 
 def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
