@@ -54,6 +54,9 @@ class PolicyView:
         self.policy = policy
         self._generation = -1
         self._policy_set: Policy | None = None
+        # workloads_of_service answers, valid for one registry generation.
+        self._svc_workloads: dict[str, tuple[Workload, ...]] = {}
+        self._svc_generation = -1
 
     # -- the evaluated policy set -----------------------------------------------------------
     @property
@@ -115,7 +118,18 @@ class PolicyView:
         return f"{ns}/{rest}"
 
     def workloads_of_service(self, service: str) -> tuple[Workload, ...]:
-        """Workloads backing service ``ns/name`` (see the module docstring), sorted."""
+        """Workloads backing service ``ns/name`` (see the module docstring), sorted. A scan of
+        the registry, memoised until the registry changes (``registry.generation``): many
+        proxies connecting at once ask it for every service they reach."""
+        if self._svc_generation != self.registry.generation:
+            self._svc_workloads.clear()
+            self._svc_generation = self.registry.generation
+        found = self._svc_workloads.get(service)
+        if found is None:
+            found = self._svc_workloads[service] = self._scan_workloads_of(service)
+        return found
+
+    def _scan_workloads_of(self, service: str) -> tuple[Workload, ...]:
         svc = self._service(service)
         if svc is None:
             return ()

@@ -93,6 +93,10 @@ class RegistryProjection:
         self.service_accounts: set[tuple[str, str]] = set()
         #: VirtualMachineGroup instances and provider status (see :mod:`._vmgroups`).
         self.vm_groups = VmGroups()
+        #: Bumped by every applied event and restore (readers memoise derived views on it).
+        self.generation = 0
+        self._endpoints_memo: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
+        self._endpoints_generation = -1
         self._handlers: dict[type, Callable[[Any], None]] = {
             ServiceUpserted: self._service_upserted,
             ServiceRemoved: self._service_removed,
@@ -109,6 +113,7 @@ class RegistryProjection:
     def apply(self, event: Event) -> None:
         handler = self._handlers.get(type(event))
         if handler is not None:
+            self.generation += 1
             handler(event)
 
     def _service_upserted(self, e: ServiceUpserted) -> None:
@@ -166,7 +171,18 @@ class RegistryProjection:
                 yield w
 
     def endpoints_of(self, namespace: str, name: str) -> tuple[Endpoint, ...]:
-        """Explicit endpoints (EndpointSlices, API) plus VM workloads matching the selector."""
+        """Explicit endpoints (EndpointSlices, API) plus VM workloads matching the selector.
+        A scan of the workloads, memoised until the next applied event (:attr:`generation`):
+        proxies built together ask it for every service they reach."""
+        if self._endpoints_generation != self.generation:
+            self._endpoints_memo.clear()
+            self._endpoints_generation = self.generation
+        found = self._endpoints_memo.get((namespace, name))
+        if found is None:
+            found = self._endpoints_memo[(namespace, name)] = self._scan_endpoints(namespace, name)
+        return found
+
+    def _scan_endpoints(self, namespace: str, name: str) -> tuple[Endpoint, ...]:
         out = list(self.endpoints.get((namespace, name), ()))
         svc = self.services.get((namespace, name))
         if svc is not None:
@@ -271,6 +287,7 @@ class RegistryProjection:
             sas.add((ns, n))
         self.services, self.endpoints, self.workloads = services, endpoints, workloads
         self.service_accounts = sas
+        self.generation += 1
         self.vm_groups.restore(data.get("vm_groups", {}))
 
 

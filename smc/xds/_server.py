@@ -146,7 +146,7 @@ _NAME_SETS_KEPT = 4096  # distinct SotW subscriptions shared between streams
 # How many new streams gRPC core may hold before the server's loop picks them up, and for how
 # long (its defaults, 1,000 / 3,000 and 30 s, cancel streams in a connect storm).
 _MAX_PENDING_STREAMS = 1_000_000
-_MAX_PENDING_SECONDS = 600
+_MAX_PENDING_SECONDS = 86_400  # no time limit in practice: a stream waits, never cancelled
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
