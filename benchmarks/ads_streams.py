@@ -12,7 +12,11 @@ RSS and CPU are measured alone; the parent drives it over a pipe and runs all cl
 one asyncio loop over a few channels.
 
 Usage: python benchmarks/ads_streams.py [--streams 1000] [--services 1000] [--endpoints 10]
-       [--changes 5] [--mode sotw|delta|both] [--out benchmarks/results/ads_streams.json]
+       [--changes 5] [--mode sotw|delta|both] [--traffic-policy]
+       [--out benchmarks/results/ads_streams.json]
+``--traffic-policy``: every cluster carries an UpstreamTrafficSetting's circuit breakers and
+outlier detection, every route a Retry's retry policy, every listener the JSON access log and
+Zipkin tracing, plus the tracing cluster (as SMC's builder makes them, smc.xds._traffic).
 """
 
 from __future__ import annotations
@@ -57,13 +61,21 @@ def _cluster(name: str) -> Any:
 
     return json_format.ParseDict(
         {
+            **_cluster_extra(),
             "name": name,
             "type": "EDS",
-            "connect_timeout": "1s",
             "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
         },
         cluster_pb2.Cluster(),
     )
+
+
+def _cluster_extra() -> dict[str, Any]:
+    if not _TRAFFIC:
+        return {"connect_timeout": "1s"}
+    from smc.xds._traffic import cluster_settings
+
+    return cluster_settings(_traffic_policy()[1])
 
 
 def _cla(name: str, index: int, endpoints: int, extra: int = 0) -> Any:
@@ -88,6 +100,19 @@ def _cla(name: str, index: int, endpoints: int, extra: int = 0) -> Any:
     )
 
 
+def _retry() -> dict[str, Any]:
+    if not _TRAFFIC:
+        return {}
+    return {
+        "retry_policy": {
+            "retry_on": "5xx",
+            "num_retries": 3,
+            "per_try_timeout": "1s",
+            "retry_back_off": {"base_interval": "0.010s"},
+        }
+    }
+
+
 def _route(services: list[str]) -> Any:
     from envoy.config.route.v3 import route_pb2
 
@@ -98,7 +123,7 @@ def _route(services: list[str]) -> Any:
                 {
                     "name": s,
                     "domains": [f"{s}.mesh.local"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": s}}],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": s, **_retry()}}],
                 }
                 for s in services
             ],
@@ -114,37 +139,35 @@ def _listener(node: str) -> Any:
         http_connection_manager_pb2,
     )
 
+    hcm: dict[str, Any] = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+            "http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": node,
+            "rds": {
+                "route_config_name": "outbound",
+                "config_source": {"ads": {}, "resource_api_version": "V3"},
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                    },
+                }
+            ],
+        },
+    }
+    if _TRAFFIC:
+        from smc.xds._traffic import observe_hcm
+
+        hcm = observe_hcm(_traffic_policy()[0], hcm, node=node, direction="outbound")
     return json_format.ParseDict(
         {
             "name": "outbound",
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
-            "filter_chains": [
-                {
-                    "filters": [
-                        {
-                            "name": "envoy.filters.network.http_connection_manager",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                "http_connection_manager.v3.HttpConnectionManager",
-                                "stat_prefix": node,
-                                "rds": {
-                                    "route_config_name": "outbound",
-                                    "config_source": {"ads": {}, "resource_api_version": "V3"},
-                                },
-                                "http_filters": [
-                                    {
-                                        "name": "envoy.filters.http.router",
-                                        "typed_config": {
-                                            "@type": "type.googleapis.com/"
-                                            "envoy.extensions.filters.http.router.v3.Router"
-                                        },
-                                    }
-                                ],
-                            },
-                        }
-                    ]
-                }
-            ],
+            "filter_chains": [{"filters": [hcm]}],
         },
         listener_pb2.Listener(),
     )
@@ -169,7 +192,51 @@ def _cpu() -> float:
 _PROFILE: Any = None  # cProfile.Profile while profiling
 
 
-def _server_main(conn: Connection, streams: int, services: int, endpoints: int) -> None:
+#: Set in the server process by ``--traffic-policy`` (see the module docstring).
+_TRAFFIC = False
+
+
+def _traffic_policy() -> Any:
+    from smc.smi import parse_manifest
+    from smc.xds._traffic import Observability, TrafficPolicy
+
+    uts = parse_manifest(
+        {
+            "apiVersion": "policy.openservicemesh.io/v1alpha1",
+            "kind": "UpstreamTrafficSetting",
+            "metadata": {"name": "bench", "namespace": "bench"},
+            "spec": {
+                "host": "svc",
+                "connectionSettings": {
+                    "tcp": {"maxConnections": 100, "connectTimeout": "2s"},
+                    "http": {"maxPendingRequests": 50, "maxRequests": 100, "maxRetries": 10},
+                },
+                "outlierDetection": {"consecutive5xxErrors": 5, "baseEjectionTime": "10s"},
+            },
+        },
+        document="bench",
+    )
+    tp = TrafficPolicy(
+        observability=Observability(
+            access_log={"enabled": True, "format": "json", "path": "/dev/stdout"},
+            tracing={
+                "enabled": True,
+                "provider": "zipkin",
+                "address": "127.0.0.1",
+                "port": 9411,
+                "endpoint": "/api/v2/spans",
+                "sampling": 1.0,
+            },
+        )
+    )
+    return tp, uts
+
+
+def _server_main(
+    conn: Connection, streams: int, services: int, endpoints: int, traffic: bool = False
+) -> None:
+    global _TRAFFIC
+    _TRAFFIC = traffic
     # SMC_BENCH_PROFILE=PATH: write the server's cProfile stats there; from the first change
     # only (the connect storm left out) when SMC_BENCH_PROFILE_CHANGES is set too.
     global _PROFILE
@@ -197,6 +264,13 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
     for i, n in enumerate(names):
         shared.append(make_entry(_cluster(n)))
         shared.append(make_entry(_cla(n, i, endpoints)))
+    if _TRAFFIC:
+        from smc.xds._traffic import tracing_cluster
+
+        tp, _ = _traffic_policy()
+        tracer = tracing_cluster(tp)
+        assert tracer is not None
+        shared.append(tracer)
     base = Snapshot.from_entries(shared)
     cache = SnapshotCache()
     nodes = [f"node-{n}" for n in range(streams)]
@@ -341,7 +415,8 @@ class _Client:
 async def _run_mode(args: argparse.Namespace, delta: bool) -> dict[str, Any]:
     parent, child = mp.Pipe()
     proc = mp.get_context("spawn").Process(
-        target=_server_main, args=(child, args.streams, args.services, args.endpoints)
+        target=_server_main,
+        args=(child, args.streams, args.services, args.endpoints, args.traffic_policy),
     )
     proc.start()
     info = await asyncio.to_thread(parent.recv)
@@ -426,6 +501,11 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=5)
     parser.add_argument("--channels", type=int, default=10)
     parser.add_argument("--mode", choices=["sotw", "delta", "both"], default="both")
+    parser.add_argument(
+        "--traffic-policy",
+        action="store_true",
+        help="traffic settings, retries, access logs and tracing in every resource",
+    )
     parser.add_argument("--out", default="benchmarks/results/ads_streams.json")
     args = parser.parse_args()
     results = []
