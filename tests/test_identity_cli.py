@@ -14,11 +14,15 @@ from smc.cli import cli
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--workload-keys", "agent"], "--ca-listen"),
-        (["--xds-plaintext"], "plaintext ADS never carries keys"),
+        (["--workload-keys", "agent", "--ca-listen", "off"], "--ca-listen"),
         (["--xds-plaintext", "--workload-keys", "control-plane"], "never carries keys"),
         (["--ca-listen", "nope", "--workload-keys", "agent"], "--ca-listen"),
-        (["--ca-listen", "127.0.0.1:1", "--ca", "follow", "--keys", "k"], "cannot sign"),
+        (
+            ["--ca-listen", "127.0.0.1:1", "--ca", "follow", "--keys", "k", "--xds-plaintext"],
+            "cannot sign",
+        ),
+        # a follower with agents serves ADS over mTLS too: it needs the issuer's certificate
+        (["--ca", "follow", "--keys", "k"], "--xds-cert"),
     ],
 )
 def test_serve_refuses_unsafe_identity_options(

@@ -517,6 +517,8 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
         f"127.0.0.1:{xds_port}",
         "--ca",
         f"local:{tmp_path / 'ca'}",
+        "--workload-keys",
+        "control-plane",
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )

@@ -671,6 +671,8 @@ async def _start_serve(tmp_path: Path, http_port: int, xds_port: int) -> asyncio
         f"local:{tmp_path / 'ca'}",
         "--keys",
         str(tmp_path / "keys"),
+        "--workload-keys",
+        "control-plane",
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )

@@ -167,6 +167,8 @@ class Replica:
             self.ca,
             "--keys",
             str(self.keys),
+            "--workload-keys",
+            "control-plane",
         ]
         with open(self.out, "ab") as out:
             self.proc = subprocess.Popen(

@@ -803,11 +803,12 @@ async def _serve(
 )
 @click.option(
     "--ca-listen",
-    default="off",
+    default="auto",
     show_default=True,
     help="HOST:PORT of the certificate service SMC agents send CSRs to (gRPC over TLS; "
     "the server certificate is issued for HOST, 127.0.0.1, localhost and every --xds-san, or "
-    "read from --xds-cert/--xds-key); 'off' disables it.",
+    "read from --xds-cert/--xds-key); 'auto': the --xds host, port + 2 (15012 by default) "
+    "with --workload-keys agent on the issuing replica, else off; 'off' disables it.",
 )
 @click.option(
     "--token-audience",
@@ -825,7 +826,7 @@ async def _serve(
 @click.option(
     "--workload-keys",
     type=click.Choice(["agent", "control-plane"]),
-    default="control-plane",
+    default="agent",
     show_default=True,
     help="Who makes workload keys: 'agent' (an SMC agent beside each proxy makes its key and "
     "serves it over local SDS; the control plane serves roots and CRLs only; ADS is then "
@@ -907,6 +908,12 @@ def serve(
         )
     tls_opts: _XdsTLSOptions | None = None
     agent_keys = workload_keys == "agent"
+    if ca_listen == "auto":
+        ca_listen = (
+            f"{xds[0]}:{xds[1] + 2}"
+            if agent_keys and xds is not None and not follow and 0 < xds[1] < 65534
+            else "off"
+        )
     if agent_keys and xds is not None and not xds_plaintext:
         xds_tls = True  # agents: ADS is mTLS unless --xds-plaintext says otherwise
     if xds_plaintext and xds_tls and not agent_keys:

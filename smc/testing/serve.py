@@ -151,6 +151,9 @@ class ServeProcess:
                 str(tmp / "keys"),
             ]
         )
+        # the control plane's own per-identity keys unless the test says otherwise (the tests
+        # of agents and mTLS ADS pass --workload-keys agent)
+        mode = [] if "--workload-keys" in args else ["--workload-keys", "control-plane"]
         argv = [
             sys.executable,
             "-m",
@@ -161,6 +164,7 @@ class ServeProcess:
             "--http",
             f"127.0.0.1:{self.http_port}",
             *own,
+            *mode,
             *args,
         ]
         with self.out.open("wb") as out:
