@@ -192,3 +192,26 @@ def test_replay_cli_reports_skipped_records(creds: dict[str, Path], tmp_path: Pa
         "not-entitled",
         "unsigned",
     ]
+
+
+@pytest.mark.kafka
+def test_kafka_checkpoint_heads_are_proved(kafka_log: Any, creds: dict[str, Path]) -> None:
+    """On Kafka (writer-session chains) too: a checkpoint's heads are proved against the seals
+    on the broker, and an edited head is refused."""
+    op = Signer.from_dir(creds["operator"])
+    kafka_log.append([service(i) for i in range(12)], signer=op)
+    r = rebuild(kafka_log, creds)
+    cp = r.checkpoint()
+    assert cp.integrity is not None and cp.integrity["wheads"]
+    kafka_log.append([service(i) for i in range(12, 20)], signer=op)
+    r2 = ProjectionRunner(log=kafka_log, projections=all_projections(), verifier=verifier(creds))
+    r2.restore(cp)
+    r2.catch_up()
+    assert r2.digests() == rebuild(kafka_log, creds).digests()
+    bad = json.loads(json.dumps(cp.to_json()))
+    key = next(iter(bad["integrity"]["wheads"]))
+    _, _, at = bad["integrity"]["wheads"][key].partition("@")
+    bad["integrity"]["wheads"][key] = "11" * 32 + "@" + at
+    r3 = ProjectionRunner(log=kafka_log, projections=all_projections(), verifier=verifier(creds))
+    with pytest.raises(CheckpointError, match="not the one sealed"):
+        r3.restore(type(cp).from_json(bad))
