@@ -48,6 +48,13 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
         ["--events", "200000", "--backends", "sqlite,kafka"],
         (3600, 600),
     ),
+    "time_travel": (
+        "time_travel.py",
+        "--out",
+        ["--events", "1000000", "--every", "100000", "--queries", "5"],
+        ["--events", "100000", "--every", "10000", "--queries", "3"],
+        (3600, 900),
+    ),
     "kafka_raw": (
         "kafka_raw.py",
         "--output",
@@ -754,8 +761,20 @@ def figures_sovereign(r: dict[str, Any]) -> list[Figure]:
     return out
 
 
+def figures_time_travel(r: dict[str, Any]) -> list[Figure]:
+    b = "time_travel"
+    n = r.get("events") or 0
+    return [
+        _target(b, f"--at on a {n:,}-event log from checkpoints, slowest of "
+                   f"{len(r.get('at_seconds') or [])}", r.get("at_max_seconds"), "s", below=5.0,
+                shown="< 5 s"),
+        _info(b, "the same --at replayed from zero", r.get("at_from_zero_seconds"), "s"),
+    ]  # fmt: skip
+
+
 EXTRACT: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "replay": figures_replay,
+    "time_travel": figures_time_travel,
     "kafka_raw": figures_kafka_raw,
     "api_writes": figures_api_writes,
     "certs": figures_certs,
