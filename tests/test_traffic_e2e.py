@@ -593,7 +593,31 @@ spec:
     # In strict mode only the named principal gets in; permissive mode admits any mesh cert.
     expected = 200 if mesh.cp.controller.view.permissive else 403
     assert await tls_with(rogue) == expected
-    await mesh.apply(https, delete=True)
+    # skipClientCertValidation: TLS without a client certificate, from the listed range only.
+    skip = policy.replace(
+        "protocol: http}}]",
+        "protocol: https}, tls: {skipClientCertValidation: true}}]",
+    )
+    await mesh.apply(skip)
+    anonymous = ssl.create_default_context(cadata=roots)
+    anonymous.check_hostname = False
+
+    async def tls_from(source_ip: str) -> int | None:
+        conn = aiohttp.TCPConnector(force_close=True, ssl=anonymous, local_addr=(source_ip, 0))
+        async with aiohttp.ClientSession(connector=conn) as s:
+            try:
+                async with s.get(https_url, timeout=aiohttp.ClientTimeout(total=3)) as r:
+                    return r.status
+            except aiohttp.ClientError:
+                return None
+
+    async def anonymous_admitted() -> bool:
+        return await tls_from(ingress_ip) == 200
+
+    await until("TLS ingress without client certificate", anonymous_admitted)
+    assert await tls_from(stranger_ip) is None  # the mTLS chain: no certificate, no handshake
+    assert await mesh.status("client-1", "/") == 200
+    await mesh.apply(skip, delete=True)
     mesh.assert_no_nacks()
 
 

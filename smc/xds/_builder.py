@@ -109,7 +109,7 @@ from smc.xds._traffic import (
     inbound_http_filters,
     inbound_routes,
     inbound_tcp_filters,
-    ingress_http_chain,
+    ingress_chains,
     ingress_of,
     ingress_rbac_policies,
     observe_hcm,
@@ -512,7 +512,7 @@ class BuildPass:
                 out.append(self._inbound_route(port, grants, services=svcs, ingress=ingress))
             chain = self._inbound_chain(port, grants, http_filter=flt, services=svcs, node=node)
             extra = (
-                ingress_http_chain(
+                ingress_chains(
                     self.traffic,
                     ingress,
                     self._endpoint_triples(),
@@ -521,22 +521,22 @@ class BuildPass:
                     node=node,
                 )
                 if ingress and ports[port] == "http"
-                else None
+                else []
             )
             match: dict[str, Any] = {"transport_protocol": "tls"} if extra else {}
             if transparent:
                 match["destination_port"] = port
                 chains.append({"name": name, "filter_chain_match": match} | chain)
-                if extra is not None:
-                    extra["filter_chain_match"]["destination_port"] = port
-                    chains.append(extra)
+                for x in extra:
+                    x["filter_chain_match"]["destination_port"] = port
+                    chains.append(x)
                     inspect = True
-            elif extra is not None:
+            elif extra:
                 out.append(
                     _listener(
                         name,
                         _sockaddr(address, port),
-                        [{"filter_chain_match": match} | chain, extra],
+                        [{"filter_chain_match": match} | chain, *extra],
                         listener_filters=[TLS_INSPECTOR_FILTER],
                     )
                 )

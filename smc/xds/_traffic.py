@@ -133,6 +133,7 @@ _HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpCon
 _ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
 _TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _NET_RBAC = _T + "envoy.extensions.filters.network.rbac.v3.RBAC"
+_DOWNSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 HTTP_LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 #: Key of :func:`inbound_routes`' second result holding the virtual host's ``rate_limits``.
 VHOST_RATE_LIMITS = "rate_limits"
@@ -1017,6 +1018,63 @@ def ingress_rbac_policies(
     return out
 
 
+def ingress_chains(
+    tp: TrafficPolicy,
+    ingress: Sequence[tuple[IngressBackendPolicy, IngressBackendTarget]],
+    endpoints: Iterable[tuple[str, str, str]],
+    *,
+    port: int,
+    cluster: str,
+    node: str,
+) -> list[dict[str, Any]]:
+    """The ingress chains of a port besides its mTLS chain: plaintext for ``http`` backends
+    and, for ``https`` backends with ``tls.skipClientCertValidation``, TLS without a client
+    certificate from the listed address ranges (and SNI hosts); both with RBAC by address."""
+    eps = list(endpoints)
+    out: list[dict[str, Any]] = []
+    plain = ingress_http_chain(tp, ingress, eps, port=port, cluster=cluster, node=node)
+    if plain is not None:
+        out.append(plain)
+    ranges: list[str] = []
+    sni: set[str] = set()
+    for pol, backend in ingress:
+        if backend.protocol == "https" and backend.skip_client_cert_validation:
+            ranges.extend(ingress_ranges(pol, eps))
+            sni.update(backend.sni_hosts)
+    if not ranges:
+        return out
+    chain = _ingress_hcm_chain(
+        tp, sorted(set(ranges)), port=port, cluster=cluster, node=node, name=f"ingress-tls|{port}"
+    )
+    match: dict[str, Any] = {
+        "transport_protocol": "tls",
+        "source_prefix_ranges": [
+            {
+                "address_prefix": str(ipaddress.ip_network(c).network_address),
+                "prefix_len": ipaddress.ip_network(c).prefixlen,
+            }
+            for c in sorted(set(ranges))
+        ],
+    }
+    if sni:
+        match["server_names"] = sorted(sni)
+    chain["filter_chain_match"] = match
+    chain["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _DOWNSTREAM_TLS,
+            "require_client_certificate": False,
+            "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [
+                    {"name": "default", "sds_config": {"ads": {}, "resource_api_version": "V3"}}
+                ]
+            },
+        },
+    }
+    out.append(chain)
+    return out
+
+
 def ingress_http_chain(
     tp: TrafficPolicy,
     ingress: Sequence[tuple[IngressBackendPolicy, IngressBackendTarget]],
@@ -1034,6 +1092,17 @@ def ingress_http_chain(
             ranges.extend(ingress_ranges(pol, eps))
     if not any(b.protocol == "http" for _, b in ingress):
         return None
+    chain = _ingress_hcm_chain(
+        tp, sorted(set(ranges)), port=port, cluster=cluster, node=node, name=f"ingress|{port}"
+    )
+    chain["filter_chain_match"] = {"transport_protocol": "raw_buffer"}
+    return chain
+
+
+def _ingress_hcm_chain(
+    tp: TrafficPolicy, ranges: list[str], *, port: int, cluster: str, node: str, name: str
+) -> dict[str, Any]:
+    """A chain whose HTTP connection manager lets only ``ranges`` reach the app."""
     policies: dict[str, Any] = {}
     if ranges:
         policies["ingress"] = {
@@ -1072,8 +1141,4 @@ def ingress_http_chain(
             ],
         },
     }
-    return {
-        "name": f"ingress|{port}",
-        "filter_chain_match": {"transport_protocol": "raw_buffer"},
-        "filters": [observe_hcm(tp, hcm, node=node, direction="ingress")],
-    }
+    return {"name": name, "filters": [observe_hcm(tp, hcm, node=node, direction="ingress")]}
