@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from smc.agent import Agent, AgentConfig, CertificateClient, SigningRefused, SignRequest
+from smc.auth import TokenReviewer
 from smc.ca import verify_certificate
 from smc.events import ProxyCertificateRevoked, deterministic_id, make_event
-from smc.identity import TokenReviewer
 from smc.informers import KubeEndpoint
 from smc.projections import CertsProjection
 from smc.testing.kube import KubeAPIServer, kube_apiserver_fixture
@@ -129,7 +129,7 @@ async def cp(kube: KubeAPIServer, tmp_path_factory: Any) -> AsyncIterator[Contro
     for sa in ("web", "gone"):
         api(kube, "POST", f"/api/v1/namespaces/{NS}/serviceaccounts", {"metadata": {"name": sa}})
     endpoint = KubeEndpoint(host=kube.host, token=kube.token, ca_file=str(kube.ca_path))
-    reviewer = TokenReviewer(endpoint=endpoint, audience=AUDIENCE)
+    reviewer = TokenReviewer(endpoint, audiences=(AUDIENCE,))
     plane = ControlPlane(
         workdir=tmp_path_factory.mktemp("agent-kube"), agents=True, reviewer=reviewer
     )
@@ -247,7 +247,10 @@ async def test_forged_and_stolen_tokens_are_refused_and_counted(
         assert "proxy-mismatch" in await refused(f"{NS}/web-1", good)
         # the real pod gets its certificate; its own retry (same key) is served again...
         first = await client.sign(SignRequest(proxy=f"{NS}/web-2", csr_pem=csr_of(key), token=good))
+        assert cp.reviewer is not None
+        reviews = cp.reviewer.calls
         again = await client.sign(SignRequest(proxy=f"{NS}/web-2", csr_pem=csr_of(key), token=good))
+        assert cp.reviewer.calls == reviews  # the answer for this token is cached
         assert first.serial != again.serial
         # ...but whoever copied the token gets nothing for their own key
         assert "token-replayed" in await refused(f"{NS}/web-2", good, thief)

@@ -21,9 +21,9 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from smc.auth import token_digest
 from smc.cli import cli
 from smc.events import SqliteLog
-from smc.identity import token_digest
 from smc.injector import find_vm, vm_node_id
 from smc.injector._errors import UnknownVirtualMachine
 from smc.projections import CertsProjection, ProjectionRunner, Workload

@@ -28,7 +28,14 @@ from smc.auth._grants import (
     parse_grant,
 )
 from smc.auth._guard import GUARD, PRINCIPAL, PUBLIC_PATHS, Authenticator, Authorizer, Guard
-from smc.auth._kube import API_GROUP, AccessReviewer, TokenReviewer, TTLCache
+from smc.auth._kube import (
+    API_GROUP,
+    AccessReviewer,
+    TokenReviewer,
+    TTLCache,
+    token_digest,
+    token_expiry,
+)
 from smc.auth._local import ADMIN_NAME, TOKEN_PREFIX, ClientCredentials, LocalCredential
 from smc.auth._principal import (
     ADMINS_GROUP,
@@ -89,5 +96,7 @@ __all__ = [
     "resource_of_kind",
     "server_context",
     "server_dir",
+    "token_digest",
+    "token_expiry",
     "write_private",
 ]

@@ -8,7 +8,9 @@ minted for another audience is refused by the apiserver). :class:`AccessReviewer
 the mesh. Both cache answers: a positive token review until the token's own ``exp`` claim or
 ``ttl`` seconds, whichever is first (a deleted service account's token stops working within
 ``ttl``), a negative one for ``negative_ttl``; concurrent identical questions share one
-apiserver call. Cache keys are SHA-256 digests of the token, never the token itself. An
+apiserver call. Cache keys are SHA-256 digests of the token (:func:`token_digest`), never
+the token itself. The principal of a token review carries the answer's ``user.extra`` fields
+(a pod-bound token names its pod there) and the token's expiry. An
 apiserver that does not answer raises :class:`ReviewUnavailable` (refused, never allowed).
 ``calls``/``hits`` count apiserver calls and cache hits (the benchmark reports them).
 Concurrency: coroutines on one asyncio loop; the aiohttp session is made on first use.
@@ -35,7 +37,14 @@ if TYPE_CHECKING:
 
     from smc.informers import KubeEndpoint
 
-__all__ = ["API_GROUP", "AccessReviewer", "TTLCache", "TokenReviewer"]
+__all__ = [
+    "API_GROUP",
+    "AccessReviewer",
+    "TTLCache",
+    "TokenReviewer",
+    "token_digest",
+    "token_expiry",
+]
 
 log = logging.getLogger("smc.auth")
 
@@ -106,7 +115,12 @@ class TTLCache(Generic[V]):
         return value
 
 
-def _token_exp(token: str) -> float | None:
+def token_digest(token: str) -> str:
+    """SHA-256 of a token, hex: how tokens are named in caches, records and logs."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def token_expiry(token: str) -> float | None:
     """The ``exp`` claim of a JWT (unverified: only to bound the cache), else None."""
     parts = token.split(".")
     if len(parts) != 3:
@@ -190,7 +204,7 @@ class TokenReviewer:
 
     async def review(self, token: str, *, audiences: Sequence[str] | None = None) -> Principal:
         auds = self.audiences if audiences is None else tuple(audiences)
-        key = hashlib.sha256(token.encode()).hexdigest() + "|" + ",".join(auds)
+        key = token_digest(token) + "|" + ",".join(auds)
 
         async def load() -> tuple[Principal | str, float]:
             spec: dict[str, Any] = {"token": token}
@@ -213,14 +227,24 @@ class TokenReviewer:
             if not isinstance(name, str) or not name:
                 return "the apiserver named no user for the token", self.negative_ttl
             groups = tuple(str(g) for g in user.get("groups") or () if isinstance(g, str))
+            raw_extra = user.get("extra")
+            extra = tuple(
+                sorted(
+                    (str(k), tuple(str(v) for v in vs))
+                    for k, vs in (raw_extra.items() if isinstance(raw_extra, dict) else ())
+                    if isinstance(vs, list)
+                )
+            )
+            exp = token_expiry(token)
             principal = Principal(
                 name=name,
                 method="tokenreview",
                 groups=(*groups, AUTHENTICATED_GROUP),
                 uid=str(user.get("uid") or ""),
+                extra=extra,
+                expires_at=exp,
             )
             ttl = self.ttl
-            exp = _token_exp(token)
             if exp is not None:
                 ttl = min(ttl, exp - self.wall())
             return principal, ttl

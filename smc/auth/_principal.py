@@ -37,7 +37,10 @@ class Principal:
     name (``system:serviceaccount:NS:SA`` for service-account tokens), ``local:admin`` (the
     local credential) or ``unix:USER`` (an operator writing to the log directly). ``method``
     says how it was proven; ``impersonated_by`` is the real caller when this principal is
-    the target of an impersonation.
+    the target of an impersonation. ``extra`` holds the extra fields of the authenticator's
+    answer as sorted ``(key, values)`` pairs (a TokenReview's ``user.extra``: for a pod-bound
+    service-account token, ``authentication.kubernetes.io/pod-name`` and ``pod-uid``);
+    ``expires_at`` is when the credential stops being valid (epoch seconds), when known.
     """
 
     name: str
@@ -45,6 +48,15 @@ class Principal:
     groups: tuple[str, ...] = ()
     uid: str = ""
     impersonated_by: Principal | None = None
+    extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    expires_at: float | None = None
+
+    def extra_value(self, key: str) -> str:
+        """The first value of the extra field ``key``, or ``""``."""
+        for k, values in self.extra:
+            if k == key:
+                return values[0] if values else ""
+        return ""
 
     @property
     def actor(self) -> str:

@@ -2,7 +2,8 @@
 
 Role: public API of ``smc.identity``. :class:`ProxyCertificateService` signs the CSRs SMC
 agents send (see :mod:`smc.agent`) once the caller proved who it is (a pod's projected
-service-account token checked by :class:`TokenReviewer`, a VM's one-time join token, or the
+service-account token checked by :func:`review_pod_token` with
+:class:`smc.auth.TokenReviewer`, a VM's one-time join token, or the
 proxy's current certificate), and records each certificate per proxy on the log (never a
 key); :class:`CertificateServer` serves it over gRPC + TLS; :class:`ProxyRevoker` revokes a
 proxy's certificate when its pod or VM leaves; :class:`IdentityHook` wires them into
@@ -20,6 +21,7 @@ from smc.identity._groupjoin import (
 )
 from smc.identity._grpc import CertificateServer
 from smc.identity._join import join_token_event
+from smc.identity._podtoken import PodToken, review_pod_token
 from smc.identity._serve import (
     AgentCertSource,
     IdentityHook,
@@ -28,7 +30,6 @@ from smc.identity._serve import (
     run_trust_only,
 )
 from smc.identity._service import ProxyCertificateService, ProxyRevoker, canonical_proxy
-from smc.identity._tokenreview import TokenIdentity, TokenReviewer, token_digest
 
 __all__ = [
     "AgentCertSource",
@@ -37,12 +38,11 @@ __all__ = [
     "IdentityError",
     "IdentityHook",
     "IdentityOptions",
+    "PodToken",
     "ProofRefused",
     "ProxyCertificateService",
     "ProxyRevoker",
     "ServiceNotReady",
-    "TokenIdentity",
-    "TokenReviewer",
     "TrustOnlyController",
     "canonical_proxy",
     "check_group_join",
@@ -50,6 +50,6 @@ __all__ = [
     "join_token_event",
     "join_user_data",
     "parse_user_data",
+    "review_pod_token",
     "run_trust_only",
-    "token_digest",
 ]

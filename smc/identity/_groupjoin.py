@@ -30,10 +30,10 @@ import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from smc.auth import token_digest
 from smc.ca import SpiffeId
 from smc.events import JoinTokenIssued, deterministic_id, make_event
 from smc.identity._errors import ProofRefused
-from smc.identity._tokenreview import token_digest
 from smc.projections import CertsProjection, RegistryProjection
 from smc.projections._certs import JoinToken
 from smc.projections._vmgroups import DRAINING_LABEL, GROUP_LABEL

@@ -13,8 +13,8 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime, timedelta
 
+from smc.auth import token_digest
 from smc.events import JoinTokenIssued, deterministic_id, make_event
-from smc.identity._tokenreview import token_digest
 
 __all__ = ["join_token_event"]
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from smc.auth import TokenReviewer
 from smc.ca import CertificateController, Issuer, KeyStore
 from smc.ca._controller import Plan, plan_certificates
 from smc.ca._csr import CsrSigner
@@ -32,7 +33,6 @@ from smc.events import EventLog
 from smc.identity._errors import IdentityError
 from smc.identity._grpc import CertificateServer
 from smc.identity._service import ProxyCertificateService, ProxyRevoker
-from smc.identity._tokenreview import TokenReviewer
 from smc.informers import KubeEndpoint
 from smc.projections import ProjectionRunner
 from smc.xds._certs import IssuerCache, KeyStoreCertSource, local_issuer_of
@@ -133,7 +133,7 @@ class IdentityHook:
         self.issuers = issuers
         self.certs = certs
         self.reviewer = (
-            TokenReviewer(endpoint=options.kube, audience=options.audience)
+            TokenReviewer(options.kube, audiences=(options.audience,))
             if options.kube is not None
             else None
         )

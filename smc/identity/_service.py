@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from prometheus_client import CollectorRegistry, Counter
 
 from smc.agent._protocol import SignRequest, SignResponse, renewal_message
+from smc.auth import TokenReviewer, token_digest
 from smc.ca import (
     CAError,
     CertificateVerificationError,
@@ -75,7 +76,7 @@ from smc.events import (
 )
 from smc.identity._errors import ProofRefused, ServiceNotReady
 from smc.identity._groupjoin import GROUP_PROOF, GROUP_TOKEN_PREFIX, check_group_join
-from smc.identity._tokenreview import TokenReviewer, token_digest
+from smc.identity._podtoken import check_reviewer, review_pod_token
 from smc.projections import CertsProjection, PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.projections._certs import JoinToken
 from smc.xds._identity import InvalidNodeId, parse_node_id
@@ -174,6 +175,8 @@ class ProxyCertificateService:
         self.runner = runner
         self.log = log
         self.issuer = issuer
+        if reviewer is not None:
+            check_reviewer(reviewer)
         self.reviewer = reviewer
         self.lifetime = lifetime
         self.clock = clock
@@ -238,7 +241,7 @@ class ProxyCertificateService:
                 "this token already got a certificate for another key; renew with the certificate",
             )
         try:
-            who = await self.reviewer.review(req.token)
+            who = await review_pod_token(self.reviewer, req.token)
         except ProofRefused as exc:
             raise self._refuse(exc.kind, exc.reason) from exc
         if not who.pod_name:

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from smc.agent import Agent, AgentConfig, ads_tls_transport_socket, agent_cluster
 from smc.api import ChangeReport, LiveMeshChanges, MeshChanges
+from smc.auth import TokenReviewer
 from smc.ca import CsrSigner, Issuer, KeyStore, LocalIssuer, run_ca
 from smc.events import EventLog, SqliteLog
 from smc.identity import (
@@ -40,7 +41,6 @@ from smc.identity import (
     CertificateServer,
     ProxyCertificateService,
     ProxyRevoker,
-    TokenReviewer,
     join_token_event,
     run_trust_only,
 )
