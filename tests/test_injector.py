@@ -770,6 +770,8 @@ def test_injector_process_registers_its_ca_bundle_and_mutates(
             "--kubeconfig",
             str(kube.kubeconfig_path),
             "--lookup-namespaces",
+            "--credentials",  # the older mode, explicitly (the default is agent)
+            "secret",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -805,7 +807,7 @@ def test_injector_process_registers_its_ca_bundle_and_mutates(
         sock = boot["static_resources"]["clusters"][0]
         assert sock["type"] == "STRICT_DNS"
         assert sock["transport_socket"]["typed_config"]["sni"] == "smc.smc-system.svc"
-        # By default the bootstrap key is in a per-pod Secret, not in the pod spec.
+        # With --credentials secret the bootstrap key is in a per-pod Secret, not the pod spec.
         secret_name = got["metadata"]["annotations"][ANNOTATION_BOOTSTRAP_SECRET]
         volumes = {v["name"]: v for v in got["spec"]["volumes"]}
         assert volumes[BOOTSTRAP_VOLUME]["secret"]["secretName"] == secret_name

@@ -11,16 +11,18 @@ service account, gets nothing secret and makes the CA issue nothing.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import json
 import os
 import ssl
 import subprocess
-import threading
+import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonpatch  # type: ignore[import-untyped]
@@ -39,8 +41,11 @@ from smc.injector import (
     mutate,
     parse_ads_address,
 )
+from smc.injector.__main__ import _parser as injector_parser
 from smc.injector._tls import issue_serving_certificate, server_ssl_context
 from smc.testing.envoy import envoy_binary
+from smc.testing.ports import free_port
+from tests.test_injector import ThreadedWebhook
 
 TD = "cluster.local"
 ENABLED = {"smc.dev/inject": "enabled"}
@@ -139,35 +144,19 @@ def test_agent_patch_holds_no_credential_and_validates_with_envoy(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-class _Hook:
-    def __init__(self, server: WebhookServer) -> None:
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> _Hook:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
 @pytest.fixture
-def hook(issuer: LocalIssuer, config: InjectorConfig) -> Iterator[_Hook]:
+def hook(issuer: LocalIssuer, config: InjectorConfig) -> Iterator[ThreadedWebhook]:
     serving = issue_serving_certificate(issuer, ip_addresses=["127.0.0.1"])
     server = WebhookServer(config=config, credentials=None, ssl_context=server_ssl_context(serving))
-    with _Hook(server) as h:
+    with ThreadedWebhook(server) as h:
         yield h
 
 
-def test_forged_admission_review_gets_nothing_secret(hook: _Hook, issuer: LocalIssuer) -> None:
-    """What an attacker with network access does: curl a review for any namespace/account."""
+def _forge_reviews(port: int, issuer: LocalIssuer) -> list[dict[str, Any]]:
+    """What an attacker with network access does: curl a review for any namespace/account.
+    Checks that each answer holds nothing secret; returns the mutated pods."""
     ctx = ssl.create_default_context(cadata="".join(issuer.trust_bundle()))
+    out = []
     for ns, sa in (("kube-system", "admin"), ("shop", "web"), ("payments", "ledger")):
         body = {
             "apiVersion": "admission.k8s.io/v1",
@@ -182,7 +171,7 @@ def test_forged_admission_review_gets_nothing_secret(hook: _Hook, issuer: LocalI
             },
         }
         req = urllib.request.Request(
-            f"https://127.0.0.1:{hook.server.port}/mutate",
+            f"https://127.0.0.1:{port}/mutate",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
@@ -196,4 +185,68 @@ def test_forged_admission_review_gets_nothing_secret(hook: _Hook, issuer: LocalI
         ]
         assert not any("eyJ" in v for v in values)  # no bearer token (JWT) either
         assert not any("secret" in v for v in mutated["spec"]["volumes"])
+        assert "smc.dev/bootstrap-secret" not in mutated["metadata"].get("annotations", {})
+        out.append(mutated)
+    return out
+
+
+def test_forged_admission_review_gets_nothing_secret(
+    hook: ThreadedWebhook, issuer: LocalIssuer
+) -> None:
+    """What an attacker with network access does: curl a review for any namespace/account."""
+    assert len(_forge_reviews(hook.server.port, issuer)) == 3
     assert hook.server.injected == 3
+
+
+@pytest.mark.timeout(300)
+def test_default_injector_process_hands_out_nothing_secret(
+    issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    """``python -m smc.injector`` started as an operator would, without ``--credentials``:
+    the default is the agent mode. Forged reviews get an agent container and nothing secret,
+    and the webhook needs no apiserver access to Secrets (no kubeconfig: it never asks)."""
+    assert injector_parser().parse_args(["--ca", "local:/x"]).credentials == "agent"
+    port = free_port()
+    log_file = tmp_path / "injector.log"
+    with log_file.open("w") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "smc.injector",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--ca",
+                f"local:{issuer.directory}",
+                "--trust-domain",
+                TD,
+                "--ip",
+                "127.0.0.1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        ctx = ssl.create_default_context(cadata="".join(issuer.trust_bundle()))
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_file.read_text()
+            try:
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{port}/healthz", context=ctx, timeout=2
+                ) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() < deadline, "injector did not come up: " + log_file.read_text()
+            time.sleep(0.1)
+        for mutated in _forge_reviews(port, issuer):
+            names = [c["name"] for c in mutated["spec"]["containers"]]
+            assert names == ["app", PROXY_CONTAINER, AGENT_CONTAINER]
+            assert TOKEN_VOLUME in {v["name"] for v in mutated["spec"]["volumes"]}
+        assert proc.poll() is None, log_file.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert "PRIVATE KEY" not in log_file.read_text()

@@ -8,11 +8,12 @@ left. ``--register NAME`` writes the CA's trust bundle into
 ``clientConfig.caBundle`` of every webhook of the MutatingWebhookConfiguration ``NAME`` at start
 (in-cluster credentials, or ``--kubeconfig``); ``--lookup-namespaces`` reads namespace labels
 from the apiserver instead of trusting the configuration's ``namespaceSelector``.
-``--credentials agent`` puts no credential in the pod: an SMC agent container
+``--credentials agent`` (the default) puts no credential in the pod: an SMC agent container
 makes the proxy's key in the pod and proves the pod with its projected service-account token
-(audience ``--token-audience``) to the certificate service ``--ca-address``. ``secret`` keeps a
-bootstrap key per pod in a Secret (the default; the webhook needs create/replace/list/delete on Secrets and
-list on Pods), ``env`` inlines it in the pod spec.
+(audience ``--token-audience``) to the certificate service ``--ca-address``; the webhook
+issues nothing and needs no access to Secrets. The older modes stay available explicitly:
+``secret`` keeps a bootstrap key per pod in a Secret (the webhook needs
+create/replace/list/delete on Secrets and list on Pods), ``env`` inlines it in the pod spec.
 Concurrency: one asyncio loop; see :class:`~smc.injector.WebhookServer`.
 """
 
@@ -72,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--credentials",
         choices=("agent", "secret", "env"),
-        default="secret",
-        help="agent: no credential in the pod: an SMC agent in the pod makes the proxy's key "
-        "and proves the pod with its projected service-account token; secret (default): a "
+        default="agent",
+        help="agent (default): no credential in the pod: an SMC agent in the pod makes the "
+        "proxy's key and proves the pod with its projected service-account token; secret: a "
         "bootstrap key in a per-pod Secret; env: inline in the pod spec",
     )
     p.add_argument("--agent-image", default="smc:latest", help="image of the SMC agent")
