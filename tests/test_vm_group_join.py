@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,10 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import generate_latest
+from vmgroup_helpers import group_controller, moto_server, until
 
 from smc.agent import Agent, AgentConfig
 from smc.agent._protocol import SignRequest
-from smc.cli._vmgroups import proxy_ready_check
 from smc.events import (
     JoinTokenIssued,
     Position,
@@ -40,7 +38,7 @@ from smc.events import (
     default_codec,
 )
 from smc.identity import GroupJoinTokens, ProofRefused, group_join_token_event, parse_user_data
-from smc.informers import VmGroupController, load_cloud_provider, workload_name
+from smc.informers import VmGroupController, workload_name
 from smc.testing.envoy import envoy_binary
 from smc.testing.mesh import ControlPlane, Sidecar
 from smc.testing.moto import MotoServer, auto_scaling_group
@@ -153,23 +151,13 @@ class World:
 @contextlib.asynccontextmanager
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     envoy_binary()
-    moto = MotoServer(workdir=tmp_path)
-    saved = {k: os.environ.get(k) for k in MotoServer.env()}
-    os.environ.update(MotoServer.env())
-    moto.start()
+    stack = contextlib.ExitStack()
+    moto = stack.enter_context(moto_server(tmp_path))
     cp = ControlPlane(workdir=tmp_path, agents=True, revoke_grace=300)
     await cp.start()
-    provider = load_cloud_provider("aws", **moto.provider_options(timeout=30))
-
-    async def waiter(event_id: str, timeout: float) -> None:
-        await cp.controller.wait_acked(event_id, timeout=timeout)
-
-    groups = VmGroupController(
-        live=cp.live,
-        providers={"aws": provider},
-        interval=0.2,
-        drain_waiter=waiter,
-        ready_check=proxy_ready_check(cp.server),
+    groups = group_controller(
+        cp,
+        moto,
         join_tokens=GroupJoinTokens(
             ca=f"127.0.0.1:{cp.ca_port}", ads=f"127.0.0.1:{cp.port}", ca_bundle=cp.ca_bundle
         ),
@@ -192,20 +180,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             await sc.stop()
         await cp.stop()
         cp.close()
-        moto.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-async def until(pred: Any, what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(pred):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+        stack.close()
 
 
 def csr_for(node: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
+from vmgroup_helpers import moto_server
 
 from smc.api import LiveMeshChanges, MeshChanges, vmgroups_view
 from smc.events import (
@@ -178,19 +178,8 @@ def test_tags_become_labels_without_provider_or_reserved_keys() -> None:
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(workdir=tmp_path_factory.mktemp("moto"))
-    saved = {k: os.environ.get(k) for k in MotoServer.env()}
-    os.environ.update(MotoServer.env())
-    server.start()
-    try:
+    with moto_server(tmp_path_factory.mktemp("moto")) as server:
         yield server
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass
@@ -510,65 +499,62 @@ def test_smc_serve_runs_the_groups_and_shows_them_stale_in_get_and_metrics(
 
     from smc.testing.serve import ServeProcess, eventually
 
-    server = MotoServer(workdir=tmp_path)
-    saved = {k: os.environ.get(k) for k in MotoServer.env()}
-    os.environ.update(MotoServer.env())
-    server.start()
     serve = None
-    try:
-        auto_scaling_group(server, "web-asg", capacity=3)
-        cloud = f"aws:endpoint_url={server.endpoint_url},region=us-east-1,timeout=2"
-        serve = ServeProcess(tmp_path, args=["--cloud", cloud, "--vm-group-interval", "0.2"])
-        serve.wait_ready()
-        status, body = serve.request(
-            "/v1/apply",
-            method="POST",
-            body=(SERVICE + "---\n" + group_yaml(drain="0s")).encode(),
-            headers={"Content-Type": "application/yaml"},
-        )
-        assert status == 200, body
+    with moto_server(tmp_path) as server:
+        try:
+            auto_scaling_group(server, "web-asg", capacity=3)
+            cloud = f"aws:endpoint_url={server.endpoint_url},region=us-east-1,timeout=2"
+            serve = ServeProcess(tmp_path, args=["--cloud", cloud, "--vm-group-interval", "0.2"])
+            serve.wait_ready()
+            status, body = serve.request(
+                "/v1/apply",
+                method="POST",
+                body=(SERVICE + "---\n" + group_yaml(drain="0s")).encode(),
+                headers={"Content-Type": "application/yaml"},
+            )
+            assert status == 200, body
 
-        def groups() -> Any:
-            return serve.request("/v1/vmgroups")[1]["items"]
+            def groups() -> Any:
+                return serve.request("/v1/vmgroups")[1]["items"]
 
-        eventually(lambda: groups()[0]["joined"] == 3, what="3 instances", diag=serve.tail, wait=60)
-        server.stop()  # the provider goes away: the instances stay, marked stale
-        eventually(lambda: groups()[0]["status"] == "stale", what="stale", diag=serve.tail, wait=60)
-        (g,) = groups()
-        assert g["joined"] == 3 and g["reason"]
-        metrics = serve.request("/metrics")[1]
-        assert 'smc_vmgroup_stale{group="web",namespace="shop"} 1.0' in metrics
-        assert 'smc_vmgroup_instances{group="web",namespace="shop",phase="joined"} 3.0' in metrics
-        assert "testing" not in metrics  # no credential in metrics
-        smc = [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{tmp_path / 'log.db'}"]
-        out = subprocess.run(
-            [*smc, "get", "vmgroups", "-o", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
-        (cli,) = json.loads(out.stdout)
-        assert cli["status"] == "stale" and cli["joined"] == 3
-        assert {i["nodeId"] for i in cli["instances"]} == {
-            f"shop/{i['workload']}" for i in cli["instances"]
-        }
-        table = subprocess.run(
-            [*smc, "get", "vmgroups"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert "stale" in table.stdout and "web-asg" in table.stdout
-    finally:
-        if serve is not None:
-            serve.stop()
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            eventually(
+                lambda: groups()[0]["joined"] == 3, what="3 instances", diag=serve.tail, wait=60
+            )
+            server.stop()  # the provider goes away: the instances stay, marked stale
+            eventually(
+                lambda: groups()[0]["status"] == "stale", what="stale", diag=serve.tail, wait=60
+            )
+            (g,) = groups()
+            assert g["joined"] == 3 and g["reason"]
+            metrics = serve.request("/metrics")[1]
+            assert 'smc_vmgroup_stale{group="web",namespace="shop"} 1.0' in metrics
+            assert (
+                'smc_vmgroup_instances{group="web",namespace="shop",phase="joined"} 3.0' in metrics
+            )
+            assert "testing" not in metrics  # no credential in metrics
+            smc = [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{tmp_path / 'log.db'}"]
+            out = subprocess.run(
+                [*smc, "get", "vmgroups", "-o", "json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+            (cli,) = json.loads(out.stdout)
+            assert cli["status"] == "stale" and cli["joined"] == 3
+            assert {i["nodeId"] for i in cli["instances"]} == {
+                f"shop/{i['workload']}" for i in cli["instances"]
+            }
+            table = subprocess.run(
+                [*smc, "get", "vmgroups"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert "stale" in table.stdout and "web-asg" in table.stdout
+        finally:
+            if serve is not None:
+                serve.stop()
 
 
 def test_cloud_options_parse_and_credentials_are_refused_on_the_command_line() -> None:

@@ -24,10 +24,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from vmgroup_helpers import group_controller, moto_server, until
 
-from smc.cli._vmgroups import proxy_ready_check
 from smc.events import Position, VmInstanceChanged, WorkloadLeft, default_codec
-from smc.informers import VmGroupController, load_cloud_provider, workload_name
+from smc.informers import VmGroupController, workload_name
 from smc.testing.envoy import envoy_binary
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 from smc.testing.moto import MotoServer, auto_scaling_group
@@ -121,24 +121,11 @@ class Fleet:
 @contextlib.asynccontextmanager
 async def fleet(tmp_path: Path, *, readiness: str = "proxy") -> AsyncIterator[Fleet]:
     envoy_binary()
-    moto = MotoServer(workdir=tmp_path)
-    saved = {k: os.environ.get(k) for k in MotoServer.env()}
-    os.environ.update(MotoServer.env())
-    moto.start()
+    stack = contextlib.ExitStack()
+    moto = stack.enter_context(moto_server(tmp_path))
     cp = ControlPlane(workdir=tmp_path)
     await cp.start()
-    provider = load_cloud_provider("aws", **moto.provider_options(timeout=30))
-
-    async def waiter(event_id: str, timeout: float) -> None:
-        await cp.controller.wait_acked(event_id, timeout=timeout)
-
-    groups = VmGroupController(
-        live=cp.live,
-        providers={"aws": provider},
-        interval=0.2,
-        drain_waiter=waiter,
-        ready_check=proxy_ready_check(cp.server),
-    )
+    groups = group_controller(cp, moto)
     client = Sidecar(namespace=NS, name="buyer", address="127.0.1.77", workdir=tmp_path)
     stop = asyncio.Event()
     task: asyncio.Task[None] | None = None
@@ -162,12 +149,7 @@ async def fleet(tmp_path: Path, *, readiness: str = "proxy") -> AsyncIterator[Fl
             await sc.stop()
         await cp.stop()
         cp.close()
-        moto.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        stack.close()
 
 
 @dataclass
@@ -201,15 +183,6 @@ async def generate(url: str, load: Load, stop: asyncio.Event, concurrency: int =
                 await asyncio.sleep(0.01)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-
-async def until(pred: Any, what: str, timeout: float = 90.0, diag: Any = None) -> None:
-    """Wait for a condition (generous bound: the test machine is shared and loaded)."""
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(pred):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {diag() if diag else ''}")
-        await asyncio.sleep(0.05)
 
 
 async def test_scale_out_and_drained_scale_in_with_real_envoys(tmp_path: Path) -> None:

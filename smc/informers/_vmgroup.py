@@ -594,6 +594,27 @@ class VmGroupController:
         }
         provider = group.provider if group is not None else ""
         drain_seconds = group.drain_seconds if group is not None else 10
+
+        def record(
+            seed: tuple[str, ...], caused_by: str, phase: str, why: str, address: str, state: str
+        ) -> Event:
+            """The group's record of this instance, caused by the workload event ``caused_by``."""
+            return make_event(
+                VmInstanceChanged,
+                event_id=deterministic_id(*seed, "record"),
+                causation_id=caused_by,
+                namespace=ns,
+                group=gname,
+                instance_id=iid,
+                workload=workload,
+                phase=phase,
+                cause=why,
+                provider=provider,
+                address=address,
+                state=state,
+                **common,
+            )
+
         try:
             state = self.registry.vm_groups.groups.get((ns, gname))
             rec = state.instances.get(iid) if state is not None else None
@@ -620,20 +641,13 @@ class VmGroupController:
                             ports=w.ports,
                             **common,
                         ),
-                        make_event(
-                            VmInstanceChanged,
-                            event_id=deterministic_id(*seed, "record"),
-                            causation_id=drained_id,
-                            namespace=ns,
-                            group=gname,
-                            instance_id=iid,
-                            workload=workload,
-                            phase="draining",
-                            cause=cause,
-                            provider=provider,
-                            address=w.address,
-                            state=inst.state if inst is not None else "missing",
-                            **common,
+                        record(
+                            seed,
+                            drained_id,
+                            "draining",
+                            cause,
+                            w.address,
+                            inst.state if inst is not None else "missing",
                         ),
                     ]
                 )
@@ -666,21 +680,7 @@ class VmGroupController:
                         name=workload,
                         **common,
                     ),
-                    make_event(
-                        VmInstanceChanged,
-                        event_id=deterministic_id(*seed, "record"),
-                        causation_id=left_id,
-                        namespace=ns,
-                        group=gname,
-                        instance_id=iid,
-                        workload=workload,
-                        phase="left",
-                        cause=rec.cause,
-                        provider=provider,
-                        address=rec.address,
-                        state=rec.state,
-                        **common,
-                    ),
+                    record(seed, left_id, "left", rec.cause, rec.address, rec.state),
                 ]
             )
             self._changes.labels(ns, gname, "left", rec.cause).inc()

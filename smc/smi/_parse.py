@@ -904,6 +904,46 @@ def _protocol(r: _Reader, value: object, path: str) -> Literal["http", "tcp", "g
     return cast(Literal["http", "tcp", "grpc", "udp"], value)
 
 
+def _workload_ports(r: _Reader, value: object, pp: str) -> list[WorkloadPort]:
+    """A workload's ``ports`` list (VirtualMachine, VirtualMachineGroup template)."""
+    ports: list[WorkloadPort] = []
+    seen: set[int] = set()
+    names: set[str] = set()
+    for i, item in enumerate(r.sequence(value, pp) or ()):
+        p = _idx(pp, i)
+        m = r.mapping(item, p, allowed=("name", "port", "protocol"), required=("name", "port"))
+        if m is None:
+            continue
+        pname = r.dns_label(m.get("name"), _join(p, "name"))
+        port = r.port(m.get("port"), _join(p, "port"))
+        proto = _protocol(r, m.get("protocol"), _join(p, "protocol"))
+        if pname is None or port is None or proto is None:
+            continue
+        if port in seen or pname in names:
+            r.fail(p, f"duplicate port {pname!r}/{port}")
+            continue
+        seen.add(port)
+        names.add(pname)
+        ports.append(WorkloadPort(name=pname, port=port, protocol=proto))
+    return ports
+
+
+def _unique_names(
+    r: _Reader, value: object, sp: str, read: Callable[[object, str], str | None]
+) -> list[str]:
+    """A list of service names, each read by ``read`` and listed once."""
+    services: list[str] = []
+    for i, item in enumerate(r.sequence(value, sp) or ()):
+        s = read(item, _idx(sp, i))
+        if s is None:
+            continue
+        if s in services:
+            r.fail(_idx(sp, i), f"service {s!r} is listed more than once")
+            continue
+        services.append(s)
+    return services
+
+
 def _virtual_machine(
     r: _Reader, obj: Mapping[str, object], version: str, namespace: str, name: str
 ) -> VirtualMachine:
@@ -927,36 +967,8 @@ def _virtual_machine(
         except ValueError:
             r.fail(ap, f"{raw_addr!r} is not an IPv4 or IPv6 address")
     sa = r.dns_subdomain(body.get("serviceAccount"), _join(base, "serviceAccount"))
-    ports: list[WorkloadPort] = []
-    pp = _join(base, "ports")
-    seen: set[int] = set()
-    names: set[str] = set()
-    for i, item in enumerate(r.sequence(body.get("ports"), pp) or ()):
-        p = _idx(pp, i)
-        m = r.mapping(item, p, allowed=("name", "port", "protocol"), required=("name", "port"))
-        if m is None:
-            continue
-        pname = r.dns_label(m.get("name"), _join(p, "name"))
-        port = r.port(m.get("port"), _join(p, "port"))
-        proto = _protocol(r, m.get("protocol"), _join(p, "protocol"))
-        if pname is None or port is None or proto is None:
-            continue
-        if port in seen or pname in names:
-            r.fail(p, f"duplicate port {pname!r}/{port}")
-            continue
-        seen.add(port)
-        names.add(pname)
-        ports.append(WorkloadPort(name=pname, port=port, protocol=proto))
-    services: list[str] = []
-    sp = _join(base, "services")
-    for i, item in enumerate(r.sequence(body.get("services"), sp) or ()):
-        s = r.dns_subdomain(item, _idx(sp, i))
-        if s is None:
-            continue
-        if s in services:
-            r.fail(_idx(sp, i), f"service {s!r} is listed more than once")
-            continue
-        services.append(s)
+    ports = _workload_ports(r, body.get("ports"), _join(base, "ports"))
+    services = _unique_names(r, body.get("services"), _join(base, "services"), r.dns_subdomain)
     if r.errors or address is None or sa is None:
         raise _Abort
     return VirtualMachine(

@@ -48,7 +48,7 @@ def parse_vm_group(
     r: _Reader, obj: Mapping[str, object], version: str, namespace: str, name: str
 ) -> VirtualMachineGroup:
     """Read one VirtualMachineGroup (``r`` collects the errors; raises its abort on failure)."""
-    from smc.smi._parse import _Abort, _body, _duration, _idx, _join, _protocol
+    from smc.smi._parse import _Abort, _body, _duration, _join, _unique_names, _workload_ports
 
     body, base = _body(
         r,
@@ -81,34 +81,8 @@ def parse_vm_group(
                     if k.startswith(RESERVED_LABEL_PREFIXES):
                         r.fail(_join(_join(mp, "labels"), k), f"label {k!r} is reserved for SMC")
         sa = r.dns_subdomain(template.get("serviceAccount"), _join(tp, "serviceAccount"))
-        pp = _join(tp, "ports")
-        seen: set[int] = set()
-        names: set[str] = set()
-        for i, item in enumerate(r.sequence(template.get("ports"), pp) or ()):
-            p = _idx(pp, i)
-            pm = r.mapping(item, p, allowed=("name", "port", "protocol"), required=("name", "port"))
-            if pm is None:
-                continue
-            pname = r.dns_label(pm.get("name"), _join(p, "name"))
-            port = r.port(pm.get("port"), _join(p, "port"))
-            proto = _protocol(r, pm.get("protocol"), _join(p, "protocol"))
-            if pname is None or port is None or proto is None:
-                continue
-            if port in seen or pname in names:
-                r.fail(p, f"duplicate port {pname!r}/{port}")
-                continue
-            seen.add(port)
-            names.add(pname)
-            ports.append(WorkloadPort(name=pname, port=port, protocol=proto))
-        sp = _join(tp, "services")
-        for i, item in enumerate(r.sequence(template.get("services"), sp) or ()):
-            s = r.dns_label(item, _idx(sp, i))
-            if s is None:
-                continue
-            if s in services:
-                r.fail(_idx(sp, i), f"service {s!r} is listed more than once")
-                continue
-            services.append(s)
+        ports = _workload_ports(r, template.get("ports"), _join(tp, "ports"))
+        services = _unique_names(r, template.get("services"), _join(tp, "services"), r.dns_label)
     pvp = _join(base, "provider")
     provider = r.mapping(
         body.get("provider"),
