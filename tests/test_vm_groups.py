@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
-from vmgroup_helpers import moto_server
+from vmgroup_helpers import moto_server, smc_cli
 
 from smc.api import LiveMeshChanges, MeshChanges, vmgroups_view
 from smc.events import (
@@ -494,9 +494,6 @@ def test_bad_group_manifest_is_a_field_error_not_a_crash() -> None:
 def test_smc_serve_runs_the_groups_and_shows_them_stale_in_get_and_metrics(
     tmp_path: Path,
 ) -> None:
-    import subprocess
-    import sys
-
     from smc.testing.serve import ServeProcess, eventually
 
     serve = None
@@ -532,25 +529,14 @@ def test_smc_serve_runs_the_groups_and_shows_them_stale_in_get_and_metrics(
                 'smc_vmgroup_instances{group="web",namespace="shop",phase="joined"} 3.0' in metrics
             )
             assert "testing" not in metrics  # no credential in metrics
-            smc = [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{tmp_path / 'log.db'}"]
-            out = subprocess.run(
-                [*smc, "get", "vmgroups", "-o", "json"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            out = smc_cli(tmp_path / "log.db", "get", "vmgroups", "-o", "json")
             assert out.returncode == 0, out.stderr
             (cli,) = json.loads(out.stdout)
             assert cli["status"] == "stale" and cli["joined"] == 3
             assert {i["nodeId"] for i in cli["instances"]} == {
                 f"shop/{i['workload']}" for i in cli["instances"]
             }
-            table = subprocess.run(
-                [*smc, "get", "vmgroups"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            table = smc_cli(tmp_path / "log.db", "get", "vmgroups")
             assert "stale" in table.stdout and "web-asg" in table.stdout
         finally:
             if serve is not None:

@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -24,7 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from vmgroup_helpers import group_controller, moto_server, until
+from vmgroup_helpers import group_controller, moto_server, smc_cli, until
 
 from smc.events import Position, VmInstanceChanged, WorkloadLeft, default_codec
 from smc.informers import VmGroupController, workload_name
@@ -272,13 +270,8 @@ async def test_scale_out_and_drained_scale_in_with_real_envoys(tmp_path: Path) -
             (i, "scale-in") for i in removed
         }
         # smc audit shows them, each with its cause
-        smc = [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{f.workdir / 'log.db'}"]
-        audit = subprocess.run(
-            [*smc, "audit", "--json", "--actor", "vm-group-controller"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        log_db = f.workdir / "log.db"
+        audit = smc_cli(log_db, "audit", "--json", "--actor", "vm-group-controller", timeout=120)
         assert audit.returncode == 0, audit.stderr
         rows = [
             r["payload"]
@@ -288,10 +281,11 @@ async def test_scale_out_and_drained_scale_in_with_real_envoys(tmp_path: Path) -
         assert {(r["instance_id"], r["cause"]) for r in rows if r["phase"] == "left"} == {
             (i, "scale-in") for i in removed
         }
-        table = subprocess.run(
-            [*smc, "audit", "--actor", "vm-group-controller"],
-            capture_output=True,
-            text=True,
+        table = smc_cli(
+            log_db,
+            "audit",
+            "--actor",
+            "vm-group-controller",
             timeout=120,
             env={**os.environ, "COLUMNS": "250"},
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +54,19 @@ def group_controller(cp: ControlPlane, moto: MotoServer, **extra: Any) -> VmGrou
         drain_waiter=waiter,
         ready_check=proxy_ready_check(cp.server),
         **extra,
+    )
+
+
+def smc_cli(
+    log_db: Path, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``smc --log sqlite:///LOG_DB ARGS...`` run as a user runs it, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{log_db}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
