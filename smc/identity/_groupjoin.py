@@ -26,14 +26,13 @@ Concurrency: pure functions over projections (call on the loop that applies even
 from __future__ import annotations
 
 import base64
-import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from smc.auth import token_digest
 from smc.ca import SpiffeId
-from smc.events import JoinTokenIssued, deterministic_id, make_event
+from smc.events import JoinTokenIssued
 from smc.identity._errors import ProofRefused
+from smc.identity._join import join_token_event
 from smc.projections import CertsProjection, RegistryProjection
 from smc.projections._certs import JoinToken
 from smc.projections._vmgroups import DRAINING_LABEL, GROUP_LABEL
@@ -66,20 +65,15 @@ def group_join_token_event(
 ) -> tuple[str, JoinTokenIssued]:
     """``(token, event)`` for group ``namespace/group`` whose instances run as ``identity``
     (a SPIFFE URI): append the event, put the token only in the group's user data."""
-    token = secrets.token_urlsafe(32)
-    digest = token_digest(token)
-    when = now or datetime.now(UTC)
-    event = make_event(
-        JoinTokenIssued,
-        source="vm-group-controller",
-        actor=actor,
-        event_id=deterministic_id("group-join-token", digest),
-        token_sha256=digest,
+    return join_token_event(
         proxy=f"{GROUP_TOKEN_PREFIX}{namespace}/{group}",
         identity=identity,
-        expires_at=when + ttl,
+        ttl=ttl,
+        actor=actor,
+        now=now,
+        source="vm-group-controller",
+        id_kind="group-join-token",
     )
-    return token, event
 
 
 def check_group_join(

@@ -26,17 +26,20 @@ def join_token_event(
     ttl: timedelta,
     actor: str = "ca",
     now: datetime | None = None,
+    source: str = "smc-vm-bootstrap",
+    id_kind: str = "join-token",
 ) -> tuple[str, JoinTokenIssued]:
     """``(token, event)``: append the event, hand the token to the VM only. The event is the
-    CA's (actor ``ca``, like every ``smc.certs`` event); ``source`` names the tool."""
+    CA's (actor ``ca``, like every ``smc.certs`` event); ``source`` names the tool; the event
+    id derives from ``id_kind`` and the token's digest."""
     token = secrets.token_urlsafe(32)
     digest = token_digest(token)
     when = now or datetime.now(UTC)
     event = make_event(
         JoinTokenIssued,
-        source="smc-vm-bootstrap",
+        source=source,
         actor=actor,
-        event_id=deterministic_id("join-token", digest),
+        event_id=deterministic_id(id_kind, digest),
         token_sha256=digest,
         proxy=proxy,
         identity=identity,
