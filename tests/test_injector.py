@@ -980,6 +980,11 @@ def test_deploy_container_arguments_parse_with_the_real_command_lines() -> None:
                 assert parsed.ads_server_name == "smc.smc-system.svc"
                 seen["injector"] += 1
     assert seen == {"serve": 2, "injector": 1}
+    # least privilege: with agents nothing in SMC touches Secrets through the API
+    for doc in yaml.safe_load_all(SMC_YAML.read_text()):
+        if doc and doc.get("kind") in ("ClusterRole", "Role"):
+            for rule in doc.get("rules") or []:
+                assert "secrets" not in rule.get("resources", []), doc["metadata"]["name"]
 
 
 def test_webhook_serving_certificate_is_renewed_in_place(
