@@ -31,6 +31,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
 from smc.xds._errors import InconsistentSnapshot, InvalidResource
@@ -154,7 +155,7 @@ def make_entry(resource: Message, *, type_url: str | None = None) -> ResourceEnt
     name = resource_name(url, resource)
     if not name:
         raise InvalidResource(f"{url} resource has an empty name")
-    value = resource.SerializeToString(deterministic=True)
+    value = _canonical(resource).SerializeToString(deterministic=True)
     version = _digest(value)
     key = (url, name, version)
     with _intern_lock:
@@ -167,6 +168,71 @@ def make_entry(resource: Message, *, type_url: str | None = None) -> ResourceEnt
     )
     with _intern_lock:
         return _interned.setdefault(key, made)
+
+
+_ANY = "google.protobuf.Any"
+
+
+def _canonical(resource: Message) -> Message:
+    """``resource`` with every nested ``Any`` re-packed by deterministic serialisation.
+
+    ``SerializeToString(deterministic=True)`` orders map entries (e.g. a ``Struct``'s fields)
+    only in the message itself: an ``Any``'s value was serialised when it was packed, with map
+    entries in the order of a hash table whose seed differs per process. Two replicas would
+    then give the same resource different bytes and versions (and a proxy switching replica
+    a config change). Returns ``resource`` itself when it holds no ``Any``, else a copy."""
+    if not _has_any(resource.DESCRIPTOR, set()):
+        return resource
+    copy = type(resource)()
+    copy.CopyFrom(resource)
+    _repack(copy)
+    return copy
+
+
+_ANY_IN: dict[str, bool] = {}
+
+
+def _has_any(descriptor: Any, seen: set[str]) -> bool:
+    """Whether messages of ``descriptor`` can hold an ``Any`` (memoised per type)."""
+    name = descriptor.full_name
+    found = _ANY_IN.get(name)
+    if found is not None:
+        return found
+    if name == _ANY:
+        return True
+    if name in seen:
+        return False
+    seen.add(name)
+    result = any(
+        f.message_type is not None and _has_any(f.message_type, seen) for f in descriptor.fields
+    )
+    _ANY_IN[name] = result
+    return result
+
+
+def _repack(message: Message) -> None:
+    if message.DESCRIPTOR.full_name == _ANY:
+        inner_name = message.type_url.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+        try:
+            cls = message_factory.GetMessageClass(
+                descriptor_pool.Default().FindMessageTypeByName(inner_name)
+            )
+        except KeyError:
+            return  # a type this process does not know: left as packed
+        inner = cls.FromString(message.value)  # type: ignore[attr-defined]
+        _repack(inner)
+        message.value = inner.SerializeToString(deterministic=True)  # type: ignore[attr-defined]
+        return
+    for fd, value in message.ListFields():
+        if fd.message_type is None or not _has_any(fd.message_type, set()):
+            continue
+        if fd.is_repeated:
+            items = value.values() if fd.message_type.GetOptions().map_entry else value
+            for item in items:
+                if isinstance(item, Message):
+                    _repack(item)
+        else:
+            _repack(value)
 
 
 def resource_name(type_url: str, resource: Message) -> str:
