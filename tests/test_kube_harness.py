@@ -148,8 +148,14 @@ def test_smi_crds_established_with_every_version(api: Any) -> None:
         "TCPRoute": ["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4"],
         "UDPRoute": ["v1alpha4"],
         "TrafficSplit": ["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4"],
+        # OSM's policy kinds (policy.openservicemesh.io), watched beside SMI
+        "Egress": ["v1alpha1"],
+        "IngressBackend": ["v1alpha1"],
+        "Retry": ["v1alpha1"],
+        "UpstreamTrafficSetting": ["v1alpha1"],
     }
     groups = {g.name: g for g in client.ApisApi(api).get_api_versions().groups}
+    assert [v.version for v in groups["policy.openservicemesh.io"].versions] == ["v1alpha1"]
     assert [v.version for v in groups["access.smi-spec.io"].versions] == [
         "v1alpha3",
         "v1alpha2",
@@ -225,7 +231,7 @@ def test_every_smi_kind_and_version_accepts_an_object(api: Any) -> None:
             )
             assert name in {i["metadata"]["name"] for i in listed["items"]}
             made += 1
-    assert made == 16
+    assert made == 20  # 16 SMI kind/versions and OSM's 4 policy kinds
     with pytest.raises(ApiException) as info:
         custom.create_namespaced_custom_object(
             "specs.smi-spec.io",
