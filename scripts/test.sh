@@ -16,8 +16,12 @@ echo "== ruff"
 "$py" -m ruff format --check smc
 echo "== mypy"
 "$py" -m mypy
-echo "== real parts (cached after the first run)"
-"$py" -m smc.testing.kube
-"$py" -m smc.testing.promtool
+echo "== real parts (cached after the first run; the Go builds run side by side)"
+"$py" -m smc.testing.kube & kube=$!
+"$py" -m smc.testing.promtool & promtool=$!
+"$py" -c 'from smc.testing.jaeger import ensure_jaeger; from smc.testing.ratelimit import ensure_ratelimit; print(ensure_jaeger()); print(ensure_ratelimit())' & collectors=$!
+wait "$kube"
+wait "$promtool"
+wait "$collectors"
 echo "== pytest"
 "$py" -m pytest -q -p no:cacheprovider "$@"
