@@ -178,3 +178,57 @@ def test_console_end_to_end(serve: ServeProcess, browser: Any, tmp_path: Path) -
 
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+HOSTILE = """
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: hostile-routes, namespace: shop}
+spec:
+  matches:
+  - name: hostile
+    pathRegex: "/<img src=x onerror=window.pwned=1>"
+    methods: [GET]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: buyer-to-warehouse, namespace: shop}
+spec:
+  destination: {kind: ServiceAccount, name: warehouse, namespace: shop}
+  rules: [{kind: HTTPRouteGroup, name: hostile-routes}]
+  sources: [{kind: ServiceAccount, name: buyer, namespace: shop}]
+"""
+
+
+def test_markup_from_the_log_is_shown_as_text(serve: ServeProcess, browser: Any) -> None:
+    """An attacker who can write policy cannot script the operator's console: markup in a
+    manifest is shown as text, in the map's rules and in the timeline's diff."""
+    from selenium.webdriver.common.by import By
+
+    _apply(serve, HOSTILE, "alice")
+    browser.get(f"{serve.base}/console/#token={serve.credentials.token}")
+    _until(browser, "return document.body.dataset.ready === 'true'", what="the page to load")
+    edge = "allow:id:shop/buyer->svc:shop/warehouse"
+    _until(
+        browser,
+        f"return window.smcConsole.cy.getElementById('{edge}').nonempty()",
+        what="the hostile grant's edge",
+    )
+    browser.execute_script(f"window.smcConsole.cy.getElementById('{edge}').emit('tap')")
+    panel = browser.find_element(By.ID, "panel-details")
+    assert "/<img src=x onerror=window.pwned=1>" in panel.text
+    assert panel.find_elements(By.TAG_NAME, "img") == []
+    # the change itself, opened from the timeline: the diff shows the markup as text too
+    seq = browser.execute_script(
+        "return [...document.querySelectorAll('.tl-row[data-seq]')].find(r => "
+        "r.textContent.includes('HTTPRouteGroup/shop/hostile-routes')).dataset.seq"
+    )
+    browser.execute_script(f"document.querySelector('.tl-row[data-seq=\"{seq}\"]').click()")
+    _until(
+        browser,
+        "return document.querySelector('#panel-details h2').textContent.startsWith('#" + seq + "')",
+        what="the change's details",
+    )
+    assert "<img src=x onerror=window.pwned=1>" in panel.text
+    assert panel.find_elements(By.TAG_NAME, "img") == []
+    assert browser.execute_script("return window.pwned === undefined")
