@@ -33,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from smc.api._http import _err, _errors
 from smc.api._views import policy_check
 from smc.audit import access_history, proxy_config_at
 from smc.console._graph import ProxyState, mesh_graph
@@ -57,9 +58,8 @@ _MAX_PAGE = 1000
 
 
 def _bad(field: str, reason: str, status: int = 400) -> web.Response:
-    return web.json_response(
-        {"errors": [{"document": None, "field": field, "reason": reason}]}, status=status
-    )
+    """The API's error answer, naming ``field``."""
+    return _errors(status, _err(reason, field=field))
 
 
 def _time_ms(text: str, field: str) -> int:

@@ -920,6 +920,28 @@ class BuildPass:
             "retry_policy": _RETRY,
         }
 
+    def lb_endpoints(self, service: str, port: int) -> list[dict[str, Any]]:
+        """The EDS ``lb_endpoints`` of ``service`` (``ns/name``) on service ``port``: every
+        registry endpoint (not-ready ones UNHEALTHY), only those on the port's target port
+        when the service has several ports."""
+        svc = self._service(service)
+        target_port = port
+        several = False
+        if svc is not None:
+            several = len(svc.ports) > 1
+            for sp in svc.ports:
+                if sp.port == port:
+                    target_port = sp.target_port
+        eps = self.registry.endpoints_of(*service.split("/", 1))
+        return [
+            {
+                "endpoint": {"address": _sockaddr(e.address, e.port)},
+                "health_status": "HEALTHY" if e.ready else "UNHEALTHY",
+            }
+            for e in eps
+            if not several or e.port == target_port
+        ]
+
     def _cluster(self, service: str, port: int) -> tuple[ResourceEntry, ResourceEntry]:
         key = (service, port)
         found = self._clusters.get(key)
@@ -962,23 +984,7 @@ class BuildPass:
             },
             cluster_pb2.Cluster(),
         )
-        svc = self._service(service)
-        target_port = port
-        several = False
-        if svc is not None:
-            several = len(svc.ports) > 1
-            for sp in svc.ports:
-                if sp.port == port:
-                    target_port = sp.target_port
-        eps = self.registry.endpoints_of(*service.split("/", 1))
-        lb = [
-            {
-                "endpoint": {"address": _sockaddr(e.address, e.port)},
-                "health_status": "HEALTHY" if e.ready else "UNHEALTHY",
-            }
-            for e in eps
-            if not several or e.port == target_port
-        ]
+        lb = self.lb_endpoints(service, port)
         cla: dict[str, Any] = {"cluster_name": name}
         if lb:
             cla["endpoints"] = [{"lb_endpoints": lb}]

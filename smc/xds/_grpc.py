@@ -370,23 +370,7 @@ def _cluster(bp: BuildPass, service: str, port: int) -> Sequence[ResourceEntry]:
         },
         cluster_pb2.Cluster(),
     )
-    svc = bp._service(service)
-    target_port = port
-    several = False
-    if svc is not None:
-        several = len(svc.ports) > 1
-        for sp in svc.ports:
-            if sp.port == port:
-                target_port = sp.target_port
-    eps = bp.registry.endpoints_of(*service.split("/", 1))
-    lb = [
-        {
-            "endpoint": {"address": _sockaddr(e.address, e.port)},
-            "health_status": "HEALTHY" if e.ready else "UNHEALTHY",
-        }
-        for e in eps
-        if not several or e.port == target_port
-    ]
+    lb = bp.lb_endpoints(service, port)
     cla: dict[str, Any] = {"cluster_name": name}
     if lb:
         # gRPC ignores a locality without a weight
