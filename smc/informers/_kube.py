@@ -43,26 +43,17 @@ one resource's events reach the log in watch order; a failing sink is retried, n
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import dataclasses
-import json
 import logging
-import os
-import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any
 
 import aiohttp
-import yaml
 
 from smc.events import (
     Endpoint,
     EndpointsChanged,
     Event,
-    EventLog,
     ServiceAccountRemoved,
     ServiceAccountUpserted,
     ServicePort,
@@ -76,7 +67,25 @@ from smc.events import (
     deterministic_id,
     make_event,
 )
-from smc.informers._errors import InformersError
+from smc.informers._kube_api import (
+    CORE_RESOURCES,
+    MEMBER_LABEL,
+    NAMESPACES,
+    SMI_RESOURCES,
+    EventSink,
+    KubeConfigError,
+    KubeEndpoint,
+    KubeResource,
+    LogSink,
+)
+from smc.informers._kube_mapping import (
+    _authored_api_version,
+    _dedupe_aggregates,
+    _fingerprint,
+    _labels,
+    _port_protocol,
+)
+from smc.informers._kube_reflector import Change, WatchStats, _key, _Reflector, _rv
 from smc.projections import canonical_json
 from smc.smi import ManifestErrors, parse_manifest, to_manifest
 
@@ -94,431 +103,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("smc.informers.kube")
-
-#: Label that puts a namespace in the mesh (value ``true``).
-MEMBER_LABEL = "smc.dev/monitored"
-_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-
-class KubeConfigError(InformersError):
-    """No usable apiserver address or credentials (kubeconfig, in-cluster files)."""
-
-
-class _Gone(Exception):
-    """The resourceVersion asked for was compacted away (HTTP 410 / watch ERROR 410)."""
-
-
-class _Transient(Exception):
-    """A failure worth retrying (apiserver unavailable, bad gateway, throttled...)."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class KubeEndpoint:
-    """Where the apiserver is and how to authenticate (bearer token, CA file)."""
-
-    host: str
-    token: str = field(repr=False)
-    ca_file: str | None = None
-    ca_data: str | None = field(default=None, repr=False)  # PEM, instead of ca_file
-
-    def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.ca_file, cadata=self.ca_data)
-
-    @classmethod
-    def in_cluster(cls) -> KubeEndpoint:
-        """From the pod's service-account files and ``KUBERNETES_SERVICE_HOST/PORT``."""
-        host = os.environ.get("KUBERNETES_SERVICE_HOST")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        token = _SA_DIR / "token"
-        if not host or not token.is_file():
-            raise KubeConfigError(
-                f"not running in a pod: KUBERNETES_SERVICE_HOST or {token} is missing"
-            )
-        h = f"[{host}]" if ":" in host else host
-        return cls(
-            host=f"https://{h}:{port}",
-            token=token.read_text().strip(),
-            ca_file=str(_SA_DIR / "ca.crt"),
-        )
-
-    @classmethod
-    def from_kubeconfig(cls, path: str | Path, *, context: str | None = None) -> KubeEndpoint:
-        """From a kubeconfig whose user has a ``token`` (or ``tokenFile``)."""
-        try:
-            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise KubeConfigError(f"{path}: cannot read kubeconfig: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise KubeConfigError(f"{path}: a kubeconfig must be a mapping")
-
-        def named(section: str, name: object) -> dict[str, Any]:
-            for item in doc.get(section) or []:
-                if isinstance(item, dict) and item.get("name") == name:
-                    value = item.get(section[:-1])
-                    if isinstance(value, dict):
-                        return value
-            raise KubeConfigError(f"{path}: {section[:-1]} {name!r} not found")
-
-        ctx = named("contexts", context or doc.get("current-context"))
-        cluster = named("clusters", ctx.get("cluster"))
-        user = named("users", ctx.get("user"))
-        token = user.get("token")
-        if not token and user.get("tokenFile"):
-            token = Path(str(user["tokenFile"])).read_text().strip()
-        if not isinstance(token, str) or not token:
-            raise KubeConfigError(f"{path}: user {ctx.get('user')!r} has no bearer token")
-        server = cluster.get("server")
-        if not isinstance(server, str) or not server.startswith("https://"):
-            raise KubeConfigError(f"{path}: cluster server {server!r} is not an https URL")
-        ca = cluster.get("certificate-authority")
-        ca_data = None
-        if cluster.get("certificate-authority-data"):
-            try:
-                ca_data = base64.b64decode(str(cluster["certificate-authority-data"])).decode()
-            except ValueError as exc:
-                raise KubeConfigError(f"{path}: certificate-authority-data: {exc}") from exc
-        return cls(
-            host=server.rstrip("/"),
-            token=token,
-            ca_file=str(ca) if ca and not ca_data else None,
-            ca_data=ca_data,
-        )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class KubeResource:
-    """One watched resource type: ``kind`` and where its collection lives."""
-
-    kind: str
-    group: str
-    version: str
-    plural: str
-
-    @property
-    def path(self) -> str:
-        """Cluster-wide collection path, e.g. ``/api/v1/pods``."""
-        if not self.group:
-            return f"/api/{self.version}/{self.plural}"
-        return f"/apis/{self.group}/{self.version}/{self.plural}"
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-
-NAMESPACES = KubeResource(kind="Namespace", group="", version="v1", plural="namespaces")
-CORE_RESOURCES: tuple[KubeResource, ...] = (
-    KubeResource(kind="ServiceAccount", group="", version="v1", plural="serviceaccounts"),
-    KubeResource(kind="Service", group="", version="v1", plural="services"),
-    KubeResource(
-        kind="EndpointSlice", group="discovery.k8s.io", version="v1", plural="endpointslices"
-    ),
-    KubeResource(kind="Pod", group="", version="v1", plural="pods"),
-)
-#: The SMI kinds, each watched at its newest (storage) version.
-SMI_RESOURCES: tuple[KubeResource, ...] = (
-    KubeResource(
-        kind="TrafficTarget",
-        group="access.smi-spec.io",
-        version="v1alpha3",
-        plural="traffictargets",
-    ),
-    KubeResource(
-        kind="HTTPRouteGroup",
-        group="specs.smi-spec.io",
-        version="v1alpha4",
-        plural="httproutegroups",
-    ),
-    KubeResource(
-        kind="TCPRoute", group="specs.smi-spec.io", version="v1alpha4", plural="tcproutes"
-    ),
-    KubeResource(
-        kind="UDPRoute", group="specs.smi-spec.io", version="v1alpha4", plural="udproutes"
-    ),
-    KubeResource(
-        kind="TrafficSplit", group="split.smi-spec.io", version="v1alpha4", plural="trafficsplits"
-    ),
-    # Open Service Mesh's policy kinds (deploy/k8s/crds/policy-*.yaml).
-    *(
-        KubeResource(
-            kind=kind, group="policy.openservicemesh.io", version="v1alpha1", plural=plural
-        )
-        for kind, plural in (
-            ("Egress", "egresses"),
-            ("IngressBackend", "ingressbackends"),
-            ("Retry", "retries"),
-            ("UpstreamTrafficSetting", "upstreamtrafficsettings"),
-        )
-    ),
-)
-
-
-@runtime_checkable
-class EventSink(Protocol):
-    """Receives the informers' events, in order; returns once they are durable."""
-
-    async def emit(self, events: Sequence[Event]) -> None: ...
-
-
-class LogSink:
-    """Appends to an :class:`smc.events.EventLog` (in a worker thread)."""
-
-    def __init__(self, log: EventLog) -> None:
-        self.log = log
-
-    async def emit(self, events: Sequence[Event]) -> None:
-        if events:
-            await asyncio.to_thread(self.log.append, list(events))
-
-
-@dataclass(kw_only=True, slots=True)
-class WatchStats:
-    """Counters of one reflector (for tests, metrics and debugging)."""
-
-    lists: int = 0
-    relists_after_gone: int = 0
-    watches: int = 0
-    resumes: int = 0
-    bookmarks: int = 0
-    errors: int = 0
-    changes: int = 0
-    last_error: str = ""
-
-
-Change = Literal["upsert", "delete"]
-Handler = Callable[[KubeResource, Change, dict[str, Any], dict[str, Any] | None], Awaitable[None]]
-
-
-def _key(obj: Mapping[str, Any]) -> str:
-    meta = obj.get("metadata") or {}
-    ns = meta.get("namespace") or ""
-    return f"{ns}/{meta.get('name', '')}"
-
-
-def _rv(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
-
-
-class _Reflector:
-    """List + watch of one resource, keeping a cache of the objects it has seen."""
-
-    def __init__(
-        self,
-        *,
-        resource: KubeResource,
-        endpoint: KubeEndpoint,
-        session: aiohttp.ClientSession,
-        handler: Handler,
-        watch_timeout: int,
-        backoff: float,
-        page_size: int = 500,
-    ) -> None:
-        self.resource = resource
-        self.endpoint = endpoint
-        self.session = session
-        self.handler = handler
-        self.watch_timeout = watch_timeout
-        self.backoff = backoff
-        self.page_size = page_size
-        self.cache: dict[str, dict[str, Any]] = {}
-        self.rv: str | None = None
-        self.synced = asyncio.Event()
-        self.stats = WatchStats()
-        self._ssl = endpoint.ssl_context()
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.endpoint.token}", "Accept": "application/json"}
-
-    async def run(self, stop: asyncio.Event) -> None:
-        delay = self.backoff
-        while not stop.is_set():
-            try:
-                if self.rv is None:
-                    await self._list()
-                await self._watch(stop)
-                delay = self.backoff
-            except _Gone:
-                self.stats.relists_after_gone += 1
-                log.info(
-                    "%s: resourceVersion %s is gone (410): relisting", self.resource.kind, self.rv
-                )
-                self.rv = None
-            except (aiohttp.ClientError, TimeoutError, _Transient, ValueError) as exc:
-                self.stats.errors += 1
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("%s: %s; retrying in %.1fs", self.resource.kind, exc, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                delay = min(delay * 2, 10.0)
-                if self.rv is not None:
-                    self.stats.resumes += 1
-
-    async def _get_json(self, url: str, params: dict[str, str]) -> dict[str, Any]:
-        async with self.session.get(
-            url,
-            params=params,
-            headers=self._headers(),
-            ssl=self._ssl,
-            timeout=aiohttp.ClientTimeout(total=60),
-        ) as resp:
-            body = await resp.read()
-            if resp.status == 410:
-                raise _Gone(body[:200])
-            if resp.status != 200:
-                raise _Transient(f"GET {self.resource.path} answered {resp.status}: {body[:300]!r}")
-            data = json.loads(body)
-            if not isinstance(data, dict):
-                raise _Transient(f"GET {self.resource.path}: not a JSON object")
-            return data
-
-    async def _list(self) -> None:
-        url = self.endpoint.host + self.resource.path
-        items: dict[str, dict[str, Any]] = {}
-        cont = ""
-        rv = ""
-        while True:
-            params = {"limit": str(self.page_size)}
-            if cont:
-                params["continue"] = cont
-            try:
-                page = await self._get_json(url, params)
-            except _Gone:  # the continue token expired: start the listing over
-                items.clear()
-                cont = ""
-                continue
-            for item in page.get("items") or []:
-                item.setdefault("apiVersion", self.resource.api_version)
-                item.setdefault("kind", self.resource.kind)
-                items[_key(item)] = item
-            meta = page.get("metadata") or {}
-            rv = str(meta.get("resourceVersion") or "")
-            cont = str(meta.get("continue") or "")
-            if not cont:
-                break
-        self.stats.lists += 1
-        old = self.cache
-        self.cache = items
-        for key, gone in old.items():
-            if key not in items:
-                await self._changed("delete", gone, gone)
-        for key, obj in items.items():
-            before = old.get(key)
-            if before is None or _rv(before) != _rv(obj):
-                await self._changed("upsert", obj, before)
-        self.rv = rv
-        self.synced.set()
-
-    async def _changed(
-        self, change: Change, obj: dict[str, Any], prev: dict[str, Any] | None
-    ) -> None:
-        self.stats.changes += 1
-        try:
-            await self.handler(self.resource, change, obj, prev)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # one odd object must not stop the watch
-            self.stats.errors += 1
-            self.stats.last_error = f"{_key(obj)}: {type(exc).__name__}: {exc}"
-            log.exception("%s %s: translating the %s failed", self.resource.kind, _key(obj), change)
-
-    async def _watch(self, stop: asyncio.Event) -> None:
-        assert self.rv is not None
-        params = {
-            "watch": "true",
-            "resourceVersion": self.rv,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(self.watch_timeout),
-        }
-        self.stats.watches += 1
-        async with self.session.get(
-            self.endpoint.host + self.resource.path,
-            params=params,
-            headers=self._headers(),
-            ssl=self._ssl,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=10, sock_read=self.watch_timeout + 30
-            ),
-        ) as resp:
-            if resp.status == 410:
-                raise _Gone()
-            if resp.status != 200:
-                body = await resp.read()
-                raise _Transient(
-                    f"watch {self.resource.path} answered {resp.status}: {body[:300]!r}"
-                )
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                while True:
-                    line_task = asyncio.ensure_future(resp.content.readline())
-                    done, _ = await asyncio.wait(
-                        {line_task, stopper}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if stopper in done:
-                        line_task.cancel()
-                        return
-                    line = line_task.result()
-                    if not line:
-                        return  # the server ended the watch (timeoutSeconds): watch again
-                    await self._watch_event(json.loads(line))
-            finally:
-                stopper.cancel()
-
-    async def _watch_event(self, ev: Mapping[str, Any]) -> None:
-        kind = ev.get("type")
-        obj = ev.get("object")
-        if not isinstance(obj, dict):
-            raise _Transient(f"watch event without an object: {str(ev)[:200]}")
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise _Gone(obj.get("message"))
-            raise _Transient(f"watch error: {obj.get('code')} {obj.get('message')}")
-        if kind == "BOOKMARK":
-            self.stats.bookmarks += 1
-            self.rv = _rv(obj) or self.rv
-            return
-        obj.setdefault("apiVersion", self.resource.api_version)
-        obj.setdefault("kind", self.resource.kind)
-        key = _key(obj)
-        if kind in ("ADDED", "MODIFIED"):
-            prev = self.cache.get(key)
-            self.cache[key] = obj
-            self.rv = _rv(obj) or self.rv
-            await self._changed("upsert", obj, prev)
-        elif kind == "DELETED":
-            prev = self.cache.pop(key, None)
-            self.rv = _rv(obj) or self.rv
-            await self._changed("delete", obj, prev)
-        else:
-            raise _Transient(f"unknown watch event type {kind!r}")
-
-
-def _fingerprint(event: Event) -> tuple[Any, ...]:
-    return (
-        event.TYPE,
-        *(
-            (f.name, repr(getattr(event, f.name)))
-            for f in dataclasses.fields(event)
-            if f.name != "envelope"
-        ),
-    )
-
-
-def _labels(meta: Mapping[str, Any]) -> dict[str, str]:
-    raw = meta.get("labels") or {}
-    return {str(k): str(v) for k, v in raw.items()}
-
-
-def _port_protocol(protocol: object, app_protocol: object, name: object) -> str:
-    if str(protocol or "TCP").upper() == "UDP":
-        return "udp"
-    for hint in (app_protocol, name):
-        h = str(hint or "").lower().rsplit("/", 1)[-1]
-        for proto in ("grpc", "http", "tcp"):
-            if h == proto or h.startswith(proto + "-"):
-                return proto
-        if h in ("h2c", "http2", "https"):
-            return "http"
-    return "http"
 
 
 class KubeInformers:
@@ -845,29 +429,3 @@ class KubeInformers:
                 manifest_json=canonical_json(manifest),
             )
         ]
-
-
-def _authored_api_version(obj: Mapping[str, Any]) -> str | None:
-    """The apiVersion of the newest write to the object's main resource (``managedFields``)."""
-    best: tuple[str, int] | None = None
-    found: str | None = None
-    for i, entry in enumerate((obj.get("metadata") or {}).get("managedFields") or []):
-        if not isinstance(entry, dict) or entry.get("subresource"):
-            continue
-        if entry.get("operation") not in ("Update", "Apply"):
-            continue
-        rank = (str(entry.get("time") or ""), i)
-        if best is None or rank > best:
-            best = rank
-            found = str(entry.get("apiVersion") or "") or None
-    return found
-
-
-def _dedupe_aggregates(events: list[Event]) -> list[Event]:
-    """Keep the last event per aggregate (a namespace join translates each slice of a service
-    into the same EndpointsChanged)."""
-    last: dict[str, Event] = {}
-    for e in events:
-        last.pop(e.aggregate, None)
-        last[e.aggregate] = e
-    return list(last.values())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from smc.events import Position
 from smc.projections._errors import CheckpointError
-from smc.projections._runner import Checkpoint
+from smc.projections._runner_checkpoint import Checkpoint
 
 __all__ = ["CheckpointDir"]
 

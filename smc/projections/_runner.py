@@ -14,25 +14,15 @@ readers on that loop always see whole events.
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
-import json
 import logging
-import operator
-import os
 import random
-import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from xxhash import xxh64_intdigest
 
 from smc.events import (
     EVENT_TYPES,
-    MAGIC,
     ChainVerifier,
     Codec,
     Event,
@@ -48,182 +38,23 @@ from smc.events import (
 )
 from smc.projections._base import Projection
 from smc.projections._errors import CheckpointError, ProjectionError
+from smc.projections._runner_checkpoint import Checkpoint, CheckpointStore
+from smc.projections._runner_scan import (
+    _PENDING_MAX,
+    _CompactScan,
+    _id_hash,
+    _keep_done,
+    _skip_done,
+    _survivors,
+)
 
 __all__ = ["Checkpoint", "CheckpointStore", "ProjectionRunner"]
-
-#: A raw record for replay: (stream, partition, offset, key, value).
-_Raw = tuple[str, int, int, Any, bytes]
-
-
-def _where(r: _Raw) -> str:
-    return f"{r[0]}[{r[1]}]@{r[2]}"
-
-
-def _add_tail(pending: dict[object, Any], key: object, record: Any) -> None:
-    """Register a record of a type that does not replace its aggregate: after what is
-    pending for ``key`` (one replacing record, or a list), in log order."""
-    cur = pending.get(key)
-    if cur is None:
-        pending[key] = [record]
-    elif cur.__class__ is list:
-        cur.append(record)
-    else:
-        pending[key] = [cur, record]
-
-
-def _skip_done(scanned: Position, target: Position, log_end: Position) -> Position:
-    """Where to read from: partitions already at their target start at the log's end, so
-    a reader that returns records in one order across partitions (SQLite's append order)
-    does not keep handing back records of a partition the target stops early."""
-    tps = {tp for tp, _ in log_end.items()} | {tp for tp, _ in scanned.items()}
-    return Position(
-        {
-            tp: log_end.get(tp) if scanned.get(tp) >= target.get(tp) else scanned.get(tp)
-            for tp in tps
-        }
-    )
-
-
-def _keep_done(after: Position, scanned: Position, target: Position) -> Position:
-    """``after`` with the partitions :func:`_skip_done` moved back where they were."""
-    return Position(
-        {
-            tp: scanned.get(tp) if scanned.get(tp) >= target.get(tp) else off
-            for tp, off in after.items()
-        }
-    )
-
-
-def _survivors(pending: dict[object, Any]) -> list[Any]:
-    """The records held in a compaction's ``pending`` map (see ``ProjectionRunner._scan``)."""
-    out: list[Any] = []
-    add = out.append
-    more = out.extend
-    for v in pending.values():
-        if v.__class__ is list:
-            more(v)
-        else:
-            add(v)
-    return out
-
-
-_HEADER = operator.itemgetter(slice(0, 10))  # magic + schema fingerprint
-_REC_KEY = operator.itemgetter(4)  # a Record's key and value
-_REC_VALUE = operator.itemgetter(5)
-_ID_LENGTH = operator.itemgetter(10)  # the event id's zigzag length byte
-_id_slices: dict[int, Callable[[bytes], bytes]] = {}
-
-
-def _id_slice(n: int) -> Callable[[bytes], bytes]:
-    """A C-level getter of an ``n``-byte event id after the header and its length byte."""
-    got = _id_slices.get(n)
-    if got is None:
-        got = _id_slices[n] = operator.itemgetter(slice(11, 11 + n))
-    return got
-
-
-def _message_raw(m: Any) -> _Raw:
-    """A Kafka message (see ``KafkaLog.scan_messages``) as a raw record."""
-    return (m.topic(), m.partition(), m.offset(), m.key(), m.value() or b"")
 
 
 log = logging.getLogger("smc.projections")
 
-CHECKPOINT_FORMAT = 1
 
-#: A compacted catch-up applies what it holds once it holds more records than this.
-_PENDING_MAX = 100_000
-
-
-def _id_hash(event_id: str) -> int:
-    return _id_hash_bytes(event_id.encode())
-
-
-def _id_hash_bytes(event_id: bytes) -> int:
-    # 64-bit xxHash: stable across processes (checkpoints keep these), ~10x cheaper than
-    # blake2b; for 10 million ids the chance of any collision is about 3e-6.
-    return xxh64_intdigest(event_id)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Checkpoint:
-    """A position plus every projection's state and the ids already applied, as data."""
-
-    position: Position
-    states: dict[str, dict[str, Any]]
-    digests: dict[str, str]
-    seen: frozenset[int]
-    applied: int
-    #: The verifier's state (chain heads, writers, held records) when the runner verifies.
-    integrity: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        packed = struct.pack(f"<{len(self.seen)}Q", *sorted(self.seen))
-        out = {
-            "format": CHECKPOINT_FORMAT,
-            "position": self.position.to_json(),
-            "states": self.states,
-            "digests": self.digests,
-            "seen": base64.b64encode(packed).decode(),
-            "applied": self.applied,
-        }
-        if self.integrity is not None:
-            out["integrity"] = self.integrity
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
-        try:
-            if data.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"checkpoint format {data.get('format')!r} not supported")
-            raw = base64.b64decode(data["seen"])
-            seen = frozenset(struct.unpack(f"<{len(raw) // 8}Q", raw))
-            return cls(
-                position=Position.from_json(data["position"]),
-                states=dict(data["states"]),
-                digests=dict(data["digests"]),
-                seen=seen,
-                applied=int(data["applied"]),
-                integrity=data.get("integrity"),
-            )
-        except (KeyError, TypeError, ValueError, struct.error) as exc:
-            raise CheckpointError(f"checkpoint is malformed: {exc!r}") from exc
-
-
-class CheckpointStore:
-    """Checkpoints in one JSON file, replaced atomically (write, fsync, rename)."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], *, history: str | os.PathLike[str] | None = None
-    ) -> None:
-        self.path = Path(path)
-        #: A directory that also keeps every checkpoint saved (see ``CheckpointDir``).
-        self.history = Path(history) if history is not None else None
-
-    def load(self) -> Checkpoint | None:
-        if not self.path.exists():
-            return None
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from exc
-        return Checkpoint.from_json(data)
-
-    def save(self, cp: Checkpoint) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(cp.to_json(), f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        if self.history is not None:
-            from smc.projections._checkpoints import CheckpointDir
-
-            CheckpointDir(self.history).save(cp)
-
-
-class ProjectionRunner:
+class ProjectionRunner(_CompactScan):
     """Feeds log records to projections, from zero or a checkpoint, then follows the tail."""
 
     def __init__(
@@ -492,187 +323,12 @@ class ProjectionRunner:
         self.position = scanned
         return self.applied - start
 
-    def _header_kinds(self, replacing: frozenset[str]) -> dict[bytes, bool]:
-        """Every known record header (magic + writer fingerprint) -> whether its type
-        supersedes its aggregate's earlier events: one slice and one lookup check a header."""
-        return {
-            MAGIC + fp: info.name in replacing for fp, info in self.codec.by_fingerprint.items()
-        }
-
-    def _scan(
-        self,
-        raw: Sequence[Any],
-        pending: dict[object, Any],
-        kinds: dict[bytes, bool],
-        *,
-        records: bool = False,
-    ) -> tuple[int, int]:
-        """Register records for a compacted apply: check headers, drop duplicates by id.
-
-        ``pending`` maps an aggregate key to the records of it still to apply: the record of
-        a state-replacing event alone, or a list (events after it, or no replacing one yet).
-        Returns the records registered and how many of them did not replace the aggregate's
-        pending records (an upper bound of how much ``pending`` grew beyond one per key)."""
-        envelope_id = self.codec.envelope_id
-        seen = self._seen
-        dedupe = self._dedupe
-        xxh = xxh64_intdigest
-        duplicates = tails = 0
-        # raw tuples hold (.., key, value) at 3 and 4; Records (verified catch-up) at 4 and 5
-        ki, vi = (4, 5) if records else (3, 4)
-        for r in raw:
-            v = r[vi]
-            rep = kinds.get(v[:10])
-            if rep is None:
-                self.codec.header(v, where=_where(r))  # raises the precise DecodeError
-                continue  # pragma: no cover - header() always raises here
-            if dedupe:
-                b = v[10]
-                # the event id follows the header (checked by the codec); short ids inline
-                h = xxh(v[11 : 11 + (b >> 1)]) if b < 0x80 else xxh(envelope_id(v))
-                if h in seen:
-                    duplicates += 1
-                    continue
-                seen[h] = None
-            # Aggregate keys carry their kind as a prefix, so they are unique across streams.
-            if rep:
-                pending[r[ki]] = r
-            else:
-                _add_tail(pending, r[ki], r)
-                tails += 1
-        added = len(raw) - duplicates
-        self.applied += added
-        self.duplicates += duplicates
-        return added, tails
-
-    def _scan_messages(
-        self,
-        msgs: list[Any],
-        pending: dict[object, Any],
-        kinds: dict[bytes, bool],
-    ) -> tuple[int, int]:
-        """:meth:`_scan` for Kafka messages (see ``KafkaLog.scan_messages``): reads each
-        message's value and key only; where it sits is asked of the few that survive. The loop
-        is :meth:`_scan`'s for message objects; the rare non-replacing records share
-        :func:`_add_tail` (a call per replacing record would cost the hot path)."""
-        if not self._dedupe:
-            return self._scan([_message_raw(m) for m in msgs], pending, kinds)
-        if self._scan_batch(msgs, pending, kinds):
-            n = len(msgs)
-            self.applied += n
-            return n, 0
-        envelope_id = self.codec.envelope_id
-        seen = self._seen
-        xxh = xxh64_intdigest
-        duplicates = tails = 0
-        m = None
-        try:
-            for m in msgs:
-                v = m.value()
-                rep = kinds[v[:10]]  # KeyError: not a known header; TypeError: no value
-                b = v[10]
-                # the event id follows the header (checked by the codec); short ids inline
-                h = xxh(v[11 : 11 + (b >> 1)]) if b < 0x80 else xxh(envelope_id(v))
-                if h in seen:
-                    duplicates += 1
-                    continue
-                seen[h] = None
-                # Aggregate keys carry their kind as a prefix: unique across streams.
-                if rep:
-                    pending[m.key()] = m
-                else:
-                    _add_tail(pending, m.key(), m)
-                    tails += 1
-        except (KeyError, TypeError):
-            if m is not None:  # raises the precise DecodeError when the header is the cause
-                self.codec.header(m.value() or b"", where=_where(_message_raw(m)))
-            raise
-        added = len(msgs) - duplicates
-        self.applied += added
-        self.duplicates += duplicates
-        return added, tails
-
-    def _scan_batch(
-        self,
-        msgs: list[Any],
-        pending: dict[object, Any],
-        kinds: dict[bytes, bool],
-        *,
-        records: bool = False,
-    ) -> bool:
-        """The common case of :meth:`_scan_messages` as C-level passes over the batch (about
-        12% less CPU than the per-record loop): every record of a replacing type, every event
-        id of one length (ids are uuid-shaped), no duplicate in the batch nor with what was
-        seen. Registers the batch and returns True exactly then; otherwise changes nothing
-        and returns False (the per-record loop runs, and raises the precise error for a bad
-        record). Both paths leave the same state (tests compare them)."""
-        if not msgs:
-            return False
-        cls = msgs[0].__class__  # the messages' C methods, mapped: no Python frame each
-        value_of, key_of = (_REC_VALUE, _REC_KEY) if records else (cls.value, cls.key)
-        values = list(map(value_of, msgs))
-        try:
-            if not all(map(kinds.__getitem__, map(_HEADER, values))):
-                return False
-            lengths = set(map(_ID_LENGTH, values))
-        except (KeyError, TypeError, IndexError):
-            return False
-        if len(lengths) != 1:
-            return False
-        b = lengths.pop()
-        if b >= 0x80:  # a long id: varint length, the per-record loop reads it
-            return False
-        ids = dict.fromkeys(map(xxh64_intdigest, map(_id_slice(b >> 1), values)))
-        if len(ids) != len(values) or not self._seen.keys().isdisjoint(ids):
-            return False
-        self._seen.update(ids)
-        pending.update(zip(map(key_of, msgs), msgs, strict=True))
-        return True
-
-    def _flush(
-        self, pending: dict[object, Any], registered: int, *, messages: bool = False
-    ) -> None:
-        """Apply the records left in ``pending`` (``registered`` were put there), in log
-        order; the others were superseded."""
-        survivors = _survivors(pending)
-        self.superseded += registered - len(survivors)
-        if not survivors:
-            return
-        if messages:
-            survivors = [_message_raw(m) for m in survivors]
-        elif survivors[0].__class__ is Record:
-            survivors = [(r[0], r[1], r[2], r[4], r[5]) for r in survivors]
-        survivors.sort(key=lambda r: (r[0], r[1], r[2]))
-        self._apply_checked(survivors)
-
     def step_records(self, recs: Sequence[Record]) -> list[Event]:
         """Apply records (see :meth:`apply_records`) and tell the listeners."""
         events = self.apply_records(recs)
         for cb in self.listeners:
             cb(events)
         return events
-
-    def _apply_checked(self, raw: list[_Raw]) -> None:
-        """Apply records already registered in the de-duplication set."""
-        decode = self.codec.decode
-        events: list[Event] = []
-        for r in raw:
-            where = _where(r)
-            event = decode(r[4], where=where)
-            self._apply_event(event, where)
-            events.append(event)
-        for cb in self.listeners:
-            cb(events)
-
-    def _apply_event(self, event: Event, where: str) -> None:
-        """Apply one event to every projection of its stream, naming ``where`` on failure.
-
-        The stream comes from the event's type (scans may name prefixed Kafka topics)."""
-        for p in self._by_stream.get(type(event).STREAM, ()):
-            try:
-                p.apply(event)
-            except Exception as exc:
-                raise ProjectionError(projection=p.name, where=where, reason=repr(exc)) from exc
 
     async def run(
         self,
