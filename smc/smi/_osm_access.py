@@ -21,7 +21,7 @@ from smc.smi._osm_model import (
     IngressBackendTarget,
     IngressSource,
 )
-from smc.smi._parse import _Abort, _body, _idx, _join, _Reader
+from smc.smi._reader import _Abort, _body, _idx, _join, _Reader
 
 # ---- Egress -------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from smc.smi._model import IdentityRef
 from smc.smi._osm_model import ObjectRef
-from smc.smi._parse import _idx, _join, _Reader
+from smc.smi._reader import _idx, _join, _Reader
 
 __all__ = ["format_go_duration"]
 

@@ -12,7 +12,7 @@ import ipaddress
 from typing import Any
 
 from smc.smi._osm_common import _host, _spec_json
-from smc.smi._parse import _join, _Reader
+from smc.smi._reader import _join, _Reader
 
 __all__ = ["DEFAULT_ACCESS_LOG_PATH", "observability_json"]
 

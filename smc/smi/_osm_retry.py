@@ -14,7 +14,7 @@ from typing import Any
 
 from smc.smi._osm_common import _go_duration, _service_account, _spec_json, format_go_duration
 from smc.smi._osm_model import RetryPolicy
-from smc.smi._parse import _Abort, _body, _idx, _join, _Reader
+from smc.smi._reader import _Abort, _body, _idx, _join, _Reader
 
 _RETRY_ON = frozenset(
     {

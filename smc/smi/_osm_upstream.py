@@ -22,7 +22,7 @@ from smc.smi._osm_model import (
     TCPLocalRateLimit,
     UpstreamTrafficSetting,
 )
-from smc.smi._parse import _Abort, _body, _idx, _join, _Reader
+from smc.smi._reader import _Abort, _body, _idx, _join, _Reader
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _UNITS = ("second", "minute", "hour")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from smc.smi._model import VirtualMachineGroup, WorkloadPort
 
 if TYPE_CHECKING:
-    from smc.smi._parse import _Reader
+    from smc.smi._reader import _Reader
 
 __all__ = ["RESERVED_LABEL_PREFIXES", "parse_vm_group", "vm_group_manifest"]
 
@@ -48,7 +48,8 @@ def parse_vm_group(
     r: _Reader, obj: Mapping[str, object], version: str, namespace: str, name: str
 ) -> VirtualMachineGroup:
     """Read one VirtualMachineGroup (``r`` collects the errors; raises its abort on failure)."""
-    from smc.smi._parse import _Abort, _body, _duration, _join, _unique_names, _workload_ports
+    from smc.smi._parse_smc import _duration, _unique_names, _workload_ports
+    from smc.smi._reader import _Abort, _body, _join
 
     body, base = _body(
         r,
