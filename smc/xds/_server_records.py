@@ -1,0 +1,187 @@
+"""Public records, callback types and Prometheus metrics of the ADS server.
+
+Role: the data the ADS server reports (refusals, NACKs, per-stream debug status), the hooks it
+calls (:data:`AckCallback`, :data:`SubscriptionCallback`, :data:`Authorize`, :data:`Placement`)
+and :class:`XdsMetrics`. Concurrency: plain frozen records; metrics are updated on the server's
+event loop only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from smc.ca import SpiffeId
+from smc.xds._types import short_name
+
+__all__ = [
+    "UNPLACED_GRACE",
+    "AckCallback",
+    "Authorize",
+    "NackRecord",
+    "Placement",
+    "ProxyStatus",
+    "RefusalReason",
+    "RefusalRecord",
+    "StreamKind",
+    "SubscriptionCallback",
+    "TypeStatus",
+    "XdsMetrics",
+]
+
+StreamKind = Literal["sotw", "delta"]
+
+#: ``on_ack(node_id, type_url, version, acked_at)``: a proxy ACKed ``version`` of ``type_url``
+#: (``acked_at``: wall-clock seconds).
+AckCallback = Callable[[str, str, str, float], None]
+#: ``on_subscription(node_id, type_url, watched)``: a proxy started (True) or stopped (False)
+#: watching a named type (EDS/RDS/SDS) at all.
+SubscriptionCallback = Callable[[str, str, bool], None]
+#: ``authorize(node_id, peer_identity)``: may a proxy whose client certificate carries
+#: ``peer_identity`` be served the config of ``node_id``? Called on the server's loop, at most
+#: once per stream, once the node has a snapshot; must not block.
+Authorize = Callable[[str, SpiffeId], bool]
+#: ``placement(node_id)``: None when SMC can place the node id (it names a registry workload),
+#: else why not. Asked on the server's loop while a ready server has no snapshot for the node.
+Placement = Callable[[str], str | None]
+
+RefusalReason = Literal[
+    "no_client_certificate", "bad_identity", "identity_mismatch", "invalid_node_id", "unplaced"
+]
+#: How long a well-formed node id naming no workload waits (the workload may be joining) before
+#: its stream ends with NOT_FOUND.
+UNPLACED_GRACE = 5.0
+_REFUSALS_KEPT = 256
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RefusalRecord:
+    """One stream refused by the identity check: why, for which claimed node id (empty when
+    refused before the first request), and the certificate identity presented (empty if none)."""
+
+    node_id: str
+    peer_identity: str
+    peer: str
+    reason: RefusalReason
+    message: str
+    at: float  # wall-clock seconds (time.time())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NackRecord:
+    """One NACK: which node rejected which version of which type, when, and why."""
+
+    node_id: str
+    type_url: str
+    version: str
+    nonce: str
+    message: str
+    code: int
+    at: float  # wall-clock seconds (time.time())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TypeStatus:
+    """Debug view of one type on one stream."""
+
+    type_url: str
+    wildcard: bool
+    names: tuple[str, ...]
+    sent_version: str | None
+    acked_version: str | None
+    last_nonce: str | None
+    pending: bool
+    last_nack: NackRecord | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProxyStatus:
+    """Debug view of one connected ADS stream."""
+
+    node_id: str
+    stream_id: int
+    kind: StreamKind
+    peer: str
+    connected_at: float
+    types: Mapping[str, TypeStatus]
+
+
+class XdsMetrics:
+    """Prometheus metrics of the ADS server, registered in the given registry. Labels carry only
+    the resource type and stream kind, never node ids."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.pushes = Counter(
+            "smc_xds_pushes", "xDS responses sent", ["type", "kind"], registry=registry
+        )
+        self.resources_sent = Counter(
+            "smc_xds_resources_sent",
+            "Resources carried by xDS responses",
+            ["type"],
+            registry=registry,
+        )
+        self.bytes_sent = Counter(
+            "smc_xds_resource_bytes_sent",
+            "Serialised resource bytes sent",
+            ["type"],
+            registry=registry,
+        )
+        self.push_latency = Histogram(
+            "smc_xds_push_latency_seconds",
+            "Time from a snapshot change (or request) to the response being written",
+            ["type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ack_latency = Histogram(
+            "smc_xds_ack_latency_seconds",
+            "Time from a response being written to its ACK or NACK",
+            ["type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.nacks = Counter("smc_xds_nacks", "NACKs received", ["type"], registry=registry)
+        self.connected = Gauge(
+            "smc_xds_connected_proxies", "Open ADS streams", ["kind"], registry=registry
+        )
+        self.refused = Counter(
+            "smc_xds_refused_streams",
+            "ADS streams refused by the client-certificate identity check",
+            ["reason"],
+            registry=registry,
+        )
+        self._by_type: dict[str, _TypeMetrics] = {}
+
+    def for_type(self, type_url: str) -> _TypeMetrics:
+        """The label children of one type, cached (``labels()`` is too slow per push)."""
+        found = self._by_type.get(type_url)
+        if found is None:
+            found = self._by_type[type_url] = _TypeMetrics(self, short_name(type_url))
+        return found
+
+
+class _TypeMetrics:
+    __slots__ = (
+        "ack_latency",
+        "bytes_sent",
+        "nacks",
+        "push_latency",
+        "pushes_delta",
+        "pushes_sotw",
+        "resources_sent",
+    )
+
+    def __init__(self, m: XdsMetrics, label: str) -> None:
+        self.pushes_sotw = m.pushes.labels(label, "sotw")
+        self.pushes_delta = m.pushes.labels(label, "delta")
+        self.resources_sent = m.resources_sent.labels(label)
+        self.bytes_sent = m.bytes_sent.labels(label)
+        self.push_latency = m.push_latency.labels(label)
+        self.ack_latency = m.ack_latency.labels(label)
+        self.nacks = m.nacks.labels(label)
