@@ -16,8 +16,8 @@ from smc.api._changes import (
     Plan,
     Status,
     current_resources,
-    error_dict,
 )
+from smc.api._changes_model import error_dict
 from smc.api._errors import ApiError, BodyError, ChangeNotApplied
 from smc.api._http import MAX_BODY_BYTES, ApiContext, HttpApi, create_app, start_http
 from smc.api._live import LiveMeshChanges

@@ -13,8 +13,10 @@ from smc.cli import _apply as _apply
 from smc.cli import _audit as _audit
 from smc.cli import _certs as _certs
 from smc.cli import _demo as _demo
+from smc.cli import _get as _get
 from smc.cli import _kubectl as _kubectl
 from smc.cli import _log as _log
+from smc.cli import _policycheck as _policycheck
 from smc.cli import _proxy as _proxy
 from smc.cli import _proxycerts as _proxycerts
 from smc.cli import _serve as _serve
