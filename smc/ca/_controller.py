@@ -1,23 +1,22 @@
 """The certificate controller: the CA reacting to the projections.
 
 Role: keeps one valid workload certificate per mesh identity and records its lifecycle
-on the log. What to do is decided by :func:`plan_certificates`, a pure function of the
-registry identities, the mesh config (trust domain, lifetime), the certificate projection,
-the fingerprints whose keys this process holds, the issuer name and ``now`` — so it is
-testable and every replica computes the same plan. :class:`CertificateController`
-carries the plan out: it signs with the issuer (in a worker thread), keeps the key in the
-:class:`~smc.ca.KeyStore` (never on the log), appends ``CertificateIssued`` /
-``CertificateRenewed`` / ``CertificateRevoked`` (public facts only, deterministic event ids)
-and ``TrustBundleChanged`` when the issuer's roots change, then waits until the runner has
-applied its own events before planning again. After a restart the certificate state comes
-back from the log (``CertsProjection``); a certificate still valid whose key is still held
-is simply served again, one whose key is gone is renewed.
+on the log. What to do is decided by :func:`plan_certificates` (:mod:`smc.ca._plan`), a
+pure function of the registry identities, the mesh config (trust domain, lifetime), the
+certificate projection, the fingerprints whose keys this process holds, the issuer name and
+``now`` - so it is testable and every replica computes the same plan.
+:class:`CertificateController` carries the plan out: it signs with the issuer (in a worker
+thread), keeps the key in the :class:`~smc.ca.KeyStore` (never on the log), appends
+``CertificateIssued`` / ``CertificateRenewed`` / ``CertificateRevoked`` (public facts only,
+deterministic event ids, :mod:`smc.ca._ca_events`) and ``TrustBundleChanged`` when the
+issuer's roots change, then waits until the runner has applied its own events before
+planning again. After a restart the certificate state comes back from the log
+(``CertsProjection``); a certificate still valid whose key is still held is simply served
+again, one whose key is gone is renewed. The issuer comes from the command-line options
+(:mod:`smc.ca._options`).
 
-A replica that must not issue (``smc serve --ca follow``) runs :func:`follow_ca` instead: a
-:class:`CertificateFollower` serves exactly the certificates the log records as current, with
-keys read from the key directory it shares with the issuing replica (written there before the
-issuer appends the event), and the trust bundle the log records, ordered as the issuer orders
-it; so every replica at the same offset serves the same SDS secrets.
+A replica that must not issue (``smc serve --ca follow``) runs :func:`follow_ca` instead
+(:mod:`smc.ca._follower`). This module re-exports the names of those modules.
 
 Failures never stop ``smc serve``: an unavailable issuer (after the retries of
 :func:`smc.ca.retrying`) or log leaves the current certificates in place and the pass is
@@ -34,36 +33,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, TypeVar
 
-from smc.ca._errors import CAError, CAStateError, InvalidIdentity, IssuerRejected, IssuerUnavailable
-from smc.ca._identity import format_spiffe_id
+from smc.ca._ca_events import SOURCE, certificate_event, revocation_event, trust_bundle_event
+from smc.ca._errors import CAError, CAStateError, IssuerRejected, IssuerUnavailable
+from smc.ca._follower import CertificateFollower, follow_ca
 from smc.ca._keystore import KeyStore
-from smc.ca._local import LocalIssuer
 from smc.ca._model import IssuedCertificate, Issuer
-from smc.ca._retry import Backoff, RetryingIssuer, retrying
-from smc.ca._rotation import DEFAULT_FRACTION, DEFAULT_JITTER, renew_at
+from smc.ca._options import IssuerFactory, issuer_factory_from_options, issuer_from_options
+from smc.ca._plan import (
+    Action,
+    IssueAction,
+    Plan,
+    RenewAction,
+    RevokeAction,
+    _current_records,
+    _projection,
+    active_issuer_name,
+    plan_certificates,
+    renewal_instant,
+    served_bundle,
+)
+from smc.ca._retry import RetryingIssuer
+from smc.ca._rotation import DEFAULT_FRACTION, DEFAULT_JITTER
 from smc.ca._vault import VaultIssuer
 from smc.events import (
-    CERTS,
-    WRITER_NAMESPACE,
     Appended,
-    CertificateIssued,
-    CertificateRenewed,
-    CertificateRevoked,
     Event,
     EventLog,
-    TrustBundleChanged,
-    deterministic_id,
-    make_event,
 )
 from smc.projections import (
     CertRecord,
@@ -83,6 +84,7 @@ __all__ = [
     "ReconcileResult",
     "RenewAction",
     "RevokeAction",
+    "active_issuer_name",
     "certificate_event",
     "follow_ca",
     "issuer_factory_from_options",
@@ -91,385 +93,14 @@ __all__ = [
     "renewal_instant",
     "revocation_event",
     "run_ca",
+    "served_bundle",
     "trust_bundle_event",
 ]
 
 log = logging.getLogger("smc.ca.controller")
 
-#: Builds the issuer for a trust domain (the mesh config names it; it may change).
-IssuerFactory = Callable[[str], Issuer]
-
-SOURCE = "smc-ca"
-
-
-# ---------------------------------------------------------------------- the pure plan
-@dataclass(frozen=True, kw_only=True, slots=True)
-class IssueAction:
-    """Issue a first certificate for ``identity`` (a SPIFFE URI)."""
-
-    identity: str
-    reason: str = "new-identity"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RenewAction:
-    """Replace ``previous_serial``, the identity's current certificate."""
-
-    identity: str
-    previous_serial: str
-    reason: str  # due | expired | key-missing | issuer-changed | forced
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RevokeAction:
-    """Revoke ``serial``: its identity left the registry."""
-
-    identity: str
-    serial: str
-    reason: str = "identity-removed"
-
-
-Action = IssueAction | RenewAction | RevokeAction
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Plan:
-    """What to do now, and when to look again."""
-
-    actions: tuple[Action, ...]
-    #: Earliest renewal instant among the certificates kept as they are.
-    next_due: datetime | None
-    #: ``(ns/sa, reason)`` of registry identities that cannot be SPIFFE ids.
-    skipped: tuple[tuple[str, str], ...] = ()
-
-
-def _desired(
-    identities: Iterable[str], trust_domain: str
-) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    out: dict[str, str] = {}
-    skipped: list[tuple[str, str]] = []
-    for short in sorted(identities):
-        ns, sep, sa = short.partition("/")
-        if not sep:
-            skipped.append((short, "not of the form namespace/service-account"))
-            continue
-        if ns == WRITER_NAMESPACE:  # log writer identities: never a workload's certificate
-            skipped.append((short, f"namespace {ns} is reserved for log writers"))
-            continue
-        try:
-            out[format_spiffe_id(trust_domain=trust_domain, namespace=ns, service_account=sa)] = (
-                short
-            )
-        except InvalidIdentity as exc:
-            skipped.append((short, str(exc)))
-    return out, skipped
-
-
-def renewal_instant(
-    rec: CertRecord,
-    *,
-    lifetime: timedelta,
-    fraction: float = DEFAULT_FRACTION,
-    jitter: float = DEFAULT_JITTER,
-) -> datetime:
-    """When ``rec`` is due: :func:`smc.ca.renew_at` seeded by ``identity|serial``, over
-    the validity counted from ``max(not_before, not_after - lifetime)`` so an issuer's
-    back-dated ``not_before`` (clock-skew allowance) does not make a short-lived
-    certificate due as soon as it is issued."""
-    start = max(rec.not_before, rec.not_after - lifetime)
-    if start >= rec.not_after:
-        start = rec.not_before
-    return renew_at(
-        not_before=start,
-        not_after=rec.not_after,
-        seed=f"{rec.identity}|{rec.serial}",
-        fraction=fraction,
-        jitter=jitter,
-    )
-
-
-def plan_certificates(
-    *,
-    identities: Iterable[str],
-    trust_domain: str,
-    lifetime: timedelta,
-    current: Mapping[str, CertRecord],
-    now: datetime,
-    held: Collection[str] | None = None,
-    issuer: str | None = None,
-    fraction: float = DEFAULT_FRACTION,
-    jitter: float = DEFAULT_JITTER,
-) -> Plan:
-    """The certificate actions that bring ``current`` in line with the registry.
-
-    ``identities`` are registry identities (``ns/sa``); ``current`` maps SPIFFE URI to the
-    identity's current certificate (``CertsProjection``); ``held`` the fingerprints whose
-    keys this process holds (None: don't check); ``issuer`` the active issuer's name (None:
-    don't check). Per desired identity: no certificate -> issue; expired, due
-    (:func:`renewal_instant`), key not held, or signed by another issuer -> renew.
-    Every current certificate of an identity no longer desired -> revoke. Pure.
-    """
-    desired, skipped = _desired(identities, trust_domain)
-    actions: list[Action] = []
-    next_due: datetime | None = None
-    for uri in sorted(desired):
-        rec = current.get(uri)
-        if rec is None:
-            actions.append(IssueAction(identity=uri))
-            continue
-        due = renewal_instant(rec, lifetime=lifetime, fraction=fraction, jitter=jitter)
-        reason: str | None = None
-        if now >= rec.not_after:
-            reason = "expired"
-        elif now >= due:
-            reason = "due"
-        elif held is not None and rec.fingerprint not in held:
-            reason = "key-missing"
-        elif issuer is not None and rec.issuer != issuer:
-            reason = "issuer-changed"
-        if reason is not None:
-            actions.append(RenewAction(identity=uri, previous_serial=rec.serial, reason=reason))
-        elif next_due is None or due < next_due:
-            next_due = due
-    for uri in sorted(set(current) - set(desired)):
-        actions.append(RevokeAction(identity=uri, serial=current[uri].serial))
-    return Plan(actions=tuple(actions), next_due=next_due, skipped=tuple(skipped))
-
-
-# ---------------------------------------------------------------------- events
-def certificate_event(
-    cert: IssuedCertificate,
-    *,
-    previous_serial: str | None = None,
-    source: str = SOURCE,
-    actor: str = "ca",
-    occurred_at: datetime | None = None,
-) -> CertificateIssued | CertificateRenewed:
-    """``CertificateIssued`` (or ``CertificateRenewed`` with ``previous_serial``) carrying
-    :meth:`IssuedCertificate.record` and ``not_before``: never a key. Event id:
-    ``deterministic_id("ca", identity, serial)``."""
-    rec = cert.record()
-    facts: dict[str, Any] = {
-        "serial": rec.serial,
-        "identity": rec.identity,
-        "not_before": cert.not_before,
-        "not_after": rec.not_after,
-        "issuer": rec.issuer,
-        "fingerprint": rec.fingerprint,
-    }
-    event_id = deterministic_id("ca", rec.identity, rec.serial)
-    if previous_serial is None:
-        return make_event(
-            CertificateIssued,
-            source=source,
-            actor=actor,
-            occurred_at=occurred_at,
-            event_id=event_id,
-            **facts,
-        )
-    return make_event(
-        CertificateRenewed,
-        source=source,
-        actor=actor,
-        occurred_at=occurred_at,
-        event_id=event_id,
-        previous_serial=previous_serial,
-        **facts,
-    )
-
-
-def revocation_event(
-    *,
-    identity: str,
-    serial: str,
-    reason: str,
-    source: str = SOURCE,
-    actor: str = "ca",
-    occurred_at: datetime | None = None,
-) -> CertificateRevoked:
-    """``CertificateRevoked``; id ``deterministic_id("ca", "revoke", identity, serial)`` so
-    replicas revoking the same certificate append it once."""
-    return make_event(
-        CertificateRevoked,
-        source=source,
-        actor=actor,
-        occurred_at=occurred_at,
-        event_id=deterministic_id("ca", "revoke", identity, serial),
-        serial=serial,
-        identity=identity,
-        reason=reason,
-    )
-
-
-def _bundle_digest(roots: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(roots).encode("ascii")).hexdigest()
-
-
-def trust_bundle_event(
-    *,
-    issuer: str,
-    roots: Sequence[str],
-    previous: Sequence[str],
-    source: str = SOURCE,
-    actor: str = "ca",
-    salt: str = "",
-) -> TrustBundleChanged:
-    """``TrustBundleChanged`` (PEM roots only); id from the issuer and the digests of
-    the previous and new bundles (plus ``salt`` to re-record a bundle seen before)."""
-    parts = ["ca", "trust", issuer, _bundle_digest(previous), _bundle_digest(roots)]
-    if salt:
-        parts.append(salt)
-    return make_event(
-        TrustBundleChanged,
-        source=source,
-        actor=actor,
-        event_id=deterministic_id(*parts),
-        issuer=issuer,
-        roots_pem=tuple(roots),
-    )
-
-
-# ---------------------------------------------------------------------- issuer options
-def _vault_token(*, token: str | None, token_file: str | None, env: Mapping[str, str]) -> str:
-    if token:
-        return token
-    if token_file:
-        try:
-            text = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise CAStateError(
-                f"--vault-token-file {token_file}: cannot read ({exc.strerror})"
-            ) from exc
-        if not text:
-            raise CAStateError(f"--vault-token-file {token_file}: file is empty")
-        return text
-    for name in ("VAULT_TOKEN", "BAO_TOKEN"):
-        if env.get(name):
-            return env[name]
-    raise CAStateError(
-        "--ca vault:URL needs a token: set VAULT_TOKEN (or BAO_TOKEN) or pass --vault-token-file"
-    )
-
-
-def issuer_factory_from_options(
-    *,
-    ca: str,
-    vault_role: str = "smc-workload",
-    vault_mount: str = "pki",
-    vault_token: str | None = None,
-    vault_token_file: str | None = None,
-    vault_ca_cert: str | None = None,
-    vault_timeout: float = 5.0,
-    backoff: Backoff | None = None,
-    env: Mapping[str, str] | None = None,
-) -> IssuerFactory:
-    """Parse ``--ca`` (``local:DIR`` or ``vault:URL``) and return ``trust_domain -> issuer``
-    (wrapped in :func:`smc.ca.retrying`). The spec and the Vault token are checked now, so
-    a bad option fails at start-up with a message naming it; the issuer itself is built
-    when the trust domain is known (it comes from the mesh config on the log)."""
-    kind, sep, rest = ca.partition(":")
-    bo = backoff or Backoff(attempts=4, initial=0.2, maximum=2.0, deadline=10.0)
-    if not sep or not rest:
-        raise CAStateError(f"--ca {ca!r}: expected local:DIR or vault:URL")
-    if kind == "local":
-        directory = Path(rest).expanduser()
-
-        def local(trust_domain: str) -> Issuer:
-            return retrying(LocalIssuer(directory=directory, trust_domain=trust_domain), backoff=bo)
-
-        return local
-    if kind == "vault":
-        if not rest.startswith(("http://", "https://")):
-            raise CAStateError(f"--ca {ca!r}: the Vault URL must start with http:// or https://")
-        token = _vault_token(
-            token=vault_token, token_file=vault_token_file, env=os.environ if env is None else env
-        )
-        if vault_ca_cert is not None and not Path(vault_ca_cert).is_file():
-            raise CAStateError(f"--vault-ca-cert {vault_ca_cert}: no such file")
-        verify: bool | str = vault_ca_cert if vault_ca_cert is not None else True
-
-        def vault(trust_domain: str) -> Issuer:
-            return retrying(
-                VaultIssuer(
-                    url=rest,
-                    token=token,
-                    role=vault_role,
-                    mount=vault_mount,
-                    trust_domain=trust_domain,
-                    verify=verify,
-                    timeout=vault_timeout,
-                ),
-                backoff=bo,
-            )
-
-        return vault
-    raise CAStateError(f"--ca {ca!r}: unknown kind {kind!r}; use local:DIR or vault:URL")
-
-
-def issuer_from_options(
-    *,
-    ca: str,
-    trust_domain: str,
-    vault_role: str = "smc-workload",
-    vault_mount: str = "pki",
-    vault_token: str | None = None,
-    vault_token_file: str | None = None,
-    vault_ca_cert: str | None = None,
-    backoff: Backoff | None = None,
-    env: Mapping[str, str] | None = None,
-) -> Issuer:
-    """The issuer ``--ca`` names, for ``trust_domain``, wrapped in :func:`smc.ca.retrying`."""
-    return issuer_factory_from_options(
-        ca=ca,
-        vault_role=vault_role,
-        vault_mount=vault_mount,
-        vault_token=vault_token,
-        vault_token_file=vault_token_file,
-        vault_ca_cert=vault_ca_cert,
-        backoff=backoff,
-        env=env,
-    )(trust_domain)
-
 
 # ---------------------------------------------------------------------- the controller
-def _current_records(certs: CertsProjection) -> dict[str, CertRecord]:
-    out: dict[str, CertRecord] = {}
-    for identity in certs.current:
-        rec = certs.current_cert(identity)
-        if rec is not None:
-            out[identity] = rec
-    return out
-
-
-def served_bundle(
-    *, trust: Mapping[str, Sequence[str]], current: Mapping[str, CertRecord], issuer_name: str
-) -> list[str]:
-    """The trust bundle SDS serves: the roots of the active issuer ``issuer_name`` first,
-    then those of every other issuer with a current certificate (by name), without
-    repeats. Pure: every replica at the same offset computes the same bundle."""
-    names = {issuer_name} | {r.issuer for r in current.values()}
-    roots: list[str] = []
-    for name in sorted(names, key=lambda n: (n != issuer_name, n)):
-        for pem in trust.get(name, ()):
-            if pem not in roots:
-                roots.append(pem)
-    return roots
-
-
-def active_issuer_name(certs: CertsProjection) -> str | None:
-    """The issuer the log says is signing now: the one of the newest current certificate
-    (latest ``not_before``, then serial), else the only issuer with a trust bundle, else
-    None. What a replica that does not issue (:class:`CertificateFollower`) orders the
-    served bundle by, as the issuing replica orders it by its own issuer."""
-    current = _current_records(certs)
-    if current:
-        newest = max(current.values(), key=lambda r: (r.not_before, r.serial))
-        return newest.issuer
-    if len(certs.trust) == 1:
-        return next(iter(certs.trust))
-    return None
-
-
 @dataclass(kw_only=True, slots=True)
 class ReconcileResult:
     """What one pass did."""
@@ -493,16 +124,6 @@ def _auto_workers(issuer: Issuer) -> int:
     while isinstance(inner, RetryingIssuer):
         inner = inner.inner
     return 4 if isinstance(inner, VaultIssuer) else 1
-
-
-P = TypeVar("P")
-
-
-def _projection(runner: ProjectionRunner, cls: type[P]) -> P:
-    for p in runner.projections:
-        if isinstance(p, cls):
-            return p
-    raise CAStateError(f"the projection runner has no {cls.__name__}; the CA needs it")
 
 
 class CertificateController:
@@ -905,138 +526,6 @@ class CertificateController:
     async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
-
-
-class CertificateFollower:
-    """The CA side of a replica that does not issue (``smc serve --ca follow``).
-
-    It never signs nor appends: after each batch of ``smc.certs`` events (and every
-    ``interval`` seconds) it makes the log's current certificates what ``keystore``
-    serves, loading their keys from the key directory shared with the issuing replica,
-    and sets the trust bundle the log records (:func:`served_bundle`, ordered by
-    :func:`active_issuer_name`). A certificate whose key is not in the directory yet is
-    not served and is looked for again every ``retry_interval`` seconds (warned about
-    once). It does not prune the directory: the issuing replica owns it.
-    """
-
-    def __init__(
-        self,
-        *,
-        runner: ProjectionRunner,
-        keystore: KeyStore,
-        interval: float = 30.0,
-        retry_interval: float = 0.5,
-    ) -> None:
-        if keystore.directory is None:
-            raise CAStateError(
-                "a replica that follows the CA needs the key directory the issuing replica "
-                "writes (--keys DIR)"
-            )
-        self.runner = runner
-        self.keystore = keystore
-        self.interval = interval
-        self.retry_interval = retry_interval
-        self.certs = _projection(runner, CertsProjection)
-        self.missing: frozenset[str] = frozenset()
-        self.passes = 0
-        self._warned: set[str] = set()
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _plan(self) -> tuple[dict[str, str], list[str]]:
-        """On the loop: (identity -> fingerprint, trust bundle) as the log says now."""
-        current = _current_records(self.certs)
-        name = active_issuer_name(self.certs) or ""
-        bundle = served_bundle(trust=self.certs.trust, current=current, issuer_name=name)
-        return {i: r.fingerprint for i, r in current.items()}, bundle
-
-    def _apply(self, current: Mapping[str, str], bundle: Sequence[str]) -> frozenset[str]:
-        """Blocking (reads key files): serve ``current`` and ``bundle``; returns missing."""
-        missing = self.keystore.sync(current)
-        self.keystore.set_trust_bundle(bundle)
-        return missing
-
-    async def sync(self) -> frozenset[str]:
-        """One pass; returns the identities whose key is not in the directory (yet)."""
-        self.passes += 1
-        current, bundle = self._plan()
-        missing = await asyncio.to_thread(self._apply, current, bundle)
-        for identity in sorted(missing - self._warned):
-            log.warning(
-                "certificate %s of %s is on the log but its key is not in %s (yet); "
-                "is --keys the directory of the issuing replica?",
-                current.get(identity),
-                identity,
-                self.keystore.directory,
-            )
-        self._warned = set(missing)
-        self.missing = missing
-        return missing
-
-    def _on_events(self, events: list[Event]) -> None:
-        wake, owner = self._wake, self._loop
-        if wake is None or owner is None:
-            return
-        if not any(e.STREAM == CERTS for e in events):
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is owner:
-            wake.set()
-        else:
-            owner.call_soon_threadsafe(wake.set)
-
-    async def run(self, *, stop: asyncio.Event) -> None:
-        """Wait until the runner caught up, then sync on every change until ``stop``."""
-        self._loop = asyncio.get_running_loop()
-        self._wake = wake = asyncio.Event()
-        self.runner.listeners.append(self._on_events)
-
-        async def stopper() -> None:
-            await stop.wait()
-            wake.set()
-
-        watcher = asyncio.create_task(stopper())
-        try:
-            caught = asyncio.create_task(self.runner.caught_up.wait())
-            await asyncio.wait({caught, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            caught.cancel()
-            while not stop.is_set():
-                wake.clear()
-                try:
-                    retry = bool(await self.sync())
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # never take `smc serve` down
-                    log.exception("following the certificates on the log failed")
-                    retry = True
-                delay = self.retry_interval if retry else self.interval
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=delay)
-                await asyncio.sleep(0.02)  # gather a burst of events into one pass
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(ValueError):
-                self.runner.listeners.remove(self._on_events)
-            self._wake = None
-
-
-async def follow_ca(
-    *,
-    runner: ProjectionRunner,
-    keystore: KeyStore,
-    stop: asyncio.Event,
-    interval: float = 30.0,
-    retry_interval: float = 0.5,
-) -> None:
-    """Run a :class:`CertificateFollower` until ``stop`` is set (``smc serve --ca follow``):
-    serve the certificates the log records, keys from ``keystore``'s shared directory."""
-    follower = CertificateFollower(
-        runner=runner, keystore=keystore, interval=interval, retry_interval=retry_interval
-    )
-    await follower.run(stop=stop)
 
 
 async def run_ca(
