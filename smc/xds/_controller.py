@@ -30,17 +30,19 @@ Serving starts only after the projections caught up: :meth:`XdsController.run` w
 Concurrency: everything runs on the asyncio loop that runs the projection runner (the
 listener is called there, builds read the projections there); :meth:`on_certs_changed` may be
 called from any thread (it hops onto the loop).
+
+Layout: this module holds :class:`XdsController` (wiring, inputs, the rebuild loop, debug);
+:mod:`smc.xds._controller_publish` publishing and lingering removals, and
+:mod:`smc.xds._controller_acks` ACK tracking and traces (its bases).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -58,10 +60,12 @@ from smc.projections import PolicyProjection, PolicyView, ProjectionRunner, Regi
 from smc.xds._builder import INBOUND_PORT, OUTBOUND_PORT, BuildPass, ProxyBuild
 from smc.xds._cache import SnapshotCache, Unwatch
 from smc.xds._certs import CertSource
+from smc.xds._controller_acks import AckTracking
+from smc.xds._controller_publish import Publication, _Node
 from smc.xds._grpc import proxyless_node_key
 from smc.xds._server import AdsServer, Authorize
-from smc.xds._snapshot import ResourceEntry, Snapshot
-from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE, short_name
+from smc.xds._snapshot import Snapshot
+from smc.xds._types import short_name
 
 __all__ = ["Publication", "XdsController"]
 
@@ -69,35 +73,6 @@ log = logging.getLogger("smc.xds.controller")
 
 _ALL = "*"
 _TRACE_LIMIT = 20_000
-_HISTORY = 64
-
-
-@dataclass(slots=True)
-class Publication:
-    """One rebuild batch: the events it folded in, where the runner was, and the per-node
-    versions of every type whose content changed."""
-
-    seq: int
-    position: dict[str, Any]
-    first_event_at: float  # wall clock of the first event's arrival
-    published_at: float = 0.0  # wall clock
-    event_ids: list[str] = field(default_factory=list)
-    nodes: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> type -> version
-
-
-@dataclass(slots=True)
-class _Node:
-    node_id: str
-    watchers: int = 0
-    deps: frozenset[str] = frozenset()
-    identity: str | None = None
-    reason: str = ""
-    logged: str = ""
-    #: (type, name) of removed clusters/endpoints still published, and the LDS/RDS versions
-    #: whose ACK releases them.
-    linger: frozenset[tuple[str, str]] = frozenset()
-    release: tuple[str | None, str | None] = (None, None)
-    linger_timer: asyncio.TimerHandle | None = None
 
 
 class _Source:
@@ -120,7 +95,7 @@ class _Source:
         return done
 
 
-class XdsController:
+class XdsController(AckTracking):
     """Keeps the snapshot cache in step with the projections (see the module docstring)."""
 
     def __init__(
@@ -478,226 +453,6 @@ class XdsController:
             pub.published_at = time.time()
         self._rebuild_seconds.observe(time.perf_counter() - started)
         return builds
-
-    def _publish(
-        self, node_id: str, built: Snapshot, pub: Publication | None, *, release: bool = False
-    ) -> None:
-        old = self.cache.get(node_id)
-        node = self._nodes.get(node_id)
-        if old is not None and node is not None and node.watchers > 0 and not release:
-            built = self._with_lingering(node, old, built)
-        if old is None:
-            snapshot = built
-        else:
-            upsert: list[ResourceEntry] = []
-            remove: list[tuple[str, str]] = []
-            for type_url in set(old.types) | set(built.types):
-                new_entries = built.entries(type_url)
-                old_entries = old.entries(type_url)
-                for name, entry in new_entries.items():
-                    if old_entries.get(name) is not entry:
-                        upsert.append(entry)
-                for name in old_entries:
-                    if name not in new_entries:
-                        remove.append((type_url, name))
-            snapshot = old.replace(upsert=upsert, remove=remove) if upsert or remove else old
-        if snapshot is old:
-            return
-        changed = self.cache.set_snapshot(node_id=node_id, snapshot=snapshot)
-        if not changed:
-            return
-        self._publishes.inc()
-        seq = pub.seq if pub is not None else (self._seq if release else 0)
-        versions = snapshot.versions()
-        old_versions = old.versions() if old is not None else {}
-        changed_types = {t: v for t, v in versions.items() if old_versions.get(t) != v}
-        for t, v in changed_types.items():
-            hist = self._published.setdefault((node_id, t), deque(maxlen=_HISTORY))
-            hist.append((seq, v))
-        if pub is not None:
-            pub.nodes[node_id] = changed_types
-
-    # ------------------------------------------------------------------ lingering removals
-
-    def _with_lingering(self, node: _Node, old: Snapshot, built: Snapshot) -> Snapshot:
-        """``built`` plus the clusters/endpoints of ``old`` it drops, while the proxy has not
-        ACKed ``built``'s listeners and routes (which no longer reference them)."""
-        linger: list[ResourceEntry] = []
-        for type_url in (CLUSTER, ENDPOINT):
-            new_entries = built.entries(type_url)
-            linger.extend(e for n, e in old.entries(type_url).items() if n not in new_entries)
-        release = (built.version(LISTENER), built.version(ROUTE))
-        acked = (
-            self._acked.get((node.node_id, LISTENER)),
-            self._acked.get((node.node_id, ROUTE)),
-        )
-        if not linger or acked == release:
-            self._set_linger(node, frozenset(), (None, None))
-            return built
-        self._set_linger(node, frozenset((e.type_url, e.name) for e in linger), release)
-        return built.replace(upsert=linger)
-
-    def _set_linger(
-        self,
-        node: _Node,
-        linger: frozenset[tuple[str, str]],
-        release: tuple[str | None, str | None],
-    ) -> None:
-        node.linger, node.release = linger, release
-        if node.linger_timer is not None:
-            node.linger_timer.cancel()
-            node.linger_timer = None
-        if linger and self._loop is not None and not self._loop.is_closed():
-            node.linger_timer = self._loop.call_later(
-                self.linger_timeout, self._release, node.node_id
-            )
-
-    def _release(self, node_id: str) -> None:
-        """Remove the lingering clusters/endpoints of ``node_id`` (its proxy ACKed the
-        listeners and routes that stopped using them, or the linger timed out)."""
-        node = self._nodes.get(node_id)
-        if node is None or not node.linger:
-            return
-        linger = node.linger
-        self._set_linger(node, frozenset(), (None, None))
-        current = self.cache.get(node_id)
-        if current is None:
-            return
-        remove = [(t, n) for t, n in linger if n in current.entries(t)]
-        if remove:
-            log.debug("proxy %s: removing %d lingering resources", node_id, len(remove))
-            self._publish(node_id, current.replace(remove=remove), None, release=True)
-
-    # ------------------------------------------------------------------ ACKs and traces
-
-    def _on_ack(self, node_id: str, type_url: str, version: str, at: float) -> None:
-        self._acked[(node_id, type_url)] = version
-        if type_url in (LISTENER, ROUTE):
-            node = self._nodes.get(node_id)
-            if (
-                node is not None
-                and node.linger
-                and node.release
-                == (self._acked.get((node_id, LISTENER)), self._acked.get((node_id, ROUTE)))
-            ):
-                loop = self._loop
-                if loop is not None and not loop.is_closed():
-                    loop.call_soon(self._release, node_id)
-                else:
-                    self._release(node_id)
-        hist = self._published.get((node_id, type_url))
-        if not hist:
-            return
-        seq = None
-        for s, v in reversed(hist):
-            if v == version:
-                seq = s
-                break
-        if seq is None:
-            return
-        acks = self._acks.setdefault((node_id, type_url), deque(maxlen=_HISTORY))
-        if acks and acks[-1][0] >= seq:
-            return
-        acks.append((seq, at))
-        self._wake_ack_waiters()
-
-    def _on_subscription(self, node_id: str, type_url: str, subscribed: bool) -> None:
-        key = (node_id, type_url)
-        if subscribed:
-            self._unsubscribed.discard(key)
-        elif key not in self._unsubscribed:
-            self._unsubscribed.add(key)
-            self._wake_ack_waiters()
-
-    def _wake_ack_waiters(self) -> None:
-        if self._ack_waiters:
-            waiters, self._ack_waiters = self._ack_waiters, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
-
-    def _ack_time(self, node_id: str, type_url: str, seq: int) -> float | None:
-        """When ``node_id`` ACKed publication ``seq`` (or a later one) of ``type_url``."""
-        for s, at in self._acks.get((node_id, type_url), ()):
-            if s >= seq:
-                return at
-        return None
-
-    def trace(self, event_id: str) -> dict[str, Any] | None:
-        """The causal chain of ``event_id``: the runner position after its batch, the snapshot
-        versions that carried it per node and type, and when each node ACKed them (None:
-        not yet). None if the event is unknown (not seen since start, or too old)."""
-        pub = self._traces.get(event_id)
-        if pub is None:
-            return None
-        nodes: dict[str, Any] = {}
-        for node_id, types in pub.nodes.items():
-            per_type = {}
-            times: list[float] = []
-            complete = True
-            for t, v in types.items():
-                watched = (node_id, t) not in self._unsubscribed
-                at = self._ack_time(node_id, t, pub.seq) if watched else None
-                per_type[short_name(t)] = {"version": v, "acked_at": at, "watched": watched}
-                if at is not None:
-                    times.append(at)
-                elif watched:
-                    complete = False
-            nodes[node_id] = {
-                "types": per_type,
-                "acked_at": (max(times) if times else pub.published_at) if complete else None,
-            }
-        return {
-            "event_id": event_id,
-            "batch": pub.seq,
-            "position": pub.position,
-            "received_at": pub.first_event_at,
-            "published_at": pub.published_at,
-            "events_in_batch": len(pub.event_ids),
-            "proxies": nodes,
-        }
-
-    def acked_by_all(self, event_id: str, node_ids: Iterable[str] | None = None) -> float | None:
-        """Wall time when the last of ``node_ids`` (default: every node whose config the event
-        changed) ACKed the config carrying ``event_id``; None if some has not yet. A node the
-        event did not change counts as done at publication time."""
-        pub = self._traces.get(event_id)
-        if pub is None:
-            return None
-        wanted = list(pub.nodes) if node_ids is None else list(node_ids)
-        last = pub.published_at
-        for node_id in wanted:
-            types = pub.nodes.get(node_id)
-            if not types:
-                continue
-            for t in types:
-                if (node_id, t) in self._unsubscribed:
-                    continue  # a named type the node does not watch: nothing to ACK
-                at = self._ack_time(node_id, t, pub.seq)
-                if at is None:
-                    return None
-                last = max(last, at)
-        return last
-
-    async def wait_acked(
-        self, event_id: str, *, node_ids: Iterable[str] | None = None, timeout: float = 10.0
-    ) -> float:
-        """Wait until :meth:`acked_by_all` answers; returns its time. Raises TimeoutError."""
-        wanted = None if node_ids is None else list(node_ids)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            if event_id in self._traces:
-                at = self.acked_by_all(event_id, wanted)
-                if at is not None:
-                    return at
-            left = deadline - loop.time()
-            if left <= 0:
-                raise TimeoutError(f"event {event_id} not ACKed by every proxy in {timeout}s")
-            fut: asyncio.Future[None] = loop.create_future()
-            self._ack_waiters.append(fut)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fut, timeout=min(left, 0.05))
 
     # ------------------------------------------------------------------ debug
 
