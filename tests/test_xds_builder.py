@@ -693,3 +693,48 @@ async def test_certificate_change_rebuilds_only_that_identity(tmp_path: Path) ->
     finally:
         await cp.stop()
         cp.close()
+
+
+_STRUCT_IN_ANY = r"""
+from google.protobuf import json_format
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+    http_connection_manager_pb2,
+)
+from smc.xds import make_entry
+
+fmt = {f"field_{i}": f"%REQ(X-{i})%" for i in range(40)}
+hcm = {
+    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    ".HttpConnectionManager",
+    "stat_prefix": "x",
+    "route_config": {"name": "r"},
+    "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": "/dev/stdout",
+        "log_format": {"json_format": fmt},
+    }}],
+}
+listener = json_format.ParseDict(
+    {"name": "l", "filter_chains": [{"filters": [{"name": "hcm", "typed_config": hcm}]}]},
+    listener_pb2.Listener(),
+)
+print(make_entry(listener).version)
+"""
+
+
+def test_resource_versions_agree_across_processes() -> None:
+    """A map inside an ``Any`` (a JSON access-log format is a Struct) is serialised in an
+    order that differs per process unless re-packed deterministically: two replicas would give
+    the same listener different versions, and a proxy switching replica a config change."""
+    import subprocess
+    import sys
+
+    versions = {
+        subprocess.run(
+            [sys.executable, "-c", _STRUCT_IN_ANY], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(4)
+    }
+    assert len(versions) == 1, versions
