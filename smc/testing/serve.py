@@ -130,7 +130,8 @@ class ServeProcess:
         log_url: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        """``xds_host`` None: no ``--xds``/``--ca``/``--keys`` of its own (``args`` says)."""
+        """``xds_host`` None: no ``--xds``/``--ca``/``--keys`` of its own (``args`` says; without
+        an ``--xds`` there, ``--xds off``: serve's default port 15010 is not free for sure)."""
         self.http_port = free_port()
         self.xds_port = free_port()
         self.xds_host = xds_host
@@ -140,7 +141,7 @@ class ServeProcess:
         self._creds: ClientCredentials | None = None
         self._ctx: ssl.SSLContext | None = None
         own = (
-            []
+            ([] if "--xds" in args else ["--xds", "off"])
             if xds_host is None
             else [
                 "--xds",
