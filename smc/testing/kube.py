@@ -23,28 +23,22 @@ killed at interpreter exit (``atexit``) and when the thread that started them en
 (``PR_SET_PDEATHSIG``): call start()/restart() from a long-lived thread such as the main thread,
 never through ``asyncio.to_thread`` or another short-lived worker.
 The build cache is guarded by a file lock so several processes may ask for it at once.
+Layout: the build and etcd install live in :mod:`smc.testing._kube_build`, the throwaway PKI in
+:mod:`smc.testing._kube_pki`, :class:`TcpCutter` in :mod:`smc.testing._kube_tcp`; every public
+name is re-exported here.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime
-import fcntl
-import hashlib
-import ipaddress
 import json
 import os
 import secrets
-import select
-import shutil
-import socket
 import ssl
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,13 +48,18 @@ from types import TracebackType
 from typing import Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from smc.errors import SMCError
-from smc.testing._apt import PackageError, ensure_commands
+from smc.testing._kube_build import (
+    CRD_DIR,
+    KUBERNETES_VERSION,
+    KubeBuildError,
+    KubeHarnessError,
+    ensure_etcd,
+    ensure_kube_apiserver,
+    kube_apiserver_cache_dir,
+)
+from smc.testing._kube_pki import _SERVICE_CIDR, _write_pki
+from smc.testing._kube_tcp import TcpCutter
 from smc.testing._proc import die_with_parent
 from smc.testing.ports import free_port
 
@@ -77,226 +76,6 @@ __all__ = [
     "kube_apiserver_cache_dir",
     "kube_apiserver_fixture",
 ]
-
-#: The ``k8s.io/kubernetes`` release built; keep in step with ``deploy/k8s/apiserver/go.mod``.
-KUBERNETES_VERSION = "v1.37.2"
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_RECIPE = _REPO_ROOT / "deploy" / "k8s" / "apiserver"
-#: The SMI CustomResourceDefinitions :meth:`KubeAPIServer.install_smi_crds` applies.
-CRD_DIR = _REPO_ROOT / "deploy" / "k8s" / "crds"
-_BINARY = "kube-apiserver"
-_FAILED = "build-error.txt"
-_SERVICE_CIDR = "10.96.0.0/16"
-
-
-class KubeHarnessError(SMCError):
-    """etcd or kube-apiserver could not be installed, started, stopped or used."""
-
-
-class KubeBuildError(KubeHarnessError):
-    """kube-apiserver could not be built on this machine; the message holds the Go error."""
-
-
-def kube_apiserver_cache_dir() -> Path:
-    """``~/.cache/smc/kube-apiserver-<version>``: where the built binary is kept."""
-    return Path.home() / ".cache" / "smc" / f"kube-apiserver-{KUBERNETES_VERSION}"
-
-
-def _recipe_digest() -> str:
-    h = hashlib.sha256()
-    for name in ("go.mod", "go.sum"):
-        path = _RECIPE / name
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def _tail(text: str, *, limit: int = 4000) -> str:
-    text = text.strip()
-    return text if len(text) <= limit else "...\n" + text[-limit:]
-
-
-def _ldflags() -> str:
-    """``-s`` plus the version stamps Kubernetes' own build scripts set (``/version``)."""
-    major, minor, _ = KUBERNETES_VERSION.lstrip("v").split(".", 2)
-    pkg = "k8s.io/component-base/version"
-    stamps = {
-        "gitVersion": KUBERNETES_VERSION,
-        "gitMajor": major,
-        "gitMinor": minor,
-        "gitTreeState": "clean",
-    }
-    return "-ldflags=-s " + " ".join(f"-X {pkg}.{k}={v}" for k, v in stamps.items())
-
-
-def ensure_kube_apiserver(*, build: bool = True, timeout: float = 7200.0) -> Path:
-    """Path of a runnable ``kube-apiserver``, building it once per machine if needed.
-
-    ``$SMC_KUBE_APISERVER`` wins when set (it must be an executable file). Otherwise the
-    binary in :func:`kube_apiserver_cache_dir` is used; if absent and ``build`` is true it is
-    built with ``go build -trimpath -ldflags=-s`` (plus version stamps) from ``deploy/k8s/apiserver`` under
-    ``nice -n 19`` with one compile job at a time (``GOFLAGS=-p=1``, ``GOMAXPROCS=1``), which
-    takes tens of minutes on a small machine. A failed build leaves ``build-error.txt`` in the
-    cache folder: as long as the recipe is unchanged, later calls raise :class:`KubeBuildError`
-    with that error at once (delete the file to try again).
-    """
-    env_path = os.environ.get("SMC_KUBE_APISERVER")
-    if env_path:
-        path = Path(env_path).expanduser()
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise KubeHarnessError(f"SMC_KUBE_APISERVER={env_path!r} is not an executable file")
-        return path
-    cache = kube_apiserver_cache_dir()
-    binary = cache / _BINARY
-    if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
-    digest = _recipe_digest()
-    failed = cache / _FAILED
-
-    def previous_failure() -> None:
-        if failed.is_file():
-            text = failed.read_text(encoding="utf-8", errors="replace")
-            first, _, rest = text.partition("\n")
-            if first.strip() == digest:
-                raise KubeBuildError(
-                    f"kube-apiserver {KUBERNETES_VERSION} could not be built here "
-                    f"(remembered in {failed}; delete it to retry):\n{rest.strip()}"
-                )
-
-    previous_failure()
-    if not build:
-        raise KubeHarnessError(f"{binary} is missing and building it was not allowed")
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if binary.is_file() and os.access(binary, os.X_OK):
-            return binary
-        previous_failure()
-        go = shutil.which("go")
-        if go is None:
-            raise KubeBuildError("`go` is not on PATH: it is needed to build kube-apiserver")
-        tmp = cache / f".{_BINARY}.{os.getpid()}.tmp"
-        env = dict(os.environ)
-        env.update(GOFLAGS="-p=1 -buildvcs=false", GOMAXPROCS="1", CGO_ENABLED="0")
-        nice = shutil.which("nice")
-        argv = [*([nice, "-n", "19"] if nice else []), go, "build", "-trimpath", _ldflags()]
-        argv += ["-o", str(tmp), "k8s.io/kubernetes/cmd/kube-apiserver"]
-        started = time.monotonic()
-        try:
-            proc = subprocess.run(
-                argv,
-                cwd=_RECIPE,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            tmp.unlink(missing_ok=True)
-            raise KubeBuildError(f"go build of kube-apiserver took over {timeout:.0f}s") from exc
-        if proc.returncode != 0 or not tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            error = _tail(proc.stdout + proc.stderr)
-            if proc.returncode > 0 and error:  # a real build error, not a killed build
-                failed.write_text(f"{digest}\nexit {proc.returncode}\n{error}\n", encoding="utf-8")
-            raise KubeBuildError(
-                f"go build of kube-apiserver {KUBERNETES_VERSION} failed "
-                f"(exit {proc.returncode}) in {_RECIPE}:\n{error}"
-            )
-        tmp.rename(binary)
-        (cache / "build-seconds.txt").write_text(
-            f"{time.monotonic() - started:.0f}\n", encoding="utf-8"
-        )
-        return binary
-
-
-def ensure_etcd() -> tuple[Path, Path]:
-    """Paths of ``etcd`` and ``etcdctl``, installing Debian's ``etcd-server`` and ``etcd-client``
-    with apt-get when either is missing (needs root)."""
-    try:
-        found = ensure_commands({"etcd": "etcd-server", "etcdctl": "etcd-client"})
-    except PackageError as exc:
-        raise KubeHarnessError(str(exc)) from exc
-    return found["etcd"], found["etcdctl"]
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _write_pki(folder: Path) -> None:
-    """A throwaway CA, the apiserver's serving certificate and a service-account key pair."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smc-test-kubernetes-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    service_ip = next(ipaddress.IPv4Network(_SERVICE_CIDR).hosts())
-    sans: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.DNSName("kubernetes"),
-        x509.DNSName("kubernetes.default"),
-        x509.DNSName("kubernetes.default.svc"),
-        x509.DNSName("kubernetes.default.svc.cluster.local"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(service_ip),
-    ]
-    serving = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    sa_key = ec.generate_private_key(ec.SECP256R1())
-    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (folder / "ca.key").write_bytes(_pem_key(ca_key))
-    (folder / "apiserver.crt").write_bytes(serving.public_bytes(serialization.Encoding.PEM))
-    (folder / "apiserver.key").write_bytes(_pem_key(key))
-    (folder / "sa.key").write_bytes(_pem_key(sa_key))
-    (folder / "sa.pub").write_bytes(
-        sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
 
 
 def _stop_process(proc: subprocess.Popen[bytes] | None, *, timeout: float = 15.0) -> None:
@@ -734,112 +513,6 @@ class KubeAPIServer:
         if not paths:
             raise KubeHarnessError(f"no CRDs in {CRD_DIR}")
         return self.install_crds(paths, timeout=timeout)
-
-
-class TcpCutter:
-    """A TCP forwarder on 127.0.0.1 in front of the apiserver whose connections a test can cut
-    (real resets on real sockets: a dropped watch, an unreachable apiserver) and restore.
-
-    TLS passes through untouched (the serving certificate names 127.0.0.1). Threads: one
-    accepting, one pumping per connection; :meth:`cut` closes the listener and every connection
-    (new ones are refused until :meth:`resume`, which listens on the same port again).
-    """
-
-    def __init__(self, *, target_port: int, port: int | None = None) -> None:
-        self.target_port = target_port
-        self.port = port or free_port()
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self.cuts = 0
-
-    @property
-    def host(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def start(self) -> TcpCutter:
-        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", self.port))
-        ls.listen(64)
-        self._listener = ls
-        self._thread = threading.Thread(target=self._accept, args=(ls,), daemon=True)
-        self._thread.start()
-        return self
-
-    def _accept(self, ls: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = ls.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._conns.update((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        peers = {a: b, b: a}
-        try:
-            while True:
-                readable, _, _ = select.select([a, b], [], [], 1.0)
-                for s in readable:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    peers[s].sendall(data)
-        except (OSError, ValueError):
-            return
-        finally:
-            with self._lock:
-                self._conns.discard(a)
-                self._conns.discard(b)
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def cut(self) -> None:
-        """Reset every open connection and refuse new ones."""
-        self.cuts += 1
-        ls, self._listener = self._listener, None
-        if ls is not None:
-            with contextlib.suppress(OSError):
-                ls.shutdown(socket.SHUT_RDWR)
-            ls.close()
-        with self._lock:
-            conns = list(self._conns)
-            self._conns.clear()
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                c.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def resume(self) -> None:
-        """Accept connections again (on the same port)."""
-        if self._listener is None:
-            self.start()
-
-    def stop(self) -> None:
-        self.cut()
-
-    def __enter__(self) -> TcpCutter:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def create_http_traffic_target(
