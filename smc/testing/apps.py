@@ -82,6 +82,7 @@ class MisbehavingApp:
             "path": request.path,
             "method": request.method,
             "xfcc": request.headers.get("x-forwarded-client-cert", ""),
+            "trace": {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers},
             **extra,
         }
 

@@ -223,16 +223,21 @@ def _listener(
     *,
     default: dict[str, Any] | None = None,
     listener_filters: list[dict[str, Any]] | None = None,
+    direction: str | None = None,
 ) -> ResourceEntry:
     """A listener entry; with a ``default`` chain (transparent listeners) it also gets the
     ``original_dst`` listener filter, so chains match the original destination port;
-    ``listener_filters`` come after it (e.g. the TLS inspector)."""
+    ``listener_filters`` come after it (e.g. the TLS inspector). ``direction`` (``INBOUND`` or
+    ``OUTBOUND``) names the listener's traffic direction, which Envoy's tracers turn into the
+    span's operation and kind (ingress/server, egress/client)."""
     spec: dict[str, Any] = {
         "name": name,
         "address": address,
         "enable_reuse_port": False,
         "filter_chains": chains,
     }
+    if direction is not None:
+        spec["traffic_direction"] = direction
     filters = list(listener_filters or ())
     if default is not None:
         spec["default_filter_chain"] = default

@@ -165,10 +165,13 @@ class InboundParts(_PassBase):
                         _sockaddr(address, port),
                         [{"filter_chain_match": match} | chain, *extra],
                         listener_filters=[TLS_INSPECTOR_FILTER],
+                        direction="INBOUND",
                     )
                 )
             else:
-                out.append(_listener(name, _sockaddr(address, port), [chain]))
+                out.append(
+                    _listener(name, _sockaddr(address, port), [chain], direction="INBOUND")
+                )
         if transparent:
             out.append(
                 _listener(
@@ -177,6 +180,7 @@ class InboundParts(_PassBase):
                     chains,
                     default=_passthrough_chain("inbound_passthrough"),
                     listener_filters=[TLS_INSPECTOR_FILTER] if inspect else None,
+                    direction="INBOUND",
                 )
             )
         return out

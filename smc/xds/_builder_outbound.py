@@ -47,6 +47,7 @@ from smc.xds._traffic import (
     cluster_settings,
     egress_denied_chain,
     egress_parts,
+    observe_cluster,
     observe_hcm,
     observe_tcp,
     settings_tag,
@@ -71,6 +72,7 @@ class OutboundParts(_PassBase):
             OUTBOUND_LISTENER,
             _sockaddr(workload.address or "127.0.0.1", self.outbound_port),
             [{"filters": [hcm]}],
+            direction="OUTBOUND",
         )
 
     def _outbound_tcp_listener(self, workload: Workload, port: int, cluster: str) -> ResourceEntry:
@@ -89,6 +91,7 @@ class OutboundParts(_PassBase):
                     ]
                 }
             ],
+            direction="OUTBOUND",
         )
 
     def _transparent_outbound(self, node_id: str, outbound: _Outbound) -> ResourceEntry:
@@ -127,6 +130,7 @@ class OutboundParts(_PassBase):
                 else egress_denied_chain(tp, passthrough=PASSTHROUGH_CLUSTER, node=node_id)
             ),
             listener_filters=[TLS_INSPECTOR_FILTER] if outbound.egress.tls else None,
+            direction="OUTBOUND",
         )
 
     def _passthrough_cluster(self) -> ResourceEntry:
@@ -294,7 +298,9 @@ class OutboundParts(_PassBase):
                     "matcher": {"prefix": f"spiffe://{self.view.trust_domain}/"},
                 }
             ]
-        settings = cluster_settings(self.traffic.upstream.get(service))
+        settings = observe_cluster(
+            self.traffic, cluster_settings(self.traffic.upstream.get(service))
+        )
         cluster = _parse(
             {
                 "connect_timeout": "1s",

@@ -11,7 +11,9 @@ called on the builder's thread (the asyncio loop).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -22,13 +24,14 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2 as _stream_pb2 
 from google.protobuf import json_format
 
 from smc.xds._snapshot import ResourceEntry, make_entry
-from smc.xds._traffic_model import _HTTP_OPTIONS, _T, TrafficPolicy, _sockaddr
+from smc.xds._traffic_model import _HTTP_OPTIONS, _T, Observability, TrafficPolicy, _sockaddr
 from smc.xds._types import CLUSTER
 
 __all__ = [
     "JSON_LOG_FORMAT",
     "TRACING_CLUSTER",
     "access_logs",
+    "observe_cluster",
     "observe_hcm",
     "observe_tcp",
     "tracing_cluster",
@@ -143,6 +146,34 @@ def observe_tcp(
     if not logs:
         return flt
     return {**flt, "typed_config": {**flt["typed_config"], "access_log": logs}}
+
+
+_DEFAULT_OBSERVABILITY = TrafficPolicy().observability
+
+
+def observe_cluster(tp: TrafficPolicy, settings: dict[str, Any]) -> dict[str, Any]:
+    """A mesh cluster's ``settings`` with a digest of the observability settings in its
+    metadata (unchanged while they are the defaults).
+
+    Access logs and tracing live in the upstream sidecars' listener filters, and Envoy keeps an
+    open connection on the filter chain it was accepted by until it drains: a client's pooled
+    connection would keep meeting the old HTTP connection manager (e.g. the previous tracer,
+    whose spans then go nowhere). A changed digest changes every client cluster, which closes
+    their pooled connections; the next requests open new ones on the new chains."""
+    obs = tp.observability
+    if obs == _DEFAULT_OBSERVABILITY:
+        return settings
+    digest = _observability_digest(obs)
+    meta = settings.get("metadata", {}).get("filter_metadata", {}).get("smc", {})
+    return {
+        **settings,
+        "metadata": {"filter_metadata": {"smc": {**meta, "observability": digest}}},
+    }
+
+
+def _observability_digest(obs: Observability) -> str:
+    text = json.dumps([obs.access_log, obs.tracing], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def tracing_cluster(tp: TrafficPolicy) -> ResourceEntry | None:
