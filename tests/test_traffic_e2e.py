@@ -117,11 +117,17 @@ class Mesh:
         self.session: aiohttp.ClientSession
 
     async def get(
-        self, source: str, path: str, *, host: str = "app.traffic", timeout: float = 5.0
+        self,
+        source: str,
+        path: str,
+        *,
+        host: str = "app.traffic",
+        timeout: float = 5.0,
+        method: str = "GET",
     ) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
         url = self.sc[source].outbound + path
-        async with self.session.get(
-            url, headers={"Host": host}, timeout=aiohttp.ClientTimeout(total=timeout)
+        async with self.session.request(
+            method, url, headers={"Host": host}, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as resp:
             body = await resp.json(content_type=None) if resp.status == 200 else None
             return resp.status, body, dict(resp.headers)
@@ -457,6 +463,22 @@ spec:
   ipAddresses: [127.0.0.1/32]
   ports: [{{number: {echo.port}, protocol: tcp}}]
 """
+    egress_matches = (
+        egress.replace(
+            f"  ports: [{{number: {http_port}, protocol: http}}, {{number: {tls_port}, protocol: https}}]\n",
+            f"  ports: [{{number: {http_port}, protocol: http}}, {{number: {tls_port}, protocol: https}}]\n"
+            "  matches: [{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: ext-api}]\n",
+        )
+        + """
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: ext-api, namespace: traffic}
+spec:
+  matches: [{name: read, pathRegex: /allowed/, methods: [GET]}]
+"""
+    )
+    assert "ext-api}]" in egress_matches
     client = mesh.sc["client-1"].address
     client_ctx = ssl.create_default_context(cafile=str(ca_file))
 
@@ -504,7 +526,19 @@ spec:
         assert await echo_via(client) == b"echo:ping\n"  # TCP to the listed range
         # Egress is per source: mid may not leave the mesh.
         assert await mesh.status("mid-1", "/x", host=host) == 404
-        await mesh.apply(egress, delete=True)
+        # matches: only the HTTPRouteGroup's paths and methods reach the host.
+        await mesh.apply(egress_matches)
+
+        async def narrowed() -> bool:
+            return await mesh.status("client-1", "/x", host=host) == 404
+
+        await until("egress matches in effect", narrowed)
+        status, body, _ = await mesh.get("client-1", "/allowed/1", host=host)
+        assert status == 200 and body == {"app": "external", "tls": False}
+        assert (await mesh.get("client-1", "/allowed/1", host=host, method="POST"))[0] == 404
+        assert (await mesh.get("client-1", "/v2/allowed", host=host))[0] == 404
+        assert await tls_get("localhost") == 200  # matches are HTTP only
+        await mesh.apply(egress_matches, delete=True)  # both Egresses and the group
 
         async def denied() -> bool:
             return await mesh.status("client-1", "/x", host=host) == 404

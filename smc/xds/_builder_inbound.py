@@ -169,9 +169,7 @@ class InboundParts(_PassBase):
                     )
                 )
             else:
-                out.append(
-                    _listener(name, _sockaddr(address, port), [chain], direction="INBOUND")
-                )
+                out.append(_listener(name, _sockaddr(address, port), [chain], direction="INBOUND"))
         if transparent:
             out.append(
                 _listener(

@@ -203,7 +203,7 @@ class OutboundParts(_PassBase):
                         "routes": routes,
                     }
                 )
-        egress = egress_parts(self.traffic, identity)
+        egress = egress_parts(self.traffic, identity, route_match=_route_match)
         vhosts.extend(egress.vhosts)
         http_ports.update(egress.http_ports)
         entries: list[ResourceEntry] = [

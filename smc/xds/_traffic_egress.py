@@ -1,7 +1,8 @@
 """Egress: OSM Egress policies and ``enableEgress`` on the sidecars of the source identities.
 
 Role: HTTP by Host (virtual hosts on the outbound route configuration, clusters resolving
-the host by DNS), HTTPS by SNI and TCP by IP range (explicit sidecars: listeners
+the host by DNS; an Egress naming HTTPRouteGroups in ``matches`` routes only their paths,
+methods and headers), HTTPS by SNI and TCP by IP range (explicit sidecars: listeners
 ``egress|<port>`` on the workload address; transparent sidecars: chains on the ``outbound``
 listener to the original destination), and the deny-all default chain with
 ``enableEgress: false``. Clusters ``egress|<host or address>|<port>``. Imports
@@ -14,6 +15,8 @@ returning frozen :class:`EgressParts`; called on the builder's thread (the async
 from __future__ import annotations
 
 import ipaddress
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import (  # noqa: F401
 )
 from google.protobuf import json_format
 
+from smc.smi import EgressPolicy, HTTPMatch
 from smc.xds._snapshot import ResourceEntry, make_entry
 from smc.xds._traffic_model import _T, TrafficPolicy, _sockaddr, log
 from smc.xds._traffic_observe import observe_tcp
@@ -70,25 +74,34 @@ class EgressParts:
 NO_EGRESS = EgressParts()
 
 
-def egress_parts(tp: TrafficPolicy, identity: str) -> EgressParts:
+#: Turns an SMI HTTP match into an Envoy route ``match`` (the builder's, shared with SMI routes).
+RouteMatch = Callable[[HTTPMatch], dict[str, Any]]
+_ANY_PATH: tuple[dict[str, Any], ...] = ({"prefix": "/"},)
+
+
+def egress_parts(tp: TrafficPolicy, identity: str, *, route_match: RouteMatch) -> EgressParts:
     policies = tp.egress_of(identity)
     if not policies:
         return NO_EGRESS
-    http: dict[tuple[str, int], None] = {}
+    # (host, port) -> the route matches allowed to it (the union over the policies)
+    http: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     tls: dict[int, set[str]] = {}
     tcp: dict[int, set[str]] = {}
     for e in policies:
+        matches = _http_matches(tp, e, route_match)
         for p in e.ports:
             if p.protocol == "http":
                 for h in e.hosts:
-                    http[(h, p.number)] = None
+                    allowed = http.setdefault((h, p.number), {})
+                    for m in matches:
+                        allowed.setdefault(json.dumps(m, sort_keys=True), m)
             elif p.protocol == "https":
                 tls.setdefault(p.number, set()).update(e.hosts)
             else:
                 tcp.setdefault(p.number, set()).update(e.ip_addresses)
     vhosts: list[dict[str, Any]] = []
     clusters: dict[str, ResourceEntry] = {}
-    for host, port in sorted(http):
+    for (host, port), allowed in sorted(http.items()):
         name = egress_cluster_name(host, port)
         clusters[name] = _dns_cluster(name, host, port)
         domains = [f"{host}:{port}"] + ([host] if port == 80 else [])
@@ -96,7 +109,10 @@ def egress_parts(tp: TrafficPolicy, identity: str) -> EgressParts:
             {
                 "name": name,
                 "domains": domains,
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}],
+                # A request matching none of the routes has no route (404).
+                "routes": [
+                    {"match": allowed[key], "route": {"cluster": name}} for key in sorted(allowed)
+                ],
             }
         )
     for port, hosts in tls.items():
@@ -117,6 +133,30 @@ def egress_parts(tp: TrafficPolicy, identity: str) -> EgressParts:
         tls=tuple((p, tuple(sorted(h))) for p, h in sorted(tls.items())),
         tcp=tuple((p, tuple(sorted(c))) for p, c in sorted(tcp.items())),
     )
+
+
+def _http_matches(
+    tp: TrafficPolicy, e: EgressPolicy, route_match: RouteMatch
+) -> tuple[dict[str, Any], ...]:
+    """The route matches an Egress allows on its HTTP ports: every match of the HTTPRouteGroups
+    in its ``matches`` (OSM: only those paths, methods and headers reach the hosts), or any
+    request when it names none. A group that does not exist (yet) allows nothing."""
+    refs = [ref for ref in e.matches if ref.kind == "HTTPRouteGroup"]
+    if not refs:
+        return _ANY_PATH
+    out: list[dict[str, Any]] = []
+    for ref in refs:
+        group = tp.route_groups.get((e.namespace, ref.name))
+        if group is None:
+            log.warning(
+                "Egress %s/%s: HTTPRouteGroup %s does not exist; it allows nothing",
+                e.namespace,
+                e.name,
+                ref.name,
+            )
+            continue
+        out.extend(route_match(m) for m in group.matches)
+    return tuple(out)
 
 
 def _dns_cluster(name: str, host: str, port: int) -> ResourceEntry:

@@ -25,6 +25,7 @@ from envoy.extensions.upstreams.http.v3 import (  # noqa: F401
 from smc.projections import PolicyProjection, PolicyView
 from smc.smi import (
     EgressPolicy,
+    HTTPRouteGroup,
     IngressBackendPolicy,
     IngressBackendTarget,
     ManifestErrors,
@@ -66,6 +67,8 @@ class TrafficPolicy:
         default_factory=dict
     )
     enable_egress: bool = True
+    #: HTTPRouteGroups an Egress names in its ``matches``, by (namespace, name).
+    route_groups: dict[tuple[str, str], HTTPRouteGroup] = field(default_factory=dict)
     observability: Observability = Observability(
         access_log={"enabled": True, "format": "json", "path": "/dev/stdout"}, tracing=None
     )
@@ -124,6 +127,17 @@ def _evaluate(policy: PolicyProjection) -> TrafficPolicy:
             for b in r.backends:
                 tp.ingress.setdefault(f"{r.namespace}/{b.name}", []).append((r, b))
     tp.egress = tuple(egress)
+    for e in egress:
+        for ref in e.matches:
+            held = policy.resources.get(("HTTPRouteGroup", e.namespace, ref.name))
+            if ref.kind != "HTTPRouteGroup" or held is None:
+                continue
+            try:
+                group = parse_manifest(held.manifest(), document=f"{e.namespace}/{ref.name}")
+            except (ManifestErrors, ValueError):
+                continue
+            if isinstance(group, HTTPRouteGroup):
+                tp.route_groups[(e.namespace, ref.name)] = group
     settings = dict(policy.mesh.settings)
     tp.enable_egress = settings.get("enableEgress", "true") != "false"
     raw = settings.get("observability")
