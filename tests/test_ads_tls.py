@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,6 +39,7 @@ from smc.projections import Workload
 from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
 from smc.testing.files import write_projected
 from smc.testing.ports import free_port
+from smc.testing.wait import wait_until
 from smc.xds import CLUSTER, LISTENER, AdsServer, Snapshot, SnapshotCache, XdsError
 from smc.xds._server import ServerTLS, workload_authorizer
 
@@ -206,19 +206,6 @@ async def tls_ads(pki: Pki) -> AsyncIterator[TlsAds]:
     await t.server.stop(grace=0)
 
 
-async def eventually(check: Any, *, timeout: float = 20.0, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 # ---------------------------------------------------------------------- real Envoy
 
 
@@ -288,14 +275,14 @@ async def test_envoy_whose_certificate_is_another_identity_is_refused(
     lport = free_port()
     tls_ads.cache.set_snapshot(node_id=NODE, snapshot=snapshot(port=lport))
     envoy = start_envoy(tls_ads, tls_ads.pki.other, delta=False, workdir=tmp_path, envoys=envoys)
-    await eventually(lambda: tls_ads.ads.refusals(), what="the refusal to be recorded")
+    await wait_until(lambda: tls_ads.ads.refusals(), what="the refusal to be recorded")
     refusal = tls_ads.ads.refusals()[0]
     assert refusal.node_id == NODE
     assert refusal.peer_identity == OTHER
     assert refusal.reason == "identity_mismatch"
     assert NODE in refusal.message and OTHER in refusal.message
     # Envoy retries (and is refused again) but never gets any resource.
-    await eventually(lambda: len(tls_ads.ads.refusals()) >= 2, what="Envoy's retry refused too")
+    await wait_until(lambda: len(tls_ads.ads.refusals()) >= 2, what="Envoy's retry refused too")
     assert tls_ads.metric("smc_xds_refused_streams_total", reason="identity_mismatch") >= 2
     for type_name in ("Listener", "Cluster"):
         assert tls_ads.metric("smc_xds_pushes_total", type=type_name, kind="sotw") == 0
@@ -633,7 +620,7 @@ async def test_bootstrap_certificate_renewed_in_a_watched_directory_outlives_the
             cert_pem=renewed.cert_pem, key_pem=renewed.private_key_pem, ca_pem=tls_ads.pki.ca_pem
         ),
     )
-    await eventually(
+    await wait_until(
         lambda: renewed.serial.lower().lstrip("0") in serials(watched),
         what="the watched Envoy to load the renewed certificate",
     )
@@ -648,7 +635,7 @@ async def test_bootstrap_certificate_renewed_in_a_watched_directory_outlives_the
     def connected(envoy: EnvoyProcess) -> bool:
         return envoy.stats().get("control_plane.connected_state") == 1
 
-    await eventually(lambda: connected(watched), what="the watched Envoy to reconnect")
+    await wait_until(lambda: connected(watched), what="the watched Envoy to reconnect")
     await asyncio.sleep(1.0)
     assert not connected(inline)
     assert [p.node_id for p in tls_ads.ads.proxies()] == [NODE]  # the watched one only

@@ -19,9 +19,7 @@ import json
 import os
 import ssl
 import tempfile
-import time
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,64 +36,16 @@ from smc.agent import (
     renewal_message,
 )
 from smc.projections import CertsProjection
+from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
+from smc.testing.wait import wait_until
 from smc.xds import SECRET
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
 
 NS = "demo"
 
-SETUP = """
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: server, namespace: demo}
-spec:
-  backing: vm
-  selector: {app: server}
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {name: routes, namespace: demo}
-spec:
-  matches:
-  - {name: get-api, pathRegex: "/api", methods: [GET]}
----
-apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {name: to-server, namespace: demo}
-spec:
-  destination: {kind: ServiceAccount, name: server, namespace: demo}
-  rules: [{kind: HTTPRouteGroup, name: routes, matches: [get-api]}]
-  sources:
-  - {kind: ServiceAccount, name: client, namespace: demo}
-"""
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]] | Callable[[], bool], *, timeout: float = 15.0, what: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def envoy_leaf_serials(sc: Sidecar) -> set[int]:
-    assert sc.envoy is not None
-    with urllib.request.urlopen(sc.envoy.admin_url + "/certs", timeout=5) as resp:
-        data = json.loads(resp.read())
-    out = set()
-    for entry in data.get("certificates", []):
-        for c in entry.get("cert_chain", []):
-            out.add(int(c["serial_number"], 16))
-    return out
+SETUP = client_server_yaml("demo")
 
 
 class Mesh:
@@ -183,7 +133,7 @@ async def mesh(tmp_path_factory: Any) -> AsyncIterator[Mesh]:
             except (aiohttp.ClientError, TimeoutError):
                 return False
 
-        await eventually(ok, timeout=30, what="first request client -> server over mTLS")
+        await wait_until(ok, timeout=30, what="first request client -> server over mTLS")
         yield m
     for s in everyone:
         await s.stop()
@@ -215,7 +165,7 @@ async def test_each_proxy_has_its_own_key_and_certificate(mesh: Mesh) -> None:
         assert rec.serial == sc.agent.current.serial  # type: ignore[union-attr]
         assert rec.proof.startswith("join-token:")
         # the Envoy loaded exactly its own agent's certificate
-        assert int(rec.serial, 16) in envoy_leaf_serials(sc)
+        assert int(rec.serial, 16) in sc.cert_serials()
     # the control plane's snapshots carry the roots only: no `default`, no key
     for sc in (mesh.client, a, b):
         snap = mesh.cp.controller.cache.get(sc.node_id)
@@ -351,7 +301,7 @@ async def test_renewal_with_the_current_certificate_reaches_envoy(mesh: Mesh) ->
     resp = await a.agent.request()
     assert resp.serial != old
     certs = certs_projection(mesh.cp)
-    await eventually(
+    await wait_until(
         lambda: (
             (rec := certs.proxy_cert(f"vm/{NS}/{a.name}")) is not None
             and rec.serial == resp.serial
@@ -360,10 +310,10 @@ async def test_renewal_with_the_current_certificate_reaches_envoy(mesh: Mesh) ->
         what="renewal recorded",
     )
     assert certs.proxy_certs[f"vm/{NS}/{a.name}"][old].status == "superseded"
-    await eventually(
-        lambda: int(resp.serial, 16) in envoy_leaf_serials(a), what="Envoy loaded the renewal"
+    await wait_until(
+        lambda: int(resp.serial, 16) in a.cert_serials(), what="Envoy loaded the renewal"
     )
-    await eventually(lambda: mesh.request_ok(), what="traffic after renewal")
+    await wait_until(lambda: mesh.request_ok(), what="traffic after renewal")
 
 
 async def _request_ok(self: Mesh) -> bool:
@@ -450,12 +400,12 @@ async def test_deleting_a_vm_revokes_its_proxy_certificate(mesh: Mesh) -> None:
     assert await mesh.direct(a, stolen) == 200
     serial = certs.proxy_current[f"vm/{NS}/{mesh.client.name}"]
     await mesh.cp.apply(vm_yaml(mesh.client, service_account="client"), delete=True)
-    await eventually(
+    await wait_until(
         lambda: certs.proxy_certs[f"vm/{NS}/{mesh.client.name}"][serial].status == "revoked",
         what="proxy certificate revoked on the log",
     )
     # the CRL reaches the server's Envoy through ROOTCA: the deleted VM's cert is refused
-    await eventually(
+    await wait_until(
         lambda: _refused(mesh, a, stolen), timeout=20, what="peer refuses the revoked cert"
     )
     # b's own certificate still opens nothing it shouldn't and still works as a client of a

@@ -19,35 +19,12 @@ import aiohttp
 import pytest
 
 from smc.projections import CertsProjection
+from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
 
-SETUP = """
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: server, namespace: renew}
-spec:
-  backing: vm
-  selector: {app: server}
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {name: routes, namespace: renew}
-spec:
-  matches:
-  - {name: all, pathRegex: "/.*", methods: [GET]}
----
-apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {name: to-server, namespace: renew}
-spec:
-  destination: {kind: ServiceAccount, name: server, namespace: renew}
-  rules: [{kind: HTTPRouteGroup, name: routes, matches: [all]}]
-  sources:
-  - {kind: ServiceAccount, name: client, namespace: renew}
-"""
+SETUP = client_server_yaml("renew", matches=[("all", "/.*", ["GET"])])
 
 
 async def test_agents_renew_by_themselves_without_failed_requests(tmp_path: Path) -> None:

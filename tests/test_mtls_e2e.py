@@ -16,14 +16,12 @@ for key bytes. Finally ``smc serve`` as a real process restarted on the same log
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import ssl
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -46,10 +44,12 @@ from smc.events import (
     make_event,
 )
 from smc.projections import CertsProjection
+from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 from smc.testing.ports import free_port
 from smc.testing.serve import admin_session
 from smc.testing.vault import OpenBaoServer, setup_pki
+from smc.testing.wait import wait_until
 from smc.xds import ROOT_SECRET, SECRET, WORKLOAD_SECRET
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
@@ -57,66 +57,11 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
 NS = "demo"
 TD = "cluster.local"
 
-SETUP = """
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: server, namespace: demo}
-spec:
-  backing: vm
-  selector: {app: server}
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {name: routes, namespace: demo}
-spec:
-  matches:
-  - {name: get-api, pathRegex: "/api", methods: [GET]}
----
-apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {name: to-server, namespace: demo}
-spec:
-  destination: {kind: ServiceAccount, name: server, namespace: demo}
-  rules: [{kind: HTTPRouteGroup, name: routes, matches: [get-api]}]
-  sources:
-  - {kind: ServiceAccount, name: client, namespace: demo}
-  - {kind: ServiceAccount, name: evict, namespace: demo}
-"""
+SETUP = client_server_yaml("demo", sources=("client", "evict"))
 
 
 def spiffe(sa: str) -> str:
     return f"spiffe://{TD}/ns/{NS}/sa/{sa}"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]] | Callable[[], bool], *, timeout: float = 10.0, what: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def _admin_json(sc: Sidecar, path: str) -> Any:
-    assert sc.envoy is not None
-    with urllib.request.urlopen(sc.envoy.admin_url + path, timeout=5) as resp:
-        return json.loads(resp.read())
-
-
-def envoy_leaf_serials(sc: Sidecar) -> set[int]:
-    """Serials of the workload certificates the Envoy has loaded (admin /certs)."""
-    out = set()
-    for entry in _admin_json(sc, "/certs").get("certificates", []):
-        for c in entry.get("cert_chain", []):
-            out.add(int(c["serial_number"], 16))
-    return out
 
 
 def serial_of(pem: str) -> int:
@@ -281,7 +226,7 @@ class Traffic:
 
     async def __aenter__(self) -> Traffic:
         self._task = asyncio.create_task(self._run())
-        await eventually(lambda: self.ok > 0, what="first request of the stream")
+        await wait_until(lambda: self.ok > 0, what="first request of the stream")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -331,7 +276,7 @@ async def local(tmp_path_factory: Any) -> AsyncIterator[Mesh]:
         timeout=aiohttp.ClientTimeout(total=5),
     ) as session:
         mesh.session = session
-        await eventually(lambda: _ok(mesh), timeout=20, what="first mTLS request client -> server")
+        await wait_until(lambda: _ok(mesh), timeout=20, what="first mTLS request client -> server")
         yield mesh
     await close()
 
@@ -373,8 +318,8 @@ async def check_mtls_and_refusals(mesh: Mesh, issuer_root_subject: x509.Name) ->
     # that certificate chains to the issuer's root.
     for sc, sa in ((mesh.client, "client"), (mesh.server, "server")):
         cert_pem = mesh.material(sa)[0]
-        await eventually(
-            lambda sc=sc, cert_pem=cert_pem: serial_of(cert_pem) in envoy_leaf_serials(sc),
+        await wait_until(
+            lambda sc=sc, cert_pem=cert_pem: serial_of(cert_pem) in sc.cert_serials(),
             what=f"{sa} certificate loaded by Envoy",
         )
         leaf = x509.load_pem_x509_certificate(cert_pem.encode())
@@ -417,11 +362,11 @@ async def test_forced_renewal_under_steady_traffic_loses_no_request(local: Mesh)
             new = {sa: (await local.force_renew(sa)).serial for sa in ("client", "server")}
             for sc, sa in ((local.client, "client"), (local.server, "server")):
                 want = int(new[sa], 16)
-                await eventually(
-                    lambda sc=sc, want=want: want in envoy_leaf_serials(sc),
+                await wait_until(
+                    lambda sc=sc, want=want: want in sc.cert_serials(),
                     what=f"renewed {sa} certificate in Envoy (round {round_})",
                 )
-                assert old[sa] not in envoy_leaf_serials(sc)
+                assert old[sa] not in sc.cert_serials()
             await asyncio.sleep(0.3)
         ok_before_end = traffic.ok
     assert traffic.failures == [], traffic.failures
@@ -440,10 +385,10 @@ async def test_revocation_stops_new_connections_of_the_identity(local: Mesh) -> 
         # The identity leaves the registry: the CA revokes its certificate, the issuer's CRL
         # joins the trust bundle, and SDS pushes it to every proxy.
         await local.remove_identity(local.evict, "evict")
-        await eventually(
+        await wait_until(
             lambda: local.cp.keystore.get(f"{NS}/evict") is None, what="evict certificate dropped"
         )
-        await eventually(
+        await wait_until(
             lambda: local.served_secret_acked("demo/server-1", lambda t: "X509 CRL" in t),
             what="server-1 ACKed a trust bundle with the CRL",
         )
@@ -477,7 +422,7 @@ async def test_root_rotation_trusts_both_then_retires_old_with_traffic(local: Me
         new_root_int = int(new_root, 16)
         # 1. The bundle carries both roots on every proxy before any leaf moves.
         for node in ("demo/client-1", "demo/server-1"):
-            await eventually(
+            await wait_until(
                 lambda node=node: (
                     sorted(local.roots_served(node)) == sorted([old_root_int, new_root_int])
                     and local.served_secret_acked(node, lambda t: True)
@@ -493,15 +438,15 @@ async def test_root_rotation_trusts_both_then_retires_old_with_traffic(local: Me
             assert x509.load_pem_x509_certificate(cert.cert_pem.encode()).issuer == (
                 _root_subject(issuer, new_root)
             )
-            await eventually(
-                lambda sc=sc, cert=cert: int(cert.serial, 16) in envoy_leaf_serials(sc),
+            await wait_until(
+                lambda sc=sc, cert=cert: int(cert.serial, 16) in sc.cert_serials(),
                 what=f"{sa} leaf from the new root in Envoy",
             )
         assert await local.direct(cert=old_cert) == 200  # old root still trusted
         # 3. The old root is retired: bundle holds only the new one.
         await asyncio.to_thread(issuer.retire_root, old_root)
         for node in ("demo/client-1", "demo/server-1"):
-            await eventually(
+            await wait_until(
                 lambda node=node: (
                     local.roots_served(node) == [new_root_int]
                     and local.served_secret_acked(node, lambda t: True)
@@ -542,11 +487,11 @@ async def test_restart_rebuilds_certificate_state_from_the_log(local: Mesh) -> N
         return snap.version(SECRET) if snap is not None else None
 
     secret_versions = {n: secret_version(n) for n in ("demo/client-1", "demo/server-1")}
-    serials = {sc.name: envoy_leaf_serials(sc) for sc in (local.client, local.server)}
+    serials = {sc.name: sc.cert_serials() for sc in (local.client, local.server)}
     await local.cp.restart()
     assert certs_digest() == digest
     for node, version in secret_versions.items():
-        await eventually(
+        await wait_until(
             lambda node=node, version=version: (
                 local.served_secret_acked(node, lambda t: True) and secret_version(node) == version
             ),
@@ -556,7 +501,7 @@ async def test_restart_rebuilds_certificate_state_from_the_log(local: Mesh) -> N
     assert _cert_events(local.cp.log) == events, "the restarted CA issued certificates"
     assert certs_digest() == digest
     for sc in (local.client, local.server):
-        assert envoy_leaf_serials(sc) == serials[sc.name]
+        assert sc.cert_serials() == serials[sc.name]
     status, _ = await local.request()
     assert status == 200
     assert_no_nacks(local)
@@ -610,7 +555,7 @@ async def vault(bao: OpenBaoServer, tmp_path_factory: Any) -> AsyncIterator[tupl
         timeout=aiohttp.ClientTimeout(total=5),
     ) as session:
         mesh.session = session
-        await eventually(lambda: _ok(mesh), timeout=20, what="first mTLS request (Vault)")
+        await wait_until(lambda: _ok(mesh), timeout=20, what="first mTLS request (Vault)")
         yield mesh, pki.root_pem
     await close()
     issuer.close()
@@ -624,15 +569,15 @@ async def test_vault_issuer_mtls_renewal_and_revocation(vault: tuple[Mesh, str])
     async with Traffic(mesh) as traffic:
         for sa, sc in (("server", mesh.server), ("client", mesh.client)):
             cert = await mesh.force_renew(sa)
-            await eventually(
-                lambda sc=sc, cert=cert: int(cert.serial, 16) in envoy_leaf_serials(sc),
+            await wait_until(
+                lambda sc=sc, cert=cert: int(cert.serial, 16) in sc.cert_serials(),
                 what=f"renewed {sa} (Vault) in Envoy",
             )
         # Revocation at Vault: its CRL joins the bundle and the identity is refused.
         evict = mesh.material("evict")
         assert await mesh.direct(cert=evict) == 200
         await mesh.remove_identity(mesh.evict, "evict")
-        await eventually(
+        await wait_until(
             lambda: mesh.served_secret_acked("demo/server-1", lambda t: "X509 CRL" in t),
             what="server-1 ACKed a trust bundle with Vault's CRL",
         )
@@ -739,7 +684,7 @@ async def test_smc_serve_restart_same_keys_and_log_keeps_secrets(tmp_path: Path)
                 assert time.monotonic() < deadline + 30, "no secret ACKed"
                 first = await secret_version(s)
                 await asyncio.sleep(0.1)
-            serials = envoy_leaf_serials(client)
+            serials = client.cert_serials()
             assert serials
         await _stop_serve(proc)
         log = SqliteLog(tmp_path / "smc.db")
@@ -760,7 +705,7 @@ async def test_smc_serve_restart_same_keys_and_log_keeps_secrets(tmp_path: Path)
                 await asyncio.sleep(0.1)
             assert again == first
             await asyncio.sleep(1.0)
-            assert envoy_leaf_serials(client) == serials
+            assert client.cert_serials() == serials
             assert client.rejected() == {}
     finally:
         await client.stop()

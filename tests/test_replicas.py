@@ -64,6 +64,7 @@ from smc.projections import (
 from smc.smi import load_documents
 from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.kafka import KafkaBroker
+from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import Sidecar, vm_yaml
 from smc.testing.ports import free_port
 from smc.testing.serve import http_json
@@ -74,30 +75,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(240
 
 NS = "rep"
 
-MESH = """
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: server, namespace: rep}
-spec:
-  backing: vm
-  selector: {app: server}
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {name: routes, namespace: rep}
-spec:
-  matches:
-  - {name: api, pathRegex: "/api.*", methods: [GET]}
----
-apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {name: client-to-server, namespace: rep}
-spec:
-  destination: {kind: ServiceAccount, name: server, namespace: rep}
-  rules: [{kind: HTTPRouteGroup, name: routes, matches: [api]}]
-  sources: [{kind: ServiceAccount, name: client, namespace: rep}]
-"""
+MESH = client_server_yaml(NS, matches=[("api", "/api.*", ["GET"])], target="client-to-server")
 
 
 # ---------------------------------------------------------------------------- helpers

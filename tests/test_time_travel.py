@@ -19,38 +19,22 @@ from smc.audit import CheckpointDir, access_history, issue_writer, load_trust, p
 from smc.ca import LocalIssuer
 from smc.events import ChainVerifier, Position, Signer, SqliteLog
 from smc.projections import ProjectionRunner, all_projections
+from smc.testing.manifests import mesh_service_yaml, route_group_yaml, traffic_target_yaml
 from smc.testing.mesh import Sidecar, vm_yaml
 from smc.testing.serve import ServeProcess
 
 TD = "cluster.local"
 
-SERVICES = """
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: server, namespace: demo}
-spec:
-  backing: vm
-  selector: {app: server}
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {name: routes, namespace: demo}
-spec:
-  matches:
-  - {name: get-api, pathRegex: "/api", methods: [GET]}
-  - {name: post-admin, pathRegex: "/admin", methods: [POST]}
-"""
-GRANT = """
-apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {name: client-to-server, namespace: demo}
-spec:
-  destination: {kind: ServiceAccount, name: server, namespace: demo}
-  rules: [{kind: HTTPRouteGroup, name: routes, matches: [get-api]}]
-  sources: [{kind: ServiceAccount, name: client, namespace: demo}]
-"""
-WIDEN = GRANT.replace("matches: [get-api]", "matches: [get-api, post-admin]")
+SERVICES = "---\n".join(
+    [
+        mesh_service_yaml("demo"),
+        route_group_yaml(
+            "demo", matches=[("get-api", "/api", ["GET"]), ("post-admin", "/admin", ["POST"])]
+        ),
+    ]
+)
+GRANT = traffic_target_yaml("demo", "client-to-server")
+WIDEN = traffic_target_yaml("demo", "client-to-server", matches=("get-api", "post-admin"))
 SERVER_V2 = """
 apiVersion: smc.dev/v1alpha1
 kind: MeshService

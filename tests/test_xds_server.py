@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -33,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.ports import free_port
+from smc.testing.wait import wait_until
 from smc.xds import (
     CHANGE_HISTORY,
     CLUSTER,
@@ -221,21 +221,6 @@ async def ads() -> AsyncIterator[Ads]:
     await a.server.stop(grace=0)
 
 
-async def eventually(
-    check: Callable[[], Awaitable[bool]] | Callable[[], bool], *, timeout: float = 15.0, what: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def get(session: aiohttp.ClientSession, port: int) -> tuple[int, str]:
     async with session.get(f"http://127.0.0.1:{port}/hello") as resp:
         return resp.status, await resp.text()
@@ -301,7 +286,7 @@ async def test_envoy_follows_snapshots_without_nack(
                 return text == body
 
             assert await get(session, lport) == (200, "backend-a")
-            await eventually(lambda: acked_everything(ads, snap1), what="ACK of every type")
+            await wait_until(lambda: acked_everything(ads, snap1), what="ACK of every type")
 
             # Endpoint change: the same cluster now points at backend b.
             snap2 = mesh_snapshot(lport=lport, route_to="svc", endpoints={"svc": (backends["b"],)})
@@ -313,8 +298,8 @@ async def test_envoy_follows_snapshots_without_nack(
                 for t in ("Listener", "Cluster")
             }
             ads.cache.set_snapshot(node_id=NODE, snapshot=snap2)
-            await eventually(lambda: reaches("backend-b"), what="endpoint change")
-            await eventually(lambda: acked_everything(ads, snap2), what="ACK of snapshot 2")
+            await wait_until(lambda: reaches("backend-b"), what="endpoint change")
+            await wait_until(lambda: acked_everything(ads, snap2), what="ACK of snapshot 2")
             # Only EDS changed: no listener or cluster was pushed again.
             for t, before in pushes_before.items():
                 assert (
@@ -329,11 +314,11 @@ async def test_envoy_follows_snapshots_without_nack(
                 endpoints={"svc": (backends["b"],), "svc2": (backends["a"],)},
             )
             ads.cache.set_snapshot(node_id=NODE, snapshot=snap3)
-            await eventually(lambda: reaches("backend-a"), what="route change to a new cluster")
+            await wait_until(lambda: reaches("backend-a"), what="route change to a new cluster")
             for _ in range(10):
                 assert await get(session, lport) == (200, "backend-a")
             assert set(statuses) == {200}, statuses
-            await eventually(lambda: acked_everything(ads, snap3), what="ACK of snapshot 3")
+            await wait_until(lambda: acked_everything(ads, snap3), what="ACK of snapshot 3")
 
         assert rejected(envoy) == {}
         assert ads.server.nacks() == []
@@ -358,7 +343,7 @@ async def test_invalid_resource_is_nacked_recorded_and_not_resent(
     envoy = start_envoy(ads, delta=delta, tmp_path=tmp_path)
     try:
         await envoy.wait_listener("outbound")
-        await eventually(lambda: acked_everything(ads, good), what="ACK of the good snapshot")
+        await wait_until(lambda: acked_everything(ads, good), what="ACK of the good snapshot")
         bad = mesh_snapshot(
             lport=lport,
             route_to="svc",
@@ -366,7 +351,7 @@ async def test_invalid_resource_is_nacked_recorded_and_not_resent(
             extra=[bad_cluster("broken")],
         )
         ads.cache.set_snapshot(node_id=NODE, snapshot=bad)
-        await eventually(lambda: bool(ads.server.nacks(node_id=NODE)), what="the NACK")
+        await wait_until(lambda: bool(ads.server.nacks(node_id=NODE)), what="the NACK")
         (nack,) = ads.server.nacks(node_id=NODE)
         assert nack.type_url == CLUSTER
         assert nack.version == bad.version(CLUSTER)
@@ -393,7 +378,7 @@ async def test_invalid_resource_is_nacked_recorded_and_not_resent(
         # A fixed snapshot is pushed and ACKed.
         fixed = mesh_snapshot(lport=lport, route_to="svc", endpoints={"svc": (backends["b"],)})
         ads.cache.set_snapshot(node_id=NODE, snapshot=fixed)
-        await eventually(lambda: acked_everything(ads, fixed), what="ACK after the fix")
+        await wait_until(lambda: acked_everything(ads, fixed), what="ACK after the fix")
         assert envoy.stats()["cluster_manager.cds.update_rejected"] == 1
     finally:
         envoy.close()
@@ -410,7 +395,7 @@ async def test_server_restart_envoy_reconnects_and_keeps_config(
     envoy = start_envoy(ads, delta=delta, tmp_path=tmp_path)
     try:
         await envoy.wait_listener("outbound")
-        await eventually(lambda: acked_everything(ads, snap), what="ACK before restart")
+        await wait_until(lambda: acked_everything(ads, snap), what="ACK before restart")
         port = ads.port
         await ads.server.stop(grace=0)
         async with aiohttp.ClientSession(
@@ -419,7 +404,7 @@ async def test_server_restart_envoy_reconnects_and_keeps_config(
             assert await get(session, lport) == (200, "backend-a")  # Envoy keeps serving meanwhile
             await asyncio.sleep(0.5)
             await ads.start(port=port)  # a fresh server (and metrics) on the same port, same cache
-            await eventually(
+            await wait_until(
                 lambda: acked_everything(ads, snap), timeout=30, what="re-ACK after restart"
             )
             assert await get(session, lport) == (200, "backend-a")
@@ -807,7 +792,7 @@ async def test_sotw_nack_is_recorded_and_not_resent(ads: Ads) -> None:
         cds3 = await c.recv()
         assert cds3.version_info not in (cds.version_info, cds2.version_info)
     # The NACK record outlives the stream; metric labels never carry node ids.
-    await eventually(lambda: ads.server.proxies() == [], what="stream closed")
+    await wait_until(lambda: ads.server.proxies() == [], what="stream closed")
     assert ads.server.nacks(node_id=NODE)
     for family in ads.registry.collect():
         for sample in family.samples:
@@ -901,7 +886,7 @@ async def test_ready_gate_holds_answers_until_marked(ads: Ads) -> None:
     async with raw(ads) as c:
         c.send(type_url=CLUSTER)
         await c.nothing(0.5)
-        await eventually(lambda: len(ads.server.proxies()) == 1, what="stream registered")
+        await wait_until(lambda: len(ads.server.proxies()) == 1, what="stream registered")
         assert not ads.server.ready
         ads.server.mark_ready()
         cds = await c.recv()

@@ -453,6 +453,18 @@ class EnvoyProcess:
         parsed: dict[str, Any] = json.loads(body)
         return parsed
 
+    def cert_serials(self) -> set[int]:
+        """Serial numbers of every certificate in the chains Envoy has loaded (admin ``/certs``):
+        which workload certificate it serves now, e.g. after an SDS rotation."""
+        status, body = self._get("/certs")
+        if status != 200:
+            raise EnvoyError(f"GET /certs answered {status}: {body[:200]!r}")
+        return {
+            int(c["serial_number"], 16)
+            for entry in json.loads(body).get("certificates", [])
+            for c in entry.get("cert_chain", [])
+        }
+
     def active_listeners(self) -> set[str]:
         """Names of dynamic listeners whose state is active (not warming)."""
         dump = self.config_dump(resource="dynamic_listeners")

@@ -459,6 +459,12 @@ class Sidecar:
         assert self.envoy is not None
         return {k: v for k, v in self.envoy.stats().items() if k.endswith("update_rejected") and v}
 
+    def cert_serials(self) -> set[int]:
+        """Serials of the certificates the Envoy has loaded (which workload certificate it
+        serves now)."""
+        assert self.envoy is not None
+        return self.envoy.cert_serials()
+
 
 def vm_yaml(
     sidecar: Sidecar,
