@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,6 +133,11 @@ def _crd_docs() -> list[dict[str, Any]]:
     return docs
 
 
+def _osm_user_docs() -> list[dict[str, Any]]:
+    path = Path(__file__).parent / "data" / "osm" / "users.yaml"
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
 def test_smi_crds_established_with_every_version(api: Any) -> None:
     ext = client.ApiextensionsV1Api(api)
     seen: dict[str, list[str]] = {}
@@ -223,6 +229,10 @@ def test_every_smi_kind_and_version_accepts_an_object(api: Any) -> None:
                 "metadata": {"name": name},
                 "spec": {"matches": [{"name": "m", "ports": [53]}], "service": "root"},
             }
+            if spec["group"] == "policy.openservicemesh.io":  # structural schemas: a valid spec
+                body["spec"] = next(
+                    d["spec"] for d in _osm_user_docs() if d["kind"] == spec["names"]["kind"]
+                )
             custom.create_namespaced_custom_object(
                 spec["group"], v["name"], ns, spec["names"]["plural"], body
             )
