@@ -2,8 +2,8 @@
 
 A control plane (smc.testing.mesh.ControlPlane with agents=True) runs the certificate
 service; each VM sidecar has an SMC agent (smc.agent) that made its key in the test process,
-got its certificate with a one-time join token, and serves it to a real Envoy over a unix
-socket SDS. Checked: traffic client -> server over mTLS with those certificates; two proxies
+got its certificate with a one-time join token, and writes it where a real Envoy reads it
+(file-based SDS in the Envoy's working directory). Checked: traffic client -> server over mTLS with those certificates; two proxies
 of one identity have their own keys and serials; the control plane's snapshots carry no key;
 renewal with the current certificate swaps the secret in the running Envoy; the attacker's
 probes (replayed join token, another proxy's id, a renewal signed by another key, a forged
@@ -35,6 +35,7 @@ from smc.agent import (
     SignRequest,
     renewal_message,
 )
+from smc.agent._files import read_secret
 from smc.projections import CertsProjection
 from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
@@ -66,9 +67,9 @@ class Mesh:
     def agent_material(self, sc: Sidecar) -> tuple[str, str]:
         """(certificate chain, key) an attacker who took over ``sc``'s host would hold."""
         assert sc.agent is not None and sc.agent.current is not None
-        secret = sc.agent.sds.secret
-        assert secret is not None
-        return secret.chain_pem, secret.key_pem
+        found = read_secret(sc.proxy_dir)
+        assert found is not None
+        return found
 
     async def direct(self, target: Sidecar, material: tuple[str, str] | None) -> int | str:
         """GET straight to ``target``'s inbound listener presenting ``material``."""
@@ -187,7 +188,7 @@ async def test_attackers_probes_are_refused_and_counted(mesh: Mesh) -> None:
     )
     csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
     a, b = mesh.servers
-    token_file = a.sds_socket.parent / "join-token"
+    token_file = a.proxy_dir / "join-token"
     used = token_file.read_text()
     before = dict(svc.refused)
     try:

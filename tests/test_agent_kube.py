@@ -151,7 +151,7 @@ async def test_pod_agent_gets_its_certificate_with_its_projected_token(
             proxy=f"{NS}/web-1",
             ca_address=f"127.0.0.1:{cp.ca_port}",
             ca_bundle_pem=cp.ca_bundle(),
-            sds_socket=tmp_path / "agent" / "sds.sock",
+            proxy_dir=tmp_path / "agent",
             token_file=token_file,
         )
     )
@@ -170,8 +170,9 @@ async def test_pod_agent_gets_its_certificate_with_its_projected_token(
             await asyncio.sleep(0.05)  # the runner applies what the service appended
         assert rec is not None and rec.proof == "service-account-token"
         assert rec.serial == agent.current.serial
-        # the socket is the agent's user's and group's only
-        assert (tmp_path / "agent" / "sds.sock").stat().st_mode & 0o007 == 0
+        # the key's file and its directory are the agent's user's and group's only
+        assert (tmp_path / "agent" / "smc-sds").stat().st_mode & 0o007 == 0
+        assert (tmp_path / "agent" / "smc-sds" / "default.json").stat().st_mode & 0o037 == 0
         # its certificate revoked (say, by mistake): the renewal with it is refused, and the pod
         # proves itself again with its token once the kubelet rotated it
         revoked = agent.current.serial

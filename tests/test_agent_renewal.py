@@ -2,7 +2,7 @@
 
 Proxy certificates of 8 s (a control plane with agents, smc.testing.mesh): each agent renews at
 about two thirds of the lifetime with its current certificate as proof, the running Envoy takes
-the new secret over the local SDS socket, the previous certificate is recorded as superseded,
+the new secret from the file the agent replaced (file-based SDS), the previous certificate is recorded as superseded,
 and requests from a client sidecar to a server sidecar keep succeeding across several renewals
 of both.
 """
@@ -99,9 +99,9 @@ async def test_agents_renew_by_themselves_without_failed_requests(tmp_path: Path
 
 
 async def test_a_restarted_agent_serves_its_saved_key_and_renews_with_it(tmp_path: Path) -> None:
-    """A VM reboots: its join token was used once, but the agent kept its key (0600) and
-    certificate in --state-dir on the VM, so it serves them at once and renews with the
-    certificate; without that state the used token gets nothing."""
+    """A VM reboots: its join token was used once, but the agent's key (0600) and certificate
+    are still in its proxy dir on the VM (smc-sds, 0750), so it serves them at once and renews
+    with the certificate; without them the used token gets nothing."""
     import stat
 
     from smc.agent import Agent, AgentConfig
@@ -113,17 +113,17 @@ async def test_a_restarted_agent_serves_its_saved_key_and_renews_with_it(tmp_pat
         await cp.apply(vm_yaml(vm, service_account="app"))
         token = await cp.join_token(namespace="renew", name="vm-1", service_account="app")
         (tmp_path / "token").write_text(token)
-        state = tmp_path / "agent-state"
+        home = tmp_path / "vm-home"
+        state = home / "smc-sds"
 
-        def make(sock: str, *, state_dir: Path | None) -> Agent:
+        def make(proxy_dir: Path) -> Agent:
             return Agent(
                 AgentConfig(
                     proxy="renew/vm-1",
                     ca_address=f"127.0.0.1:{cp.ca_port}",
                     ca_bundle_pem=cp.ca_bundle(),
-                    sds_socket=Path(tempfile.mkdtemp(prefix="smc-t-")) / sock,
+                    proxy_dir=proxy_dir,
                     join_token_file=tmp_path / "token",
-                    state_dir=state_dir,
                     retry_initial=0.05,
                 )
             )
@@ -140,14 +140,14 @@ async def test_a_restarted_agent_serves_its_saved_key_and_renews_with_it(tmp_pat
                 stop.set()
                 await task
 
-        first = make("a.sock", state_dir=state)
+        first = make(home)
         assert await run_until_ready(first, 30)
         assert first.current is not None
         serial = first.current.serial
-        assert stat.S_IMODE(state.stat().st_mode) == 0o700
-        assert stat.S_IMODE((state / "key.pem").stat().st_mode) == 0o600
+        assert stat.S_IMODE(state.stat().st_mode) == 0o750
+        assert stat.S_IMODE((state / "default.json").stat().st_mode) == 0o640
         # restarted: the saved certificate is served at once, no new proof needed
-        second = make("b.sock", state_dir=state)
+        second = make(home)
         assert await run_until_ready(second, 10)
         assert second.current is not None and second.current.serial == serial
         renewed = await second.request()
@@ -155,7 +155,7 @@ async def test_a_restarted_agent_serves_its_saved_key_and_renews_with_it(tmp_pat
         certs = next(p for p in cp.runner.projections if isinstance(p, CertsProjection))
         assert certs.proxy_certs["vm/renew/vm-1"][renewed.serial].proof == f"certificate:{serial}"
         # without the state, the used join token gets nothing
-        third = make("c.sock", state_dir=None)
+        third = make(Path(tempfile.mkdtemp(prefix="smc-t-")))
         assert not await run_until_ready(third, 2)
         assert third.failures > 0 and "join-token-replayed" in (third.last_error or "")
         raw = b"".join(f.read_bytes() for f in tmp_path.glob("log.db*"))

@@ -140,7 +140,7 @@ class Grpc:
                 proxy=f"{NS}/{workload}",
                 ca_address=f"127.0.0.1:{self.cp.ca_port}",
                 ca_bundle_pem=self.cp.ca_bundle(),
-                sds_socket=d / "sds.sock",
+                proxy_dir=d,
                 join_token_file=token_file,
                 retry_initial=0.1,
                 cert_dir=d,

@@ -38,7 +38,7 @@ def test_serve_refuses_unsafe_identity_options(
 def test_agent_cli_refuses_a_missing_proof_and_an_unusable_bundle(tmp_path: Path) -> None:
     from smc.agent.__main__ import main
 
-    base = ["--node-id", "ns/p", "--ca-address", "127.0.0.1:1", "--sds-socket", str(tmp_path / "s")]
+    base = ["--node-id", "ns/p", "--ca-address", "127.0.0.1:1", "--proxy-dir", str(tmp_path / "s")]
     with pytest.raises(SystemExit):  # argparse: one proof is required
         main([*base, "--ca-bundle", str(tmp_path / "ca.pem")])
     assert main([*base, "--ca-bundle", "env:SMC_NO_SUCH_VAR", "--token-file", "t"]) == 1

@@ -1,8 +1,9 @@
 """The injector with SMC agents (``--credentials agent``): no credential in a pod, ever.
 
-The patch adds an ``smc-agent`` container beside Envoy (the key is made in the pod; the pod
+The patch adds an ``smc-agent`` native sidecar before Envoy (the key is made in the pod; the pod
 proves itself with a projected, audience-bound service-account token mounted in the agent only),
-and Envoy's bootstrap takes its certificate from the agent's unix socket. Checked: the patch,
+and Envoy's bootstrap takes its certificate from the file the agent writes in the shared
+in-memory volume (file-based SDS). Checked: the patch,
 the mutated pod and its env hold no key, no token and no certificate but the public mesh roots;
 the agent's command line parses with the real agent CLI; the bootstrap validates with a real
 Envoy; a forged AdmissionReview sent over HTTPS to the running webhook, for any namespace and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
 import os
 import ssl
@@ -22,18 +24,28 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import jsonpatch  # type: ignore[import-untyped]
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from smc.agent import agent_sds_config
 from smc.agent.__main__ import parser as agent_parser
+from smc.agent._files import write_secret
 from smc.ca import LocalIssuer
 from smc.injector import (
     AGENT_CONTAINER,
-    AGENT_SOCKET,
+    AGENT_SECRET,
+    INIT_CONTAINER,
     PROXY_CONTAINER,
+    PROXY_DIR,
+    PROXY_VOLUME,
     TOKEN_VOLUME,
     AgentSidecar,
     InjectorConfig,
@@ -96,17 +108,49 @@ def _only_public_pem(text: str, issuer: LocalIssuer) -> None:
         assert pem.strip() in roots, "a certificate that is not a mesh root"
 
 
+@functools.cache
+def _self_signed() -> tuple[str, str]:
+    """A throwaway certificate and key for Envoy's validate run (not a mesh credential)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "validate")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
 def test_agent_patch_holds_no_credential_and_validates_with_envoy(
-    issuer: LocalIssuer, config: InjectorConfig
+    issuer: LocalIssuer, config: InjectorConfig, tmp_path: Path
 ) -> None:
     p = pod()
     ops = mutate(p, namespace_labels=ENABLED, config=config)
     _only_public_pem(json.dumps(ops), issuer)
     out = jsonpatch.apply_patch(copy.deepcopy(p), ops)
     names = [c["name"] for c in out["spec"]["containers"]]
-    assert names == ["app", PROXY_CONTAINER, AGENT_CONTAINER]
+    assert names == ["app", PROXY_CONTAINER]
+    inits = [c["name"] for c in out["spec"]["initContainers"]]
+    assert inits == [INIT_CONTAINER, AGENT_CONTAINER]  # iptables first, then the agent
     assert "smc.dev/bootstrap-secret" not in out["metadata"]["annotations"]
-    proxy, agent = out["spec"]["containers"][1], out["spec"]["containers"][2]
+    proxy, agent = out["spec"]["containers"][1], out["spec"]["initContainers"][1]
+    # a native sidecar whose startup probe holds Envoy back until the first certificate
+    assert agent["restartPolicy"] == "Always"
+    assert agent["startupProbe"]["exec"]["command"] == ["test", "-s", AGENT_SECRET]
+    assert proxy["workingDir"] == PROXY_DIR
+    assert f"{PROXY_DIR}/smc-sds/default.json" == AGENT_SECRET
+    # the key's volume is in memory (tmpfs): it never touches a disk
+    (run_vol,) = [v for v in out["spec"]["volumes"] if v["name"] == PROXY_VOLUME]
+    assert run_vol["emptyDir"]["medium"] == "Memory"
     # the token is projected, audience-bound, expiring, and mounted in the agent only
     (token_vol,) = [v for v in out["spec"]["volumes"] if v["name"] == TOKEN_VOLUME]
     sat = token_vol["projected"]["sources"][0]["serviceAccountToken"]
@@ -114,14 +158,18 @@ def test_agent_patch_holds_no_credential_and_validates_with_envoy(
     assert TOKEN_VOLUME in {m["name"] for m in agent["volumeMounts"]}
     assert TOKEN_VOLUME not in {m["name"] for m in proxy["volumeMounts"]}
     assert not any("secret" in v for v in out["spec"]["volumes"])
-    # agent and Envoy share the socket directory and run as the same (proxy) user
+    # agent and Envoy share the proxy dir and run as the same (proxy) user: Envoy reads the
+    # agent's 0600 file
     assert agent["securityContext"]["runAsUser"] == proxy["securityContext"]["runAsUser"]
+    assert {m["mountPath"] for m in agent["volumeMounts"] if m["name"] == PROXY_VOLUME} == {
+        PROXY_DIR
+    }
     boot = json.loads(env_of(proxy)["SMC_ENVOY_BOOTSTRAP"])
     clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
-    pipe = clusters["smc-agent"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    assert pipe["endpoint"]["address"] == {"pipe": {"path": AGENT_SOCKET}}
+    assert set(clusters) == {"smc_xds"}  # no agent server to reach: Envoy reads the file
     tls = clusters["smc_xds"]["transport_socket"]["typed_config"]["common_tls_context"]
     assert tls["tls_certificate_sds_secret_configs"][0]["name"] == "default"
+    assert tls["tls_certificate_sds_secret_configs"][0]["sds_config"] == agent_sds_config()
     # the agent's command line, as the kubelet expands it, parses with the real agent CLI
     env = {"POD_NAME": "web-0", "POD_NAMESPACE": "shop"}
     args = [
@@ -130,7 +178,7 @@ def test_agent_patch_holds_no_credential_and_validates_with_envoy(
     assert agent["command"] == ["python", "-m", "smc.agent"]
     parsed = agent_parser().parse_args(args)
     assert parsed.node_id == "shop/web-0" and parsed.token_file.endswith("/token")
-    assert parsed.ca_bundle == "env:SMC_PROXY_CA" and parsed.sds_socket == AGENT_SOCKET
+    assert parsed.ca_bundle == "env:SMC_PROXY_CA" and parsed.proxy_dir == PROXY_DIR
     del env
     # Envoy accepts the bootstrap (its environment holds the public roots only)
     penv = dict(os.environ, **env_of(proxy))
@@ -140,7 +188,12 @@ def test_agent_patch_holds_no_credential_and_validates_with_envoy(
         "validate",
         *[a.replace("$(SMC_ENVOY_BOOTSTRAP)", penv["SMC_ENVOY_BOOTSTRAP"]) for a in proxy["args"]],
     ]
-    done = subprocess.run(argv, env=penv, capture_output=True, text=True, timeout=60, check=False)
+    # in its working directory, where the agent wrote the secret file (Envoy checks it exists)
+    workdir = tmp_path / "run"
+    write_secret(workdir, chain_pem=_self_signed()[0], key_pem=_self_signed()[1])
+    done = subprocess.run(
+        argv, env=penv, capture_output=True, text=True, timeout=60, check=False, cwd=workdir
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -243,7 +296,8 @@ def test_default_injector_process_hands_out_nothing_secret(
             time.sleep(0.1)
         for mutated in _forge_reviews(port, issuer):
             names = [c["name"] for c in mutated["spec"]["containers"]]
-            assert names == ["app", PROXY_CONTAINER, AGENT_CONTAINER]
+            assert names == ["app", PROXY_CONTAINER]
+            assert AGENT_CONTAINER in {c["name"] for c in mutated["spec"]["initContainers"]}
             assert TOKEN_VOLUME in {v["name"] for v in mutated["spec"]["volumes"]}
         assert proc.poll() is None, log_file.read_text()
     finally:

@@ -11,10 +11,12 @@ table) run inside, and the proxy container's command run inside as the UID/GID o
 context, with its environment and ``$(VAR)`` arguments expanded; before it, the injected SMC
 agent container, with a projected service-account token the apiserver issued bound to the pod
 (the kubelet's projected volume), which makes the proxy's key in the pod, proves the pod with a
-TokenReview and serves the certificate to Envoy over its unix socket (the volumes the kubelet
-would mount, the socket's and the token's, are per-pod directories here; the agent runs with
-the proxy's group, which the iptables rules let out, as root: the interpreter lives under
-``/root``). The applications are plain
+TokenReview and writes the certificate and key where Envoy reads them (file-based SDS in the
+shared proxy dir, Envoy's working directory; Envoy starts once that file exists, as the
+agent's startup probe makes the kubelet do) (the volumes the kubelet would mount, the proxy
+dir and the token's, are per-pod directories here; the agent runs with the proxy's group,
+which the iptables rules let out and which may read its 0640 file, as root: the interpreter
+lives under ``/root``). The applications are plain
 HTTP servers and clients that know nothing of the mesh: the client calls the Service's
 ClusterIP. The test checks that
 
@@ -57,9 +59,10 @@ from smc.ca import LocalIssuer
 from smc.events import SqliteLog
 from smc.injector import (
     AGENT_CONTAINER,
-    AGENT_SOCKET,
+    AGENT_SECRET,
     INIT_CONTAINER,
     PROXY_CONTAINER,
+    PROXY_DIR,
     AdsAddress,
     AgentSidecar,
     InjectorConfig,
@@ -356,8 +359,9 @@ def test_injected_pods_are_intercepted_and_secured(
                 workdir = net.workdir / name
                 workdir.mkdir()
                 os.chown(workdir, ctx["runAsUser"], ctx["runAsGroup"])
-                # the kubelet's volumes: the shared socket directory and the projected token
-                sock = str(workdir / "agent" / "sds.sock")
+                # the kubelet's volumes: the shared proxy dir (/var/run/smc: the agent writes
+                # the key's file there, Envoy runs in it) and the projected token
+                secret = str(workdir / "smc-sds" / "default.json")
                 token = core.create_namespaced_service_account_token(
                     name,
                     ns,
@@ -377,11 +381,15 @@ def test_injected_pods_are_intercepted_and_secured(
                 token_file = workdir / "token"
                 token_file.write_text(token)
                 token_file.chmod(0o600)
-                agent = container(spec, "containers", AGENT_CONTAINER)
+                # a native sidecar: the kubelet starts it after the iptables init container and
+                # starts Envoy once its startup probe (the secret file exists) passes
+                agent = container(spec, "initContainers", AGENT_CONTAINER)
+                assert agent["restartPolicy"] == "Always"
+                assert agent["startupProbe"]["exec"]["command"] == ["test", "-s", AGENT_SECRET]
                 aenv = kubelet_env(agent, pod_name=name, ns=ns)
                 aargs = [
                     expand(a, aenv)
-                    .replace(AGENT_SOCKET, sock)
+                    .replace(PROXY_DIR, str(workdir))
                     .replace("/var/run/secrets/smc/token", str(token_file))
                     for a in agent["args"]
                 ]
@@ -400,7 +408,7 @@ def test_injected_pods_are_intercepted_and_secured(
                 )
                 agent_log = workdir / "agent.log"
                 eventually(
-                    lambda s=sock, log=agent_log: (
+                    lambda s=secret, log=agent_log: (
                         os.path.exists(s)
                         and "serving certificate" in log.read_text(errors="replace")
                     ),
@@ -411,7 +419,7 @@ def test_injected_pods_are_intercepted_and_secured(
                     wait=WAIT,
                 )
                 env = kubelet_env(proxy, pod_name=name, ns=ns)
-                env = {k: v.replace(AGENT_SOCKET, sock) for k, v in env.items()}
+                assert proxy["workingDir"] == PROXY_DIR  # here: workdir (cwd below)
                 args = [expand(a, env) for a in proxy.get("args", [])]
                 pod.start(
                     [

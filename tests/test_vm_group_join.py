@@ -122,7 +122,7 @@ class World:
             workdir=self.workdir,
         )
         await sc.start_app()
-        folder = sc.sds_socket.parent
+        folder = sc.proxy_dir
         folder.mkdir(parents=True, exist_ok=True)
         token_file = out / "join-token"  # what smc vm join wrote
         bundle = (out / "ca.pem").read_text()
@@ -133,7 +133,7 @@ class World:
                 proxy=sc.node_id,
                 ca_address=data["SMC_CA_ADDRESS"],
                 ca_bundle_pem=bundle,
-                sds_socket=sc.sds_socket,
+                proxy_dir=sc.proxy_dir,
                 join_token_file=token_file,
                 retry_initial=0.1,
             )

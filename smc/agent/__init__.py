@@ -1,41 +1,64 @@
-"""The SMC agent: runs beside one Envoy, makes its key there, and serves it SDS locally.
+"""The SMC agent: runs beside one Envoy, makes its key there, and hands it to that Envoy only.
 
 Role: public API of ``smc.agent`` (``python -m smc.agent`` or ``smc agent``). :class:`Agent`
-generates the proxy's key in its own process, sends a CSR with a proof of identity to the
-control plane's certificate service (:mod:`smc.identity`) over TLS, serves the certificate and
-key to its Envoy over a unix-socket SDS server (:class:`SdsServer`), and renews on its own
-schedule with its current certificate as proof. :mod:`smc.agent._protocol` is the wire
-format; :mod:`smc.agent._bootstrap` the bootstrap pieces that point Envoy at the agent. See
+generates the proxy's key on the proxy's host, sends a CSR with a proof of identity to the
+control plane's certificate service (:mod:`smc.identity`) over TLS, writes the certificate
+and key where its Envoy reads them with file-based SDS (``smc-sds/default.json`` in the proxy
+dir, 0640; :mod:`smc.agent._files`), and renews on its own schedule with its current
+certificate as proof. ``python -m smc.agent`` is a small resident process (standard library
+only, :mod:`smc.agent.__main__`) that runs that work in a short-lived child process
+(:mod:`smc.agent._oneshot`) whenever a certificate is due, so grpcio and cryptography are not
+resident beside every proxy. :mod:`smc.agent._protocol` is the wire format;
+:mod:`smc.agent._bootstrap` the bootstrap pieces that point Envoy at the agent's file. See
 ``docs/identity.md``.
-Concurrency: one asyncio loop per agent.
+The heavy names (:class:`Agent`, :class:`AgentConfig`, :class:`CertificateClient`,
+:func:`ads_tls_transport_socket`) are imported when first used, so importing this package
+stays cheap for the resident process.
+Concurrency: one asyncio loop per in-process agent.
 """
 
-from smc.agent._agent import Agent, AgentConfig, CertificateClient
-from smc.agent._bootstrap import (
-    AGENT_CLUSTER,
-    ads_tls_transport_socket,
-    agent_cluster,
-    agent_sds_config,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from smc.agent._errors import AgentError, InvalidMessage, SigningRefused
+from smc.agent._files import SDS_DIR, agent_sds_config
 from smc.agent._protocol import SIGN_METHOD, SignRequest, SignResponse, renewal_message
-from smc.agent._sds import SdsServer, WorkloadSecret
+
+if TYPE_CHECKING:
+    from smc.agent._agent import Agent, AgentConfig, CertificateClient
+    from smc.agent._bootstrap import ads_tls_transport_socket
 
 __all__ = [
-    "AGENT_CLUSTER",
+    "SDS_DIR",
     "SIGN_METHOD",
     "Agent",
     "AgentConfig",
     "AgentError",
     "CertificateClient",
     "InvalidMessage",
-    "SdsServer",
     "SignRequest",
     "SignResponse",
     "SigningRefused",
-    "WorkloadSecret",
     "ads_tls_transport_socket",
-    "agent_cluster",
     "agent_sds_config",
     "renewal_message",
 ]
+
+_LAZY = {
+    "Agent": "smc.agent._agent",
+    "AgentConfig": "smc.agent._agent",
+    "CertificateClient": "smc.agent._agent",
+    "ads_tls_transport_socket": "smc.agent._bootstrap",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'smc.agent' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,91 +1,248 @@
-"""``python -m smc.agent``: run an SMC agent beside one Envoy (see :mod:`smc.agent`).
+"""``python -m smc.agent``: the resident SMC agent beside one Envoy (see :mod:`smc.agent`).
 
-Role: parses the command line (argparse: the agent stays light), runs :class:`Agent` until
-SIGINT/SIGTERM, and prints one line per certificate. ``--ready-file`` is written (0644, no
-secret: the serial and validity) once the first certificate is served. Exit status 1 with a
-one-line error on bad options.
-Concurrency: one asyncio loop on the main thread.
+Role: a small supervisor that stays up for the proxy's life while holding no key and
+importing only the standard library (about 15 MB resident instead of the ~50 MB that
+grpcio and cryptography cost). It parses the command line, checks the options, and runs
+one certificate step (:mod:`smc.agent._oneshot`) in a child process at start and then each
+time the certificate in ``<proxy dir>/smc-sds`` is due (its ``renew_after``, read from the
+public ``certificate.json`` there); the child makes the key, gets the CSR signed, writes the
+file Envoy reads, and exits. A failed step is retried with exponential backoff (0.5 s
+doubling to 30 s); the supervisor remembers, for the next child, whether the one-time join
+token was used and whether the control plane refused the current certificate as proof. It
+prints one line per certificate; ``--ready-file`` (0644, no secret: serial, validity, how
+long the first certificate took, the children's peak memory) is written at each one. Exit
+status 1 with a one-line error on bad options; SIGINT/SIGTERM stop it (a running child
+finishes its step first, at most its timeout).
+Concurrency: one thread; children run one at a time; signals wake the wait via a pipe.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
+import resource
+import select
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from smc.agent._agent import Agent, AgentConfig
 from smc.agent._errors import AgentError
+from smc.agent._files import prepare_sds_dir, read_status
 
-__all__ = ["main", "parser"]
+__all__ = ["Supervisor", "main", "parser"]
+
+log = logging.getLogger("smc.agent")
+
+#: How long one child step may take (start, imports, TLS, signing) before it is killed.
+STEP_TIMEOUT = 60.0
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smc agent",
         description="Run beside an Envoy: make its key here, get it certified by the control "
-        "plane, serve it to Envoy over a local SDS unix socket, renew it.",
+        "plane, write it where Envoy reads it (file-based SDS in --proxy-dir), renew it.",
     )
     p.add_argument("--node-id", required=True, help="The Envoy's node id (<ns>/<pod>, vm/...).")
     p.add_argument("--ca-address", required=True, help="HOST:PORT of the certificate service.")
     p.add_argument("--ca-bundle", required=True, help="PEM file of the CA that signed the service.")
     p.add_argument("--server-name", default=None, help="TLS name to check on the service.")
-    p.add_argument("--sds-socket", required=True, help="Unix socket path to serve SDS on.")
+    p.add_argument(
+        "--proxy-dir",
+        required=True,
+        help="Envoy's working directory: the certificate and key go to smc-sds/default.json "
+        "there (0640, directory 0750: the agent's user and group), which the proxy's bootstrap and listeners read.",
+    )
     proof = p.add_mutually_exclusive_group(required=True)
     proof.add_argument("--token-file", help="Projected service-account token (pods).")
     proof.add_argument("--join-token-file", help="One-time join token (VMs).")
-    p.add_argument("--ready-file", default=None, help="Written once the first cert is served.")
-    p.add_argument(
-        "--state-dir",
-        default=None,
-        help="Keep the key (0600) and certificate in this directory (0700) across restarts.",
-    )
+    p.add_argument("--ready-file", default=None, help="Written at each certificate (public).")
     p.add_argument(
         "--cert-dir",
         default=None,
         help="Also write cert.pem, key.pem (0600) and ca.pem here, renewed in place "
         "(for a proxyless gRPC workload's file_watcher certificate provider).",
     )
+    p.add_argument("--retry-initial", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO")
     return p
 
 
-async def _run(agent: Agent, ready_file: str | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(agent.run(stop=stop))
+def _ca_pem(option: str) -> str:
+    if option.startswith("env:"):
+        pem = os.environ.get(option[4:], "")
+    else:
+        try:
+            pem = Path(option).read_text("ascii")
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"--ca-bundle {option}: {exc}") from exc
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise AgentError(f"--ca-bundle {option}: no PEM certificate there")
+    return pem
 
-    async def announce() -> None:
-        await agent.ready.wait()
-        cur = agent.current
-        assert cur is not None and agent.first_certificate_at is not None
-        took = agent.first_certificate_at - agent.started_at
-        print(f"agent: serving certificate {cur.serial} (first in {took:.3f}s)", flush=True)
-        if ready_file:
-            tmp = Path(ready_file + ".tmp")
+
+class Supervisor:
+    """Runs certificate steps in child processes when due (see the module docstring)."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        *,
+        ready_file: Path | None = None,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+    ) -> None:
+        self.spec = dict(spec)
+        self.proxy_dir = Path(spec["proxy_dir"])
+        self.ready_file = ready_file
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.started_at = time.monotonic()
+        self.first_seconds: float | None = None
+        self.certificates = 0
+        self.failures = 0
+        self.steps = 0
+        self.join_used = False
+        self.cert_refused = False
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # ------------------------------------------------------------------ waiting
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep ``seconds`` or until a signal arrives."""
+        if seconds <= 0 or self.stopping:
+            return
+        select.select([self._wake_r], [], [], seconds)
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def due_in(self) -> float:
+        """Seconds until the held certificate is due (0: now, no usable status)."""
+        status = read_status(self.proxy_dir)
+        if status is None:
+            return 0.0
+        try:
+            due = datetime.fromisoformat(str(status["renew_after"]))
+        except (KeyError, ValueError):
+            return 0.0
+        return max(0.0, (due - datetime.now(UTC)).total_seconds())
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> dict[str, Any]:
+        """Run one child step; its outcome (``ok`` False with ``error`` when it failed)."""
+        self.steps += 1
+        spec = dict(self.spec, join_used=self.join_used, cert_refused=self.cert_refused)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "smc.agent._oneshot"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+                close_fds=True,
+            )
+        except OSError as exc:
+            return {"ok": False, "error": f"cannot start the certificate step: {exc}"}
+        try:
+            out, _ = proc.communicate(json.dumps(spec).encode(), timeout=STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return {"ok": False, "error": f"the certificate step took over {STEP_TIMEOUT:.0f}s"}
+        try:
+            result = json.loads(out.decode("utf-8").strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            result = None
+        if not isinstance(result, dict):
+            return {"ok": False, "error": f"the certificate step exited {proc.returncode}"}
+        self.join_used = bool(result.get("join_used", self.join_used))
+        if result.get("ok"):
+            self.cert_refused = False
+        else:
+            self.cert_refused = bool(result.get("cert_refused", self.cert_refused))
+        return result
+
+    def _announce(self, result: dict[str, Any]) -> None:
+        self.certificates += 1
+        if self.first_seconds is None:
+            self.first_seconds = time.monotonic() - self.started_at
+            print(
+                f"agent: serving certificate {result['serial']} "
+                f"(first in {self.first_seconds:.3f}s)",
+                flush=True,
+            )
+        else:
+            print(
+                f"agent: renewed, serving certificate {result['serial']} until "
+                f"{result['not_after']}",
+                flush=True,
+            )
+        if self.ready_file is not None:
+            tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
             tmp.write_text(
                 json.dumps(
                     {
-                        "serial": cur.serial,
-                        "not_after": cur.not_after.isoformat(),
-                        "first_certificate_seconds": took,
+                        "serial": result["serial"],
+                        "not_after": result["not_after"],
+                        "renew_after": result["renew_after"],
+                        "first_certificate_seconds": self.first_seconds,
+                        "certificates": self.certificates,
+                        "steps": self.steps,
+                        "failures": self.failures,
+                        # the largest child so far (kB): the agent's peak is this plus its own
+                        "child_peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
                     }
                 )
             )
-            tmp.replace(ready_file)
+            tmp.replace(self.ready_file)
 
-    announcer = asyncio.create_task(announce())
-    try:
-        await task
-    finally:
-        announcer.cancel()
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        backoff = self.retry_initial
+        serving: str | None = None
+        try:
+            while not self.stopping:
+                if serving is not None:
+                    wait = self.due_in()
+                    if wait > 0:
+                        self._sleep(wait)
+                        continue
+                result = self.step()
+                if result.get("ok"):
+                    backoff = self.retry_initial
+                    if result.get("serial") != serving:
+                        serving = str(result["serial"])
+                        self._announce(result)
+                    continue
+                self.failures += 1
+                log.warning(
+                    "certificate request failed (retry in %.1fs): %s", backoff, result.get("error")
+                )
+                self._sleep(backoff)
+                backoff = min(self.retry_max, backoff * 2)
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,29 +251,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     try:
-        if args.ca_bundle.startswith("env:"):
-            ca_pem = os.environ.get(args.ca_bundle[4:], "")
-            if "-----BEGIN CERTIFICATE-----" not in ca_pem:
-                raise AgentError(f"--ca-bundle {args.ca_bundle}: no PEM certificate there")
-        else:
-            ca_pem = Path(args.ca_bundle).read_text("ascii")
-        config = AgentConfig(
-            proxy=args.node_id,
-            ca_address=args.ca_address,
-            ca_bundle_pem=ca_pem,
-            server_name=args.server_name,
-            sds_socket=Path(args.sds_socket),
-            token_file=Path(args.token_file) if args.token_file else None,
-            join_token_file=Path(args.join_token_file) if args.join_token_file else None,
-            state_dir=Path(args.state_dir) if args.state_dir else None,
-            cert_dir=Path(args.cert_dir) if args.cert_dir else None,
-        )
-        agent = Agent(config)
+        proxy_dir = Path(args.proxy_dir).absolute()
+        spec = {
+            "proxy": args.node_id,
+            "ca_address": args.ca_address,
+            "ca_bundle_pem": _ca_pem(args.ca_bundle),
+            "server_name": args.server_name,
+            "proxy_dir": str(proxy_dir),
+            "token_file": str(Path(args.token_file).absolute()) if args.token_file else None,
+            "join_token_file": (
+                str(Path(args.join_token_file).absolute()) if args.join_token_file else None
+            ),
+            "cert_dir": str(Path(args.cert_dir).absolute()) if args.cert_dir else None,
+            "log_level": args.log_level,
+        }
+        prepare_sds_dir(proxy_dir)
     except (OSError, AgentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(_run(agent, args.ready_file))
-    return 0
+    supervisor = Supervisor(
+        spec,
+        ready_file=Path(args.ready_file) if args.ready_file else None,
+        retry_initial=args.retry_initial,
+    )
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -1,24 +1,31 @@
-"""The SMC agent: the proxy's key made here, a CSR to the control plane, SDS to Envoy.
+"""The SMC agent: the proxy's key made here, a CSR to the control plane, files for Envoy.
 
-Role: :class:`Agent` runs beside one Envoy. It generates an EC P-256 key in this process (the
-key is never written to disk nor sent anywhere but to its Envoy over the local SDS socket),
-sends a CSR to the control plane's certificate service over TLS (server verified with the
-mesh CA bundle) with its proof of identity, and serves the signed certificate with the key
-through :class:`~smc.agent.SdsServer`. Proofs: a pod reads its projected service-account
-token from ``token_file`` (re-read each time, since the kubelet rotates it); a VM uses the
-one-time join token of ``join_token_file`` once. Renewals happen on the agent's own schedule
-(``renew_after`` of the answer, about two thirds of the lifetime with jitter) with a fresh key
-each time, proven with the current certificate (a signature by the current key over the new
-CSR). A failed request is retried with exponential backoff; once the current certificate has
+Role: :class:`Agent` does the certificate work of one proxy. It generates an EC P-256 key on
+the proxy's host, sends a CSR to the control plane's certificate service over TLS (server
+verified with the mesh CA bundle) with its proof of identity, and hands the signed
+certificate with the key to its Envoy through Envoy's file-based SDS: ``smc-sds/default.json``
+in the proxy dir (Envoy's working directory), 0640 in a 0750 directory (the agent's user and
+group, which are Envoy's), replaced atomically
+(:mod:`smc.agent._files`). The key goes nowhere else. Proofs: a pod reads its projected
+service-account token from ``token_file`` (re-read each time, since the kubelet rotates it); a
+VM uses the one-time join token of ``join_token_file`` once. Renewals happen on the agent's
+own schedule (``renew_after`` of the answer, about two thirds of the lifetime with jitter)
+with a fresh key each time, proven with the current certificate (a signature by the current
+key over the new CSR). A failed request is retried with exponential backoff and the same key
+(kept in ``smc-sds/.pending-key.pem`` until answered); once the current certificate has
 expired, or the control plane refused it as proof (revoked), a pod falls back to its token.
-With ``state_dir`` the key (0600) and certificate are also kept on the host, in a 0700
-directory, so a restarted agent (a rebooted VM, whose join token was used once) serves them at
-once and renews with the certificate; nothing leaves the host either way.
+The files are also the agent's state: a restarted agent (a rebooted VM, whose join token was
+used once; an agent container restarted on its in-memory volume) finds its certificate there
+and renews with it.
 For a proxyless gRPC workload (no Envoy: gRPC's ``file_watcher`` certificate provider reads
 PEM files) ``cert_dir`` makes the agent also write ``cert.pem`` (certificate and chain),
 ``key.pem`` (mode 0600) and ``ca.pem`` (trust bundle) there, each replaced atomically on every
 renewal; the key still never leaves the host.
-Concurrency: one asyncio loop; signing (cryptography) is quick and done inline.
+``python -m smc.agent`` does not keep this class (nor grpcio and cryptography) resident: it
+runs :func:`request_once` in a short-lived child process each time a certificate is due
+(:mod:`smc.agent._oneshot`); tests and embedders may run :meth:`Agent.run` in-process.
+Concurrency: one asyncio loop; signing (cryptography) is quick and done inline; file writes
+are small and done inline.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +46,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from smc.agent._errors import AgentError, InvalidMessage, SigningRefused
+from smc.agent._files import (
+    PENDING_KEY,
+    STATUS_FILE,
+    prepare_sds_dir,
+    read_secret,
+    remove_private,
+    sds_dir,
+    write_pem_files,
+    write_private,
+    write_secret,
+)
 from smc.agent._protocol import SIGN_METHOD, SignRequest, SignResponse, renewal_message
-from smc.agent._sds import SdsServer, WorkloadSecret
 
 __all__ = ["Agent", "AgentConfig", "CertificateClient"]
 
@@ -89,15 +105,13 @@ class AgentConfig:
     proxy: str  # the Envoy's node id
     ca_address: str  # HOST:PORT of the certificate service
     ca_bundle_pem: str  # CA that signed the service's certificate (the mesh root)
-    sds_socket: Path
+    #: Envoy's working directory: the agent writes ``smc-sds/default.json`` there.
+    proxy_dir: Path
     server_name: str | None = None
     token_file: Path | None = None  # a pod's projected service-account token
     join_token_file: Path | None = None  # a VM's one-time join token
     retry_initial: float = 0.5
     retry_max: float = 30.0
-    #: Where the agent keeps its key (0600) and certificate across its own restarts (a VM
-    #: reboot, an agent container restart on an in-memory volume); None: memory only.
-    state_dir: Path | None = None
     #: Also write cert.pem, key.pem (0600) and ca.pem here (gRPC's file_watcher provider).
     cert_dir: Path | None = None
 
@@ -117,26 +131,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode("ascii")
-
-
-def _write_pem_files(
-    folder: Path, chain_pem: str, key_pem: str, trust_bundle: tuple[str, ...]
-) -> None:
-    """cert.pem, key.pem (0600) and ca.pem in ``folder``, each replaced atomically; the key
-    first, so a reader never pairs a new certificate with an old key for long."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    roots = "".join(r if r.endswith("\n") else r + "\n" for r in trust_bundle)
-    for name, text, mode in (
-        ("key.pem", key_pem, 0o600),
-        ("cert.pem", chain_pem, 0o644),
-        ("ca.pem", roots, 0o644),
-    ):
-        tmp = folder / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, folder / name)
 
 
 class Agent:
@@ -161,7 +155,7 @@ class Agent:
             ca_pem=config.ca_bundle_pem,
             server_name=config.server_name,
         )
-        self.sds = SdsServer(socket_path=config.sds_socket)
+        self.secret_file = sds_dir(config.proxy_dir) / "default.json"
         self.clock = clock
         self.current: _Current | None = None
         self.trust_bundle: tuple[str, ...] = ()
@@ -211,7 +205,7 @@ class Agent:
         # A failed attempt is retried with the same key (and CSR): the control plane binds a
         # token to the first key it certified, so a lost answer can be asked for again.
         if self._pending_key is None:
-            self._pending_key = ec.generate_private_key(ec.SECP256R1())
+            self._pending_key = self._load_pending() or self._new_pending()
         key = self._pending_key
         csr = self._csr(key)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
@@ -242,40 +236,36 @@ class Agent:
             self._join_used = True
         await self._install(key, resp)
         self._pending_key = None
+        remove_private(sds_dir(self.config.proxy_dir) / PENDING_KEY)
         return resp
 
-    # ------------------------------------------------------------------ state across restarts
-    def _save(self, key: ec.EllipticCurvePrivateKey, resp: SignResponse) -> None:
-        folder = self.config.state_dir
-        if folder is None:
-            return
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
-        for name, data, mode in (
-            ("key.pem", _key_pem(key).encode("ascii"), 0o600),
-            ("certificate.json", resp.encode(), 0o600),
-        ):
-            tmp = folder / f".{name}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            try:
-                os.fchmod(fd, mode)
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, folder / name)
+    def _new_pending(self) -> ec.EllipticCurvePrivateKey:
+        key = ec.generate_private_key(ec.SECP256R1())
+        prepare_sds_dir(self.config.proxy_dir)
+        write_private(sds_dir(self.config.proxy_dir) / PENDING_KEY, _key_pem(key).encode())
+        return key
 
-    async def restore(self) -> bool:
-        """Serve the key and certificate kept in ``state_dir`` if the certificate is still
-        valid and matches the key (then no first proof is needed); False otherwise."""
-        folder = self.config.state_dir
-        if folder is None:
-            return False
+    def _load_pending(self) -> ec.EllipticCurvePrivateKey | None:
         try:
-            key = serialization.load_pem_private_key((folder / "key.pem").read_bytes(), None)
-            resp = SignResponse.decode((folder / "certificate.json").read_bytes())
+            raw = (sds_dir(self.config.proxy_dir) / PENDING_KEY).read_bytes()
+            key = serialization.load_pem_private_key(raw, None)
+        except (OSError, ValueError):
+            return None
+        return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+
+    # ------------------------------------------------------------------ state across restarts
+    async def restore(self) -> bool:
+        """Take up the key and certificate of ``smc-sds`` if the certificate is still valid
+        and matches the key (then no first proof is needed); False otherwise."""
+        folder = sds_dir(self.config.proxy_dir)
+        try:
+            found = read_secret(self.config.proxy_dir)
+            if found is None:
+                return False
+            key = serialization.load_pem_private_key(found[1].encode("ascii"), None)
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 return False
+            resp = self._status_of(found[0], key, folder / STATUS_FILE)
             if datetime.fromisoformat(resp.not_after) <= self.clock():
                 return False
             await self._install(key, resp, restored=True)
@@ -284,6 +274,30 @@ class Agent:
             return False
         log.info("serving the saved certificate %s until %s", resp.serial, resp.not_after)
         return True
+
+    def _status_of(
+        self, chain_pem: str, key: ec.EllipticCurvePrivateKey, status: Path
+    ) -> SignResponse:
+        """The kept answer of the certificate in ``chain_pem``; when the status file is not
+        that certificate's (the agent stopped between the two renames), one made from the
+        certificate itself, due for renewal at once."""
+        leaf = x509.load_pem_x509_certificate(chain_pem.encode("ascii"))
+        value = leaf.serial_number
+        serial = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big").hex()
+        with contextlib.suppress(OSError, ValueError):
+            resp = SignResponse.decode(status.read_bytes())
+            if resp.serial == serial:
+                return resp
+        pem = leaf.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        return SignResponse(
+            serial=serial,
+            certificate_pem=pem,
+            chain_pem=chain_pem.replace(pem, "", 1),
+            trust_bundle=(),
+            not_before=leaf.not_valid_before_utc.isoformat(),
+            not_after=leaf.not_valid_after_utc.isoformat(),
+            renew_after=self.clock().isoformat(),
+        )
 
     async def _install(
         self, key: ec.EllipticCurvePrivateKey, resp: SignResponse, *, restored: bool = False
@@ -310,12 +324,11 @@ class Agent:
         )
         self.trust_bundle = resp.trust_bundle
         if not restored:
-            self._save(key, resp)
-        await self.sds.update(
-            WorkloadSecret(version=resp.serial, chain_pem=chain, key_pem=_key_pem(key))
-        )
+            # the secret first (Envoy reloads on its rename), then the public status
+            write_secret(self.config.proxy_dir, chain_pem=chain, key_pem=_key_pem(key))
+            write_private(sds_dir(self.config.proxy_dir) / STATUS_FILE, resp.encode(), mode=0o640)
         if self.config.cert_dir is not None:
-            _write_pem_files(self.config.cert_dir, chain, _key_pem(key), resp.trust_bundle)
+            write_pem_files(self.config.cert_dir, chain, _key_pem(key), resp.trust_bundle)
         if first:
             self.first_certificate_at = time.monotonic()
             log.info(
@@ -331,8 +344,8 @@ class Agent:
 
     # ------------------------------------------------------------------ the loop
     async def run(self, *, stop: asyncio.Event) -> None:
-        """Serve SDS and keep a valid certificate until ``stop``."""
-        await self.sds.start()
+        """Keep a valid certificate in the proxy dir until ``stop``."""
+        prepare_sds_dir(self.config.proxy_dir)
         await self.restore()
         backoff = self.config.retry_initial
         try:
@@ -356,5 +369,4 @@ class Agent:
                         await asyncio.wait_for(stop.wait(), timeout=backoff)
                     backoff = min(self.config.retry_max, backoff * 2)
         finally:
-            await self.sds.stop()
             await self.client.close()

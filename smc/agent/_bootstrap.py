@@ -1,11 +1,12 @@
 """The pieces of an Envoy bootstrap that point at the SMC agent beside it.
 
-Role: :func:`agent_cluster` is the static cluster (HTTP/2 over the agent's unix socket) that
-SDS config sources name; :func:`agent_sds_config` such a config source;
-:func:`ads_tls_transport_socket` the UpstreamTlsContext of the ADS cluster: the proxy's
-certificate and key come from the agent (``default``), the control plane's certificate is
-verified with the mesh CA bundle (a file or inline PEM) and, optionally, a SAN. A bootstrap
-built from these holds no key and no credential.
+Role: :func:`agent_sds_config` is the SDS config source of the proxy's ``default`` secret: the
+file the agent writes (``smc-sds/default.json``, relative to Envoy's working directory, the
+proxy dir; see :mod:`smc.agent._files`); :func:`ads_tls_transport_socket` the
+UpstreamTlsContext of the ADS cluster: the proxy's certificate and key come from that file,
+the control plane's certificate is verified with the mesh CA bundle (a file or inline PEM)
+and, optionally, a SAN. A bootstrap built from these holds no key and no credential; Envoy
+must start in the proxy dir once the agent has written its first certificate.
 Concurrency: pure functions.
 """
 
@@ -14,49 +15,14 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from smc.agent._files import agent_sds_config
+
 __all__ = [
-    "AGENT_CLUSTER",
     "ads_tls_transport_socket",
-    "agent_cluster",
     "agent_sds_config",
 ]
 
-AGENT_CLUSTER = "smc-agent"
-_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-
-
-def agent_cluster(socket_path: str) -> dict[str, Any]:
-    """The static cluster of the agent's SDS server on ``socket_path``."""
-    return {
-        "name": AGENT_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": AGENT_CLUSTER,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": socket_path}}}}]}
-            ],
-        },
-    }
-
-
-def agent_sds_config() -> dict[str, Any]:
-    """An SDS config source: gRPC to :data:`AGENT_CLUSTER`."""
-    return {
-        "resource_api_version": "V3",
-        "api_config_source": {
-            "api_type": "GRPC",
-            "transport_api_version": "V3",
-            "grpc_services": [{"envoy_grpc": {"cluster_name": AGENT_CLUSTER}}],
-        },
-    }
 
 
 def _san_type(san: str) -> str:

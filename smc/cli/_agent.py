@@ -22,7 +22,7 @@ __all__ = ["agent"]
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def agent(args: tuple[str, ...]) -> None:
-    """Run beside an Envoy: make its key, get it certified, serve it over local SDS
+    """Run beside an Envoy: make its key, get it certified, write it where Envoy reads it
     (``smc agent --help`` lists the options)."""
     from smc.agent.__main__ import main
 

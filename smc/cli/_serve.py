@@ -329,7 +329,7 @@ async def _serve(
     default="agent",
     show_default=True,
     help="Who makes workload keys: 'agent' (an SMC agent beside each proxy makes its key and "
-    "serves it over local SDS; the control plane serves roots and CRLs only; ADS is then "
+    "hands it to its Envoy in a local file; the control plane serves roots and CRLs only; ADS is then "
     "mTLS, as with --xds-tls, and --ca-listen is needed) or 'control-plane' (one key per "
     "identity, made here and served over SDS).",
 )

@@ -29,7 +29,7 @@ from smc.injector._errors import (
 )
 from smc.injector._mutate import (
     AGENT_CONTAINER,
-    AGENT_SOCKET,
+    AGENT_SECRET,
     ANNOTATION_BOOTSTRAP_SECRET,
     ANNOTATION_EXCLUDE_INBOUND,
     ANNOTATION_EXCLUDE_OUTBOUND,
@@ -42,6 +42,7 @@ from smc.injector._mutate import (
     LABEL_INTERCEPTION,
     NAMESPACE_LABEL,
     PROXY_CONTAINER,
+    PROXY_DIR,
     PROXY_VOLUME,
     TOKEN_VOLUME,
     AgentSidecar,
@@ -74,7 +75,7 @@ from smc.injector._vm import VmBootstrapFiles, find_vm, vm_node_id, write_vm_boo
 __all__ = [
     "ADS_CLUSTER",
     "AGENT_CONTAINER",
-    "AGENT_SOCKET",
+    "AGENT_SECRET",
     "ANNOTATION_BOOTSTRAP_SECRET",
     "ANNOTATION_EXCLUDE_INBOUND",
     "ANNOTATION_EXCLUDE_OUTBOUND",
@@ -93,6 +94,7 @@ __all__ = [
     "NAMESPACE_LABEL",
     "PROBE_BASE_PORT",
     "PROXY_CONTAINER",
+    "PROXY_DIR",
     "PROXY_VOLUME",
     "TCP_PROBE_PATH",
     "TOKEN_VOLUME",

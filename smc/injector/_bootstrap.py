@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smc.agent._bootstrap import agent_cluster, agent_sds_config
+from smc.agent._files import agent_sds_config
 from smc.injector._errors import InjectorError
 from smc.xds._stats import mesh_stats_config
 
@@ -98,13 +98,13 @@ class TlsSources:
     trusted_ca: dict[str, str]
     #: With :meth:`watched`: the directory holding :data:`CERT_SDS_FILE` and :data:`CA_SDS_FILE`.
     directory: str | None = None
-    #: With :meth:`agent`: the certificate and key come from the SMC agent's SDS (``default``).
+    #: With :meth:`agent`: the certificate and key come from the SMC agent's file (``default``).
     from_agent: bool = False
 
     @classmethod
     def agent(cls, *, ca: dict[str, str]) -> TlsSources:
-        """The proxy's own certificate and key from the SMC agent beside it (the bootstrap must
-        name the agent's socket); the control plane verified with ``ca`` (a DataSource)."""
+        """The proxy's own certificate and key from the SMC agent beside it (its file in
+        Envoy's working directory); the control plane verified with ``ca`` (a DataSource)."""
         return cls(certificate={}, private_key={}, trusted_ca=dict(ca), from_agent=True)
 
     @classmethod
@@ -187,13 +187,13 @@ def envoy_bootstrap(
     delta: bool = False,
     server_name: str | None = None,
     metadata: dict[str, str] | None = None,
-    agent_socket: str | None = None,
 ) -> dict[str, Any]:
     """The bootstrap of one SMC proxy (a plain dict, ready for JSON or YAML).
 
-    ``agent_socket``: the unix socket of the SMC agent beside the proxy (its static cluster
-    :data:`smc.agent.AGENT_CLUSTER`, which the listeners' ``default`` secret comes from);
-    required by :meth:`TlsSources.agent`.
+    With :meth:`TlsSources.agent` the proxy's certificate and key come from the file the SMC
+    agent beside it writes (``smc-sds/default.json`` relative to Envoy's working directory,
+    :func:`smc.agent.agent_sds_config`), which the listeners' ``default`` secret comes from
+    too; Envoy must start in that directory once the agent has written it.
 
     ``tls`` None means plaintext HTTP/2 to the ADS server. With TLS, the control plane's
     certificate must chain to the trust bundle; ``server_name`` (default: ``ads.host`` when it
@@ -221,8 +221,6 @@ def envoy_bootstrap(
         sans = [{"san_type": "DNS", "matcher": {"exact": server_name}}] if server_name else None
         common: dict[str, Any]
         if tls.from_agent:
-            if agent_socket is None:
-                raise InjectorError("TlsSources.agent() needs the bootstrap's agent_socket")
             validation_ctx: dict[str, Any] = {"trusted_ca": dict(tls.trusted_ca)}
             if sans:
                 validation_ctx["match_typed_subject_alt_names"] = sans
@@ -285,8 +283,5 @@ def envoy_bootstrap(
             "lds_config": dict(config_source),
             "cds_config": dict(config_source),
         },
-        "static_resources": {
-            "clusters": [xds_cluster]
-            + ([agent_cluster(agent_socket)] if agent_socket is not None else [])
-        },
+        "static_resources": {"clusters": [xds_cluster]},
     }

@@ -24,14 +24,19 @@ the label ``smc.dev/inject=enabled`` (opt-in), the pod must not carry the annota
   ``/etc/smc/bootstrap``, read through file-based SDS with the directory watched, so a renewed
   Secret reaches the running proxy;
 - with :attr:`InjectorConfig.agent` (``--credentials agent``): no credential at all. An
-  ``smc-agent`` container (the SMC image, ``python -m smc.agent``, the proxy's UID, so its
-  traffic to the control plane is not redirected) makes the proxy's key in the pod, proves the
-  pod with a projected service-account token (volume ``smc-token``: audience-bound, expiring,
-  mounted in that container only) and serves the certificate to Envoy over the unix socket
-  ``/var/run/smc/agent/sds.sock`` in the shared ``smc-proxy-run`` volume; Envoy's bootstrap
-  takes its ADS client certificate from it and verifies the control plane with the mesh trust
-  bundle (public, inline in the env). The patch, the pod spec and every Secret then hold no key
-  nor token: a forged AdmissionReview gets nothing secret;
+  ``smc-agent`` native sidecar (an init container with ``restartPolicy: Always``: the SMC
+  image, ``python -m smc.agent``, the proxy's UID, so its traffic to the control plane is not
+  redirected and Envoy may read its files) makes the proxy's key in the pod, proves the pod
+  with a projected service-account token (volume ``smc-token``: audience-bound, expiring,
+  mounted in that container only) and writes the certificate and key to
+  ``/var/run/smc/smc-sds/default.json`` (0640, directory 0750) in the shared
+  ``smc-proxy-run`` volume, an ``emptyDir`` of medium ``Memory``, so the key never touches a
+  disk. Its startup probe passes once that file exists, so the kubelet starts Envoy (working
+  directory ``/var/run/smc``) only then; Envoy reads the file with file-based SDS for its ADS
+  client certificate and its listeners, reloading it on every renewal, and verifies the
+  control plane with the mesh trust bundle (public, inline in the env). The patch, the pod
+  spec and every Secret then hold no key nor token: a forged AdmissionReview gets nothing
+  secret;
 - the ``smc-proxy-run`` emptyDir volume (Envoy's writable working directory), the
   ``smc.dev/status`` and ``smc.dev/node-id`` annotations, and the label
   ``smc.dev/interception: iptables``, which the informers carry into the registry and which
@@ -53,6 +58,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from smc.agent._files import SDS_DIR, SECRET_FILE
 from smc.injector._bootstrap import AdsAddress, TlsSources, envoy_bootstrap
 from smc.injector._errors import InjectorError, InvalidPod
 from smc.injector._probes import (
@@ -63,7 +69,7 @@ from smc.injector._probes import (
 
 __all__ = [
     "AGENT_CONTAINER",
-    "AGENT_SOCKET",
+    "AGENT_SECRET",
     "ANNOTATION_BOOTSTRAP_SECRET",
     "ANNOTATION_EXCLUDE_INBOUND",
     "ANNOTATION_EXCLUDE_OUTBOUND",
@@ -76,6 +82,7 @@ __all__ = [
     "LABEL_INTERCEPTION",
     "NAMESPACE_LABEL",
     "PROXY_CONTAINER",
+    "PROXY_DIR",
     "PROXY_VOLUME",
     "TOKEN_VOLUME",
     "AgentSidecar",
@@ -109,8 +116,10 @@ ANNOTATION_BOOTSTRAP_SECRET = "smc.dev/bootstrap-secret"
 BOOTSTRAP_MOUNT = "/etc/smc/bootstrap"
 BOOTSTRAP_VOLUME = "smc-bootstrap"
 AGENT_CONTAINER = "smc-agent"
-#: The agent's SDS socket, in the shared ``smc-proxy-run`` volume.
-AGENT_SOCKET = "/var/run/smc/agent/sds.sock"
+#: Envoy's working directory, the shared ``smc-proxy-run`` volume: the agent's proxy dir.
+PROXY_DIR = "/var/run/smc"
+#: The file the agent writes and Envoy reads (file-based SDS, relative to :data:`PROXY_DIR`).
+AGENT_SECRET = f"{PROXY_DIR}/{SDS_DIR}/{SECRET_FILE}"
 TOKEN_VOLUME = "smc-token"
 TOKEN_MOUNT = "/var/run/secrets/smc"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -370,7 +379,6 @@ def mutate(
         delta=config.delta,
         server_name=config.ads_server_name,
         metadata={"namespace": ns, "service_account": sa, "kind": "pod"},
-        agent_socket=AGENT_SOCKET if agent is not None else None,
     )
     excluded = _excluded_ports(annotations)
     probes = plan_probes(spec, excluded=excluded, skip=(PROXY_CONTAINER,))
@@ -442,8 +450,8 @@ def mutate(
     status = json.dumps(
         {
             "version": 1,
-            "containers": [PROXY_CONTAINER] + ([AGENT_CONTAINER] if agent else []),
-            "initContainers": [INIT_CONTAINER],
+            "containers": [PROXY_CONTAINER],
+            "initContainers": [INIT_CONTAINER] + ([AGENT_CONTAINER] if agent else []),
             "volumes": [PROXY_VOLUME],
             "image": config.proxy_image,
         },
@@ -482,13 +490,22 @@ def mutate(
         )
     ops.extend(probes.ops)
     ops.append(_append(spec, "initContainers", init))
-    ops.append(_append(spec, "containers", proxy))
-    ops.append(_append(spec, "volumes", {"name": PROXY_VOLUME, "emptyDir": {}}))
     if agent is not None:
-        ops += [
-            {"op": "add", "path": "/spec/containers/-", "value": _agent_container(agent, config)},
-            {"op": "add", "path": "/spec/volumes/-", "value": _token_volume(agent)},
-        ]
+        # after the iptables init container, before Envoy: the kubelet starts Envoy once the
+        # agent's startup probe sees the first certificate
+        ops.append(
+            {
+                "op": "add",
+                "path": "/spec/initContainers/-",
+                "value": _agent_container(agent, config),
+            }
+        )
+    ops.append(_append(spec, "containers", proxy))
+    # with the agent the volume holds the proxy's key: in memory (tmpfs), never on a disk
+    run_volume: dict[str, Any] = {"medium": "Memory", "sizeLimit": "16Mi"} if agent else {}
+    ops.append(_append(spec, "volumes", {"name": PROXY_VOLUME, "emptyDir": run_volume}))
+    if agent is not None:
+        ops.append({"op": "add", "path": "/spec/volumes/-", "value": _token_volume(agent)})
     if in_secret:
         assert credentials is not None
         # Read-only for everyone in the proxy container (it runs as the proxy UID); only that
@@ -512,8 +529,8 @@ def _agent_container(agent: AgentSidecar, config: InjectorConfig) -> dict[str, A
         agent.ca_address,
         "--ca-bundle",
         f"env:{ENV_CA}",
-        "--sds-socket",
-        AGENT_SOCKET,
+        "--proxy-dir",
+        PROXY_DIR,
         "--token-file",
         f"{TOKEN_MOUNT}/token",
     ]
@@ -524,6 +541,13 @@ def _agent_container(agent: AgentSidecar, config: InjectorConfig) -> dict[str, A
         "image": agent.image,
         "command": ["python", "-m", "smc.agent"],
         "args": args,
+        # a native sidecar: runs for the pod's life, and Envoy starts once this probe passes
+        "restartPolicy": "Always",
+        "startupProbe": {
+            "exec": {"command": ["test", "-s", AGENT_SECRET]},
+            "periodSeconds": 1,
+            "failureThreshold": 120,
+        },
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {
@@ -532,9 +556,10 @@ def _agent_container(agent: AgentSidecar, config: InjectorConfig) -> dict[str, A
             },
             {"name": ENV_CA, "value": agent.ca_pem},
         ],
-        "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "96Mi"}},
+        # resident ~16 MB; each renewal's short-lived child ~50 MB more for about a second
+        "resources": {"requests": {"cpu": "10m", "memory": "24Mi"}, "limits": {"memory": "96Mi"}},
         "securityContext": {
-            # the proxy's UID: its socket is Envoy's to use, and iptables lets its traffic out
+            # the proxy's UID: its 0640 files are Envoy's to read, and iptables lets its traffic out
             "runAsUser": config.proxy_uid,
             "runAsGroup": config.proxy_uid,
             "runAsNonRoot": True,

@@ -62,7 +62,9 @@ def uninject(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
         return []
     ops = restore_probe_ops(pod)
     ops += _removals(containers, "/spec/containers", (PROXY_CONTAINER, AGENT_CONTAINER))
-    ops += _removals(spec.get("initContainers"), "/spec/initContainers", (INIT_CONTAINER,))
+    ops += _removals(
+        spec.get("initContainers"), "/spec/initContainers", (INIT_CONTAINER, AGENT_CONTAINER)
+    )
     ops += _removals(
         spec.get("volumes"), "/spec/volumes", (PROXY_VOLUME, BOOTSTRAP_VOLUME, TOKEN_VOLUME)
     )

@@ -292,8 +292,12 @@ class EnvoyProcess:
         concurrency: int = 1,
         base_id: int | None = None,
         binary: Path | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self._bootstrap = dict(bootstrap)
+        #: Envoy's working directory (relative paths in its config, e.g. the SMC agent's
+        #: file-based SDS, resolve there); None: this process's.
+        self.cwd = cwd
         self.admin_port = _admin_port_of(bootstrap)
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="smc-envoy-")) if workdir is None else workdir
@@ -348,7 +352,11 @@ class EnvoyProcess:
             ]
             with open(self._out_path, "ab") as out:
                 self._proc = subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=self.cwd,
                 )
             try:
                 self._wait_sync(self._admin_answers, timeout=timeout, what="admin to answer")

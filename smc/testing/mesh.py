@@ -31,7 +31,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from smc.agent import Agent, AgentConfig, ads_tls_transport_socket, agent_cluster
+from smc.agent import Agent, AgentConfig, ads_tls_transport_socket
 from smc.api import ChangeReport, LiveMeshChanges, MeshChanges
 from smc.auth import TokenReviewer
 from smc.ca import CsrSigner, Issuer, KeyStore, LocalIssuer, run_ca
@@ -350,6 +350,8 @@ class Sidecar:
         self._ca_pem = ""
         self._agent_stop = asyncio.Event()
         self._agent_task: asyncio.Task[None] | None = None
+        #: The agent as its own process (``python -m smc.agent``), see :meth:`start_agent_process`.
+        self.agent_process: asyncio.subprocess.Process | None = None
 
     @property
     def node_id(self) -> str:
@@ -372,19 +374,20 @@ class Sidecar:
         self._app = runner
 
     @property
-    def sds_socket(self) -> Path:
-        """The agent's socket: in a short private directory (unix socket paths are short)."""
+    def proxy_dir(self) -> Path:
+        """The agent's proxy dir, where it writes ``smc-sds/default.json``: the Envoy's working
+        directory (a private temporary directory)."""
         if self._agent_dir is None:
             self._agent_dir = Path(tempfile.mkdtemp(prefix="smc-agent-"))
-        return self._agent_dir / "sds.sock"
+        return self._agent_dir
 
     async def start_agent(
         self, cp: ControlPlane, *, service_account: str, kind: str = "vm"
     ) -> Agent:
         """Run an SMC agent for this registered sidecar (a VM, or a pod outside Kubernetes): a
-        join token from ``cp``, the key made here, its certificate served on
-        :attr:`sds_socket`; its Envoy then speaks mTLS to ADS with it. Returns once it serves."""
-        folder = self.sds_socket.parent
+        join token from ``cp``, the key made here, its certificate written to
+        :attr:`proxy_dir`; its Envoy then speaks mTLS to ADS with it. Returns once it serves."""
+        folder = self.proxy_dir
         self._ca_pem = cp.ca_bundle()
         token = await cp.join_token(
             namespace=self.namespace, name=self.name, service_account=service_account, kind=kind
@@ -397,7 +400,7 @@ class Sidecar:
                 proxy=self.node_id,
                 ca_address=f"127.0.0.1:{cp.ca_port}",
                 ca_bundle_pem=cp.ca_bundle(),
-                sds_socket=self.sds_socket,
+                proxy_dir=self.proxy_dir,
                 join_token_file=token_file,
                 retry_initial=0.1,
             )
@@ -413,6 +416,73 @@ class Sidecar:
             raise TimeoutError(f"agent of {self.node_id}: no certificate in 30s")
         return self.agent
 
+    @property
+    def agent_ready_file(self) -> Path:
+        return self.proxy_dir / "ready.json"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.proxy_dir / "agent.log"
+
+    async def start_agent_process(
+        self,
+        cp: ControlPlane,
+        *,
+        service_account: str,
+        kind: str = "vm",
+        timeout: float = 60,
+        new_token: bool = True,
+    ) -> asyncio.subprocess.Process:
+        """Like :meth:`start_agent`, but the deployable agent: ``python -m smc.agent`` as its
+        own process (the resident supervisor, whose children do the key and CSR work), its
+        stdout and stderr in :attr:`agent_log`. Returns once its ready file is written.
+        ``new_token=False``: a restart with the join token of the first start."""
+        import sys
+
+        folder = self.proxy_dir
+        self._ca_pem = cp.ca_bundle()
+        token_file = folder / "join-token"
+        if new_token:
+            token = await cp.join_token(
+                namespace=self.namespace,
+                name=self.name,
+                service_account=service_account,
+                kind=kind,
+            )
+            token_file.write_text(token)
+            token_file.chmod(0o600)
+        (folder / "ca.pem").write_text(cp.ca_bundle())
+        with open(self.agent_log, "ab") as out:
+            proc = self.agent_process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "smc.agent", "--node-id", self.node_id,
+                "--ca-address", f"127.0.0.1:{cp.ca_port}", "--ca-bundle", str(folder / "ca.pem"),
+                "--proxy-dir", str(folder), "--join-token-file", str(token_file),
+                "--ready-file", str(self.agent_ready_file), "--retry-initial", "0.1",
+                stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.agent_ready_file.exists():
+            if proc.returncode is not None:
+                raise RuntimeError(f"agent exited: {self.agent_log.read_text()[-3000:]}")
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"agent process of {self.node_id}: no certificate")
+            await asyncio.sleep(0.01)
+        return proc
+
+    async def stop_agent_process(self) -> int | None:
+        """SIGTERM the agent process; its exit status."""
+        proc, self.agent_process = self.agent_process, None
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        return proc.returncode
+
     def start_envoy(self, *, ads_port: int, delta: bool, stats_sink: bool = False) -> None:
         """Start the Envoy; ``stats_sink``: it streams its stats to the control plane (the
         traffic edges of the console's map)."""
@@ -423,11 +493,10 @@ class Sidecar:
             ads_port=ads_port,
             delta=delta,
             admin_port=free_port(),
-            extra_clusters=[agent_cluster(str(self.sds_socket))] if self.agent else None,
             stats_sink=stats_sink,
             transport_socket=(
                 ads_tls_transport_socket(ca_pem=self._ca_pem, server_san="127.0.0.1")
-                if self.agent
+                if self._has_agent
                 else None
             ),
         )
@@ -435,13 +504,20 @@ class Sidecar:
             bootstrap=boot,
             workdir=self.workdir / f"envoy-{self.name}-{'delta' if delta else 'sotw'}",
             log_level="warning",
+            # the agent's file-based SDS paths are relative to the Envoy's working directory
+            cwd=self.proxy_dir if self._has_agent else None,
         )
         self.envoy.start()
+
+    @property
+    def _has_agent(self) -> bool:
+        return self.agent is not None or self.agent_process is not None
 
     async def stop(self) -> None:
         if self.envoy is not None:
             await asyncio.to_thread(self.envoy.stop)
             self.envoy = None
+        await self.stop_agent_process()
         if self._agent_task is not None:
             self._agent_stop.set()
             with contextlib.suppress(asyncio.CancelledError):

@@ -74,7 +74,6 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from smc.projections import Workload
 from smc.xds._builder_common import (
-    AGENT_SDS_CLUSTER,
     APP_PORT_LABEL,
     INBOUND_LISTENER,
     INBOUND_PORT,
@@ -101,7 +100,6 @@ from smc.xds._traffic import explicit_egress_listeners, rls_clusters, tracing_cl
 from smc.xds._types import SECRET
 
 __all__ = [
-    "AGENT_SDS_CLUSTER",
     "APP_PORT_LABEL",
     "INBOUND_LISTENER",
     "INBOUND_PORT",

@@ -32,6 +32,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls_pb2  # noq
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from smc.agent._files import agent_sds_config
 from smc.projections import PolicyView, Service, Workload
 from smc.xds._certs import CertSource
 from smc.xds._snapshot import ResourceEntry, make_entry
@@ -39,7 +40,6 @@ from smc.xds._traffic import NO_EGRESS, EgressParts, traffic_policy
 from smc.xds._types import LISTENER
 
 __all__ = [
-    "AGENT_SDS_CLUSTER",
     "APP_PORT_LABEL",
     "INBOUND_LISTENER",
     "INBOUND_PORT",
@@ -87,16 +87,9 @@ _DOWNSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsC
 _UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 _SDS_CERT = [{"name": WORKLOAD_SECRET, "sds_config": _ADS}]
-#: Static cluster (unix socket) of the SMC agent beside the proxy, which serves ``default``.
-AGENT_SDS_CLUSTER = "smc-agent"
-_AGENT_SDS: dict[str, Any] = {
-    "resource_api_version": "V3",
-    "api_config_source": {
-        "api_type": "GRPC",
-        "transport_api_version": "V3",
-        "grpc_services": [{"envoy_grpc": {"cluster_name": AGENT_SDS_CLUSTER}}],
-    },
-}
+#: The SMC agent beside the proxy writes ``default`` to a file in Envoy's working directory,
+#: which Envoy reads with file-based SDS (:func:`smc.agent.agent_sds_config`).
+_AGENT_SDS: dict[str, Any] = agent_sds_config()
 _SDS_CERT_AGENT = [{"name": WORKLOAD_SECRET, "sds_config": _AGENT_SDS}]
 _SDS_ROOT = {"name": ROOT_SECRET, "sds_config": _ADS}
 _ROUTER_FILTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
@@ -158,9 +151,9 @@ class _PassBase:
         self._secret: dict[str, ResourceEntry | None] = {}
         self._root: ResourceEntry | None = None
         self._services: tuple[str, ...] | None = None
-        # A cert source with ``agent_sds`` True: the SMC agent beside each proxy serves its
-        # key and certificate (``default``) over a local SDS cluster; the control plane
-        # serves only ``ROOTCA`` (roots and CRLs) and never a key.
+        # A cert source with ``agent_sds`` True: the SMC agent beside each proxy writes its
+        # key and certificate (``default``) to a file its Envoy reads (file-based SDS); the
+        # control plane serves only ``ROOTCA`` (roots and CRLs) and never a key.
         self._agent = bool(getattr(certs, "agent_sds", False))
         self._sds_cert = _SDS_CERT_AGENT if self._agent else _SDS_CERT
 

@@ -1,0 +1,236 @@
+"""The deployable agent, ``python -m smc.agent``, as its own process beside real Envoys.
+
+A control plane with agents (smc.testing.mesh, proxy certificates of 8 s) and two VM sidecars
+whose agents run as processes (the resident supervisor, standard library only; each
+certificate step in a short-lived child that imports grpcio and cryptography). Checked:
+
+- traffic client -> server over mTLS keeps succeeding while both agents renew several times
+  (the children replace ``smc-sds/default.json``; Envoy reloads it on the rename; no NACK);
+- the resident process stays small (VmRSS < 30 MB; neither grpcio nor cryptography mapped in
+  it) while its children did the signing work (their peak is reported in the ready file);
+- from the attacker's side: the key's file and directory cannot be read nor listed by another
+  user; no key byte is in the agent's output (its log), its ready file, its public status,
+  nor on the control plane's log;
+- a SIGTERM stops it cleanly; restarted, it serves the certificate it holds at once (its
+  one-time join token is used) and renews with it; a proxy dir whose ``smc-sds`` is a symlink
+  is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from smc.agent._files import read_secret
+from smc.projections import CertsProjection
+from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
+
+pytestmark = [pytest.mark.envoy]
+
+NOBODY = 65534
+
+SETUP = """
+apiVersion: smc.dev/v1alpha1
+kind: MeshService
+metadata: {name: server, namespace: aproc}
+spec:
+  backing: vm
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: routes, namespace: aproc}
+spec:
+  matches:
+  - {name: all, pathRegex: "/.*", methods: [GET]}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: to-server, namespace: aproc}
+spec:
+  destination: {kind: ServiceAccount, name: server, namespace: aproc}
+  rules: [{kind: HTTPRouteGroup, name: routes, matches: [all]}]
+  sources:
+  - {kind: ServiceAccount, name: client, namespace: aproc}
+"""
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    return int(_status(pid)[field].split()[0]) / 1024
+
+
+def _ready(sc: Sidecar) -> dict[str, object]:
+    data = json.loads(sc.agent_ready_file.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(argv), user=NOBODY, group=NOBODY, capture_output=True, text=True, check=False
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
+    tmp_path: Path,
+) -> None:
+    cp = ControlPlane(workdir=tmp_path, agents=True, proxy_cert_lifetime=timedelta(seconds=8))
+    await cp.start()
+    client = Sidecar(namespace="aproc", name="client-1", address="127.0.63.1", workdir=tmp_path)
+    server = Sidecar(namespace="aproc", name="server-1", address="127.0.63.2", workdir=tmp_path)
+    try:
+        for s in (client, server):
+            await s.start_app()
+        await cp.apply(
+            "\n---\n".join(
+                [
+                    SETUP,
+                    vm_yaml(client, service_account="client"),
+                    vm_yaml(server, service_account="server", labels={"app": "server"}),
+                ]
+            )
+        )
+        for s, sa in ((client, "client"), (server, "server")):
+            await s.start_agent_process(cp, service_account=sa)
+            s.start_envoy(ads_port=cp.port, delta=False)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True),
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as session:
+
+            async def get() -> int:
+                async with session.get(
+                    client.outbound + "/x", headers={"Host": "server.aproc"}
+                ) as resp:
+                    await resp.read()
+                    return resp.status
+
+            deadline = time.monotonic() + 40
+            while True:
+                try:
+                    if await get() == 200:
+                        break
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                assert time.monotonic() < deadline, "no first request through the mesh"
+                await asyncio.sleep(0.1)
+            first = {str(_ready(s)["serial"]) for s in (client, server)}
+            statuses: list[int] = []
+            rss: list[float] = []
+            deadline = time.monotonic() + 60
+            while any(int(str(_ready(s)["certificates"])) < 3 for s in (client, server)):
+                assert time.monotonic() < deadline, [_ready(s) for s in (client, server)]
+                statuses.append(await get())
+                for s in (client, server):
+                    assert s.agent_process is not None
+                    rss.append(_rss_mb(s.agent_process.pid))
+                await asyncio.sleep(0.05)
+            for _ in range(20):  # and after the last renewal
+                statuses.append(await get())
+                await asyncio.sleep(0.05)
+        assert statuses and set(statuses) == {200}, sorted(set(statuses))
+        for s in (client, server):
+            assert s.envoy is not None and not s.rejected(), s.rejected()
+            stats = s.envoy.stats()
+            assert stats.get("sds.default.update_success", 0) >= 3, stats
+        certs = next(p for p in cp.runner.projections if isinstance(p, CertsProjection))
+        for s in (client, server):
+            mine = certs.proxy_certs[f"vm/aproc/{s.name}"]
+            assert len([r for r in mine.values() if r.proof.startswith("certificate:")]) >= 2
+            assert str(_ready(s)["serial"]) not in first
+            assert int(str(_ready(s)["failures"])) == 0
+            # the resident process is small and holds neither grpcio nor cryptography
+            assert s.agent_process is not None
+            pid = s.agent_process.pid
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert "cygrpc" not in maps and "_rust.abi3" not in maps and "libssl" not in maps
+            assert _rss_mb(pid, "VmHWM") < 30.0, _status(pid)
+            # its children did the work (grpcio, cryptography: far bigger, and gone)
+            assert int(str(_ready(s)["child_peak_rss_kb"])) / 1024 > _rss_mb(pid, "VmHWM")
+        assert max(rss) < 30.0, max(rss)
+
+        # -- the attacker's side: another user, logs, status files ---------------------------
+        sds = server.proxy_dir / "smc-sds"
+        secret = sds / "default.json"
+        assert (sds.stat().st_mode & 0o007) == 0 and (secret.stat().st_mode & 0o037) == 0
+        os.chmod(server.proxy_dir, 0o755)  # even with the proxy dir itself open to everyone
+        assert _as_nobody("cat", str(secret)).returncode != 0
+        assert _as_nobody("ls", str(sds)).returncode != 0
+        found = read_secret(server.proxy_dir)
+        assert found is not None
+        key_pem = found[1]
+        body = "".join(key_pem.strip().splitlines()[1:-1])  # the key's base64, any line breaks
+        for s in (client, server):
+            for text in (
+                s.agent_log.read_text(errors="replace"),
+                s.agent_ready_file.read_text(),
+                (s.proxy_dir / "smc-sds" / "certificate.json").read_text(),
+            ):
+                assert "PRIVATE KEY" not in text
+                assert body[:40] not in text.replace("\\n", "").replace("\n", "")
+        raw = b"".join(f.read_bytes() for f in tmp_path.glob("log.db*"))
+        assert b"PRIVATE KEY" not in raw and body[:40].encode() not in raw
+
+        # -- SIGTERM, then a restart: the held certificate, renewed with itself --------------
+        held = str(_ready(server)["serial"])
+        started = time.monotonic()
+        assert await server.stop_agent_process() == 0
+        assert time.monotonic() - started < 10
+        server.agent_ready_file.unlink()
+        await server.start_agent_process(cp, service_account="server", new_token=False)
+        # held until due, then renewed with itself: the used join token is never shown again
+        deadline = time.monotonic() + 30
+        mine = certs.proxy_certs["vm/aproc/server-1"]
+        while not any(r.proof == f"certificate:{held}" for r in mine.values()):
+            assert time.monotonic() < deadline, server.agent_log.read_text()[-3000:]
+            await asyncio.sleep(0.1)
+            mine = certs.proxy_certs["vm/aproc/server-1"]
+        assert "join-token" not in server.agent_log.read_text()
+    finally:
+        for s in (client, server):
+            await s.stop()
+        await cp.stop()
+        cp.close()
+
+
+def test_a_symlinked_sds_dir_is_refused(tmp_path: Path) -> None:
+    """Someone who may write the proxy dir points ``smc-sds`` elsewhere: the agent refuses to
+    start rather than write the key there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proxy = tmp_path / "proxy"
+    proxy.mkdir()
+    (proxy / "smc-sds").symlink_to(elsewhere)
+    (tmp_path / "ca.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "smc.agent", "--node-id", "ns/p", "--ca-address",
+            "127.0.0.1:1", "--ca-bundle", str(tmp_path / "ca.pem"), "--proxy-dir", str(proxy),
+            "--token-file", str(tmp_path / "token"),
+        ],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "smc-sds" in done.stderr and "not a directory" in done.stderr
+    assert not any(elsewhere.iterdir())
