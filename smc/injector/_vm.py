@@ -98,8 +98,7 @@ def _run_script(
         f'"${{SMC_PYTHON:-python3}}" -m smc.agent --node-id {q(node_id)} '
         f"--ca-address {q(ca_address)} --ca-bundle {q(str(home / CA))} "
         f"--proxy-dir {q(str(home))} --join-token-file {q(str(home / TOKEN))} "
-        f"--ready-file {ready}"
-        + (f" --server-name {q(server_name)}" if server_name else "")
+        f"--ready-file {ready}" + (f" --server-name {q(server_name)}" if server_name else "")
     )
     return (
         "#!/bin/sh\n"
