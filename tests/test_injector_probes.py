@@ -145,7 +145,7 @@ def test_uninjection_gives_the_pod_back(agent: bool) -> None:
     )
     ops = mutate(copy.deepcopy(pod()), namespace_labels=LABELS, config=config)
     p = jsonpatch.apply_patch(copy.deepcopy(pod()), ops)
-    assert any(c["name"] == "smc-agent" for c in p["spec"]["containers"]) == agent
+    assert any(c["name"] == "smc-agent" for c in p["spec"]["initContainers"]) == agent
     assert jsonpatch.apply_patch(copy.deepcopy(p), uninject(p)) == pod()
     assert uninject(pod()) == []
 
