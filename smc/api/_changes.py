@@ -35,7 +35,7 @@ appends (blocking I/O) and may run in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 
 from smc.api._changes_checks import (
     _because,
@@ -56,7 +56,7 @@ from smc.api._changes_model import (
     Plan,
     Status,
 )
-from smc.api._changes_state import current_resources
+from smc.api._changes_state import CurrentResources, current_resources
 from smc.events import (
     Event,
     EventLog,
@@ -65,9 +65,11 @@ from smc.events import (
 from smc.projections import PolicyProjection, RegistryProjection
 from smc.projections._policyview import BACKS_LABEL_PREFIX
 from smc.smi import (
+    SET_LEVEL_KINDS,
     ManifestError,
     Resource,
     check_references,
+    references_of,
     resource_key,
 )
 
@@ -75,6 +77,7 @@ __all__ = [
     "BACKS_LABEL_PREFIX",
     "MANAGED_BY_LABEL",
     "ChangeReport",
+    "CurrentResources",
     "DocumentResult",
     "IdSeed",
     "MeshChanges",
@@ -122,7 +125,7 @@ class MeshChanges:
         load_errors: Sequence[ManifestError] = (),
         owner: str | None = None,
         id_seed: IdSeed | None = None,
-        current: dict[str, tuple[Resource, str | None]] | None = None,
+        current: MutableMapping[str, tuple[Resource, str | None]] | None = None,
     ) -> Plan:
         """Plan creating/updating ``resources``.
 
@@ -133,7 +136,7 @@ class MeshChanges:
         lets a group commit plan against the state earlier plans of its batch leave.
         """
         if current is None:
-            current = current_resources(registry=self.registry, policy=self.policy)
+            current = CurrentResources(registry=self.registry, policy=self.policy)
         results: dict[str, DocumentResult] = {}
         order: list[str] = []
         failed: list[DocumentResult] = [_load_failure(e) for e in _group_errors(load_errors)]
@@ -157,11 +160,9 @@ class MeshChanges:
                 status="error",
                 errors=tuple(errs),
             )
-        final = {k: r for k, (r, _) in current.items()}
-        final.update((k, changes[k]) for k in accepted)
-        pending = _pending_by_document(final.values())
+        pending = _pending_after(current, {k: changes[k] for k in accepted})
         events: list[Event] = []
-        known_sas = set(self.registry.service_accounts)
+        added_sas: set[tuple[str, str]] = set()
         for key in order:
             if key not in accepted:
                 continue
@@ -179,7 +180,8 @@ class MeshChanges:
                         source=source,
                         cause=cause,
                         owner=owner,
-                        known_sas=known_sas,
+                        known_sas=self.registry.service_accounts,
+                        added_sas=added_sas,
                     )
                 )
             results[key] = DocumentResult(
@@ -202,7 +204,7 @@ class MeshChanges:
         load_errors: Sequence[ManifestError] = (),
         ignore_not_found: bool = False,
         id_seed: IdSeed | None = None,
-        current: dict[str, tuple[Resource, str | None]] | None = None,
+        current: MutableMapping[str, tuple[Resource, str | None]] | None = None,
     ) -> Plan:
         """Plan deleting ``resources`` (identified by kind, namespace and name only).
 
@@ -211,7 +213,7 @@ class MeshChanges:
         as for :meth:`plan_apply`.
         """
         if current is None:
-            current = current_resources(registry=self.registry, policy=self.policy)
+            current = CurrentResources(registry=self.registry, policy=self.policy)
         failed: list[DocumentResult] = [_load_failure(e) for e in _group_errors(load_errors)]
         order: list[str] = []
         by_key: dict[str, Resource] = {}
@@ -271,11 +273,16 @@ class MeshChanges:
         """Split changes into accepted and refused so that no new set-level error appears
         (references to missing resources are pending state, not errors).
 
+        Only resources of :data:`smc.smi.SET_LEVEL_KINDS` can carry set-level errors, and an
+        unchanged one carries the same before and after, so the sets compared are the
+        MeshConfigs plus the changed resources of those kinds (:func:`_set_level`): the cost
+        follows the size of the change, not of the mesh.
+
         A change is an upsert (key in ``upserts``) or a delete (key in ``deletes``). An error on
         an upserted resource refuses that upsert; an error that newly appears on a resource
         that is not changed is pinned on the changes whose reversal makes it go away.
         """
-        base = {k: r for k, (r, _) in current.items()}
+        base = _set_level(current, changed=set(upserts) | deletes)
         baseline = set(check_references(base.values(), unresolved=False))
         pending = set(upserts) | set(deletes)
         refused: dict[str, list[ManifestError]] = {}
@@ -285,7 +292,7 @@ class MeshChanges:
             for k in keys:
                 if k in deletes:
                     s.pop(k, None)
-                else:
+                elif isinstance(upserts[k], SET_LEVEL_KINDS):
                     s[k] = upserts[k]
             # current resources first, so set-level errors ("only one MeshConfig") land on
             # the incoming resource
@@ -376,3 +383,44 @@ class MeshChanges:
                 id_seed=id_seed,
             )
         )
+
+
+def _set_level(
+    current: Mapping[str, tuple[Resource, str | None]], *, changed: set[str]
+) -> dict[str, Resource]:
+    """What the set-level check needs of ``current``: every MeshConfig (their count is the
+    check; in ``current``'s order, which decides the one the error lands on) and the current
+    version of each changed resource of a set-level kind."""
+    keys: list[str]
+    if isinstance(current, CurrentResources):
+        configs = set(current.keys_of_kind("MeshConfig"))
+        keys = list(current.keys_of_kind("MeshConfig"))
+        keys += [k for k in sorted(changed) if k in current and k not in configs]
+    else:
+        keys = [k for k in current if k.startswith("MeshConfig/") or k in changed]
+    out: dict[str, Resource] = {}
+    for k in keys:
+        r = current[k][0]
+        if isinstance(r, SET_LEVEL_KINDS):
+            out[k] = r
+    return out
+
+
+def _pending_after(
+    current: Mapping[str, tuple[Resource, str | None]], accepted: Mapping[str, Resource]
+) -> dict[str, list[str]]:
+    """The pending warnings of the ``accepted`` upserts in the state they leave: their
+    unresolved references, looked up among the resources they name only
+    (:func:`smc.smi.references_of`)."""
+    subset: dict[str, Resource] = dict(accepted)
+    for r in accepted.values():
+        for ref in references_of(r):
+            if ref not in subset:
+                found = current.get(ref)
+                if found is not None:
+                    subset[ref] = found[0]
+    return {
+        doc: reasons
+        for doc, reasons in _pending_by_document(subset.values()).items()
+        if doc in accepted
+    }

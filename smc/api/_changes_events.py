@@ -7,7 +7,7 @@ Concurrency: pure functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from smc.api._changes_model import _SMI_KINDS, MANAGED_BY_LABEL
@@ -54,8 +54,12 @@ def _upsert_events(
     source: str,
     cause: str,
     owner: str | None,
-    known_sas: set[tuple[str, str]],
+    known_sas: Container[tuple[str, str]],
+    added_sas: set[tuple[str, str]],
 ) -> list[Event]:
+    """The events that record ``r``; a VM's service account is upserted unless the registry
+    knows it (``known_sas``) or an earlier resource of the same plan added it (``added_sas``,
+    updated here)."""
     key = resource_key(r)
     ids = _ids(cause, key)
     common: dict[str, Any] = {"actor": actor, "source": source, "correlation_id": cause}
@@ -100,8 +104,8 @@ def _upsert_events(
             labels[MANAGED_BY_LABEL] = owner
         out: list[Event] = []
         sa = (r.namespace, r.service_account)
-        if sa not in known_sas:
-            known_sas.add(sa)
+        if sa not in known_sas and sa not in added_sas:
+            added_sas.add(sa)
             out.append(
                 make_event(
                     ServiceAccountUpserted,

@@ -6,8 +6,9 @@ event of it, so a read right after sees the change.
 
 Group commit: requests that arrive while a write is in flight queue up; the next round takes
 all of them (up to ``max_batch``), plans them one after another, each against the state the
-earlier plans of the round leave (an overlay of :func:`current_resources`, so two requests never
-plan against the same stale state and reference checks see each other's changes), appends the
+earlier plans of the round leave (the overlay of a :class:`~smc.api._changes.CurrentResources`,
+so two requests never plan against the same stale state and reference checks see each other's
+changes; a plan reads only the keys it touches, whatever the size of the mesh), appends the
 events of the whole round in one call (one SQLite transaction / one Kafka flush: one durable
 write), waits until the runner applied them, and answers each request with its own results.
 A failed append fails every request of its round (nothing of it was recorded); one request's
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from smc.api._changes import ChangeReport, IdSeed, MeshChanges, Plan, current_resources
+from smc.api._changes import ChangeReport, CurrentResources, IdSeed, MeshChanges, Plan
 from smc.api._errors import ChangeNotApplied
 from smc.events import Appended, Event, LogError, Position
 from smc.projections import ProjectionRunner
@@ -116,7 +117,7 @@ class LiveMeshChanges:
                     if not r.done.done():
                         r.done.set_exception(exc)
 
-    def _plan(self, r: _Request, current: dict[str, tuple[Resource, str | None]]) -> Plan:
+    def _plan(self, r: _Request, current: CurrentResources) -> Plan:
         if r.verb == "apply":
             plan = self.changes.plan_apply(r.resources, current=current, **r.options)
         else:
@@ -136,7 +137,7 @@ class LiveMeshChanges:
 
     async def _round(self, batch: list[_Request]) -> None:
         await self.runner.caught_up.wait()
-        current = current_resources(registry=self.changes.registry, policy=self.changes.policy)
+        current = CurrentResources(registry=self.changes.registry, policy=self.changes.policy)
         plans: list[tuple[_Request, Plan]] = []
         for r in batch:
             try:

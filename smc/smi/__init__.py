@@ -56,7 +56,12 @@ from smc.smi._policy import (
     http_match_matches,
     split_service_key,
 )
-from smc.smi._refs import check_references, unresolved_references
+from smc.smi._refs import (
+    SET_LEVEL_KINDS,
+    check_references,
+    references_of,
+    unresolved_references,
+)
 from smc.smi._render import resource_key, to_manifest
 
 __all__ = [
@@ -64,6 +69,7 @@ __all__ = [
     "MAX_DOCUMENT_BYTES",
     "MAX_NODES",
     "OSM_POLICY",
+    "SET_LEVEL_KINDS",
     "SUPPORTED",
     "ABRoute",
     "Backend",
@@ -106,6 +112,7 @@ __all__ = [
     "http_match_matches",
     "load_documents",
     "parse_manifest",
+    "references_of",
     "resource_key",
     "split_service_key",
     "to_manifest",
