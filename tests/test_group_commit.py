@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from smc.api import LiveMeshChanges, MeshChanges
 from smc.events import Position
+from smc.events._log import Record
 from smc.events._sqlite import SqliteLog
 from smc.projections import PolicyProjection, ProjectionRunner, RegistryProjection
 from smc.smi import Resource, load_documents
@@ -121,3 +123,56 @@ async def test_one_round_plans_each_change_on_the_previous_ones(tmp_path: Path) 
         assert "routes" in str(pending.results[0].warnings), pending.as_dict()
         assert live.runner.position.covers(deleted.target)
         assert deleted.target != Position()
+
+
+class _SlowReadLog(SqliteLog):
+    """A real SQLite log whose reads lag (as Kafka's read-back does): the runner applies a
+    round's events well after their append returned."""
+
+    lag = 0.0
+
+    def read(
+        self, *, start: Position, max_records: int = 10_000, timeout: float = 0.0
+    ) -> list[Record]:
+        recs = super().read(start=start, max_records=max_records, timeout=timeout)
+        if recs:
+            time.sleep(self.lag)
+        return recs
+
+
+async def test_rounds_pipeline_on_top_of_the_writes_still_in_flight(tmp_path: Path) -> None:
+    log = _SlowReadLog(tmp_path / "log.db")
+    registry, policy = RegistryProjection(), PolicyProjection()
+    runner = ProjectionRunner(log=log, projections=[registry, policy])
+    live = LiveMeshChanges(
+        changes=MeshChanges(log=log, registry=registry, policy=policy), runner=runner
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop=stop))
+    try:
+        await asyncio.wait_for(runner.caught_up.wait(), 10)
+        log.lag = 0.5
+        first = asyncio.create_task(
+            live.apply(_res(_svc("api", 80)), actor="t", source="api", request_id="p1")
+        )
+        while live.rounds < 1:  # appended, not yet applied by the lagging runner
+            await asyncio.sleep(0.005)
+        assert "api" not in {n for _, n in registry.services}
+        # planned before the runner applied the first round: on top of its writes
+        again, other = await asyncio.gather(
+            live.apply(_res(_svc("api", 80)), actor="t", source="api", request_id="p2"),
+            live.apply(_res(_svc("api", 81)), actor="t", source="api", request_id="p3"),
+        )
+        created = await first
+        assert created.results[0].status == "created"
+        assert again.results[0].status == "unchanged", again.as_dict()
+        assert other.results[0].status == "configured", other.as_dict()
+        # each answer came once its own events were applied; one event per real change
+        assert runner.position.covers(created.target) and runner.position.covers(other.target)
+        assert log.end_position().get(("smc.registry", 0)) == 2
+        assert [p.port for p in registry.services[("shop", "api")].ports] == [81]
+        assert live._inflight == [] or all(runner.position.covers(t) for t, _ in live._inflight)
+    finally:
+        stop.set()
+        await task
+        log.close()

@@ -10,12 +10,16 @@ earlier plans of the round leave (the overlay of a :class:`~smc.api._changes.Cur
 so two requests never plan against the same stale state and reference checks see each other's
 changes; a plan reads only the keys it touches, whatever the size of the mesh), appends the
 events of the whole round in one call (one SQLite transaction / one Kafka flush: one durable
-write), waits until the runner applied them, and answers each request with its own results.
+write), and answers each request with its own results once the runner applied them.
+Rounds are pipelined: while one round waits for the runner, the next plans and appends, on
+top of the writes of the rounds still in flight (kept as an overlay until the runner's
+position covers them), so the write rate is bound by planning and the durable write, not by
+the log's read-back latency (which matters on Kafka).
 A failed append fails every request of its round (nothing of it was recorded); one request's
 refused documents never affect another's.
 Concurrency: coroutines on the asyncio loop that runs the :class:`ProjectionRunner` (planning
-reads projections on that loop; the blocking append runs in ``asyncio.to_thread``); one round
-at a time.
+reads projections on that loop; the blocking append runs on one dedicated writer thread); one
+round plans and appends at a time, and waiters are woken by the runner's listener.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from smc.projections import ProjectionRunner
 from smc.smi import ManifestError, Resource, resource_key
 
 __all__ = ["LiveMeshChanges"]
+
+
+_Entry = tuple[Resource, str | None]
 
 
 @dataclass(kw_only=True)
@@ -63,7 +70,12 @@ class LiveMeshChanges:
         self.max_batch = max_batch
         self._queue: list[_Request] = []
         self._worker: asyncio.Task[None] | None = None
-        self._progress = asyncio.Event()
+        #: (target, future) of every caller waiting for the runner to reach a position.
+        self._waiters: list[tuple[Position, asyncio.Future[None]]] = []
+        #: Writes of rounds appended but not yet applied by the runner, oldest first: the
+        #: next round plans on top of them (its own append does not wait for theirs).
+        self._inflight: list[tuple[Position, dict[str, _Entry | None]]] = []
+        self._finishing: set[asyncio.Task[None]] = set()
         # appends get their own thread: a busy default pool (manifest decoding) never delays
         # the one durable write everyone waits for
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smc-append")
@@ -73,7 +85,16 @@ class LiveMeshChanges:
         runner.listeners.append(self._on_events)
 
     def _on_events(self, events: list[Event]) -> None:
-        self._progress.set()
+        position = self.runner.position
+        waiting: list[tuple[Position, asyncio.Future[None]]] = []
+        for target, fut in self._waiters:
+            if fut.done():
+                continue
+            if position.covers(target):
+                fut.set_result(None)
+            else:
+                waiting.append((target, fut))
+        self._waiters = waiting
 
     async def wait_for(self, target: Position, *, timeout: float | None = None) -> None:
         """Return once the runner's position covers ``target``; raises ChangeNotApplied."""
@@ -86,9 +107,12 @@ class LiveMeshChanges:
                     f"events appended up to {target.to_json()} but projections are at "
                     f"{self.runner.position.to_json()} after {self.timeout:.0f}s"
                 )
-            self._progress.clear()
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((target, fut))
+            # woken by the runner's listener; the re-check every half second covers a
+            # position that moved without events
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), timeout=min(left, 0.05))
+                await asyncio.wait_for(fut, timeout=min(left, 0.5))
 
     async def _submit(
         self, verb: str, resources: Sequence[Resource], dry_run: bool, **options: Any
@@ -117,7 +141,9 @@ class LiveMeshChanges:
                     if not r.done.done():
                         r.done.set_exception(exc)
 
-    def _plan(self, r: _Request, current: CurrentResources) -> Plan:
+    def _plan(
+        self, r: _Request, current: CurrentResources, writes: dict[str, _Entry | None]
+    ) -> Plan:
         if r.verb == "apply":
             plan = self.changes.plan_apply(r.resources, current=current, **r.options)
         else:
@@ -130,18 +156,33 @@ class LiveMeshChanges:
             owner = r.options.get("owner")
             for d in plan.results:
                 if d.status in ("created", "configured") and d.document in given:
-                    current[d.document] = (given[d.document], owner)
+                    current[d.document] = writes[d.document] = (given[d.document], owner)
                 elif d.status == "deleted":
                     current.pop(d.document, None)
+                    writes[d.document] = None
         return plan
+
+    def _current(self) -> CurrentResources:
+        """The projections' state with the writes of rounds still in flight on top."""
+        position = self.runner.position
+        self._inflight = [(t, w) for t, w in self._inflight if not position.covers(t)]
+        current = CurrentResources(registry=self.changes.registry, policy=self.changes.policy)
+        for _, writes in self._inflight:
+            for key, entry in writes.items():
+                if entry is None:
+                    current.pop(key, None)
+                else:
+                    current[key] = entry
+        return current
 
     async def _round(self, batch: list[_Request]) -> None:
         await self.runner.caught_up.wait()
-        current = CurrentResources(registry=self.changes.registry, policy=self.changes.policy)
+        current = self._current()
+        writes: dict[str, _Entry | None] = {}
         plans: list[tuple[_Request, Plan]] = []
         for r in batch:
             try:
-                plan = self._plan(r, current)
+                plan = self._plan(r, current, writes)
             except Exception as exc:
                 r.done.set_exception(exc)
                 continue
@@ -159,8 +200,28 @@ class LiveMeshChanges:
             mine = appended[at : at + len(plan.events)]
             at += len(plan.events)
             reports.append((r, ChangeReport(plan=plan, appended=tuple(mine), target=_target(mine))))
-        # a large change takes the runner longer to apply: its own time on top of the timeout
-        await self.wait_for(_target(appended), timeout=self.timeout + len(events) / 1000)
+        target = _target(appended)
+        if writes:
+            self._inflight.append((target, writes))
+        # the next round may plan and append while this one waits for the runner
+        finish = asyncio.create_task(self._finish(reports, target, len(events)))
+        self._finishing.add(finish)
+        finish.add_done_callback(self._finishing.discard)
+
+    async def _finish(
+        self, reports: list[tuple[_Request, ChangeReport]], target: Position, events: int
+    ) -> None:
+        """Answer a round's requests once the runner applied its events."""
+        try:
+            # a large change takes the runner longer to apply: its own time on top
+            await self.wait_for(target, timeout=self.timeout + events / 1000)
+        except BaseException as exc:
+            for r, _ in reports:
+                if not r.done.done():
+                    r.done.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
         for r, report in reports:
             if not r.done.done():
                 r.done.set_result(report)
