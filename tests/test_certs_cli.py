@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner, Result
 
 from smc.ca import (
@@ -219,6 +220,29 @@ def test_revoke_with_local_issuer(local: tuple[Path, Path, dict[str, IssuedCerti
     assert len(events_of(path, CertificateRevoked)) == 1
     rows = json.loads(run(path, "certs", "list", "-o", "json").output)
     assert {r["serial"]: r["status"] for r in rows}[serial] == "revoked"
+
+
+def test_rotate_and_revoke_print_in_every_format(
+    local: tuple[Path, Path, dict[str, IssuedCertificate]],
+) -> None:
+    path, ca_dir, issued = local
+    res = run(path, "certs", "rotate", "shop/cart", "--ca", f"local:{ca_dir}", "-o", "json")
+    assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout)  # the --keys note goes to stderr
+    assert done["identity"] == CART and done["previousSerial"] == issued[CART].serial
+    res = run(path, "certs", "rotate", "shop/cart", "--ca", f"local:{ca_dir}", "-o", "name")
+    assert res.exit_code == 0 and res.output.splitlines()[0].startswith("certificate/")
+    serial = issued[WEB].serial
+    res = run(path, "certs", "revoke", serial, "--ca", f"local:{ca_dir}", "-o", "yaml")
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.output) == {
+        "serial": serial, "identity": WEB, "reason": "revoked by operator", "alreadyRevoked": False,
+    }  # fmt: skip
+    again = run(path, "certs", "revoke", serial, "--ca", f"local:{ca_dir}", "-o", "json")
+    assert json.loads(again.output)["alreadyRevoked"] is True
+    assert run(path, "certs", "revoke", serial, "--ca", f"local:{ca_dir}", "-o", "name").output == (
+        f"certificate/{serial}\n"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,20 @@
-"""``smc writer issue`` and ``smc audit verify``: writer credentials and log verification.
+"""``smc writer issue``, ``smc audit verify|why`` and ``smc proxy config``: writer credentials,
+log verification and time travel.
 
 Role: CLI over :mod:`smc.audit`. ``writer issue`` asks the mesh CA (``--ca``) for a writer
 certificate of a role and writes the credentials other commands use with ``--writer DIR``;
 ``audit verify`` checks every seal and chain of the log against trust roots and prints each
-finding with its position (exit status 1 when there is any).
+finding with its position (exit status 1 when there is any); ``audit why`` lists what changed
+an access; ``proxy config --at`` rebuilds a proxy's past config. Every one prints
+``-o table|json|yaml|name`` (:mod:`smc.cli._output`).
 Concurrency: one command per process.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import timedelta
+from typing import Any
 
 import click
 
@@ -26,18 +29,13 @@ from smc.audit import (
 from smc.cli._app import cli, open_log_from, parse_position
 from smc.cli._certs import ca_options, factory_from_ca_options
 from smc.cli._log import audit
+from smc.cli._output import emit, facts_table, output_option
 from smc.cli._proxy import proxy
+from smc.cli._query_options import CHECKPOINTS, access_options, trust_option
 from smc.events import ROLES, ChainVerifier
 
 __all__ = ["proxy_config_cmd", "verify_cmd", "why_cmd", "writer_group"]
 
-_TRUST = click.option(
-    "--trust",
-    envvar="SMC_TRUST",
-    required=True,
-    type=click.Path(dir_okay=False, exists=True),
-    help="PEM trust roots of the mesh CA that certifies writers (env SMC_TRUST).",
-)
 _REVOKED = click.option(
     "--revoked",
     envvar="SMC_REVOKED_WRITERS",
@@ -45,22 +43,9 @@ _REVOKED = click.option(
     type=click.Path(dir_okay=False, exists=True),
     help="JSON {serial: revoked-at time} of revoked writer certificates.",
 )
-
-
-_TRUST_OPTIONAL = click.option(
-    "--trust",
-    envvar="SMC_TRUST",
-    default=None,
-    type=click.Path(dir_okay=False, exists=True),
-    help="Only records whose seals verify against these PEM roots count (env SMC_TRUST).",
-)
-_CHECKPOINTS = click.option(
-    "--checkpoints",
-    envvar="SMC_CHECKPOINTS",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Directory of checkpoints (`smc serve --checkpoint-dir`): start from the newest "
-    "one before the point asked for (env SMC_CHECKPOINTS).",
+_FROM_TO = (
+    click.option("--from", "from_", default=None, help="From here (TIME or position)."),
+    click.option("--to", default=None, help="Up to here (TIME or position)."),
 )
 
 
@@ -80,6 +65,7 @@ def writer_group() -> None:
 @click.option("--trust-domain", default="cluster.local", show_default=True)
 @click.option("--days", default=30.0, show_default=True, help="Certificate lifetime in days.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@output_option(default="json")
 @ca_options
 def writer_issue(
     role: str,
@@ -87,20 +73,11 @@ def writer_issue(
     trust_domain: str,
     days: float,
     out_dir: str,
-    ca: str | None,
-    vault_role: str,
-    vault_mount: str,
-    vault_token_file: str | None,
-    vault_ca_cert: str | None,
+    output: str,
+    **ca: Any,
 ) -> None:
     """Issue a writer key and certificate into --out (writer.key 0600, writer.crt, trust.pem)."""
-    factory = factory_from_ca_options(
-        ca=ca,
-        vault_role=vault_role,
-        vault_mount=vault_mount,
-        vault_token_file=vault_token_file,
-        vault_ca_cert=vault_ca_cert,
-    )
+    factory = factory_from_ca_options(**ca)
     if factory is None:
         raise click.UsageError("--ca is required (local:DIR or vault:URL)")
     facts = issue_writer(
@@ -111,15 +88,15 @@ def writer_issue(
         directory=out_dir,
         lifetime=timedelta(days=days),
     )
-    click.echo(json.dumps(facts, indent=2, sort_keys=True))
+    emit(facts, output, table=facts_table(facts), names=lambda: [f"writer/{facts['identity']}"])
 
 
 @audit.command("verify")
-@click.option("--from", "from_", default=None, help="Report from here (TIME or position).")
-@click.option("--to", default=None, help="Report up to here (TIME or position).")
-@_TRUST
+@_FROM_TO[0]
+@_FROM_TO[1]
+@trust_option(required=True)
 @_REVOKED
-@click.option("--json", "as_json", is_flag=True, help="JSON report.")
+@output_option(json_alias=True)
 @click.pass_context
 def verify_cmd(
     ctx: click.Context,
@@ -127,16 +104,16 @@ def verify_cmd(
     to: str | None,
     trust: str,
     revoked: str | None,
-    as_json: bool,
+    output: str,
 ) -> None:
-    """Check every record's seal, chain, writer and entitlement; exit 1 on any finding."""
+    """Check every record's seal, chain, writer and entitlement; exit 1 on any finding
+    (-o name: one bad position per line)."""
     log = open_log_from(ctx)
     start = parse_position(log, from_) if from_ else None
     end = parse_position(log, to) if to else None
     report = verify_log(log, load_trust(trust, revoked=revoked), start=start, end=end)
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
-    else:
+
+    def table() -> None:
         click.echo(
             f"verified {report.verified} of {report.records} records in {report.seconds:.2f}s; "
             f"{len(report.writers)} writers"
@@ -147,6 +124,8 @@ def verify_cmd(
             click.echo(f"first bad position: {report.findings[0].where}")
         for f in report.findings:
             click.echo(f"  {f.where} {f.kind}: {f.detail}")
+
+    emit(report.to_json(), output, table=table, names=lambda: [f.where for f in report.findings])
     if report.findings:
         sys.exit(1)
 
@@ -154,14 +133,21 @@ def verify_cmd(
 @proxy.command("config")
 @click.argument("node")
 @click.option("--at", "at", required=True, help="TIME, OFFSET or stream:partition=offset,...")
-@_TRUST_OPTIONAL
-@_CHECKPOINTS
+@trust_option(required=False)
+@CHECKPOINTS
+@output_option(default="json")
 @click.pass_context
 def proxy_config_cmd(
-    ctx: click.Context, node: str, at: str, trust: str | None, checkpoints: str | None
+    ctx: click.Context,
+    node: str,
+    at: str,
+    trust: str | None,
+    checkpoints: str | None,
+    output: str,
 ) -> None:
     """The config NODE (ns/workload) was served at a past point of the log, rebuilt by replay:
-    listeners, routes, clusters, endpoints (with RBAC) and secret names, as JSON."""
+    listeners, routes, clusters, endpoints (with RBAC) and secret names (-o table: one
+    line per resource with the type's version; -o name: type/name per line)."""
     log = open_log_from(ctx)
     position = parse_position(log, at)
     data = proxy_config_at(
@@ -171,21 +157,43 @@ def proxy_config_cmd(
         verifier=verifier_from(trust),
         checkpoints=CheckpointDir(checkpoints) if checkpoints else None,
     )
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
+    rows = _config_rows(data)
+
+    def table() -> None:
+        click.echo(f"node {data.get('node', node)} identity {data.get('identity', '')}")
+        width = max((len(n) for _, n, _ in rows), default=4)
+        click.echo(f"{'TYPE':9} {'NAME':{width}} VERSION")
+        for kind, name, version in rows:
+            click.echo(f"{kind:9} {name:{width}} {version}")
+
+    emit(data, output, table=table, names=lambda: [f"{k}/{n}" for k, n, _ in rows])
     if data["reason"]:
         click.echo(f"error: no config for {node} then: {data['reason']}", err=True)
         sys.exit(1)
 
 
+def _config_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, name, version) of every resource of a :func:`proxy_config_at` answer."""
+    rows: list[tuple[str, str, str]] = []
+    versions = data.get("versions") or {}
+    for key, kind in (
+        ("listeners", "listener"),
+        ("routes", "route"),
+        ("clusters", "cluster"),
+        ("endpoints", "endpoints"),
+    ):
+        for item in data.get(key) or []:
+            name = item.get("name") or item.get("cluster_name") or "?"
+            rows.append((kind, str(name), str(versions.get(key, ""))))
+    rows.extend(("secret", str(s), "") for s in data.get("secrets") or [])
+    return rows
+
+
 @audit.command("why")
-@click.option("--from", "source", required=True, help="Source identity ns/serviceaccount.")
-@click.option("--to", "destination", required=True, help="Destination identity ns/sa.")
-@click.option("--path", default=None, help="HTTP path.")
-@click.option("--method", default=None, help="HTTP method.")
-@click.option("--port", type=click.IntRange(1, 65535), default=None)
+@access_options()
 @click.option("--until", default=None, help="Stop at this TIME or position.")
-@_TRUST_OPTIONAL
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of lines.")
+@trust_option(required=False)
+@output_option(json_alias=True)
 @click.pass_context
 def why_cmd(
     ctx: click.Context,
@@ -196,14 +204,11 @@ def why_cmd(
     port: int | None,
     until: str | None,
     trust: str | None,
-    as_json: bool,
+    output: str,
 ) -> None:
     """The events that granted, widened, narrowed or revoked SOURCE's access to DESTINATION,
-    in log order, with the actor on each and the writer whose seal proves it."""
-    for value, name in ((source, "--from"), (destination, "--to")):
-        ns, sep, sa = value.partition("/")
-        if not sep or not ns or not sa or "/" in sa:
-            raise click.BadParameter(f"{value!r} is not namespace/serviceaccount", param_hint=name)
+    in log order, with the actor on each and the writer whose seal proves it (-o name:
+    one log position per line)."""
     log = open_log_from(ctx)
     rows = access_history(
         log,
@@ -215,14 +220,16 @@ def why_cmd(
         verifier=verifier_from(trust),
         end=parse_position(log, until) if until else None,
     )
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-        return
-    if not rows:
-        click.echo(f"no event ever changed whether {source} may reach {destination}")
-    for r in rows:
-        who = r["writer"] if r["verified"] else "unverified"
-        click.echo(
-            f"{r['position']} {r['occurred_at']} {r['effect']:8} {r['type']} {r['aggregate']} "
-            f"by {r['actor']} (sealed by {who}): {r['decision']}, {r['reason']}"
-        )
+
+    def table() -> None:
+        if not rows:
+            click.echo(f"no event ever changed whether {source} may reach {destination}")
+        for r in rows:
+            who = r["writer"] if r["verified"] else "unverified"
+            click.echo(
+                f"{r['position']} {r['occurred_at']} {r['effect']:8} {r['type']} "
+                f"{r['aggregate']} by {r['actor']} (sealed by {who}): {r['decision']}, "
+                f"{r['reason']}"
+            )
+
+    emit(rows, output, table=table, names=lambda: [str(r["position"]) for r in rows])

@@ -297,26 +297,19 @@ def show_cmd(ctx: click.Context, identity_or_serial: str, output: str) -> None:
 @ca_options
 @keys_option
 @click.option("--as", "actor", default=None, help="Act as NAME (recorded as 'unix:LOGIN as NAME').")
+@output_option()
 @click.pass_context
 def rotate_cmd(
     ctx: click.Context,
+    /,
     identity: str,
-    ca: str | None,
-    vault_role: str,
-    vault_mount: str,
-    vault_token_file: str | None,
-    vault_ca_cert: str | None,
     keys_dir: str | None,
     actor: str | None,
+    output: str,
+    **ca: Any,
 ) -> None:
     """Renew IDENTITY's certificate now (SPIFFE URI or ns/sa); appends CertificateRenewed."""
-    factory = factory_from_ca_options(
-        ca=ca,
-        vault_role=vault_role,
-        vault_mount=vault_mount,
-        vault_token_file=vault_token_file,
-        vault_ca_cert=vault_ca_cert,
-    )
+    factory = factory_from_ca_options(**ca)
     if factory is None:
         _fail("certs rotate needs the issuer: pass --ca local:DIR or --ca vault:URL (or SMC_CA)")
     log = open_log_from(ctx)
@@ -341,7 +334,20 @@ def rotate_cmd(
         keystore.put(cert, durable=True)
     event = certificate_event(cert, previous_serial=cur.serial, source=SOURCE, actor=_actor(actor))
     log.append([event])
-    click.echo(f"renewed {uri}: serial {cur.serial} -> {cert.serial} (until {cert.not_after})")
+    done = {
+        "identity": uri,
+        "previousSerial": cur.serial,
+        "serial": cert.serial,
+        "notAfter": str(cert.not_after),
+    }
+    emit(
+        done,
+        output,
+        table=lambda: click.echo(
+            f"renewed {uri}: serial {cur.serial} -> {cert.serial} (until {cert.not_after})"
+        ),
+        names=lambda: [f"certificate/{cert.serial}"],
+    )
     if keystore is None:
         click.echo(
             "note: no --keys directory: the new key was not kept, so a running control plane"
@@ -355,30 +361,23 @@ def rotate_cmd(
 @click.option("--reason", default="revoked by operator", show_default=True)
 @ca_options
 @click.option("--as", "actor", default=None, help="Act as NAME (recorded as 'unix:LOGIN as NAME').")
+@output_option()
 @click.pass_context
 def revoke_cmd(
     ctx: click.Context,
+    /,
     serial: str,
     reason: str,
-    ca: str | None,
-    vault_role: str,
-    vault_mount: str,
-    vault_token_file: str | None,
-    vault_ca_cert: str | None,
     actor: str | None,
+    output: str,
+    **ca: Any,
 ) -> None:
     """Revoke the certificate SERIAL at the issuer and append CertificateRevoked."""
     try:
         canon = normalize_serial(serial)
     except InvalidSerial as exc:
         _fail(str(exc))
-    factory = factory_from_ca_options(
-        ca=ca,
-        vault_role=vault_role,
-        vault_mount=vault_mount,
-        vault_token_file=vault_token_file,
-        vault_ca_cert=vault_ca_cert,
-    )
+    factory = factory_from_ca_options(**ca)
     if factory is None:
         _fail("certs revoke needs the issuer: pass --ca local:DIR or --ca vault:URL (or SMC_CA)")
     log = open_log_from(ctx)
@@ -387,7 +386,7 @@ def revoke_cmd(
     if rec is None:
         _fail(f"no certificate with serial {canon} on the log")
     if rec.status == "revoked":
-        click.echo(f"{canon} ({rec.identity}) is already revoked: {rec.reason}")
+        _revoked(output, canon, rec.identity, rec.reason, already=True)
         return
     issuer = factory(parse_spiffe_id(rec.identity).trust_domain)
     if issuer.name != rec.issuer:
@@ -410,4 +409,18 @@ def revoke_cmd(
             )
         ]
     )
-    click.echo(f"revoked {canon} ({rec.identity}): {reason}")
+    _revoked(output, canon, rec.identity, reason, already=False)
+
+
+def _revoked(output: str, serial: str, identity: str, reason: str, *, already: bool) -> None:
+    data = {"serial": serial, "identity": identity, "reason": reason, "alreadyRevoked": already}
+    emit(
+        data,
+        output,
+        table=lambda: click.echo(
+            f"{serial} ({identity}) is already revoked: {reason}"
+            if already
+            else f"revoked {serial} ({identity}): {reason}"
+        ),
+        names=lambda: [f"certificate/{serial}"],
+    )

@@ -1,7 +1,8 @@
 """kubectl-style output for every printing command: ``-o table|json|yaml|name``.
 
 Role: :func:`output_option` is the one ``-o/--output`` option (``text`` is kept as an alias of
-``table`` for scripts written before); :func:`emit` prints data as JSON or YAML (the same
+``table``, and ``--json`` as ``-o json`` where a command had it, for scripts written before);
+:func:`facts_table` is the ``table`` form of a single object; :func:`emit` prints data as JSON or YAML (the same
 structure), names (one ``kind/namespace/name`` per line, as ``kubectl -o name``) or, for
 ``table``, calls the command's own table printer. :func:`kind_alias` resolves the kinds and short
 names ``smc get`` accepts; :func:`select` filters items by namespace, name and a label selector
@@ -11,6 +12,7 @@ Concurrency: pure functions; one command per process.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +25,7 @@ __all__ = [
     "KIND_ALIASES",
     "OUTPUTS",
     "emit",
+    "facts_table",
     "item_labels",
     "kind_alias",
     "output_option",
@@ -68,13 +71,15 @@ def kind_alias(name: str, known: Iterable[str]) -> str:
     )
 
 
-def output_option(*, default: str = "table") -> Callable[[Any], Any]:
-    """``-o/--output table|json|yaml|name`` (``text`` accepted as ``table``)."""
+def output_option(*, default: str = "table", json_alias: bool = False) -> Callable[[Any], Any]:
+    """``-o/--output table|json|yaml|name`` (``text`` accepted as ``table``). With
+    ``json_alias`` the command also keeps its older ``--json`` flag, folded into ``output``
+    (the function then receives ``output="json"``), so one helper serves every command."""
 
     def convert(ctx: click.Context, param: click.Parameter, value: str) -> str:
         return "table" if value == "text" else value
 
-    return click.option(
+    option = click.option(
         "-o",
         "--output",
         type=click.Choice([*OUTPUTS, "text"]),
@@ -83,6 +88,34 @@ def output_option(*, default: str = "table") -> Callable[[Any], Any]:
         callback=convert,
         help="Output format: table, json, yaml or name (kind/namespace/name per line).",
     )
+    if not json_alias:
+        return option
+
+    def decorate(f: Callable[..., Any]) -> Any:
+        @functools.wraps(f)
+        def command(*args: Any, as_json: bool, output: str, **kwargs: Any) -> Any:
+            return f(*args, output="json" if as_json else output, **kwargs)
+
+        flag = click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
+        return option(flag(command))
+
+    return decorate
+
+
+def facts_table(data: Mapping[str, Any]) -> Callable[[], None]:
+    """A ``table`` printer for one object: ``key: value`` lines, lists one item per line."""
+
+    def show() -> None:
+        width = max((len(k) for k in data), default=0)
+        for key, value in data.items():
+            if isinstance(value, list | tuple):
+                click.echo(f"{key}:")
+                for item in value:
+                    click.echo(f"  {item}")
+            else:
+                click.echo(f"{key + ':':{width + 1}} {value}")
+
+    return show
 
 
 def emit(
@@ -96,7 +129,10 @@ def emit(
     if output == "json":
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     elif output == "yaml":
-        click.echo(yaml.safe_dump(data, sort_keys=True, default_flow_style=False).rstrip("\n"))
+        # the JSON data model (mappings of any kind, e.g. the OrderedDicts of protobuf's
+        # json_format, become plain ones), so YAML carries exactly what -o json does
+        plain = json.loads(json.dumps(data))
+        click.echo(yaml.safe_dump(plain, sort_keys=True, default_flow_style=False).rstrip("\n"))
     elif output == "name":
         if names is None:
             raise click.UsageError("-o name is not supported by this command")

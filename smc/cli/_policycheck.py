@@ -17,6 +17,7 @@ from smc.api import (
 from smc.cli._app import cli, open_log_from
 from smc.cli._apply import _projections, _projections_at
 from smc.cli._output import emit, output_option
+from smc.cli._query_options import access_options, trust_option
 from smc.projections._policyview import PolicyView
 
 
@@ -25,28 +26,11 @@ def policy_group() -> None:
     """Query the policy in force."""
 
 
-def _identity(value: str, name: str) -> str:
-    ns, sep, sa = value.partition("/")
-    if not sep or not ns or not sa or "/" in sa:
-        raise click.BadParameter(f"{value!r} is not namespace/serviceaccount", param_hint=name)
-    return value
-
-
 @policy_group.command("check")
-@click.option("--from", "source", required=True, help="Source identity ns/serviceaccount.")
-@click.option("--to", "destination", required=True, help="Destination identity ns/sa.")
-@click.option("--path", default=None, help="HTTP path (implies HTTP).")
-@click.option("--method", default=None, help="HTTP method (implies HTTP).")
-@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Destination port.")
+@access_options(http_help=" (implies HTTP)")
 @output_option()
 @click.option("--at", "at", default=None, help="Answer as of this TIME or log position.")
-@click.option(
-    "--trust",
-    envvar="SMC_TRUST",
-    default=None,
-    type=click.Path(dir_okay=False, exists=True),
-    help="Only records whose seals verify against these PEM roots count.",
-)
+@trust_option(required=False)
 @click.pass_context
 def policy_check_cmd(
     ctx: click.Context,
@@ -60,8 +44,6 @@ def policy_check_cmd(
     trust: str | None,
 ) -> None:
     """Print allow or deny for traffic from one identity to another (now, or --at a past point)."""
-    _identity(source, "--from")
-    _identity(destination, "--to")
     if at is not None or trust is not None:
         registry, policy = _projections_at(open_log_from(ctx), at, trust)
     else:

@@ -106,14 +106,13 @@ def proxy() -> None:
     envvar="SMC_SERVER",
     help="Base URL of the HTTP API of `smc serve` (env SMC_SERVER).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer (= -o json).")
-@output_option()
-def status(server: str, as_json: bool, output: str) -> None:
+@output_option(json_alias=True)
+def status(server: str, output: str) -> None:
     """Connected proxies: ACKed version per type, pending pushes and the last NACK."""
     data = fetch_status(server)
     emit(
         data,
-        "json" if as_json else output,
+        output,
         table=lambda: click.echo(render_table(data)),
         names=lambda: [f"proxy/{p.get('node_id', p.get('node', ''))}" for p in _proxies(data)],
     )

@@ -10,7 +10,6 @@ Concurrency: one command per process.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from smc.cli._app import open_log_from
 from smc.cli._certs import certs_group
+from smc.cli._output import emit, output_option
 from smc.projections import CertsProjection, ProjectionRunner, ProxyCertRecord
 
 __all__ = ["proxies_cmd"]
@@ -42,9 +42,7 @@ def _row(rec: ProxyCertRecord, now: datetime) -> dict[str, Any]:
 
 
 @certs_group.command("proxies")
-@click.option(
-    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@output_option()
 @click.option("--current", "only_current", is_flag=True, help="Only each proxy's current one.")
 @click.option("--proxy", default=None, help="Only this proxy (pod/NS/NAME or vm/NS/NAME).")
 @click.pass_context
@@ -61,13 +59,21 @@ def proxies_cmd(ctx: click.Context, output: str, only_current: bool, proxy: str 
             if only_current and certs.proxy_current.get(name) != rec.serial:
                 continue
             rows.append(_row(rec, now))
-    if output == "json":
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-        return
-    table = Table(title=f"{len(rows)} proxy certificates ({len(certs.proxy_current)} current)")
-    for col in ("proxy", "serial", "identity", "not after", "proof", "status"):
-        table.add_column(col)
-    for r in rows:
-        status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
-        table.add_row(r["proxy"], r["serial"], r["identity"], r["not_after"], r["proof"], status)
-    Console(width=220).print(table)
+
+    def show() -> None:
+        table = Table(title=f"{len(rows)} proxy certificates ({len(certs.proxy_current)} current)")
+        for col in ("proxy", "serial", "identity", "not after", "proof", "status"):
+            table.add_column(col)
+        for r in rows:
+            status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
+            table.add_row(
+                r["proxy"], r["serial"], r["identity"], r["not_after"], r["proof"], status
+            )
+        Console(width=220).print(table)
+
+    emit(
+        rows,
+        output,
+        table=show,
+        names=lambda: [f"certificate/{r['serial']}" for r in rows],
+    )

@@ -17,12 +17,14 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 
 from smc.ca import format_spiffe_id
 from smc.cli._app import cli, open_log_from
 from smc.cli._certs import ca_options, factory_from_ca_options
+from smc.cli._output import emit, output_option
 from smc.identity import join_token_event
 from smc.injector import (
     find_vm,
@@ -93,6 +95,7 @@ def vm_group() -> None:
     "the VM reaches it. Default: the --ads host, port 15012.",
 )
 @ca_options
+@output_option()
 @click.pass_context
 def bootstrap_cmd(
     ctx: click.Context,
@@ -112,6 +115,7 @@ def bootstrap_cmd(
     vault_mount: str,
     vault_token_file: str | None,
     vault_ca_cert: str | None,
+    output: str,
 ) -> None:
     """Write the Envoy bootstrap, trust bundle, one-time join token and run script of VM NAME
     (no key: the VM's SMC agent makes it on the VM)."""
@@ -162,11 +166,32 @@ def bootstrap_cmd(
         delta=delta,
         server_name=ads_server_name,
     )
-    click.echo(
-        f"VirtualMachine {vm.namespace}/{vm.name}: node id {files.node_id}, identity {identity}"
-    )
     expires = event.expires_at.isoformat()
-    click.echo(f"one-time join token (sha256 {event.token_sha256[:16]}...), valid until {expires}")
-    for path in (files.bootstrap, files.ca, files.token, files.run_script):
+    data = {
+        "virtualMachine": f"{vm.namespace}/{vm.name}",
+        "nodeId": files.node_id,
+        "identity": identity,
+        "joinTokenSha256": event.token_sha256,
+        "joinTokenExpires": expires,
+        "files": [str(p) for p in (files.bootstrap, files.ca, files.token, files.run_script)],
+        "run": str(files.run_script),
+    }
+
+    def table() -> None:
+        click.echo(
+            f"VirtualMachine {vm.namespace}/{vm.name}: node id {files.node_id}, identity {identity}"
+        )
+        click.echo(
+            f"one-time join token (sha256 {event.token_sha256[:16]}...), valid until {expires}"
+        )
+        written_files(data)
+
+    emit(data, output, table=table, names=lambda: [f"file/{p}" for p in data["files"]])
+
+
+def written_files(data: dict[str, Any]) -> None:
+    """The ``table`` tail of the commands that write a VM's files: each path, then how to
+    start it (the token itself is never printed: only its file)."""
+    for path in data["files"]:
         click.echo(f"  wrote {path}")
-    click.echo(f"start it with: {files.run_script}")
+    click.echo(f"start it with: {data['run']}")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from smc.cli._vm import vm_group
+from smc.cli._output import emit, output_option
+from smc.cli._vm import vm_group, written_files
 from smc.identity import parse_user_data
 from smc.injector import parse_ads_address, write_vm_bootstrap
 from smc.projections import Workload
@@ -50,7 +51,10 @@ _NEEDED = (
 )
 @click.option("--admin-port", default=15000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--delta", is_flag=True, help="Incremental (delta) xDS.")
-def join_cmd(user_data: str, instance_id: str, out: str, admin_port: int, delta: bool) -> None:
+@output_option()
+def join_cmd(
+    user_data: str, instance_id: str, out: str, admin_port: int, delta: bool, output: str
+) -> None:
     """Write the agent and Envoy files of this VM group instance from its user data."""
     data = parse_user_data(Path(user_data).read_text(errors="replace"))
     missing = [k for k in _NEEDED if not data.get(k)]
@@ -82,7 +86,17 @@ def join_cmd(user_data: str, instance_id: str, out: str, admin_port: int, delta:
         admin_port=admin_port,
         delta=delta,
     )
-    click.echo(f"instance {instance_id} of {ns}/{group}: node id {files.node_id}")
-    for path in (files.bootstrap, files.ca, files.token, files.run_script):
-        click.echo(f"  wrote {path}")
-    click.echo(f"start it with: {files.run_script}")
+    facts = {
+        "instance": instance_id,
+        "group": f"{ns}/{group}",
+        "nodeId": files.node_id,
+        "identity": data["SMC_IDENTITY"],
+        "files": [str(p) for p in (files.bootstrap, files.ca, files.token, files.run_script)],
+        "run": str(files.run_script),
+    }
+
+    def table() -> None:
+        click.echo(f"instance {instance_id} of {ns}/{group}: node id {files.node_id}")
+        written_files(facts)
+
+    emit(facts, output, table=table, names=lambda: [f"file/{p}" for p in facts["files"]])
