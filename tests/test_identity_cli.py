@@ -15,7 +15,9 @@ from smc.cli import cli
     ("args", "message"),
     [
         (["--workload-keys", "agent", "--ca-listen", "off"], "--ca-listen"),
-        (["--xds-plaintext", "--workload-keys", "control-plane"], "never carries keys"),
+        # the control plane's keys would travel on ADS: TLS or an explicit cleartext flag
+        (["--workload-keys", "control-plane"], "keys travel on ADS"),
+        (["--workload-keys", "control-plane", "--xds-tls", "--xds-plaintext"], "exclude"),
         (["--ca-listen", "nope", "--workload-keys", "agent"], "--ca-listen"),
         (
             ["--ca-listen", "127.0.0.1:1", "--ca", "follow", "--keys", "k", "--xds-plaintext"],

@@ -519,6 +519,7 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
         f"local:{tmp_path / 'ca'}",
         "--workload-keys",
         "control-plane",
+        "--xds-plaintext",  # this mode's keys in cleartext: said explicitly
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )

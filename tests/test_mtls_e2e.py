@@ -618,6 +618,7 @@ async def _start_serve(tmp_path: Path, http_port: int, xds_port: int) -> asyncio
         str(tmp_path / "keys"),
         "--workload-keys",
         "control-plane",
+        "--xds-plaintext",  # this mode's keys in cleartext: said explicitly
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )

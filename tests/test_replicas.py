@@ -147,6 +147,7 @@ class Replica:
             str(self.keys),
             "--workload-keys",
             "control-plane",
+            "--xds-plaintext",  # this mode's keys in cleartext: said explicitly
         ]
         with open(self.out, "ab") as out:
             self.proc = subprocess.Popen(

@@ -320,8 +320,9 @@ async def _serve(
 @click.option(
     "--xds-plaintext",
     is_flag=True,
-    help="Serve ADS in cleartext although --workload-keys agent would serve it over mTLS "
-    "(the proxies' keys never travel on ADS then; refused with --workload-keys control-plane).",
+    help="Serve ADS in cleartext. With --workload-keys agent (default: mTLS) the proxies' keys "
+    "never travel on ADS; with --workload-keys control-plane they do, so that mode needs either "
+    "--xds-tls or this flag (cleartext keys: for tests and isolated networks only; warned).",
 )
 @click.option(
     "--workload-keys",
@@ -418,10 +419,12 @@ def serve(
         xds_tls = True  # agents: ADS is mTLS unless --xds-plaintext says otherwise
     if xds_plaintext and xds_tls and not agent_keys:
         raise click.BadParameter("--xds-plaintext and --xds-tls exclude each other")
-    if xds_plaintext and not agent_keys:
+    if xds is not None and not agent_keys and not xds_tls and not xds_plaintext:
         raise click.BadParameter(
-            "plaintext ADS never carries keys: --xds-plaintext needs --workload-keys agent",
-            param_hint="--xds-plaintext",
+            "with --workload-keys control-plane the identities' keys travel on ADS: give "
+            "--xds-tls (or, for tests and isolated networks only, --xds-plaintext to send them "
+            "in cleartext)",
+            param_hint="--workload-keys",
         )
     if agent_keys and xds is not None and ca_listen == "off" and not follow:
         raise click.BadParameter(
