@@ -9,11 +9,12 @@ reached. Concurrency: blocking, one thread.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from smc.events import ChainVerifier, EventLog, Finding, Position, WriterTrust
+from smc.events._verify import CHAIN_BREAK, TRUNCATED
 
 __all__ = ["VerifyReport", "verify_log"]
 
@@ -27,6 +28,9 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     writers: dict[str, dict[str, Any]] = field(default_factory=dict)
     heads: dict[str, str] = field(default_factory=dict)
+    #: The last seal of each partition: ``"stream:partition" -> "offset:head"`` (keep it:
+    #: a later verification given it as ``previous`` reports a truncation before it).
+    seals: dict[str, str] = field(default_factory=dict)
     end: Position = field(default_factory=Position)
     seconds: float = 0.0
 
@@ -43,6 +47,7 @@ class VerifyReport:
             "findings": [f.to_json() for f in self.findings],
             "writers": self.writers,
             "heads": self.heads,
+            "seals": self.seals,
             "end": self.end.to_json(),
             "seconds": round(self.seconds, 3),
         }
@@ -56,9 +61,12 @@ def verify_log(
     end: Position | None = None,
     batch: int = 5000,
     progress: Callable[[int], None] | None = None,
+    previous: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """Verify ``log`` up to its end; report findings at or after ``start`` and before
-    ``end`` (default: the whole log)."""
+    ``end`` (default: the whole log). ``previous`` (a former report's ``seals``) adds a
+    ``truncated`` finding for each partition that now ends before the last seal seen then,
+    and a ``chain-break`` where that seal is no longer the one seen then."""
     t0 = time.perf_counter()
     found: list[Finding] = []
     verifier = ChainVerifier(
@@ -95,6 +103,34 @@ def verify_log(
         if progress is not None:
             progress(report.records)
     verifier.finish()
+    for key, was in sorted((previous or {}).items()):
+        stream, _, part = key.rpartition(":")
+        off, _, head = was.partition(":")
+        tp, at = (stream, int(part)), int(off)
+        now = verifier.seals.get(tp, {}).get(at)
+        if at >= target.get(tp):
+            found.append(
+                Finding(
+                    stream, int(part), target.get(tp), TRUNCATED,
+                    f"the partition ends at @{target.get(tp)}, before the seal at @{at} a "
+                    "previous verification saw: its last records were removed",
+                )
+            )  # fmt: skip
+        elif now is not None and now.hex() != head:
+            found.append(
+                Finding(
+                    stream, int(part), at, CHAIN_BREAK,
+                    f"the seal at @{at} is not the one a previous verification saw there "
+                    "(the partition was rewritten)",
+                )
+            )  # fmt: skip
+        elif now is None and at >= verifier.seal_floor.get(tp, 0):
+            found.append(
+                Finding(
+                    stream, int(part), at, CHAIN_BREAK,
+                    f"no verified seal at @{at}, where a previous verification saw one",
+                )
+            )  # fmt: skip
 
     def in_range(f: Finding) -> bool:
         tp = (f.stream, f.partition)
@@ -110,5 +146,10 @@ def verify_log(
     report.heads.update(
         {f"{s}:{p}:{sid.hex()}": h.hex() for (s, p, sid), h in sorted(verifier.wheads.items())}
     )
+    report.seals = {
+        f"{s}:{p}": f"{max(kept)}:{kept[max(kept)].hex()}"
+        for (s, p), kept in sorted(verifier.seals.items())
+        if kept
+    }
     report.seconds = time.perf_counter() - t0
     return report

@@ -22,6 +22,7 @@ from typing import Any
 
 from smc.auth._errors import AuthError
 from smc.auth._principal import VERBS, Access, Principal, resource_of_kind
+from smc.events._grantcheck import GrantSpec, grant_covers
 from smc.projections import PolicyProjection
 
 __all__ = [
@@ -73,18 +74,13 @@ class Grant:
         return json.dumps(self.manifest(), sort_keys=True, separators=(",", ":"))
 
     def covers(self, principal: Principal, access: Access) -> bool:
-        subject_ok = "*" in self.subjects or any(
-            s == principal.name or (s.startswith("group:") and s[6:] in principal.groups)
-            for s in self.subjects
-        )
-        if not subject_ok:
-            return False
-        if "*" not in self.verbs and access.verb not in self.verbs:
-            return False
-        if "*" not in self.resources and access.resource not in self.resources:
-            return False
-        return "*" in self.namespaces or (
-            bool(access.namespace) and access.namespace in self.namespaces
+        return grant_covers(
+            GrantSpec(self.subjects, self.verbs, self.resources, self.namespaces),
+            name=principal.name,
+            groups=principal.groups,
+            verb=access.verb,
+            resource=access.resource,
+            namespace=access.namespace,
         )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smc.events._grantcheck import ADMINS_GROUP, resource_of_kind
+
 __all__ = [
     "ADMINS_GROUP",
     "AUTHENTICATED_GROUP",
@@ -22,7 +24,6 @@ __all__ = [
 ]
 
 #: Members are allowed everything (the local admin credential; like ``system:masters``).
-ADMINS_GROUP = "smc:admins"
 #: Every authenticated principal is in this group.
 AUTHENTICATED_GROUP = "smc:authenticated"
 #: The verbs of SMC's authorization.
@@ -93,13 +94,6 @@ class Access:
         where = f"namespace {self.namespace!r}" if self.namespace else "all namespaces"
         what = f"{self.resource}/{self.name}" if self.name else self.resource
         return f"{self.verb} {what} in {where}"
-
-
-def resource_of_kind(kind: str) -> str:
-    """The resource name of a manifest kind, as Kubernetes names them (``TrafficTarget`` ->
-    ``traffictargets``, ``MeshConfig`` -> ``meshconfigs``)."""
-    low = kind.lower()
-    return low if low.endswith("s") else low + "s"
 
 
 def actor_matches(actor: str, name: str) -> bool:

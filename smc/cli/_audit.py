@@ -12,8 +12,10 @@ Concurrency: one command per process.
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import click
@@ -96,6 +98,13 @@ def writer_issue(
 @_FROM_TO[1]
 @trust_option(required=True)
 @_REVOKED
+@click.option(
+    "--previous",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A former `audit verify -o json` report: a partition that now ends before the last "
+    "seal seen then is reported as truncated.",
+)
 @output_option(json_alias=True)
 @click.pass_context
 def verify_cmd(
@@ -104,6 +113,7 @@ def verify_cmd(
     to: str | None,
     trust: str,
     revoked: str | None,
+    previous: str | None,
     output: str,
 ) -> None:
     """Check every record's seal, chain, writer and entitlement; exit 1 on any finding
@@ -111,7 +121,18 @@ def verify_cmd(
     log = open_log_from(ctx)
     start = parse_position(log, from_) if from_ else None
     end = parse_position(log, to) if to else None
-    report = verify_log(log, load_trust(trust, revoked=revoked), start=start, end=end)
+    seals = None
+    if previous:
+        try:
+            seals = dict(json.loads(Path(previous).read_text())["seals"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise click.BadParameter(
+                f"{previous}: not an `audit verify -o json` report with seals ({exc})",
+                param_hint="--previous",
+            ) from exc
+    report = verify_log(
+        log, load_trust(trust, revoked=revoked), start=start, end=end, previous=seals
+    )
 
     def table() -> None:
         click.echo(

@@ -94,12 +94,13 @@ async def _start_api(
     )
     tasks.append(vm_groups_task)
     if http is not None:
-        from smc.cli._serve_auth import ApiAuthOptions, start_api_auth
+        from smc.cli._serve_auth import ApiAuthOptions, start_api_auth, vouch_principals
         from smc.projections import CertsProjection
         from smc.xds._debug import mount_debug
 
         certs = next(p for p in runner.projections if isinstance(p, CertsProjection))
         door = start_api_auth(auth or ApiAuthOptions(), http=http, runner=runner, kube=kube)
+        vouch_principals(door.guard, changes.log, basis="kubernetes" if kube else "grants")
         ctx = ApiContext(live=live, runner=runner, registry=registry, policy=policy, certs=certs)
         app = create_app(ctx, guard=door.guard)
         app.router.add_get("/debug/state", _state_handler(runner))

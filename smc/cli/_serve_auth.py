@@ -31,15 +31,23 @@ from smc.auth import (
     ClientRoots,
     CredentialError,
     Guard,
+    Principal,
     TokenReviewer,
     open_door,
 )
+from smc.events import EventLog
 from smc.projections import CertsProjection, PolicyProjection, ProjectionRunner
 
 if TYPE_CHECKING:
     from smc.informers import KubeEndpoint
 
-__all__ = ["ApiAuth", "ApiAuthOptions", "api_auth_options", "start_api_auth"]
+__all__ = [
+    "ApiAuth",
+    "ApiAuthOptions",
+    "api_auth_options",
+    "start_api_auth",
+    "vouch_principals",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -185,3 +193,17 @@ def start_api_auth(
         url=door.url,
         closers=closers,
     )
+
+
+def vouch_principals(guard: Guard, log: EventLog, *, basis: str) -> None:
+    """Have the API's writer (``log``'s signer, if it seals) vouch in its seals for every
+    principal the guard authorizes, with its groups and how it was authorized (``basis``:
+    ``grants`` or ``kubernetes``), so readers re-check a policy record's principal."""
+    signer = getattr(log, "signer", None)
+    if signer is None:
+        return
+
+    def vouch(p: Principal) -> None:
+        signer.vouch(p.actor, p.groups, basis=basis)
+
+    guard.vouch = vouch

@@ -20,12 +20,15 @@ everything else is pure.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
+import sys
 import threading
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,7 @@ __all__ = [
     "Seal",
     "Signer",
     "batch_head",
+    "batch_head_v2",
     "genesis",
     "key_id",
     "record_digest",
@@ -52,8 +56,15 @@ PARTITION = 0
 WRITER = 1
 
 _DOMAIN = b"smc.seal.v1\x00"
+_DOMAIN_V2 = b"smc.seal.v2\x00"
 _FIXED = struct.Struct(">BB16s8sI32sQ")  # version, mode, key id, session, n, prev, signed_at
-_VERSION = 1
+#: Version 2 adds the batch head, the link (offset and head of the partition's last seal the
+#: writer saw before appending, -1 for none) and, after the certificates, the principals.
+_FIXED_V2 = struct.Struct(">BB16s8sI32sQq32s32s")
+_VERSION = 2
+_NO_LINK = bytes(32)
+#: A principal a seal vouches for: (actor, basis, groups).
+Principal = tuple[str, str, tuple[str, ...]]
 _ECDSA = ec.ECDSA(hashes.SHA256())
 
 
@@ -71,6 +82,25 @@ def batch_head(prev: bytes, digests: Iterable[bytes]) -> bytes:
     return hashlib.sha256(prev + b"".join(digests)).digest()
 
 
+def batch_head_v2(prev: bytes, keys: Sequence[bytes], values: Sequence[bytes]) -> bytes:
+    """The chain head after a batch (seal version 2): ``sha256(prev || n || the key lengths
+    || the value lengths || the keys || the values)``, lengths as big-endian u32 arrays. As
+    exact as hashing each record (the lengths delimit every key and value) and computed in
+    one pass over the batch: no object per record."""
+    klens = array("I", map(len, keys))
+    vlens = array("I", map(len, values))
+    if sys.byteorder == "little":
+        klens.byteswap()
+        vlens.byteswap()
+    h = hashlib.sha256(prev)
+    h.update(struct.pack(">I", len(keys)))
+    h.update(klens)
+    h.update(vlens)
+    h.update(b"".join(keys))
+    h.update(b"".join(values))
+    return h.digest()
+
+
 def genesis(stream: str, partition: int, session: bytes = b"") -> bytes:
     """The head before a partition's (``PARTITION`` mode) or a writer session's first batch."""
     return hashlib.sha256(
@@ -85,7 +115,14 @@ def key_id(cert_der: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Seal:
-    """The signature closing one batch of one writer in one partition."""
+    """The signature closing one batch of one writer in one partition.
+
+    Version 1 seals (older logs) sign ``prev`` and the head of the per-record digests;
+    version 2 seals also carry their ``head`` (of :func:`batch_head_v2`), a ``link`` to the
+    partition's last seal the writer saw (``link_offset`` -1: none) and the ``principals``
+    the writer vouches for (``(actor, basis, groups)``: who the API authenticated for the
+    records of the batch whose envelope names that actor, and how it authorized them:
+    ``grants`` (AccessGrants on the log) or ``kubernetes`` (SubjectAccessReview))."""
 
     mode: int
     key_id: bytes
@@ -95,36 +132,60 @@ class Seal:
     signed_at_ms: int
     signature: bytes
     certs: tuple[bytes, ...] = ()
+    version: int = _VERSION
+    head: bytes = _NO_LINK
+    link_offset: int = -1
+    link_head: bytes = _NO_LINK
+    principals: tuple[Principal, ...] = ()
+
+    def _fixed(self) -> bytes:
+        if self.version == 1:
+            return _FIXED.pack(
+                1, self.mode, self.key_id, self.session, self.count, self.prev,
+                self.signed_at_ms,
+            )  # fmt: skip
+        return _FIXED_V2.pack(
+            self.version, self.mode, self.key_id, self.session, self.count, self.prev,
+            self.signed_at_ms, self.link_offset, self.link_head, self.head,
+        )  # fmt: skip
 
     def signed_bytes(self, stream: str, partition: int, head: bytes) -> bytes:
-        """The message the signature covers."""
-        fixed = _FIXED.pack(
-            _VERSION, self.mode, self.key_id, self.session, self.count, self.prev,
-            self.signed_at_ms,
+        """The message the signature covers (``head``: the head the verifier computed)."""
+        where = stream.encode() + b"\x00" + struct.pack(">I", partition)
+        if self.version == 1:
+            return _DOMAIN + where + self._fixed() + head
+        fixed = _FIXED_V2.pack(
+            self.version, self.mode, self.key_id, self.session, self.count, self.prev,
+            self.signed_at_ms, self.link_offset, self.link_head, head,
         )  # fmt: skip
-        return _DOMAIN + stream.encode() + b"\x00" + struct.pack(">I", partition) + fixed + head
+        return _DOMAIN_V2 + where + fixed + _principals_blob(self.principals)
 
     def encode(self) -> bytes:
-        fixed = _FIXED.pack(
-            _VERSION, self.mode, self.key_id, self.session, self.count, self.prev,
-            self.signed_at_ms,
-        )  # fmt: skip
-        parts = [fixed, struct.pack(">H", len(self.signature)), self.signature]
+        parts = [self._fixed(), struct.pack(">H", len(self.signature)), self.signature]
         parts.append(struct.pack(">B", len(self.certs)))
         for der in self.certs:
             parts.append(struct.pack(">H", len(der)))
             parts.append(der)
+        if self.version >= 2:
+            parts.append(_principals_blob(self.principals))
         return b"".join(parts)
 
     @classmethod
     def decode(cls, data: bytes) -> Seal:
         try:
-            version, mode, kid, session, n, prev, at = _FIXED.unpack_from(data, 0)
-            if version != _VERSION:
+            version = data[0] if data else 0
+            if version == 1:
+                _, mode, kid, session, n, prev, at = _FIXED.unpack_from(data, 0)
+                link_offset, link_head, head = -1, _NO_LINK, _NO_LINK
+                i = _FIXED.size
+            elif version == 2:
+                (_, mode, kid, session, n, prev, at, link_offset, link_head,
+                 head) = _FIXED_V2.unpack_from(data, 0)  # fmt: skip
+                i = _FIXED_V2.size
+            else:
                 raise IntegrityError(f"seal version {version} not supported")
             if mode not in (PARTITION, WRITER):
                 raise IntegrityError(f"seal chain mode {mode} unknown")
-            i = _FIXED.size
             (slen,) = struct.unpack_from(">H", data, i)
             sig = data[i + 2 : i + 2 + slen]
             i += 2 + slen
@@ -135,11 +196,28 @@ class Seal:
                 (clen,) = struct.unpack_from(">H", data, i)
                 certs.append(data[i + 2 : i + 2 + clen])
                 i += 2 + clen
+            principals: list[Principal] = []
+            if version >= 2:
+                (np_,) = struct.unpack_from(">H", data, i)
+                i += 2
+                for _ in range(np_):
+                    actor, i = _text_at(data, i)
+                    basis, i = _text_at(data, i)
+                    (ng,) = struct.unpack_from(">B", data, i)
+                    i += 1
+                    groups = []
+                    for _ in range(ng):
+                        g, i = _text_at(data, i)
+                        groups.append(g)
+                    principals.append((actor, basis, tuple(groups)))
             if i != len(data) or len(sig) != slen or any(not c for c in certs):
                 raise IntegrityError("seal has trailing or missing bytes")
-        except struct.error as exc:
+        except (struct.error, UnicodeDecodeError) as exc:
             raise IntegrityError(f"seal is truncated: {exc}") from exc
-        return cls(mode, kid, session, n, prev, at, sig, tuple(certs))
+        return cls(
+            mode, kid, session, n, prev, at, sig, tuple(certs), version, head, link_offset,
+            link_head, tuple(principals),
+        )  # fmt: skip
 
     def verify(self, public_key: ec.EllipticCurvePublicKey, message: bytes) -> bool:
         try:
@@ -147,6 +225,31 @@ class Seal:
         except InvalidSignature:
             return False
         return True
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    if len(raw) > 0xFFFF:
+        raise IntegrityError("a principal name in a seal is longer than 65,535 bytes")
+    return struct.pack(">H", len(raw)) + raw
+
+
+def _text_at(data: bytes, i: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from(">H", data, i)
+    raw = data[i + 2 : i + 2 + n]
+    if len(raw) != n:
+        raise IntegrityError("seal principal is truncated")
+    return raw.decode(), i + 2 + n
+
+
+def _principals_blob(principals: Sequence[Principal]) -> bytes:
+    parts = [struct.pack(">H", len(principals))]
+    for actor, basis, groups in principals:
+        parts.append(_text(actor))
+        parts.append(_text(basis))
+        parts.append(struct.pack(">B", min(len(groups), 255)))
+        parts.extend(_text(g) for g in list(groups)[:255])
+    return b"".join(parts)
 
 
 class Signer:
@@ -175,6 +278,10 @@ class Signer:
         self._lock = threading.Lock()
         self._heads: dict[tuple[str, int], bytes] = {}  # WRITER mode: this session's heads
         self._introduced: set[tuple[str, int]] = set()
+        #: Principals vouched for (actor -> (basis, groups)): see :meth:`vouch`.
+        self._vouched: dict[str, tuple[str, tuple[str, ...]]] = {}
+        #: The last seal this signer committed per partition: (offset, head) (links).
+        self.last_seal: dict[tuple[str, int], tuple[int, bytes]] = {}
 
     @classmethod
     def from_files(
@@ -222,6 +329,25 @@ class Signer:
                 stream, partition, self.session_id
             )
 
+    def vouch(self, actor: str, groups: Sequence[str], *, basis: str = "grants") -> None:
+        """Record that this writer authenticated ``actor`` (an envelope's actor: a principal
+        name, or ``REAL as TARGET``) with ``groups`` (the target's, when impersonated): the
+        seal of a batch holding records of that actor names it with its groups, so readers
+        check that principal's AccessGrants (``docs/log-integrity.md``); ``basis`` says how
+        the writer authorized it (``grants`` or ``kubernetes``). Kept for the most recent
+        10,000 actors."""
+        with self._lock:
+            self._vouched.pop(actor, None)
+            self._vouched[actor] = (basis, tuple(groups))
+            if len(self._vouched) > 10_000:
+                del self._vouched[next(iter(self._vouched))]
+
+    def principals_for(self, actors: Iterable[str]) -> tuple[Principal, ...]:
+        """The vouched principals among ``actors`` (sorted, for a seal)."""
+        with self._lock:
+            got = {a: self._vouched[a] for a in set(actors) if a in self._vouched}
+        return tuple((a, basis, groups) for a, (basis, groups) in sorted(got.items()))
+
     def seal(
         self,
         *,
@@ -229,34 +355,46 @@ class Signer:
         partition: int,
         mode: int,
         prev: bytes,
-        digests: list[bytes],
+        keys: Sequence[bytes],
+        values: Sequence[bytes],
+        link: tuple[int, bytes] | None = None,
+        principals: Sequence[Principal] = (),
         signed_at_ms: int | None = None,
     ) -> tuple[Seal, bytes]:
-        """Seal a batch of record digests extending ``prev``; returns the seal and new head."""
-        head = batch_head(prev, digests)
+        """Seal a batch (records' keys and values) extending ``prev``, linked to the
+        partition's last seal seen (``link``: offset, head); returns the seal and new head."""
+        head = batch_head_v2(prev, keys, values)
         with self._lock:
             first = (stream, partition) not in self._introduced
+        link_offset, link_head = link if link is not None else (-1, _NO_LINK)
         seal = Seal(
             mode,
             self.key_id,
             self.session if mode == WRITER else bytes(8),
-            len(digests),
+            len(keys),
             prev,
             int(time.time() * 1000) if signed_at_ms is None else signed_at_ms,
             b"",
             self.certs if first else (),
+            _VERSION,
+            head,
+            link_offset,
+            link_head,
+            tuple(principals),
         )
         sig = self._key.sign(seal.signed_bytes(stream, partition, head), _ECDSA)
-        return Seal(
-            seal.mode, seal.key_id, seal.session, seal.count, seal.prev, seal.signed_at_ms,
-            sig, seal.certs,
-        ), head  # fmt: skip
+        return dataclasses.replace(seal, signature=sig), head
 
-    def committed(self, stream: str, partition: int, *, head: bytes, mode: int) -> None:
+    def committed(
+        self, stream: str, partition: int, *, head: bytes, mode: int, offset: int = -1
+    ) -> None:
         """Record that a sealed batch is durable: the certificates are published there, and
-        (``WRITER`` mode) the session's chain in that partition moved to ``head``."""
+        (``WRITER`` mode) the session's chain in that partition moved to ``head``; ``offset``
+        (the seal's record) is kept to link this signer's next batch there."""
         with self._lock:
             self._introduced.add((stream, partition))
+            if offset >= 0:
+                self.last_seal[(stream, partition)] = (offset, head)
             if mode == WRITER:
                 self._heads[(stream, partition)] = head
 

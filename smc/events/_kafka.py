@@ -36,9 +36,9 @@ from confluent_kafka import (
 from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
 from smc.events._health import StateChangeFilter
-from smc.events._integrity import WRITER, Signer, record_digest
+from smc.events._integrity import WRITER, IntegrityError, Seal, Signer
 from smc.events._log import Appended, Position, Record
-from smc.events._types import STREAMS, Event
+from smc.events._types import POLICY, STREAMS, Event
 
 __all__ = ["KafkaLog"]
 
@@ -107,6 +107,18 @@ class KafkaLog:
             }
         )
         self._lock = threading.Lock()
+        self._consumer_config = {
+            "bootstrap.servers": bootstrap,
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": False,
+            "fetch.wait.max.ms": 50,
+            "error_cb": self._on_error,
+            "logger": _rdlog,
+            **{k: v for k, v in extra.items() if k.startswith(("security.", "sasl.", "ssl."))},
+        }
+        #: Reads a partition's last seal before a sealed append (under ``_lock``).
+        self._tail: Consumer | None = None
         self._partitions: dict[str, list[int]] | None = None
         self._assigned: Position | None = None
         self._tps: list[TopicPartition] = []
@@ -223,7 +235,9 @@ class KafkaLog:
         for i, ev in enumerate(events):
             stream = type(ev).STREAM
             key = ev.envelope.aggregate.encode()
-            p = self.partition_of(stream, key)
+            # Policy (and the AccessGrants that authorize it) in one partition: one order in
+            # which every reader checks a principal's grants alike (docs/log-integrity.md).
+            p = self.partitions()[stream][0] if stream == POLICY else self.partition_of(stream, key)
             groups.setdefault((stream, p), []).append((i, ev, key, encode(ev)))
         results: list[Appended | None] = [None] * len(events)
         failures: list[str] = []
@@ -243,16 +257,19 @@ class KafkaLog:
 
             return cb
 
-        heads: list[tuple[str, int, bytes]] = []
+        heads: list[tuple[str, int, bytes, int]] = []
+        principals = signer.principals_for(ev.envelope.actor for ev in events)
         with self._lock:
             for (stream, p), batch in groups.items():
                 prev = signer.writer_prev(stream, p)
                 seal, head = signer.seal(
                     stream=stream, partition=p, mode=WRITER, prev=prev,
-                    digests=[record_digest(key, value) for _, _, key, value in batch],
+                    keys=[key for _, _, key, _ in batch],
+                    values=[value for _, _, _, value in batch],
+                    link=self._last_seal(stream, p, signer), principals=principals,
                 )  # fmt: skip
-                heads.append((stream, p, head))
                 last = len(batch) - 1
+                heads.append((stream, p, head, batch[last][0]))
                 for j, (i, ev, key, value) in enumerate(batch):
                     headers = [
                         ("smc.event_id", ev.envelope.event_id.encode()),
@@ -275,9 +292,46 @@ class KafkaLog:
             )
         if failures:
             raise LogUnavailable(f"Kafka refused records: {'; '.join(failures[:5])}")
-        for stream, p, head in heads:
-            signer.committed(stream, p, head=head, mode=WRITER)
+        for stream, p, head, i in heads:
+            got = results[i]
+            signer.committed(
+                stream, p, head=head, mode=WRITER, offset=got.offset if got is not None else -1
+            )
         return [r for r in results if r is not None]
+
+    def _last_seal(self, stream: str, partition: int, signer: Signer) -> tuple[int, bytes] | None:
+        """The partition's last seal as the broker has it now (offset, head), for the link
+        of the next batch: this signer's own last seal when nothing came after it, else the
+        last seal among the partition's last 64 records (version 2 seals carry their head).
+        None when the partition holds no such seal. Called under ``_lock``."""
+        topic = self.prefix + stream
+        if self._tail is None:
+            self._tail = Consumer({**self._consumer_config, "group.id": f"smc-tail-{uuid.uuid4()}"})
+        high = self._high_watermark(self._tail, topic, partition)
+        mine = signer.last_seal.get((stream, partition))
+        if high <= 0 or (mine is not None and mine[0] == high - 1):
+            return mine if high > 0 else None
+        start = max(0, high - 64, mine[0] + 1 if mine is not None else 0)
+        self._tail.assign([TopicPartition(topic, partition, start)])
+        found = mine
+        deadline = time.monotonic() + self.timeout
+        offset = start
+        while offset < high and time.monotonic() < deadline:
+            msg: Any
+            for msg in self._tail.consume(num_messages=high - offset, timeout=0.5):
+                if msg.error() is not None:
+                    continue
+                at: int = msg.offset()
+                offset = max(offset, at + 1)
+                raw = dict(msg.headers() or []).get("smc.seal")
+                if isinstance(raw, bytes) and raw:
+                    try:
+                        seal = Seal.decode(raw)
+                    except IntegrityError:
+                        continue  # not a seal we can link to (the verifier reports it)
+                    if seal.version >= 2:
+                        found = (at, seal.head)
+        return found
 
     def _produce(
         self, topic: str, partition: int, key: bytes, value: bytes, headers: list[Any], cb: Any
@@ -483,28 +537,32 @@ class KafkaLog:
         deadline = time.monotonic() + self.timeout
         for stream, parts in self.partitions().items():
             for p in parts:
-                while True:
-                    try:
-                        _, high = self._consumer.get_watermark_offsets(
-                            TopicPartition(self.prefix + stream, p),
-                            timeout=self.timeout,
-                            cached=False,
-                        )
-                        break
-                    except KafkaException as exc:
-                        # a leader moving (or just elected for a new topic) is retried
-                        err = exc.args[0] if exc.args else None
-                        retriable = isinstance(err, KafkaError) and (
-                            err.retriable() or err.code() in _LEADER_MOVING
-                        )
-                        if not retriable or time.monotonic() > deadline:
-                            raise LogUnavailable(
-                                f"Kafka at {self.bootstrap} unreachable: {exc}"
-                            ) from exc
-                        time.sleep(0.1)
+                high = self._high_watermark(self._consumer, self.prefix + stream, p, deadline)
                 if high > 0:
                     out[(stream, p)] = high
         return Position(out)
+
+    def _high_watermark(
+        self, consumer: Consumer, topic: str, partition: int, deadline: float | None = None
+    ) -> int:
+        """A partition's high watermark from the broker; a leader moving (or just elected
+        for a new topic) is retried until ``deadline`` (default: the log's timeout)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                _, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=self.timeout, cached=False
+                )
+                return int(high)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                retriable = isinstance(err, KafkaError) and (
+                    err.retriable() or err.code() in _LEADER_MOVING
+                )
+                if not retriable or time.monotonic() > deadline:
+                    raise LogUnavailable(f"Kafka at {self.bootstrap} unreachable: {exc}") from exc
+                time.sleep(0.1)
 
     def cached_end_position(self) -> Position:
         """The high watermarks the consumer learnt from its last fetches: no request to the
@@ -546,6 +604,8 @@ class KafkaLog:
             _rdlog.warning("Kafka at %s: producer closed with an error: %s", self.bootstrap, exc)
         finally:
             self._consumer.close()
+            if self._tail is not None:
+                self._tail.close()
 
 
 _message_error = Message.error

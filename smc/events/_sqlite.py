@@ -23,7 +23,7 @@ from typing import Any
 
 from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogCorrupt, LogError, LogFull, LogUnavailable
-from smc.events._integrity import PARTITION, Signer, genesis, record_digest
+from smc.events._integrity import PARTITION, Signer, genesis
 from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
 
@@ -146,7 +146,9 @@ class SqliteLog:
                 w = self._writer
                 w.execute("BEGIN IMMEDIATE")
                 try:
-                    out, sealed = self._append_locked(w, rows, signer)
+                    out, sealed = self._append_locked(
+                        w, rows, signer, [ev.envelope.actor for ev in events]
+                    )
                     w.execute("COMMIT")
                 except BaseException:
                     # SQLite rolls back by itself after some errors (a full disk): a second
@@ -157,8 +159,8 @@ class SqliteLog:
         except sqlite3.Error as exc:
             raise self._append_error(exc) from exc
         if signer is not None:
-            for stream, head in sealed:
-                signer.committed(stream, 0, head=head, mode=PARTITION)
+            for stream, head, offset in sealed:
+                signer.committed(stream, 0, head=head, mode=PARTITION, offset=offset)
         with self._cond:
             self._cond.notify_all()
         return out
@@ -229,7 +231,8 @@ class SqliteLog:
         w: sqlite3.Connection,
         rows: list[tuple[str, str, str, str, int, bytes]],
         signer: Signer | None,
-    ) -> tuple[list[Appended], list[tuple[str, bytes]]]:
+        actors: list[str] | None = None,
+    ) -> tuple[list[Appended], list[tuple[str, bytes, int]]]:
         existing: dict[str, tuple[str, int]] = {}
         unique = list(dict.fromkeys(r[3] for r in rows))
         for i in range(0, len(unique), 500):
@@ -261,9 +264,9 @@ class SqliteLog:
             out.append(
                 Appended(event_id=eid, stream=stream, partition=0, offset=seq, duplicate=False)
             )
-        sealed: list[tuple[str, bytes]] = []
+        sealed: list[tuple[str, bytes, int]] = []
         if signer is not None and new_rows:
-            sealed = self._seal_locked(w, new_rows, signer)
+            sealed = self._seal_locked(w, new_rows, signer, signer.principals_for(actors or ()))
         w.executemany(
             "INSERT INTO events (stream, seq, key, type, event_id, ts, value, seal) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -272,10 +275,15 @@ class SqliteLog:
         return out, sealed
 
     def _seal_locked(
-        self, w: sqlite3.Connection, new_rows: list[list[Any]], signer: Signer
-    ) -> list[tuple[str, bytes]]:
+        self,
+        w: sqlite3.Connection,
+        new_rows: list[list[Any]],
+        signer: Signer,
+        principals: tuple[tuple[str, str, tuple[str, ...]], ...] = (),
+    ) -> list[tuple[str, bytes, int]]:
         """Seal each stream's new rows (in place: the seal goes on the last one) and move
-        the stream's chain head; returns the new heads."""
+        the stream's chain head; returns the new heads and their seals' offsets. The seals
+        name the ``principals`` the signer vouched for among the append's actors."""
         by_stream: dict[str, list[list[Any]]] = {}
         for row in new_rows:
             by_stream.setdefault(row[0], []).append(row)
@@ -283,17 +291,18 @@ class SqliteLog:
         for stream, rows in by_stream.items():
             got = w.execute("SELECT head FROM chain WHERE stream = ?", (stream,)).fetchone()
             prev = got[0] if got is not None else genesis(stream, 0)
-            digests = [record_digest(r[2].encode(), r[6]) for r in rows]
             seal, head = signer.seal(
-                stream=stream, partition=0, mode=PARTITION, prev=prev, digests=digests
-            )
+                stream=stream, partition=0, mode=PARTITION, prev=prev,
+                keys=[r[2].encode() for r in rows], values=[r[6] for r in rows],
+                principals=principals,
+            )  # fmt: skip
             rows[-1][7] = seal.encode()
             w.execute(
                 "INSERT INTO chain (stream, head) VALUES (?, ?) "
                 "ON CONFLICT (stream) DO UPDATE SET head = excluded.head",
                 (stream, head),
             )
-            sealed.append((stream, head))
+            sealed.append((stream, head, rows[-1][1]))
         return sealed
 
     def _read_once(self, start: Position, max_records: int) -> list[Record]:

@@ -17,21 +17,37 @@ from __future__ import annotations
 import base64
 import hashlib
 import operator
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress, count, groupby, repeat
 from typing import Any
 
 from smc.events._codec import MAGIC, Codec, default_codec
+from smc.events._errors import EventError
+from smc.events._grantcheck import (
+    ADMINS_GROUP,
+    GrantSpec,
+    grant_covers,
+    grant_spec,
+    resource_of_kind,
+)
 from smc.events._integrity import (
     PARTITION,
     WRITER,
     IntegrityError,
     Seal,
     batch_head,
+    batch_head_v2,
     genesis,
 )
 from smc.events._log import EventLog, Position, Record
+from smc.events._types import (
+    POLICY,
+    MeshConfigChanged,
+    SmiResourceApplied,
+    SmiResourceDeleted,
+)
 from smc.events._writers import Writer, WriterTrust, entitled, ms_to_datetime
 
 __all__ = ["ChainVerifier", "Finding"]
@@ -45,7 +61,14 @@ UNSIGNED = "unsigned"
 UNKNOWN_WRITER = "unknown-writer"
 REVOKED = "revoked-writer"
 NOT_ENTITLED = "not-entitled"
+NOT_AUTHORIZED = "not-authorized"
 UNKNOWN_TYPE = "unknown-type"
+TRUNCATED = "truncated"
+
+#: Recent seals kept per partition to check the links of later batches (and in checkpoints).
+_SEALS_KEPT = 4096
+_SEALS_SAVED = 256
+_GRANT_PREFIX = "AccessGrant/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +115,16 @@ class ChainVerifier:
         self._allowed: dict[str, frozenset[bytes]] = {}  # role -> record headers it may write
         self.verified = 0
         self.rejected = 0
+        #: Links to seals older than the ones kept (not checked; see ``docs/log-integrity.md``).
+        self.links_unchecked = 0
+        #: Per partition: offset -> head of the seals verified (the most recent ones).
+        self.seals: dict[tuple[str, int], dict[int, bytes]] = {}
+        #: Per partition: links below this offset point before the seals kept.
+        self.seal_floor: dict[tuple[str, int], int] = {}
+        #: Aggregate key -> who first wrote it: ``cluster:NAME`` (an informer) or a role.
+        self.owners: dict[str, str] = {}
+        #: Per policy partition: AccessGrant name -> its spec, as of the records read.
+        self.grants: dict[tuple[str, int], dict[str, GrantSpec | None]] = {}
         self.findings: list[Finding] = []
         #: The writer of each record the last :meth:`feed` returned (same order).
         self.released_by: list[Writer] = []
@@ -189,7 +222,12 @@ class ChainVerifier:
         # ones verify; otherwise the batch itself was tampered with (checked below).
         extra = batch[: len(batch) - seal.count]
         batch = batch[len(batch) - seal.count :]
-        head = batch_head(seal.prev, _digests(batch))
+        if seal.version == 1:
+            head = batch_head(seal.prev, _digests(batch))
+        else:
+            head = batch_head_v2(
+                seal.prev, list(map(_b, map(_KEY, batch))), list(map(_VALUE, batch))
+            )
         try:
             writer = self._writer(seal, r)
         except IntegrityError as exc:
@@ -203,7 +241,9 @@ class ChainVerifier:
             )  # fmt: skip
             self._advance(seal, stream, part, head, r.offset)
             return
-        if not seal.verify(writer.public_key, seal.signed_bytes(stream, part, head)):
+        if (seal.version >= 2 and seal.head != head) or not seal.verify(
+            writer.public_key, seal.signed_bytes(stream, part, head)
+        ):
             self._reject_batch(
                 extra + batch[:-1], r, BAD_SIGNATURE,
                 f"batch of {seal.count} records sealed by {writer.label} does not match its "
@@ -221,7 +261,9 @@ class ChainVerifier:
                 f"batch sealed by {writer.label} does not extend the chain before it "
                 "(records before it were deleted, reordered or inserted)",
             )  # fmt: skip
+        self._check_link(seal, batch[0], writer)
         self._advance(seal, stream, part, head, r.offset)
+        self._keep_seal(stream, part, r.offset, head)
         revoked = self.trust.revoked_at(writer.serial)
         if revoked is not None and ms_to_datetime(seal.signed_at_ms) >= revoked:
             self._reject_batch(
@@ -235,24 +277,129 @@ class ChainVerifier:
                 for fp, info in self.codec.by_fingerprint.items()
                 if entitled(writer.role, info.name)
             )
-        if all(map(allowed.__contains__, map(_HEADER, map(_VALUE, batch)))):
+        keys = list(map(_KEY, batch))
+        checked = writer.role in _CHECKED_ROLES or (stream == POLICY and any(map(_is_grant, keys)))
+        if not checked and all(map(allowed.__contains__, map(_HEADER, map(_VALUE, batch)))):
             self.verified += len(batch)
             out.extend(batch)
             self.released_by.extend(repeat(writer, len(batch)))
+            deque(map(self.owners.setdefault, keys, repeat(writer.role)), maxlen=0)
             return
         by_fp = self.codec.by_fingerprint
+        owner = f"cluster:{writer.name}" if writer.role == "informer" else writer.role
+        vouched = {actor: (basis, groups) for actor, basis, groups in seal.principals}
         for x in batch:
             info = by_fp.get(x.value[2:10])
             if info is None:
                 self._find(x, UNKNOWN_TYPE, "unknown writer schema fingerprint")
-            elif not entitled(writer.role, info.name):
+                continue
+            if not entitled(writer.role, info.name):
                 self._find(
                     x, NOT_ENTITLED, f"{writer.label} may not append {info.name.rsplit('.', 1)[-1]}"
                 )
-            else:
-                self.verified += 1
-                out.append(x)
-                self.released_by.append(writer)
+                continue
+            key = _s(x.key)
+            had = self.owners.get(key)
+            ns_key = _namespace_claim(key) if writer.role == "informer" else None
+            if writer.role == "informer":
+                ns_had = self.owners.get(ns_key) if ns_key is not None else None
+                if (had is not None and had != owner) or (ns_had not in (None, owner)):
+                    what = key if had is not None and had != owner else f"namespace {ns_key}"
+                    self._find(
+                        x, NOT_ENTITLED,
+                        f"{writer.label} (cluster {writer.name}) may not change {key}: "
+                        f"{what} belongs to {had if what == key else ns_had}",
+                    )  # fmt: skip
+                    continue
+            if writer.role == "api" and stream == POLICY:
+                why = self._unauthorized(x, part, vouched)
+                if why:
+                    self._find(x, NOT_AUTHORIZED, why)
+                    continue
+            if stream == POLICY and key.startswith(_GRANT_PREFIX):
+                self._track_grant(x, part)
+            if had is None:
+                self.owners[key] = owner
+            if ns_key is not None:
+                self.owners.setdefault(ns_key, owner)
+            self.verified += 1
+            out.append(x)
+            self.released_by.append(writer)
+
+    def _unauthorized(
+        self, x: Record, part: int, vouched: dict[str, tuple[str, tuple[str, ...]]]
+    ) -> str:
+        """Why the principal a policy record names may not make that change, as of this
+        point of the partition ("" when allowed): its AccessGrants on the log, admins
+        (``smc:admins``, not impersonated) allowed everything; a principal the writer
+        authorized by Kubernetes RBAC (``basis`` ``kubernetes``) is taken on its word."""
+        try:
+            event = self.codec.decode(x.value, where=f"{x.stream}[{x.partition}]@{x.offset}")
+        except EventError as exc:
+            return f"cannot read the record to check its principal: {exc}"
+        if isinstance(event, SmiResourceApplied):
+            verb, resource, ns = "apply", resource_of_kind(event.kind), event.namespace
+        elif isinstance(event, SmiResourceDeleted):
+            verb, resource, ns = "delete", resource_of_kind(event.kind), event.namespace
+        elif isinstance(event, MeshConfigChanged):
+            verb, resource, ns = "apply", "meshconfigs", ""
+        else:
+            return f"{type(event).__name__} has no access rule"
+        actor = event.envelope.actor
+        basis, groups = vouched.get(actor, ("grants", ()))
+        if basis == "kubernetes":
+            return ""
+        real, sep, target = actor.partition(" as ")
+        name = target if sep else real
+        if ADMINS_GROUP in groups and not sep:
+            return ""
+        for spec in self.grants.get((x.stream, part), {}).values():
+            if spec is not None and grant_covers(
+                spec, name=name, groups=groups, verb=verb, resource=resource, namespace=ns
+            ):
+                return ""
+        where = f"namespace {ns!r}" if ns else "all namespaces"
+        return f"principal {actor!r}: no AccessGrant on the log allows {verb} {resource} in {where}"
+
+    def _track_grant(self, x: Record, part: int) -> None:
+        """Follow the AccessGrants of a policy partition (applied, replaced, deleted)."""
+        grants = self.grants.setdefault((x.stream, part), {})
+        name = _s(x.key).rsplit("/", 1)[-1]
+        try:
+            event = self.codec.decode(x.value, where=f"{x.stream}[{x.partition}]@{x.offset}")
+        except EventError:
+            grants.pop(name, None)
+            return
+        if isinstance(event, SmiResourceApplied):
+            grants[name] = grant_spec(event.manifest_json)
+        else:
+            grants.pop(name, None)
+
+    def _keep_seal(self, stream: str, part: int, offset: int, head: bytes) -> None:
+        kept = self.seals.setdefault((stream, part), {})
+        kept[offset] = head
+        if len(kept) > _SEALS_KEPT:
+            for old in list(kept)[: len(kept) - _SEALS_KEPT]:
+                del kept[old]
+                self.seal_floor[(stream, part)] = old + 1
+
+    def _check_link(self, seal: Seal, first: Record, writer: Writer) -> None:
+        """A version-2 seal commits to the partition's last seal its writer saw: that seal
+        must be on the log before this batch, with that head (whoever wrote it)."""
+        if seal.version < 2 or seal.link_offset < 0:
+            return
+        at = seal.link_offset
+        known = self.seals.get((first.stream, first.partition), {}).get(at)
+        if known is None and at < self.seal_floor.get((first.stream, first.partition), 0):
+            self.links_unchecked += 1
+            return
+        if at >= first.offset or known != seal.link_head:
+            self._find(
+                first, CHAIN_BREAK,
+                f"batch sealed by {writer.label} follows the seal at @{at} of this partition, "
+                "which is not there before it (batches reordered, or records before it "
+                "deleted or inserted)",
+            )  # fmt: skip
 
     def _expected_prev(self, seal: Seal, stream: str, part: int) -> bytes:
         if seal.mode == PARTITION:
@@ -300,6 +447,19 @@ class ChainVerifier:
                 for (s, p, sid), h in sorted(self.wheads.items())
             },
             "pending": [rec(r) for batch in self.pending.values() for r in batch],
+            "seals": {
+                f"{s}:{p}": {str(o): h.hex() for o, h in list(kept.items())[-_SEALS_SAVED:]}
+                for (s, p), kept in sorted(self.seals.items())
+            },
+            "owners": self.owners,
+            "grants": {
+                f"{s}:{p}": {
+                    n: None if g is None else [g.subjects, g.verbs, g.resources, g.namespaces]
+                    for n, g in sorted(grants.items())
+                }
+                for (s, p), grants in sorted(self.grants.items())
+            },
+            "links_unchecked": self.links_unchecked,
             "certs": {k.hex(): [enc(c).decode() for c in v] for k, v in self._certs.items()},
             "verified": self.verified,
             "rejected": self.rejected,
@@ -361,6 +521,22 @@ class ChainVerifier:
             self.pending.setdefault((s, p, r.writer), []).append(r)
         self._certs = {bytes.fromhex(k): tuple(dec(c) for c in v) for k, v in data["certs"].items()}
         self.writers = {}
+        self.seals, self.seal_floor = {}, {}
+        for k, kept in data.get("seals", {}).items():
+            st, _, p = k.rpartition(":")
+            heads = {int(o): bytes.fromhex(h) for o, h in kept.items()}
+            self.seals[(st, int(p))] = heads
+            # links to seals before the ones saved cannot be checked after a restore
+            self.seal_floor[(st, int(p))] = min(heads) if heads else 0
+        self.owners = dict(data.get("owners", {}))
+        self.grants = {}
+        for k, grants in data.get("grants", {}).items():
+            st, _, p = k.rpartition(":")
+            self.grants[(st, int(p))] = {
+                n: None if g is None else GrantSpec(*(tuple(v) for v in g))
+                for n, g in grants.items()
+            }
+        self.links_unchecked = int(data.get("links_unchecked", 0))
         self.verified = int(data["verified"])
         self.rejected = int(data["rejected"])
 
@@ -410,6 +586,30 @@ def _digests(batch: list[Record]) -> list[bytes]:
 
 
 _sha256_digest = operator.methodcaller("digest")
+
+
+_CHECKED_ROLES = frozenset({"informer", "api"})
+
+
+def _namespace_claim(key: str) -> str | None:
+    """The namespace an aggregate key names, as an ownership key (``ns:NAME``): the first
+    informer to write in a namespace claims it for its cluster."""
+    parts = key.split("/")
+    if parts[0] == "workload" and len(parts) >= 4:
+        return f"ns:{parts[2]}"
+    if len(parts) >= 3:
+        return f"ns:{parts[1]}"
+    return None
+
+
+def _is_grant(key: Any) -> bool:
+    return _s(key).startswith(_GRANT_PREFIX)
+
+
+def _s(key: Any) -> str:
+    if key.__class__ is bytes:
+        return key.decode()  # type: ignore[no-any-return]
+    return "" if key is None else key  # type: ignore[no-any-return]
 
 
 def _b(key: Any) -> bytes:

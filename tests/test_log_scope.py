@@ -1,0 +1,269 @@
+"""Who may write what, from the attacker's side, on SQLite and on a real Kafka broker:
+an informer only changes what belongs to its own cluster, a policy record the API sealed on
+behalf of a principal counts only if that principal's AccessGrants (on the log, as of that
+point) allow it, the order of different writer sessions' batches in a Kafka partition is
+signed (links), and a truncated log is reported against a former report's seals.
+Refused records never change state, on every replica alike (from zero or a checkpoint)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_log_integrity import Backend, Rows, same_aggregate
+
+from smc.audit import issue_writer, load_trust, verify_log
+from smc.auth import Grant
+from smc.ca import LocalIssuer
+from smc.events import (
+    ChainVerifier,
+    EventLog,
+    MeshConfigChanged,
+    Signer,
+    SmiResourceApplied,
+    SmiResourceDeleted,
+    WorkloadJoined,
+    WorkloadLeft,
+    WorkloadPort,
+    make_event,
+)
+from smc.projections import (
+    PolicyProjection,
+    ProjectionRunner,
+    RegistryProjection,
+    all_projections,
+    canonical_json,
+)
+from smc.smi import parse_manifest, to_manifest
+
+TD = "example.org"
+
+
+@pytest.fixture(scope="module")
+def writers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("writers")
+    ca = LocalIssuer(directory=base / "ca", trust_domain=TD)
+    out = {}
+    for key, role, name in (
+        ("east", "informer", "east"),
+        ("west", "informer", "west"),
+        ("operator", "operator", "alice"),
+        ("api", "api", "replica-0"),
+    ):
+        out[key] = base / key
+        issue_writer(ca, trust_domain=TD, role=role, name=name, directory=out[key])
+    return out
+
+
+@pytest.fixture(params=["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    b = Backend(request.param, tmp_path, request)
+    yield b
+    b.close()
+
+
+def verifier(writers: dict[str, Path]) -> ChainVerifier:
+    return ChainVerifier(trust=load_trust(writers["operator"] / "trust.pem"))
+
+
+def rebuild(log: EventLog, writers: dict[str, Path]) -> ProjectionRunner:
+    runner = ProjectionRunner(log=log, projections=all_projections(), verifier=verifier(writers))
+    runner.catch_up()
+    return runner
+
+
+def same_from_a_checkpoint(log: EventLog, writers: dict[str, Path], full: ProjectionRunner) -> None:
+    """A replica that restores a checkpoint taken half-way skips the same records."""
+    end = log.end_position()
+    half = type(end)({tp: off // 2 for tp, off in end.items()})
+    first = ProjectionRunner(log=log, projections=all_projections(), verifier=verifier(writers))
+    first.catch_up(until=half)
+    cp = first.checkpoint()
+    second = ProjectionRunner(log=log, projections=all_projections(), verifier=verifier(writers))
+    second.restore(cp)
+    second.catch_up()
+    assert second.digests() == full.digests()
+    assert second.skipped == full.skipped
+
+
+def workload(name: str, ns: str, *, actor: str, kind: str = "pod", leave: bool = False) -> Any:
+    common = {"source": "k8s", "actor": actor, "event_id": str(uuid.uuid4())}
+    if leave:
+        return make_event(WorkloadLeft, **common, kind=kind, namespace=ns, name=name)
+    return make_event(
+        WorkloadJoined, **common, kind=kind, namespace=ns, name=name,
+        address="10.1.2.3", service_account="web", labels={"app": "web"},
+        ports=(WorkloadPort(name="http", port=8080, protocol="http"),),
+    )  # fmt: skip
+
+
+def test_informers_only_change_their_own_cluster(
+    backend: Backend, writers: dict[str, Path]
+) -> None:
+    log = backend.log()
+    east, west = Signer.from_dir(writers["east"]), Signer.from_dir(writers["west"])
+    operator = Signer.from_dir(writers["operator"])
+    log.append([workload("web-1", "shop", actor="east")], signer=east)
+    log.append([workload("api-1", "billing", actor="west")], signer=west)
+    log.append([workload("vm-1", "vms", actor="alice", kind="vm")], signer=operator)
+    # cluster west's informer key, stolen or misconfigured: it moves east's pod, adds a pod
+    # of its own to east's namespace and removes the operator's VM
+    log.append([workload("web-1", "shop", actor="west")], signer=west)
+    log.append([workload("evil-1", "shop", actor="west")], signer=west)
+    log.append([workload("vm-1", "vms", actor="west", kind="vm", leave=True)], signer=west)
+    # each cluster goes on with its own
+    log.append([workload("web-1", "shop", actor="east", leave=True)], signer=east)
+    log.append([workload("api-2", "billing", actor="west")], signer=west)
+    report = verify_log(log, load_trust(writers["operator"] / "trust.pem"))
+    refused = [(f.kind, f.detail) for f in report.findings]
+    assert [k for k, _ in refused] == ["not-entitled"] * 3, refused
+    details = " | ".join(d for _, d in refused)
+    assert "informer.west (cluster west) may not change workload/pod/shop/web-1" in details
+    assert "namespace ns:shop belongs to cluster:east" in details
+    assert "workload/vm/vms/vm-1 belongs to operator" in details
+    assert report.verified == 5
+    runner = rebuild(log, writers)
+    registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
+    assert {w[2] for w in registry.workloads} == {"api-1", "api-2", "vm-1"}
+    assert runner.skipped == 3
+    same_from_a_checkpoint(log, writers, runner)
+
+
+def traffic_target(ns: str, *, actor: str) -> Any:
+    doc = {
+        "apiVersion": "access.smi-spec.io/v1alpha3",
+        "kind": "TrafficTarget",
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {
+            "destination": {"kind": "ServiceAccount", "name": "web", "namespace": ns},
+            "rules": [{"kind": "TCPRoute", "name": "tcp"}],
+            "sources": [{"kind": "ServiceAccount", "name": "client", "namespace": ns}],
+        },
+    }
+    manifest = to_manifest(parse_manifest(doc, document="test"))
+    return make_event(
+        SmiResourceApplied, source="api", actor=actor, event_id=str(uuid.uuid4()),
+        kind="TrafficTarget", api_version=str(manifest["apiVersion"]), namespace=ns,
+        name=f"web-{uuid.uuid4().hex[:6]}", manifest_json=canonical_json(manifest),
+    )  # fmt: skip
+
+
+def grant(name: str, subject: str, namespace: str, *, actor: str = "local:admin") -> Any:
+    g = Grant(
+        name=name, subjects=(subject,), verbs=("apply",), resources=("traffictargets",),
+        namespaces=(namespace,),
+    )  # fmt: skip
+    return make_event(
+        SmiResourceApplied, source="api", actor=actor, event_id=str(uuid.uuid4()),
+        kind="AccessGrant", api_version="smc.dev/v1alpha1", namespace="", name=name,
+        manifest_json=g.manifest_json(),
+    )  # fmt: skip
+
+
+def revoke(name: str) -> Any:
+    return make_event(
+        SmiResourceDeleted, source="api", actor="local:admin", event_id=str(uuid.uuid4()),
+        kind="AccessGrant", namespace="", name=name,
+    )  # fmt: skip
+
+
+def test_policy_counts_only_when_the_principals_grants_allow_it(
+    backend: Backend, writers: dict[str, Path]
+) -> None:
+    log = backend.log()
+    api = Signer.from_dir(writers["api"])  # the API replica's writer
+    api.vouch("local:admin", ["smc:admins", "system:authenticated"])
+    api.vouch("alice", ["system:authenticated"])
+    api.vouch("local:admin as bob", ["system:authenticated"])
+    allowed = traffic_target("shop", actor="alice")
+    log.append([grant("alice-shop", "alice", "shop")], signer=api)
+    log.append([allowed], signer=api)
+    # what a compromised or buggy API replica might append on behalf of principals
+    log.append([traffic_target("bank", actor="alice")], signer=api)  # no grant there
+    log.append([traffic_target("shop", actor="local:admin as bob")], signer=api)  # bob: none
+    log.append([grant("mallory-all", "mallory", "*", actor="mallory")], signer=api)
+    log.append(
+        [make_event(MeshConfigChanged, source="api", actor="mallory", permissive=True,
+                    trust_domain=TD, cert_lifetime_seconds=3600)],
+        signer=api,
+    )  # fmt: skip
+    # the grant is revoked: alice's next change no longer counts, the earlier one stays
+    log.append([revoke("alice-shop")], signer=api)
+    log.append([traffic_target("shop", actor="alice")], signer=api)
+    report = verify_log(log, load_trust(writers["operator"] / "trust.pem"))
+    kinds = [f.kind for f in report.findings]
+    assert kinds == ["not-authorized"] * 5, report.findings
+    details = " | ".join(f.detail for f in report.findings)
+    assert "'alice'" in details and "'local:admin as bob'" in details and "'mallory'" in details
+    assert report.verified == 3
+    runner = rebuild(log, writers)
+    policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
+    names = {(s.kind, s.namespace, s.name) for s in policy.of_kind("TrafficTarget")}
+    assert names == {("TrafficTarget", "shop", allowed.name)}
+    assert not policy.of_kind("AccessGrant")  # granted, then revoked; mallory's never counted
+    assert runner.skipped == 5
+    same_from_a_checkpoint(log, writers, runner)
+
+
+def test_operators_write_policy_on_their_credential(
+    backend: Backend, writers: dict[str, Path]
+) -> None:
+    """An operator credential (the CLI writing directly) is an admin's: no grant needed."""
+    log = backend.log()
+    log.append(
+        [traffic_target("bank", actor="unix:root")], signer=Signer.from_dir(writers["operator"])
+    )
+    report = verify_log(log, load_trust(writers["operator"] / "trust.pem"))
+    assert report.ok and report.verified == 1, report.findings
+
+
+def interleaved(backend: Backend, writers: dict[str, Path]) -> EventLog:
+    """Two writer sessions appending to one partition in turn: s1 (0-3), s2 (4-7), s1 (8-11)."""
+    log = backend.log()
+    s1, s2 = Signer.from_dir(writers["operator"]), Signer.from_dir(writers["operator"])
+    log.append(same_aggregate(4, "a"), signer=s1)
+    log.append(same_aggregate(4, "b"), signer=s2)
+    log.append(same_aggregate(4, "c"), signer=s1)
+    return log
+
+
+def swap_sessions(rows: Rows) -> Rows:
+    return rows[4:8] + rows[0:4] + rows[8:12]
+
+
+def drop_other_session(rows: Rows) -> Rows:
+    return rows[0:4] + rows[8:12]
+
+
+@pytest.mark.parametrize(
+    ("change", "offset"), [(swap_sessions, 0), (drop_other_session, 4)], ids=["swap", "drop"]
+)
+def test_order_between_writer_sessions_is_signed(
+    backend: Backend, writers: dict[str, Path], change: Any, offset: int
+) -> None:
+    interleaved(backend, writers)
+    assert verify_log(backend.logs[0], load_trust(writers["operator"] / "trust.pem")).ok
+    report = verify_log(backend.tampered(change), load_trust(writers["operator"] / "trust.pem"))
+    first = report.findings[0]
+    assert (first.kind, first.offset) == ("chain-break", offset), report.findings
+    # SQLite's partition chain breaks at every batch after the change; on Kafka, each
+    # batch whose link (the seal it followed when appended) is no longer before it
+    assert {f.kind for f in report.findings} == {"chain-break"}
+
+
+def test_truncation_is_reported_against_a_former_report(
+    backend: Backend, writers: dict[str, Path]
+) -> None:
+    log = interleaved(backend, writers)
+    trust = load_trust(writers["operator"] / "trust.pem")
+    before = verify_log(log, trust)
+    assert before.ok and before.seals
+    # a log that only grew since is fine
+    log.append(same_aggregate(2, "d"), signer=Signer.from_dir(writers["operator"]))
+    assert verify_log(log, trust, previous=before.seals).ok
+    cut = backend.tampered(lambda rows: rows[:8])  # the last two batches removed
+    assert verify_log(cut, trust).ok  # from the log alone: a shorter, valid log
+    report = verify_log(cut, trust, previous=before.seals)
+    assert [(f.kind, f.offset) for f in report.findings] == [("truncated", 8)], report.findings
