@@ -486,3 +486,61 @@ async def test_bookmarks_advance_the_resume_point() -> None:
             await until(lambda: int(sa.rv or 0) > before, "the bookmark's resourceVersion")
             assert sa.stats.relists_after_gone == 0 and sa.stats.lists == 1
         assert sink.of(ns) == []
+
+
+async def test_informer_records_are_signed_and_another_clusters_forgery_skipped(
+    kube: KubeAPIServer, api: Any, tmp_path: Path
+) -> None:
+    """The informer seals what it appends with its cluster's writer key; every record it
+    wrote from the real apiserver verifies, and a record another cluster's informer key
+    forges for this cluster's namespace never changes state."""
+    from smc.audit import issue_writer, load_trust, verify_log
+    from smc.ca import LocalIssuer
+    from smc.events import ChainVerifier, ServiceRemoved, Signer, WorkloadPort, make_event
+    from smc.projections import ProjectionRunner, RegistryProjection, all_projections
+
+    ca = LocalIssuer(directory=tmp_path / "ca", trust_domain="cluster.local")
+    for cluster in ("east", "west"):
+        issue_writer(
+            ca, trust_domain="cluster.local", role="informer", name=cluster,
+            directory=tmp_path / cluster,
+        )  # fmt: skip
+    trust = load_trust(tmp_path / "east" / "trust.pem")
+    label = f"smc-test-{uuid.uuid4().hex[:6]}/monitored"
+    ns = new_ns(api, label)
+    populate(api, ns)
+    log = SqliteLog(tmp_path / "log.db", signer=Signer.from_dir(tmp_path / "east"))
+    try:
+        informers = KubeInformers(endpoint=endpoint(kube), sink=LogSink(log), member_label=label)
+        async with running(informers):
+            await until(lambda: informers.emitted >= 7, "the namespace's objects on the log")
+        emitted = informers.emitted
+        # cluster west's informer key forges a move of this cluster's pod and a removal
+        west = Signer.from_dir(tmp_path / "west")
+        forged = [
+            make_event(
+                WorkloadJoined, source="k8s", actor="k8s-informer", kind="pod", namespace=ns,
+                name="api-0", address="192.0.2.66", service_account="api", labels={"app": "api"},
+                ports=(WorkloadPort(name="http", port=8080, protocol="http"),),
+            ),
+            make_event(ServiceRemoved, source="k8s", actor="k8s-informer", namespace=ns, name="api"),
+        ]  # fmt: skip
+        log.append(forged, signer=west)
+        report = verify_log(log, trust)
+        assert [f.kind for f in report.findings] == ["not-entitled", "not-entitled"], (
+            report.findings
+        )
+        assert all("cluster west" in f.detail for f in report.findings)
+        assert report.verified == report.records - 2 >= emitted
+        ids = {w["identity"] for w in report.writers.values()}
+        assert ids == {"spiffe://cluster.local/ns/smc-writers/sa/informer.east"}
+        runner = ProjectionRunner(
+            log=log, projections=all_projections(), verifier=ChainVerifier(trust=trust)
+        )
+        runner.catch_up()
+        registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
+        assert registry.workloads[("pod", ns, "api-0")].address == "10.1.0.7"
+        assert (ns, "api") in registry.services  # the forged removal never happened
+        assert runner.skipped == 2
+    finally:
+        log.close()
