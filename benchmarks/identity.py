@@ -221,7 +221,7 @@ async def _agent_runs(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             "\n---\n".join(
                 "apiVersion: smc.dev/v1alpha1\nkind: VirtualMachine\n"
                 f"metadata: {{name: agent-{i}, namespace: bench}}\n"
-                f"spec: {{address: 10.8.0.{i + 1}, serviceAccount: sa{i}}}\n"
+                f"spec: {{address: 127.0.91.{i + 1}, serviceAccount: sa{i}}}\n"
                 for i in range(n)
             )
         )
@@ -333,6 +333,7 @@ async def _agent_runs(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--local-n", type=int, default=5000)
+    ap.add_argument("--local-repeat", type=int, default=5, help="local runs (best, median)")
     ap.add_argument("--vault-n", type=int, default=1000)
     ap.add_argument("--vault-threads", default="1,4,8")
     ap.add_argument("--proxies", type=int, default=500, help="proxies renewing end to end")
@@ -363,8 +364,19 @@ def main() -> int:
         loads["local_before"] = list(os.getloadavg())
         with tempfile.TemporaryDirectory() as tmp:
             local = LocalIssuer(directory=Path(tmp) / "ca", trust_domain=TD)
-            r = sign_rate(local, n=args.local_n, threads=1)
-            results["local"].append(r)
+            for _ in range(args.local_repeat):  # the machine is shared: best and median
+                r = sign_rate(local, n=args.local_n, threads=1)
+                r["load_average"] = list(os.getloadavg())
+                results["local"].append(r)
+        rates = sorted(r["csrs_per_s"] for r in results["local"])
+        results["local_summary"] = {
+            "runs": len(rates),
+            "best_csrs_per_s": rates[-1],
+            "median_csrs_per_s": statistics.median(rates),
+            "median_cpu_capacity_csrs_per_s_per_core": statistics.median(
+                r["cpu_capacity_csrs_per_s_per_core"] for r in results["local"]
+            ),
+        }
         loads["local"] = list(os.getloadavg())
     if "vault" in parts:
         results["vault"] = []
@@ -395,10 +407,31 @@ def main() -> int:
             results.update(asyncio.run(_agent_runs(args, Path(tmp))))
         loads["agents"] = list(os.getloadavg())
     for r in results.get("local", []):
-        _report("CSR signing, local issuer", r["csrs_per_s"], TARGETS["local"], "CSRs/s")
+        _report(
+            f"CSR signing, local issuer (load {r.get('load_average', ['?'])[0]:.1f})"
+            if isinstance(r.get("load_average", [None])[0], float)
+            else "CSR signing, local issuer",
+            r["csrs_per_s"],
+            TARGETS["local"],
+            "CSRs/s",
+        )
         _report(
             "  local issuer, from its CPU per CSR (one core)",
             r["cpu_capacity_csrs_per_s_per_core"],
+            TARGETS["local"],
+            "CSRs/s",
+        )
+    summary = results.get("local_summary")
+    if summary:
+        _report(
+            "CSR signing, local issuer, best run",
+            summary["best_csrs_per_s"],
+            TARGETS["local"],
+            "CSRs/s",
+        )
+        _report(
+            "CSR signing, local issuer, median run",
+            summary["median_csrs_per_s"],
             TARGETS["local"],
             "CSRs/s",
         )
