@@ -83,12 +83,17 @@ class Event:
 
     TYPE: ClassVar[str] = ""
     STREAM: ClassVar[str] = ""
+    #: The aggregate key as a ``str.format`` template over the payload's fields, e.g.
+    #: ``"service/{namespace}/{name}"``: every event of one aggregate gets the same key.
+    AGGREGATE: ClassVar[str] = ""
     envelope: Envelope
 
     @classmethod
     def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
         """Aggregate key for a payload of this type (also the Kafka message key)."""
-        raise NotImplementedError  # pragma: no cover - every concrete type overrides it
+        if not cls.AGGREGATE:
+            raise NotImplementedError(f"{cls.__name__} names no AGGREGATE template")
+        return cls.AGGREGATE.format_map(payload)
 
     @property
     def event_id(self) -> str:
@@ -97,10 +102,6 @@ class Event:
     @property
     def aggregate(self) -> str:
         return self.envelope.aggregate
-
-
-def _nsname(prefix: str, p: Mapping[str, Any], name: str = "name") -> str:
-    return f"{prefix}/{p['namespace']}/{p[name]}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +131,7 @@ class WorkloadPort:
 class ServiceUpserted(Event):
     TYPE = "smc.registry.ServiceUpserted"
     STREAM = REGISTRY
+    AGGREGATE = "service/{namespace}/{name}"
     namespace: str
     name: str
     ports: tuple[ServicePort, ...]
@@ -137,40 +139,31 @@ class ServiceUpserted(Event):
     selector: Mapping[str, str]
     labels: Mapping[str, str] = field(default_factory=dict)
 
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return _nsname("service", payload)
-
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceRemoved(Event):
     TYPE = "smc.registry.ServiceRemoved"
     STREAM = REGISTRY
+    AGGREGATE = "service/{namespace}/{name}"
     namespace: str
     name: str
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return _nsname("service", payload)
 
 
 @dataclass(frozen=True, kw_only=True)
 class EndpointsChanged(Event):
     TYPE = "smc.registry.EndpointsChanged"
     STREAM = REGISTRY
+    AGGREGATE = "endpoints/{namespace}/{service}"
     namespace: str
     service: str
     endpoints: tuple[Endpoint, ...]
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return _nsname("endpoints", payload, "service")
 
 
 @dataclass(frozen=True, kw_only=True)
 class WorkloadJoined(Event):
     TYPE = "smc.registry.WorkloadJoined"
     STREAM = REGISTRY
+    AGGREGATE = "workload/{kind}/{namespace}/{name}"
     kind: str
     namespace: str
     name: str
@@ -179,22 +172,15 @@ class WorkloadJoined(Event):
     labels: Mapping[str, str]
     ports: tuple[WorkloadPort, ...]
 
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"workload/{payload['kind']}/{payload['namespace']}/{payload['name']}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class WorkloadLeft(Event):
     TYPE = "smc.registry.WorkloadLeft"
     STREAM = REGISTRY
+    AGGREGATE = "workload/{kind}/{namespace}/{name}"
     kind: str
     namespace: str
     name: str
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"workload/{payload['kind']}/{payload['namespace']}/{payload['name']}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +193,7 @@ class VmInstanceChanged(Event):
 
     TYPE = "smc.registry.VmInstanceChanged"
     STREAM = REGISTRY
+    AGGREGATE = "vminstance/{namespace}/{group}/{instance_id}"
     namespace: str
     group: str
     instance_id: str
@@ -217,10 +204,6 @@ class VmInstanceChanged(Event):
     address: str
     state: str = ""
 
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"vminstance/{payload['namespace']}/{payload['group']}/{payload['instance_id']}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class VmGroupStatusChanged(Event):
@@ -229,87 +212,70 @@ class VmGroupStatusChanged(Event):
 
     TYPE = "smc.registry.VmGroupStatusChanged"
     STREAM = REGISTRY
+    AGGREGATE = "vmgroup/{namespace}/{group}"
     namespace: str
     group: str
     status: str
     reason: str = ""
     instances: int = 0
 
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"vmgroup/{payload['namespace']}/{payload['group']}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceAccountUpserted(Event):
     TYPE = "smc.registry.ServiceAccountUpserted"
     STREAM = REGISTRY
+    AGGREGATE = "sa/{namespace}/{name}"
     namespace: str
     name: str
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return _nsname("sa", payload)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceAccountRemoved(Event):
     TYPE = "smc.registry.ServiceAccountRemoved"
     STREAM = REGISTRY
+    AGGREGATE = "sa/{namespace}/{name}"
     namespace: str
     name: str
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return _nsname("sa", payload)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SmiResourceApplied(Event):
     TYPE = "smc.policy.SmiResourceApplied"
     STREAM = POLICY
+    AGGREGATE = "{kind}/{namespace}/{name}"
     kind: str
     api_version: str
     namespace: str
     name: str
     manifest_json: str
 
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"{payload['kind']}/{payload['namespace']}/{payload['name']}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class SmiResourceDeleted(Event):
     TYPE = "smc.policy.SmiResourceDeleted"
     STREAM = POLICY
+    AGGREGATE = "{kind}/{namespace}/{name}"
     kind: str
     namespace: str
     name: str
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"{payload['kind']}/{payload['namespace']}/{payload['name']}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class MeshConfigChanged(Event):
     TYPE = "smc.policy.MeshConfigChanged"
     STREAM = POLICY
+    AGGREGATE = "meshconfig"
     permissive: bool
     trust_domain: str
     cert_lifetime_seconds: int
     settings: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return "meshconfig"
 
 
 @dataclass(frozen=True, kw_only=True)
 class CertificateIssued(Event):
     TYPE = "smc.certs.CertificateIssued"
     STREAM = CERTS
+    AGGREGATE = "cert/{identity}"
     serial: str
     identity: str
     not_before: datetime
@@ -317,15 +283,12 @@ class CertificateIssued(Event):
     issuer: str
     fingerprint: str
 
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"cert/{payload['identity']}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class CertificateRenewed(Event):
     TYPE = "smc.certs.CertificateRenewed"
     STREAM = CERTS
+    AGGREGATE = "cert/{identity}"
     serial: str
     previous_serial: str
     identity: str
@@ -334,34 +297,24 @@ class CertificateRenewed(Event):
     issuer: str
     fingerprint: str
 
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"cert/{payload['identity']}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class CertificateRevoked(Event):
     TYPE = "smc.certs.CertificateRevoked"
     STREAM = CERTS
+    AGGREGATE = "cert/{identity}"
     serial: str
     identity: str
     reason: str
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"cert/{payload['identity']}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrustBundleChanged(Event):
     TYPE = "smc.certs.TrustBundleChanged"
     STREAM = CERTS
+    AGGREGATE = "trust/{issuer}"
     issuer: str
     roots_pem: tuple[str, ...]
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"trust/{payload['issuer']}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,6 +324,7 @@ class ProxyCertificateIssued(Event):
 
     TYPE = "smc.certs.ProxyCertificateIssued"
     STREAM = CERTS
+    AGGREGATE = "proxy/{proxy}"
     proxy: str
     serial: str
     identity: str
@@ -381,23 +335,16 @@ class ProxyCertificateIssued(Event):
     proof: str
     previous_serial: str = ""
 
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"proxy/{payload['proxy']}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class ProxyCertificateRevoked(Event):
     TYPE = "smc.certs.ProxyCertificateRevoked"
     STREAM = CERTS
+    AGGREGATE = "proxy/{proxy}"
     proxy: str
     serial: str
     identity: str
     reason: str
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"proxy/{payload['proxy']}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,14 +353,11 @@ class JoinTokenIssued(Event):
 
     TYPE = "smc.certs.JoinTokenIssued"
     STREAM = CERTS
+    AGGREGATE = "proxy/{proxy}"
     token_sha256: str
     proxy: str
     identity: str
     expires_at: datetime
-
-    @classmethod
-    def aggregate_of(cls, payload: Mapping[str, Any]) -> str:
-        return f"proxy/{payload['proxy']}"
 
 
 EVENT_TYPES: Mapping[str, type[Event]] = {

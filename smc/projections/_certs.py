@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from smc.events import (
     CERTS,
@@ -80,6 +80,40 @@ def _token_key(t: JoinToken) -> tuple[str, str, datetime]:
     return (t.proxy, t.identity, t.expires_at)
 
 
+_Rec = TypeVar("_Rec", CertRecord, ProxyCertRecord)
+
+
+def _issued(
+    records: dict[str, dict[str, _Rec]], current: dict[str, str], key: str, record: _Rec
+) -> None:
+    """Fold an issued certificate of ``key`` (an identity or a proxy): it becomes current, and
+    the one it replaces, if still active, is superseded."""
+    mine = dict(records.get(key, {}))
+    prev = current.get(key)
+    if (
+        prev is not None
+        and prev != record.serial
+        and prev in mine
+        and mine[prev].status == "active"
+    ):
+        mine[prev] = replace(mine[prev], status="superseded")
+    mine[record.serial] = record
+    records[key] = mine
+    current[key] = record.serial
+
+
+def _revoked(
+    records: dict[str, dict[str, _Rec]], current: dict[str, str], key: str, serial: str, reason: str
+) -> None:
+    """Fold a revocation of ``key``'s certificate ``serial`` (no longer current if it was)."""
+    mine = records.get(key, {})
+    old = mine.get(serial)
+    if old is not None:
+        mine[serial] = replace(old, status="revoked", reason=reason)
+    if current.get(key) == serial:
+        del current[key]
+
+
 class CertsProjection:
     """Certificate lifecycle, rebuilt from ``smc.certs``.
 
@@ -105,11 +139,7 @@ class CertsProjection:
 
     def _apply_proxy(self, event: Event) -> None:
         if isinstance(event, ProxyCertificateIssued):
-            mine = dict(self.proxy_certs.get(event.proxy, {}))
-            prev = self.proxy_current.get(event.proxy)
-            if prev and prev != event.serial and prev in mine and mine[prev].status == "active":
-                mine[prev] = replace(mine[prev], status="superseded")
-            mine[event.serial] = ProxyCertRecord(
+            record = ProxyCertRecord(
                 proxy=event.proxy,
                 serial=event.serial,
                 identity=event.identity,
@@ -119,20 +149,14 @@ class CertsProjection:
                 fingerprint=event.fingerprint,
                 proof=event.proof,
             )
-            self.proxy_certs[event.proxy] = mine
-            self.proxy_current[event.proxy] = event.serial
+            _issued(self.proxy_certs, self.proxy_current, event.proxy, record)
             kind, _, digest = event.proof.partition(":")
             if kind == "join-token":  # the smallest serial wins: independent of read order
                 used = self.join_used.get(digest)
                 if used is None or event.serial < used:
                     self.join_used[digest] = event.serial
         elif isinstance(event, ProxyCertificateRevoked):
-            mine = self.proxy_certs.get(event.proxy, {})
-            old = mine.get(event.serial)
-            if old is not None:
-                mine[event.serial] = replace(old, status="revoked", reason=event.reason)
-            if self.proxy_current.get(event.proxy) == event.serial:
-                del self.proxy_current[event.proxy]
+            _revoked(self.proxy_certs, self.proxy_current, event.proxy, event.serial, event.reason)
         elif isinstance(event, JoinTokenIssued):
             token = JoinToken(
                 token_sha256=event.token_sha256,
@@ -157,25 +181,9 @@ class CertsProjection:
                 issuer=event.issuer,
                 fingerprint=event.fingerprint,
             )
-            mine = dict(self.certs.get(event.identity, {}))
-            prev = self.current.get(event.identity)
-            if (
-                prev is not None
-                and prev != event.serial
-                and prev in mine
-                and mine[prev].status == "active"
-            ):
-                mine[prev] = replace(mine[prev], status="superseded")
-            mine[event.serial] = rec
-            self.certs[event.identity] = mine
-            self.current[event.identity] = event.serial
+            _issued(self.certs, self.current, event.identity, rec)
         elif isinstance(event, CertificateRevoked):
-            mine = self.certs.get(event.identity, {})
-            old = mine.get(event.serial)
-            if old is not None:
-                mine[event.serial] = replace(old, status="revoked", reason=event.reason)
-            if self.current.get(event.identity) == event.serial:
-                del self.current[event.identity]
+            _revoked(self.certs, self.current, event.identity, event.serial, event.reason)
         elif isinstance(event, TrustBundleChanged):
             self.trust[event.issuer] = tuple(event.roots_pem)
 
