@@ -12,6 +12,7 @@ from smc.cli import _agent as _agent
 from smc.cli import _apply as _apply
 from smc.cli import _audit as _audit
 from smc.cli import _certs as _certs
+from smc.cli import _completion as _completion
 from smc.cli import _demo as _demo
 from smc.cli import _get as _get
 from smc.cli import _kubectl as _kubectl

@@ -4,8 +4,9 @@ Role: ``smc diff -f FILE|DIR|-`` plans an apply against the log (nothing is appe
 created) and prints, per document that would change, a unified diff of the canonical YAML
 (``---`` what is stored, ``+++`` what the apply would store); exit status as ``kubectl diff``:
 0 no differences, 1 differences, 2 an error (invalid documents, an unreadable log).
-``smc completion bash|zsh|fish`` prints the shell completion script (click's, for the ``smc``
-program name): ``source <(smc completion bash)``.
+``smc completion bash|zsh|fish`` prints the shell completion script (click's for bash and zsh,
+:mod:`smc.cli._completion`'s for fish), for the ``smc`` program name: ``source <(smc completion
+bash)``.
 Concurrency: one command per process.
 """
 
