@@ -173,3 +173,75 @@ def test_real_envoy_accepts_the_bootstrap(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def tls_pod() -> dict[str, Any]:
+    """An app that serves its health over HTTPS on a mesh port."""
+    p = pod()
+    p["spec"]["containers"].append(
+        {
+            "name": "tls",
+            "image": "tls:1",
+            "ports": [{"name": "https", "containerPort": 8443}],
+            "livenessProbe": {
+                "httpGet": {"path": "/live?full=1", "port": "https", "scheme": "HTTPS"},
+            },
+        }
+    )
+    return p
+
+
+def test_https_probes_reach_the_proxy_in_plaintext_and_the_app_over_tls() -> None:
+    original = tls_pod()
+    ops = mutate(copy.deepcopy(original), namespace_labels=LABELS, config=CONFIG)
+    p = jsonpatch.apply_patch(copy.deepcopy(original), ops)
+    live = p["spec"]["containers"][2]["livenessProbe"]
+    port = PROBE_BASE_PORT + 3
+    assert live == {"httpGet": {"path": "/live?full=1", "port": port, "scheme": "HTTP"}}
+    static = bootstrap_of(p)["static_resources"]
+    cluster = next(c for c in static["clusters"] if c["name"] == f"smc_probe_{port}")
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["@type"].endswith("UpstreamTlsContext")
+    assert "validation_context" not in json.dumps(tls)  # as kubelet: the app's cert unverified
+    # uninjection gives the HTTPS probe back
+    assert jsonpatch.apply_patch(copy.deepcopy(p), uninject(p)) == original
+
+
+def test_a_probe_port_forwards_the_probe_and_nothing_else() -> None:
+    """A probe port is plaintext past the mesh's mTLS: it must not become a way in."""
+    ops = mutate(tls_pod(), namespace_labels=LABELS, config=CONFIG)
+    static = bootstrap_of(jsonpatch.apply_patch(tls_pod(), ops))["static_resources"]
+    routes = {}
+    for listener in static["listeners"]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        assert hcm["@type"].endswith("HttpConnectionManager")  # no TCP pass-through anywhere
+        (vhost,) = hcm["route_config"]["virtual_hosts"]
+        routes[listener["name"]] = vhost["routes"]
+    forwarded = {
+        name: [(r["match"], r["route"]["cluster"]) for r in rs if "route" in r]
+        for name, rs in routes.items()
+    }
+    get = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    name = f"smc_probe_{PROBE_BASE_PORT}"
+    assert forwarded[name] == [({"path": "/healthz", "headers": get}, name)]
+    name = f"smc_probe_{PROBE_BASE_PORT + 1}"  # TCP: the health-check filter answers, no route
+    assert forwarded[name] == []
+    name = f"smc_probe_{PROBE_BASE_PORT + 2}"
+    assert forwarded[name] == [({"path": "/grpc.health.v1.Health/Check", "grpc": {}}, name)]
+    name = f"smc_probe_{PROBE_BASE_PORT + 3}"  # the query is not part of the route's path
+    assert forwarded[name] == [({"path": "/live", "headers": get}, name)]
+    for rs in routes.values():  # anything else: the proxy's own 404
+        assert rs[-1]["match"] == {"prefix": "/"} and rs[-1]["direct_response"]["status"] == 404
+
+
+def test_real_envoy_accepts_the_https_probe_bootstrap(tmp_path: Path) -> None:
+    p = jsonpatch.apply_patch(tls_pod(), mutate(tls_pod(), namespace_labels=LABELS, config=CONFIG))
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(bootstrap_of(p)))
+    done = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -685,6 +685,13 @@ server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
     "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)})])
 server.add_insecure_port("0.0.0.0:9090")
 server.start()
+if len(sys.argv) > 3:  # the same health over HTTPS, with the app's own certificate
+    import ssl
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[2], sys.argv[3])
+    secure = S(("0.0.0.0", 8443), H)
+    secure.socket = tls.wrap_socket(secure.socket, server_side=True)
+    threading.Thread(target=secure.serve_forever, daemon=True).start()
 S(("0.0.0.0", 8080), H).serve_forever()
 """
 
@@ -702,14 +709,21 @@ while True:
 def test_kubelet_probes_reach_the_app_through_the_sidecar(
     tmp_path: Path, kube: KubeAPIServer, net: PodNetwork
 ) -> None:
-    """HTTP, TCP and gRPC probes on mesh ports of an injected pod, sent as a kubelet sends
-    them (from the node, plaintext, the mutated pod spec's port, path and headers), follow the
-    application's real health through the sidecar; the original mesh port refuses them."""
+    """HTTP, HTTPS, TCP and gRPC probes on mesh ports of an injected pod, sent as a kubelet
+    sends them (from the node, plaintext or kubelet's unverified TLS, the mutated pod spec's
+    port, path and headers), follow the application's real health through the sidecar; the
+    original mesh port refuses them. An HTTPS probe reaches the proxy in plaintext and the
+    proxy asks the application over TLS (the app serves only TLS there). From the attacker's
+    side: a probe port forwards its probe only; any other path, method or gRPC call is the
+    proxy's own 404 and never reaches the application."""
+    import ssl
     import urllib.error
     import urllib.request
 
     import grpc
     from kubernetes import client as k8s
+
+    from smc.testing.apps import tls_server_context
 
     try:
         envoy = world_readable_copy(envoy_binary(), net.workdir / "bin")
@@ -732,6 +746,24 @@ def test_kubelet_probes_reach_the_app_through_the_sidecar(
     }
     app_spec["readinessProbe"] = {"tcpSocket": {"port": 7000}}
     app_spec["startupProbe"] = {"grpc": {"port": 9090, "service": "app"}}
+    manifest["spec"]["containers"].append(
+        {
+            "name": "tls-app",
+            "image": "example.invalid/app:1",
+            "ports": [{"containerPort": 8443, "name": "https"}],
+            "livenessProbe": {
+                "httpGet": {
+                    "path": "/healthz",
+                    "port": "https",
+                    "scheme": "HTTPS",
+                    "httpHeaders": [{"name": "X-Probe", "value": "https"}],
+                }
+            },
+        }
+    )
+    tls_server_context(net.workdir / "app-tls", "prober.app")  # the app's own certificate
+    app_cert = net.workdir / "app-tls" / "prober.app.crt"
+    app_key = net.workdir / "app-tls" / "prober.app.key"
     flag = net.workdir / "healthy"
     flag.touch()
 
@@ -764,7 +796,7 @@ def test_kubelet_probes_reach_the_app_through_the_sidecar(
             {"status": {"phase": "Running", "podIP": pod.address, "podIPs": [{"ip": pod.address}]}},
         )
         # every probed port is a port of a Service: its inbound chain requires mTLS
-        ports = [("http", 8080), ("tcp-probe", 7000), ("grpc", 9090)]
+        ports = [("http", 8080), ("tcp-probe", 7000), ("grpc", 9090), ("https", 8443)]
         core.create_namespaced_service(
             ns,
             {
@@ -799,7 +831,10 @@ def test_kubelet_probes_reach_the_app_through_the_sidecar(
             app_file, tcp_file = net.workdir / "probed.py", net.workdir / "tcp.py"
             app_file.write_text(PROBED_APP)
             tcp_file.write_text(TCP_APP)
-            pod.start([sys.executable, str(app_file), str(flag)], log=net.workdir / "app.log")
+            pod.start(
+                [sys.executable, str(app_file), str(flag), str(app_cert), str(app_key)],
+                log=net.workdir / "app.log",
+            )
             tcp = pod.start([sys.executable, str(tcp_file)], log=net.workdir / "tcp.log")
             done = pod.run(container(spec, "initContainers", INIT_CONTAINER)["command"])
             assert done.returncode == 0, done.stderr
@@ -832,6 +867,8 @@ def test_kubelet_probes_reach_the_app_through_the_sidecar(
             )
             app = container(spec, "containers", "app")
             live, ready, start = app["livenessProbe"], app["readinessProbe"], app["startupProbe"]
+            secure = container(spec, "containers", "tls-app")["livenessProbe"]
+            assert secure["httpGet"]["scheme"] == "HTTP" and secure["httpGet"]["port"] != 8443
 
             def http_probe(probe: dict[str, Any]) -> tuple[int, str]:
                 """kubelet's HTTP probe: GET scheme://podIP:port/path with the spec's headers."""
@@ -848,11 +885,27 @@ def test_kubelet_probes_reach_the_app_through_the_sidecar(
                 except OSError as err:
                     return 0, str(err)
 
-            def grpc_probe(probe: dict[str, Any]) -> bytes | str:
+            def https_direct(port: int) -> tuple[int, str]:
+                """kubelet's HTTPS probe as it was before the rewrite: unverified TLS."""
+                tls = ssl.create_default_context()
+                tls.check_hostname = False
+                tls.verify_mode = ssl.CERT_NONE
+                try:
+                    url = f"https://{pod.address}:{port}/healthz"
+                    with urllib.request.urlopen(url, timeout=5, context=tls) as resp:
+                        return int(resp.status), resp.read().decode()
+                except urllib.error.HTTPError as err:
+                    return int(err.code), err.read().decode()
+                except OSError as err:
+                    return 0, str(err)
+
+            def grpc_probe(
+                probe: dict[str, Any], method: str = "/grpc.health.v1.Health/Check"
+            ) -> bytes | str:
                 """kubelet's gRPC probe: grpc.health.v1.Health/Check with the spec's service."""
                 target = f"{pod.address}:{probe['grpc']['port']}"
                 with grpc.insecure_channel(target) as channel:
-                    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+                    check = channel.unary_unary(method)
                     try:
                         return bytes(
                             check(b"\n\x03" + probe["grpc"]["service"].encode(), timeout=5)
@@ -871,12 +924,33 @@ def test_kubelet_probes_reach_the_app_through_the_sidecar(
             eventually(
                 lambda: grpc_probe(start) == b"\x08\x01", what="gRPC SERVING", diag=diag, wait=WAIT
             )
+            eventually(
+                lambda: http_probe(secure)[0] == 200, what="HTTPS probe 200", diag=diag, wait=WAIT
+            )
+            assert http_probe(secure) == (200, "ok https")  # the app speaks only TLS there
+            # the attacker's side: a probe port is a door past mTLS for the probe only
+            for probe in (live, secure, ready):
+                other = dict(probe, httpGet=dict(probe["httpGet"], path="/admin"))
+                assert http_probe(other) == (404, "not a probe\n"), probe
+            port = live["httpGet"]["port"]
+            post = urllib.request.Request(
+                f"http://{pod.address}:{port}/healthz", data=b"x", method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(post, timeout=5)
+            assert refused.value.code == 404
+            watch = str(grpc_probe(start, "/grpc.health.v1.Health/Watch"))
+            assert watch == "StatusCode.UNIMPLEMENTED: not a probe\n", (
+                watch
+            )  # the proxy, not the app
             # without the rewrite kubelet would meet the mTLS-only inbound chain
             direct = dict(live, httpGet=dict(live["httpGet"], port=8080))
             assert http_probe(direct)[0] != 200
+            assert https_direct(8443)[0] != 200
             # failing app: the HTTP and gRPC probes report it, the TCP probe follows the port
             flag.unlink()
             assert http_probe(live) == (503, "sick liveness")
+            assert http_probe(secure) == (503, "sick https")
             assert grpc_probe(start) == b"\x08\x02"
             tcp.terminate()
             tcp.wait(timeout=10)
@@ -890,6 +964,7 @@ def test_kubelet_probes_reach_the_app_through_the_sidecar(
                 lambda: http_probe(ready)[0] == 200, what="TCP probe back", diag=diag, wait=WAIT
             )
             assert http_probe(live)[0] == 200 and grpc_probe(start) == b"\x08\x01"
+            assert http_probe(secure) == (200, "ok https")
         finally:
             pod.stop_all()
             code = serve.stop()

@@ -7,15 +7,22 @@ whose port is intercepted (any port not listed in ``smc.dev/exclude-inbound-port
 rewritten to a port of the proxy's own, :data:`PROBE_BASE_PORT` + n (one per probe), which the
 proxy serves in plaintext and forwards to the application on ``127.0.0.1``:
 
-- ``httpGet``: the port changes, path, headers and scheme stay; the proxy's listener proxies
-  HTTP/1.1 to the application (an ``HTTPS`` probe becomes a TCP pass-through, so the TLS
-  handshake and the answer are the application's own);
+- ``httpGet``: the port changes, path and headers stay; the proxy's listener proxies HTTP/1.1
+  to the application. An ``HTTPS`` probe becomes ``HTTP`` to the proxy, which speaks TLS to
+  the application without verifying its certificate (as kubelet does), as Istio's prober
+  does: a TLS pass-through (OSM's way) would hand the whole application port to anyone who
+  reaches the probe port, while here the proxy can check the request;
 - ``grpc``: the port changes, the service name stays; the listener proxies HTTP/2 (the gRPC
   health check protocol) to the application;
 - ``tcpSocket``: a TCP probe through a proxy would always connect, whatever the application
   does, so it becomes an ``httpGet`` of ``/smc/probe/tcp`` on the proxy's port, answered by the
   proxy's health-check filter: 200 while its active TCP health check (connect every
   :data:`TCP_CHECK_INTERVAL` seconds) reaches the application's port, 503 when it does not.
+
+A probe port is a plaintext door past the mesh's mTLS, so it opens on the probe only: the
+proxy forwards ``GET`` of the probe's path (an HTTP probe) or the gRPC health ``Check`` (a gRPC
+probe) and answers anything else 404 itself, never reaching the application; a TCP probe's
+port forwards nothing at all.
 
 The listeners and clusters go into the proxy's bootstrap as static resources (known when the
 pod is admitted; probes keep working while the control plane is unreachable, so an outage of
@@ -55,7 +62,8 @@ TCP_CHECK_INTERVAL = 1.0
 
 _T = "type.googleapis.com/"
 _HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_TCP = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_GRPC_HEALTH = "/grpc.health.v1.Health/Check"
 _ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
 _HEALTH = _T + "envoy.extensions.filters.http.health_check.v3.HealthCheck"
 _HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -69,6 +77,7 @@ class _Probe:
     app_port: int
     proxy_port: int
     https: bool
+    path: str = "/"  # an httpGet probe's path (without its query)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -133,6 +142,7 @@ def plan_probes(
                 raise InvalidPod(f"{where}: more than {_MAX_PROBES} probes to route")
             proxy_port = PROBE_BASE_PORT + len(probes)
             https = handler == "httpGet" and str(body.get("scheme", "HTTP")).upper() == "HTTPS"
+            path = str(body.get("path") or "/").split("?", 1)[0]
             probes.append(
                 _Probe(
                     container=ci,
@@ -141,12 +151,15 @@ def plan_probes(
                     app_port=app_port,
                     proxy_port=proxy_port,
                     https=https,
+                    path=path if path.startswith("/") else "/" + path,
                 )
             )
             originals.setdefault(str(c.get("name", ci)), {})[kind] = dict(probe)
             new = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket", "grpc")}
             if handler == "tcpSocket":
                 new["httpGet"] = {"path": TCP_PROBE_PATH, "port": proxy_port, "scheme": "HTTP"}
+            elif https:  # kubelet -> proxy in plaintext; the proxy does the TLS
+                new[handler] = {**body, "port": proxy_port, "scheme": "HTTP"}
             else:
                 new[handler] = {**body, "port": proxy_port}
             ops.append({"op": "replace", "path": f"/spec/containers/{ci}/{kind}", "value": new})
@@ -191,6 +204,11 @@ def _cluster(p: _Probe) -> dict[str, Any]:
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         }
+    if p.https:  # as kubelet: TLS, the application's certificate not verified
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {"@type": _UPSTREAM_TLS, "common_tls_context": {}},
+        }
     if p.handler == "tcpSocket":
         interval = f"{TCP_CHECK_INTERVAL:g}s"
         cluster["health_checks"] = [
@@ -209,15 +227,6 @@ def _cluster(p: _Probe) -> dict[str, Any]:
 def _listener(p: _Probe) -> dict[str, Any]:
     name = f"smc_probe_{p.proxy_port}"
     address = {"socket_address": {"address": "0.0.0.0", "port_value": p.proxy_port}}
-    if p.https:
-        tcp = {"@type": _TCP, "stat_prefix": name, "cluster": name}
-        return {
-            "name": name,
-            "address": address,
-            "filter_chains": [
-                {"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": tcp}]}
-            ],
-        }
     filters: list[dict[str, Any]] = []
     if p.handler == "tcpSocket":
         filters.append(
@@ -242,15 +251,7 @@ def _listener(p: _Probe) -> dict[str, Any]:
                 {
                     "name": name,
                     "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "route": {
-                                "cluster": name,
-                                "timeout": "0s" if p.handler == "grpc" else "10s",
-                            },
-                        }
-                    ],
+                    "routes": [*_probe_routes(p, name), _NOT_A_PROBE],
                 }
             ],
         },
@@ -267,6 +268,27 @@ def _listener(p: _Probe) -> dict[str, Any]:
             }
         ],
     }
+
+
+#: Anything but the probe: answered by the proxy, never forwarded.
+_NOT_A_PROBE: dict[str, Any] = {
+    "match": {"prefix": "/"},
+    "direct_response": {"status": 404, "body": {"inline_string": "not a probe\n"}},
+}
+
+
+def _probe_routes(p: _Probe, cluster: str) -> list[dict[str, Any]]:
+    """The one request a probe port forwards: the gRPC health check, or a GET of the HTTP
+    probe's path (kubelet sends nothing else); a TCP probe's port forwards nothing."""
+    if p.handler == "grpc":
+        match: dict[str, Any] = {"path": _GRPC_HEALTH, "grpc": {}}
+    elif p.handler == "httpGet":
+        method = {"name": ":method", "string_match": {"exact": "GET"}}
+        match = {"path": p.path, "headers": [method]}
+    else:
+        return []
+    timeout = "0s" if p.handler == "grpc" else "10s"
+    return [{"match": match, "route": {"cluster": cluster, "timeout": timeout}}]
 
 
 def probe_static_resources(plan: ProbePlan, bootstrap: dict[str, Any]) -> None:
