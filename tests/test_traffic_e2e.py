@@ -1,12 +1,16 @@
 """OSM traffic policy with real Envoys and applications that misbehave on purpose.
 
-One mesh per parameter set (module fixture, Envoys reused across scenarios): state of the world
-in strict mode, delta in permissive mode, so both ADS flavours and both traffic modes run every
-scenario. Workloads (explicit sidecar model, loopback addresses 127.18.N.x): ``client-1``,
-``mid-1`` (a relay), ``app-1`` and ``app-2`` backing service ``app`` (HTTP 80 -> 8080, TCP
-9000). Each scenario applies OSM policies through the real write path, waits until real traffic
-shows their effect, checks it, deletes them and checks the effect is gone; every scenario ends
-with no NACK from any Envoy.
+One mesh per parameter set (module fixture, Envoys reused across scenarios), in both sidecar
+models: the explicit model (loopback addresses 127.18.N.x, applications on 127.0.0.1 behind
+each workload's Envoy) in state of the world + strict mode and delta + permissive mode, and the
+transparent model (pods: network namespaces on a bridge whose TCP the injector's own iptables
+rules send through an Envoy running in the pod as the proxy's UID; the application and a driver
+acting for the test run inside the pod, see smc.testing.podapps) in delta + strict and state of
+the world + permissive mode: both ADS flavours and both traffic modes run every scenario in both
+models. Workloads: ``client-1``, ``mid-1`` (a relay), ``app-1`` and ``app-2`` backing service
+``app`` (HTTP 80 -> 8080, TCP 9000). Each scenario applies OSM policies through the real write
+path, waits until real traffic shows their effect, checks it, deletes them and checks the
+effect is gone; every scenario ends with no NACK from any Envoy.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import pytest
 from smc.testing.apps import AppSidecar, TcpEcho, tls_server_context
 from smc.testing.jaeger import Jaeger
 from smc.testing.mesh import ControlPlane, vm_yaml
+from smc.testing.netns import NetnsError, PodNetwork
+from smc.testing.podapps import SERVICE_VIP, PodAppSidecar
 from smc.testing.ratelimit import RateLimitService
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
@@ -97,24 +103,101 @@ spec:
 """
 
 
-def mesh_config(*, permissive: bool, access_log: Path) -> str:
+def mesh_config(*, permissive: bool, access_log: Path, enable_egress: bool = True) -> str:
     return f"""
 apiVersion: smc.dev/v1alpha1
 kind: MeshConfig
 metadata: {{name: mesh, namespace: smc-system}}
 spec:
   permissiveTrafficMode: {"true" if permissive else "false"}
+  enableEgress: {"true" if enable_egress else "false"}
   observability:
     accessLog: {{format: json, path: {access_log}}}
 """
 
 
 class Mesh:
-    def __init__(self, cp: ControlPlane, sc: dict[str, AppSidecar], workdir: Path) -> None:
+    """The mesh of one parameter set; what differs between the sidecar models is here."""
+
+    def __init__(
+        self,
+        cp: ControlPlane,
+        sc: dict[str, Any],
+        workdir: Path,
+        *,
+        net: PodNetwork | None = None,
+    ) -> None:
         self.cp = cp
         self.sc = sc
-        self.workdir = workdir
+        self.workdir = workdir  # where the sidecars write access logs
+        self.net = net
+        self.transparent = net is not None
+        #: Where test-side services (collector, rate-limit service, egress destinations)
+        #: listen so that sidecars reach them: the node (bridge) address for pods.
+        self.host_ip = net.gateway if net is not None else "127.0.0.1"
+        #: The egress destinations' host name (a name Envoy resolves to host_ip).
+        self.external_host = net.gateway if net is not None else "localhost"
+        #: What a request to a destination the sidecar has no way to gets: explicit sidecars
+        #: have no route (404); transparent ones with enableEgress off close the connection.
+        self.denied = 0 if net is not None else 404
         self.session: aiohttp.ClientSession
+
+    def outside(self) -> tuple[str, str]:
+        """Two addresses of callers outside the mesh (an ingress and a stranger)."""
+        if self.net is not None:
+            return self.net.add_address(200), self.net.add_address(201)
+        octet = self.sc["app-1"].address.split(".")[2]
+        return f"127.18.{octet}.200", f"127.18.{octet}.201"
+
+    def service_url(self, source: str, port: int = 80) -> str:
+        """The URL ``source``'s application calls a mesh service's HTTP port at."""
+        if self.transparent:
+            return f"http://{SERVICE_VIP}:{port}"
+        return self.sc[source].outbound  # type: ignore[no-any-return]
+
+    async def set_failing(self, name: str, on: bool) -> None:
+        if self.transparent:
+            await self.sc[name].set_failing(on)
+        else:
+            self.sc[name].app.failing = on
+
+    async def tcp(
+        self,
+        source: str,
+        port: int,
+        data: bytes,
+        *,
+        dest: str | None = None,
+        tls: tuple[str, str] | None = None,
+    ) -> bytes | None:
+        """``data`` sent on a connection ``source``'s application opens to ``port`` (of
+        ``dest``, default a mesh service; explicit sidecars: the sidecar's listener on that
+        port) and what came back until the peer closed; None: no connection or handshake.
+        ``tls``: server name and CA file."""
+        if self.transparent:
+            got: bytes | None = await self.sc[source].tcp(dest or SERVICE_VIP, port, data, tls=tls)
+            return got
+        ctx = ssl.create_default_context(cafile=tls[1]) if tls else None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    self.sc[source].address,
+                    port,
+                    ssl=ctx,
+                    server_hostname=tls[0] if tls else None,
+                ),
+                3,
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            return None
+        try:
+            writer.write(data)
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(), 3)
+        except (OSError, ssl.SSLError, TimeoutError):
+            return b""
+        finally:
+            writer.close()
 
     async def get(
         self,
@@ -124,7 +207,16 @@ class Mesh:
         host: str = "app.traffic",
         timeout: float = 5.0,
         method: str = "GET",
+        dest: tuple[str, int] | None = None,
     ) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        """A request ``source``'s application makes (to ``dest``, default a mesh service's
+        port 80; status 0: no answer)."""
+        if self.transparent:
+            addr, port = dest or (SERVICE_VIP, 80)
+            got: tuple[int, dict[str, Any] | None, dict[str, str]] = await self.sc[source].http(
+                f"http://{addr}:{port}{path}", host=host, method=method, timeout=timeout
+            )
+            return got
         url = self.sc[source].outbound + path
         async with self.session.request(
             method, url, headers={"Host": host}, timeout=aiohttp.ClientTimeout(total=timeout)
@@ -132,8 +224,15 @@ class Mesh:
             body = await resp.json(content_type=None) if resp.status == 200 else None
             return resp.status, body, dict(resp.headers)
 
-    async def status(self, source: str, path: str, *, host: str = "app.traffic") -> int:
-        return (await self.get(source, path, host=host))[0]
+    async def status(
+        self,
+        source: str,
+        path: str,
+        *,
+        host: str = "app.traffic",
+        dest: tuple[str, int] | None = None,
+    ) -> int:
+        return (await self.get(source, path, host=host, dest=dest))[0]
 
     async def apply(self, text: str, *, delete: bool = False) -> None:
         """Apply (or delete) through the mesh API and wait until every proxy ACKed it."""
@@ -178,48 +277,84 @@ async def until(what: str, check: Callable[[], Awaitable[bool]], *, timeout: flo
     return time.monotonic() - start
 
 
-@pytest.fixture(
-    scope="module", params=[(False, False), (True, True)], ids=["sotw-strict", "delta-permissive"]
-)
+MODELS = [
+    pytest.param(("explicit", False, False), id="sotw-strict"),
+    pytest.param(("explicit", True, True), id="delta-permissive"),
+    pytest.param(("transparent", True, False), id="transparent-delta-strict"),
+    pytest.param(("transparent", False, True), id="transparent-sotw-permissive"),
+]
+NAMES = {"client-1": "client", "mid-1": "mid", "app-1": "app", "app-2": "app"}
+LABELS = {"mid-1": {"app": "mid"}, "app-1": {"app": "app"}, "app-2": {"app": "app"}}
+
+
+@pytest.fixture(scope="module", params=MODELS)
 async def mesh(request: pytest.FixtureRequest, tmp_path_factory: Any) -> AsyncIterator[Mesh]:
-    delta, permissive = request.param
+    model, delta, permissive = request.param
     workdir: Path = tmp_path_factory.mktemp("traffic")
-    octet = 2 if delta else 1
-    cp = ControlPlane(workdir=workdir)
-    await cp.start()
-    names = {"client-1": "client", "mid-1": "mid", "app-1": "app", "app-2": "app"}
-    labels = {"mid-1": {"app": "mid"}, "app-1": {"app": "app"}, "app-2": {"app": "app"}}
-    sc = {
-        n: AppSidecar(namespace=NS, name=n, address=f"127.18.{octet}.{i + 1}", workdir=workdir)
-        for i, n in enumerate(names)
-    }
-    for s in sc.values():
-        await s.start_app()
-    docs = [BASE, mesh_config(permissive=permissive, access_log=workdir / "access.log")]
-    docs += [vm_yaml(sc[n], service_account=sa, labels=labels.get(n)) for n, sa in names.items()]
-    await cp.apply("\n---\n".join(docs))
-    for s in sc.values():
-        s.start_envoy(ads_port=cp.port, delta=delta)
-    m = Mesh(cp, sc, workdir)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=5)
-    ) as session:
-        m.session = session
+    net: PodNetwork | None = None
+    sc: dict[str, Any]
+    if model == "transparent":
+        try:
+            net = PodNetwork()
+        except NetnsError as exc:
+            pytest.skip(f"no pod networks here: {exc}")
+        logdir = net.workdir / "logs"  # the sidecars write here as the proxy's UID
+        logdir.mkdir()
+        logdir.chmod(0o777)
+        cp = ControlPlane(workdir=workdir, ads_host=net.gateway)
+        sc = {n: PodAppSidecar(net=net, namespace=NS, name=n, workdir=net.workdir) for n in NAMES}
+    else:
+        logdir = workdir
+        octet = 2 if delta else 1
+        cp = ControlPlane(workdir=workdir)
+        sc = {
+            n: AppSidecar(namespace=NS, name=n, address=f"127.18.{octet}.{i + 1}", workdir=workdir)
+            for i, n in enumerate(NAMES)
+        }
+    try:
+        await cp.start()
         for s in sc.values():
-            assert s.envoy is not None
-            await s.envoy.wait_live()
+            await s.start_app()
+        docs = [BASE, mesh_config(permissive=permissive, access_log=logdir / "access.log")]
+        interception = {"smc.dev/interception": "iptables"} if net is not None else {}
+        docs += [
+            vm_yaml(sc[n], service_account=sa, labels={**LABELS.get(n, {}), **interception})
+            for n, sa in NAMES.items()
+        ]
+        await cp.apply("\n---\n".join(docs))
+        for s in sc.values():
+            s.start_envoy(ads_port=cp.port, delta=delta)
+        m = Mesh(cp, sc, logdir, net=net)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True),
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as session:
+            m.session = session
+            for s in sc.values():
+                assert s.envoy is not None
+                await s.envoy.wait_live()
 
-        async def ready() -> bool:
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                return await m.status("client-1", "/") == 200
-            return False
+            async def ready() -> bool:
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    return await m.status("client-1", "/") == 200
+                return False
 
-        await until("client reaches app", ready, timeout=30)
-        yield m
-    for s in sc.values():
-        await s.stop()
-    await cp.stop()
-    cp.close()
+            await until("client reaches app", ready, timeout=30)
+            if net is not None:  # the transparent model's listeners, on every sidecar
+                for s in sc.values():
+                    dump = await asyncio.to_thread(
+                        s.envoy.config_dump, resource="dynamic_listeners"
+                    )
+                    names = {c["name"] for c in dump["configs"]}
+                    assert {"inbound", "outbound"} <= names, (s.name, names)
+            yield m
+    finally:
+        for s in sc.values():
+            await s.stop()
+        await cp.stop()
+        cp.close()
+        if net is not None:
+            net.close()
 
 
 RETRY = f"""
@@ -336,7 +471,6 @@ OUTLIER = """  outlierDetection:
 
 async def test_outlier_detection_ejects_and_brings_back(mesh: Mesh) -> None:
     await mesh.apply(uts(OUTLIER))
-    bad = mesh.sc["app-2"].app
 
     async def apps_seen(n: int) -> Counter[str]:
         seen: Counter[str] = Counter()
@@ -351,14 +485,14 @@ async def test_outlier_detection_ejects_and_brings_back(mesh: Mesh) -> None:
         return "outlier_detection" in str(dump)
 
     await until("outlier detection configured", configured)
-    bad.failing = True
+    await mesh.set_failing("app-2", True)
     try:
         seen = await apps_seen(12)
         assert seen["status-500"] <= 4, seen  # ejected after 2 consecutive errors
         seen = await apps_seen(20)
         assert seen == Counter({"app-1": 20}), seen  # the bad endpoint is out
     finally:
-        bad.failing = False
+        await mesh.set_failing("app-2", False)
 
     async def back() -> bool:
         return (await apps_seen(6))["app-2"] > 0
@@ -382,26 +516,16 @@ RATE = """  rateLimit:
       local: {requests: 1, unit: minute, responseStatusCode: 503}"""
 
 
-async def tcp_roundtrip(address: str) -> bool:
-    """One connection through the client's outbound TCP listener to app's raw port."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, 9000), 3)
-    except OSError:
-        return False
-    try:
-        writer.write(b"GET /tcp HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 3)
-        return data.startswith(b"HTTP/1.1 200")
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
+async def tcp_roundtrip(mesh: Mesh) -> bool:
+    """One connection from the client to app's raw TCP port (through both sidecars)."""
+    data = await mesh.tcp(
+        "client-1", 9000, b"GET /tcp HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+    )
+    return bool(data and data.startswith(b"HTTP/1.1 200"))
 
 
 async def test_local_rate_limits_http_per_route_and_tcp(mesh: Mesh) -> None:
-    client = mesh.sc["client-1"].address
-    assert await tcp_roundtrip(client)
+    assert await tcp_roundtrip(mesh)
     await mesh.apply(uts(RATE))
 
     async def limited() -> bool:
@@ -417,18 +541,21 @@ async def test_local_rate_limits_http_per_route_and_tcp(mesh: Mesh) -> None:
     assert codes[200] <= 6 and codes[429] >= 4, codes
     assert all(r[2].get("x-limited") == "yes" for r in results if r[0] == 429)
     # TCP: 2 connections a minute per sidecar, then the connection is closed.
-    tcp = [await tcp_roundtrip(client) for _ in range(8)]
+    tcp = [await tcp_roundtrip(mesh) for _ in range(8)]
     assert tcp.count(True) <= 4 and tcp.count(False) >= 4, tcp
     await mesh.apply(uts(RATE), delete=True)
 
     async def unlimited() -> bool:
-        return await mesh.status("client-1", "/any") == 200 and await tcp_roundtrip(client)
+        return await mesh.status("client-1", "/any") == 200 and await tcp_roundtrip(mesh)
 
     await until("rate limits removed", unlimited)
     mesh.assert_no_nacks()
 
 
 async def test_egress_by_host_sni_and_ip(mesh: Mesh, tmp_path: Path) -> None:
+    """Egress by Host (HTTP), SNI (TLS) and IP range (TCP), per source, narrowed by matches.
+    Transparent sidecars pass destinations outside the mesh through unless enableEgress is
+    off, so there the scenario runs with it off (explicit sidecars never pass them)."""
     from aiohttp import web
 
     async def hello(request: web.Request) -> web.Response:
@@ -440,34 +567,36 @@ async def test_egress_by_host_sni_and_ip(mesh: Mesh, tmp_path: Path) -> None:
     await runner.setup()
     from smc.testing.ports import free_port
 
+    ext = mesh.external_host
     http_port, tls_port = free_port(), free_port()
     server_ctx, ca_file = tls_server_context(tmp_path, "localhost")
-    await web.TCPSite(runner, "127.0.0.1", http_port).start()
-    await web.TCPSite(runner, "127.0.0.1", tls_port, ssl_context=server_ctx).start()
-    echo = TcpEcho()
+    await web.TCPSite(runner, mesh.host_ip, http_port).start()
+    await web.TCPSite(runner, mesh.host_ip, tls_port, ssl_context=server_ctx).start()
+    echo = TcpEcho(host=mesh.host_ip)
     await echo.start()
+    hosts = ", ".join(sorted({"localhost", ext}))
+    ports = f"  ports: [{{number: {http_port}, protocol: http}}, {{number: {tls_port}, protocol: https}}]\n"
     egress = f"""
 {OSM}
 kind: Egress
 metadata: {{name: client-web, namespace: traffic}}
 spec:
   sources: [{{kind: ServiceAccount, name: client, namespace: traffic}}]
-  hosts: [localhost]
-  ports: [{{number: {http_port}, protocol: http}}, {{number: {tls_port}, protocol: https}}]
----
+  hosts: [{hosts}]
+{ports}---
 {OSM}
 kind: Egress
 metadata: {{name: client-echo, namespace: traffic}}
 spec:
   sources: [{{kind: ServiceAccount, name: client, namespace: traffic}}]
-  ipAddresses: [127.0.0.1/32]
+  ipAddresses: [{mesh.host_ip}/32]
   ports: [{{number: {echo.port}, protocol: tcp}}]
 """
     egress_matches = (
         egress.replace(
-            f"  ports: [{{number: {http_port}, protocol: http}}, {{number: {tls_port}, protocol: https}}]\n",
-            f"  ports: [{{number: {http_port}, protocol: http}}, {{number: {tls_port}, protocol: https}}]\n"
-            "  matches: [{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: ext-api}]\n",
+            ports,
+            ports
+            + "  matches: [{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: ext-api}]\n",
         )
         + """
 ---
@@ -479,74 +608,78 @@ spec:
 """
     )
     assert "ext-api}]" in egress_matches
-    client = mesh.sc["client-1"].address
-    client_ctx = ssl.create_default_context(cafile=str(ca_file))
 
     async def tls_get(sni: str) -> int | None:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(client, tls_port, ssl=client_ctx, server_hostname=sni),
-                3,
-            )
-        except (OSError, ssl.SSLError, TimeoutError):
-            return None
-        writer.write(f"GET /tls HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 3)
-        writer.close()
+        request = f"GET /tls HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n"
+        data = await mesh.tcp(
+            "client-1", tls_port, request.encode(), dest=ext, tls=(sni, str(ca_file))
+        )
         return int(data.split(b" ", 2)[1]) if data else None
 
-    async def echo_via(address: str) -> bytes:
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(address, echo.port), 3)
-        except OSError:
-            return b""
-        writer.write(b"ping\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 3)
-        writer.close()
-        return data
+    echo_server = echo
 
-    host = f"localhost:{http_port}"
+    async def echo_via() -> bytes | None:
+        return await mesh.tcp("client-1", echo_server.port, b"ping\n", dest=mesh.host_ip)
+
+    host = f"{ext}:{http_port}"
+    web_dest = (ext, http_port)
+    permissive = mesh.cp.controller.view.permissive
+
+    async def status(source: str, path: str) -> int:
+        return await mesh.status(source, path, host=host, dest=web_dest)
+
     try:
-        # Deny: no Egress, no route for the host, no listener for TLS or TCP.
-        assert await mesh.status("client-1", "/x", host=host) == 404
+        if mesh.transparent:
+            await mesh.apply(
+                mesh_config(
+                    permissive=permissive,
+                    access_log=mesh.workdir / "access.log",
+                    enable_egress=False,
+                )
+            )
+        # Deny: no Egress, no route for the host, no listener (chain) for TLS or TCP.
+        assert await status("client-1", "/x") == mesh.denied
         assert await tls_get("localhost") is None
-        assert await echo_via(client) == b""
+        assert not await echo_via()
         await mesh.apply(egress)
 
         async def allowed() -> bool:
-            return await mesh.status("client-1", "/x", host=host) == 200
+            return await status("client-1", "/x") == 200
 
         await until("egress in effect", allowed)
-        status, body, _ = await mesh.get("client-1", "/x", host=host)
-        assert status == 200 and body == {"app": "external", "tls": False}
+        got, body, _ = await mesh.get("client-1", "/x", host=host, dest=web_dest)
+        assert got == 200 and body == {"app": "external", "tls": False}
         assert await tls_get("localhost") == 200  # by SNI, end-to-end TLS to the host
         assert await tls_get("other.example") is None  # any other SNI: closed
-        assert await echo_via(client) == b"echo:ping\n"  # TCP to the listed range
+        assert await echo_via() == b"echo:ping\n"  # TCP to the listed range
         # Egress is per source: mid may not leave the mesh.
-        assert await mesh.status("mid-1", "/x", host=host) == 404
+        assert await status("mid-1", "/x") == mesh.denied
         # matches: only the HTTPRouteGroup's paths and methods reach the host.
         await mesh.apply(egress_matches)
 
         async def narrowed() -> bool:
-            return await mesh.status("client-1", "/x", host=host) == 404
+            return await status("client-1", "/x") == 404
 
         await until("egress matches in effect", narrowed)
-        status, body, _ = await mesh.get("client-1", "/allowed/1", host=host)
-        assert status == 200 and body == {"app": "external", "tls": False}
-        assert (await mesh.get("client-1", "/allowed/1", host=host, method="POST"))[0] == 404
-        assert (await mesh.get("client-1", "/v2/allowed", host=host))[0] == 404
+        got, body, _ = await mesh.get("client-1", "/allowed/1", host=host, dest=web_dest)
+        assert got == 200 and body == {"app": "external", "tls": False}
+        post = await mesh.get("client-1", "/allowed/1", host=host, dest=web_dest, method="POST")
+        assert post[0] == 404
+        assert await status("client-1", "/v2/allowed") == 404
         assert await tls_get("localhost") == 200  # matches are HTTP only
         await mesh.apply(egress_matches, delete=True)  # both Egresses and the group
 
         async def denied() -> bool:
-            return await mesh.status("client-1", "/x", host=host) == 404
+            return await status("client-1", "/x") == mesh.denied
 
         await until("egress removed", denied)
-        assert await echo_via(client) == b""
+        assert not await echo_via()
     finally:
-        await echo.stop()
+        if mesh.transparent:
+            await mesh.apply(
+                mesh_config(permissive=permissive, access_log=mesh.workdir / "access.log")
+            )
+        await echo_server.stop()
         await runner.cleanup()
     mesh.assert_no_nacks()
 
@@ -555,8 +688,7 @@ async def test_ingress_backend_admits_only_the_named_ingress(mesh: Mesh, tmp_pat
     app = mesh.sc["app-1"]
     url = f"http://{app.address}:8080/ingress"
     https_url = f"https://{app.address}:8080/ingress"
-    octet = app.address.split(".")[2]
-    ingress_ip, stranger_ip = f"127.18.{octet}.200", f"127.18.{octet}.201"
+    ingress_ip, stranger_ip = mesh.outside()
 
     async def plain_from(source_ip: str) -> int | None:
         conn = aiohttp.TCPConnector(force_close=True, local_addr=(source_ip, 0))
@@ -657,7 +789,7 @@ spec:
 
 @pytest.fixture(scope="module")
 def jaeger(tmp_path_factory: Any) -> Iterator[Jaeger]:
-    j = Jaeger(workdir=tmp_path_factory.mktemp("jaeger"))
+    j = Jaeger(workdir=tmp_path_factory.mktemp("jaeger"), receiver_host="0.0.0.0")
     j.start()
     yield j
     j.stop()
@@ -666,7 +798,8 @@ def jaeger(tmp_path_factory: Any) -> Iterator[Jaeger]:
 def traced_config(mesh: Mesh, *, provider: str, port: int) -> str:
     permissive = mesh.cp.controller.view.permissive
     return mesh_config(permissive=permissive, access_log=mesh.workdir / "access.log") + (
-        f"    tracing: {{provider: {provider}, address: 127.0.0.1, port: {port}, sampling: 100}}\n"
+        f"    tracing: {{provider: {provider}, address: {mesh.host_ip}, port: {port},"
+        " sampling: 100}\n"
     )
 
 
@@ -695,11 +828,10 @@ def span_chain(trace: dict[str, Any]) -> list[tuple[str, str]]:
 async def traced_request(mesh: Mesh, jaeger: Jaeger, provider: str, port: int) -> None:
     """One request client -> mid -> app with tracing by ``provider``: its spans in Jaeger
     (one trace over the three sidecars) and its lines in every sidecar's JSON access log."""
-    mid = mesh.sc["mid-1"]
     await mesh.apply(traced_config(mesh, provider=provider, port=port))
     marker = f"{provider}-{uuid.uuid4().hex[:8]}"
     # client -> mid (a relay) -> app: one request through three sidecars.
-    path = f"/relay?to=http://{mid.address}:15001/{marker}&host=app.traffic"
+    path = f"/relay?to={mesh.service_url('mid-1')}/{marker}&host=app.traffic"
     status, body, _ = await mesh.get("client-1", path, host="mid.traffic")
     assert status == 200 and body is not None and body["upstream"]["path"] == f"/{marker}"
     served_by = body["upstream"]["app"]
@@ -814,22 +946,22 @@ descriptors:
 
 @pytest.fixture
 def rls(tmp_path: Path) -> Iterator[RateLimitService]:
-    service = RateLimitService(workdir=tmp_path / "rls", config=RLS_CONFIG)
+    service = RateLimitService(workdir=tmp_path / "rls", config=RLS_CONFIG, grpc_host="0.0.0.0")
     service.start()
     yield service
     service.stop()
 
 
-def global_limits(port: int) -> str:
+def global_limits(port: int, host: str) -> str:
     return f"""  rateLimit:
     global:
       http:
-        rateLimitService: {{host: 127.0.0.1, port: {port}}}
+        rateLimitService: {{host: {host}, port: {port}}}
         domain: smc-test
         descriptors: [{{entries: [{{genericKey: {{value: app}}}}]}}]
         failOpen: false
       tcp:
-        rateLimitService: {{host: 127.0.0.1, port: {port}}}
+        rateLimitService: {{host: {host}, port: {port}}}
         domain: smc-test
         descriptors: [{{entries: [{{key: connection, value: raw}}]}}]
         failOpen: false
@@ -845,8 +977,7 @@ async def test_global_rate_limit_through_the_rate_limit_service(
 ) -> None:
     """Counters in the rate-limit service (Redis) are shared by both app sidecars: the
     limits hold for the service as a whole, not per sidecar."""
-    client = mesh.sc["client-1"].address
-    policy = uts(global_limits(rls.grpc_port))
+    policy = uts(global_limits(rls.grpc_port, mesh.host_ip))
     await mesh.apply(policy)
     # 4 an hour for the whole service, whichever sidecar answers.
     codes = Counter([await mesh.status("client-1", "/any") for _ in range(10)])
@@ -855,11 +986,11 @@ async def test_global_rate_limit_through_the_rate_limit_service(
     codes = Counter([await mesh.status("client-1", "/burst") for _ in range(4)])
     assert codes == Counter({200: 1, 429: 3}), codes
     # TCP: 2 connections an hour, over both sidecars.
-    tcp = [await tcp_roundtrip(client) for _ in range(6)]
+    tcp = [await tcp_roundtrip(mesh) for _ in range(6)]
     assert tcp.count(True) == 2, tcp
     # failOpen false: with the service gone, requests are refused, not let through.
     rls.stop()
     assert await mesh.status("client-1", "/other") != 200
     await mesh.apply(policy, delete=True)
-    assert await mesh.status("client-1", "/any") == 200 and await tcp_roundtrip(client)
+    assert await mesh.status("client-1", "/any") == 200 and await tcp_roundtrip(mesh)
     mesh.assert_no_nacks()

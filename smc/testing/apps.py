@@ -50,9 +50,12 @@ TRACE_HEADERS = (
 class MisbehavingApp:
     """An HTTP application on ``127.0.0.1:port`` that fails, stalls or relays on request."""
 
-    def __init__(self, *, name: str, port: int, fail_ratio: float = 0.5) -> None:
+    def __init__(
+        self, *, name: str, port: int, fail_ratio: float = 0.5, host: str = "127.0.0.1"
+    ) -> None:
         self.name = name
         self.port = port
+        self.host = host
         self.fail_ratio = fail_ratio
         #: While set, every request answers 500.
         self.failing = False
@@ -66,7 +69,7 @@ class MisbehavingApp:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port).start()
 
     async def stop(self) -> None:
         if self._session is not None:
@@ -129,14 +132,15 @@ class AppSidecar(Sidecar):
 
 
 class TcpEcho:
-    """A TCP server on ``127.0.0.1`` that echoes each line back, prefixed with ``echo:``."""
+    """A TCP server on ``host`` that echoes each line back, prefixed with ``echo:``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port()
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):

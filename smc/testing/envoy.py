@@ -293,11 +293,18 @@ class EnvoyProcess:
         base_id: int | None = None,
         binary: Path | None = None,
         cwd: Path | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+        admin_host: str = "127.0.0.1",
     ) -> None:
+        """``wrap`` turns Envoy's command line into the one to run (e.g. inside a pod's network
+        namespace as the proxy's UID, :meth:`smc.testing.netns.Pod.argv`); ``admin_host`` is
+        where the admin interface is reached then (the bootstrap must bind it there)."""
         self._bootstrap = dict(bootstrap)
         #: Envoy's working directory (relative paths in its config, e.g. the SMC agent's
         #: file-based SDS, resolve there); None: this process's.
         self.cwd = cwd
+        self._wrap = wrap
+        self.admin_host = admin_host
         self.admin_port = _admin_port_of(bootstrap)
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="smc-envoy-")) if workdir is None else workdir
@@ -319,7 +326,7 @@ class EnvoyProcess:
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"http://{self.admin_host}:{self.admin_port}"
 
     @property
     def pid(self) -> int | None:
@@ -350,6 +357,8 @@ class EnvoyProcess:
                 "--concurrency",
                 str(self._concurrency),
             ]
+            if self._wrap is not None:
+                cmd = self._wrap(cmd)
             with open(self._out_path, "ab") as out:
                 self._proc = subprocess.Popen(
                     cmd,

@@ -90,9 +90,9 @@ receivers:
   otlp:
     protocols:
       grpc:
-        endpoint: 127.0.0.1:{otlp}
+        endpoint: {receivers}:{otlp}
   zipkin:
-    endpoint: 127.0.0.1:{zipkin}
+    endpoint: {receivers}:{zipkin}
 processors:
   batch:
     timeout: 100ms
@@ -106,8 +106,11 @@ class Jaeger:
     """A Jaeger all-in-one process: Zipkin on :attr:`zipkin_port`, OTLP gRPC on
     :attr:`otlp_port`, the query API on :attr:`query_port`."""
 
-    def __init__(self, *, workdir: Path) -> None:
+    def __init__(self, *, workdir: Path, receiver_host: str = "127.0.0.1") -> None:
+        """``receiver_host``: where the Zipkin and OTLP receivers listen (``0.0.0.0`` when
+        sidecars in pod network namespaces send spans too)."""
         self.workdir = workdir
+        self.receiver_host = receiver_host
         self.zipkin_port = free_port()
         self.otlp_port = free_port()
         self.query_port = free_port()
@@ -126,6 +129,7 @@ class Jaeger:
                 health=self._health,
                 otlp=self.otlp_port,
                 zipkin=self.zipkin_port,
+                receivers=self.receiver_host,
             )
         )
         log = open(self.workdir / "jaeger.log", "wb")  # noqa: SIM115 - handed to the process

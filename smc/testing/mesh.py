@@ -79,6 +79,7 @@ class ControlPlane:
         revoke_grace: float = 120.0,
         reviewer: TokenReviewer | None = None,
         proxy_cert_lifetime: timedelta | None = None,
+        ads_host: str = "127.0.0.1",
     ) -> None:
         """``ca=False``: no CA task; certificates come from an :class:`IssuingCertSource`
         (issued in memory on first use, nothing on the log), for builder-level tests that
@@ -88,6 +89,7 @@ class ControlPlane:
         log (e.g. a :class:`~smc.events.KafkaLog`; closed by :meth:`close`); default a fresh
         :class:`SqliteLog` in ``workdir``."""
         self.workdir = workdir
+        self.ads_host = ads_host  # where the ADS server listens (a pod network's gateway)
         self.debounce = debounce
         self.trust_interval = trust_interval
         self.ca = ca
@@ -157,7 +159,7 @@ class ControlPlane:
         self.traffic = MetricsSink(authorize=self.server.check_peer)
         self.server.services.append(self.traffic.add_to)
         await self.server.start(
-            host="127.0.0.1", port=self.port, tls=await self._ads_tls() if self.agents else None
+            host=self.ads_host, port=self.port, tls=await self._ads_tls() if self.agents else None
         )
         self._tasks = [
             asyncio.create_task(self.runner.run(stop=self._stop)),

@@ -248,6 +248,13 @@ class PodNetwork:
             _run(pod.argv(argv))
         return pod
 
+    def add_address(self, index: int) -> str:
+        """Give the node (the bridge) one more address ``<subnet>.<index>``, e.g. a caller
+        outside the mesh with an address of its own; returns it (gone with the bridge)."""
+        address = f"{self.subnet}.{index}"
+        _run(["ip", "addr", "add", f"{address}/32", "dev", self.bridge])
+        return address
+
     def close(self) -> None:
         if self._closed:
             return

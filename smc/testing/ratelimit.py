@@ -70,8 +70,11 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 class RateLimitService:
     """Redis plus envoyproxy/ratelimit serving ``config`` (rate-limit YAML)."""
 
-    def __init__(self, *, workdir: Path, config: str) -> None:
+    def __init__(self, *, workdir: Path, config: str, grpc_host: str = "127.0.0.1") -> None:
+        """``grpc_host``: where the rate-limit gRPC service listens (``0.0.0.0`` when sidecars
+        in pod network namespaces ask it)."""
         self.workdir = workdir
+        self.grpc_host = grpc_host
         self.config = config
         self.redis_port = free_port()
         self.grpc_port = free_port()
@@ -115,7 +118,7 @@ class RateLimitService:
             "USE_STATSD": "false",
             "HOST": "127.0.0.1",
             "PORT": str(self._http_port),
-            "GRPC_HOST": "127.0.0.1",
+            "GRPC_HOST": self.grpc_host,
             "GRPC_PORT": str(self.grpc_port),
             "DEBUG_HOST": "127.0.0.1",
             "DEBUG_PORT": str(self._debug_port),
