@@ -20,7 +20,7 @@ import pytest
 
 from smc.projections import CertsProjection
 from smc.testing.manifests import client_server_yaml
-from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
+from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml, wait_reachable
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.envoy]
 
@@ -60,15 +60,7 @@ async def test_agents_renew_by_themselves_without_failed_requests(tmp_path: Path
                     await resp.read()
                     return resp.status
 
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if await get() == 200:
-                        break
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                assert time.monotonic() < deadline, "no first request through the mesh"
-                await asyncio.sleep(0.1)
+            await wait_reachable(session, client, host="server.renew", path="/x", cp=cp)
             assert client.agent is not None and server.agent is not None
             first = {client.agent.current.serial, server.agent.current.serial}  # type: ignore[union-attr]
             statuses: list[int] = []

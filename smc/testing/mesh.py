@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import tempfile
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -59,7 +62,7 @@ from smc.xds._certs import IssuerCache, KeyStoreCertSource, local_issuer_of
 from smc.xds._metrics_sink import MetricsSink
 from smc.xds._server import ServerTLS, workload_authorizer
 
-__all__ = ["ControlPlane", "Sidecar", "vm_yaml"]
+__all__ = ["ControlPlane", "Sidecar", "vm_yaml", "wait_reachable"]
 
 
 class ControlPlane:
@@ -288,6 +291,18 @@ class ControlPlane:
 
     def close(self) -> None:
         self.log.close()
+
+    def diagnosis(self) -> str:
+        """What a failing end-to-end test should print: each tracked proxy's identity,
+        streams, problem and snapshot versions, the runner's position, every NACK and every
+        refused stream (JSON lines)."""
+        lines = [f"runner at {self.runner.position.to_json()} ({self.runner.applied} events)"]
+        lines += [json.dumps(row, sort_keys=True) for row in self.controller.node_status()]
+        lines += [
+            f"NACK {n.node_id} {n.type_url} {n.version}: {n.message}" for n in self.server.nacks()
+        ]
+        lines += [f"refused {r.node_id or r.peer}: {r.message}" for r in self.server.refusals()]
+        return "\n".join(lines)
 
     async def apply(self, text: str, *, delete: bool = False) -> list[str]:
         """Apply (or delete) manifests through the mesh API; returns the appended event ids."""
@@ -542,6 +557,39 @@ class Sidecar:
         serves now)."""
         assert self.envoy is not None
         return self.envoy.cert_serials()
+
+
+async def wait_reachable(
+    session: aiohttp.ClientSession,
+    sidecar: Sidecar,
+    *,
+    host: str,
+    path: str = "/",
+    timeout: float = 30.0,
+    cp: ControlPlane | None = None,
+) -> None:
+    """Poll ``sidecar``'s outbound listener with ``GET path`` (``Host: host``) until it answers
+    200: the mesh carries the request end to end. Connection errors and other statuses are
+    retried; after ``timeout`` seconds raises AssertionError with the last answer and, given
+    ``cp``, its :meth:`ControlPlane.diagnosis`."""
+    deadline = time.monotonic() + timeout
+    last = "nothing yet"
+    while True:
+        try:
+            async with session.get(sidecar.outbound + path, headers={"Host": host}) as resp:
+                await resp.read()
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = repr(exc)
+        if time.monotonic() > deadline:
+            where = f"\n{cp.diagnosis()}" if cp is not None else ""
+            raise AssertionError(
+                f"no request from {sidecar.node_id} to {host}{path} through the mesh within "
+                f"{timeout}s (last answer: {last}){where}"
+            )
+        await asyncio.sleep(0.1)
 
 
 def vm_yaml(
