@@ -117,9 +117,16 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_size(binary: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(
-        target=_server_main, args=(child, n, args.services, args.endpoints)
-    )
+    if args.server == "smc":
+        target: Any = _server_main
+        target_args: tuple[Any, ...] = (child, n, args.services, args.endpoints)
+    else:
+        from ads_floor import floor_main
+
+        target = floor_main
+        target_args = (child, n, args.services, args.endpoints, args.server.split("-", 1)[1])
+        os.environ["ADS_FLOOR_STREAMS"] = str(n)
+    proc = mp.get_context("spawn").Process(target=target, args=target_args)
     proc.start()
     gen: LoadGen | None = None
     try:
@@ -191,6 +198,9 @@ def run_size(binary: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
                         "publish_s": change["publish_s"],
                         # the idle polling of this loop is counted too (tiny: the server idles)
                         "server_cpu_s": after["cpu"] - pre["cpu"],
+                        "server_gc_s": after.get("gc_s", 0.0) - pre.get("gc_s", 0.0),
+                        "gc_before": pre.get("gc"),
+                        "gc_after": after.get("gc"),
                         "loadgen_cpu_s": gen.cpu_s() - gcpu,
                     }
                 )
@@ -234,6 +244,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=["sotw", "delta"], default="sotw")
     parser.add_argument("--storm-timeout", type=float, default=300.0)
     parser.add_argument("--change-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--server",
+        default="smc",
+        choices=["smc", "floor-aio", "floor-uvloop", "floor-sync", "floor-aio-nocompress"],
+        help="smc: SMC's AdsServer; floor-*: the minimal server of ads_floor.py (gRPC's floor)",
+    )
     parser.add_argument("--out", default=str(BENCH / "results" / "ads_scale.json"))
     args = parser.parse_args()
     binary = build_loadgen()
@@ -242,6 +258,7 @@ def main() -> None:
         load = os.getloadavg()[0]
         r = run_size(binary, n, args)
         r["load_average_before"] = load
+        r["server"] = args.server
         results.append(r)
         storm = r["storm_all_acked_s"]
         storm_text = f"{storm:.1f} s" if storm is not None else f"NOT all ({r['storm_ready']})"

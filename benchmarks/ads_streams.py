@@ -186,6 +186,41 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+#: Cyclic garbage collections in the server process: per generation, [count, seconds].
+GC_STATS: dict[int, list[float]] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+
+
+def _track_gc() -> None:
+    import gc
+
+    started = [0.0]
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            entry = GC_STATS[info["generation"]]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(note)
+
+
+def _tune_gc() -> None:
+    """ADS_GC=freeze,thr=A:B:C (experiments): gc.freeze() and/or gc.set_threshold(A, B, C)."""
+    import gc
+
+    for part in filter(None, os.environ.get("ADS_GC", "").split(",")):
+        if part == "freeze":
+            gc.freeze()
+        elif part.startswith("thr="):
+            gc.set_threshold(*[int(x) for x in part[4:].split(":")])
+
+
+def _gc_seconds() -> float:
+    return sum(v[1] for v in GC_STATS.values())
+
+
 # ---------------------------------------------------------------------- server process
 
 
@@ -281,7 +316,9 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
         )
     publish_all_s = time.monotonic() - t0
     server = AdsServer(cache=cache)
-    port = await server.start()
+    _track_gc()
+    port = await server.start()  # applies smc.xds.tune_gc()
+    _tune_gc()
     server.mark_ready()
     rss_snapshots = _rss_bytes()
     conn.send(
@@ -308,7 +345,15 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
                 for s in fam.samples
                 if s.name.endswith("_total")
             )
-            conn.send({"rss": _rss_bytes(), "cpu": _cpu(), "bytes_sent": bytes_sent})
+            conn.send(
+                {
+                    "rss": _rss_bytes(),
+                    "cpu": _cpu(),
+                    "bytes_sent": bytes_sent,
+                    "gc_s": _gc_seconds(),
+                    "gc": {g: list(v) for g, v in GC_STATS.items()},
+                }
+            )
         elif isinstance(cmd, tuple) and cmd[0] == "change":
             index = cmd[1] % services
             if _PROFILE is not None and os.environ.get("SMC_BENCH_PROFILE_CHANGES"):

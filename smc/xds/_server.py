@@ -74,7 +74,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -84,6 +84,7 @@ from prometheus_client import CollectorRegistry
 from smc.ca import SpiffeId
 from smc.xds._cache import SnapshotSource
 from smc.xds._errors import XdsError
+from smc.xds._gc import tune_gc
 from smc.xds._identity import InvalidNodeId, parse_node_id
 from smc.xds._requests import RequestHead
 from smc.xds._server_delta import DeltaServer
@@ -112,6 +113,7 @@ from smc.xds._server_stream import (
     _Stream,
 )
 from smc.xds._server_tls import ServerTLS, _peer_identity, workload_authorizer
+from smc.xds._snapshot import TypeResources
 from smc.xds._types import PUSH_ORDER, short_name
 
 __all__ = [
@@ -142,6 +144,11 @@ _MAX_PENDING_SECONDS = 86_400  # no time limit in practice: a stream waits, neve
 
 
 # ---------------------------------------------------------------------- server
+
+
+def _version_of(types: Mapping[str, TypeResources], type_url: str) -> str:
+    tr = types.get(type_url)
+    return tr.version if tr is not None else EMPTY_VERSION
 
 
 class AdsServer(SotwServer, DeltaServer):
@@ -228,6 +235,7 @@ class AdsServer(SotwServer, DeltaServer):
         ``tls.client_ca_pems``; the server must have an ``authorize`` hook."""
         if self._server is not None:
             raise RuntimeError("AdsServer already started")
+        tune_gc()  # see smc.xds._gc: the default threshold costs 15-40% of a change's CPU
         if tls is not None and self._authorize is None:
             raise XdsError(
                 "AdsServer.start(tls=...) needs an authorize hook: without it any mesh "
@@ -422,7 +430,17 @@ class AdsServer(SotwServer, DeltaServer):
         async def read() -> None:
             try:
                 async for request in requests:
-                    queue.put_nowait(request)
+                    if queue.empty() and stream.node_id and request.type_url:
+                        # Applied here, without a hop through the queue and the handler task
+                        # (most requests are plain ACKs that need no push): nothing is queued
+                        # ahead of it, and the handler is not inside _handle (which never
+                        # waits but to end the stream). Only a push it makes due wakes the
+                        # handler.
+                        self._apply_request(stream, request)
+                        if stream.due:
+                            stream.wake()
+                    else:
+                        queue.put_nowait(request)
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
             finally:
@@ -475,6 +493,12 @@ class AdsServer(SotwServer, DeltaServer):
                 return True
             stream.node_id = node_id
             stream.unwatch = self._cache.watch(node_id, stream.wake)
+        self._apply_request(stream, item)
+        return False
+
+    def _apply_request(self, stream: _Stream, item: Any) -> None:
+        """Apply a request (with a type_url, on a stream that knows its node id) to the stream's
+        state; sets ``stream.due`` when a push must follow."""
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("request from %s: %s", stream.node_id, str(item).replace("\n", " ")[:300])
         type_url = item.type_url
@@ -490,7 +514,6 @@ class AdsServer(SotwServer, DeltaServer):
             stream.due = True
             if stream.since is None:
                 stream.since = time.monotonic()
-        return False
 
     # ------------------------------------------------------------------ pushing
 
@@ -585,19 +608,21 @@ class AdsServer(SotwServer, DeltaServer):
         stream.unplaced_since = None
         if not stream.authorized:
             await self._check_identity(stream, context)
-        in_flight = False
+        types = snapshot.types
         for type_url in PUSH_ORDER:
             ts = stream.types.get(type_url)
             if ts is None:
                 continue
-            if ts.pending:
-                in_flight = stream.blocked = True
-                continue
             held_for = HOLD_FOR.get(type_url)
-            if held_for is not None and (
-                _pending(stream, held_for[0]) or _pending(stream, held_for[1])
+            if ts.pending or (
+                held_for is not None
+                and (_pending(stream, held_for[0]) or _pending(stream, held_for[1]))
             ):
-                in_flight = stream.blocked = True
+                # In flight, or held for make-before-break: push again on the answer that
+                # settles it, but only if this type has something new to send by then (a plain
+                # EDS change holds LDS/RDS with nothing new: its ACK needs no push).
+                if ts.dirty or ts.synced != _version_of(types, type_url):
+                    stream.blocked = True
                 continue
             if stream.kind == "sotw":
                 response: Any = self._sotw_response(stream, ts, type_url, snapshot)
@@ -605,6 +630,11 @@ class AdsServer(SotwServer, DeltaServer):
                 response = self._delta_response(stream, ts, type_url, snapshot)
             if response is None:
                 continue
+            # Pending before the write completes: its ACK may be read (and applied by the
+            # reader task) before this coroutine resumes.
+            now = time.monotonic()
+            ts.pending = True
+            ts.sent_at = now
             await context.write(response)
             if _log.isEnabledFor(logging.DEBUG):
                 _log.debug(
@@ -614,13 +644,9 @@ class AdsServer(SotwServer, DeltaServer):
                     ts.nonce,
                     stream.node_id,
                 )
-            now = time.monotonic()
             tm = self.metrics.for_type(type_url)
             (tm.pushes_sotw if stream.kind == "sotw" else tm.pushes_delta).inc()
             if stream.since is not None:
-                tm.push_latency.observe(now - stream.since)
-            ts.pending = True
-            ts.sent_at = now
-            in_flight = True
-        if not in_flight:
+                tm.push_latency.observe(time.monotonic() - stream.since)
+        if not stream.blocked:
             stream.since = None
