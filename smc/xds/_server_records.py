@@ -8,11 +8,15 @@ event loop only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from smc.ca import SpiffeId
 from smc.xds._types import short_name
@@ -113,40 +117,15 @@ class ProxyStatus:
 
 class XdsMetrics:
     """Prometheus metrics of the ADS server, registered in the given registry. Labels carry only
-    the resource type and stream kind, never node ids."""
+    the resource type and stream kind, never node ids.
+
+    The per-response series (pushes, resources and bytes sent, push and ACK latency, NACKs) are
+    plain counters on the server's loop, exported by a collector when scraped: a
+    ``prometheus_client`` child takes a lock and several checks per call, which at thousands
+    of streams was a measurable share of a change's CPU."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.pushes = Counter(
-            "smc_xds_pushes", "xDS responses sent", ["type", "kind"], registry=registry
-        )
-        self.resources_sent = Counter(
-            "smc_xds_resources_sent",
-            "Resources carried by xDS responses",
-            ["type"],
-            registry=registry,
-        )
-        self.bytes_sent = Counter(
-            "smc_xds_resource_bytes_sent",
-            "Serialised resource bytes sent",
-            ["type"],
-            registry=registry,
-        )
-        self.push_latency = Histogram(
-            "smc_xds_push_latency_seconds",
-            "Time from a snapshot change (or request) to the response being written",
-            ["type"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.ack_latency = Histogram(
-            "smc_xds_ack_latency_seconds",
-            "Time from a response being written to its ACK or NACK",
-            ["type"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.nacks = Counter("smc_xds_nacks", "NACKs received", ["type"], registry=registry)
         self.connected = Gauge(
             "smc_xds_connected_proxies", "Open ADS streams", ["kind"], registry=registry
         )
@@ -157,19 +136,56 @@ class XdsMetrics:
             registry=registry,
         )
         self._by_type: dict[str, _TypeMetrics] = {}
+        registry.register(_TypeCollector(self._by_type))
 
     def for_type(self, type_url: str) -> _TypeMetrics:
-        """The label children of one type, cached (``labels()`` is too slow per push)."""
+        """The series of one type (created at zero on first use)."""
         found = self._by_type.get(type_url)
         if found is None:
-            found = self._by_type[type_url] = _TypeMetrics(self, short_name(type_url))
+            found = self._by_type[type_url] = _TypeMetrics(short_name(type_url))
         return found
+
+
+class _Count:
+    """A counter updated on one thread (the loop) and read by the collector."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _Latency:
+    """A histogram over :data:`_LATENCY_BUCKETS` (upper bounds, inclusive)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last one: +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, count in zip(
+            (*map(floatToGoString, _LATENCY_BUCKETS), "+Inf"), self.counts, strict=True
+        ):
+            total += count
+            out.append((bound, float(total)))
+        return out
 
 
 class _TypeMetrics:
     __slots__ = (
         "ack_latency",
         "bytes_sent",
+        "label",
         "nacks",
         "push_latency",
         "pushes_delta",
@@ -177,11 +193,57 @@ class _TypeMetrics:
         "resources_sent",
     )
 
-    def __init__(self, m: XdsMetrics, label: str) -> None:
-        self.pushes_sotw = m.pushes.labels(label, "sotw")
-        self.pushes_delta = m.pushes.labels(label, "delta")
-        self.resources_sent = m.resources_sent.labels(label)
-        self.bytes_sent = m.bytes_sent.labels(label)
-        self.push_latency = m.push_latency.labels(label)
-        self.ack_latency = m.ack_latency.labels(label)
-        self.nacks = m.nacks.labels(label)
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.pushes_sotw = _Count()
+        self.pushes_delta = _Count()
+        self.resources_sent = _Count()
+        self.bytes_sent = _Count()
+        self.nacks = _Count()
+        self.push_latency = _Latency()
+        self.ack_latency = _Latency()
+
+
+class _TypeCollector(Collector):
+    """Exports the per-type series under their established names and labels."""
+
+    def __init__(self, by_type: Mapping[str, _TypeMetrics]) -> None:
+        self._by_type = by_type
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([]))
+
+    def collect(self) -> list[Metric]:
+        return list(self._families(list(self._by_type.values())))
+
+    @staticmethod
+    def _families(types: list[_TypeMetrics]) -> Iterator[Metric]:
+        pushes = CounterMetricFamily(
+            "smc_xds_pushes", "xDS responses sent", labels=["type", "kind"]
+        )
+        resources = CounterMetricFamily(
+            "smc_xds_resources_sent", "Resources carried by xDS responses", labels=["type"]
+        )
+        sent = CounterMetricFamily(
+            "smc_xds_resource_bytes_sent", "Serialised resource bytes sent", labels=["type"]
+        )
+        nacks = CounterMetricFamily("smc_xds_nacks", "NACKs received", labels=["type"])
+        push_latency = HistogramMetricFamily(
+            "smc_xds_push_latency_seconds",
+            "Time from a snapshot change (or request) to the response being written",
+            labels=["type"],
+        )
+        ack_latency = HistogramMetricFamily(
+            "smc_xds_ack_latency_seconds",
+            "Time from a response being written to its ACK or NACK",
+            labels=["type"],
+        )
+        for tm in types:
+            pushes.add_metric([tm.label, "sotw"], tm.pushes_sotw.value)
+            pushes.add_metric([tm.label, "delta"], tm.pushes_delta.value)
+            resources.add_metric([tm.label], tm.resources_sent.value)
+            sent.add_metric([tm.label], tm.bytes_sent.value)
+            nacks.add_metric([tm.label], tm.nacks.value)
+            push_latency.add_metric([tm.label], tm.push_latency.buckets(), tm.push_latency.sum)
+            ack_latency.add_metric([tm.label], tm.ack_latency.buckets(), tm.ack_latency.sum)
+        yield from (pushes, resources, sent, push_latency, ack_latency, nacks)

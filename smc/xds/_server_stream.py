@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from smc.ca import SpiffeId
@@ -91,6 +91,42 @@ class _TypeState:
         self.held: dict[str, str] = {}
 
 
+class _Mailbox:
+    """The stream's queue (requests the reader could not apply itself, wake-ups, the end): a
+    deque and at most one waiter, which is all the handler needs (asyncio.Queue's bookkeeping
+    of unfinished tasks, putters and size limits cost several calls per item)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> Any:
+        return self._items.popleft()
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.popleft()
+
+
 class _Stream:
     __slots__ = (
         "authorized",
@@ -122,7 +158,7 @@ class _Stream:
         self.node_id = ""
         self.connected_at = time.time()
         self.types: dict[str, _TypeState] = {}
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queue = _Mailbox()
         self.changed = False
         # Whether the next turn must compute responses (a change, a new or changed
         # subscription, or an answer to a response the last push held something back for).
