@@ -12,8 +12,10 @@ certificate step in a short-lived child that imports grpcio and cryptography). C
   user; no key byte is in the agent's output (its log), its ready file, its public status,
   nor on the control plane's log;
 - a SIGTERM stops it cleanly; restarted, it serves the certificate it holds at once (its
-  one-time join token is used) and renews with it; a proxy dir whose ``smc-sds`` is a symlink
-  is refused.
+  one-time join token is used) and renews with it; once that certificate is revoked, the agent
+  neither renews with it nor replays the spent join token, and a new join token written to the
+  file brings it back without a restart; a proxy dir whose ``smc-sds`` is a symlink is
+  refused.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import aiohttp
 import pytest
 
 from smc.agent._files import read_secret
+from smc.auth import token_digest
+from smc.events import ProxyCertificateRevoked, deterministic_id, make_event
 from smc.projections import CertsProjection
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 
@@ -204,7 +208,49 @@ async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
             assert time.monotonic() < deadline, server.agent_log.read_text()[-3000:]
             await asyncio.sleep(0.1)
             mine = certs.proxy_certs["vm/aproc/server-1"]
-        assert "join-token" not in server.agent_log.read_text()
+        # -- revoked: the certificate is no proof any more, the spent join token neither; a new
+        #    join token written to the file brings the running agent back ------------------
+        revoked: set[str] = set()
+
+        async def revoke(serial: str) -> None:
+            revoked.add(serial)
+            await asyncio.to_thread(cp.issuer.revoke, serial=serial)
+            await asyncio.to_thread(
+                cp.log.append,
+                [
+                    make_event(
+                        ProxyCertificateRevoked,
+                        source="test",
+                        actor="ca",
+                        event_id=deterministic_id("test", "revoke", serial),
+                        proxy="vm/aproc/server-1",
+                        serial=serial,
+                        identity="spiffe://cluster.local/ns/aproc/sa/server",
+                        reason="test",
+                    )
+                ],
+            )
+
+        deadline = time.monotonic() + 40
+        while "was used already" not in server.agent_log.read_text():
+            assert time.monotonic() < deadline, server.agent_log.read_text()[-3000:]
+            current = str(_ready(server)["serial"])
+            if current not in revoked:  # it may renew before the revocation is applied
+                await revoke(current)
+            await asyncio.sleep(0.1)
+        assert "certificate-revoked" in server.agent_log.read_text()
+        fresh = await cp.join_token(namespace="aproc", name="server-1", service_account="server")
+        (server.proxy_dir / "join-token").write_text(fresh)
+        deadline = time.monotonic() + 60
+        while str(_ready(server)["serial"]) in revoked:
+            assert time.monotonic() < deadline, server.agent_log.read_text()[-3000:]
+            await asyncio.sleep(0.1)
+        latest = certs.proxy_certs["vm/aproc/server-1"][str(_ready(server)["serial"])]
+        assert latest.proof == f"join-token:{token_digest(fresh)}"
+        # the spent join token was never presented again, not even after the restart
+        assert cp.identity is not None
+        assert cp.identity.refused.get("join-token-replayed", 0) == 0, cp.identity.refused
+        assert cp.identity.refused.get("certificate-revoked", 0) >= 1
     finally:
         for s in (client, server):
             await s.stop()

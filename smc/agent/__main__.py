@@ -7,8 +7,9 @@ one certificate step (:mod:`smc.agent._oneshot`) in a child process at start and
 time the certificate in ``<proxy dir>/smc-sds`` is due (its ``renew_after``, read from the
 public ``certificate.json`` there); the child makes the key, gets the CSR signed, writes the
 file Envoy reads, and exits. A failed step is retried with exponential backoff (0.5 s
-doubling to 30 s); the supervisor remembers, for the next child, whether the one-time join
-token was used and whether the control plane refused the current certificate as proof. It
+doubling to 30 s); the supervisor remembers, for the next child, which one-time join token
+was spent (its SHA-256: a new token written to the file is used when the certificate is no
+proof any more) and whether the control plane refused the current certificate as proof. It
 prints one line per certificate; ``--ready-file`` (0644, no secret: serial, validity, how
 long the first certificate took, the children's peak memory) is written at each one. Exit
 status 1 with a one-line error on bad options; SIGINT/SIGTERM stop it (a running child
@@ -109,7 +110,7 @@ class Supervisor:
         self.certificates = 0
         self.failures = 0
         self.steps = 0
-        self.join_used = False
+        self.join_used = ""  # SHA-256 of the spent join token
         self.cert_refused = False
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
@@ -169,7 +170,7 @@ class Supervisor:
             result = None
         if not isinstance(result, dict):
             return {"ok": False, "error": f"the certificate step exited {proc.returncode}"}
-        self.join_used = bool(result.get("join_used", self.join_used))
+        self.join_used = str(result.get("join_used") or self.join_used)
         if result.get("ok"):
             self.cert_refused = False
         else:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from smc.agent._errors import AgentError, InvalidMessage, SigningRefused
 from smc.agent._files import (
     PENDING_KEY,
+    SPENT_JOIN_TOKEN,
     STATUS_FILE,
     prepare_sds_dir,
     read_secret,
@@ -125,6 +127,10 @@ class _Current:
     renew_after: datetime
 
 
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -165,7 +171,12 @@ class Agent:
         self.first_certificate_at: float | None = None
         self.started_at = time.monotonic()
         self.ready = asyncio.Event()
-        self._join_used = False
+        #: SHA-256 (hex) of the join token a certificate was had with ("": none yet): that
+        #: token is spent; a new one written to the file is used when one is needed again.
+        self._join_used = ""
+        with contextlib.suppress(OSError, ValueError):
+            spent = (sds_dir(config.proxy_dir) / SPENT_JOIN_TOKEN).read_text("ascii").strip()
+            self._join_used = spent
         self._pending_key: ec.EllipticCurvePrivateKey | None = None
         self._cert_refused = False
 
@@ -189,15 +200,16 @@ class Agent:
                 raise AgentError(f"the token file {cfg.token_file} is empty")
             return {"token": token}
         assert cfg.join_token_file is not None
-        if self._join_used:
-            raise AgentError(
-                "the join token was used already and the certificate expired: run "
-                "`smc vm bootstrap` again for a new one"
-            )
         try:
             token = cfg.join_token_file.read_text("utf-8").strip()
         except OSError as exc:
             raise AgentError(f"cannot read the join token {cfg.join_token_file}: {exc}") from exc
+        if self._join_used and _digest(token) == self._join_used:
+            raise AgentError(
+                f"the join token in {cfg.join_token_file} was used already and the certificate "
+                "is no proof any more (expired or revoked): put a new one there (`smc vm "
+                "bootstrap` again)"
+            )
         return {"join_token": token}
 
     async def request(self) -> SignResponse:
@@ -233,7 +245,12 @@ class Agent:
             raise
         self._cert_refused = False
         if "join_token" in proof:
-            self._join_used = True
+            self._join_used = _digest(proof["join_token"])
+            write_private(
+                sds_dir(self.config.proxy_dir) / SPENT_JOIN_TOKEN,
+                self._join_used.encode("ascii"),
+                mode=0o640,
+            )
         await self._install(key, resp)
         self._pending_key = None
         remove_private(sds_dir(self.config.proxy_dir) / PENDING_KEY)
@@ -331,13 +348,14 @@ class Agent:
             write_pem_files(self.config.cert_dir, chain, _key_pem(key), resp.trust_bundle)
         if first:
             self.first_certificate_at = time.monotonic()
+        if first and not restored:
             log.info(
                 "first certificate %s in %.3fs, until %s",
                 resp.serial,
                 self.first_certificate_at - self.started_at,
                 resp.not_after,
             )
-        else:
+        elif not first:
             self.renewals += 1
             log.info("renewed: certificate %s until %s", resp.serial, resp.not_after)
         self.ready.set()

@@ -17,7 +17,9 @@ bootstrap's home directory, so a rebooted VM serves its certificate at once.
 
 Beside the secret: ``certificate.json`` (0640, the last ``SignResponse``: no key; what the
 resident agent schedules the next renewal by) and ``.pending-key.pem`` (a key whose CSR is
-sent but not yet answered, kept so that a retry asks again with the same key).
+sent but not yet answered, kept so that a retry asks again with the same key) and
+``join-token.spent`` (the SHA-256 of the join token a certificate was had with, as the log
+records it, so that a restarted agent never presents a spent token again).
 Stdlib only: the resident agent (:mod:`smc.agent.__main__`) imports this module and nothing
 heavier.
 Concurrency: plain blocking file operations; one writer (the agent or its renewal child) at
@@ -38,6 +40,7 @@ __all__ = [
     "SDS_DIR",
     "SECRET_FILE",
     "SECRET_TYPE",
+    "SPENT_JOIN_TOKEN",
     "STATUS_FILE",
     "WORKLOAD_SECRET",
     "agent_sds_config",
@@ -57,6 +60,8 @@ SDS_DIR = "smc-sds"
 SECRET_FILE = "default.json"
 STATUS_FILE = "certificate.json"
 PENDING_KEY = ".pending-key.pem"
+#: The SHA-256 of the join token a certificate was had with (spent: never presented again).
+SPENT_JOIN_TOKEN = "join-token.spent"
 WORKLOAD_SECRET = "default"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 

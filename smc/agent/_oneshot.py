@@ -7,8 +7,9 @@ key nor a token), takes up the certificate and key the proxy dir holds
 (:meth:`Agent.restore`), and, when there is none or it is due, makes a fresh key and CSR
 and gets them signed (:meth:`Agent.request`), which writes ``smc-sds/default.json`` for
 Envoy. It prints one JSON object on stdout: ``{"ok": true, "serial", "not_after",
-"renew_after", "requested", "proof"}`` or ``{"ok": false, "error", "code", "join_used",
-"cert_refused"}`` (public facts only), then exits, so grpcio and cryptography leave memory
+"renew_after", "requested", "proof", "join_used"}`` or ``{"ok": false, "error", "code",
+"join_used", "cert_refused"}`` (public facts only: ``join_used`` is the SHA-256 of a spent
+join token, as the log records it), then exits, so grpcio and cryptography leave memory
 with it. Logs go to stderr (the resident agent's).
 Concurrency: one asyncio loop, one request, then the process ends.
 """
@@ -57,7 +58,7 @@ def config_of(spec: dict[str, Any]) -> AgentConfig:
 async def step(spec: dict[str, Any]) -> dict[str, Any]:
     """Restore, and request a certificate when none is held or it is due; the outcome."""
     agent = Agent(config_of(spec))
-    agent._join_used = bool(spec.get("join_used"))
+    agent._join_used = str(spec.get("join_used") or agent._join_used)
     agent._cert_refused = bool(spec.get("cert_refused"))
     try:
         await agent.restore()
