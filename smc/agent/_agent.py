@@ -347,14 +347,14 @@ class Agent:
         if self.config.cert_dir is not None:
             write_pem_files(self.config.cert_dir, chain, _key_pem(key), resp.trust_bundle)
         if first:
-            self.first_certificate_at = time.monotonic()
-        if first and not restored:
-            log.info(
-                "first certificate %s in %.3fs, until %s",
-                resp.serial,
-                self.first_certificate_at - self.started_at,
-                resp.not_after,
-            )
+            self.first_certificate_at = now = time.monotonic()
+            if not restored:
+                log.info(
+                    "first certificate %s in %.3fs, until %s",
+                    resp.serial,
+                    now - self.started_at,
+                    resp.not_after,
+                )
         elif not first:
             self.renewals += 1
             log.info("renewed: certificate %s until %s", resp.serial, resp.not_after)
