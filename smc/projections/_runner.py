@@ -237,6 +237,11 @@ class ProjectionRunner(_CompactScan):
         )
         scan = getattr(self.log, "scan", None) if verifier is None else None
         read_sealed = getattr(self.log, "read_sealed", None) if verifier is not None else None
+        # Kafka, verified and compacted: the verifier takes the consumed messages themselves
+        verified_messages = (
+            getattr(self.log, "scan_messages", None) if compact and verifier is not None else None
+        )
+        cut = len(getattr(self.log, "prefix", ""))
         # A compacted scan makes only acyclic objects (messages, bytes, ints) by the million;
         # the cyclic collector would walk the pending records and projection state over and
         # over for nothing, so it is paused until the survivors are applied.
@@ -245,6 +250,37 @@ class ProjectionRunner(_CompactScan):
             gc.disable()
         try:
             while not scanned.covers(target):
+                if verified_messages is not None:
+                    assert verifier is not None
+                    msgs, after = verified_messages(
+                        start=scanned, max_records=self.batch, timeout=0.5, end=target
+                    )
+                    if not msgs:
+                        if time.monotonic() - last_progress > stall_timeout:
+                            raise LogUnavailable(
+                                f"log {self.log.url} stalled at {scanned} before reaching {target}"
+                            )
+                        continue
+                    last_progress = time.monotonic()
+                    fast, held = verifier.feed_messages(msgs, cut=cut)
+                    added, tails = self._scan_messages(fast, pending, kinds) if fast else (0, 0)
+                    if held:
+                        more, more_tails = self._scan(held, pending, kinds, records=True)
+                        added, tails = added + more, tails + more_tails
+                    registered += added
+                    appended += tails
+                    scanned = after
+                    if len(pending) + appended > _PENDING_MAX:
+                        appended = len(_survivors(pending)) - len(pending)
+                    if len(pending) + appended > _PENDING_MAX:
+                        self._flush(pending, registered, cut=cut)
+                        pending.clear()
+                        registered = appended = 0
+                        self.position = scanned
+                    msgs = fast = held = []
+                    if progress is not None:
+                        progress(self.applied - start)
+                    continue
                 if scan_messages is not None:
                     raw, after = scan_messages(
                         start=scanned, max_records=self.batch, timeout=0.5, end=target
@@ -316,7 +352,12 @@ class ProjectionRunner(_CompactScan):
                 raw = recs = []
                 if progress is not None:
                     progress(self.applied - start)
-            self._flush(pending, registered, messages=scan_messages is not None)
+            self._flush(
+                pending,
+                registered,
+                messages=scan_messages is not None,
+                cut=cut if verified_messages is not None else None,
+            )
         finally:
             if paused:
                 gc.enable()

@@ -265,15 +265,29 @@ class _CompactScan:
         return True
 
     def _flush(
-        self, pending: dict[object, Any], registered: int, *, messages: bool = False
+        self,
+        pending: dict[object, Any],
+        registered: int,
+        *,
+        messages: bool = False,
+        cut: int | None = None,
     ) -> None:
         """Apply the records left in ``pending`` (``registered`` were put there), in log
-        order; the others were superseded."""
+        order; the others were superseded. With ``cut`` (a verified Kafka catch-up), they
+        may be messages and Records alike: topics lose ``cut`` characters of prefix so
+        that both sort in one log order."""
         survivors = _survivors(pending)
         self.superseded += registered - len(survivors)
         if not survivors:
             return
-        if messages:
+        if cut is not None:
+            survivors = [
+                (r[0], r[1], r[2], r[4], r[5])
+                if r.__class__ is Record
+                else (r.topic()[cut:], r.partition(), r.offset(), r.key(), r.value() or b"")
+                for r in survivors
+            ]
+        elif messages:
             survivors = [_message_raw(m) for m in survivors]
         elif survivors[0].__class__ is Record:
             survivors = [(r[0], r[1], r[2], r[4], r[5]) for r in survivors]
