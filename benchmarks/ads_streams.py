@@ -15,8 +15,9 @@ Usage: python benchmarks/ads_streams.py [--streams 1000] [--services 1000] [--en
        [--changes 5] [--mode sotw|delta|both] [--traffic-policy]
        [--out benchmarks/results/ads_streams.json]
 ``--traffic-policy``: every cluster carries an UpstreamTrafficSetting's circuit breakers and
-outlier detection, every route a Retry's retry policy, every listener the JSON access log and
-Zipkin tracing, plus the tracing cluster (as SMC's builder makes them, smc.xds._traffic).
+outlier detection and the observability digest, every route a Retry's retry policy, every
+listener its traffic direction, the JSON access log and Zipkin tracing, plus the tracing
+cluster (as SMC's builder makes them, smc.xds._traffic).
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def _cluster(name: str) -> Any:
 def _cluster_extra() -> dict[str, Any]:
     if not _TRAFFIC:
         return {"connect_timeout": "1s"}
-    from smc.xds._traffic import cluster_settings
+    from smc.xds._traffic import cluster_settings, observe_cluster
 
-    return cluster_settings(_traffic_policy()[1])
+    tp, uts = _traffic_policy()
+    return observe_cluster(tp, cluster_settings(uts))
 
 
 def _cla(name: str, index: int, endpoints: int, extra: int = 0) -> Any:
@@ -168,6 +170,7 @@ def _listener(node: str) -> Any:
             "name": "outbound",
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
             "filter_chains": [{"filters": [hcm]}],
+            "traffic_direction": "OUTBOUND",
         },
         listener_pb2.Listener(),
     )
