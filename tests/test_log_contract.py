@@ -292,3 +292,63 @@ def test_kafka_batch_scan_and_per_record_scan_leave_the_same_state(
         )
     assert batched._seen == loop._seen
     assert loop.duplicates == 2
+
+
+def test_sqlite_read_racing_a_multi_stream_append_skips_no_record(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A SQLite read looks up where each stream continues, then reads from the lowest row.
+    An append committing between those lookups (a registry + policy change in one
+    transaction, like one apply) must not be half seen: seeing it for the policy stream but
+    not for the registry stream skipped the registry's first record for good (a service
+    missing from the registry, the client's route empty, HTTP 404 in test_agent_renewal)."""
+    from typing import Any
+
+    from smc.events import SmiResourceApplied
+    from smc.events._sqlite import SqliteLog
+
+    db = tmp_path / "log.db"
+    reader, writer = SqliteLog(db), SqliteLog(db)
+    policy = make_event(
+        SmiResourceApplied,
+        source="t",
+        actor="t",
+        kind="HTTPRouteGroup",
+        api_version="specs.smi-spec.io/v1alpha4",
+        namespace="ns",
+        name="routes",
+        manifest_json="{}",
+    )
+    change = [service(1), policy, service(2)]  # registry, policy, registry: one transaction
+    conn = reader._reader()
+
+    class RacingConnection:
+        """The reader's connection; the append commits right after its first query."""
+
+        def __init__(self) -> None:
+            self.statements = 0
+
+        def execute(self, sql: str, params: Any = ()) -> Any:
+            cursor = conn.execute(sql, params)
+            if sql.lstrip().upper().startswith("SELECT"):
+                self.statements += 1
+                if self.statements == 1:
+                    writer.append(change)
+            return cursor
+
+    racing = RacingConnection()
+    reader._reader = lambda: racing  # type: ignore[assignment,method-assign,return-value]
+    try:
+        got: list[Record] = []
+        pos = Position()
+        for _ in range(5):
+            recs = reader.read(start=pos, max_records=100)
+            got.extend(recs)
+            pos = pos.advanced(recs)
+        assert racing.statements >= 1
+        assert sorted((r.stream, r.offset) for r in got) == [
+            ("smc.policy", 0),
+            ("smc.registry", 0),
+            ("smc.registry", 1),
+        ], got
+    finally:
+        reader.close()
+        writer.close()

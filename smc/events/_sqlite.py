@@ -12,11 +12,12 @@ readers in other processes see new records on their next poll.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,21 @@ CREATE TABLE IF NOT EXISTS chain (stream TEXT PRIMARY KEY, head BLOB NOT NULL);
 # Integrity data beside each record (docs/log-integrity.md): added to older files in place.
 _COLUMNS = (("writer", "BLOB NOT NULL DEFAULT x''"), ("seal", "BLOB NOT NULL DEFAULT x''"))
 _POLL = 0.05
+
+
+@contextlib.contextmanager
+def _one_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """Run the queries inside on one snapshot of the file (a read transaction: WAL readers
+    keep the snapshot of their first query until it ends), so an append that commits meanwhile
+    is seen by all of them or by none."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class SqliteLog:
@@ -308,21 +324,26 @@ class SqliteLog:
     def _read_once(self, start: Position, max_records: int) -> list[Record]:
         conn = self._reader()
         # Find the append order (row id) of each stream's next record; scan from the lowest.
-        first_ids = []
-        for stream in STREAMS:
-            row = conn.execute(
-                "SELECT id FROM events WHERE stream = ? AND seq >= ? ORDER BY seq LIMIT 1",
-                (stream, start.get((stream, 0))),
-            ).fetchone()
-            if row is not None:
-                first_ids.append(row[0])
-        if not first_ids:
-            return []
-        rows = conn.execute(
-            "SELECT stream, seq, ts, key, value, type, event_id, writer, seal FROM events "
-            "WHERE id >= ? ORDER BY id LIMIT ?",
-            (min(first_ids), max_records),
-        ).fetchall()
+        # One snapshot for all of it: an append committing between the lookups (one apply
+        # writes several streams in one transaction) would otherwise be seen for a later
+        # stream but not an earlier one, whose first new record then lay below the lowest row
+        # read and was skipped for good.
+        with _one_snapshot(conn):
+            first_ids = []
+            for stream in STREAMS:
+                row = conn.execute(
+                    "SELECT id FROM events WHERE stream = ? AND seq >= ? ORDER BY seq LIMIT 1",
+                    (stream, start.get((stream, 0))),
+                ).fetchone()
+                if row is not None:
+                    first_ids.append(row[0])
+            if not first_ids:
+                return []
+            rows = conn.execute(
+                "SELECT stream, seq, ts, key, value, type, event_id, writer, seal FROM events "
+                "WHERE id >= ? ORDER BY id LIMIT ?",
+                (min(first_ids), max_records),
+            ).fetchall()
         floor = {s: start.get((s, 0)) for s in STREAMS}
         new = Record._make
         return [
@@ -365,12 +386,13 @@ class SqliteLog:
         conn = self._reader()
         out = {}
         try:
-            for stream in STREAMS:
-                (mx,) = conn.execute(
-                    "SELECT MAX(seq) FROM events WHERE stream = ?", (stream,)
-                ).fetchone()
-                if mx is not None:
-                    out[(stream, 0)] = mx + 1
+            with _one_snapshot(conn):  # every stream's end at one moment
+                for stream in STREAMS:
+                    (mx,) = conn.execute(
+                        "SELECT MAX(seq) FROM events WHERE stream = ?", (stream,)
+                    ).fetchone()
+                    if mx is not None:
+                        out[(stream, 0)] = mx + 1
         except sqlite3.Error as exc:
             raise self._read_error(exc, None) from exc
         return Position(out)
