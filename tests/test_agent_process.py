@@ -280,3 +280,24 @@ def test_a_symlinked_sds_dir_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "smc-sds" in done.stderr and "not a directory" in done.stderr
     assert not any(elsewhere.iterdir())
+
+
+def test_an_sds_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Another user made ``smc-sds`` first (to read what lands in it): the agent refuses it."""
+    proxy = tmp_path / "proxy"
+    (proxy / "smc-sds").mkdir(parents=True)
+    os.chown(proxy / "smc-sds", NOBODY, NOBODY)
+    (tmp_path / "ca.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "smc.agent", "--node-id", "ns/p", "--ca-address",
+            "127.0.0.1:1", "--ca-bundle", str(tmp_path / "ca.pem"), "--proxy-dir", str(proxy),
+            "--token-file", str(tmp_path / "token"),
+        ],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"belongs to uid {NOBODY}" in done.stderr
+    assert not any((proxy / "smc-sds").iterdir())
