@@ -155,7 +155,7 @@ class ServeProcess:
         # the control plane's own per-identity keys unless the test says otherwise (the tests
         # of agents and mTLS ADS pass --workload-keys agent)
         mode = [] if "--workload-keys" in args else ["--workload-keys", "control-plane"]
-        if mode and xds_host is not None and "--xds-tls" not in args:
+        if mode and "--xds-tls" not in args:
             mode.append("--xds-plaintext")  # that mode's keys in cleartext: said explicitly
         argv = [
             sys.executable,
