@@ -6,9 +6,13 @@ keep-alive connection each) POST ``/v1/apply`` with one MeshService each, every 
 change (a new port number), until ``--applies`` requests were answered. Every answer must be
 200 with the document ``created`` or ``configured``. Then one request with ``--large``
 MeshServices (default 20,000) is timed, as compact JSON (the target; what a client that
-converts manifests sends, as kubectl does) and as a YAML stream (reported). Prints applies/s, p50/p99 latency and the large apply's
+converts manifests sends, as kubectl does) and as a YAML stream (reported). Then the 50
+clients run again with those 40,000 services in the mesh (a plan must cost what the change
+costs, not what the mesh holds). Prints applies/s, p50/p99 latency and the large apply's
 seconds against the targets (SQLite >= 500 applies/s with p99 < 250 ms, Kafka >= 300/s,
-20,000 documents < 10 s) and writes ``benchmarks/results/api_writes.json``.
+20,000 documents < 10 s), serve's CPU time per apply (from /proc: the figure that does not
+depend on what else runs on the machine; 1000 / ms per apply is what one core sustains) and
+the load average around each phase, and writes ``benchmarks/results/api_writes.json``.
 Concurrency: one process (the clients share one event loop); serve is a child process.
 
 Usage: python benchmarks/api_writes.py [--applies 2000] [--clients 50] [--large 20000]
@@ -52,6 +56,23 @@ def _session(creds: ClientCredentials, **kwargs: Any) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=creds.ssl_context()), headers=creds.headers(), **kwargs
     )
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(pid: int, run: Any) -> dict[str, Any]:
+    """``run()``'s result with serve's CPU seconds and the load average around it."""
+    load, cpu = os.getloadavg()[0], _cpu_seconds(pid)
+    out: dict[str, Any] = asyncio.run(run())
+    out["serve_cpu_s"] = round(_cpu_seconds(pid) - cpu, 2)
+    out["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    if "applies" in out:
+        out["serve_cpu_ms_per_apply"] = round(out["serve_cpu_s"] * 1000 / out["applies"], 3)
+    return out
 
 
 async def _clients(creds: ClientCredentials, *, applies: int, clients: int) -> dict[str, Any]:
@@ -136,28 +157,39 @@ def _run(tmp: Path, log_url: str, args: argparse.Namespace) -> dict[str, Any]:
     serve = ServeProcess(tmp, xds_host=None, log_url=log_url)
     try:
         serve.wait_ready(timeout=120)
-        asyncio.run(
-            _clients(serve.credentials, applies=min(200, args.applies), clients=args.clients)
-        )
-        out = asyncio.run(_clients(serve.credentials, applies=args.applies, clients=args.clients))
+        creds, pid = serve.credentials, serve.proc.pid
+        asyncio.run(_clients(creds, applies=min(200, args.applies), clients=args.clients))
+
+        def clients() -> Any:
+            return _clients(creds, applies=args.applies, clients=args.clients)
+
+        out = _measured(pid, clients)
         if args.large:
-            out["large"] = asyncio.run(
-                _large(serve.credentials, args.large, form="json", first=100_000)
+            out["large"] = _measured(
+                pid, lambda: _large(creds, args.large, form="json", first=100_000)
             )
-            out["large_yaml"] = asyncio.run(
-                _large(serve.credentials, args.large, form="yaml", first=200_000)
+            out["large_yaml"] = _measured(
+                pid, lambda: _large(creds, args.large, form="yaml", first=200_000)
             )
+            out["big_mesh"] = _measured(pid, clients)
+            out["big_mesh"]["services_in_mesh"] = out["large_yaml"]["services_listed"]
         return out
     finally:
         serve.stop()
 
 
-def _show(name: str, r: dict[str, Any], rate_target: float) -> None:
+def _show_rate(name: str, r: dict[str, Any], rate_target: float, note: str = "") -> None:
     print(
-        f"{name:7s} {r['applies']} applies by {r['clients']} clients: {r['applies_per_s']:.0f}/s "
-        f"(target {rate_target:.0f}, ratio {r['applies_per_s'] / rate_target:.2f}), "
-        f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}"
+        f"{name:7s} {r['applies']} applies by {r['clients']} clients{note}: "
+        f"{r['applies_per_s']:.0f}/s (target {rate_target:.0f}, ratio "
+        f"{r['applies_per_s'] / rate_target:.2f}), p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+        f"errors {r['errors']}; serve CPU {r['serve_cpu_ms_per_apply']} ms/apply; "
+        f"load {r['load_average'][0]}-{r['load_average'][1]}"
     )
+
+
+def _show(name: str, r: dict[str, Any], rate_target: float) -> None:
+    _show_rate(name, r, rate_target)
     for big in (r.get("large"), r.get("large_yaml")):
         if not big:
             continue
@@ -165,8 +197,13 @@ def _show(name: str, r: dict[str, Any], rate_target: float) -> None:
             f"{name:7s} one apply of {big['documents']} documents ({big['form']}, "
             f"{big['body_bytes'] / 1e6:.1f} MB): {big['seconds']:.2f} s "
             f"(target {TARGETS['large_s']:.0f} s, ratio {TARGETS['large_s'] / big['seconds']:.2f}), "
-            f"HTTP {big['status']}, {big['created']} created, {big['services_listed']} listed"
+            f"HTTP {big['status']}, {big['created']} created, {big['services_listed']} listed; "
+            f"serve CPU {big['serve_cpu_s']} s; load {big['load_average'][0]}-"
+            f"{big['load_average'][1]}"
         )
+    if r.get("big_mesh"):
+        note = f" with {r['big_mesh']['services_in_mesh']} services in the mesh"
+        _show_rate(name, r["big_mesh"], rate_target, note)
 
 
 def main() -> int:
