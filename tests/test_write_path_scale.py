@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from smc.api import CurrentResources, MeshChanges, current_resources
+from smc.events import Position
 from smc.events._sqlite import SqliteLog
 from smc.projections import PolicyProjection, RegistryProjection
 from smc.smi import (
@@ -216,3 +217,31 @@ def test_planning_one_change_reads_a_handful_of_resources(tmp_path: Path) -> Non
         request_id="d",
     )
     assert plan.results[0].status == "deleted"
+
+
+def test_console_timeline_takes_late_records_without_resorting_the_log(tmp_path: Path) -> None:
+    """serve's console indexes every record; on Kafka a batch often carries records older
+    than the newest one indexed (another partition). Only the rows newer than the oldest late
+    one move: the result equals a stable sort of everything (rows and per-aggregate index)."""
+    from smc.console._timeline import Row, Timeline
+
+    rng = random.Random(18)
+    log = SqliteLog(tmp_path / "tl.db")
+    timeline, model = Timeline(log), []
+    offset = 0
+    for _ in range(60):
+        batch = []
+        for _ in range(rng.randrange(1, 30)):
+            offset += 1
+            ts = 1000 + offset * 3 - rng.choice([0, 0, 0, 5, 40, 400])  # some arrive late
+            agg = f"registry/svc-{rng.randrange(12)}"
+            batch.append(Row(ts, "smc.registry", 0, offset, "T", agg, "a", "s", "ns", "k"))
+        added = timeline.extend(batch, Position())
+        model = sorted([*model, *sorted(batch, key=lambda r: r.ts_ms)], key=lambda r: r.ts_ms)
+        assert timeline.rows == model
+        assert added.stop == len(model) and len(added) >= len(batch)
+        index: dict[str, list[int]] = {}
+        for i, r in enumerate(model):
+            index.setdefault(r.aggregate, []).append(i)
+        assert timeline._by_aggregate == index
+    log.close()

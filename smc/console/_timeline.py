@@ -206,12 +206,21 @@ class Timeline:
         start = len(self.rows)
         ordered = sorted(rows, key=lambda r: r.ts_ms)  # stable: ties keep the read order
         if self.rows and ordered[0].ts_ms < self.rows[-1].ts_ms:
-            # a partition delivered older records late: keep the whole timeline in time order
-            self.rows = sorted([*self.rows, *ordered], key=lambda r: r.ts_ms)
-            self._by_aggregate = {}
-            for i, r in enumerate(self.rows):
+            # a partition delivered older records late: keep the timeline in time order. Only
+            # the rows newer than the oldest late one move (the same order a stable sort of
+            # everything gives), so a late record costs the tail it lands in, not the log
+            start = bisect.bisect_right(self.rows, ordered[0].ts_ms, key=_ts)
+            moved = self.rows[start:]
+            for agg in {r.aggregate for r in moved}:
+                seqs = self._by_aggregate[agg]
+                del seqs[bisect.bisect_left(seqs, start) :]
+                if not seqs:
+                    del self._by_aggregate[agg]
+            merged = sorted([*moved, *ordered], key=lambda r: r.ts_ms)
+            del self.rows[start:]
+            for i, r in enumerate(merged, start):
                 self._by_aggregate.setdefault(r.aggregate, []).append(i)
-            start = 0
+            self.rows.extend(merged)
         else:
             for i, r in enumerate(ordered, start):
                 self._by_aggregate.setdefault(r.aggregate, []).append(i)
