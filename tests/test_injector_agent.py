@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import functools
 import json
 import os
 import ssl
@@ -24,20 +23,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import jsonpatch  # type: ignore[import-untyped]
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from smc.agent import agent_sds_config
 from smc.agent.__main__ import parser as agent_parser
-from smc.agent._files import write_secret
 from smc.ca import LocalIssuer
 from smc.injector import (
     AGENT_CONTAINER,
@@ -55,7 +48,7 @@ from smc.injector import (
 )
 from smc.injector.__main__ import _parser as injector_parser
 from smc.injector._tls import issue_serving_certificate, server_ssl_context
-from smc.testing.envoy import envoy_binary
+from smc.testing.envoy import envoy_binary, write_validate_secret
 from smc.testing.ports import free_port
 from tests.test_injector import ThreadedWebhook
 
@@ -106,28 +99,6 @@ def _only_public_pem(text: str, issuer: LocalIssuer) -> None:
     for block in text.replace("\\n", "\n").split("-----BEGIN CERTIFICATE-----")[1:]:
         pem = "-----BEGIN CERTIFICATE-----" + block.split("-----END CERTIFICATE-----")[0]
         assert pem.strip() in roots, "a certificate that is not a mesh root"
-
-
-@functools.cache
-def _self_signed() -> tuple[str, str]:
-    """A throwaway certificate and key for Envoy's validate run (not a mesh credential)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "validate")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
 
 
 def test_agent_patch_holds_no_credential_and_validates_with_envoy(
@@ -190,7 +161,7 @@ def test_agent_patch_holds_no_credential_and_validates_with_envoy(
     ]
     # in its working directory, where the agent wrote the secret file (Envoy checks it exists)
     workdir = tmp_path / "run"
-    write_secret(workdir, chain_pem=_self_signed()[0], key_pem=_self_signed()[1])
+    write_validate_secret(workdir)
     done = subprocess.run(
         argv, env=penv, capture_output=True, text=True, timeout=60, check=False, cwd=workdir
     )

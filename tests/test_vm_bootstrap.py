@@ -22,14 +22,13 @@ import yaml
 from click.testing import CliRunner, Result
 
 from smc.agent import agent_sds_config
-from smc.agent._files import write_secret
 from smc.auth import token_digest
 from smc.cli import cli
 from smc.events import SqliteLog
 from smc.injector import find_vm, vm_node_id
 from smc.injector._errors import UnknownVirtualMachine
 from smc.projections import CertsProjection, ProjectionRunner, Workload
-from smc.testing.envoy import envoy_binary
+from smc.testing.envoy import envoy_binary, write_validate_secret
 from smc.testing.ports import free_port
 
 MESH = """\
@@ -68,39 +67,6 @@ def mesh_db(tmp_path: Path) -> Path:
     res = run(db, "apply", "-f", str(manifests))
     assert res.exit_code == 0, res.output
     return db
-
-
-def _throwaway_secret(proxy_dir: Path) -> None:
-    """A self-signed certificate and key in the agent's file, for Envoy's validate run."""
-    from datetime import UTC, datetime, timedelta
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "validate")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
-    write_secret(
-        proxy_dir,
-        chain_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode(),
-    )
 
 
 def _validate(bootstrap: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -173,7 +139,7 @@ def test_bootstrap_bundle_is_written_and_validates_with_envoy(
             assert "PRIVATE KEY" not in f.read_text(), f
     assert "--join-token-file" in (out / "run-envoy.sh").read_text()
     assert ":15012" in (out / "run-envoy.sh").read_text()
-    _throwaway_secret(out)  # what the agent writes before run-envoy.sh starts Envoy
+    write_validate_secret(out)  # what the agent writes before run-envoy.sh starts Envoy
     done = _validate(out / "bootstrap.yaml", out)
     assert done.returncode == 0, done.stdout + done.stderr
     # A rerun replaces the bundle whole, with a new token, still 0600.

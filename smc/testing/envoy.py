@@ -547,3 +547,40 @@ class EnvoyProcess:
             timeout=timeout,
             what=f"listener {name!r} to be active",
         )
+
+
+def write_validate_secret(proxy_dir: Path) -> None:
+    """A throwaway self-signed certificate and key in the SMC agent's file in ``proxy_dir``
+    (``smc-sds/default.json``), for ``envoy --mode validate`` of a bootstrap that reads it:
+    Envoy requires the file to exist. Not a mesh credential."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from smc.agent._files import write_secret
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "validate")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    write_secret(
+        proxy_dir,
+        chain_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode(),
+    )
