@@ -64,7 +64,7 @@ from smc.projections import (
 from smc.smi import load_documents
 from smc.testing.envoy import EnvoyProcess, ads_bootstrap
 from smc.testing.kafka import KafkaBroker
-from smc.testing.manifests import client_server_yaml
+from smc.testing.manifests import client_server_yaml, mesh_service_yaml
 from smc.testing.mesh import Sidecar, vm_yaml
 from smc.testing.ports import free_port
 from smc.testing.serve import http_json
@@ -647,12 +647,7 @@ async def test_broker_kill9_mid_change_loses_no_acknowledged_event(cluster: Clus
         async with c.r2.session(timeout=aiohttp.ClientTimeout(total=20)) as session:
             while not stop.is_set():
                 name = f"api-{run}-{i}"
-                doc = (
-                    "apiVersion: smc.dev/v1alpha1\nkind: MeshService\n"
-                    f"metadata: {{name: {name}, namespace: churn}}\n"
-                    "spec:\n  backing: vm\n  selector: {app: x}\n"
-                    "  ports: [{name: http, port: 80, targetPort: 8080}]\n"
-                )
+                doc = mesh_service_yaml("churn", name, app="x")
                 try:
                     async with session.post(
                         c.r2.api + "/v1/apply",
@@ -766,12 +761,7 @@ async def test_replica_kill9_mid_change_loses_no_acknowledged_event(cluster: Clu
         async with c.r1.session(timeout=aiohttp.ClientTimeout(total=20)) as session:
             while not stop.is_set():
                 name = f"crash-{run}-{i}"
-                doc = (
-                    "apiVersion: smc.dev/v1alpha1\nkind: MeshService\n"
-                    f"metadata: {{name: {name}, namespace: crash}}\n"
-                    "spec:\n  backing: vm\n  selector: {app: x}\n"
-                    "  ports: [{name: http, port: 80, targetPort: 8080}]\n"
-                )
+                doc = mesh_service_yaml("crash", name, app="x")
                 try:
                     async with session.post(
                         c.r1.api + "/v1/apply",
