@@ -90,7 +90,7 @@ def test_osm_kinds_parse_normalise_and_round_trip() -> None:
             "not a duration",
         ),
         (
-            "kind: UpstreamTrafficSetting\nspec: {host: a.b.c.d}",
+            "kind: UpstreamTrafficSetting\nspec: {host: a.b.svc.d}",
             "spec.host",
             "not a mesh service host",
         ),
@@ -222,3 +222,26 @@ def test_apply_get_audit_delete(tmp_path: Path) -> None:
     res = run(db, "delete", "-f", str(POLICIES))
     assert res.exit_code == 0 and res.output.count(" deleted") == 5
     assert json.loads(run(db, "get", "retries", "-o", "json").output) == []
+
+
+@pytest.mark.parametrize(
+    ("host", "service"),
+    [
+        ("api", "shop/api"),
+        ("api.web", "web/api"),
+        ("api.web.svc", "web/api"),
+        ("api.web.svc.cluster.local", "web/api"),
+        ("api.github.com", ""),  # outside the mesh: for the Egress policies naming it
+    ],
+)
+def test_upstream_setting_host_names_a_service_or_an_external_host(host: str, service: str) -> None:
+    uts = parse_manifest(
+        {
+            "apiVersion": "policy.openservicemesh.io/v1alpha1",
+            "kind": "UpstreamTrafficSetting",
+            "metadata": {"name": "s", "namespace": "shop"},
+            "spec": {"host": host, "connectionSettings": {"tcp": {"maxConnections": 1}}},
+        },
+        document="uts",
+    )
+    assert isinstance(uts, UpstreamTrafficSetting) and uts.service == service

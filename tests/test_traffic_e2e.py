@@ -559,6 +559,8 @@ async def test_egress_by_host_sni_and_ip(mesh: Mesh, tmp_path: Path) -> None:
     from aiohttp import web
 
     async def hello(request: web.Request) -> web.Response:
+        if request.path.startswith("/slow"):
+            await asyncio.sleep(0.6)
         return web.json_response({"app": "external", "tls": request.secure})
 
     app = web.Application()
@@ -608,6 +610,22 @@ spec:
 """
     )
     assert "ext-api}]" in egress_matches
+    limits = f"""
+{OSM}
+kind: UpstreamTrafficSetting
+metadata: {{name: ext-limits, namespace: traffic}}
+spec:
+  host: api.external.example
+  connectionSettings:
+    tcp: {{maxConnections: 1}}
+    http: {{maxPendingRequests: 1, maxRequests: 1}}
+"""
+    egress_limited = egress.replace(
+        ports,
+        ports + "  matches: [{apiGroup: policy.openservicemesh.io/v1alpha1,"
+        " kind: UpstreamTrafficSetting, name: ext-limits}]\n",
+    )
+    assert "ext-limits}]" in egress_limited
 
     async def tls_get(sni: str) -> int | None:
         request = f"GET /tls HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n"
@@ -667,7 +685,25 @@ spec:
         assert post[0] == 404
         assert await status("client-1", "/v2/allowed") == 404
         assert await tls_get("localhost") == 200  # matches are HTTP only
+        # matches naming an UpstreamTrafficSetting (of an external host): its connection
+        # settings on the Egress's clusters, i.e. circuit breaking towards the external host.
+        await mesh.apply(limits + "---" + egress_limited)
+
+        async def burst() -> tuple[Counter[int], list[dict[str, str]]]:
+            results = await asyncio.gather(
+                *(mesh.get("client-1", "/slow", host=host, dest=web_dest) for _ in range(8))
+            )
+            return Counter(r[0] for r in results), [r[2] for r in results if r[0] == 503]
+
+        async def tripped() -> bool:
+            return (await burst())[0][503] > 0
+
+        await until("egress circuit breaker in effect", tripped)
+        codes, overloaded = await burst()
+        assert 1 <= codes[200] <= 4 and codes[503] >= 4, codes
+        assert all(h.get("x-envoy-overloaded") == "true" for h in overloaded)
         await mesh.apply(egress_matches, delete=True)  # both Egresses and the group
+        await mesh.apply(limits, delete=True)
 
         async def denied() -> bool:
             return await status("client-1", "/x") == mesh.denied

@@ -166,7 +166,10 @@ class RouteSetting:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UpstreamTrafficSetting(_OsmBase):
-    """Settings of traffic to the upstream ``service`` (``ns/name``, from ``spec.host``)."""
+    """Settings of traffic to the upstream ``service`` (``ns/name``, from ``spec.host``), or to
+    an external host (``service`` empty: a host outside the mesh, such as ``api.github.com``,
+    whose connection settings apply to the clusters of the Egress policies naming this setting
+    in their ``matches``)."""
 
     KIND: ClassVar[str] = "UpstreamTrafficSetting"
     host: str

@@ -29,7 +29,9 @@ _UNITS = ("second", "minute", "hour")
 
 
 def _service_of_host(r: _Reader, host: str, path: str, namespace: str) -> str | None:
-    """``name``, ``name.ns``, ``name.ns.svc`` or ``name.ns.svc.cluster.local`` -> ``ns/name``."""
+    """``name``, ``name.ns``, ``name.ns.svc`` or ``name.ns.svc.cluster.local`` -> ``ns/name``;
+    any other host of three labels or more is outside the mesh (an egress host) -> ``""``; a
+    host naming ``svc`` but not in the FQDN's form is an error."""
     parts = host.split(".")
     if len(parts) == 1:
         return f"{namespace}/{parts[0]}"
@@ -37,6 +39,8 @@ def _service_of_host(r: _Reader, host: str, path: str, namespace: str) -> str | 
         parts[2] == "svc" and (len(parts) == 3 or parts[3:] == ["cluster", "local"])
     ):
         return f"{parts[1]}/{parts[0]}"
+    if "svc" not in parts and not host.startswith("*."):
+        return ""
     r.fail(path, f"{host!r} is not a mesh service host (name, name.namespace or its FQDN)")
     return None
 

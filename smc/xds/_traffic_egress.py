@@ -6,8 +6,9 @@ methods and headers), HTTPS by SNI and TCP by IP range (explicit sidecars: liste
 ``egress|<port>`` on the workload address; transparent sidecars: chains on the ``outbound``
 listener to the original destination), and the deny-all default chain with
 ``enableEgress: false``. Clusters ``egress|<host or address>|<port>``. Imports
-:mod:`smc.xds._traffic_model` and :mod:`smc.xds._traffic_observe` (access logs on its TCP
-proxies).
+:mod:`smc.xds._traffic_model`, :mod:`smc.xds._traffic_observe` (access logs on its TCP
+proxies) and :mod:`smc.xds._traffic_upstream` (the connection settings of an
+UpstreamTrafficSetting an Egress names in its ``matches``).
 Concurrency: pure functions of an immutable :class:`~smc.xds._traffic_model.TrafficPolicy`
 returning frozen :class:`EgressParts`; called on the builder's thread (the asyncio loop).
 """
@@ -31,6 +32,7 @@ from smc.smi import EgressPolicy, HTTPMatch
 from smc.xds._snapshot import ResourceEntry, make_entry
 from smc.xds._traffic_model import _T, TrafficPolicy, _sockaddr, log
 from smc.xds._traffic_observe import observe_tcp
+from smc.xds._traffic_upstream import cluster_settings
 from smc.xds._types import CLUSTER, LISTENER
 
 __all__ = [
@@ -87,23 +89,36 @@ def egress_parts(tp: TrafficPolicy, identity: str, *, route_match: RouteMatch) -
     http: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     tls: dict[int, set[str]] = {}
     tcp: dict[int, set[str]] = {}
+    # cluster target (host or address, port) -> the connection settings of an Egress naming
+    # an UpstreamTrafficSetting (the first policy's, in the policies' order)
+    settings: dict[tuple[str, int], dict[str, Any]] = {}
     for e in policies:
+        found, uts = _connection_settings(tp, e)
+        if not found:
+            continue  # names a setting that does not exist: ignored, like OSM
         matches = _http_matches(tp, e, route_match)
         for p in e.ports:
+            targets: list[str] = []
             if p.protocol == "http":
                 for h in e.hosts:
                     allowed = http.setdefault((h, p.number), {})
                     for m in matches:
                         allowed.setdefault(json.dumps(m, sort_keys=True), m)
+                targets = list(e.hosts)
             elif p.protocol == "https":
                 tls.setdefault(p.number, set()).update(e.hosts)
+                targets = list(e.hosts)
             else:
                 tcp.setdefault(p.number, set()).update(e.ip_addresses)
+                targets = [c.split("/")[0] for c in e.ip_addresses]
+            if uts:
+                for t in targets:
+                    settings.setdefault((t, p.number), uts)
     vhosts: list[dict[str, Any]] = []
     clusters: dict[str, ResourceEntry] = {}
     for (host, port), allowed in sorted(http.items()):
         name = egress_cluster_name(host, port)
-        clusters[name] = _dns_cluster(name, host, port)
+        clusters[name] = _dns_cluster(name, host, port, settings.get((host, port)))
         domains = [f"{host}:{port}"] + ([host] if port == 80 else [])
         vhosts.append(
             {
@@ -119,13 +134,14 @@ def egress_parts(tp: TrafficPolicy, identity: str, *, route_match: RouteMatch) -
         for host in sorted(hosts):
             if not host.startswith("*."):
                 name = egress_cluster_name(host, port)
-                clusters[name] = _dns_cluster(name, host, port)
+                clusters[name] = _dns_cluster(name, host, port, settings.get((host, port)))
     for port, cidrs in tcp.items():
         for cidr in sorted(cidrs):
             net = ipaddress.ip_network(cidr)
             if net.num_addresses == 1:
-                name = egress_cluster_name(str(net.network_address), port)
-                clusters[name] = _static_cluster(name, str(net.network_address), port)
+                address = str(net.network_address)
+                name = egress_cluster_name(address, port)
+                clusters[name] = _static_cluster(name, address, port, settings.get((address, port)))
     return EgressParts(
         vhosts=tuple(vhosts),
         clusters=tuple(clusters[k] for k in sorted(clusters)),
@@ -133,6 +149,28 @@ def egress_parts(tp: TrafficPolicy, identity: str, *, route_match: RouteMatch) -
         tls=tuple((p, tuple(sorted(h))) for p, h in sorted(tls.items())),
         tcp=tuple((p, tuple(sorted(c))) for p, c in sorted(tcp.items())),
     )
+
+
+def _connection_settings(tp: TrafficPolicy, e: EgressPolicy) -> tuple[bool, dict[str, Any]]:
+    """The cluster fields of the UpstreamTrafficSetting an Egress names in its ``matches``
+    (OSM: its connection settings, i.e. circuit breakers, connect timeout, requests per
+    connection, on the Egress's clusters); False when it names one that does not exist."""
+    for ref in e.matches:
+        if ref.kind != "UpstreamTrafficSetting":
+            continue
+        uts = tp.settings.get((e.namespace, ref.name))
+        if uts is None:
+            log.warning(
+                "Egress %s/%s: UpstreamTrafficSetting %s does not exist; the Egress is ignored",
+                e.namespace,
+                e.name,
+                ref.name,
+            )
+            return False, {}
+        fields = cluster_settings(uts)
+        fields.pop("outlier_detection", None)  # connection settings only, as in OSM
+        return True, fields
+    return True, {}
 
 
 def _http_matches(
@@ -159,12 +197,15 @@ def _http_matches(
     return tuple(out)
 
 
-def _dns_cluster(name: str, host: str, port: int) -> ResourceEntry:
+def _dns_cluster(
+    name: str, host: str, port: int, settings: dict[str, Any] | None = None
+) -> ResourceEntry:
     spec = {
+        "connect_timeout": "2s",
+        **(settings or {}),
         "name": name,
         "type": "STRICT_DNS",
         "dns_lookup_family": "V4_PREFERRED",
-        "connect_timeout": "2s",
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _sockaddr(host, port)}}]}],
@@ -173,11 +214,14 @@ def _dns_cluster(name: str, host: str, port: int) -> ResourceEntry:
     return make_entry(json_format.ParseDict(spec, cluster_pb2.Cluster()), type_url=CLUSTER)
 
 
-def _static_cluster(name: str, address: str, port: int) -> ResourceEntry:
+def _static_cluster(
+    name: str, address: str, port: int, settings: dict[str, Any] | None = None
+) -> ResourceEntry:
     spec = {
+        "connect_timeout": "2s",
+        **(settings or {}),
         "name": name,
         "type": "STATIC",
-        "connect_timeout": "2s",
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _sockaddr(address, port)}}]}],

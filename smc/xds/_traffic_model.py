@@ -69,6 +69,8 @@ class TrafficPolicy:
     enable_egress: bool = True
     #: HTTPRouteGroups an Egress names in its ``matches``, by (namespace, name).
     route_groups: dict[tuple[str, str], HTTPRouteGroup] = field(default_factory=dict)
+    #: Every UpstreamTrafficSetting by (namespace, name) (an Egress's ``matches`` name them).
+    settings: dict[tuple[str, str], UpstreamTrafficSetting] = field(default_factory=dict)
     observability: Observability = Observability(
         access_log={"enabled": True, "format": "json", "path": "/dev/stdout"}, tracing=None
     )
@@ -111,6 +113,9 @@ def _evaluate(policy: PolicyProjection) -> TrafficPolicy:
             for dest in r.destinations:
                 tp.retries.setdefault((r.source.identity, dest), r)
         elif isinstance(r, UpstreamTrafficSetting):
+            tp.settings[(r.namespace, r.name)] = r
+            if not r.service:  # an external host: only for the Egress policies naming it
+                continue
             if r.service in tp.upstream:
                 log.warning(
                     "UpstreamTrafficSetting %s/%s: %s already has settings from %s; ignored",
