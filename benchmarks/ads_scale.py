@@ -17,8 +17,12 @@ only the fields a client needs (resources are skipped, not decoded). Its CPU tim
 next to the server's.
 
 Usage: python benchmarks/ads_scale.py [--sizes 1000,3000,10000] [--services 1000]
-       [--endpoints 10] [--changes 5] [--conns 10] [--mode sotw|delta]
-       [--out benchmarks/results/ads_scale.json]
+       [--endpoints 10] [--changes 5] [--conns 10] [--mode sotw|delta] [--procs 1]
+       [--server smc|floor-aio|floor-uvloop|floor-sync] [--out benchmarks/results/ads_scale.json]
+``--procs P``: P server processes share the port (SO_REUSEPORT; the kernel spreads the load
+generator's connections over them), each a replica holding every proxy's snapshot and
+publishing a change to the proxies connected to it; CPU and memory are summed over them.
+``--server floor-*``: the minimal servers of ``ads_floor.py`` (what gRPC alone costs).
 """
 
 from __future__ import annotations
@@ -115,22 +119,94 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))]
 
 
-def run_size(binary: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
-    parent, child = mp.Pipe()
-    if args.server == "smc":
-        target: Any = _server_main
-        target_args: tuple[Any, ...] = (child, n, args.services, args.endpoints)
-    else:
-        from ads_floor import floor_main
+class _Servers:
+    """The server process(es): one, or ``procs`` sharing one port with SO_REUSEPORT (each a
+    replica holding every proxy's snapshot, publishing to the proxies connected to it)."""
 
-        target = floor_main
-        target_args = (child, n, args.services, args.endpoints, args.server.split("-", 1)[1])
-        os.environ["ADS_FLOOR_STREAMS"] = str(n)
-    proc = mp.get_context("spawn").Process(target=target, args=target_args)
-    proc.start()
+    def __init__(self, n: int, procs: int, args: argparse.Namespace) -> None:
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        ctx = mp.get_context("spawn")
+        port = 0
+        for i in range(procs):
+            parent, child = mp.Pipe()
+            if args.server == "smc":
+                target: Any = _server_main
+                target_args: tuple[Any, ...] = (
+                    child,
+                    n,
+                    args.services,
+                    args.endpoints,
+                    False,
+                    port,
+                    procs > 1,
+                )
+            else:
+                from ads_floor import floor_main
+
+                target = floor_main
+                target_args = (
+                    child,
+                    n,
+                    args.services,
+                    args.endpoints,
+                    args.server.split("-", 1)[1],
+                )
+                os.environ["ADS_FLOOR_STREAMS"] = str(n)
+            proc = ctx.Process(target=target, args=target_args)
+            proc.start()
+            self.procs.append(proc)
+            self.conns.append(parent)
+            info = parent.recv()
+            if i == 0:
+                self.info = info
+                port = info["port"]
+            self.info_all = [info] if i == 0 else [*self.info_all, info]
+
+    def stats(self) -> dict[str, Any]:
+        for c in self.conns:
+            c.send("stats")
+        got = [c.recv() for c in self.conns]
+        return {
+            "cpu": sum(g["cpu"] for g in got),
+            "rss": sum(g["rss"] for g in got),
+            "gc_s": sum(g.get("gc_s", 0.0) for g in got),
+            "gc": got[0].get("gc"),
+        }
+
+    def change(self, index: int) -> dict[str, Any]:
+        for c in self.conns:
+            c.send(("change", index))
+        got = [c.recv() for c in self.conns]
+        versions = {g["eds_version"] for g in got}
+        if len(versions) != 1:
+            raise RuntimeError(f"server processes disagree on the EDS version: {versions}")
+        return {
+            "eds_version": got[0]["eds_version"],
+            "t0_ns": min(g["t0_ns"] for g in got),
+            "publish_s": max(g["publish_s"] for g in got),
+        }
+
+    def rss_snapshots(self) -> int:
+        return int(sum(i["rss_snapshots"] for i in self.info_all))
+
+    def stop(self) -> None:
+        for c in self.conns:
+            c.send("stop")
+        for c in self.conns:
+            if c.poll(30):
+                c.recv()
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def run_size(binary: Path, n: int, procs: int, args: argparse.Namespace) -> dict[str, Any]:
+    servers = _Servers(n, procs, args)
     gen: LoadGen | None = None
     try:
-        info = parent.recv()
+        info = servers.info
         gen = LoadGen(
             binary,
             [
@@ -142,18 +218,19 @@ def run_size(binary: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
                 f"-ready-timeout={args.storm_timeout}s",
             ],
         )
-        parent.send("stats")
-        before = parent.recv()
+        before = servers.stats()
         gen_cpu0 = gen.cpu_s()
         gen.send("start")
         ready = gen.event()
-        parent.send("stats")
-        storm = parent.recv()
+        storm = servers.stats()
         gen.send("stats")
         stats = gen.event()
+        rss_snapshots = servers.rss_snapshots()
         result: dict[str, Any] = {
             "streams": n,
             "mode": args.mode,
+            "server": args.server,
+            "server_processes": procs,
             "services": args.services,
             "endpoints": args.services * args.endpoints,
             "conns": args.conns,
@@ -161,9 +238,9 @@ def run_size(binary: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "storm_ready": ready["ready"],
             "storm_server_cpu_s": storm["cpu"] - before["cpu"],
             "storm_loadgen_cpu_s": gen.cpu_s() - gen_cpu0,
-            "server_rss_snapshots_mb": info["rss_snapshots"] / 2**20,
+            "server_rss_snapshots_mb": rss_snapshots / 2**20,
             "server_rss_connected_mb": storm["rss"] / 2**20,
-            "memory_per_stream_mb": (storm["rss"] - info["rss_snapshots"]) / n / 2**20,
+            "memory_per_stream_mb": (storm["rss"] - rss_snapshots) / n / 2**20,
             "streams_lost_in_storm": stats["lost"],
             "loss_codes": stats["codes"],
             "loss_errors": stats.get("errors", {}),
@@ -172,19 +249,16 @@ def run_size(binary: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         if ready["ready"] == n:
             time.sleep(1.0)
             for k in range(args.changes):
-                parent.send("stats")
-                pre = parent.recv()
+                pre = servers.stats()
                 gcpu = gen.cpu_s()
-                parent.send(("change", k * 7919))
-                change = parent.recv()
+                change = servers.change(k * 7919)
                 gen.send(f"wait {change['eds_version']} {change['t0_ns']} {args.change_timeout}")
                 conv = gen.event()
-                # CPU until every ACK is in: wait until the server's CPU stops moving.
+                # CPU until every ACK is in: wait until the servers' CPU stops moving.
                 cpu_prev = -1.0
                 while True:
                     time.sleep(0.3)
-                    parent.send("stats")
-                    after = parent.recv()
+                    after = servers.stats()
                     if after["cpu"] - cpu_prev < 0.01:
                         break
                     cpu_prev = after["cpu"]
@@ -198,9 +272,7 @@ def run_size(binary: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
                         "publish_s": change["publish_s"],
                         # the idle polling of this loop is counted too (tiny: the server idles)
                         "server_cpu_s": after["cpu"] - pre["cpu"],
-                        "server_gc_s": after.get("gc_s", 0.0) - pre.get("gc_s", 0.0),
-                        "gc_before": pre.get("gc"),
-                        "gc_after": after.get("gc"),
+                        "server_gc_s": after["gc_s"] - pre["gc_s"],
                         "loadgen_cpu_s": gen.cpu_s() - gcpu,
                     }
                 )
@@ -226,12 +298,7 @@ def run_size(binary: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if gen is not None:
             gen.close()
-        parent.send("stop")
-        if parent.poll(30):
-            parent.recv()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
+        servers.stop()
 
 
 def main() -> None:
@@ -245,6 +312,12 @@ def main() -> None:
     parser.add_argument("--storm-timeout", type=float, default=300.0)
     parser.add_argument("--change-timeout", type=float, default=60.0)
     parser.add_argument(
+        "--procs",
+        default="1",
+        help="server processes sharing the port (SO_REUSEPORT), each a replica of the "
+        "snapshots; a comma-separated list runs each",
+    )
+    parser.add_argument(
         "--server",
         default="smc",
         choices=["smc", "floor-aio", "floor-uvloop", "floor-sync", "floor-aio-nocompress"],
@@ -255,28 +328,29 @@ def main() -> None:
     binary = build_loadgen()
     results = []
     for n in [int(x) for x in args.sizes.split(",") if x.strip()]:
-        load = os.getloadavg()[0]
-        r = run_size(binary, n, args)
-        r["load_average_before"] = load
-        r["server"] = args.server
-        results.append(r)
-        storm = r["storm_all_acked_s"]
-        storm_text = f"{storm:.1f} s" if storm is not None else f"NOT all ({r['storm_ready']})"
-        print(
-            f"{r['mode']} {n:>6} streams ({r['services']} services, {r['endpoints']} endpoints, "
-            f"{r['conns']} conns, load {load:.1f}): storm -> all ACKed "
-            f"{storm_text}, "
-            f"lost {r['streams_lost_total']} {r['loss_codes'] or ''}, mem/stream "
-            f"{r['memory_per_stream_mb'] * 1024:.0f} KB"
-            + (
-                f", change p50 {r['change_p50_s'] * 1000:.0f} ms p99 "
-                f"{r['change_p99_s'] * 1000:.0f} ms, server CPU/stream/change "
-                f"{r['server_cpu_ms_per_stream_per_change']:.3f} ms"
-                if "change_p50_s" in r
-                else ""
-            ),
-            flush=True,
-        )
+        for procs in [int(x) for x in args.procs.split(",") if x.strip()]:
+            load = os.getloadavg()[0]
+            r = run_size(binary, n, procs, args)
+            r["load_average_before"] = load
+            results.append(r)
+            storm = r["storm_all_acked_s"]
+            storm_text = f"{storm:.1f} s" if storm is not None else f"NOT all ({r['storm_ready']})"
+            print(
+                f"{r['mode']} {n:>6} streams, {r['server_processes']} server process(es) "
+                f"({r['services']} services, {r['endpoints']} endpoints, "
+                f"{r['conns']} conns, load {load:.1f}): storm -> all ACKed "
+                f"{storm_text}, "
+                f"lost {r['streams_lost_total']} {r['loss_codes'] or ''}, mem/stream "
+                f"{r['memory_per_stream_mb'] * 1024:.0f} KB"
+                + (
+                    f", change p50 {r['change_p50_s'] * 1000:.0f} ms p99 "
+                    f"{r['change_p99_s'] * 1000:.0f} ms, server CPU/stream/change "
+                    f"{r['server_cpu_ms_per_stream_per_change']:.3f} ms"
+                    if "change_p50_s" in r
+                    else ""
+                ),
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -232,6 +232,8 @@ _PROFILE: Any = None  # cProfile.Profile while profiling
 
 #: Set in the server process by ``--traffic-policy`` (see the module docstring).
 _TRAFFIC = False
+#: (port, reuse_port) of the server process (see _server_main).
+_PORT = (0, False)
 
 
 def _traffic_policy() -> Any:
@@ -271,10 +273,20 @@ def _traffic_policy() -> Any:
 
 
 def _server_main(
-    conn: Connection, streams: int, services: int, endpoints: int, traffic: bool = False
+    conn: Connection,
+    streams: int,
+    services: int,
+    endpoints: int,
+    traffic: bool = False,
+    port: int = 0,
+    reuse_port: bool = False,
 ) -> None:
-    global _TRAFFIC
+    """Entry point of the server process. ``port``/``reuse_port``: several server processes
+    share one port (SO_REUSEPORT), each publishing to the proxies connected to it, as replicas
+    of one log do (benchmarks/ads_scale.py --procs)."""
+    global _TRAFFIC, _PORT
     _TRAFFIC = traffic
+    _PORT = (port, reuse_port)
     # SMC_BENCH_PROFILE=PATH: write the server's cProfile stats there; from the first change
     # only (the connect storm left out) when SMC_BENCH_PROFILE_CHANGES is set too.
     global _PROFILE
@@ -320,7 +332,7 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
     publish_all_s = time.monotonic() - t0
     server = AdsServer(cache=cache)
     _track_gc()
-    port = await server.start()  # applies smc.xds.tune_gc()
+    port = await server.start(port=_PORT[0], reuse_port=_PORT[1])  # applies smc.xds.tune_gc()
     _tune_gc()
     server.mark_ready()
     rss_snapshots = _rss_bytes()
@@ -366,12 +378,16 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
             t_ns = time.time_ns()
             t = time.monotonic()
             entry = make_entry(_cla(names[index], index, endpoints, extra=extra))
-            for node in nodes:
+            # Sharing the port with other processes: only the proxies connected here, as a
+            # replica's controller builds only for the node ids that connected to it.
+            targets = [n for n in nodes if cache.watched(n)] if _PORT[1] else nodes
+            targets = targets or nodes[:1]  # (the EDS version reported below comes from it)
+            for node in targets:
                 snap = cache.get(node)
                 assert snap is not None
                 cache.set_snapshot(node_id=node, snapshot=snap.replace(upsert=[entry]))
             publish_s = time.monotonic() - t
-            version = cache.get(nodes[0]).version(ENDPOINT)  # type: ignore[union-attr]
+            version = cache.get(targets[0]).version(ENDPOINT)  # type: ignore[union-attr]
             conn.send(
                 {
                     "t0": t,

@@ -106,8 +106,8 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str], tuple[int, int]]] = 
     "ads_scale": (
         "ads_scale.py",
         "--out",
-        ["--sizes", "1000,3000,10000", "--changes", "5"],
-        ["--sizes", "1000,3000", "--changes", "3"],
+        ["--sizes", "1000,3000,10000", "--changes", "5", "--procs", "1,2", "--conns", "20"],
+        ["--sizes", "1000,3000", "--changes", "3", "--procs", "1,2", "--conns", "20"],
         (3600, 900),
     ),
     "ads_replicas": (
@@ -533,7 +533,12 @@ def figures_ads_scale(r: dict[str, Any]) -> list[Figure]:
     out = []
     for m in r.get("results", []):
         n = m["streams"]
-        label = f"{m['mode']}, {n:,} streams, {m['services']} svc / {m['endpoints']} ep"
+        procs = m.get("server_processes", 1)
+        label = (
+            f"{m['mode']}, {n:,} streams, {m['services']} svc / {m['endpoints']} ep, "
+            f"{procs} server process{'es' if procs > 1 else ''}"
+        )
+        n_p = f"{n:,}, {procs} proc"
         storm = m.get("storm_all_acked_s")
         out.append(
             _target(b, f"connect storm -> all ACKed ({label})", storm, "s", below=60.0)
@@ -541,23 +546,23 @@ def figures_ads_scale(r: dict[str, Any]) -> list[Figure]:
             else _info(b, f"connect storm -> all ACKed ({label})", storm, "s")
         )
         lost = _target(
-            b, f"streams lost ({n:,})", m.get("streams_lost_total"), "count", below=1, shown="0"
+            b, f"streams lost ({n_p})", m.get("streams_lost_total"), "count", below=1, shown="0"
         )
         out.append(replace(lost, ratio=None))
         p99_target = 0.1 if n <= 1000 else 2.0 if n >= 10_000 else None
         if p99_target is not None:
             out.append(
                 _target(
-                    b, f"change -> all, p99 ({n:,})", m.get("change_p99_s"), "s", below=p99_target
+                    b, f"change -> all, p99 ({n_p})", m.get("change_p99_s"), "s", below=p99_target
                 )
             )
         else:
-            out.append(_info(b, f"change -> all, p99 ({n:,})", m.get("change_p99_s"), "s"))
-        out.append(_info(b, f"change -> all, p50 ({n:,})", m.get("change_p50_s"), "s"))
+            out.append(_info(b, f"change -> all, p99 ({n_p})", m.get("change_p99_s"), "s"))
+        out.append(_info(b, f"change -> all, p50 ({n_p})", m.get("change_p50_s"), "s"))
         out.append(
             _target(
                 b,
-                f"server CPU per stream per change ({n:,})",
+                f"server CPU per stream per change ({n_p})",
                 m.get("server_cpu_ms_per_stream_per_change"),
                 "ms",
                 below=0.1,
@@ -565,7 +570,7 @@ def figures_ads_scale(r: dict[str, Any]) -> list[Figure]:
             )
         )
         out.append(
-            _target(b, f"memory per stream ({n:,})", m.get("memory_per_stream_mb"), "MB", below=0.1)
+            _target(b, f"memory per stream ({n_p})", m.get("memory_per_stream_mb"), "MB", below=0.1)
         )
     return out
 

@@ -105,6 +105,10 @@ class SnapshotCache:
 
         return unwatch
 
+    def watched(self, node_id: str) -> bool:
+        """Whether a stream watches ``node_id`` here (in this process)."""
+        return node_id in self._watches
+
     def watch_count(self) -> int:
         with self._lock:
             return sum(len(b) for b in self._watches.values())

@@ -227,12 +227,20 @@ class AdsServer(SotwServer, DeltaServer):
         )
 
     async def start(
-        self, *, host: str = "127.0.0.1", port: int = 0, tls: ServerTLS | None = None
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ServerTLS | None = None,
+        reuse_port: bool = False,
     ) -> int:
         """Start an own grpc.aio server on ``host:port`` (0: any free port); returns the port.
 
         With ``tls`` the port speaks TLS only and requires a client certificate from
-        ``tls.client_ca_pems``; the server must have an ``authorize`` hook."""
+        ``tls.client_ca_pems``; the server must have an ``authorize`` hook. With ``reuse_port``
+        the socket is bound with SO_REUSEPORT, so several server processes of the same user
+        (replicas of the log) can share one port and the kernel spreads new connections over
+        them (see docs/ads-scale.md); without it, a taken port is an error."""
         if self._server is not None:
             raise RuntimeError("AdsServer already started")
         tune_gc()  # see smc.xds._gc: the default threshold costs 15-40% of a change's CPU
@@ -245,7 +253,7 @@ class AdsServer(SotwServer, DeltaServer):
             options=[
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # A connect storm (every proxy of a restarted replica at once): gRPC core holds
                 # the streams this loop has not picked up yet in a pending queue and, by
                 # default, cancels those past 1,000 (3,000 hard) or 30 s old. They wait
