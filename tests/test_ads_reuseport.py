@@ -9,6 +9,8 @@ are shared by several processes (cores). Each server holds its own cache of the 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -16,6 +18,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from smc.testing.serve import ServeProcess
 from smc.xds import CLUSTER, AdsServer, Snapshot, SnapshotCache, make_entry
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -87,3 +90,95 @@ async def test_a_taken_port_is_an_error_without_reuse_port() -> None:
                 await AdsServer(cache=SnapshotCache()).start(port=port, reuse_port=reuse)
     finally:
         await first.stop(grace=0)
+
+
+VM = b"""
+apiVersion: smc.dev/v1alpha1
+kind: MeshService
+metadata: {name: web, namespace: demo}
+spec:
+  backing: vm
+  selector: {app: web}
+  ports: [{name: http, port: 8080, protocol: http}]
+---
+apiVersion: smc.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: web-1, namespace: demo, labels: {app: web}}
+spec:
+  address: 127.0.0.1
+  serviceAccount: web
+  ports: [{name: http, port: 8080, protocol: http}]
+"""
+
+
+async def test_serve_replicas_share_the_ads_port(tmp_path: Path) -> None:
+    """Two ``smc serve`` on one log, both with --xds-reuseport on the same --xds port: the
+    proxies' connections are spread over both, and every proxy gets the same versions."""
+    first = ServeProcess(tmp_path, args=["--xds-reuseport", "--ca-listen", "off"])
+    second: ServeProcess | None = None
+    try:
+        first.wait_ready()
+        second = ServeProcess(
+            tmp_path,
+            xds_host=None,
+            log_url=f"sqlite:///{tmp_path / 'log.db'}",
+            args=[
+                "--xds",
+                f"127.0.0.1:{first.xds_port}",
+                "--xds-reuseport",
+                "--xds-plaintext",
+                "--ca",
+                "follow",
+                "--keys",
+                str(tmp_path / "keys"),
+                "--ca-listen",
+                "off",
+            ],
+        )
+        second.wait_ready()
+        status, body = await asyncio.to_thread(
+            first.request,
+            "/v1/apply",
+            method="POST",
+            body=VM,
+            headers={"Content-Type": "application/yaml"},
+        )
+        assert status == 200, body
+        opened: list[tuple[grpc.aio.Channel, Any]] = []
+        try:
+            for _ in range(CONNECTIONS):
+                channel = grpc.aio.insecure_channel(
+                    f"127.0.0.1:{first.xds_port}",
+                    options=[("grpc.use_local_subchannel_pool", 1)],
+                )
+                call = channel.stream_stream(
+                    "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+                    "StreamAggregatedResources",
+                    request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                    response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+                )()
+                opened.append((channel, call))
+                await call.write(
+                    discovery_pb2.DiscoveryRequest(
+                        node=base_pb2.Node(id="demo/web-1"), type_url=CLUSTER
+                    )
+                )
+            answers = await asyncio.gather(
+                *(asyncio.wait_for(call.read(), 60) for _, call in opened)
+            )
+            assert len({a.version_info for a in answers}) == 1, answers
+            served = []
+            for replica in (first, second):
+                status, body = await asyncio.to_thread(replica.request, "/debug/proxies")
+                assert status == 200, body
+                served.append(sum(1 for p in body["proxies"] if p["node_id"] == "demo/web-1"))
+            assert sum(served) == CONNECTIONS, served
+            assert all(served), f"one replica got every connection: {served}"
+        finally:
+            for channel, call in opened:
+                call.cancel()
+                await channel.close()
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()

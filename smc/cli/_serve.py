@@ -117,6 +117,7 @@ async def _serve(
     clouds: dict[str, dict[str, str]] | None = None,
     group_interval: float = 5.0,
     auth: ApiAuthOptions | None = None,
+    xds_reuseport: bool = False,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -127,6 +128,8 @@ async def _serve(
         if xds_addr is not None
         else None
     )
+    if xds is not None:
+        xds.reuse_port = xds_reuseport
     # the API listens before the runner starts: /readyz answers 503 until it has caught up
     closers, side_tasks = await _start_api(
         runner,
@@ -325,6 +328,14 @@ async def _serve(
     "--xds-tls or this flag (cleartext keys: for tests and isolated networks only; warned).",
 )
 @click.option(
+    "--xds-reuseport",
+    is_flag=True,
+    help="Bind the ADS port with SO_REUSEPORT: several replicas of the log on this host (run by "
+    "the same user) share the --xds port and the kernel spreads the proxies' connections over "
+    "them, so pushes use every core. Each replica needs its own --http port and --ca-listen "
+    "(or off); see docs/ads-scale.md.",
+)
+@click.option(
     "--workload-keys",
     type=click.Choice(["agent", "control-plane"]),
     default="agent",
@@ -377,6 +388,7 @@ def serve(
     ca_listen: str,
     token_audience: str,
     xds_plaintext: bool,
+    xds_reuseport: bool,
     workload_keys: str,
     clouds: tuple[str, ...],
     vm_group_interval: float,
@@ -536,6 +548,7 @@ def serve(
                 clouds=parse_clouds(clouds),
                 group_interval=vm_group_interval,
                 auth=options_from(auth_kwargs),
+                xds_reuseport=xds_reuseport,
             )
         )
     except SMCError as exc:

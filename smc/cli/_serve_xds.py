@@ -178,6 +178,8 @@ class _Xds:
         self.runner = runner
         self.follow = follow
         self.tls = tls
+        #: ``--xds-reuseport``: bind ADS with SO_REUSEPORT (replicas on one host share it).
+        self.reuse_port = False
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if factory is None and not follow:
             self._tmp = tempfile.TemporaryDirectory(prefix="smc-ca-")
@@ -363,7 +365,12 @@ class _Xds:
         try:
             server_tls = await self._server_tls(runner_task) if self.tls is not None else None
             try:
-                port = await self.server.start(host=self.addr[0], port=self.addr[1], tls=server_tls)
+                port = await self.server.start(
+                    host=self.addr[0],
+                    port=self.addr[1],
+                    tls=server_tls,
+                    reuse_port=self.reuse_port,
+                )
             except (OSError, RuntimeError) as exc:
                 raise ApiError(
                     f"cannot serve xDS on {self.addr[0]}:{self.addr[1]}: {exc}; choose another "
