@@ -10,7 +10,8 @@ one write plus one read, so SMC's server can be compared with it.
 
 Variants (``kind``): ``aio`` (grpc.aio, asyncio's default loop: what SMC uses), ``uvloop``
 (grpc.aio on uvloop), ``sync`` (the thread-per-stream grpc server: one thread writes, one
-reads each stream), ``aio-nocompress`` (grpc.aio with compression disabled per write).
+reads each stream). gRPC compresses nothing unless asked (no compression is configured on
+either side), so there is no compression to turn off.
 
 Concurrency: runs in its own process (spawned by ads_scale.py); aio variants on one loop, the
 sync variant on a thread pool of two threads per stream.
@@ -98,14 +99,14 @@ def floor_main(conn: Connection, streams: int, services: int, endpoints: int, ki
         import uvloop
 
         uvloop.install()
-    asyncio.run(_aio_main(conn, bodies, compress_off=kind == "aio-nocompress"))
+    asyncio.run(_aio_main(conn, bodies))
 
 
 def _answer_stats(conn: Connection) -> None:
     conn.send({"rss": _rss_bytes(), "cpu": _cpu(), "bytes_sent": 0})
 
 
-async def _aio_main(conn: Connection, bodies: _Bodies, *, compress_off: bool) -> None:
+async def _aio_main(conn: Connection, bodies: _Bodies) -> None:
     loop = asyncio.get_running_loop()
     queues: list[asyncio.Queue[bytes | None]] = []
 
@@ -131,8 +132,6 @@ async def _aio_main(conn: Connection, bodies: _Bodies, *, compress_off: bool) ->
                 if body is None:
                     return
                 nonce += 1
-                if compress_off:
-                    context.set_compression(grpc.Compression.NoCompression)
                 await context.write(body + _nonce(nonce))
         finally:
             reader.cancel()

@@ -320,7 +320,7 @@ def main() -> None:
     parser.add_argument(
         "--server",
         default="smc",
-        choices=["smc", "floor-aio", "floor-uvloop", "floor-sync", "floor-aio-nocompress"],
+        choices=["smc", "floor-aio", "floor-uvloop", "floor-sync"],
         help="smc: SMC's AdsServer; floor-*: the minimal server of ads_floor.py (gRPC's floor)",
     )
     parser.add_argument("--out", default=str(BENCH / "results" / "ads_scale.json"))

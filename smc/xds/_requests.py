@@ -75,7 +75,7 @@ def names_bytes(head: Any) -> bytes:
     return data
 
 
-def names_digest(data: bytes) -> bytes:
+def names_digest(data: bytes | memoryview) -> bytes:
     """A 128-bit digest of :func:`names_bytes` output (same names in the same order)."""
     return xxh3_128_digest(data)
 

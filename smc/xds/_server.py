@@ -79,6 +79,7 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry
 
 from smc.ca import SpiffeId
@@ -144,6 +145,13 @@ _MAX_PENDING_SECONDS = 86_400  # no time limit in practice: a stream waits, neve
 
 
 # ---------------------------------------------------------------------- server
+
+
+_UNPARSABLE = object()
+
+
+def _raw(data: bytes) -> bytes:
+    return data
 
 
 def _version_of(types: Mapping[str, TypeResources], type_url: str) -> str:
@@ -213,7 +221,7 @@ class AdsServer(SotwServer, DeltaServer):
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.StreamAggregatedResources,
-                request_deserializer=RequestHead.FromString,
+                request_deserializer=_raw,  # parsed in _serve, after the plain-ACK check
                 response_serializer=_serialize,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
@@ -406,7 +414,7 @@ class AdsServer(SotwServer, DeltaServer):
 
     async def StreamAggregatedResources(
         self,
-        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
     ) -> None:
         await self._serve(request_iterator, context, "sotw")
@@ -435,9 +443,23 @@ class AdsServer(SotwServer, DeltaServer):
             stream.identity, stream.authorized = found, False
         queue = stream.queue
 
+        sotw = kind == "sotw"
+
         async def read() -> None:
             try:
                 async for request in requests:
+                    if sotw:
+                        # SotW requests arrive as bytes: a plain ACK is applied without parsing
+                        # (see SotwServer._plain_ack), anything else is parsed here.
+                        if queue.empty() and stream.node_id and self._plain_ack(stream, request):
+                            if stream.due:
+                                stream.wake()
+                            continue
+                        try:
+                            request = RequestHead.FromString(request)
+                        except DecodeError:
+                            queue.put_nowait(_UNPARSABLE)
+                            return
                     if queue.empty() and stream.node_id and request.type_url:
                         # Applied here, without a hop through the queue and the handler task
                         # (most requests are plain ACKs that need no push): nothing is queued
@@ -486,6 +508,11 @@ class AdsServer(SotwServer, DeltaServer):
             stream.changed = False
             stream.due = True
             return False
+        if item is _UNPARSABLE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "request is not a DiscoveryRequest"
+            )
+            return True
         if not item.type_url:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request has no type_url")
             return True

@@ -41,6 +41,8 @@ _NAME_SETS_KEPT = 4096  # distinct SotW subscriptions shared between streams
 
 class _TypeState:
     __slots__ = (
+        "ack_head",
+        "ack_tail",
         "acked_version",
         "added",
         "cur_key",
@@ -68,6 +70,10 @@ class _TypeState:
         # from a named request): an ACK repeating the same names skips building their set.
         self.names_digest: bytes | None = None
         self.nonce: str | None = None
+        # SotW: the wire bytes a plain ACK of the last response starts with (its version_info)
+        # and ends with (type_url, response_nonce); see SotwServer._plain_ack.
+        self.ack_head = b""
+        self.ack_tail = b""
         self.sent_version: str | None = None
         self.acked_version: str | None = None
         self.pending = False
