@@ -903,6 +903,29 @@ async def test_request_without_node_id_is_refused(ads: Ads) -> None:
         assert "node.id" in (err.value.details() or "")
 
 
+async def test_unparsable_request_ends_the_stream(ads: Ads) -> None:
+    """SotW requests reach the server as bytes (a plain ACK is recognised without parsing):
+    bytes that are no DiscoveryRequest end the stream with INVALID_ARGUMENT, after a good
+    first request as before it."""
+    ads.cache.set_snapshot(node_id=NODE, snapshot=small_snapshot(a=(1,)))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ads.port}") as channel:
+        call = channel.stream_stream(
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+            request_serializer=lambda data: data,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )()
+        first = discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=NODE), type_url=CLUSTER)
+        await call.write(first.SerializeToString())
+        resp = await asyncio.wait_for(call.read(), 5)
+        assert resp.type_url == CLUSTER
+        await call.write(b"\xff\xff\xff\xff")  # a truncated varint tag: not a message
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(call.read(), 5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a DiscoveryRequest" in (err.value.details() or "")
+    assert ads.server.proxies() == []
+
+
 async def test_snapshot_set_from_another_thread_wakes_stream(ads: Ads) -> None:
     ads.cache.set_snapshot(node_id=NODE, snapshot=small_snapshot(a=(1,)))
     async with raw(ads) as c:
