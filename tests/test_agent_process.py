@@ -258,9 +258,10 @@ async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
         cp.close()
 
 
-def test_a_symlinked_sds_dir_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["smc.agent"], ["smc.cli", "agent"]])
+def test_a_symlinked_sds_dir_is_refused(tmp_path: Path, command: list[str]) -> None:
     """Someone who may write the proxy dir points ``smc-sds`` elsewhere: the agent refuses to
-    start rather than write the key there."""
+    start rather than write the key there (``smc agent`` becomes ``python -m smc.agent``)."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proxy = tmp_path / "proxy"
@@ -271,13 +272,13 @@ def test_a_symlinked_sds_dir_is_refused(tmp_path: Path) -> None:
     )
     done = subprocess.run(
         [
-            sys.executable, "-m", "smc.agent", "--node-id", "ns/p", "--ca-address",
+            sys.executable, "-m", *command, "--node-id", "ns/p", "--ca-address",
             "127.0.0.1:1", "--ca-bundle", str(tmp_path / "ca.pem"), "--proxy-dir", str(proxy),
             "--token-file", str(tmp_path / "token"),
         ],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert done.returncode == 1
+    assert done.returncode == 1, done.stderr
     assert "smc-sds" in done.stderr and "not a directory" in done.stderr
     assert not any(elsewhere.iterdir())
 
