@@ -16,7 +16,7 @@ the load average around each phase, and writes ``benchmarks/results/api_writes.j
 Concurrency: one process (the clients share one event loop); serve is a child process.
 
 Usage: python benchmarks/api_writes.py [--applies 2000] [--clients 50] [--large 20000]
-       [--skip-kafka] [--out FILE]
+       [--skip-kafka] [--sealed] [--out FILE]
 """
 
 from __future__ import annotations
@@ -153,8 +153,22 @@ async def _large(creds: ClientCredentials, n: int, *, form: str, first: int) -> 
     }
 
 
+def _writers(tmp: Path) -> list[str]:
+    """``--writers DIR`` with an api writer issued by a local CA: every append sealed (one
+    signature per group-commit round and partition)."""
+    from smc.audit import issue_writer
+    from smc.ca import LocalIssuer
+
+    ca = LocalIssuer(directory=tmp / "writer-ca", trust_domain="cluster.local")
+    issue_writer(
+        ca, trust_domain="cluster.local", role="api", name="bench", directory=tmp / "w" / "api"
+    )
+    return ["--writers", str(tmp / "w")]
+
+
 def _run(tmp: Path, log_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    serve = ServeProcess(tmp, xds_host=None, log_url=log_url)
+    extra = _writers(tmp) if args.sealed else []
+    serve = ServeProcess(tmp, args=extra, xds_host=None, log_url=log_url)
     try:
         serve.wait_ready(timeout=120)
         creds, pid = serve.credentials, serve.proc.pid
@@ -213,6 +227,9 @@ def main() -> int:
     ap.add_argument("--large", type=int, default=20_000)
     ap.add_argument("--skip-kafka", action="store_true")
     ap.add_argument(
+        "--sealed", action="store_true", help="Serve seals every append (--writers, an api writer)."
+    )
+    ap.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "api_writes.json"
     )
     args = ap.parse_args()
@@ -225,6 +242,7 @@ def main() -> int:
             "load_average_at_start": os.getloadavg(),
         },
         "targets": TARGETS,
+        "sealed": args.sealed,
     }
     with tempfile.TemporaryDirectory(prefix="smc-bench-api-") as d:
         tmp = Path(d)
