@@ -21,48 +21,21 @@ from smc.ca import LocalIssuer, certificate_event
 from smc.cli import cli
 from smc.events import Signer, SqliteLog
 from smc.identity._groupjoin import join_user_data
+from smc.testing.manifests import client_server_yaml
 
 TD = "cluster.local"
-MESH = """
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: server, namespace: demo}
-spec:
-  backing: vm
-  selector: {app: server}
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {name: routes, namespace: demo}
-spec:
-  matches:
-  - {name: get-api, pathRegex: "/api", methods: [GET]}
----
-apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {name: client-to-server, namespace: demo}
-spec:
-  destination: {kind: ServiceAccount, name: server, namespace: demo}
-  rules: [{kind: HTTPRouteGroup, name: routes, matches: [get-api]}]
-  sources: [{kind: ServiceAccount, name: client, namespace: demo}]
----
+VMS = """
 apiVersion: smc.dev/v1alpha1
 kind: VirtualMachine
 metadata: {name: client-1, namespace: demo}
-spec:
-  address: 127.0.0.9
-  serviceAccount: client
-  ports: [{name: http, port: 8080, protocol: http}]
+spec: {address: 127.0.0.9, serviceAccount: client, ports: [{name: http, port: 8080}]}
 ---
 apiVersion: smc.dev/v1alpha1
 kind: VirtualMachine
 metadata: {name: server-1, namespace: demo, labels: {app: server}}
-spec:
-  address: 127.0.0.10
-  serviceAccount: server
-  ports: [{name: http, port: 8080, protocol: http}]
+spec: {address: 127.0.0.10, serviceAccount: server, ports: [{name: http, port: 8080}]}
 """
+MESH = client_server_yaml("demo", target="client-to-server") + "---\n" + VMS
 # commands that print something other than data: daemons, a shell script, a diff
 NOT_DATA = {"agent", "serve", "demo", "completion", "diff"}
 
