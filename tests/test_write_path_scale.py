@@ -245,3 +245,75 @@ def test_console_timeline_takes_late_records_without_resorting_the_log(tmp_path:
             index.setdefault(r.aggregate, []).append(i)
         assert timeline._by_aggregate == index
     log.close()
+
+
+def test_one_pass_yaml_decoding_answers_as_the_general_path() -> None:
+    """Alias-free documents are checked and built in one pass; every answer (value, or the
+    rejection's reason) equals the general path's, on random documents with duplicate keys,
+    merge keys, complex keys, tags and every scalar kind."""
+    from smc.smi._load import MAX_DEPTH, MAX_NODES, _compose, _DocumentRejected
+
+    rng = random.Random(19)
+    scalars = ["1", "01", "0x1f", "1.5", "true", "no", "null", "~", "2001-12-14", "'q'", '"d"',
+               "!!str 7", "!!binary aGk=", "!!int x", "!custom v", "2001-13-45t", "abc"]  # fmt: skip
+
+    def value(depth: int) -> str:
+        r = rng.random()
+        if depth > 3 or r < 0.5:
+            return rng.choice(scalars)
+        if r < 0.75:
+            return "[" + ", ".join(value(depth + 1) for _ in range(rng.randrange(4))) + "]"
+        return mapping(depth + 1)
+
+    def mapping(depth: int) -> str:
+        keys = ["a", "b", "c", "1", "'1'", "<<", "[x]", "!!set {a}", "? complex"]
+        items = [
+            f"{rng.choice(keys[:4] if rng.random() < 0.9 else keys)}: {value(depth)}"
+            for _ in range(rng.randrange(5))
+        ]
+        return "{" + ", ".join(items) + "}"
+
+    outcomes: set[str] = set()
+    for _ in range(1500):
+        doc = mapping(0)
+
+        def answer(plain: bool, doc: str = doc) -> object:
+            try:
+                return ("ok", _compose(doc, MAX_NODES, MAX_DEPTH, plain=plain))
+            except _DocumentRejected as exc:
+                return ("rejected", exc.reason)
+
+        general = answer(False)
+        assert answer(True) == general, doc
+        reason = str(general[1])
+        outcomes.add(
+            str(general[0])
+            + (":dup" if "duplicate" in reason else "")
+            + (":scalar" if "is not a valid" in reason else "")
+        )
+    assert outcomes == {"ok", "rejected", "rejected:dup", "rejected:scalar"}
+
+
+def test_a_scalar_yaml_cannot_convert_is_a_rejected_document_not_a_crash() -> None:
+    """``!!int x`` or a 13th month made PyYAML raise ValueError out of load_documents (an
+    HTTP 500 for the API); now the document is refused, the value and its place named."""
+    bad = (
+        "apiVersion: smc.dev/v1alpha1\nkind: MeshService\nmetadata: {name: !!int x, namespace: a}\n"
+    )
+    good = _svc_doc("fine")
+    loaded = load_documents(f"{bad}---\n{good}---\nwhen: 2001-13-45\n", source="req")
+    assert [r.name for r in loaded.resources] == ["fine"]
+    reasons = {e.document: e.reason for e in loaded.errors}
+    assert (
+        reasons["req#1"].startswith("invalid YAML: 'x' is not a valid int")
+        and "line 3" in reasons["req#1"]
+    )
+    assert "'2001-13-45' is not a valid timestamp" in reasons["req#3"]
+
+
+def _svc_doc(name: str) -> str:
+    return (
+        "apiVersion: smc.dev/v1alpha1\nkind: MeshService\n"
+        f"metadata: {{name: {name}, namespace: a}}\n"
+        "spec: {ports: [{name: http, port: 80, protocol: http}], selector: {app: x}}\n"
+    )

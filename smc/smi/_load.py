@@ -209,7 +209,7 @@ def _decode_yaml(chunk: str, max_bytes: int, max_nodes: int, max_depth: int) -> 
     if size > max_bytes:
         raise _DocumentRejected(f"document is {size} bytes, larger than the limit of {max_bytes}")
     if _bounded(chunk, max_nodes, max_depth):
-        return _compose(chunk, max_nodes, max_depth)
+        return _compose(chunk, max_nodes, max_depth, plain=True)
     # Pass 1: events only (no recursion anywhere) to bound nesting and raw node count, so that
     # composing the node graph in pass 2 cannot exhaust the C stack.
     loader: Any = _Loader(chunk)
@@ -249,9 +249,12 @@ def _bounded(chunk: str, max_nodes: int, max_depth: int) -> bool:
     return opens <= max_depth
 
 
-def _compose(chunk: str, max_nodes: int, max_depth: int) -> object:
+def _compose(chunk: str, max_nodes: int, max_depth: int, *, plain: bool = False) -> object:
     # Pass 2: compose, check the expanded size (aliases counted every time they are used),
-    # recursion and duplicate keys, then construct plain Python values.
+    # recursion and duplicate keys, then construct plain Python values. ``plain``: the text
+    # was proven bounded and alias-free (:func:`_bounded`), so only duplicate keys can be
+    # wrong and one pass (:func:`_plain`) checks and builds; anything unusual in it (a merge
+    # key, a non-scalar key, another tag, an error) takes the general path below instead.
     loader: Any = _Loader(chunk)
     try:
         try:
@@ -264,14 +267,98 @@ def _compose(chunk: str, max_nodes: int, max_depth: int) -> object:
             raise
         if node is None:
             return None
+        if plain:
+            try:
+                return _plain(loader, node)
+            except _DocumentRejected:
+                raise
+            except Exception:  # the general path gives the canonical answer
+                _fresh(loader)
         _check_nodes(node, max_nodes)
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # a tagged or timestamp-like scalar PyYAML cannot convert ("!!int x",
+            # "2001-13-45"): a rejected document, not a crash
+            raise _DocumentRejected(f"invalid YAML: {_bad_scalar(loader, node, exc)}") from None
     except yaml.YAMLError as exc:
         raise _DocumentRejected(f"invalid YAML: {_yaml_reason(exc)}") from None
     except RecursionError:
         raise _DocumentRejected(f"document is nested deeper than {max_depth} levels") from None
     finally:
         loader.dispose()
+
+
+_STR, _MAP, _SEQ = (f"tag:yaml.org,2002:{t}" for t in ("str", "map", "seq"))
+
+
+class _General(Exception):
+    """Not for :func:`_plain`: decode with the general path."""
+
+
+def _plain(loader: Any, node: yaml.Node) -> object:
+    """The value of an alias-free node graph, rejecting duplicate keys exactly as
+    :func:`_check_nodes` does (same test on key tag and text, same first one in the same
+    order), built directly: strings, mappings and sequences without PyYAML's generic
+    constructor, other scalars by it."""
+    if isinstance(node, yaml.ScalarNode):
+        if node.tag == _STR:
+            return node.value
+        try:
+            return loader.construct_object(node, deep=True)
+        except (ValueError, TypeError, OverflowError):
+            raise _General from None  # the general path names it
+    if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
+        return [_plain(loader, child) for child in node.value]
+    if not (isinstance(node, yaml.MappingNode) and node.tag == _MAP):
+        raise _General
+    out: dict[Any, Any] = {}
+    seen: set[tuple[str, str]] = set()
+    for k, v in node.value:
+        if not isinstance(k, yaml.ScalarNode) or k.value == "<<":
+            raise _General  # merge keys and complex keys: PyYAML's own rules
+        ident = (k.tag, k.value)
+        if ident in seen:
+            line = k.start_mark.line + 1 if k.start_mark is not None else "?"
+            raise _DocumentRejected(f"duplicate key {k.value!r} (line {line} of the document)")
+        seen.add(ident)
+        out[_plain(loader, k)] = _plain(loader, v)
+    return out
+
+
+def _fresh(loader: Any) -> None:
+    """Forget a construction that raised half-way (PyYAML would take its nodes for
+    recursive ones)."""
+    loader.constructed_objects = {}
+    loader.recursive_objects = {}
+    loader.state_generators = []
+    loader.deep_construct = False
+
+
+def _bad_scalar(loader: Any, root: yaml.Node, exc: Exception) -> str:
+    """Where the first scalar PyYAML cannot convert is (in construction order) and why."""
+    stack: list[yaml.Node] = [root]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == _STR:
+                continue
+            _fresh(loader)
+            try:
+                loader.construct_object(node, deep=True)
+            except (ValueError, TypeError, OverflowError, yaml.YAMLError) as bad:
+                mark = node.start_mark
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                return f"{node.value!r} is not a valid {node.tag.rsplit(':', 1)[-1]}: {bad}{where}"
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(reversed([n for pair in node.value for n in pair]))
+    return str(exc)
 
 
 def _check_nodes(root: yaml.Node, max_nodes: int) -> None:
