@@ -241,6 +241,13 @@ async def test_yaml_bomb_and_huge_body_then_server_still_answers(tmp_path: Path)
         deep = "[" * 5000 + "]" * 5000
         status, body = await api.post("/v1/apply", deep)
         assert 400 <= status < 500
+        # scalars PyYAML cannot convert: refused documents naming the value, never a 500
+        for bad, named in (
+            ("name: !!int x", "'x' is not a valid int"),
+            ("when: 2001-13-45", "month"),
+        ):
+            status, body = await api.post("/v1/apply", f"kind: MeshService\n{bad}\n")
+            assert status == 422 and named in body["errors"][0]["reason"], body
         assert await api.get("/healthz") == (200, {"status": "ok"})
         status, _ = await api.post("/v1/apply", json.dumps(GROUP))
         assert status == 200
