@@ -21,7 +21,9 @@ snapshot, or the change history no longer reaches back to the last response (a l
 snapshot built afresh rather than by :meth:`Snapshot.replace`), the whole requested set of that
 type is sent again unless its content is what the client holds. An ACK repeating the same
 names is recognised by a digest of its serialised names: requests are parsed without decoding
-the names (:mod:`smc.xds._requests`), so an ACK costs no work per name. Delta sends only what
+the names (:mod:`smc.xds._requests`), so an ACK costs no work per name; a SotW request that is,
+byte for byte, a plain ACK of the last response with the same names is not parsed at all
+(:meth:`smc.xds._server_sotw.SotwServer._plain_ack`). Delta sends only what
 changed plus ``removed_resources`` and honours ``initial_resource_versions``. Pushes go in
 the order CDS -> EDS -> LDS -> RDS -> SDS and at most one response is in flight per stream and
 type; LDS and RDS wait while a CDS or EDS response is un-ACKed (make-before-break: Envoy ACKs
@@ -48,8 +50,12 @@ rotates the server certificate and the client CA bundle (dynamic gRPC credential
 before each handshake): new connections get the new material, open streams keep theirs.
 
 Concurrency: everything runs on the one event loop of the grpc.aio server. Each stream is one
-handler coroutine plus one reader task feeding a queue; snapshot changes arrive as a callback from
-the cache that enqueues a single coalesced wake-up. Per-stream state is a few slotted objects:
+handler coroutine plus one reader task, which applies requests itself when nothing is queued
+ahead of them (they need no push, or it wakes the handler) and otherwise queues them for the
+handler; snapshot changes arrive as a callback from the cache that enqueues a single coalesced
+wake-up. A push marks a response pending before its write completes (its ACK may be applied by
+the reader first). ``start`` raises the garbage collector's young threshold
+(:mod:`smc.xds._gc`) and, with ``reuse_port``, lets several server processes share the port. Per-stream state is a few slotted objects:
 per type the subscription (names interned), the last nonce, the version sent and ACKed, and (SotW)
 one content key or (delta) the ``name -> version`` map the client holds.
 
