@@ -342,3 +342,47 @@ def service_n(i: int) -> Any:
     from eventgen import service
 
     return service(100 + i, event_id=str(uuid.uuid4()))
+
+
+def test_version_1_seals_still_verify(writers: dict[str, Path], tmp_path: Path) -> None:
+    """Logs sealed before seal version 2 (a sha256 per record, no link, no principals) keep
+    verifying; an edit under such a seal is still found."""
+    import dataclasses
+    import sqlite3
+    import time
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from smc.events import PARTITION, Position, Seal, SqliteLog, batch_head, genesis
+    from smc.events import record_digest as digest
+
+    db = tmp_path / "v1.db"
+    log = SqliteLog(db)
+    log.append(same_aggregate(3, "v1"))  # unsealed, then sealed the version-1 way
+    recs = log.read(start=Position(), max_records=10)
+    signer = Signer.from_dir(writers["operator"])
+    prev = genesis("smc.registry", 0)
+    head = batch_head(prev, [digest(r.key.encode(), r.value) for r in recs])
+    seal = Seal(
+        PARTITION, signer.key_id, bytes(8), 3, prev, int(time.time() * 1000), b"",
+        signer.certs, 1,
+    )  # fmt: skip
+    sig = signer._key.sign(  # the writer's own key, as an older SMC signed
+        seal.signed_bytes("smc.registry", 0, head), ec.ECDSA(hashes.SHA256())
+    )
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "UPDATE events SET seal = ? WHERE seq = 2",
+        (dataclasses.replace(seal, signature=sig).encode(),),
+    )
+    conn.commit()
+    trust = load_trust(writers["operator"] / "trust.pem")
+    report = verify_log(log, trust)
+    assert report.ok and report.verified == 3, report.findings
+    (v,) = conn.execute("SELECT value FROM events WHERE seq = 1").fetchone()
+    conn.execute("UPDATE events SET value = ? WHERE seq = 1", (v.replace(b"svc1", b"svc8"),))
+    conn.commit()
+    conn.close()
+    assert [f.kind for f in verify_log(log, trust).findings] == ["bad-signature"]
+    log.close()
