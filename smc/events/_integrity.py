@@ -280,8 +280,6 @@ class Signer:
         self._introduced: set[tuple[str, int]] = set()
         #: Principals vouched for (actor -> (basis, groups)): see :meth:`vouch`.
         self._vouched: dict[str, tuple[str, tuple[str, ...]]] = {}
-        #: The last seal this signer committed per partition: (offset, head) (links).
-        self.last_seal: dict[tuple[str, int], tuple[int, bytes]] = {}
 
     @classmethod
     def from_files(
@@ -385,16 +383,11 @@ class Signer:
         sig = self._key.sign(seal.signed_bytes(stream, partition, head), _ECDSA)
         return dataclasses.replace(seal, signature=sig), head
 
-    def committed(
-        self, stream: str, partition: int, *, head: bytes, mode: int, offset: int = -1
-    ) -> None:
+    def committed(self, stream: str, partition: int, *, head: bytes, mode: int) -> None:
         """Record that a sealed batch is durable: the certificates are published there, and
-        (``WRITER`` mode) the session's chain in that partition moved to ``head``; ``offset``
-        (the seal's record) is kept to link this signer's next batch there."""
+        (``WRITER`` mode) the session's chain in that partition moved to ``head``."""
         with self._lock:
             self._introduced.add((stream, partition))
-            if offset >= 0:
-                self.last_seal[(stream, partition)] = (offset, head)
             if mode == WRITER:
                 self._heads[(stream, partition)] = head
 

@@ -32,6 +32,8 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import OffsetSpec as _OffsetSpec  # type: ignore[attr-defined]
 
 from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
@@ -119,6 +121,9 @@ class KafkaLog:
         }
         #: Reads a partition's last seal before a sealed append (under ``_lock``).
         self._tail: Consumer | None = None
+        #: The last seal this log appended per partition: (offset, head), for links.
+        self._last_seals: dict[tuple[str, int], tuple[int, bytes]] = {}
+        self._admin: AdminClient | None = None
         self._partitions: dict[str, list[int]] | None = None
         self._assigned: Position | None = None
         self._tps: list[TopicPartition] = []
@@ -260,13 +265,15 @@ class KafkaLog:
         heads: list[tuple[str, int, bytes, int]] = []
         principals = signer.principals_for(ev.envelope.actor for ev in events)
         with self._lock:
+            highs = self._high_watermarks(list(groups))
             for (stream, p), batch in groups.items():
                 prev = signer.writer_prev(stream, p)
                 seal, head = signer.seal(
                     stream=stream, partition=p, mode=WRITER, prev=prev,
                     keys=[key for _, _, key, _ in batch],
                     values=[value for _, _, _, value in batch],
-                    link=self._last_seal(stream, p, signer), principals=principals,
+                    link=self._last_seal(stream, p, highs[(stream, p)]),
+                    principals=principals,
                 )  # fmt: skip
                 last = len(batch) - 1
                 heads.append((stream, p, head, batch[last][0]))
@@ -293,32 +300,56 @@ class KafkaLog:
         if failures:
             raise LogUnavailable(f"Kafka refused records: {'; '.join(failures[:5])}")
         for stream, p, head, i in heads:
+            signer.committed(stream, p, head=head, mode=WRITER)
             got = results[i]
-            signer.committed(
-                stream, p, head=head, mode=WRITER, offset=got.offset if got is not None else -1
-            )
+            if got is not None:
+                self._last_seals[(stream, p)] = (got.offset, head)
         return [r for r in results if r is not None]
 
-    def _last_seal(self, stream: str, partition: int, signer: Signer) -> tuple[int, bytes] | None:
+    def _high_watermarks(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The partitions' high watermarks, in one request to the broker (ListOffsets);
+        partition by partition (with retries) when that request fails."""
+        if self._admin is None:
+            self._admin = AdminClient(
+                {k: v for k, v in self._consumer_config.items() if k not in _CONSUMER_ONLY}
+            )
+        latest = _OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        asked = {TopicPartition(self.prefix + s, p): latest for s, p in tps}
+        try:
+            futures = self._admin.list_offsets(asked, request_timeout=self.timeout)
+            got = {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+            return {(s, p): int(got[(self.prefix + s, p)]) for s, p in tps}
+        except (KafkaException, KeyError, ValueError):
+            if self._tail is None:
+                self._tail = Consumer(
+                    {**self._consumer_config, "group.id": f"smc-tail-{uuid.uuid4()}"}
+                )
+            return {(s, p): self._high_watermark(self._tail, self.prefix + s, p) for s, p in tps}
+
+    def _last_seal(self, stream: str, partition: int, high: int) -> tuple[int, bytes] | None:
         """The partition's last seal as the broker has it now (offset, head), for the link
-        of the next batch: this signer's own last seal when nothing came after it, else the
-        last seal among the partition's last 64 records (version 2 seals carry their head).
-        None when the partition holds no such seal. Called under ``_lock``."""
+        of the next batch: the last one this log appended when nothing came after it, else
+        the last seal among the partition's last 64 records (version 2 seals carry their
+        head). None when there is no such seal. Called under ``_lock``."""
         topic = self.prefix + stream
+        mine = self._last_seals.get((stream, partition))
+        if high <= 0:
+            return None
+        if mine is not None and mine[0] == high - 1:
+            return mine
         if self._tail is None:
             self._tail = Consumer({**self._consumer_config, "group.id": f"smc-tail-{uuid.uuid4()}"})
-        high = self._high_watermark(self._tail, topic, partition)
-        mine = signer.last_seal.get((stream, partition))
-        if high <= 0 or (mine is not None and mine[0] == high - 1):
-            return mine if high > 0 else None
-        start = max(0, high - 64, mine[0] + 1 if mine is not None else 0)
+        start = max(0, high - 64, mine[0] + 1 if mine is not None and mine[0] < high else 0)
         self._tail.assign([TopicPartition(topic, partition, start)])
-        found = mine
+        found = mine if mine is not None and mine[0] < high else None
         deadline = time.monotonic() + self.timeout
         offset = start
         while offset < high and time.monotonic() < deadline:
+            got = self._tail.consume(num_messages=high - offset, timeout=0.5)
+            if not got:
+                break  # nothing more to read now: link to the last seal seen
             msg: Any
-            for msg in self._tail.consume(num_messages=high - offset, timeout=0.5):
+            for msg in got:
                 if msg.error() is not None:
                     continue
                 at: int = msg.offset()
@@ -609,6 +640,10 @@ class KafkaLog:
 
 
 _message_error = Message.error
+#: Consumer settings an admin client does not take.
+_CONSUMER_ONLY = frozenset(
+    {"enable.auto.commit", "isolation.level", "enable.partition.eof", "fetch.wait.max.ms"}
+)
 _TS = operator.itemgetter(1)
 #: Record from a 10-tuple without a Python frame (the namedtuple's __new__ is Python code).
 _new_record: Any = partial(tuple.__new__, Record)

@@ -175,8 +175,8 @@ class SqliteLog:
         except sqlite3.Error as exc:
             raise self._append_error(exc) from exc
         if signer is not None:
-            for stream, head, offset in sealed:
-                signer.committed(stream, 0, head=head, mode=PARTITION, offset=offset)
+            for stream, head, _ in sealed:
+                signer.committed(stream, 0, head=head, mode=PARTITION)
         with self._cond:
             self._cond.notify_all()
         return out
