@@ -346,8 +346,9 @@ class KafkaLog:
         offset = start
         while offset < high and time.monotonic() < deadline:
             got = self._tail.consume(num_messages=high - offset, timeout=0.5)
-            if not got:
-                break  # nothing more to read now: link to the last seal seen
+            if not got or all(m.error() is not None for m in got):
+                # nothing more to read now (or not allowed to read: a write-only principal)
+                break
             msg: Any
             for msg in got:
                 if msg.error() is not None:
