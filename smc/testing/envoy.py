@@ -31,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,8 +206,11 @@ def ads_bootstrap(
     stats_sink: bool = False,
     stats_flush_s: float = 1.0,
     transport_socket: dict[str, Any] | None = None,
+    runtime: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a bootstrap that gets LDS and CDS (hence EDS/RDS/SDS) over one ADS stream.
+
+    ``runtime``: a static runtime layer (Envoy runtime keys, e.g. a tracer's flush interval).
 
     ``transport_socket`` (instead of ``tls``): the ADS cluster's transport socket as is, e.g.
     :func:`smc.agent.ads_tls_transport_socket` (mTLS with the SMC agent's certificate).
@@ -247,8 +250,12 @@ def ads_bootstrap(
         if stats_sink
         else {}
     )
+    layers: dict[str, Any] = {}
+    if runtime:
+        layers["layered_runtime"] = {"layers": [{"name": "static", "static_layer": dict(runtime)}]}
     return {
         **sink,
+        **layers,
         "node": {"id": node_id, "cluster": cluster},
         "stats_config": mesh_stats_config(node_id),
         "admin": {"address": _socket_address("127.0.0.1", admin_port)},
@@ -295,10 +302,13 @@ class EnvoyProcess:
         cwd: Path | None = None,
         wrap: Callable[[list[str]], list[str]] | None = None,
         admin_host: str = "127.0.0.1",
+        args: Sequence[str] = (),
     ) -> None:
         """``wrap`` turns Envoy's command line into the one to run (e.g. inside a pod's network
         namespace as the proxy's UID, :meth:`smc.testing.netns.Pod.argv`); ``admin_host`` is
-        where the admin interface is reached then (the bootstrap must bind it there)."""
+        where the admin interface is reached then (the bootstrap must bind it there); ``args``:
+        more command-line options (e.g. ``--file-flush-interval-msec 100``)."""
+        self._args = list(args)
         self._bootstrap = dict(bootstrap)
         #: Envoy's working directory (relative paths in its config, e.g. the SMC agent's
         #: file-based SDS, resolve there); None: this process's.
@@ -356,6 +366,7 @@ class EnvoyProcess:
                 self._log_level,
                 "--concurrency",
                 str(self._concurrency),
+                *self._args,
             ]
             if self._wrap is not None:
                 cmd = self._wrap(cmd)

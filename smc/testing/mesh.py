@@ -29,6 +29,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -500,9 +501,18 @@ class Sidecar:
                 await proc.wait()
         return proc.returncode
 
-    def start_envoy(self, *, ads_port: int, delta: bool, stats_sink: bool = False) -> None:
+    def start_envoy(
+        self,
+        *,
+        ads_port: int,
+        delta: bool,
+        stats_sink: bool = False,
+        runtime: dict[str, Any] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         """Start the Envoy; ``stats_sink``: it streams its stats to the control plane (the
-        traffic edges of the console's map)."""
+        traffic edges of the console's map); ``runtime``: Envoy runtime keys; ``args``: more
+        Envoy command-line options."""
         boot = ads_bootstrap(
             node_id=self.node_id,
             cluster=self.name,
@@ -511,6 +521,7 @@ class Sidecar:
             delta=delta,
             admin_port=free_port(),
             stats_sink=stats_sink,
+            runtime=runtime,
             transport_socket=(
                 ads_tls_transport_socket(ca_pem=self._ca_pem, server_san="127.0.0.1")
                 if self._has_agent
@@ -521,6 +532,7 @@ class Sidecar:
             bootstrap=boot,
             workdir=self.workdir / f"envoy-{self.name}-{'delta' if delta else 'sotw'}",
             log_level="warning",
+            args=args,
             # the agent's file-based SDS paths are relative to the Envoy's working directory
             cwd=self.proxy_dir if self._has_agent else None,
         )

@@ -100,8 +100,16 @@ class PodAppSidecar:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"the driver of pod {self.name} did not answer in 30 s")
 
-    def start_envoy(self, *, ads_port: int, delta: bool) -> None:
-        """Start the sidecar in the pod as the proxy's UID (admin on the pod's address)."""
+    def start_envoy(
+        self,
+        *,
+        ads_port: int,
+        delta: bool,
+        runtime: dict[str, Any] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        """Start the sidecar in the pod as the proxy's UID (admin on the pod's address);
+        ``runtime``: Envoy runtime keys; ``args``: more Envoy command-line options."""
         from smc.testing.envoy import EnvoyProcess, ads_bootstrap, envoy_binary
         from smc.testing.netns import world_readable_copy
 
@@ -112,6 +120,7 @@ class PodAppSidecar:
             ads_port=ads_port,
             delta=delta,
             admin_port=ADMIN_PORT,
+            runtime=runtime,
         )
         boot["admin"] = {"address": {"socket_address": {"address": "0.0.0.0", "port_value": 15000}}}
         binary = world_readable_copy(envoy_binary(), self.net.workdir / "bin")
@@ -126,6 +135,7 @@ class PodAppSidecar:
             binary=binary,
             wrap=lambda argv: pod.argv(argv, uid=PROXY_UID, gid=PROXY_UID),
             admin_host=self.address,
+            args=args,
         )
         self.envoy.start()
 
