@@ -457,7 +457,12 @@ class AdsServer(SotwServer, DeltaServer):
                     if sotw:
                         # SotW requests arrive as bytes: a plain ACK is applied without parsing
                         # (see SotwServer._plain_ack), anything else is parsed here.
-                        if queue.empty() and stream.node_id and self._plain_ack(stream, request):
+                        if (
+                            not stream.pushing
+                            and queue.empty()
+                            and stream.node_id
+                            and self._plain_ack(stream, request)
+                        ):
                             if stream.due:
                                 stream.wake()
                             continue
@@ -466,12 +471,14 @@ class AdsServer(SotwServer, DeltaServer):
                         except DecodeError:
                             queue.put_nowait(_UNPARSABLE)
                             return
-                    if queue.empty() and stream.node_id and request.type_url:
+                    if not stream.pushing and queue.empty() and stream.node_id and request.type_url:
                         # Applied here, without a hop through the queue and the handler task
                         # (most requests are plain ACKs that need no push): nothing is queued
-                        # ahead of it, and the handler is not inside _handle (which never
-                        # waits but to end the stream). Only a push it makes due wakes the
-                        # handler.
+                        # ahead of it, the handler is not inside _handle (which never waits
+                        # but to end the stream) nor inside a push (a request applied between
+                        # two of its writes, e.g. an EDS unsubscribe answering its CDS, would
+                        # change what the rest of the push sends). Only a push it makes due
+                        # wakes the handler.
                         self._apply_request(stream, request)
                         if stream.due:
                             stream.wake()
@@ -638,6 +645,13 @@ class AdsServer(SotwServer, DeltaServer):
         )
 
     async def _push(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
+        stream.pushing = True
+        try:
+            await self._push_types(stream, context)
+        finally:
+            stream.pushing = False
+
+    async def _push_types(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
         stream.due = stream.blocked = False
         if not self._ready or not stream.node_id:
             return

@@ -146,6 +146,7 @@ class _Stream:
         "node_id",
         "nonces",
         "peer",
+        "pushing",
         "queue",
         "since",
         "types",
@@ -172,6 +173,9 @@ class _Stream:
         self.blocked = False
         self.since: float | None = None
         self.nonces = 0
+        # The handler is inside a push (maybe waiting for a write): requests wait in the queue
+        # until it is done, so a push computes every type against one state of the requests.
+        self.pushing = False
         self.unwatch: Unwatch | None = None
         self.unplaced_since: float | None = None
 
