@@ -39,6 +39,16 @@ spec: {address: 127.0.71.1, serviceAccount: web}
 """
 
 
+def policy(name: str) -> bytes:
+    return (
+        "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\n"
+        f"metadata: {{name: {name}, namespace: shop}}\n"
+        "spec:\n  destination: {kind: ServiceAccount, name: web, namespace: shop}\n"
+        "  rules: [{kind: TCPRoute, name: tcp}]\n"
+        "  sources: [{kind: ServiceAccount, name: client, namespace: shop}]\n"
+    ).encode()
+
+
 def test_serve_seals_per_role_and_skips_forgeries(tmp_path: Path) -> None:
     ca = LocalIssuer(directory=tmp_path / "ca", trust_domain=TD)
     writers = tmp_path / "writers"
@@ -57,6 +67,23 @@ def test_serve_seals_per_role_and_skips_forgeries(tmp_path: Path) -> None:
         serve.wait_ready()
         status, body = serve.request("/v1/apply", method="POST", body=MESH.encode())
         assert status == 200, body
+        # policy through the API, as the admin and as a principal with a grant: the API
+        # vouches for them in its seals, so the verifying projections apply both
+        status, body = serve.request("/v1/apply", method="POST", body=policy("by-admin"))
+        assert status == 200, body
+        serve.grant(
+            "bob-shop", ["bob"], ["apply"], resources=["traffictargets"], namespaces=["shop"]
+        )
+        status, body = serve.request(
+            "/v1/apply", method="POST", body=policy("by-bob"), headers={"X-SMC-Actor": "bob"}
+        )
+        assert status == 200, body
+
+        def applied() -> bool:
+            _, got = serve.request("/v1/policies")
+            return {"by-admin", "by-bob"} <= {p["name"] for p in got.get("items", got)}
+
+        eventually(applied, what="both policies applied", diag=serve.tail, wait=30)
         log = SqliteLog(db)
 
         def certs_on_log() -> bool:
