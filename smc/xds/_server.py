@@ -652,6 +652,7 @@ class AdsServer(SotwServer, DeltaServer):
             stream.pushing = False
 
     async def _push_types(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
+        """The push itself (``stream.pushing`` is set meanwhile, see :meth:`_push`)."""
         stream.due = stream.blocked = False
         if not self._ready or not stream.node_id:
             return
