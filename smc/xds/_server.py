@@ -281,20 +281,24 @@ class AdsServer(SotwServer, DeltaServer):
         self.add_to(server)
         for mount in self.services:
             mount(server)
-        if tls is None:
-            bound: int = server.add_insecure_port(f"{host}:{port}")
-        else:
-            self._trust_domain = tls.trust_domain
-            self._tls = tls
-            creds = grpc.dynamic_ssl_server_credentials(
-                tls.certificate_configuration(),
-                self._fetch_tls,
-                require_client_authentication=True,
-            )
-            bound = server.add_secure_port(f"{host}:{port}", creds)
-        if bound == 0:
-            raise OSError(f"cannot bind the ADS server to {host}:{port}")
-        await server.start()
+        try:
+            if tls is None:
+                bound: int = server.add_insecure_port(f"{host}:{port}")
+            else:
+                self._trust_domain = tls.trust_domain
+                self._tls = tls
+                creds = grpc.dynamic_ssl_server_credentials(
+                    tls.certificate_configuration(),
+                    self._fetch_tls,
+                    require_client_authentication=True,
+                )
+                bound = server.add_secure_port(f"{host}:{port}", creds)
+            if bound == 0:
+                raise OSError(f"cannot bind the ADS server to {host}:{port}")
+            await server.start()
+        except BaseException:
+            await server.stop(None)  # not left for the garbage collector to shut down
+            raise
         self._server, self._port = server, bound
         return bound
 
