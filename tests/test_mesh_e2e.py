@@ -210,11 +210,16 @@ class Mesh:
                     return False
         return True
 
-    async def wait_sync(self, timeout: float = 10.0) -> None:
+    async def wait_sync(self, timeout: float = 30.0) -> None:
+        """Wait until :meth:`in_sync` (a removal takes two rounds of ACKs: routes, then the
+        lingering clusters; on a loaded 2-core machine that can take well over 10 s)."""
         deadline = time.monotonic() + timeout
         while not self.in_sync():
             if time.monotonic() > deadline:
-                raise AssertionError(f"proxies not in sync: {self.acked()}")
+                raise AssertionError(
+                    f"proxies not in sync after {timeout}s: acked {self.acked()}\n"
+                    f"{self.cp.diagnosis()}"
+                )
             await asyncio.sleep(0.02)
 
 

@@ -110,13 +110,18 @@ def test_past_configs_equal_what_envoy_acked(tmp_path: Path, operator: Path) -> 
                 rows = [p for p in view.get("proxies", []) if p["node_id"] == client.node_id]
                 types = rows[0]["types"] if rows else {}
                 now = {t: s.get("acked_version") for t, s in types.items()}
+                # what serve publishes for the proxy now: under load its rebuild can come
+                # later than the runner's catch-up, and the old ACK would look settled
+                nodes = [n for n in view.get("nodes", []) if n["node_id"] == client.node_id]
+                current = (nodes[0].get("versions") or {}) if nodes else {}
                 busy = (
                     any(s.get("pending") for s in types.values())
                     or not all(now.values())
                     or not applied.covers(end)
+                    or any(current.get(t) != v for t, v in now.items() if t in current)
                 )
-                if busy or now != last:
-                    stable_since, last = time.monotonic(), now
+                if busy or (now, current) != last:
+                    stable_since, last = time.monotonic(), (now, current)
                 elif time.monotonic() - stable_since > 1.0:
                     return end, now  # type: ignore[return-value]
                 time.sleep(0.1)
