@@ -9,7 +9,7 @@ clusters with upstream mTLS and their endpoints, memoised per identity and per s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -236,6 +236,31 @@ class OutboundParts(_PassBase):
         deps: set[str],
         clusters: set[tuple[str, int]],
     ) -> dict[str, Any]:
+        return self.route_action(
+            root,
+            sp,
+            backends,
+            deps,
+            clusters,
+            cluster_name=outbound_cluster_name,
+            extra={"retry_policy": _RETRY},
+        )
+
+    def route_action(
+        self,
+        root: Service,
+        sp: ServicePort,
+        backends: Iterable[Any],
+        deps: set[str],
+        clusters: set[tuple[str, int]],
+        *,
+        cluster_name: Callable[[str, int], str],
+        extra: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The route action sending ``root``'s port ``sp`` to its split ``backends`` (weights
+        above zero whose service exists; the root itself when none does), naming clusters with
+        ``cluster_name`` and adding ``extra`` (e.g. a retry policy). Records the services it
+        depends on in ``deps`` and the (service, port) clusters it needs in ``clusters``."""
         weighted: list[tuple[str, int]] = []
         for b in backends:
             if b.weight <= 0:
@@ -247,17 +272,17 @@ class OutboundParts(_PassBase):
                 continue
             port = _matching_port(target, sp)
             clusters.add((key, port.port))
-            weighted.append((outbound_cluster_name(key, port.port), b.weight))
+            weighted.append((cluster_name(key, port.port), b.weight))
         if not weighted:
             clusters.add((root.key, sp.port))
-            return {"cluster": outbound_cluster_name(root.key, sp.port), "retry_policy": _RETRY}
+            return {"cluster": cluster_name(root.key, sp.port), **extra}
         if len(weighted) == 1:
-            return {"cluster": weighted[0][0], "retry_policy": _RETRY}
+            return {"cluster": weighted[0][0], **extra}
         return {
             "weighted_clusters": {
                 "clusters": [{"name": n, "weight": w} for n, w in weighted],
             },
-            "retry_policy": _RETRY,
+            **extra,
         }
 
     def lb_endpoints(self, service: str, port: int) -> list[dict[str, Any]]:

@@ -47,7 +47,7 @@ from envoy.config.route.v3 import route_pb2
 from smc.events import ServicePort
 from smc.projections import Service, Workload
 from smc.smi import HTTPMatch
-from smc.xds._builder import BuildPass, ProxyBuild, _domains, _matching_port, _parse, _sockaddr
+from smc.xds._builder import BuildPass, ProxyBuild, _domains, _parse, _sockaddr
 from smc.xds._identity import NodeRef, find_workload
 from smc.xds._snapshot import ResourceEntry, Snapshot, make_entry
 from smc.xds._types import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -321,24 +321,7 @@ def _action(
     deps: set[str],
     clusters: set[tuple[str, int]],
 ) -> dict[str, Any]:
-    weighted: list[tuple[str, int]] = []
-    for b in backends:
-        if b.weight <= 0:
-            continue
-        key = f"{root.namespace}/{b.service}"
-        deps.add(f"svc:{key}")
-        target = bp._service(key)
-        if target is None or not target.ports:
-            continue
-        port = _matching_port(target, sp)
-        clusters.add((key, port.port))
-        weighted.append((_route_name(key, port.port), b.weight))
-    if not weighted:
-        clusters.add((root.key, sp.port))
-        return {"cluster": _route_name(root.key, sp.port)}
-    if len(weighted) == 1:
-        return {"cluster": weighted[0][0]}
-    return {"weighted_clusters": {"clusters": [{"name": n, "weight": w} for n, w in weighted]}}
+    return bp.route_action(root, sp, backends, deps, clusters, cluster_name=_route_name, extra={})
 
 
 def _cluster(bp: BuildPass, service: str, port: int) -> Sequence[ResourceEntry]:
