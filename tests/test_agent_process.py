@@ -36,37 +36,14 @@ from smc.agent._files import read_secret
 from smc.auth import token_digest
 from smc.events import ProxyCertificateRevoked, deterministic_id, make_event
 from smc.projections import CertsProjection
+from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 
 pytestmark = [pytest.mark.envoy]
 
 NOBODY = 65534
 
-SETUP = """
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: server, namespace: aproc}
-spec:
-  backing: vm
-  selector: {app: server}
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {name: routes, namespace: aproc}
-spec:
-  matches:
-  - {name: all, pathRegex: "/.*", methods: [GET]}
----
-apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {name: to-server, namespace: aproc}
-spec:
-  destination: {kind: ServiceAccount, name: server, namespace: aproc}
-  rules: [{kind: HTTPRouteGroup, name: routes, matches: [all]}]
-  sources:
-  - {kind: ServiceAccount, name: client, namespace: aproc}
-"""
+SETUP = client_server_yaml("aproc", matches=[("all", "/.*", ["GET"])])
 
 
 def _status(pid: int) -> dict[str, str]:
