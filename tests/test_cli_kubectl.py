@@ -198,8 +198,13 @@ def test_bash_completion_completes_commands_and_kinds(tmp_path: Path) -> None:
 
 
 def test_get_watch_prints_changes_until_interrupted(tmp_path: Path, db: Path) -> None:
+    # Started as a shell without job control starts a background command: SIGINT ignored
+    # (`trap '' INT` is kept across exec). The watch must still end on SIGINT, as kubectl's.
     proc = subprocess.Popen(
         [
+            "sh",
+            "-c",
+            'trap \'\' INT; exec "$0" "$@"',
             sys.executable,
             "-m",
             "smc.cli",

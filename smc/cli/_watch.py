@@ -3,12 +3,15 @@
 Role: after ``get`` printed its list, :func:`watch` tails the log with the same runner and
 prints one line (table, name) or one event object (json, yaml: ``{"type": "MODIFIED"|
 "DELETED", "object": ...}``, as ``kubectl get -w -o json``) per changed object, until Ctrl-C
-(exit 0). Concurrency: one command per process; blocking reads on the main thread.
+(exit 0), also when the shell started it with SIGINT ignored (a background job: as kubectl, the
+watch installs its own handler). Concurrency: one command per process; blocking reads on the
+main thread.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +33,9 @@ def watch(what: str, runner: ProjectionRunner, current: Callable[[], Any], outpu
         return {f"{i['namespace']}/{i['name']}": i for i in data}
 
     seen = keyed(current())
+    # A shell without job control starts background commands with SIGINT ignored, and Python
+    # then never raises KeyboardInterrupt: Ctrl-C (or kill -INT) must still end a watch.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             recs = runner.log.read(start=runner.position, timeout=1.0)
