@@ -41,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 
 from smc.ca._ca_events import SOURCE, certificate_event, revocation_event, trust_bundle_event
 from smc.ca._errors import CAError, CAStateError, IssuerRejected, IssuerUnavailable
-from smc.ca._follower import CertificateFollower, follow_ca
+from smc.ca._follower import CertificateFollower, follow_ca, following_runner
 from smc.ca._keystore import KeyStore
 from smc.ca._model import IssuedCertificate, Issuer
 from smc.ca._options import IssuerFactory, issuer_factory_from_options, issuer_from_options
@@ -472,54 +472,42 @@ class CertificateController:
         self._own.clear()
         self._wake = asyncio.Event()
         wake = self._wake
-        self.runner.listeners.append(self._on_events)
-
-        async def stopper() -> None:
-            await stop.wait()
-            wake.set()
-
-        watcher = asyncio.create_task(stopper())
         try:
-            caught = asyncio.create_task(self.runner.caught_up.wait())
-            await asyncio.wait({caught, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            caught.cancel()
-            backoff = self.retry_initial
-            while not stop.is_set():
-                wake.clear()
-                try:
-                    result = await self.reconcile()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # never take `smc serve` down
-                    log.exception("certificate pass failed")
-                    result = ReconcileResult(unavailable=f"{type(exc).__name__}: {exc}")
-                if result.unavailable is not None:
-                    self.last_error = result.unavailable
-                    log.warning(
-                        "CA unavailable (%s); keeping current certificates, retrying in %.1fs",
-                        result.unavailable,
-                        backoff,
-                    )
-                    delay = backoff
-                    backoff = min(self.retry_max, backoff * 2)
-                    self._trust_checked = float("-inf")
-                else:
-                    if self.last_error is not None:
-                        log.info("CA available again")
-                    self.last_error = None
-                    backoff = self.retry_initial
-                    delay = self._delay(result, backoff)
-                if result.unavailable is not None:
-                    # during an outage, registry changes do not shorten the backoff
-                    await self._sleep_or_stop(stop, delay)
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), timeout=delay)
-                    await asyncio.sleep(0.02)  # gather a burst of events into one pass
+            async with following_runner(self.runner, self._on_events, stop=stop, wake=wake):
+                backoff = self.retry_initial
+                while not stop.is_set():
+                    wake.clear()
+                    try:
+                        result = await self.reconcile()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # never take `smc serve` down
+                        log.exception("certificate pass failed")
+                        result = ReconcileResult(unavailable=f"{type(exc).__name__}: {exc}")
+                    if result.unavailable is not None:
+                        self.last_error = result.unavailable
+                        log.warning(
+                            "CA unavailable (%s); keeping current certificates, retrying in %.1fs",
+                            result.unavailable,
+                            backoff,
+                        )
+                        delay = backoff
+                        backoff = min(self.retry_max, backoff * 2)
+                        self._trust_checked = float("-inf")
+                    else:
+                        if self.last_error is not None:
+                            log.info("CA available again")
+                        self.last_error = None
+                        backoff = self.retry_initial
+                        delay = self._delay(result, backoff)
+                    if result.unavailable is not None:
+                        # during an outage, registry changes do not shorten the backoff
+                        await self._sleep_or_stop(stop, delay)
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), timeout=delay)
+                        await asyncio.sleep(0.02)  # gather a burst of events into one pass
         finally:
-            watcher.cancel()
-            with contextlib.suppress(ValueError):
-                self.runner.listeners.remove(self._on_events)
             self._wake = None
 
     @staticmethod

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from smc.ca._errors import CAStateError
 from smc.ca._keystore import KeyStore
@@ -28,6 +28,34 @@ from smc.projections import (
 )
 
 log = logging.getLogger("smc.ca.controller")
+
+
+@contextlib.asynccontextmanager
+async def following_runner(
+    runner: ProjectionRunner,
+    listener: Callable[[list[Event]], None],
+    *,
+    stop: asyncio.Event,
+    wake: asyncio.Event,
+) -> AsyncIterator[None]:
+    """Listen to ``runner`` with ``listener`` and enter once it has caught up (or ``stop``
+    is set); while inside, ``stop`` also sets ``wake``. Leaving removes the listener."""
+    runner.listeners.append(listener)
+
+    async def stopper() -> None:
+        await stop.wait()
+        wake.set()
+
+    watcher = asyncio.create_task(stopper())
+    try:
+        caught = asyncio.create_task(runner.caught_up.wait())
+        await asyncio.wait({caught, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        caught.cancel()
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(ValueError):
+            runner.listeners.remove(listener)
 
 
 class CertificateFollower:
@@ -115,34 +143,22 @@ class CertificateFollower:
         """Wait until the runner caught up, then sync on every change until ``stop``."""
         self._loop = asyncio.get_running_loop()
         self._wake = wake = asyncio.Event()
-        self.runner.listeners.append(self._on_events)
-
-        async def stopper() -> None:
-            await stop.wait()
-            wake.set()
-
-        watcher = asyncio.create_task(stopper())
         try:
-            caught = asyncio.create_task(self.runner.caught_up.wait())
-            await asyncio.wait({caught, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            caught.cancel()
-            while not stop.is_set():
-                wake.clear()
-                try:
-                    retry = bool(await self.sync())
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # never take `smc serve` down
-                    log.exception("following the certificates on the log failed")
-                    retry = True
-                delay = self.retry_interval if retry else self.interval
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=delay)
-                await asyncio.sleep(0.02)  # gather a burst of events into one pass
+            async with following_runner(self.runner, self._on_events, stop=stop, wake=wake):
+                while not stop.is_set():
+                    wake.clear()
+                    try:
+                        retry = bool(await self.sync())
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # never take `smc serve` down
+                        log.exception("following the certificates on the log failed")
+                        retry = True
+                    delay = self.retry_interval if retry else self.interval
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout=delay)
+                    await asyncio.sleep(0.02)  # gather a burst of events into one pass
         finally:
-            watcher.cancel()
-            with contextlib.suppress(ValueError):
-                self.runner.listeners.remove(self._on_events)
             self._wake = None
 
 
