@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, cast
 
-from smc.smi._model import IdentityRef
-from smc.smi._osm_common import _cidr, _host, _matches, _service_account, _spec_json
+from smc.smi._osm_common import _cidr, _distinct, _host, _matches, _service_account, _spec_json
 from smc.smi._osm_model import (
     EgressPolicy,
     EgressPort,
@@ -36,24 +35,17 @@ def _egress(
         allowed=("sources", "hosts", "ipAddresses", "ports", "matches"),
         required=("sources", "ports"),
     )
-    sources: list[IdentityRef] = []
-    sp = _join(base, "sources")
-    for i, item in enumerate(r.sequence(body.get("sources"), sp, non_empty=True) or ()):
-        ref = _service_account(r, item, _idx(sp, i), namespace)
-        if ref is not None and ref not in sources:
-            sources.append(ref)
-    hosts: list[str] = []
-    hp = _join(base, "hosts")
-    for i, item in enumerate(r.sequence(body.get("hosts"), hp) or ()):
-        h = _host(r, item, _idx(hp, i))
-        if h is not None and h not in hosts:
-            hosts.append(h)
-    cidrs: list[str] = []
-    ip = _join(base, "ipAddresses")
-    for i, item in enumerate(r.sequence(body.get("ipAddresses"), ip) or ()):
-        c = _cidr(r, item, _idx(ip, i))
-        if c is not None and c not in cidrs:
-            cidrs.append(c)
+    sources = _distinct(
+        r,
+        body.get("sources"),
+        _join(base, "sources"),
+        lambda item, path: _service_account(r, item, path, namespace),
+        non_empty=True,
+    )
+    hosts = _distinct(r, body.get("hosts"), _join(base, "hosts"), lambda v, at: _host(r, v, at))
+    cidrs = _distinct(
+        r, body.get("ipAddresses"), _join(base, "ipAddresses"), lambda v, at: _cidr(r, v, at)
+    )
     ports: list[EgressPort] = []
     pp = _join(base, "ports")
     for i, item in enumerate(r.sequence(body.get("ports"), pp, non_empty=True) or ()):
@@ -160,11 +152,9 @@ def _ingress_backend(
                             _join(tp, "skipClientCertValidation"),
                         )
                     )
-                sp = _join(tp, "sniHosts")
-                for j, h in enumerate(r.sequence(tm.get("sniHosts"), sp) or ()):
-                    hv = _host(r, h, _idx(sp, j))
-                    if hv is not None and hv not in sni:
-                        sni.append(hv)
+                sni = _distinct(
+                    r, tm.get("sniHosts"), _join(tp, "sniHosts"), lambda v, at: _host(r, v, at)
+                )
                 tls_plain = {"skipClientCertValidation": skip}
                 if sni:
                     tls_plain["sniHosts"] = sorted(sni)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from smc.smi._model import IdentityRef
 from smc.smi._osm_model import ObjectRef
 from smc.smi._reader import _idx, _join, _Reader
+
+_T = TypeVar("_T")
 
 __all__ = ["format_go_duration"]
 
@@ -76,6 +78,24 @@ def _u32(r: _Reader, m: Mapping[str, object], key: str, base: str, *, lo: int = 
 
 def _spec_json(spec: Mapping[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def _distinct(
+    r: _Reader,
+    value: object,
+    path: str,
+    read: Callable[[object, str], _T | None],
+    *,
+    non_empty: bool = False,
+) -> list[_T]:
+    """The items of the list at ``path``, each read by ``read(item, item_path)``; items that
+    fail to read (``None``, reported by ``read``) and repeats are left out, first seen first."""
+    out: list[_T] = []
+    for i, item in enumerate(r.sequence(value, path, non_empty=non_empty) or ()):
+        got = read(item, _idx(path, i))
+        if got is not None and got not in out:
+            out.append(got)
+    return out
 
 
 def _cidr(r: _Reader, value: object, path: str) -> str | None:
