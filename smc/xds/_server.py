@@ -65,11 +65,13 @@ are serialised once per distinct content into a small LRU and shared by every st
 same content, each getting only its own nonce field appended.
 
 Layout (like go-control-plane's separate sotw and delta servers over shared stream state): this
-module holds :class:`AdsServer` (lifecycle, the stream loop, identity and placement checks, push
-order); :mod:`smc.xds._server_sotw` and :mod:`smc.xds._server_delta` the two protocol sides (its
-mixins); :mod:`smc.xds._server_stream` the per-stream bookkeeping both share;
-:mod:`smc.xds._server_records` the public records, hook types and metrics;
-:mod:`smc.xds._server_tls` the mTLS material and identity rule.
+module holds :class:`AdsServer` (mounting, the stream loop, push order); its mixins are
+:mod:`smc.xds._server_sotw` and :mod:`smc.xds._server_delta` (the two protocol sides),
+:mod:`smc.xds._server_grpc` (its own grpc.aio server: start, stop, TLS rotation),
+:mod:`smc.xds._server_checks` (identity and placement checks, refusals) and
+:mod:`smc.xds._server_status` (debug status); :mod:`smc.xds._server_stream` holds the per-stream
+bookkeeping both sides share, :mod:`smc.xds._server_records` the public records, hook types and
+metrics, :mod:`smc.xds._server_tls` the mTLS material and identity rule.
 """
 
 from __future__ import annotations
@@ -90,11 +92,19 @@ from prometheus_client import CollectorRegistry
 
 from smc.ca import SpiffeId
 from smc.xds._cache import SnapshotSource
-from smc.xds._errors import XdsError
-from smc.xds._gc import tune_gc
-from smc.xds._identity import InvalidNodeId, parse_node_id
 from smc.xds._requests import RequestHead
+from smc.xds._server_checks import StreamChecks
 from smc.xds._server_delta import DeltaServer
+from smc.xds._server_grpc import (
+    _MAX_PENDING_SECONDS as _MAX_PENDING_SECONDS,  # re-exported: the storm limits, named on the board
+)
+from smc.xds._server_grpc import (
+    _MAX_PENDING_STREAMS as _MAX_PENDING_STREAMS,
+)
+from smc.xds._server_grpc import (
+    ADS_SERVICE,
+    ServerLifecycle,
+)
 from smc.xds._server_records import (
     UNPLACED_GRACE,
     AckCallback,
@@ -102,7 +112,6 @@ from smc.xds._server_records import (
     NackRecord,
     Placement,
     ProxyStatus,
-    RefusalReason,
     RefusalRecord,
     StreamKind,
     SubscriptionCallback,
@@ -110,6 +119,7 @@ from smc.xds._server_records import (
     XdsMetrics,
 )
 from smc.xds._server_sotw import SotwServer
+from smc.xds._server_status import ServerStatus
 from smc.xds._server_stream import (
     _CHANGED,
     _EOF,
@@ -143,13 +153,6 @@ _log = logging.getLogger("smc.xds.server")
 
 _REFUSALS_KEPT = 256
 
-ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-# How many new streams gRPC core may hold before the server's loop picks them up, and for how
-# long (its defaults, 1,000 / 3,000 and 30 s, cancel streams in a connect storm).
-_MAX_PENDING_STREAMS = 1_000_000
-_MAX_PENDING_SECONDS = 86_400  # no time limit in practice: a stream waits, never cancelled
-
-
 # ---------------------------------------------------------------------- server
 
 
@@ -165,7 +168,7 @@ def _version_of(types: Mapping[str, TypeResources], type_url: str) -> str:
     return tr.version if tr is not None else EMPTY_VERSION
 
 
-class AdsServer(SotwServer, DeltaServer):
+class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaServer):
     """Aggregated Discovery Service (SotW and delta) over a :class:`SnapshotSource`."""
 
     def __init__(
@@ -221,6 +224,7 @@ class AdsServer(SotwServer, DeltaServer):
         self._port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
+    # (start, stop, TLS rotation and check_peer: smc.xds._server_grpc.ServerLifecycle)
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Mount the ADS service on a caller-owned grpc.aio server."""
@@ -240,129 +244,6 @@ class AdsServer(SotwServer, DeltaServer):
             (grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),)
         )
 
-    async def start(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        tls: ServerTLS | None = None,
-        reuse_port: bool = False,
-    ) -> int:
-        """Start an own grpc.aio server on ``host:port`` (0: any free port); returns the port.
-
-        With ``tls`` the port speaks TLS only and requires a client certificate from
-        ``tls.client_ca_pems``; the server must have an ``authorize`` hook. With ``reuse_port``
-        the socket is bound with SO_REUSEPORT, so several server processes of the same user
-        (replicas of the log) can share one port and the kernel spreads new connections over
-        them (see docs/ads-scale.md); without it, a taken port is an error."""
-        if self._server is not None:
-            raise RuntimeError("AdsServer already started")
-        tune_gc()  # see smc.xds._gc: the default threshold costs 15-40% of a change's CPU
-        if tls is not None and self._authorize is None:
-            raise XdsError(
-                "AdsServer.start(tls=...) needs an authorize hook: without it any mesh "
-                "certificate could claim any node id"
-            )
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", 256 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-                # A connect storm (every proxy of a restarted replica at once): gRPC core holds
-                # the streams this loop has not picked up yet in a pending queue and, by
-                # default, cancels those past 1,000 (3,000 hard) or 30 s old. They wait
-                # instead: picking them up is fair (one queue, in arrival order) and each is
-                # served as soon as the loop gets to it.
-                ("grpc.server.max_pending_requests", _MAX_PENDING_STREAMS),
-                ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_STREAMS),
-                ("grpc.server_max_unrequested_time_in_server", _MAX_PENDING_SECONDS),
-            ]
-        )
-        self.add_to(server)
-        for mount in self.services:
-            mount(server)
-        try:
-            if tls is None:
-                bound: int = server.add_insecure_port(f"{host}:{port}")
-            else:
-                self._trust_domain = tls.trust_domain
-                self._tls = tls
-                creds = grpc.dynamic_ssl_server_credentials(
-                    tls.certificate_configuration(),
-                    self._fetch_tls,
-                    require_client_authentication=True,
-                )
-                bound = server.add_secure_port(f"{host}:{port}", creds)
-            if bound == 0:
-                raise OSError(f"cannot bind the ADS server to {host}:{port}")
-            await server.start()
-        except BaseException:
-            await server.stop(None)  # not left for the garbage collector to shut down
-            raise
-        self._server, self._port = server, bound
-        return bound
-
-    async def check_peer(self, node_id: str, context: grpc.aio.ServicerContext) -> str | None:
-        """Why the TLS peer of ``context`` may not speak for ``node_id`` (None: it may), by the
-        rule ADS streams follow; always None on a cleartext server. For services mounted
-        beside ADS (:attr:`services`)."""
-        if self._authorize is None:
-            return None
-        found = _peer_identity(context, trust_domain=self._trust_domain)
-        if not isinstance(found, SpiffeId):
-            return found[1]
-        try:
-            allowed = bool(self._authorize(node_id, found))
-        except Exception:
-            _log.exception("authorize hook failed for node %s", node_id)
-            allowed = False
-        if allowed:
-            return None
-        return (
-            f"node id {node_id!r} does not run as the identity of the client certificate "
-            f"({found.uri})"
-        )
-
-    def _fetch_tls(self) -> grpc.ServerCertificateConfiguration | None:
-        # Called by gRPC before each TLS handshake (on its own threads): the new material
-        # once after update_tls, else None (keep the current one).
-        with self._tls_lock:
-            pending, self._tls_pending = self._tls_pending, None
-        return None if pending is None else pending.certificate_configuration()
-
-    @property
-    def tls(self) -> ServerTLS | None:
-        """The TLS material new connections get (None: cleartext)."""
-        return self._tls
-
-    def update_tls(self, tls: ServerTLS) -> bool:
-        """Rotate the server certificate and/or the client CA bundle: connections made from
-        now on use ``tls``; open streams keep theirs. Returns False when nothing changed.
-        Raises :class:`XdsError` on a cleartext server or a different trust domain."""
-        if self._tls is None:
-            raise XdsError("update_tls: the ADS server does not serve TLS")
-        if tls.trust_domain != self._trust_domain:
-            raise XdsError(
-                f"update_tls: trust domain {tls.trust_domain!r} differs from the served "
-                f"{self._trust_domain!r}; restart to change it"
-            )
-        if tls == self._tls:
-            return False
-        with self._tls_lock:
-            self._tls = self._tls_pending = tls
-        _log.info("ADS server TLS material rotated")
-        return True
-
-    async def stop(self, *, grace: float | None = None) -> None:
-        """Stop the own server; open streams end (Envoy keeps its config and reconnects)."""
-        server, self._server = self._server, None
-        if server is not None:
-            await server.stop(grace)
-
-    @property
-    def port(self) -> int | None:
-        return self._port
-
     @property
     def ready(self) -> bool:
         return self._ready
@@ -374,51 +255,6 @@ class AdsServer(SotwServer, DeltaServer):
         self._ready = True
         for stream in list(self._streams.values()):
             stream.wake()
-
-    # ------------------------------------------------------------------ debug
-
-    def proxies(self) -> list[ProxyStatus]:
-        """One entry per open stream (a node may have several), sorted by node id."""
-        out = []
-        for s in self._streams.values():
-            types = {
-                t: TypeStatus(
-                    type_url=t,
-                    wildcard=ts.wildcard,
-                    names=tuple(sorted(ts.names)),
-                    sent_version=ts.sent_version,
-                    acked_version=ts.acked_version,
-                    last_nonce=ts.nonce,
-                    pending=ts.pending,
-                    last_nack=ts.last_nack,
-                )
-                for t, ts in s.types.items()
-            }
-            out.append(
-                ProxyStatus(
-                    node_id=s.node_id,
-                    stream_id=s.id,
-                    kind=s.kind,
-                    peer=s.peer,
-                    connected_at=s.connected_at,
-                    types=types,
-                )
-            )
-        out.sort(key=lambda p: (p.node_id, p.stream_id))
-        return out
-
-    def refusals(self, *, node_id: str | None = None) -> list[RefusalRecord]:
-        """The last streams refused (identity check, unplaceable node id; at most 256), newest
-        first."""
-        found = [r for r in self._refusals if node_id is None or r.node_id == node_id]
-        found.reverse()
-        return found
-
-    def nacks(self, *, node_id: str | None = None) -> list[NackRecord]:
-        """The last NACK per (node, type), kept after the stream closes; newest first."""
-        found = [r for (n, _), r in self._nacks.items() if node_id is None or n == node_id]
-        found.sort(key=lambda r: r.at, reverse=True)
-        return found
 
     # ------------------------------------------------------------------ gRPC methods
 
@@ -568,85 +404,6 @@ class AdsServer(SotwServer, DeltaServer):
                 stream.since = time.monotonic()
 
     # ------------------------------------------------------------------ pushing
-
-    async def _refuse(
-        self,
-        stream: _Stream,
-        context: grpc.aio.ServicerContext,
-        reason: RefusalReason,
-        code: grpc.StatusCode,
-        message: str,
-    ) -> None:
-        """Record and count a refusal, then end the stream with ``code`` (raises)."""
-        record = RefusalRecord(
-            node_id=stream.node_id,
-            peer_identity=stream.identity.uri if stream.identity is not None else "",
-            peer=stream.peer,
-            reason=reason,
-            message=message,
-            at=time.time(),
-        )
-        self._refusals.append(record)
-        self.metrics.refused.labels(reason).inc()
-        _log.warning("refused ADS stream from %s: %s", stream.peer, message)
-        await context.abort(code, message)
-
-    async def _check_identity(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
-        """Ask the authorize hook whether the stream's certificate may speak for its node id;
-        refuse the stream (raises) if not."""
-        identity = stream.identity
-        assert identity is not None and self._authorize is not None
-        try:
-            allowed = bool(self._authorize(stream.node_id, identity))
-        except Exception:
-            _log.exception("authorize hook failed for node %s", stream.node_id)
-            allowed = False
-        if allowed:
-            stream.authorized = True
-            return
-        await self._refuse(
-            stream,
-            context,
-            "identity_mismatch",
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"node id {stream.node_id!r} does not run as the identity of the client "
-            f"certificate ({identity.uri}): a proxy is only served the config of its own "
-            "identity",
-        )
-
-    async def _check_placement(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
-        """A ready server has no snapshot for the stream's node: end the stream (raises) when
-        the node id is malformed, or names no workload for longer than the grace period."""
-        assert self._placement is not None
-        problem = self._placement(stream.node_id)
-        if problem is None:
-            stream.unplaced_since = None
-            return
-        try:
-            parse_node_id(stream.node_id)
-        except InvalidNodeId as exc:
-            await self._refuse(
-                stream,
-                context,
-                "invalid_node_id",
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{exc}: SMC serves node ids naming a registry workload",
-            )
-        now = time.monotonic()
-        if stream.unplaced_since is None:
-            stream.unplaced_since = now
-            asyncio.get_running_loop().call_later(self._unplaced_grace, stream.wake)
-            return
-        if now - stream.unplaced_since < self._unplaced_grace:
-            return
-        await self._refuse(
-            stream,
-            context,
-            "unplaced",
-            grpc.StatusCode.NOT_FOUND,
-            f"node id {stream.node_id!r}: {problem} (register the workload, or use the node id "
-            "<namespace>/<workload> of a registered one)",
-        )
 
     async def _push(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
         stream.pushing = True
