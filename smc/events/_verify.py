@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from itertools import compress, count, groupby, repeat
 from typing import Any
 
-from confluent_kafka import Message
-
 from smc.events._codec import MAGIC, Codec, default_codec
 from smc.events._errors import EventError
 from smc.events._grantcheck import (
@@ -49,6 +47,7 @@ from smc.events._types import (
     SmiResourceApplied,
     SmiResourceDeleted,
 )
+from smc.events._verify_fast import _CHECKED_ROLES, _HEADER, _FastPath
 from smc.events._verify_state import _RESYNC, _VerifierState
 from smc.events._writers import Writer, WriterTrust, entitled, ms_to_datetime
 
@@ -90,7 +89,7 @@ class Finding:
         return {"position": self.where, "kind": self.kind, "detail": self.detail}
 
 
-class ChainVerifier(_VerifierState):
+class ChainVerifier(_FastPath, _VerifierState):
     """Streams records through the integrity checks; see the module docstring."""
 
     def __init__(
@@ -169,142 +168,6 @@ class ChainVerifier(_VerifierState):
                 else:
                     held.extend(run[start:])
         return out
-
-    def feed_messages(self, msgs: Sequence[Any], *, cut: int = 0) -> tuple[list[Any], list[Record]]:
-        """:meth:`feed` for consumed Kafka messages (topic names ``cut`` characters of
-        prefix): returns the messages released, plus the Records released by :meth:`feed`
-        where the fast path does not apply. The fast path takes, per partition run, whole
-        batches closed by a version-2 seal whose records all carry its session and nothing
-        else, with nothing held for the partition, and releases them only when the general
-        path would release them without a finding (checked before any state changes);
-        anything else goes through :meth:`feed` unchanged, so the outcome is the same."""
-        fast: list[Any] = []
-        slow: list[Record] = []
-        if not msgs:
-            return fast, slow
-        hdrs = list(map(_M_HEADERS, msgs))
-        i = 0
-        for (topic, part), grp in groupby(
-            zip(map(_M_TOPIC, msgs), map(_M_PARTITION, msgs), strict=True)
-        ):
-            j = i + len(list(grp))
-            stream = topic[cut:]
-            carried = self._carry.pop((stream, part), None)
-            if carried is None:
-                self._fast_run(list(msgs[i:j]), hdrs[i:j], stream, part, fast, slow)
-            else:
-                ms, hs = carried
-                self._fast_run([*ms, *msgs[i:j]], hs + hdrs[i:j], stream, part, fast, slow)
-            i = j
-        return fast, slow
-
-    def _flush_carry(self) -> None:
-        """Hand the batch tails the fast path carried over to the general path's held
-        records (where checkpoints and :meth:`finish` see them)."""
-        carry, self._carry = self._carry, {}
-        for (stream, _), (ms, hs) in carry.items():
-            self.feed(_records(ms, hs, 0, len(ms), stream))  # no seal: they are held
-
-    def _fast_run(
-        self,
-        msgs: list[Any],
-        hdrs: list[Any],
-        stream: str,
-        part: int,
-        fast: list[Any],
-        slow: list[Record],
-    ) -> None:
-        """Consecutive messages of one partition: whole sealed batches by the fast path, the
-        rest (from the first batch it does not take) by :meth:`feed`; a batch whose seal
-        is still to come is carried over to the next read of the partition."""
-        start, j = 0, len(msgs)
-        # A sealed append's headers end with the writer session, then (last record of
-        # the batch) the seal: positions of seals, and every record's writer entry.
-        last: list[Any] = []
-        if None not in hdrs and 0 not in map(len, hdrs):
-            last = list(map(_LAST, hdrs))
-            names = set(map(_NAME, last))
-            if names - _TAIL_NAMES:
-                last = []
-        seals = [k for k in compress(count(), map(_SEAL_NAME.__eq__, map(_NAME, last)))]
-        if last and self._holds(stream, part):
-            # records held from a previous read: the general path closes them, up to this
-            # run's first seal; the fast path takes over if nothing stays held then
-            start = seals[0] + 1 if seals else j
-            slow.extend(self.feed(_records(msgs, hdrs, 0, start, stream)))
-            if self._holds(stream, part):
-                last = seals = []
-        done = bool(last)
-        for k in seals:
-            if k < start:
-                continue
-            done = False
-            n = k + 1 - start
-            if len(hdrs[k]) < 2:
-                break
-            try:
-                seal = Seal.decode(last[k][1])
-            except IntegrityError:
-                break
-            if seal.version < 2 or seal.mode != WRITER or seal.count != n:
-                break
-            mine = (_WRITER_NAME, seal.key_id + seal.session)
-            if hdrs[k][-2] != mine or last[start:k].count(mine) != n - 1:
-                break
-            batch = msgs[start : k + 1]
-            if not self._close_fast(stream, part, seal, batch, msgs[k].offset()):
-                break
-            fast.extend(batch)
-            start = k + 1
-            done = True
-        if start < j:
-            if done:  # the start of a batch whose seal comes with the next read
-                self._carry[(stream, part)] = (msgs[start:], hdrs[start:])
-            else:
-                slow.extend(self.feed(_records(msgs, hdrs, start, j, stream)))
-
-    def _holds(self, stream: str, part: int) -> bool:
-        return any(k[0] == stream and k[1] == part for k in self.pending)
-
-    def _close_fast(
-        self, stream: str, part: int, seal: Seal, batch: Sequence[Any], at: int
-    ) -> bool:
-        """Release a batch when it verifies with no finding at all (else change nothing)."""
-        keys = list(map(_M_KEY, batch))
-        values = list(map(_M_VALUE, batch))
-        if None in keys or None in values:
-            return False
-        head = batch_head_v2(seal.prev, keys, values)
-        if head != seal.head:
-            return False
-        try:
-            writer = self._writer(seal, None)
-        except IntegrityError:
-            return False
-        if writer is None or writer.role in _CHECKED_ROLES or stream == POLICY:
-            return False
-        if not seal.verify(writer.public_key, seal.signed_bytes(stream, part, head)):
-            return False
-        expected = self._expected_prev(seal, stream, part)
-        if expected is _RESYNC or expected != seal.prev:
-            return False
-        if seal.link_offset >= 0:
-            known = self.seals.get((stream, part), {}).get(seal.link_offset)
-            first = batch[0].offset()
-            if known is None or known != seal.link_head or seal.link_offset >= first:
-                return False
-        revoked = self.trust.revoked_at(writer.serial)
-        if revoked is not None and ms_to_datetime(seal.signed_at_ms) >= revoked:
-            return False
-        allowed = self._allowed_headers(writer.role)
-        if not all(map(allowed.__contains__, map(_HEADER, values))):
-            return False
-        self._advance(seal, stream, part, head, at)
-        self._keep_seal(stream, part, at, head)
-        self.verified += len(batch)
-        self.fast_released += len(batch)
-        deque(map(self.owners.setdefault, map(bytes.decode, keys), repeat(writer.role)), maxlen=0)
-        return True
 
     def _allowed_headers(self, role: str) -> frozenset[bytes]:
         allowed = self._allowed.get(role)
@@ -577,7 +440,6 @@ _RUN_KEY = operator.itemgetter(0, 1, 8)  # stream, partition, writer
 _SEAL_OF = operator.itemgetter(9)
 _KEY = operator.itemgetter(4)
 _VALUE = operator.itemgetter(5)
-_HEADER = operator.itemgetter(slice(0, 10))
 _NUL = b"\x00"
 
 
@@ -589,32 +451,6 @@ def _digests(batch: list[Record]) -> list[bytes]:
 
 
 _sha256_digest = operator.methodcaller("digest")
-
-
-_CHECKED_ROLES = frozenset({"informer", "api"})
-_M_HEADERS: Any = Message.headers  # confluent-kafka's C methods, mapped over a batch
-_M_TOPIC: Any = Message.topic
-_M_PARTITION: Any = Message.partition
-_M_KEY: Any = Message.key
-_M_VALUE: Any = Message.value
-_LAST = operator.itemgetter(-1)
-_NAME = operator.itemgetter(0)
-_WRITER_NAME = "smc.writer"
-_SEAL_NAME = "smc.seal"
-_TAIL_NAMES = frozenset({_WRITER_NAME, _SEAL_NAME})
-
-
-def _records(msgs: Sequence[Any], hdrs: list[Any], i: int, j: int, stream: str) -> list[Record]:
-    return [_message_record(m, stream, h) for m, h in zip(msgs[i:j], hdrs[i:j], strict=True)]
-
-
-def _message_record(m: Any, stream: str, headers: Any) -> Record:
-    h = dict(headers or [])
-    key = m.key()
-    return Record(
-        stream, m.partition(), m.offset(), m.timestamp()[1], key.decode() if key else "",
-        m.value() or b"", "", "", h.get("smc.writer") or b"", h.get("smc.seal") or b"",
-    )  # fmt: skip
 
 
 def _namespace_claim(key: str) -> str | None:
