@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from smc.agent import (
+    SIGN_METHOD,
     CertificateClient,
     SigningRefused,
     SignRequest,
@@ -293,6 +294,88 @@ async def test_attackers_probes_are_refused_and_counted(mesh: Mesh) -> None:
         for rec in m.values():
             assert rec.proxy in {f"vm/{NS}/{s.name}" for s in (mesh.client, *mesh.servers)}
     del spki
+
+
+def _raw_post(
+    port: int, ca_pem: str | None, *, method: str = "POST", path: str = SIGN_METHOD, body: bytes
+) -> tuple[int, dict[str, Any]]:
+    """One HTTPS request to the certificate service as any client could send it."""
+    import http.client
+
+    ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = {"raw": data[:200].decode("latin-1")}
+    return resp.status, parsed if isinstance(parsed, dict) else {"raw": parsed}
+
+
+async def test_the_https_door_refuses_everything_but_a_proven_request(mesh: Mesh) -> None:
+    """The certificate service's own door (HTTPS, one method), probed as an attacker would."""
+    port, ca = mesh.cp.ca_port, mesh.cp.ca_bundle()
+    svc = mesh.cp.identity
+    assert svc is not None and port is not None
+    before = dict(svc.refused)
+    # not TLS at all: no answer
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST " + SIGN_METHOD.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    got = await asyncio.wait_for(reader.read(100), timeout=10)
+    writer.close()
+    assert b"HTTP/1.1 200" not in got and b"certificate_pem" not in got
+    # a client that does not trust the mesh CA cannot even talk to it (server authenticated)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.to_thread(_raw_post, port, None, body=b"{}")
+    # other methods and paths; bodies that are not a SignRequest: refused, naming the field
+    status, err = await asyncio.to_thread(_raw_post, port, ca, method="GET", body=b"")
+    assert status == 405, (status, err)
+    status, err = await asyncio.to_thread(_raw_post, port, ca, path="/admin", body=b"{}")
+    assert status == 404 and err["code"] == "NOT_FOUND", (status, err)
+    for body, field in (
+        (b"not json", "SignRequest"),
+        (b"[]", "SignRequest"),
+        (b'{"proxy": "x", "csr_pem": "y", "token": "t", "key_pem": "k"}', "key_pem"),
+        (b'{"proxy": 7, "csr_pem": "y", "token": "t"}', "SignRequest.proxy"),
+        (b'{"proxy": "x", "csr_pem": "y"}', "proof"),
+        (b'{"proxy": "x", "csr_pem": "' + b"A" * 300_000 + b'", "token": "t"}', "longer than"),
+    ):
+        status, err = await asyncio.to_thread(_raw_post, port, ca, body=body)
+        assert status == 400 and err["code"] == "INVALID_ARGUMENT", (status, err)
+        assert field in err["error"], (field, err)
+    # a valid proof (a fresh join token of a) with a CSR that asks for another identity
+    a = mesh.servers[0]
+    token = await mesh.cp.join_token(namespace=a.namespace, name=a.name, service_account="server")
+    key = ec.generate_private_key(ec.SECP256R1())
+    other = f"spiffe://cluster.local/ns/{NS}/sa/client"
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(other)]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    req = SignRequest(
+        proxy=a.node_id,
+        csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode(),
+        join_token=token,
+    )
+    status, err = await asyncio.to_thread(_raw_post, port, ca, body=req.encode())
+    assert status == 400 and err["code"] == "INVALID_ARGUMENT", (status, err)
+    assert "subjectAltName" in err["error"], err
+    assert svc.refused.get("csr-invalid", 0) > before.get("csr-invalid", 0)
+    # a token-less, proof-less request for a's node id got nothing, and the service still works
+    certs = certs_projection(mesh.cp)
+    for m in certs.proxy_certs.values():
+        for rec in m.values():
+            assert rec.identity != other or rec.proxy == f"vm/{NS}/{mesh.client.name}"
 
 
 async def test_renewal_with_the_current_certificate_reaches_envoy(mesh: Mesh) -> None:

@@ -1,13 +1,16 @@
 """The deployable agent, ``python -m smc.agent``, as its own process beside real Envoys.
 
 A control plane with agents (smc.testing.mesh, proxy certificates of 8 s) and two VM sidecars
-whose agents run as processes (the resident supervisor, standard library only; each
-certificate step in a short-lived child that imports grpcio and cryptography). Checked:
+whose agents run as processes (standard library only: keys through OpenSSL's links in
+Python's ``ssl``, the CSR over HTTPS), each in its own memory cgroup limited to 30 MB as a
+pod's container would be. Checked:
 
 - traffic client -> server over mTLS keeps succeeding while both agents renew several times
-  (the children replace ``smc-sds/default.json``; Envoy reloads it on the rename; no NACK);
-- the resident process stays small (VmRSS < 30 MB; neither grpcio nor cryptography mapped in
-  it) while its children did the signing work (their peak is reported in the ready file);
+  (each renewal replaces ``smc-sds/default.json``; Envoy reloads it on the rename; no NACK);
+- the agent stays small through its renewals: no child process, neither grpcio nor
+  cryptography mapped, its peak (VmHWM: every page it mapped, shared or not) < 30 MB, and the
+  kernel's peak charge of its cgroup (``memory.max_usage_in_bytes``: anonymous memory, the page
+  cache it brought in, kernel memory) < 30 MB with no OOM kill under the 30 MB limit;
 - from the attacker's side: the key's file and directory cannot be read nor listed by another
   user; no key byte is in the agent's output (its log), its ready file, its public status,
   nor on the control plane's log;
@@ -36,6 +39,7 @@ from smc.agent._files import read_secret
 from smc.auth import token_digest
 from smc.events import ProxyCertificateRevoked, deterministic_id, make_event
 from smc.projections import CertsProjection
+from smc.testing import cgroup
 from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 
@@ -44,6 +48,9 @@ pytestmark = [pytest.mark.envoy]
 NOBODY = 65534
 
 SETUP = client_server_yaml("aproc", matches=[("all", "/.*", ["GET"])])
+
+
+LIMIT = 30 * 1024 * 1024  # the pod's memory limit the target names
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -76,6 +83,7 @@ async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
 ) -> None:
     cp = ControlPlane(workdir=tmp_path, agents=True, proxy_cert_lifetime=timedelta(seconds=8))
     await cp.start()
+    groups: list[cgroup.MemoryCgroup] | None = [] if cgroup.available() else None
     client = Sidecar(namespace="aproc", name="client-1", address="127.0.63.1", workdir=tmp_path)
     server = Sidecar(namespace="aproc", name="server-1", address="127.0.63.2", workdir=tmp_path)
     try:
@@ -91,7 +99,12 @@ async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
             )
         )
         for s, sa in ((client, "client"), (server, "server")):
-            await s.start_agent_process(cp, service_account=sa)
+            if groups is not None:
+                group = cgroup.MemoryCgroup(f"smc-test-{os.getpid()}-{s.name}", limit_bytes=LIMIT)
+                groups.append(group)
+            await s.start_agent_process(
+                cp, service_account=sa, wrap=None if groups is None else groups[-1].wrap
+            )
             s.start_envoy(ads_port=cp.port, delta=False)
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),
@@ -139,15 +152,20 @@ async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
             assert len([r for r in mine.values() if r.proof.startswith("certificate:")]) >= 2
             assert str(_ready(s)["serial"]) not in first
             assert int(str(_ready(s)["failures"])) == 0
-            # the resident process is small and holds neither grpcio nor cryptography
+            # the agent is small, holds neither grpcio nor cryptography, and starts no child
             assert s.agent_process is not None
             pid = s.agent_process.pid
             maps = Path(f"/proc/{pid}/maps").read_text()
-            assert "cygrpc" not in maps and "_rust.abi3" not in maps and "libssl" not in maps
+            assert "cygrpc" not in maps and "_rust.abi3" not in maps
             assert _rss_mb(pid, "VmHWM") < 30.0, _status(pid)
-            # its children did the work (grpcio, cryptography: far bigger, and gone)
-            assert int(str(_ready(s)["child_peak_rss_kb"])) / 1024 > _rss_mb(pid, "VmHWM")
+            assert int(str(_ready(s)["peak_rss_kb"])) / 1024 < 30.0
+            assert not Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         assert max(rss) < 30.0, max(rss)
+        if groups is not None:  # what the kernel charged each agent, as a pod's limit would
+            for group in groups:
+                fig = group.figures()
+                print(group.path.name, {k: round(v, 2) for k, v in fig.items()})
+                assert fig["max_usage_mb"] < 30.0 and fig["oom_kills"] == 0, fig
 
         # -- the attacker's side: another user, logs, status files ---------------------------
         sds = server.proxy_dir / "smc-sds"
@@ -233,6 +251,8 @@ async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
             await s.stop()
         await cp.stop()
         cp.close()
+        for group in groups or ():
+            group.remove()
 
 
 @pytest.mark.parametrize("command", [["smc.agent"], ["smc.cli", "agent"]])

@@ -117,6 +117,8 @@ def test_agent_patch_holds_no_credential_and_validates_with_envoy(
     # a native sidecar whose startup probe holds Envoy back until the first certificate
     assert agent["restartPolicy"] == "Always"
     assert agent["startupProbe"]["exec"]["command"] == ["test", "-s", AGENT_SECRET]
+    # the agent's memory limit is the 30 MiB tests/test_agent_process.py runs it under
+    assert agent["resources"]["limits"]["memory"] == "30Mi"
     assert proxy["workingDir"] == PROXY_DIR
     assert f"{PROXY_DIR}/smc-sds/default.json" == AGENT_SECRET
     # the key's volume is in memory (tmpfs): it never touches a disk

@@ -5,10 +5,10 @@ generates the proxy's key on the proxy's host, sends a CSR with a proof of ident
 control plane's certificate service (:mod:`smc.identity`) over TLS, writes the certificate
 and key where its Envoy reads them with file-based SDS (``smc-sds/default.json`` in the proxy
 dir, 0640; :mod:`smc.agent._files`), and renews on its own schedule with its current
-certificate as proof. ``python -m smc.agent`` is a small resident process (standard library
-only, :mod:`smc.agent.__main__`) that runs that work in a short-lived child process
-(:mod:`smc.agent._oneshot`) whenever a certificate is due, so grpcio and cryptography are not
-resident beside every proxy. :mod:`smc.agent._protocol` is the wire format;
+certificate as proof. ``python -m smc.agent`` is a small process (standard library only,
+:mod:`smc.agent.__main__`, :mod:`smc.agent._step`) that does the same work with OpenSSL
+through Python's ``ssl`` links, so neither grpcio nor cryptography is resident beside every
+proxy. :mod:`smc.agent._protocol` is the wire format (JSON over HTTPS, :mod:`smc.agent._client`);
 :mod:`smc.agent._bootstrap` the bootstrap pieces that point Envoy at the agent's file. See
 ``docs/identity.md``.
 The heavy names (:class:`Agent`, :class:`AgentConfig`, :class:`CertificateClient`,
@@ -26,8 +26,9 @@ from smc.agent._files import SDS_DIR, agent_sds_config
 from smc.agent._protocol import SIGN_METHOD, SignRequest, SignResponse, renewal_message
 
 if TYPE_CHECKING:
-    from smc.agent._agent import Agent, AgentConfig, CertificateClient
+    from smc.agent._agent import Agent, AgentConfig
     from smc.agent._bootstrap import ads_tls_transport_socket
+    from smc.agent._client import CertificateClient
 
 __all__ = [
     "SDS_DIR",
@@ -48,7 +49,7 @@ __all__ = [
 _LAZY = {
     "Agent": "smc.agent._agent",
     "AgentConfig": "smc.agent._agent",
-    "CertificateClient": "smc.agent._agent",
+    "CertificateClient": "smc.agent._client",
     "ads_tls_transport_socket": "smc.agent._bootstrap",
 }
 

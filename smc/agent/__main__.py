@@ -1,20 +1,20 @@
 """``python -m smc.agent``: the resident SMC agent beside one Envoy (see :mod:`smc.agent`).
 
-Role: a small supervisor that stays up for the proxy's life while holding no key and
-importing only the standard library (about 15 MB resident instead of the ~50 MB that
-grpcio and cryptography cost). It parses the command line, checks the options, and runs
-one certificate step (:mod:`smc.agent._oneshot`) in a child process at start and then each
-time the certificate in ``<proxy dir>/smc-sds`` is due (its ``renew_after``, read from the
-public ``certificate.json`` there); the child makes the key, gets the CSR signed, writes the
-file Envoy reads, and exits. A failed step is retried with exponential backoff (0.5 s
-doubling to 30 s); the supervisor remembers, for the next child, which one-time join token
-was spent (its SHA-256: a new token written to the file is used when the certificate is no
-proof any more) and whether the control plane refused the current certificate as proof. It
-prints one line per certificate; ``--ready-file`` (0644, no secret: serial, validity, how
-long the first certificate took, the children's peak memory) is written at each one. Exit
-status 1 with a one-line error on bad options; SIGINT/SIGTERM stop it (a running child
-finishes its step first, at most its timeout).
-Concurrency: one thread; children run one at a time; signals wake the wait via a pipe.
+Role: one small process that stays up for the proxy's life, importing only the standard
+library (``ssl``, ``http.client``, ``ctypes``: about 20 MB resident, where ``grpcio`` and
+``cryptography`` would cost ~50 MB). It parses the command line, checks the options, and runs
+one certificate step (:func:`smc.agent._step.step`) at start and then each time the
+certificate in ``<proxy dir>/smc-sds`` is due (its ``renew_after``, read from the public
+``certificate.json`` there): the step makes the key (OpenSSL, through Python's ``ssl``
+links), gets the CSR signed over HTTPS, writes the file Envoy reads, and drops the key from
+memory. A failed step is retried with exponential backoff (0.5 s doubling to 30 s); the
+agent remembers, for the next step, which one-time join token was spent (its SHA-256: a new
+token written to the file is used when the certificate is no proof any more) and whether the
+control plane refused the current certificate as proof. It prints one line per certificate;
+``--ready-file`` (0644, no secret: serial, validity, how long the first certificate took, the
+process's peak memory) is written at each one. Exit status 1 with a one-line error on bad
+options; SIGINT/SIGTERM stop it (a running step finishes first, at most its 10 s timeout).
+Concurrency: one thread; steps run one at a time; signals wake the wait via a pipe.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import os
 import resource
 import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -40,9 +39,6 @@ from smc.agent._files import prepare_sds_dir, read_status
 __all__ = ["Supervisor", "main", "parser"]
 
 log = logging.getLogger("smc.agent")
-
-#: How long one child step may take (start, imports, TLS, signing) before it is killed.
-STEP_TIMEOUT = 60.0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,8 +85,21 @@ def _ca_pem(option: str) -> str:
     return pem
 
 
+def _peak_rss_kb() -> int:
+    """VmHWM of this process (reset at exec, unlike ``ru_maxrss``, which keeps the peak of
+    the process it was forked from); ``ru_maxrss`` where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 class Supervisor:
-    """Runs certificate steps in child processes when due (see the module docstring)."""
+    """Runs certificate steps when due (see the module docstring)."""
 
     def __init__(
         self,
@@ -145,31 +154,12 @@ class Supervisor:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict[str, Any]:
-        """Run one child step; its outcome (``ok`` False with ``error`` when it failed)."""
+        """Run one certificate step here; its outcome (``ok`` False with ``error`` if failed)."""
+        from smc.agent._step import step
+
         self.steps += 1
         spec = dict(self.spec, join_used=self.join_used, cert_refused=self.cert_refused)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "smc.agent._oneshot"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=None,
-                close_fds=True,
-            )
-        except OSError as exc:
-            return {"ok": False, "error": f"cannot start the certificate step: {exc}"}
-        try:
-            out, _ = proc.communicate(json.dumps(spec).encode(), timeout=STEP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            return {"ok": False, "error": f"the certificate step took over {STEP_TIMEOUT:.0f}s"}
-        try:
-            result = json.loads(out.decode("utf-8").strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            result = None
-        if not isinstance(result, dict):
-            return {"ok": False, "error": f"the certificate step exited {proc.returncode}"}
+        result = step(spec)
         self.join_used = str(result.get("join_used") or self.join_used)
         if result.get("ok"):
             self.cert_refused = False
@@ -204,8 +194,8 @@ class Supervisor:
                         "certificates": self.certificates,
                         "steps": self.steps,
                         "failures": self.failures,
-                        # the largest child so far (kB): the agent's peak is this plus its own
-                        "child_peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                        # this process's peak resident memory so far (kB)
+                        "peak_rss_kb": _peak_rss_kb(),
                     }
                 )
             )

@@ -21,11 +21,13 @@ For a proxyless gRPC workload (no Envoy: gRPC's ``file_watcher`` certificate pro
 PEM files) ``cert_dir`` makes the agent also write ``cert.pem`` (certificate and chain),
 ``key.pem`` (mode 0600) and ``ca.pem`` (trust bundle) there, each replaced atomically on every
 renewal; the key still never leaves the host.
-``python -m smc.agent`` does not keep this class (nor grpcio and cryptography) resident: it
-runs :func:`request_once` in a short-lived child process each time a certificate is due
-(:mod:`smc.agent._oneshot`); tests and embedders may run :meth:`Agent.run` in-process.
+This class uses ``cryptography`` and runs on asyncio, for tests and embedders (the demo's
+harness, :mod:`smc.testing.mesh`); ``python -m smc.agent`` does the same steps with the standard
+library only (:mod:`smc.agent._step`, keys through the OpenSSL Python's ``ssl`` links), so that
+the process beside every proxy stays small. Both write the same files and send the same
+requests (:mod:`smc.agent._client`, HTTPS).
 Concurrency: one asyncio loop; signing (cryptography) is quick and done inline; file writes
-are small and done inline.
+are small and done inline; the HTTPS request runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from smc.agent._client import CertificateClient
 from smc.agent._errors import AgentError, InvalidMessage, SigningRefused
 from smc.agent._files import (
     PENDING_KEY,
@@ -59,45 +61,11 @@ from smc.agent._files import (
     write_private,
     write_secret,
 )
-from smc.agent._protocol import SIGN_METHOD, SignRequest, SignResponse, renewal_message
+from smc.agent._protocol import SignRequest, SignResponse, renewal_message
 
 __all__ = ["Agent", "AgentConfig", "CertificateClient"]
 
 log = logging.getLogger("smc.agent")
-
-
-class CertificateClient:
-    """gRPC client of the control plane's certificate service (TLS, server verified)."""
-
-    def __init__(
-        self, *, address: str, ca_pem: str, server_name: str | None = None, timeout: float = 10.0
-    ) -> None:
-        self.address = address
-        self._options: list[tuple[str, str]] = []
-        if server_name:
-            self._options.append(("grpc.ssl_target_name_override", server_name))
-        self._creds = grpc.ssl_channel_credentials(root_certificates=ca_pem.encode("ascii"))
-        self._channel: grpc.aio.Channel | None = None  # made on the loop that uses it
-        self.timeout = timeout
-
-    async def sign(self, request: SignRequest) -> SignResponse:
-        if self._channel is None:
-            self._channel = grpc.aio.secure_channel(
-                self.address, self._creds, options=self._options
-            )
-        call = self._channel.unary_unary(SIGN_METHOD)
-        try:
-            raw = await call(request.encode(), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise SigningRefused(
-                f"certificate service: {exc.code().name}: {exc.details()}", code=exc.code().name
-            ) from exc
-        return SignResponse.decode(bytes(raw))
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

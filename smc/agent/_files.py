@@ -22,8 +22,7 @@ sent but not yet answered, kept so that a retry asks again with the same key) an
 records it, so that a restarted agent never presents a spent token again).
 Stdlib only: the resident agent (:mod:`smc.agent.__main__`) imports this module and nothing
 heavier.
-Concurrency: plain blocking file operations; one writer (the agent or its renewal child) at
-a time.
+Concurrency: plain blocking file operations; one writer (the agent) at a time.
 """
 
 from __future__ import annotations

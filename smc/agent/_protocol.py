@@ -1,8 +1,11 @@
 """The wire format between an SMC agent and the control plane's certificate service.
 
-Role: one gRPC unary method, :data:`SIGN_METHOD`, whose request and response are UTF-8 JSON
-objects (:class:`SignRequest`, :class:`SignResponse`): a CSR made beside the proxy and one
-proof of who the caller is; never a private key. Proofs:
+Role: one HTTPS call, ``POST`` :data:`SIGN_METHOD` (HTTP/1.1 over TLS, so that the resident
+agent needs only Python's ``http.client`` and ``ssl``), whose request and response bodies are
+UTF-8 JSON objects (:class:`SignRequest`, :class:`SignResponse`): a CSR made beside the proxy
+and one proof of who the caller is; never a private key. A refusal is an HTTP error status
+with the JSON body ``{"code": ..., "error": ...}``; :data:`HTTP_STATUS` maps each code
+(gRPC's status names, kept from the earlier gRPC transport) to its status. Proofs:
 
 - ``token``: the pod's projected service-account token (audience-bound; the control plane
   checks it with a TokenReview against the kube-apiserver);
@@ -25,13 +28,22 @@ from typing import Any
 from smc.agent._errors import InvalidMessage
 
 __all__ = [
+    "HTTP_STATUS",
     "SIGN_METHOD",
     "SignRequest",
     "SignResponse",
     "renewal_message",
 ]
 
+#: The path of the one method (``POST``).
 SIGN_METHOD = "/smc.identity.v1.ProxyCertificates/Sign"
+#: HTTP status of each refusal code.
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "UNAVAILABLE": 503,
+}
 _MAX_FIELD = 32 * 1024
 _MAX_MESSAGE = 256 * 1024
 

@@ -5,7 +5,7 @@ agents send (see :mod:`smc.agent`) once the caller proved who it is (a pod's pro
 service-account token checked by :func:`review_pod_token` with
 :class:`smc.auth.TokenReviewer`, a VM's one-time join token, or the
 proxy's current certificate), and records each certificate per proxy on the log (never a
-key); :class:`CertificateServer` serves it over gRPC + TLS; :class:`ProxyRevoker` revokes a
+key); :class:`CertificateServer` serves it over HTTPS; :class:`ProxyRevoker` revokes a
 proxy's certificate when its pod or VM leaves; :class:`IdentityHook` wires them into
 ``smc serve``. The design is in ``docs/identity.md``.
 Concurrency: asyncio (one loop); issuers and the log are called in worker threads.
@@ -19,7 +19,7 @@ from smc.identity._groupjoin import (
     join_user_data,
     parse_user_data,
 )
-from smc.identity._grpc import CertificateServer
+from smc.identity._https import CertificateServer
 from smc.identity._join import join_token_event
 from smc.identity._podtoken import PodToken, review_pod_token
 from smc.identity._serve import (

@@ -31,7 +31,7 @@ from smc.ca._controller import Plan, plan_certificates
 from smc.ca._csr import CsrSigner
 from smc.events import EventLog
 from smc.identity._errors import IdentityError
-from smc.identity._grpc import CertificateServer
+from smc.identity._https import CertificateServer
 from smc.identity._service import ProxyCertificateService, ProxyRevoker
 from smc.informers import KubeEndpoint
 from smc.projections import ProjectionRunner

@@ -556,8 +556,9 @@ def _agent_container(agent: AgentSidecar, config: InjectorConfig) -> dict[str, A
             },
             {"name": ENV_CA, "value": agent.ca_pem},
         ],
-        # resident ~16 MB; each renewal's short-lived child ~50 MB more for about a second
-        "resources": {"requests": {"cpu": "10m", "memory": "24Mi"}, "limits": {"memory": "96Mi"}},
+        # one process, stdlib only: ~14-20 MB through renewals (tests/test_agent_process.py runs
+        # it in a memory cgroup limited to 30 MiB, the limit here)
+        "resources": {"requests": {"cpu": "10m", "memory": "24Mi"}, "limits": {"memory": "30Mi"}},
         "securityContext": {
             # the proxy's UID: its 0640 files are Envoy's to read, and iptables lets its traffic out
             "runAsUser": config.proxy_uid,

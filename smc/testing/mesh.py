@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -450,11 +451,13 @@ class Sidecar:
         kind: str = "vm",
         timeout: float = 60,
         new_token: bool = True,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> asyncio.subprocess.Process:
         """Like :meth:`start_agent`, but the deployable agent: ``python -m smc.agent`` as its
-        own process (the resident supervisor, whose children do the key and CSR work), its
-        stdout and stderr in :attr:`agent_log`. Returns once its ready file is written.
-        ``new_token=False``: a restart with the join token of the first start."""
+        own process (standard library only), its stdout and stderr in :attr:`agent_log`.
+        Returns once its ready file is written. ``new_token=False``: a restart with the join
+        token of the first start; ``wrap``: how to run the command (e.g. in a memory cgroup,
+        :meth:`smc.testing.cgroup.MemoryCgroup.wrap`; the same pid)."""
         import sys
 
         folder = self.proxy_dir
@@ -470,14 +473,21 @@ class Sidecar:
             token_file.write_text(token)
             token_file.chmod(0o600)
         (folder / "ca.pem").write_text(cp.ca_bundle())
+        argv = [
+            sys.executable, "-m", "smc.agent", "--node-id", self.node_id,
+            "--ca-address", f"127.0.0.1:{cp.ca_port}", "--ca-bundle", str(folder / "ca.pem"),
+            "--proxy-dir", str(folder), "--join-token-file", str(token_file),
+            "--ready-file", str(self.agent_ready_file), "--retry-initial", "0.1",
+        ]  # fmt: skip
+        if wrap is not None:
+            argv = wrap(argv)
         with open(self.agent_log, "ab") as out:
             proc = self.agent_process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "smc.agent", "--node-id", self.node_id,
-                "--ca-address", f"127.0.0.1:{cp.ca_port}", "--ca-bundle", str(folder / "ca.pem"),
-                "--proxy-dir", str(folder), "--join-token-file", str(token_file),
-                "--ready-file", str(self.agent_ready_file), "--retry-initial", "0.1",
-                stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
+                *argv,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
         deadline = asyncio.get_running_loop().time() + timeout
         while not self.agent_ready_file.exists():
             if proc.returncode is not None:
