@@ -1283,3 +1283,85 @@ async def test_sotw_repeated_names_reordered_or_swapped(ads: Ads) -> None:
         assert _cla_names(eds3) == ["b"]
         ack(eds3, ["b", "c"])
         await c.nothing(0.3)
+
+
+async def test_sotw_streams_in_the_same_state_share_a_step_and_laggards_get_their_own(
+    ads: Ads,
+) -> None:
+    """Streams with the same subscription in the same state share one computed incremental
+    response (one step remembered for both); a stream that lags (has not ACKed) or watches other
+    names gets the response its own state needs."""
+    eps: dict[str, tuple[int, ...]] = {"a": (1,), "b": (2,), "c": (3,), "d": (4,)}
+    snap = small_snapshot(**eps)
+    nodes = ["ns/x", "ns/y", "ns/z", "ns/w"]
+    for node in nodes:
+        ads.cache.set_snapshot(node_id=node, snapshot=snap)
+    subs = {"ns/x": ["a", "b", "c"], "ns/y": ["a", "b", "c"], "ns/z": ["a", "b", "c"]}
+    subs["ns/w"] = ["a", "b", "c", "d"]
+
+    def publish(entry: Any) -> Snapshot:
+        new = snap.replace(upsert=[make_entry(entry)])
+        for node in nodes:
+            ads.cache.set_snapshot(node_id=node, snapshot=new)
+        return new
+
+    def ack(c: RawClient, r: Any, node: str) -> None:
+        c.send(
+            type_url=r.type_url,
+            response_nonce=r.nonce,
+            version_info=r.version_info,
+            resource_names=subs[node] if r.type_url == ENDPOINT else [],
+        )
+
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {n: await stack.enter_async_context(raw(ads)) for n in nodes}
+        for node, c in clients.items():
+            c.send(type_url=CLUSTER, node=base_pb2.Node(id=node))
+            ack(c, await c.recv(), node)
+            c.send(type_url=ENDPOINT, resource_names=subs[node])
+            first = await c.recv()
+            assert _cla_names(first) == subs[node]
+            ack(c, first, node)
+        await wait_until(
+            lambda: all(p.types[ENDPOINT].acked_version for p in ads.server.proxies()),
+            what="every stream ACKed its first EDS",
+        )
+
+        snap = publish(cla("b", 20))
+        got = {n: await c.recv() for n, c in clients.items()}
+        assert all(_cla_names(r) == ["b"] for r in got.values())
+        for node in ("ns/x", "ns/y", "ns/w"):  # z lags: no ACK yet
+            ack(clients[node], got[node], node)
+        await wait_until(
+            lambda: sum(
+                p.types[ENDPOINT].acked_version == snap.version(ENDPOINT)
+                for p in ads.server.proxies()
+            )
+            == 3,
+            what="x, y and w ACKed",
+        )
+        ads.server._steps.clear()
+
+        snap = publish(cla("c", 30))
+        for node in ("ns/x", "ns/y", "ns/w"):
+            resp = await clients[node].recv()
+            assert resp.version_info == snap.version(ENDPOINT)
+            (only,) = resp.resources
+            assert endpoint_pb2.ClusterLoadAssignment.FromString(only.value) == cla("c", 30)
+            ack(clients[node], resp, node)
+        # x and y (same names, same state) shared one step; w (other names) had its own.
+        assert len(ads.server._steps) == 2
+        await clients["ns/z"].nothing(0.2)  # its EDS is still in flight: nothing more yet
+
+        # z ACKs the b response late: it is then sent c, computed from its own state.
+        ack(clients["ns/z"], got["ns/z"], "ns/z")
+        late = await clients["ns/z"].recv()
+        assert late.version_info == snap.version(ENDPOINT)
+        assert _cla_names(late) == ["c"]
+
+        # A change only w watches: w gets d, the others nothing.
+        snap = publish(cla("d", 40))
+        resp = await clients["ns/w"].recv()
+        assert _cla_names(resp) == ["d"]
+        for node in ("ns/x", "ns/y"):
+            await clients[node].nothing(0.1)

@@ -82,7 +82,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -126,11 +126,9 @@ from smc.xds._server_stream import (
     EMPTY_VERSION,
     HOLD_FOR,
     _pending,
-    _serialize,
     _Stream,
 )
 from smc.xds._server_tls import ServerTLS, _peer_identity, workload_authorizer
-from smc.xds._snapshot import TypeResources
 from smc.xds._types import PUSH_ORDER, short_name
 
 __all__ = [
@@ -157,15 +155,6 @@ _REFUSALS_KEPT = 256
 
 
 _UNPARSABLE = object()
-
-
-def _raw(data: bytes) -> bytes:
-    return data
-
-
-def _version_of(types: Mapping[str, TypeResources], type_url: str) -> str:
-    tr = types.get(type_url)
-    return tr.version if tr is not None else EMPTY_VERSION
 
 
 class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaServer):
@@ -221,6 +210,8 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         self._bodies: OrderedDict[tuple[Any, ...], tuple[bytes, int, int]] = OrderedDict()
         # SotW subscriptions by digest of their names, shared between streams (LRU).
         self._name_sets: OrderedDict[bytes, tuple[bool, frozenset[str]]] = OrderedDict()
+        # Incremental SotW steps shared by streams in the same state (LRU).
+        self._steps: OrderedDict[tuple[Any, ...], tuple[frozenset[str], Any]] = OrderedDict()
         self._port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -231,13 +222,15 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.StreamAggregatedResources,
-                request_deserializer=_raw,  # parsed in _serve, after the plain-ACK check
-                response_serializer=_serialize,
+                # None: bytes in and out, no Python call per message. Requests are parsed in
+                # _serve after the plain-ACK check; responses are pre-serialised bytes.
+                request_deserializer=None,
+                response_serializer=None,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.DeltaAggregatedResources,
                 request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
-                response_serializer=_serialize,
+                response_serializer=None,
             ),
         }
         server.add_generic_rpc_handlers(
@@ -263,20 +256,19 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        await self._serve(request_iterator, context, "sotw")
+        await self._serve(context, "sotw")
 
     async def DeltaAggregatedResources(
         self,
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        await self._serve(request_iterator, context, "delta")
+        await self._serve(context, "delta")
 
     # ------------------------------------------------------------------ stream loop
 
-    async def _serve(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: StreamKind
-    ) -> None:
+    async def _serve(self, context: grpc.aio.ServicerContext, kind: StreamKind) -> None:
+        """One stream (its requests are read with ``context.read()``, not the iterator)."""
         stream = _Stream(stream_id=next(self._ids), kind=kind, peer=str(context.peer()))
         if self._authorize is not None:
             found = _peer_identity(context, trust_domain=self._trust_domain)
@@ -292,8 +284,11 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         sotw = kind == "sotw"
 
         async def read() -> None:
+            # context.read() rather than the request iterator: the iterator is an async
+            # generator around the same call, one more frame to resume per message.
+            receive = context.read
             try:
-                async for request in requests:
+                while (request := await receive()) is not grpc.aio.EOF:
                     if sotw:
                         # SotW requests arrive as bytes: a plain ACK is applied without parsing
                         # (see SotwServer._plain_ack), anything else is parsed here.
@@ -337,7 +332,12 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                 item = await queue.get()
                 if item is _EOF:
                     return
-                closed = await self._handle(stream, item, context)
+                if item is _CHANGED:  # (what _handle does with it, without a coroutine)
+                    stream.changed = False
+                    stream.due = True
+                    closed = False
+                else:
+                    closed = await self._handle(stream, item, context)
                 while not closed and not queue.empty():
                     item = queue.get_nowait()
                     if item is _EOF:
@@ -345,7 +345,11 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                         break
                     closed = await self._handle(stream, item, context)
                 if stream.due:
-                    await self._push(stream, context)
+                    stream.pushing = True
+                    try:
+                        await self._push_types(stream, context)
+                    finally:
+                        stream.pushing = False
                 if closed:
                     return
         finally:
@@ -405,15 +409,8 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
 
     # ------------------------------------------------------------------ pushing
 
-    async def _push(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
-        stream.pushing = True
-        try:
-            await self._push_types(stream, context)
-        finally:
-            stream.pushing = False
-
     async def _push_types(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
-        """The push itself (``stream.pushing`` is set meanwhile, see :meth:`_push`)."""
+        """The push (``stream.pushing`` is set meanwhile: requests wait in the queue)."""
         stream.due = stream.blocked = False
         if not self._ready or not stream.node_id:
             return
@@ -426,20 +423,25 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         if not stream.authorized:
             await self._check_identity(stream, context)
         types = snapshot.types
+        stream_types = stream.types
         for type_url in PUSH_ORDER:
-            ts = stream.types.get(type_url)
+            ts = stream_types.get(type_url)
             if ts is None:
+                continue
+            tr = types.get(type_url)
+            if not ts.dirty and ts.synced == (tr.version if tr is not None else EMPTY_VERSION):
+                # Nothing new since this type was last computed against this content with this
+                # subscription (it was sent, or had nothing to send): no response, nothing held.
                 continue
             held_for = HOLD_FOR.get(type_url)
             if ts.pending or (
                 held_for is not None
                 and (_pending(stream, held_for[0]) or _pending(stream, held_for[1]))
             ):
-                # In flight, or held for make-before-break: push again on the answer that
-                # settles it, but only if this type has something new to send by then (a plain
-                # EDS change holds LDS/RDS with nothing new: its ACK needs no push).
-                if ts.dirty or ts.synced != _version_of(types, type_url):
-                    stream.blocked = True
+                # In flight, or held for make-before-break, with something new to send: push
+                # again on the answer that settles it (a plain EDS change holds LDS/RDS with
+                # nothing new, above: its ACK needs no push).
+                stream.blocked = True
                 continue
             if stream.kind == "sotw":
                 response: Any = self._sotw_response(stream, ts, type_url, snapshot)

@@ -10,6 +10,7 @@ threads (guarded by a lock).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import grpc
 from smc.ca import SpiffeId
 from smc.xds._errors import XdsError
 from smc.xds._gc import tune_gc
+from smc.xds._grpc_wakeups import coalesce_grpc_wakeups
 from smc.xds._server_records import Authorize
 from smc.xds._server_tls import ServerTLS, _peer_identity
 
@@ -45,6 +47,8 @@ class ServerLifecycle:
     _port: int | None
     services: list[Callable[[grpc.aio.Server], None]]
     add_to: Callable[[grpc.aio.Server], None]
+    #: Whether start() made gRPC's completions wake the loop once per batch (smc.xds._grpc_wakeups).
+    wakeups_coalesced = False
 
     async def start(
         self,
@@ -102,6 +106,8 @@ class ServerLifecycle:
             if bound == 0:
                 raise OSError(f"cannot bind the ADS server to {host}:{port}")
             await server.start()
+            # one loop turn per batch of completions, not per completion (see the module)
+            self.wakeups_coalesced = coalesce_grpc_wakeups(asyncio.get_running_loop())
         except BaseException:
             await server.stop(None)  # not left for the garbage collector to shut down
             raise

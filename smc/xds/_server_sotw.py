@@ -15,6 +15,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -37,12 +38,28 @@ __all__ = ["SotwServer"]
 
 _log = logging.getLogger("smc.xds.server")
 
+_STEPS_KEPT = 64  # distinct (type, content, subscription, client state) steps remembered
+
+
+@lru_cache(maxsize=1024)
+def _version_field(version: str) -> bytes:
+    """The ``version_info`` field of a response (what a plain ACK of it starts with)."""
+    return _string_field(1, version)
+
+
+@lru_cache(maxsize=64)
+def _type_field(type_url: str) -> bytes:
+    """The ``type_url`` field of a request."""
+    return _string_field(4, type_url)
+
 
 class SotwServer(StreamBookkeeping):
     """State-of-the-world requests and responses (mixed into :class:`~smc.xds.AdsServer`)."""
 
     # SotW subscriptions by digest of their names, shared between streams (LRU).
     _name_sets: OrderedDict[bytes, tuple[bool, frozenset[str]]]
+    # Incremental named-type steps shared by streams in the same state (LRU, see _named_step).
+    _steps: OrderedDict[tuple[Any, ...], tuple[frozenset[str], Any]]
 
     def _on_sotw_request(self, stream: _Stream, request: Any) -> None:
         """``request``: a :data:`~smc.xds._requests.RequestHead` (names left undecoded)."""
@@ -208,24 +225,15 @@ class SotwServer(StreamBookkeeping):
         version = tr.version if tr is not None else EMPTY_VERSION
         named = type_url not in WILDCARD_TYPES and not ts.wildcard
         if named and not ts.resync and ts.sent_key is not None:
-            chosen = self._named_changes(ts, tr, version)
-            if chosen is not None:
+            step = self._named_step(ts, tr, type_url, version)
+            if step is not None:
                 # Incremental: the client holds the requested resources as of ``synced`` (no
                 # per-stream copy of their versions is kept), whose mix is the new key.
-                key = self._named_key(ts, tr)
+                key, found = step
                 ts.cur_key, ts.sent_key, ts.synced, ts.dirty = key, key, version, False
                 ts.added = None
-                if not chosen:
-                    return None
-                mix = 0
-                for entry in chosen:
-                    mix ^= entry.mix
-                cache_key = (type_url, version, "changed", mix)
-                found = self._bodies.get(cache_key)
                 if found is None:
-                    found = self._sotw_encode(cache_key, type_url, version, chosen)
-                else:
-                    self._bodies.move_to_end(cache_key)
+                    return None
                 return self._sotw_send(stream, ts, type_url, version, found)
             # Otherwise the whole requested set, unless its content is what the client holds.
         by_name = type_url in WILDCARD_TYPES and not ts.wildcard  # LDS/CDS by name (gRPC)
@@ -251,6 +259,47 @@ class SotwServer(StreamBookkeeping):
             body = with_missing(body, ts.names, tr)
         return self._sotw_send(stream, ts, type_url, version, body)
 
+    def _named_step(
+        self, ts: _TypeState, tr: TypeResources | None, type_url: str, version: str
+    ) -> tuple[int, tuple[bytes, int, int] | None] | None:
+        """SotW named type, incremental: ``(new content key, body of the resources to send or
+        None)``, or None when the whole requested set must be sent (see
+        :meth:`_named_changes`). It depends only on the type's content, the subscription and
+        what the client holds (``synced``, ``cur_key``, names added since), so streams in the
+        same state share one computation: the result is kept for the next stream whose
+        subscription is the same shared name set (see :meth:`_name_set`) in the same state,
+        e.g. every proxy after an endpoint change."""
+        names = ts.names if isinstance(ts.names, frozenset) else None
+        memo_key: tuple[Any, ...] | None = None
+        if ts.added is None and names is not None:
+            memo_key = (type_url, version, ts.synced, ts.cur_key, ts.dirty, id(names))
+            hit = self._steps.get(memo_key)
+            if hit is not None and hit[0] is names:
+                self._steps.move_to_end(memo_key)
+                step: tuple[int, tuple[bytes, int, int] | None] | None = hit[1]
+                return step
+        chosen = self._named_changes(ts, tr, version)
+        made: tuple[int, tuple[bytes, int, int] | None] | None = None
+        if chosen is not None:
+            key = self._named_key(ts, tr)
+            found: tuple[bytes, int, int] | None = None
+            if chosen:
+                mix = 0
+                for entry in chosen:
+                    mix ^= entry.mix
+                cache_key = (type_url, version, "changed", mix)
+                found = self._bodies.get(cache_key)
+                if found is None:
+                    found = self._sotw_encode(cache_key, type_url, version, chosen)
+                else:
+                    self._bodies.move_to_end(cache_key)
+            made = (key, found)
+        if memo_key is not None and names is not None:
+            self._steps[memo_key] = (names, made)
+            if len(self._steps) > _STEPS_KEPT:
+                self._steps.popitem(last=False)
+        return made
+
     def _sotw_send(
         self,
         stream: _Stream,
@@ -264,8 +313,8 @@ class SotwServer(StreamBookkeeping):
         ts.sent_version = version
         ts.nonce = nonce
         nonce_field = _string_field(5, nonce)
-        ts.ack_head = _string_field(1, version)
-        ts.ack_tail = _string_field(4, type_url) + nonce_field
+        ts.ack_head = _version_field(version)
+        ts.ack_tail = _type_field(type_url) + nonce_field
         tm = self.metrics.for_type(type_url)
         tm.resources_sent.inc(count)
         tm.bytes_sent.inc(size)
@@ -295,8 +344,14 @@ class SotwServer(StreamBookkeeping):
                     return False
             elif names_digest(names) != ts.names_digest:
                 return False
-            self._on_reply(stream, ts, type_url, _PlainAck(ts.sent_version or "", ts.nonce or ""))
-            self._subscription_changed(stream, ts, type_url)
+            # What _on_reply does with an ACK (no error_detail, the version sent), and
+            # _subscription_changed with the same names, without building a request.
+            if ts.pending:
+                self.metrics.for_type(type_url).ack_latency.observe(time.monotonic() - ts.sent_at)
+                ts.pending = False
+            self._record_ack(stream, ts, type_url)
+            if type_url not in WILDCARD_TYPES and not ts.wildcard and not ts.names:
+                self._subscription_changed(stream, ts, type_url)
             if _log.isEnabledFor(logging.DEBUG):
                 _log.debug("plain ACK from %s of %s nonce %s", stream.node_id, type_url, ts.nonce)
             if stream.blocked or ts.dirty:
@@ -304,17 +359,4 @@ class SotwServer(StreamBookkeeping):
                 if stream.since is None:
                     stream.since = time.monotonic()
             return True
-        return False
-
-
-class _PlainAck:
-    """What :meth:`StreamBookkeeping._on_reply` reads of a request, for a plain ACK."""
-
-    __slots__ = ("response_nonce", "version_info")
-
-    def __init__(self, version_info: str, response_nonce: str) -> None:
-        self.version_info = version_info
-        self.response_nonce = response_nonce
-
-    def HasField(self, name: str) -> bool:
         return False

@@ -255,6 +255,10 @@ class StreamBookkeeping:
                 ts.sent_version,
             )
             return
+        self._record_ack(stream, ts, type_url)
+
+    def _record_ack(self, stream: _Stream, ts: _TypeState, type_url: str) -> None:
+        """The client applied our latest response of ``type_url`` (its ``sent_version``)."""
         ts.acked_version = ts.sent_version
         if self._on_ack is not None and ts.acked_version is not None:
             try:
