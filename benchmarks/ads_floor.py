@@ -10,7 +10,9 @@ one write plus one read (the aio variants recognise an ACK of their last respons
 trailing nonce bytes and do not parse it, as SMC's server does with plain ACKs), so SMC's
 server can be compared with it.
 
-Variants (``kind``): ``aio`` (grpc.aio, asyncio's default loop: what SMC uses), ``uvloop``
+Variants (``kind``): ``aio`` (grpc.aio, asyncio's default loop: what SMC uses),
+``aio-coalesced`` (the same, with gRPC's completions waking the loop once per batch as SMC's
+server makes them, see :mod:`smc.xds._grpc_wakeups`), ``uvloop``
 (grpc.aio on uvloop), ``sync`` (the thread-per-stream grpc server: one thread writes, one
 reads each stream). gRPC compresses nothing unless asked (no compression is configured on
 either side), so there is no compression to turn off.
@@ -41,6 +43,7 @@ from ads_streams import _cla, _cluster, _cpu, _listener, _route, _rss_bytes, _tu
 from envoy.service.discovery.v3 import discovery_pb2
 
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, make_entry
+from smc.xds._grpc_wakeups import coalesce_grpc_wakeups
 from smc.xds._requests import RequestHead
 
 _SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
@@ -101,14 +104,14 @@ def floor_main(conn: Connection, streams: int, services: int, endpoints: int, ki
         import uvloop
 
         uvloop.install()
-    asyncio.run(_aio_main(conn, bodies))
+    asyncio.run(_aio_main(conn, bodies, coalesce=kind == "aio-coalesced"))
 
 
 def _answer_stats(conn: Connection) -> None:
     conn.send({"rss": _rss_bytes(), "cpu": _cpu(), "bytes_sent": 0})
 
 
-async def _aio_main(conn: Connection, bodies: _Bodies) -> None:
+async def _aio_main(conn: Connection, bodies: _Bodies, coalesce: bool = False) -> None:
     loop = asyncio.get_running_loop()
     queues: list[asyncio.Queue[bytes | None]] = []
 
@@ -162,6 +165,8 @@ async def _aio_main(conn: Connection, bodies: _Bodies) -> None:
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    if coalesce:  # as SMC's server does (smc.xds._grpc_wakeups)
+        assert coalesce_grpc_wakeups(asyncio.get_running_loop())
     rss = _rss_bytes()
     _tune_gc()
     conn.send({"port": port, "rss_snapshots": rss, "rss_start": rss, "names": bodies.names})

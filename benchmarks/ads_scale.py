@@ -18,7 +18,7 @@ next to the server's.
 
 Usage: python benchmarks/ads_scale.py [--sizes 1000,3000,10000] [--services 1000]
        [--endpoints 10] [--changes 5] [--conns 10] [--mode sotw|delta] [--procs 1]
-       [--server smc|floor-aio|floor-uvloop|floor-sync] [--out benchmarks/results/ads_scale.json]
+       [--server smc|floor-aio|floor-aio-coalesced|floor-uvloop|floor-sync] [--pin] [--out benchmarks/results/ads_scale.json]
 ``--procs P``: P server processes share the port (SO_REUSEPORT; the kernel spreads the load
 generator's connections over them), each a replica holding every proxy's snapshot and
 publishing a change to the proxies connected to it; CPU and memory are summed over them.
@@ -202,6 +202,12 @@ class _Servers:
                 proc.kill()
 
 
+def _pin_tree(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 def run_size(binary: Path, n: int, procs: int, args: argparse.Namespace) -> dict[str, Any]:
     servers = _Servers(n, procs, args)
     gen: LoadGen | None = None
@@ -218,6 +224,13 @@ def run_size(binary: Path, n: int, procs: int, args: argparse.Namespace) -> dict
                 f"-ready-timeout={args.storm_timeout}s",
             ],
         )
+        if args.pin:
+            # The server process(es) on CPU 0, the load generator on the others: the load
+            # generator does not take the server's core (or its caches) in the middle of a change.
+            cpus = sorted(os.sched_getaffinity(0))
+            for proc in servers.procs:
+                _pin_tree(proc.pid, {cpus[0]})
+            _pin_tree(gen.proc.pid, set(cpus[1:]) or {cpus[0]})
         before = servers.stats()
         gen_cpu0 = gen.cpu_s()
         gen.send("start")
@@ -231,6 +244,7 @@ def run_size(binary: Path, n: int, procs: int, args: argparse.Namespace) -> dict
             "mode": args.mode,
             "server": args.server,
             "server_processes": procs,
+            "pinned": bool(args.pin),
             "services": args.services,
             "endpoints": args.services * args.endpoints,
             "conns": args.conns,
@@ -320,8 +334,14 @@ def main() -> None:
     parser.add_argument(
         "--server",
         default="smc",
-        choices=["smc", "floor-aio", "floor-uvloop", "floor-sync"],
+        choices=["smc", "floor-aio", "floor-aio-coalesced", "floor-uvloop", "floor-sync"],
         help="smc: SMC's AdsServer; floor-*: the minimal server of ads_floor.py (gRPC's floor)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the server process(es) to the first CPU and the load generator to the others "
+        "(threads started later inherit it)",
     )
     parser.add_argument("--out", default=str(BENCH / "results" / "ads_scale.json"))
     args = parser.parse_args()
@@ -338,7 +358,8 @@ def main() -> None:
             print(
                 f"{r['mode']} {n:>6} streams, {r['server_processes']} server process(es) "
                 f"({r['services']} services, {r['endpoints']} endpoints, "
-                f"{r['conns']} conns, load {load:.1f}): storm -> all ACKed "
+                f"{r['conns']} conns, load {load:.1f}{', pinned' if args.pin else ''}): "
+                f"storm -> all ACKed "
                 f"{storm_text}, "
                 f"lost {r['streams_lost_total']} {r['loss_codes'] or ''}, mem/stream "
                 f"{r['memory_per_stream_mb'] * 1024:.0f} KB"

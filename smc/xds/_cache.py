@@ -2,8 +2,8 @@
 
 Role: the snapshot builder publishes per-proxy snapshots here with :meth:`SnapshotCache.set_snapshot`
 (which refuses inconsistent ones); the ADS server sees only the narrow :class:`SnapshotSource`
-protocol (``get`` and ``watch``). A watch is a plain callback, so an open stream costs one set entry
-here and no task.
+protocol (``get`` and ``watch``). A watch is a plain callback, so an open stream costs one tuple
+entry here and no task.
 
 Concurrency: the cache may be written from any thread; a watch callback always runs on the event
 loop that registered it (directly when the writer is on that loop, else via
@@ -50,7 +50,9 @@ class SnapshotCache:
 
     def __init__(self) -> None:
         self._snapshots: dict[str, Snapshot] = {}
-        self._watches: dict[str, set[_Watch]] = {}
+        # node id -> its watches, a tuple replaced (never mutated) on watch/unwatch, so a
+        # publish reads it without copying it
+        self._watches: dict[str, tuple[_Watch, ...]] = {}
         self._lock = threading.Lock()
 
     def set_snapshot(self, *, node_id: str, snapshot: Snapshot) -> bool:
@@ -67,8 +69,9 @@ class SnapshotCache:
             if snapshot.same_content(self._snapshots.get(node_id)):
                 return False
             self._snapshots[node_id] = snapshot
-            watches = list(self._watches.get(node_id, ()))
-        self._notify(watches)
+            watches = self._watches.get(node_id, ())
+        if watches:
+            self._notify(watches)
         return True
 
     def clear(self, *, node_id: str) -> None:
@@ -83,7 +86,7 @@ class SnapshotCache:
         """Wake ``node_id``'s watchers without a snapshot change (e.g. the controller found
         it cannot place the node: its streams should say so)."""
         with self._lock:
-            watches = list(self._watches.get(node_id, ()))
+            watches = self._watches.get(node_id, ())
         self._notify(watches)
 
     def node_ids(self) -> list[str]:
@@ -93,14 +96,16 @@ class SnapshotCache:
     def watch(self, node_id: str, callback: Callable[[], None]) -> Unwatch:
         entry = _Watch(callback, asyncio.get_running_loop())
         with self._lock:
-            self._watches.setdefault(node_id, set()).add(entry)
+            self._watches[node_id] = (*self._watches.get(node_id, ()), entry)
 
         def unwatch() -> None:
             with self._lock:
                 bucket = self._watches.get(node_id)
-                if bucket is not None:
-                    bucket.discard(entry)
-                    if not bucket:
+                if bucket is not None and entry in bucket:
+                    rest = tuple(w for w in bucket if w is not entry)
+                    if rest:
+                        self._watches[node_id] = rest
+                    else:
                         del self._watches[node_id]
 
         return unwatch
@@ -114,7 +119,7 @@ class SnapshotCache:
             return sum(len(b) for b in self._watches.values())
 
     @staticmethod
-    def _notify(watches: list[_Watch]) -> None:
+    def _notify(watches: tuple[_Watch, ...]) -> None:
         try:
             current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

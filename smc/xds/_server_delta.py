@@ -19,8 +19,8 @@ from smc.xds._server_stream import (
     _BODY_CACHE_SIZE,
     EMPTY_VERSION,
     StreamBookkeeping,
+    _nonce_field,
     _Stream,
-    _string_field,
     _TypeState,
 )
 from smc.xds._snapshot import ResourceEntry, Snapshot
@@ -143,4 +143,4 @@ class DeltaServer(StreamBookkeeping):
         tm.resources_sent.inc(found[1])
         tm.bytes_sent.inc(found[2])
         # Same content for every stream with the same diff; the nonce field is appended.
-        return found[0] + _string_field(5, nonce)
+        return found[0] + _nonce_field(nonce)

@@ -27,6 +27,7 @@ from smc.xds._server_stream import (
     _NAME_SETS_KEPT,
     EMPTY_VERSION,
     StreamBookkeeping,
+    _nonce_field,
     _Stream,
     _string_field,
     _TypeState,
@@ -312,7 +313,7 @@ class SotwServer(StreamBookkeeping):
         nonce = stream.next_nonce()
         ts.sent_version = version
         ts.nonce = nonce
-        nonce_field = _string_field(5, nonce)
+        nonce_field = _nonce_field(nonce)
         ts.ack_head = _version_field(version)
         ts.ack_tail = _type_field(type_url) + nonce_field
         tm = self.metrics.for_type(type_url)

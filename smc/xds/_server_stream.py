@@ -302,8 +302,13 @@ def _string_field(number: int, value: str) -> bytes:
     return bytes(out) + data
 
 
-def _serialize(message: Any) -> bytes:
-    if isinstance(message, bytes):
-        return message
-    data: bytes = message.SerializeToString()
-    return data
+# field 5 (response nonce), wire type 2, then a one-byte length: the head of every short nonce
+_NONCE_HEADS = [bytes(((5 << 3) | 2, n)) for n in range(0x80)]
+
+
+def _nonce_field(nonce: str) -> bytes:
+    """``_string_field(5, nonce)``, without building it byte by byte (nonces are short)."""
+    data = nonce.encode()
+    if len(data) < 0x80:
+        return _NONCE_HEADS[len(data)] + data
+    return _string_field(5, nonce)
