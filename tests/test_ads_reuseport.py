@@ -114,7 +114,7 @@ spec:
 async def test_serve_replicas_share_the_ads_port(tmp_path: Path) -> None:
     """Two ``smc serve`` on one log, both with --xds-reuseport on the same --xds port: the
     proxies' connections are spread over both, and every proxy gets the same versions."""
-    first = ServeProcess(tmp_path, args=["--xds-reuseport", "--ca-listen", "off"])
+    first = ServeProcess(tmp_path, args=["--xds-reuseport"])
     second: ServeProcess | None = None
     try:
         first.wait_ready()

@@ -227,7 +227,9 @@ def admin_ca() -> OwnCA:
 def serve(tmp_path: Path, admin_ca: OwnCA) -> Iterator[ServeProcess]:
     bundle = tmp_path / "admin-ca.pem"
     bundle.write_text(admin_ca.pem())
-    s = ServeProcess(tmp_path, args=["--admin-ca", str(bundle)])  # xDS, local CA, keys
+    # xDS, local CA and the older per-identity keys (on mTLS ADS only): the mesh certificate a
+    # test presents to the API comes from that key directory
+    s = ServeProcess(tmp_path, args=["--admin-ca", str(bundle), "--xds-tls"])
     try:
         s.wait_ready()
         yield s

@@ -42,7 +42,9 @@ def _get(serve: ServeProcess, path: str) -> Any:
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     tmp = tmp_path_factory.mktemp("console")
-    proc = ServeProcess(tmp)
+    # the older per-identity certificates (on mTLS ADS only) give the timeline certificate
+    # events without running a proxy
+    proc = ServeProcess(tmp, args=["--xds-tls"])
     try:
         proc.wait_ready()
         proc.grant("console-actors", ["alice", "bob", "carol", "dave"], ["apply"])

@@ -5,7 +5,10 @@ checks the summary (bookbuyer allowed, bookthief only denied, the 90/10 split wi
 binomial band, the VM-backed bookwarehouse served the bookstores over mTLS, no NACK), the audit
 trail of the kept log (every mesh change by actor ``demo``) and that no Envoy outlived the process.
 The second sends SIGINT to a running demo and checks the documented clean exit: code 0, the
-summary printed, no orphan process. Each test uses its own loopback /24 and TMPDIR, so leftover
+summary printed, no orphan process; before that, from the attacker's side, that each proxy's
+key was made by its own ``python -m smc.agent`` process and that no byte of any key is in the
+demo process's memory (read as root through /proc), its work directory (log, CA, key store)
+or its output. Each test uses its own loopback /24 and TMPDIR, so leftover
 processes are found by the tmp path in their command line.
 """
 
@@ -61,6 +64,69 @@ def _assert_no_orphans(tmp_path: Path, summary: dict[str, Any] | None) -> None:
         cmd = Path(f"/proc/{pid}/cmdline")
         alive = cmd.exists() and b"envoy" in cmd.read_bytes()
         assert not alive, f"Envoy pid {pid} still running"
+
+
+def _agent_keys(tmp_path: Path) -> dict[Path, tuple[int, list[bytes]]]:
+    """Per proxy dir of a running agent process of this test (``python -m smc.agent``): the
+    agent's pid and byte strings only that proxy's key has: the private scalar, the PKCS #8
+    DER, and two runs of the PEM's base64 of the scalar, each within one PEM line (the first
+    48 characters, PKCS #8's header, are the same in every P-256 key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out: dict[Path, tuple[int, list[bytes]]] = {}
+    for line in _processes_mentioning(str(tmp_path)):
+        pid, _, cmd = line.partition(": ")
+        argv = cmd.split()
+        if "smc.agent" not in argv:
+            continue
+        proxy_dir = Path(argv[argv.index("--proxy-dir") + 1])
+        doc = json.loads((proxy_dir / "smc-sds" / "default.json").read_text())
+        pem = doc["resources"][0]["tls_certificate"]["private_key"]["inline_string"]
+        key = serialization.load_pem_private_key(pem.encode(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        body = "".join(pem.strip().splitlines()[1:-1])
+        out[proxy_dir] = (
+            int(pid),
+            [
+                key.private_numbers().private_value.to_bytes(32, "big"),
+                der,
+                body[48:64].encode(),
+                body[64:88].encode(),
+            ],
+        )
+    return out
+
+
+def _memory_holds(pid: int, needles: list[bytes]) -> list[str]:
+    """Where in process ``pid``'s readable memory any of ``needles`` occurs (root reads it)."""
+    found = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            overlap = max(len(n) for n in needles)
+            at, tail = start, b""
+            while at < end:
+                try:
+                    mem.seek(at)
+                    chunk = mem.read(min(8 << 20, end - at))
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                data = tail + chunk
+                found += [f"{line.strip()} holds a key" for n in needles if n in data]
+                tail = data[-overlap:]
+                at += len(chunk)
+    return found
 
 
 def _kill_group(proc: subprocess.Popen[Any]) -> None:
@@ -219,6 +285,32 @@ def test_demo_stops_clean_on_sigint(tmp_path: Path) -> None:
                 time.sleep(0.1)
             time.sleep(max(3.0, 10 - (time.monotonic() - started)))
             assert proc.poll() is None
+            # every proxy's key was made by its own agent process, and neither the demo
+            # process (which hosts the control plane) nor its work directory (log, CA, key
+            # store) holds any byte of one
+            keys = _agent_keys(tmp_path)
+            agents = sorted(pid for pid, _ in keys.values())
+            assert len(keys) == 5 and proc.pid not in agents, keys
+            needles = [n for _, per_key in keys.values() for n in per_key]
+            if os.geteuid() == 0:  # reading another process's memory needs root here
+                assert _memory_holds(proc.pid, needles) == []
+                # the search finds a key where one is: each Envoy (working directory: its
+                # proxy dir) holds the key its agent made
+                envoys = [
+                    int(line.partition(":")[0])
+                    for line in _processes_mentioning(str(tmp_path))
+                    if "/envoy " in line
+                ]
+                assert len(envoys) == 5, envoys
+                for pid in envoys:
+                    home = Path(os.readlink(f"/proc/{pid}/cwd"))
+                    assert _memory_holds(pid, keys[home][1]), home
+            (workdir,) = tmp_path.glob("smc-demo-*")
+            for f in workdir.rglob("*"):
+                if f.is_file():
+                    data = f.read_bytes()
+                    assert not any(n in data for n in needles), f
+                    assert b"PRIVATE KEY" not in data or f.is_relative_to(workdir / "ca"), f
             # as Ctrl-C on a terminal: SIGINT to the whole process group (Envoys included)
             os.killpg(proc.pid, signal.SIGINT)
             code = proc.wait(timeout=30)
@@ -232,6 +324,8 @@ def test_demo_stops_clean_on_sigint(tmp_path: Path) -> None:
     assert "smc demo summary (stopped by SIGINT" in stdout
     summary = json.loads(summary_file.read_text())
     _assert_no_orphans(tmp_path, summary)
+    assert sorted(summary["agent_pids"]) == agents
+    assert not any(n in (stdout + stderr).encode() for n in needles)
     assert summary["stopped_by"] == "SIGINT"
     assert summary["split"]["target"] == {"bookstore-v1": 50, "bookstore-v2": 50}
     buyer = summary["flows"]["bookbuyer -> bookstore"]

@@ -1,5 +1,6 @@
 """``smc serve`` options of per-proxy identities: agents mean ADS over mTLS and a certificate
-service; plaintext ADS is only an explicit choice, and never with keys served on it."""
+service; plaintext ADS is only an explicit choice, and never with keys served on it (the
+control plane's own keys are refused with cleartext ADS, whatever flags are given)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from smc.cli import cli
     ("args", "message"),
     [
         (["--workload-keys", "agent", "--ca-listen", "off"], "--ca-listen"),
-        # the control plane's keys would travel on ADS: TLS or an explicit cleartext flag
+        # the control plane's keys would travel on ADS: only ever over mTLS, never cleartext
         (["--workload-keys", "control-plane"], "keys travel on ADS"),
-        (["--workload-keys", "control-plane", "--xds-tls", "--xds-plaintext"], "exclude"),
+        (["--workload-keys", "control-plane", "--xds-plaintext"], "never sent in cleartext"),
+        (["--workload-keys", "control-plane", "--xds-tls", "--xds-plaintext"], "cleartext"),
         (["--ca-listen", "nope", "--workload-keys", "agent"], "--ca-listen"),
         (
             ["--ca-listen", "127.0.0.1:1", "--ca", "follow", "--keys", "k", "--xds-plaintext"],

@@ -32,7 +32,13 @@ from typing import Any
 
 import pytest
 
-from smc.testing.envoy import EnvoyError, EnvoyProcess, ads_bootstrap, envoy_binary
+from smc.testing.envoy import (
+    EnvoyError,
+    EnvoyProcess,
+    ads_bootstrap,
+    envoy_binary,
+    write_validate_secret,
+)
 from smc.testing.kube import KubeAPIServer, create_http_traffic_target, kube_apiserver_fixture
 from smc.testing.ports import free_port
 from smc.testing.serve import ServeProcess, http_json
@@ -176,8 +182,15 @@ def test_kube_objects_reach_envoy(tmp_path: Path, kube: KubeAPIServer) -> None:
                     delta=False,
                     admin_port=free_port(),
                 )
+                # the test is the pod's host: a throwaway key of its own where the pod's agent
+                # would write one (serve makes none; its cleartext ADS carries no key)
+                home = tmp_path / f"proxy-{pod_name}"
+                write_validate_secret(home)
                 envoy = EnvoyProcess(
-                    bootstrap=boot, workdir=tmp_path / f"envoy-{pod_name}", log_level="warning"
+                    bootstrap=boot,
+                    workdir=tmp_path / f"envoy-{pod_name}",
+                    log_level="warning",
+                    cwd=home,
                 )
                 envoys.append(envoy)
                 envoy.start()

@@ -495,8 +495,9 @@ async def test_service_removed_routes_go_before_clusters(mesh: Mesh) -> None:
 
 
 async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) -> None:
-    """``smc serve --xds ... --ca local:DIR`` as a real process: an Envoy gets its config; the
-    debug endpoints, /metrics and ``smc proxy status`` show it."""
+    """``smc serve --xds ... --ca local:DIR`` as a real process (agents make the keys, cleartext
+    ADS carries none): an Envoy gets its config; the debug endpoints, /metrics and ``smc proxy
+    status`` show it."""
     import os
     import subprocess
     import sys
@@ -522,9 +523,9 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
         f"127.0.0.1:{xds_port}",
         "--ca",
         f"local:{tmp_path / 'ca'}",
-        "--workload-keys",
-        "control-plane",
-        "--xds-plaintext",  # this mode's keys in cleartext: said explicitly
+        "--ca-listen",
+        f"127.0.0.1:{free_port()}",
+        "--xds-plaintext",  # agents (serve's default): no key on ADS
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
@@ -555,7 +556,8 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
             async with s.post(url + "/v1/apply", data=body) as r:
                 assert r.status == 200, await r.text()
                 applied = await r.json()
-            sidecar.start_envoy(ads_port=xds_port, delta=False)
+            # the test is the proxy's host: its own throwaway key where an agent would write
+            sidecar.start_envoy(ads_port=xds_port, delta=False, own_secret=True)
             assert sidecar.envoy is not None
             await sidecar.envoy.wait_live()
             await sidecar.envoy.wait_listener("outbound")
@@ -576,8 +578,8 @@ async def test_smc_serve_xds_debug_endpoints_and_proxy_status(tmp_path: Path) ->
                 dump = await r.json()
             listeners = {x["name"] for x in dump["resources"]["Listener"]}
             assert "outbound" in listeners
-            secret = next(x for x in dump["resources"]["Secret"] if x["name"] == "default")
-            assert secret["resource"]["tlsCertificate"]["privateKey"] == "[redacted]"
+            # agents make the keys: the control plane's snapshot holds the roots, no key
+            assert {x["name"] for x in dump["resources"]["Secret"]} == {"ROOTCA"}
             assert "PRIVATE KEY" not in json.dumps(dump)
             assert dump["versions"]["Listener"] == rows[0]["types"]["Listener"]["acked_version"]
             async with s.get(url + "/debug/config_dump", params={"node": "demo/nope"}) as r:

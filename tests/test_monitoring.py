@@ -1,11 +1,13 @@
-"""Metrics operators alert on, scraped from a real ``smc serve`` (SQLite log, local CA, ADS),
-and deploy/monitoring/ checked by a real promtool (built from the Prometheus Go module)."""
+"""Metrics operators alert on, scraped from a real ``smc serve`` (SQLite log, local CA, ADS,
+agents: the certificate figures come from a real VM agent's certificate), and
+deploy/monitoring/ checked by a real promtool (built from the Prometheus Go module)."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +57,11 @@ def test_series_exist_before_any_proxy_and_follow_the_log(serve: ServeProcess) -
     assert before["process_resident_memory_bytes"] > 0 and "process_cpu_seconds_total" in before
     status, body = serve.request("/v1/apply", method="POST", body=MESH.read_bytes())
     assert status == 200, body
+    # a VM's agent (its key made here, the test being its host) gets its certificate
+    home = Path(tempfile.mkdtemp(prefix="smc-vm-"))
+    agent = serve.start_vm_agent(namespace="bookwarehouse", name="warehouse-vm-1", folder=home)
+    agent.terminate()
+    agent.wait(timeout=30)
 
     def settled() -> dict[str, float] | None:
         m = _scrape(serve)

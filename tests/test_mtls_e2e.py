@@ -44,10 +44,11 @@ from smc.events import (
     make_event,
 )
 from smc.projections import CertsProjection
+from smc.testing.envoy import AdsTLS
 from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
 from smc.testing.ports import free_port
-from smc.testing.serve import admin_session
+from smc.testing.serve import admin_session, key_directory_material
 from smc.testing.vault import OpenBaoServer, setup_pki
 from smc.testing.wait import wait_until
 from smc.xds import ROOT_SECRET, SECRET, WORKLOAD_SECRET
@@ -618,7 +619,7 @@ async def _start_serve(tmp_path: Path, http_port: int, xds_port: int) -> asyncio
         str(tmp_path / "keys"),
         "--workload-keys",
         "control-plane",
-        "--xds-plaintext",  # this mode's keys in cleartext: said explicitly
+        "--xds-tls",  # this mode's keys travel on ADS: over mTLS only (cleartext is refused)
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
@@ -632,8 +633,8 @@ async def _stop_serve(proc: asyncio.subprocess.Process) -> bytes:
 
 
 async def test_smc_serve_restart_same_keys_and_log_keeps_secrets(tmp_path: Path) -> None:
-    """``smc serve --ca local:DIR --keys DIR`` as a real process: an Envoy gets a CA-issued
-    certificate; after a restart on the same log and key directory it keeps exactly the same
+    """``smc serve --ca local:DIR --keys DIR --workload-keys control-plane --xds-tls`` as a real
+    process: an Envoy (mTLS to ADS) gets a CA-issued certificate; after a restart on the same log and key directory it keeps exactly the same
     secrets and nothing is issued again."""
     http_port, xds_port = free_port(), free_port()
     url = f"https://127.0.0.1:{http_port}"
@@ -677,7 +678,19 @@ async def test_smc_serve_restart_same_keys_and_log_keeps_secrets(tmp_path: Path)
             )
             async with s.post(url + "/v1/apply", data=body) as r:
                 assert r.status == 200, await r.text()
-            client.start_envoy(ads_port=xds_port, delta=False)
+            # mTLS ADS: the proxy's client certificate is its identity's, from the key
+            # directory (what an operator gives a proxy in this older mode)
+            chain, key = await asyncio.to_thread(
+                key_directory_material, tmp_path / "keys", f"/ns/{NS}/sa/client"
+            )
+            roots = "".join(
+                p.read_text("ascii") for p in sorted((tmp_path / "ca" / "roots").glob("*.pem"))
+            )
+            client.start_envoy(
+                ads_port=xds_port,
+                delta=False,
+                ads_tls=AdsTLS(cert_pem=chain, key_pem=key, ca_pem=roots, server_san="127.0.0.1"),
+            )
             assert client.envoy is not None
             await client.envoy.wait_live()
             first: str | None = None

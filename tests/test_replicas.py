@@ -62,12 +62,12 @@ from smc.projections import (
     all_projections,
 )
 from smc.smi import load_documents
-from smc.testing.envoy import EnvoyProcess, ads_bootstrap
+from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
 from smc.testing.kafka import KafkaBroker
 from smc.testing.manifests import client_server_yaml, mesh_service_yaml
 from smc.testing.mesh import Sidecar, vm_yaml
 from smc.testing.ports import free_port
-from smc.testing.serve import http_json
+from smc.testing.serve import http_json, key_directory_material
 from smc.xds import CLUSTER
 from tests.conftest import new_kafka_log
 
@@ -101,6 +101,7 @@ class Replica:
         self.log_url = log_url
         self.ca = ca
         self.keys = keys
+        self.tls_dir = workdir / "xds-tls"  # the issuer's ADS certificate, for the follower
         self.http_port = free_port()
         self.xds_port = free_port()
         self.out = workdir / f"{name}.log"
@@ -147,7 +148,19 @@ class Replica:
             str(self.keys),
             "--workload-keys",
             "control-plane",
-            "--xds-plaintext",  # this mode's keys in cleartext: said explicitly
+            # this mode's keys travel on ADS: over mTLS only (cleartext is refused). The
+            # issuer writes its ADS certificate for the follower to serve with.
+            "--xds-tls",
+            *(
+                [
+                    "--xds-cert",
+                    str(self.tls_dir / "tls.crt"),
+                    "--xds-key",
+                    str(self.tls_dir / "tls.key"),
+                ]
+                if self.ca == "follow"
+                else ["--xds-cert-out", str(self.tls_dir)]
+            ),
         ]
         with open(self.out, "ab") as out:
             self.proc = subprocess.Popen(
@@ -217,10 +230,11 @@ class Replica:
 
 
 def failover_bootstrap(
-    *, node_id: str, cluster: str, primary: int, backup: int, delta: bool
+    *, node_id: str, cluster: str, primary: int, backup: int, delta: bool, tls: AdsTLS
 ) -> dict[str, Any]:
-    """An ADS bootstrap whose xDS cluster has the primary replica at priority 0 and the
-    backup at priority 1, TCP health-checked, so a dead primary sends ADS to the backup."""
+    """An ADS bootstrap (mTLS with ``tls``) whose xDS cluster has the primary replica at
+    priority 0 and the backup at priority 1, TCP health-checked, so a dead primary sends ADS
+    to the backup."""
     boot = ads_bootstrap(
         node_id=node_id,
         cluster=cluster,
@@ -228,6 +242,7 @@ def failover_bootstrap(
         ads_port=primary,
         delta=delta,
         admin_port=free_port(),
+        tls=tls,
     )
     xds = boot["static_resources"]["clusters"][0]
 
@@ -251,10 +266,17 @@ def failover_bootstrap(
     return boot
 
 
-async def probe_node(port: int, node_id: str, timeout: float = 20.0) -> None:
-    """Open an ADS stream to ``port`` as ``node_id`` and read one CDS answer, so the replica
-    builds (and from then on keeps current) that node's snapshot."""
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+async def probe_node(port: int, node_id: str, tls: AdsTLS, timeout: float = 20.0) -> None:
+    """Open an ADS stream to ``port`` as ``node_id`` (mTLS with ``tls``, the node's identity)
+    and read one CDS answer, so the replica builds (and from then on keeps current) that
+    node's snapshot."""
+    assert tls.cert_pem and tls.key_pem and tls.ca_pem
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_pem.encode(),
+        private_key=tls.key_pem.encode(),
+        certificate_chain=tls.cert_pem.encode(),
+    )
+    channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
     try:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         done = asyncio.Event()
@@ -355,6 +377,8 @@ class Cluster:
     server: Sidecar
     session: aiohttp.ClientSession
     notes: dict[str, Any] = field(default_factory=dict)
+    #: each sidecar's mTLS to ADS (its identity's certificate from the key directory)
+    tls: dict[str, AdsTLS] = field(default_factory=dict)
 
     @property
     def sidecars(self) -> list[Sidecar]:
@@ -409,6 +433,10 @@ async def cluster(
     try:
         r1.start()
         await asyncio.to_thread(r1.wait_ready)
+        deadline = time.monotonic() + 60
+        while not (r1.tls_dir / "tls.key").exists():  # the follower serves the issuer's
+            assert time.monotonic() < deadline, "the issuer wrote no ADS certificate"
+            await asyncio.sleep(0.1)
         r2.start()
         await asyncio.to_thread(r2.wait_ready)
         for s in (client, server):
@@ -460,7 +488,14 @@ async def test_replicas_serve_identical_snapshots(cluster: Cluster) -> None:
     assert status == 200, body
     assert body["ok"] and body["events"] >= 5, body
 
-    # Envoys: ADS on replica 1 (priority 0), replica 2 as the backup (priority 1).
+    # Envoys: ADS (mTLS, each with its identity's certificate) on replica 1 (priority 0),
+    # replica 2 as the backup (priority 1).
+    roots = "".join(
+        p.read_text("ascii") for p in sorted((c.workdir / "ca" / "roots").glob("*.pem"))
+    )
+    for s, sa in ((c.client, "client"), (c.server, "server")):
+        chain, key = await asyncio.to_thread(key_directory_material, c.r1.keys, f"/sa/{sa}")
+        c.tls[s.node_id] = AdsTLS(cert_pem=chain, key_pem=key, ca_pem=roots, server_san="127.0.0.1")
     for s, delta in ((c.client, True), (c.server, False)):
         boot = failover_bootstrap(
             node_id=s.node_id,
@@ -468,13 +503,14 @@ async def test_replicas_serve_identical_snapshots(cluster: Cluster) -> None:
             primary=c.r1.xds_port,
             backup=c.r2.xds_port,
             delta=delta,
+            tls=c.tls[s.node_id],
         )
         s.envoy = EnvoyProcess(bootstrap=boot, workdir=c.workdir / f"envoy-{s.name}")
         s.envoy.start()
     # Replica 2 builds a node's snapshot once a proxy of that node asked it for config:
     # ask it as each node (a one-shot ADS stream), so both replicas build both nodes.
     for s in c.sidecars:
-        await probe_node(c.r2.xds_port, s.node_id)
+        await probe_node(c.r2.xds_port, s.node_id, c.tls[s.node_id])
     for e in c.envoys():
         await e.wait_live(timeout=30)
 
@@ -573,7 +609,7 @@ async def test_envoy_switching_replica_gets_no_config_change(cluster: Cluster) -
     c.r1.start()
     await asyncio.to_thread(c.r1.wait_ready)
     for s in c.sidecars:
-        await probe_node(c.r1.xds_port, s.node_id)
+        await probe_node(c.r1.xds_port, s.node_id, c.tls[s.node_id])
     agreed = await eventually(c.same_snapshots, timeout=30, what="restarted replica to agree")
     assert agreed == snaps, "a restarted replica serves other snapshots (re-issued?)"
     assert c.r2.state()["applied"] == applied_before, "the restart appended events"
@@ -793,7 +829,7 @@ async def test_replica_kill9_mid_change_loses_no_acknowledged_event(cluster: Clu
     c.r1.start()
     await asyncio.to_thread(c.r1.wait_ready)
     for s in c.sidecars:
-        await probe_node(c.r1.xds_port, s.node_id)
+        await probe_node(c.r1.xds_port, s.node_id, c.tls[s.node_id])
     await eventually(c.same_position, timeout=30, what="both replicas at the log end")
     assert c.r1.state()["digests"] == c.r2.state()["digests"]
     await eventually(c.same_snapshots, timeout=30, what="both replicas to agree again")

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 import socket
 import ssl
@@ -36,7 +37,7 @@ from smc.ca import KeyStore, LocalIssuer
 from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
 from smc.testing.kube import KubeAPIServer, KubeBuildError
 from smc.testing.ports import free_port
-from smc.testing.serve import ServeProcess
+from smc.testing.serve import ServeProcess, key_directory_material
 from smc.xds import CLUSTER
 from smc.xds._certs import KeyStoreCertSource
 
@@ -108,25 +109,6 @@ spec:
 """
 
 
-def find_leaf(keys: Path, identity_suffix: str, timeout: float = 60.0) -> tuple[str, str]:
-    """``(cert chain PEM, key PEM)`` of the certificate in ``keys`` whose SPIFFE id ends with
-    ``identity_suffix`` (waits for the CA controller of the serve process to issue it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for crt in sorted(keys.glob("*.crt")):
-            key = crt.with_suffix(".key")
-            if not key.exists():
-                continue
-            pem = crt.read_text("ascii")
-            leaf = x509.load_pem_x509_certificates(pem.encode())[0]
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-            if any(u.endswith(identity_suffix) for u in uris):
-                return pem, key.read_text("ascii")
-        time.sleep(0.2)
-    raise AssertionError(f"no certificate for {identity_suffix} in {keys}")
-
-
 async def first_cds(port: int, creds: grpc.ChannelCredentials, node_id: str) -> Any:
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as chan:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(chan)
@@ -158,7 +140,7 @@ async def test_xds_tls_serves_envoy_with_mesh_certificate(
     await asyncio.to_thread(s.wait_ready)
     status, body = s.request("/v1/apply", method="POST", body=VM.encode(), timeout=60)
     assert status == 200, body
-    chain, key = await asyncio.to_thread(find_leaf, keys, "/ns/wire/sa/web")
+    chain, key = await asyncio.to_thread(key_directory_material, keys, "/ns/wire/sa/web")
     roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
     assert roots, "no CA root written"
     assert "over mTLS" in s.stderr()
@@ -194,6 +176,12 @@ async def test_xds_tls_serves_envoy_with_mesh_certificate(
         stats = envoy.stats()
         assert stats.get("control_plane.connected_state") == 1
         assert stats.get("cluster.smc_xds.ssl.handshake", 0) >= 1
+        # the debug view of this (older, control-plane keys) mode never shows the key
+        status, dump = s.request("/debug/config_dump?node=wire/web-1", timeout=60)
+        assert status == 200, dump
+        secret = next(x for x in dump["resources"]["Secret"] if x["name"] == "default")
+        assert secret["resource"]["tlsCertificate"]["privateKey"] == "[redacted]"
+        assert "PRIVATE KEY" not in json.dumps(dump)
     finally:
         envoy.close()
     assert s.stop() == 0

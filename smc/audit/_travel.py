@@ -65,11 +65,15 @@ def state_at(
 
 
 class _RecordedCerts:
-    """The certificates the log says each identity had: SDS entries by name, no key."""
+    """The certificates the log says each identity had: SDS entries by name, no key.
+    ``agent_sds``: the mesh's proxies take ``default`` from their agents' files (the log holds
+    per-proxy certificates only), so the builder references that file as ``smc serve`` does
+    with agents."""
 
-    def __init__(self, certs: CertsProjection, view: PolicyView) -> None:
+    def __init__(self, certs: CertsProjection, view: PolicyView, *, agent_sds: bool) -> None:
         self._certs = certs
         self._view = view
+        self.agent_sds = agent_sds
 
     def get(self, identity: str) -> tuple[str, str, str] | None:
         if self._certs.current_cert(self._view.spiffe_id(identity)) is None:
@@ -77,7 +81,11 @@ class _RecordedCerts:
         return ("", "", "")  # the secret is reported by name only
 
     def trust_bundle(self) -> list[str]:
-        return []
+        # with agents the roots recorded on the log (public) are what ROOTCA held; without,
+        # the secrets are reported by name only as before
+        if not self.agent_sds:
+            return []
+        return [root for _issuer, roots in sorted(self._certs.trust.items()) for root in roots]
 
 
 def proxy_config_at(
@@ -88,8 +96,12 @@ def proxy_config_at(
     verifier: ChainVerifier | None = None,
     checkpoints: CheckpointDir | None = None,
     runner: ProjectionRunner | None = None,
+    agent_keys: bool | None = None,
 ) -> dict[str, Any]:
-    """The configuration ``node_id`` was served once the log reached ``position``."""
+    """The configuration ``node_id`` was served once the log reached ``position``.
+    ``agent_keys``: whether the control plane ran with agents (``--workload-keys agent``,
+    serve's default); None: agents unless the log records a per-identity certificate (the
+    older ``control-plane`` mode) current at that position."""
     from smc.xds._builder import BuildPass
 
     r = runner or state_at(log, position, verifier=verifier, checkpoints=checkpoints)
@@ -97,7 +109,8 @@ def proxy_config_at(
     policy = _find(r, PolicyProjection)
     certs = _find(r, CertsProjection)
     view = PolicyView(registry=registry, policy=policy)
-    build = BuildPass(view=view, certs=_RecordedCerts(certs, view)).build(node_id)
+    agents = not certs.current if agent_keys is None else agent_keys
+    build = BuildPass(view=view, certs=_RecordedCerts(certs, view, agent_sds=agents)).build(node_id)
     out: dict[str, Any] = {
         "node": node_id,
         "position": r.position.to_json(),

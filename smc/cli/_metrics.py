@@ -11,7 +11,8 @@ Role: one :class:`ServeMetrics` per serve process, in its own registry beside th
   ``smc_api_group_commit_requests`` (requests per durable write);
 - certificates, from the events the runner applies: ``smc_certificates_issued_total``,
   ``..._renewed_total``, ``..._revoked_total`` and ``smc_certificate_earliest_expiry_seconds``
-  (seconds until the earliest active workload certificate expires; absent with none);
+  (seconds until the earliest active workload certificate expires; absent with none): the
+  agents' per-proxy certificates (``ProxyCertificate*``) and the older per-identity ones;
 - the HTTP API: ``smc_http_requests_total{route,method,status}`` and
   ``smc_http_request_duration_seconds{route,method}``, labelled by the route *pattern*
   (``/v1/services``, ``unmatched``), never by raw paths or identities;
@@ -53,6 +54,8 @@ from smc.events import (
     LogCorrupt,
     LogFull,
     LogUnavailable,
+    ProxyCertificateIssued,
+    ProxyCertificateRevoked,
 )
 from smc.projections import ProjectionRunner
 from smc.projections._certs import CertsProjection
@@ -195,6 +198,12 @@ class ServeMetrics:
             c = certs.get(type(ev).TYPE)
             if c is not None:
                 c.inc()
+            elif isinstance(ev, ProxyCertificateIssued):  # agents: one certificate per proxy
+                certs[
+                    CertificateRenewed.TYPE if ev.previous_serial else CertificateIssued.TYPE
+                ].inc()
+            elif isinstance(ev, ProxyCertificateRevoked):
+                certs[CertificateRevoked.TYPE].inc()
 
     def _on_append(self, seconds: float, requests: int, error: BaseException | None) -> None:
         if error is None:
@@ -222,6 +231,12 @@ class ServeMetrics:
                 continue
             if soonest is None or rec.not_after < soonest:
                 soonest = rec.not_after
+        for proxy, serial in certs.proxy_current.items():  # agents' per-proxy certificates
+            prec = certs.proxy_certs.get(proxy, {}).get(serial)
+            if prec is None or prec.status != "active":
+                continue
+            if soonest is None or prec.not_after < soonest:
+                soonest = prec.not_after
         if soonest is None:
             return None
         return (soonest - datetime.now(UTC)).total_seconds()

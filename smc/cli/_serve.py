@@ -308,7 +308,7 @@ async def _serve(
     "--ca-listen",
     default="auto",
     show_default=True,
-    help="HOST:PORT of the certificate service SMC agents send CSRs to (gRPC over TLS; "
+    help="HOST:PORT of the certificate service SMC agents send CSRs to (HTTPS; "
     "the server certificate is issued for HOST, 127.0.0.1, localhost and every --xds-san, or "
     "read from --xds-cert/--xds-key); 'auto': the --xds host, port + 2 (15012 by default) "
     "with --workload-keys agent on the issuing replica, else off; 'off' disables it.",
@@ -323,9 +323,8 @@ async def _serve(
 @click.option(
     "--xds-plaintext",
     is_flag=True,
-    help="Serve ADS in cleartext. With --workload-keys agent (default: mTLS) the proxies' keys "
-    "never travel on ADS; with --workload-keys control-plane they do, so that mode needs either "
-    "--xds-tls or this flag (cleartext keys: for tests and isolated networks only; warned).",
+    help="Serve ADS in cleartext (tests and isolated networks). Only with --workload-keys agent "
+    "(default), where no key travels on ADS; --workload-keys control-plane refuses it.",
 )
 @click.option(
     "--xds-reuseport",
@@ -342,8 +341,8 @@ async def _serve(
     show_default=True,
     help="Who makes workload keys: 'agent' (an SMC agent beside each proxy makes its key and "
     "hands it to its Envoy in a local file; the control plane serves roots and CRLs only; ADS is then "
-    "mTLS, as with --xds-tls, and --ca-listen is needed) or 'control-plane' (one key per "
-    "identity, made here and served over SDS).",
+    "mTLS, as with --xds-tls, and --ca-listen is needed) or 'control-plane' (older: one key per "
+    "identity, made here and served over SDS, on mTLS ADS only: needs --xds-tls).",
 )
 @click.option(
     "--cloud",
@@ -429,13 +428,11 @@ def serve(
         )
     if agent_keys and xds is not None and not xds_plaintext:
         xds_tls = True  # agents: ADS is mTLS unless --xds-plaintext says otherwise
-    if xds_plaintext and xds_tls and not agent_keys:
-        raise click.BadParameter("--xds-plaintext and --xds-tls exclude each other")
-    if xds is not None and not agent_keys and not xds_tls and not xds_plaintext:
+    if xds is not None and not agent_keys and (xds_plaintext or not xds_tls):
         raise click.BadParameter(
-            "with --workload-keys control-plane the identities' keys travel on ADS: give "
-            "--xds-tls (or, for tests and isolated networks only, --xds-plaintext to send them "
-            "in cleartext)",
+            "with --workload-keys control-plane the identities' keys travel on ADS, which must "
+            "then be mTLS: give --xds-tls (a key is never sent in cleartext; --xds-plaintext is "
+            "for --workload-keys agent only, where no key is on ADS)",
             param_hint="--workload-keys",
         )
     if agent_keys and xds is not None and ca_listen == "off" and not follow:
@@ -446,13 +443,6 @@ def serve(
         )
     if xds_plaintext:
         xds_tls = False
-    if xds is not None and not xds_tls and not agent_keys:
-        click.echo(
-            "warning: ADS in cleartext with keys made by the control plane: any client that "
-            "names a node id gets that identity's key. Use --workload-keys agent (per-proxy keys "
-            "made beside each proxy, ADS over mTLS) or --xds-tls.",
-            err=True,
-        )
     if xds_tls:
         if xds is None:
             raise click.BadParameter("--xds-tls needs the xDS server (not --xds off)")

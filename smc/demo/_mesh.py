@@ -7,7 +7,8 @@ the four Kubernetes-style pods (the events the Kubernetes informer appends for a
 ServiceAccount and the EndpointSlices of its services), applies ``smc/demo/bookstore.yaml``
 (services, the bookwarehouse VM, SMI policy, traffic split) through the declarative API with
 actor ``demo``, starts one real Envoy sidecar per workload on its own loopback address
-``<net>.N`` with an SMC agent beside it (the proxy's key is made by the agent; its
+``<net>.N`` with an SMC agent beside it, as its own process (``python -m smc.agent``: the
+proxy's key is made by the agent in the proxy's own directory, never in this process; its
 certificate is per proxy, proven with a one-time join token), waits until the policy is in
 effect, then runs the client loops (bookbuyer and
 bookthief to bookstore, both bookstore versions to bookwarehouse). :meth:`BookstoreDemo.status`
@@ -72,6 +73,7 @@ class BookstoreDemo(_DemoReport):
         self.cp: ControlPlane | None = None
         self.flows: dict[str, Flow] = {}
         self.envoy_pids: list[int] = []
+        self.agent_pids: list[int] = []
         self.console_url: str | None = None
         self._console: web.AppRunner | None = None
         self.traffic_started: float | None = None
@@ -126,20 +128,25 @@ class BookstoreDemo(_DemoReport):
         await self._apply(self._manifests(self._s.apps))
         if stop.is_set():
             return False
-        # one SMC agent per sidecar: it makes the proxy's key here and gets its certificate
-        # with a one-time join token (the demo's pods run outside Kubernetes, like VMs)
+        # one SMC agent per sidecar, each its own process (`python -m smc.agent`, as in a pod
+        # or on a VM): it makes the proxy's key in its proxy dir and gets its certificate with
+        # a one-time join token (the demo's pods run outside Kubernetes, like VMs); this
+        # process, which hosts the control plane, never sees a workload key
         workloads = {w.name: w for w in WORKLOADS}
         await asyncio.gather(
             *(
-                s.start_agent(
+                s.start_agent_process(
                     cp, service_account=workloads[name].service_account, kind=workloads[name].kind
                 )
                 for name, s in self._s.sidecars.items()
             )
         )
+        for s in self._s.sidecars.values():
+            assert s.agent_process is not None
+            self.agent_pids.append(s.agent_process.pid)
         self.say(
-            f"{len(self._s.sidecars)} SMC agents made their proxies' keys and got per-proxy "
-            "certificates"
+            f"{len(self._s.sidecars)} SMC agent processes made their proxies' keys and got "
+            "per-proxy certificates"
         )
         if stop.is_set():
             return False

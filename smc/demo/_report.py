@@ -108,5 +108,6 @@ class _DemoReport(_DemoBase):
             "nacks": nacks,
             "envoy_rejected": {k: v for k, v in self._rejected.items() if v},
             "envoy_pids": self.envoy_pids,
+            "agent_pids": self.agent_pids,
             "workdir": str(self.options.workdir),
         }

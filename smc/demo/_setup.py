@@ -45,6 +45,7 @@ class _DemoBase:
     cp: ControlPlane | None
     flows: dict[str, Flow]
     envoy_pids: list[int]
+    agent_pids: list[int]
     console_url: str | None
     _console: web.AppRunner | None
     traffic_started: float | None

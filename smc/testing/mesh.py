@@ -57,7 +57,7 @@ from smc.projections import (
     all_projections,
 )
 from smc.smi import load_documents
-from smc.testing.envoy import EnvoyProcess, ads_bootstrap
+from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
 from smc.testing.ports import free_port
 from smc.xds import AdsServer, IssuingCertSource, XdsController
 from smc.xds._certs import IssuerCache, KeyStoreCertSource, local_issuer_of
@@ -519,10 +519,22 @@ class Sidecar:
         stats_sink: bool = False,
         runtime: dict[str, Any] | None = None,
         args: tuple[str, ...] = (),
+        own_secret: bool = False,
+        ads_tls: AdsTLS | None = None,
     ) -> None:
         """Start the Envoy; ``stats_sink``: it streams its stats to the control plane (the
         traffic edges of the console's map); ``runtime``: Envoy runtime keys; ``args``: more
-        Envoy command-line options."""
+        Envoy command-line options. ``own_secret``: no agent, the test is the proxy's host and
+        writes a throwaway self-signed key where an agent would
+        (:func:`smc.testing.envoy.write_validate_secret`), so that an Envoy of a control plane
+        with agents (``smc serve``'s default, cleartext ADS: no key on it) loads the listeners
+        and clusters that read that file; not a mesh credential (no mTLS traffic with it).
+        ``ads_tls``: mTLS to ADS with this client certificate (a control plane with its own
+        keys, ``--xds-tls``) instead of the agent's."""
+        if own_secret and not self._has_agent:
+            from smc.testing.envoy import write_validate_secret
+
+            write_validate_secret(self.proxy_dir)
         boot = ads_bootstrap(
             node_id=self.node_id,
             cluster=self.name,
@@ -534,9 +546,10 @@ class Sidecar:
             runtime=runtime,
             transport_socket=(
                 ads_tls_transport_socket(ca_pem=self._ca_pem, server_san="127.0.0.1")
-                if self._has_agent
+                if self._has_agent and ads_tls is None
                 else None
             ),
+            tls=ads_tls,
         )
         self.envoy = EnvoyProcess(
             bootstrap=boot,
@@ -544,7 +557,7 @@ class Sidecar:
             log_level="warning",
             args=args,
             # the agent's file-based SDS paths are relative to the Envoy's working directory
-            cwd=self.proxy_dir if self._has_agent else None,
+            cwd=self.proxy_dir if self._has_agent or own_secret else None,
         )
         self.envoy.start()
 

@@ -3,7 +3,9 @@
 Role: :class:`ServeProcess` starts ``python -m smc.cli serve`` on a SQLite log in a work
 folder (or ``log_url``) with the HTTPS API on 127.0.0.1 and, unless told otherwise, a local
 CA and ADS on ``xds_host`` (free ports), plus any extra arguments (``--kube KUBECONFIG``,
-...); output goes to ``serve-<http port>.log`` for diagnostics. Its SMC config folder
+...). Workload keys are made by agents (serve's default; the control plane never makes one):
+ADS is cleartext unless ``args`` asks for ``--xds-tls`` (no key is on it), and the certificate
+service listens on :attr:`ServeProcess.ca_port`. Output goes to ``serve-<http port>.log`` for diagnostics. Its SMC config folder
 (``$SMC_CONFIG_DIR``) is ``<work folder>/smc-config``, where serve writes the admin credential
 file; :attr:`ServeProcess.credentials` reads it (the server's CA and the admin token), and
 :meth:`ServeProcess.env` is the environment a CLI child needs to find it. :func:`http_json`
@@ -36,7 +38,14 @@ from smc.testing.ports import free_port
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["ServeProcess", "admin_credentials", "admin_session", "eventually", "http_json"]
+__all__ = [
+    "ServeProcess",
+    "admin_credentials",
+    "admin_session",
+    "eventually",
+    "http_json",
+    "key_directory_material",
+]
 
 
 def admin_credentials(
@@ -118,6 +127,31 @@ def eventually(
         time.sleep(0.1)
 
 
+def key_directory_material(
+    keys: Path, identity_suffix: str, timeout: float = 60.0
+) -> tuple[str, str]:
+    """``(cert chain PEM, key PEM)`` of the certificate in the key directory ``keys`` of a
+    serve with ``--workload-keys control-plane`` whose SPIFFE id ends with
+    ``identity_suffix`` (waits for its CA controller to issue it): what an operator gives a
+    proxy for its mTLS ADS connection in that older mode."""
+    from cryptography import x509
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for crt in sorted(keys.glob("*.crt")):
+            key = crt.with_suffix(".key")
+            if not key.exists():
+                continue
+            pem = crt.read_text("ascii")
+            leaf = x509.load_pem_x509_certificates(pem.encode())[0]
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+            if any(u.endswith(identity_suffix) for u in uris):
+                return pem, key.read_text("ascii")
+        time.sleep(0.2)
+    raise AssertionError(f"no certificate for {identity_suffix} in {keys}")
+
+
 class ServeProcess:
     """``smc serve`` as a subprocess (see the module docstring)."""
 
@@ -133,7 +167,9 @@ class ServeProcess:
         """``xds_host`` None: no ``--xds``/``--ca``/``--keys`` of its own (``args`` says; without
         an ``--xds`` there, ``--xds off``: serve's default port 15010 is not free for sure)."""
         self.http_port = free_port()
+        self.log_url = log_url or f"sqlite:///{tmp / 'log.db'}"
         self.xds_port = free_port()
+        self.ca_port = free_port()  # the certificate service agents send CSRs to
         self.xds_host = xds_host
         self.base = f"https://127.0.0.1:{self.http_port}"
         self.out = tmp / f"serve-{self.http_port}.log"
@@ -152,17 +188,30 @@ class ServeProcess:
                 str(tmp / "keys"),
             ]
         )
-        # the control plane's own per-identity keys unless the test says otherwise (the tests
-        # of agents and mTLS ADS pass --workload-keys agent)
-        mode = [] if "--workload-keys" in args else ["--workload-keys", "control-plane"]
-        if mode and "--xds-tls" not in args:
-            mode.append("--xds-plaintext")  # that mode's keys in cleartext: said explicitly
+        # serve's default, agents (the control plane makes no workload key). Its ADS is
+        # cleartext unless the test asks for TLS (no key travels on it: raw ADS clients and
+        # Envoys whose key the test makes, the test being their host); the certificate
+        # service on a free port of its own
+        # (a test that asks for --xds-tls without naming --workload-keys keeps the older
+        # control-plane keys, which serve sends on mTLS ADS only)
+        mode: list[str] = []
+        given = list(args)
+        xds_on = (
+            given[given.index("--xds") + 1] != "off" if "--xds" in given else xds_host is not None
+        )
+        if "--workload-keys" not in args and "--xds-tls" in args:
+            mode = ["--workload-keys", "control-plane"]
+        elif xds_on:
+            if "--xds-tls" not in args and "--workload-keys" not in args:
+                mode.append("--xds-plaintext")
+            if "--ca-listen" not in args and "follow" not in args:  # a follower cannot sign
+                mode += ["--ca-listen", f"{xds_host or '127.0.0.1'}:{self.ca_port}"]
         argv = [
             sys.executable,
             "-m",
             "smc.cli",
             "--log",
-            log_url or f"sqlite:///{tmp / 'log.db'}",
+            self.log_url,
             "serve",
             "--http",
             f"127.0.0.1:{self.http_port}",
@@ -269,6 +318,49 @@ class ServeProcess:
         """The control plane's snapshot of ``node`` (``/debug/config_dump``), None if none."""
         status, body = self.request(f"/debug/config_dump?node={node}")
         return body if status == 200 and isinstance(body, dict) else None
+
+    def start_vm_agent(
+        self, *, namespace: str, name: str, folder: Path, timeout: float = 60.0
+    ) -> subprocess.Popen[bytes]:
+        """The test as a VM's host: ``smc vm bootstrap`` for VirtualMachine
+        ``namespace/name`` (a one-time join token on the log, the mesh roots) into ``folder``,
+        then that VM's SMC agent (``python -m smc.agent``: its key made here, a CSR to this
+        serve's certificate service); returns the agent once it holds its first certificate
+        (``folder/ready.json``). Stop it with ``terminate()``."""
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "smc.cli", "--log", self.log_url, "vm", "bootstrap", name,
+                "-n", namespace, "--out", str(folder), "--ads", f"127.0.0.1:{self.xds_port}",
+                "--ca-address", f"127.0.0.1:{self.ca_port}",
+            ],
+            capture_output=True, text=True, timeout=60, check=False, env=self.env(),
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise AssertionError(f"smc vm bootstrap failed: {done.stderr}")
+        ready = folder / "ready.json"
+        with (folder / "agent.log").open("wb") as out:
+            agent = subprocess.Popen(
+                die_with_parent(
+                    [
+                        sys.executable, "-m", "smc.agent", "--node-id", f"{namespace}/{name}",
+                        "--ca-address", f"127.0.0.1:{self.ca_port}",
+                        "--ca-bundle", str(folder / "ca.pem"), "--proxy-dir", str(folder),
+                        "--join-token-file", str(folder / "join-token"),
+                        "--ready-file", str(ready), "--retry-initial", "0.1",
+                    ]
+                ),
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if agent.poll() is not None or time.monotonic() > deadline:
+                agent.kill()
+                raise AssertionError(
+                    "the agent got no certificate:\n"
+                    + (folder / "agent.log").read_text(errors="replace")[-3000:]
+                )
+            time.sleep(0.05)
+        return agent
 
     def stop(self) -> int:
         """SIGTERM, then the exit code (killed after 20 s)."""
