@@ -69,7 +69,7 @@ from smc.injector import (
     mutate,
 )
 from smc.projections import CertsProjection, ProjectionRunner
-from smc.testing.envoy import EnvoyError, envoy_binary
+from smc.testing.envoy import EnvoyError, envoy_binary, write_validate_secret
 from smc.testing.kube import KubeAPIServer, create_http_traffic_target, kube_apiserver_fixture
 from smc.testing.netns import NetnsError, Pod, PodNetwork, world_readable_copy
 from smc.testing.ports import free_port
@@ -843,7 +843,11 @@ def test_kubelet_probes_reach_the_app_through_the_sidecar(
             ctx = proxy["securityContext"]
             workdir = net.workdir / "prober"
             workdir.mkdir()
-            os.chown(workdir, ctx["runAsUser"], ctx["runAsGroup"])
+            # no agent here (the probes are plaintext from the node): the test, as the pod's
+            # host, puts a throwaway key of its own where the agent would (serve made none)
+            write_validate_secret(workdir)
+            for path in (workdir, workdir / "smc-sds", workdir / "smc-sds" / "default.json"):
+                os.chown(path, ctx["runAsUser"], ctx["runAsGroup"])
             pod.start(
                 [
                     str(envoy),
