@@ -34,6 +34,7 @@ from smc.events import (
     WriterTrust,
     make_event,
 )
+from smc.events._integrity import BATCH_HEADER
 from smc.events._kafka_topics import DEFAULT_TOPICS, ensure_topics
 from smc.testing.kafka import KafkaBroker
 
@@ -41,6 +42,13 @@ TD = "example.org"
 
 #: A partition's records as (key, value, headers) where headers hold writer and seal.
 Rows = list[tuple[bytes, bytes, bytes, bytes]]
+
+
+class Row(tuple):  # type: ignore[type-arg]
+    """A Kafka row as read (key, value, writer, seal), remembering the record's batch size
+    header (seal version 3): a copy keeps it, an edited row (a new tuple) loses it."""
+
+    batch: bytes = b""
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +132,11 @@ def kafka_rows(log: KafkaLog) -> dict[tuple[str, int], Rows]:
                 for m in consumer.consume(500, timeout=5):
                     assert m.error() is None, m.error()
                     h = dict(m.headers() or [])
-                    recs.append(
+                    row = Row(
                         (m.key(), m.value(), h.get("smc.writer", b""), h.get("smc.seal", b""))
                     )
+                    row.batch = h.get(BATCH_HEADER, b"")
+                    recs.append(row)
             out[(stream, p)] = recs
     finally:
         consumer.close()
@@ -138,8 +148,12 @@ def kafka_copy(broker: KafkaBroker, rows: dict[tuple[str, int], Rows]) -> KafkaL
     prefix = new_topics(broker)
     producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True})
     for (stream, p), recs in rows.items():
-        for key, value, writer, seal in recs:
+        for row in recs:
+            key, value, writer, seal = row
             headers = [("smc.writer", writer)] if writer else []
+            hint = getattr(row, "batch", b"")  # a row copied as read keeps its batch size
+            if hint:
+                headers.append((BATCH_HEADER, hint))
             if seal:
                 headers.append(("smc.seal", seal))
             producer.produce(prefix + stream, key=key, value=value, partition=p, headers=headers)

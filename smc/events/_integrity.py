@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from smc.events._errors import EventError
 
 __all__ = [
+    "BATCH_HEADER",
     "PARTITION",
     "WRITER",
     "IntegrityError",
@@ -47,6 +48,7 @@ __all__ = [
     "Signer",
     "batch_head",
     "batch_head_v2",
+    "batch_size",
     "genesis",
     "key_id",
     "record_digest",
@@ -57,6 +59,14 @@ WRITER = 1
 
 _DOMAIN = b"smc.seal.v1\x00"
 _DOMAIN_V2 = b"smc.seal.v2\x00"
+#: Version 3 (Kafka): the fields of version 2; the batch is the records right before the seal
+#: when they hash to its head (see ``docs/log-integrity.md``), and the first record of the
+#: batch names its size (:data:`BATCH_HEADER`), so a reader finds seals without reading
+#: every record's headers. A distinct domain: a seal cannot be passed off as another version.
+_DOMAIN_V3 = b"smc.seal.v3\x00"
+_DOMAINS = {2: _DOMAIN_V2, 3: _DOMAIN_V3}
+#: Kafka header on the first record of a version-3 batch: the batch's size (big-endian u32).
+BATCH_HEADER = "smc.batch"
 _FIXED = struct.Struct(">BB16s8sI32sQ")  # version, mode, key id, session, n, prev, signed_at
 #: Version 2 adds the batch head, the link (offset and head of the partition's last seal the
 #: writer saw before appending, -1 for none) and, after the certificates, the principals.
@@ -99,6 +109,13 @@ def batch_head_v2(prev: bytes, keys: Sequence[bytes], values: Sequence[bytes]) -
     h.update(b"".join(keys))
     h.update(b"".join(values))
     return h.digest()
+
+
+def batch_size(raw: object) -> int:
+    """The size a :data:`BATCH_HEADER` value names (0 unless exactly 4 bytes)."""
+    if raw.__class__ is bytes and len(raw) == 4:  # type: ignore[arg-type]
+        return int.from_bytes(raw, "big")  # type: ignore[arg-type]
+    return 0
 
 
 def genesis(stream: str, partition: int, session: bytes = b"") -> bytes:
@@ -158,7 +175,7 @@ class Seal:
             self.version, self.mode, self.key_id, self.session, self.count, self.prev,
             self.signed_at_ms, self.link_offset, self.link_head, head,
         )  # fmt: skip
-        return _DOMAIN_V2 + where + fixed + _principals_blob(self.principals)
+        return _DOMAINS[self.version] + where + fixed + _principals_blob(self.principals)
 
     def encode(self) -> bytes:
         parts = [self._fixed(), struct.pack(">H", len(self.signature)), self.signature]
@@ -178,7 +195,7 @@ class Seal:
                 _, mode, kid, session, n, prev, at = _FIXED.unpack_from(data, 0)
                 link_offset, link_head, head = -1, _NO_LINK, _NO_LINK
                 i = _FIXED.size
-            elif version == 2:
+            elif version in (2, 3):
                 (_, mode, kid, session, n, prev, at, link_offset, link_head,
                  head) = _FIXED_V2.unpack_from(data, 0)  # fmt: skip
                 i = _FIXED_V2.size
@@ -358,9 +375,13 @@ class Signer:
         link: tuple[int, bytes] | None = None,
         principals: Sequence[Principal] = (),
         signed_at_ms: int | None = None,
+        version: int = _VERSION,
     ) -> tuple[Seal, bytes]:
         """Seal a batch (records' keys and values) extending ``prev``, linked to the
-        partition's last seal seen (``link``: offset, head); returns the seal and new head."""
+        partition's last seal seen (``link``: offset, head); returns the seal and new head.
+        ``version`` 3: a Kafka batch whose first record names its size (:data:`BATCH_HEADER`)."""
+        if version not in _DOMAINS:
+            raise IntegrityError(f"cannot seal with version {version}")
         head = batch_head_v2(prev, keys, values)
         with self._lock:
             first = (stream, partition) not in self._introduced
@@ -374,7 +395,7 @@ class Signer:
             int(time.time() * 1000) if signed_at_ms is None else signed_at_ms,
             b"",
             self.certs if first else (),
-            _VERSION,
+            version,
             head,
             link_offset,
             link_head,

@@ -37,7 +37,7 @@ from confluent_kafka.admin import AdminClient
 from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
 from smc.events._health import StateChangeFilter
-from smc.events._integrity import Signer
+from smc.events._integrity import BATCH_HEADER, Signer, batch_size
 from smc.events._kafka_seal import _SealedAppends
 from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
@@ -298,6 +298,7 @@ class KafkaLog(_SealedAppends):
         for m in self._consume(start, max_records, timeout):
             key = m.key()
             writer = seal = b""
+            batch = 0
             headers = m.headers()
             if headers:
                 for hk, hv in headers:
@@ -305,6 +306,8 @@ class KafkaLog(_SealedAppends):
                         writer = hv or b""
                     elif hk == "smc.seal":
                         seal = hv or b""
+                    elif hk == BATCH_HEADER:
+                        batch = batch_size(hv)
             out.append(
                 new(
                     (
@@ -318,6 +321,7 @@ class KafkaLog(_SealedAppends):
                         "",
                         writer,
                         seal,
+                        batch,
                     )
                 )
             )
@@ -427,6 +431,7 @@ class KafkaLog(_SealedAppends):
                     repeat(""),
                     map(_WRITER, dicts),
                     map(_SEAL, dicts),
+                    map(batch_size, map(_BATCH, dicts)),
                 ),
             )
         )
@@ -510,10 +515,11 @@ class KafkaLog(_SealedAppends):
 
 _message_error = Message.error
 _TS = operator.itemgetter(1)
-#: Record from a 10-tuple without a Python frame (the namedtuple's __new__ is Python code).
+#: Record from an 11-tuple without a Python frame (the namedtuple's __new__ is Python code).
 _new_record: Any = partial(tuple.__new__, Record)
 _WRITER = operator.methodcaller("get", "smc.writer", b"")
 _SEAL = operator.methodcaller("get", "smc.seal", b"")
+_BATCH = operator.methodcaller("get", BATCH_HEADER)
 
 
 def _message_record(m: Any, prefix: str, headers: Any) -> Record:
@@ -523,6 +529,7 @@ def _message_record(m: Any, prefix: str, headers: Any) -> Record:
         m.topic()[len(prefix) :], m.partition(), m.offset(), m.timestamp()[1],
         key.decode() if key else "",
         m.value() or b"", "", "", h.get("smc.writer") or b"", h.get("smc.seal") or b"",
+        batch_size(h.get(BATCH_HEADER)),
     )  # fmt: skip
 
 

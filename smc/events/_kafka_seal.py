@@ -11,6 +11,7 @@ Concurrency: appends hold the log's lock (one producer), as unsealed ones do.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from confluent_kafka.admin import OffsetSpec as _OffsetSpec  # type: ignore[attr
 
 from smc.events._codec import Codec
 from smc.events._errors import LogUnavailable
-from smc.events._integrity import WRITER, IntegrityError, Seal, Signer
+from smc.events._integrity import BATCH_HEADER, WRITER, IntegrityError, Seal, Signer
 from smc.events._log import Appended
 from smc.events._types import POLICY, Event
 
@@ -88,7 +89,7 @@ class _SealedAppends:
                     keys=[key for _, _, key, _ in batch],
                     values=[value for _, _, _, value in batch],
                     link=self._last_seal(stream, p, highs[(stream, p)]),
-                    principals=principals,
+                    principals=principals, version=3,
                 )  # fmt: skip
                 last = len(batch) - 1
                 heads.append((stream, p, head, batch[last][0]))
@@ -98,6 +99,8 @@ class _SealedAppends:
                         ("smc.type", type(ev).TYPE.encode()),
                         ("smc.writer", sid),
                     ]
+                    if j == 0:  # the batch's size: readers find its seal without headers
+                        headers.append((BATCH_HEADER, _U32.pack(len(batch))))
                     if j == last:
                         headers.append(("smc.seal", seal.encode()))
                     self._produce(self.prefix + stream, p, key, value, headers, report(i, ev))
@@ -185,3 +188,4 @@ class _SealedAppends:
 _CONSUMER_ONLY = frozenset(
     {"enable.auto.commit", "isolation.level", "enable.partition.eof", "fetch.wait.max.ms"}
 )
+_U32 = struct.Struct(">I")

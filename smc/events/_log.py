@@ -44,6 +44,8 @@ class Record(NamedTuple):
     #: record names, and the seal closing a batch (empty on every other record).
     writer: bytes = b""
     seal: bytes = b""
+    #: Kafka, seal version 3: on the first record of a batch, the batch's size (else 0).
+    batch: int = 0
 
     @property
     def where(self) -> str:

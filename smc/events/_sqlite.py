@@ -347,7 +347,7 @@ class SqliteLog:
         floor = {s: start.get((s, 0)) for s in STREAMS}
         new = Record._make
         return [
-            new((s, 0, o, ts, k, v, t, e, wr, se))
+            new((s, 0, o, ts, k, v, t, e, wr, se, 0))
             for s, o, ts, k, v, t, e, wr, se in rows
             if o >= floor[s]
         ]

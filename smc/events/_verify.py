@@ -107,6 +107,11 @@ class ChainVerifier(_FastPath, _VerifierState):
         #: Offset of the seal that produced each head (checkpoints prove heads with it).
         self.head_at: dict[tuple[str, int, bytes], int] = {}
         self.pending: dict[tuple[str, int, bytes], list[Record]] = {}
+        #: Per partition: the records of a version-3 batch read so far (``_feed_hinted``).
+        self.opened: dict[tuple[str, int], list[Record]] = {}
+        self.fast_parts: tuple[list[bytes], list[bytes], set[bytes]] = ([], [], set())
+        #: Aggregate keys (bytes) surely in ``owners`` (a cache of the fast path's).
+        self._owned: set[bytes] = set()
         self.writers: dict[bytes, Writer] = {}
         self._certs: dict[bytes, tuple[bytes, ...]] = {}
         self._allowed: dict[str, frozenset[bytes]] = {}  # role -> record headers it may write
@@ -115,7 +120,7 @@ class ChainVerifier(_FastPath, _VerifierState):
         #: Records :meth:`feed_messages` released by its fast path (the others: :meth:`feed`).
         self.fast_released = 0
         #: Per partition: the start of a batch the fast path read before its seal.
-        self._carry: dict[tuple[str, int], tuple[list[Any], list[Any]]] = {}
+        self._carry: dict[tuple[str, int], list[Any]] = {}
         #: Links to seals older than the ones kept (not checked; see ``docs/log-integrity.md``).
         self.links_unchecked = 0
         #: Per partition: offset -> head of the seals verified (the most recent ones).
@@ -144,8 +149,54 @@ class ChainVerifier(_FastPath, _VerifierState):
         """Check records (in partition order); returns those now verified, in release order."""
         if self._carry:
             self._flush_carry()
+        return self._feed(records)
+
+    def _feed(self, records: Sequence[Record]) -> list[Record]:
+        """:meth:`feed` leaving the fast path's carried batch starts where they are (its
+        records are of other partitions)."""
         out: list[Record] = []
         self.released_by = []
+        if self.opened or any(map(_BATCH_OF, records)):
+            self._feed_hinted(records, out)
+        else:
+            self._feed_plain(records, out)
+        return out
+
+    def _feed_hinted(self, records: Sequence[Record], out: list[Record]) -> None:
+        """Version 3 (Kafka): a record naming its batch's size (``smc.batch``) opens a batch
+        of that many records of its partition. When the last of them closes it cleanly (a
+        version-3 seal of that many records, on a record naming the seal's session, whose
+        head the records hash to), the batch is settled as one, whatever the other records'
+        headers say; otherwise its records go through the record-by-record rules of
+        :meth:`_feed_plain`, as every record outside such a batch does."""
+        opened = self.opened
+        plain: list[Record] = []
+        for r in records:
+            tp = (r.stream, r.partition)
+            got = opened.get(tp)
+            if got is None:
+                if r.batch <= 0:
+                    plain.append(r)
+                    continue
+                got = opened[tp] = []
+            got.append(r)
+            if len(got) < got[0].batch:
+                continue
+            del opened[tp]
+            closed = _hinted(got)
+            if closed is None:
+                plain.extend(got)
+                continue
+            if plain:
+                self._feed_plain(plain, out)
+                plain = []
+            seal, head = closed
+            self._settle(got[-1], seal, [], got, head, out)
+        if plain:
+            self._feed_plain(plain, out)
+
+    def _feed_plain(self, records: Sequence[Record], out: list[Record]) -> None:
+        """Records grouped by their writer header, batches closed by the seals."""
         pending = self.pending
         # Runs of records of one (stream, partition, writer), then the seals within each run:
         # C-level passes; the Python work is per run and per seal, not per record.
@@ -167,7 +218,6 @@ class ChainVerifier(_FastPath, _VerifierState):
                     pending[key] = run[start:]
                 else:
                     held.extend(run[start:])
-        return out
 
     def _allowed_headers(self, role: str) -> frozenset[bytes]:
         allowed = self._allowed.get(role)
@@ -180,8 +230,13 @@ class ChainVerifier(_FastPath, _VerifierState):
         return allowed
 
     def finish(self) -> None:
-        """Report every held record as unsigned (the end of a verification range)."""
+        """Report every held record as unsigned (the end of a verification range). The
+        records of a version-3 batch whose announced size was not reached go through the
+        record-by-record rules first."""
         self._flush_carry()
+        opened, self.opened = self.opened, {}
+        for got in opened.values():
+            self._feed_plain(got, [])
         for batch in self.pending.values():
             for r in batch:
                 self._find(r, UNSIGNED, "no seal covers this record")
@@ -242,6 +297,21 @@ class ChainVerifier(_FastPath, _VerifierState):
             head = batch_head_v2(
                 seal.prev, list(map(_b, map(_KEY, batch))), list(map(_VALUE, batch))
             )
+        self._settle(r, seal, extra, batch, head, out)
+
+    def _settle(
+        self,
+        r: Record,
+        seal: Seal,
+        extra: list[Record],
+        batch: list[Record],
+        head: bytes,
+        out: list[Record],
+    ) -> None:
+        """Decide a batch closed by the seal on ``r`` (its last record) whose records hash to
+        ``head``: its writer, signature, chain, link, revocation and entitlements; ``extra``
+        are earlier records of its writer no seal covers."""
+        stream, part = r.stream, r.partition
         try:
             writer = self._writer(seal, r)
         except IntegrityError as exc:
@@ -437,6 +507,7 @@ class ChainVerifier(_FastPath, _VerifierState):
 
 
 _RUN_KEY = operator.itemgetter(0, 1, 8)  # stream, partition, writer
+_BATCH_OF = operator.itemgetter(10)
 _SEAL_OF = operator.itemgetter(9)
 _KEY = operator.itemgetter(4)
 _VALUE = operator.itemgetter(5)
@@ -451,6 +522,25 @@ def _digests(batch: list[Record]) -> list[bytes]:
 
 
 _sha256_digest = operator.methodcaller("digest")
+
+
+def _hinted(batch: list[Record]) -> tuple[Seal, bytes] | None:
+    """The seal and head of a version-3 batch (read as its first record announced) that
+    closes cleanly: its last record carries a version-3 seal of exactly these records, names
+    the seal's session, and the records hash to the seal's head. None otherwise."""
+    last = batch[-1]
+    if not last.seal:
+        return None
+    try:
+        seal = Seal.decode(last.seal)
+    except IntegrityError:
+        return None
+    if seal.version < 3 or seal.mode != WRITER or seal.count != len(batch):
+        return None
+    if last.writer != seal.key_id + seal.session:
+        return None
+    head = batch_head_v2(seal.prev, list(map(_b, map(_KEY, batch))), list(map(_VALUE, batch)))
+    return (seal, head) if head == seal.head else None
 
 
 def _namespace_claim(key: str) -> str | None:

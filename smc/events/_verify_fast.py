@@ -14,13 +14,20 @@ from __future__ import annotations
 import operator
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import compress, count, groupby, repeat
+from itertools import groupby, repeat
 from typing import Any
 
 from confluent_kafka import Message
 
 from smc.events._codec import Codec
-from smc.events._integrity import WRITER, IntegrityError, Seal, batch_head_v2
+from smc.events._integrity import (
+    BATCH_HEADER,
+    WRITER,
+    IntegrityError,
+    Seal,
+    batch_head_v2,
+    batch_size,
+)
 from smc.events._log import Record
 from smc.events._types import POLICY
 from smc.events._verify_state import _RESYNC
@@ -35,12 +42,18 @@ class _FastPath:
     pending: dict[tuple[str, int, bytes], list[Record]]
     verified: int
     fast_released: int
-    _carry: dict[tuple[str, int], tuple[list[Any], list[Any]]]
+    opened: dict[tuple[str, int], list[Record]]
+    _owned: set[bytes]
+    #: The keys, values and distinct record headers (magic + fingerprint) of the messages
+    #: the last :meth:`feed_messages` released by the fast path, in the same order.
+    fast_parts: tuple[list[bytes], list[bytes], set[bytes]]
+    _carry: dict[tuple[str, int], list[Any]]
     seals: dict[tuple[str, int], dict[int, bytes]]
     owners: dict[str, str]
 
     # the verifier's own methods (smc.events._verify.ChainVerifier)
     feed: Callable[[Sequence[Record]], list[Record]]
+    _feed: Callable[[Sequence[Record]], list[Record]]
     _writer: Callable[[Seal, Record | None], Writer | None]
     _expected_prev: Callable[[Seal, str, int], bytes]
     _advance: Callable[[Seal, str, int, bytes, int], None]
@@ -50,16 +63,18 @@ class _FastPath:
     def feed_messages(self, msgs: Sequence[Any], *, cut: int = 0) -> tuple[list[Any], list[Record]]:
         """:meth:`feed` for consumed Kafka messages (topic names ``cut`` characters of
         prefix): returns the messages released, plus the Records released by :meth:`feed`
-        where the fast path does not apply. The fast path takes, per partition run, whole
-        batches closed by a version-2 seal whose records all carry its session and nothing
-        else, with nothing held for the partition, and releases them only when the general
-        path would release them without a finding (checked before any state changes);
-        anything else goes through :meth:`feed` unchanged, so the outcome is the same."""
+        where the fast path does not apply. The fast path follows version-3 batches through
+        each partition run: the first record's ``smc.batch`` header gives the batch's size,
+        the seal is on its last record, and no other record's headers are read. It releases
+        a batch only when :meth:`feed` would settle it the same way (the same clean close,
+        see ``ChainVerifier._feed_hinted``) with no finding at all, checked before any state
+        changes; anything else goes through :meth:`feed` unchanged, so the outcome is the
+        same."""
         fast: list[Any] = []
         slow: list[Record] = []
+        self.fast_parts = ([], [], set())
         if not msgs:
             return fast, slow
-        hdrs = list(map(_M_HEADERS, msgs))
         i = 0
         for (topic, part), grp in groupby(
             zip(map(_M_TOPIC, msgs), map(_M_PARTITION, msgs), strict=True)
@@ -68,85 +83,67 @@ class _FastPath:
             stream = topic[cut:]
             carried = self._carry.pop((stream, part), None)
             if carried is None:
-                self._fast_run(list(msgs[i:j]), hdrs[i:j], stream, part, fast, slow)
+                run = msgs[i:j]
+                self._fast_run(
+                    run if run.__class__ is list else list(run), stream, part, fast, slow
+                )
             else:
-                ms, hs = carried
-                self._fast_run([*ms, *msgs[i:j]], hs + hdrs[i:j], stream, part, fast, slow)
+                self._fast_run([*carried, *msgs[i:j]], stream, part, fast, slow)
             i = j
         return fast, slow
 
     def _flush_carry(self) -> None:
-        """Hand the batch tails the fast path carried over to the general path's held
-        records (where checkpoints and :meth:`finish` see them)."""
+        """Hand the batch starts the fast path carried over to the general path (where
+        checkpoints and :meth:`finish` see them)."""
         carry, self._carry = self._carry, {}
-        for (stream, _), (ms, hs) in carry.items():
-            self.feed(_records(ms, hs, 0, len(ms), stream))  # no seal: they are held
+        for (stream, _), ms in carry.items():
+            self.feed(_records(ms, stream))  # an unfinished batch: nothing is released
 
     def _fast_run(
-        self,
-        msgs: list[Any],
-        hdrs: list[Any],
-        stream: str,
-        part: int,
-        fast: list[Any],
-        slow: list[Record],
+        self, msgs: list[Any], stream: str, part: int, fast: list[Any], slow: list[Record]
     ) -> None:
-        """Consecutive messages of one partition: whole sealed batches by the fast path, the
-        rest (from the first batch it does not take) by :meth:`feed`; a batch whose seal
-        is still to come is carried over to the next read of the partition."""
-        start, j = 0, len(msgs)
-        # A sealed append's headers end with the writer session, then (last record of
-        # the batch) the seal: positions of seals, and every record's writer entry.
-        last: list[Any] = []
-        if None not in hdrs and 0 not in map(len, hdrs):
-            last = list(map(_LAST, hdrs))
-            names = set(map(_NAME, last))
-            if names - _TAIL_NAMES:
-                last = []
-        seals = [k for k in compress(count(), map(_SEAL_NAME.__eq__, map(_NAME, last)))]
-        if last and self._holds(stream, part):
-            # records held from a previous read: the general path closes them, up to this
-            # run's first seal; the fast path takes over if nothing stays held then
-            start = seals[0] + 1 if seals else j
-            slow.extend(self.feed(_records(msgs, hdrs, 0, start, stream)))
-            if self._holds(stream, part):
-                last = seals = []
-        done = bool(last)
-        for k in seals:
-            if k < start:
-                continue
-            done = False
-            n = k + 1 - start
-            if len(hdrs[k]) < 2:
+        """Consecutive messages of one partition: whole version-3 batches by the fast path,
+        the rest (from the first one it does not take) by :meth:`feed`; a batch whose end is
+        still to come is carried over to the next read of the partition."""
+        j, s = len(msgs), 0
+        opened = self.opened.get((stream, part))
+        if opened is not None:  # the general path reads a batch: it takes the rest of it
+            s = min(j, opened[0].batch - len(opened))
+            slow.extend(self._feed(_records(msgs[:s], stream)))
+        while s < j:
+            n = batch_size(dict(msgs[s].headers() or ()).get(BATCH_HEADER))
+            if n <= 0:
                 break
-            try:
-                seal = Seal.decode(last[k][1])
-            except IntegrityError:
+            e = s + n
+            if e > j:
+                if j - s <= _CARRY_MAX:  # the rest of the batch comes with the next read
+                    self._carry[(stream, part)] = msgs[s:]
+                    return
                 break
-            if seal.version < 2 or seal.mode != WRITER or seal.count != n:
-                break
-            mine = (_WRITER_NAME, seal.key_id + seal.session)
-            if hdrs[k][-2] != mine or last[start:k].count(mine) != n - 1:
-                break
-            batch = msgs[start : k + 1]
-            if not self._close_fast(stream, part, seal, batch, msgs[k].offset()):
+            batch = msgs[s:e]
+            if not self._close_fast(stream, part, batch):
                 break
             fast.extend(batch)
-            start = k + 1
-            done = True
-        if start < j:
-            if done:  # the start of a batch whose seal comes with the next read
-                self._carry[(stream, part)] = (msgs[start:], hdrs[start:])
-            else:
-                slow.extend(self.feed(_records(msgs, hdrs, start, j, stream)))
+            s = e
+        if s < j:
+            slow.extend(self._feed(_records(msgs[s:], stream)))
 
-    def _holds(self, stream: str, part: int) -> bool:
-        return any(k[0] == stream and k[1] == part for k in self.pending)
-
-    def _close_fast(
-        self, stream: str, part: int, seal: Seal, batch: Sequence[Any], at: int
-    ) -> bool:
-        """Release a batch when it verifies with no finding at all (else change nothing)."""
+    def _close_fast(self, stream: str, part: int, batch: list[Any]) -> bool:
+        """Release a version-3 batch (its first record announced ``len(batch)``) when it
+        closes cleanly and verifies with no finding at all; else change nothing."""
+        last = batch[-1]
+        h = dict(last.headers() or ())
+        raw = h.get(_SEAL_NAME)
+        if not raw:
+            return False
+        try:
+            seal = Seal.decode(raw)
+        except IntegrityError:
+            return False
+        if seal.version < 3 or seal.mode != WRITER or seal.count != len(batch):
+            return False
+        if h.get(_WRITER_NAME) != seal.key_id + seal.session:
+            return False
         keys = list(map(_M_KEY, batch))
         values = list(map(_M_VALUE, batch))
         if None in keys or None in values:
@@ -158,7 +155,9 @@ class _FastPath:
             writer = self._writer(seal, None)
         except IntegrityError:
             return False
-        if writer is None or writer.role in _CHECKED_ROLES or stream == POLICY:
+        if writer is None or writer.role in _CHECKED_ROLES:
+            return False
+        if stream == POLICY and any(map(_IS_GRANT, keys)):  # grants are followed one by one
             return False
         if not seal.verify(writer.public_key, seal.signed_bytes(stream, part, head)):
             return False
@@ -173,39 +172,53 @@ class _FastPath:
         revoked = self.trust.revoked_at(writer.serial)
         if revoked is not None and ms_to_datetime(seal.signed_at_ms) >= revoked:
             return False
-        allowed = self._allowed_headers(writer.role)
-        if not all(map(allowed.__contains__, map(_HEADER, values))):
+        headers = set(map(_HEADER, values))
+        if not headers <= self._allowed_headers(writer.role):
             return False
+        # the aggregates' first writers: only keys not seen before are decoded
+        owned = self._owned
+        fresh: set[bytes] = set() if owned.issuperset(keys) else set(keys) - owned
+        try:
+            names = [k.decode() for k in fresh]
+        except UnicodeDecodeError:
+            return False
+        at = last.offset()
         self._advance(seal, stream, part, head, at)
         self._keep_seal(stream, part, at, head)
         self.verified += len(batch)
         self.fast_released += len(batch)
-        deque(map(self.owners.setdefault, map(bytes.decode, keys), repeat(writer.role)), maxlen=0)
+        deque(map(self.owners.setdefault, names, repeat(writer.role)), maxlen=0)
+        if fresh:
+            owned |= fresh
+        got_keys, got_values, got_headers = self.fast_parts
+        got_keys += keys
+        got_values += values
+        got_headers |= headers
         return True
 
 
 _HEADER = operator.itemgetter(slice(0, 10))
 _CHECKED_ROLES = frozenset({"informer", "api"})
-_M_HEADERS: Any = Message.headers  # confluent-kafka's C methods, mapped over a batch
-_M_TOPIC: Any = Message.topic
+_M_TOPIC: Any = Message.topic  # confluent-kafka's C methods, mapped over a batch
 _M_PARTITION: Any = Message.partition
 _M_KEY: Any = Message.key
 _M_VALUE: Any = Message.value
-_LAST = operator.itemgetter(-1)
-_NAME = operator.itemgetter(0)
+_IS_GRANT = operator.methodcaller("startswith", b"AccessGrant/")
 _WRITER_NAME = "smc.writer"
 _SEAL_NAME = "smc.seal"
-_TAIL_NAMES = frozenset({_WRITER_NAME, _SEAL_NAME})
+#: At most this many messages of a partition wait for the end of a batch in the fast path.
+_CARRY_MAX = 100_000
 
 
-def _records(msgs: Sequence[Any], hdrs: list[Any], i: int, j: int, stream: str) -> list[Record]:
-    return [_message_record(m, stream, h) for m, h in zip(msgs[i:j], hdrs[i:j], strict=True)]
+def _records(msgs: Sequence[Any], stream: str) -> list[Record]:
+    return [_message_record(m, stream) for m in msgs]
 
 
-def _message_record(m: Any, stream: str, headers: Any) -> Record:
-    h = dict(headers or [])
+def _message_record(m: Any, stream: str) -> Record:
+    h = dict(m.headers() or [])
     key = m.key()
     return Record(
         stream, m.partition(), m.offset(), m.timestamp()[1], key.decode() if key else "",
         m.value() or b"", "", "", h.get("smc.writer") or b"", h.get("smc.seal") or b"",
+        batch_size(h.get(BATCH_HEADER)),
     )  # fmt: skip

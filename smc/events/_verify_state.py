@@ -31,15 +31,17 @@ class _VerifierState:
     wheads: dict[tuple[str, int, bytes], bytes]
     head_at: dict[tuple[str, int, bytes], int]
     pending: dict[tuple[str, int, bytes], list[Record]]
+    opened: dict[tuple[str, int], list[Record]]
     writers: dict[bytes, Writer]
     _certs: dict[bytes, tuple[bytes, ...]]
-    _carry: dict[tuple[str, int], tuple[list[Any], list[Any]]]
+    _carry: dict[tuple[str, int], list[Any]]
     verified: int
     rejected: int
     links_unchecked: int
     seals: dict[tuple[str, int], dict[int, bytes]]
     seal_floor: dict[tuple[str, int], int]
     owners: dict[str, str]
+    _owned: set[bytes]
     grants: dict[tuple[str, int], dict[str, GrantSpec | None]]
     _flush_carry: Callable[[], None]  # the verifier's: fast-path batches cut by a read
 
@@ -63,6 +65,7 @@ class _VerifierState:
                 for (s, p, sid), h in sorted(self.wheads.items())
             },
             "pending": [rec(r) for batch in self.pending.values() for r in batch],
+            "opened": [[*rec(r), r.batch] for batch in self.opened.values() for r in batch],
             "seals": {
                 f"{s}:{p}": {str(o): h.hex() for o, h in list(kept.items())[-_SEALS_SAVED:]}
                 for (s, p), kept in sorted(self.seals.items())
@@ -136,6 +139,10 @@ class _VerifierState:
         for s, p, o, ts, key, v, w, seal in data["pending"]:
             r = Record(s, p, o, ts, key, dec(v), "", "", dec(w), dec(seal))
             self.pending.setdefault((s, p, r.writer), []).append(r)
+        self.opened = {}
+        for s, p, o, ts, key, v, w, seal, n in data.get("opened", []):
+            r = Record(s, p, o, ts, key, dec(v), "", "", dec(w), dec(seal), n)
+            self.opened.setdefault((s, p), []).append(r)
         self._certs = {bytes.fromhex(k): tuple(dec(c) for c in v) for k, v in data["certs"].items()}
         self.writers = {}
         self.seals, self.seal_floor = {}, {}
@@ -146,6 +153,7 @@ class _VerifierState:
             # links to seals before the ones saved cannot be checked after a restore
             self.seal_floor[(st, int(p))] = min(heads) if heads else 0
         self.owners = dict(data.get("owners", {}))
+        self._owned = set()
         self.grants = {}
         for k, grants in data.get("grants", {}).items():
             st, _, p = k.rpartition(":")

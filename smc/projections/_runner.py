@@ -263,7 +263,15 @@ class ProjectionRunner(_CompactScan):
                         continue
                     last_progress = time.monotonic()
                     fast, held = verifier.feed_messages(msgs, cut=cut)
-                    added, tails = self._scan_messages(fast, pending, kinds) if fast else (0, 0)
+                    if not fast:
+                        added = tails = 0
+                    elif self._dedupe and self._scan_parts(
+                        fast, verifier.fast_parts, pending, kinds
+                    ):
+                        added, tails = len(fast), 0
+                        self.applied += added
+                    else:
+                        added, tails = self._scan_messages(fast, pending, kinds)
                     if held:
                         more, more_tails = self._scan(held, pending, kinds, records=True)
                         added, tails = added + more, tails + more_tails

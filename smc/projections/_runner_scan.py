@@ -10,7 +10,7 @@ Concurrency: runs on the caller's thread, like ``ProjectionRunner.catch_up``.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from xxhash import xxh64_intdigest
@@ -99,6 +99,20 @@ def _id_slice(n: int) -> Callable[[bytes], bytes]:
 def _message_raw(m: Any) -> _Raw:
     """A Kafka message (see ``KafkaLog.scan_messages``) as a raw record."""
     return (m.topic(), m.partition(), m.offset(), m.key(), m.value() or b"")
+
+
+def _all_new(seen: dict[int, None], ids: Iterable[int], n: int) -> bool:
+    """Add ``n`` id hashes to ``seen`` when they are all new (none seen, no two alike) and
+    return True; else leave ``seen`` as it was and return False. One insertion per id: the
+    new ones are the last ``seen`` holds, so they are taken back (LIFO) when any was not new."""
+    before = len(seen)
+    seen.update(dict.fromkeys(ids))
+    added = len(seen) - before
+    if added == n:
+        return True
+    for _ in range(added):
+        seen.popitem()
+    return False
 
 
 #: A compacted catch-up applies what it holds once it holds more records than this.
@@ -257,11 +271,42 @@ class _CompactScan:
         b = lengths.pop()
         if b >= 0x80:  # a long id: varint length, the per-record loop reads it
             return False
-        ids = dict.fromkeys(map(xxh64_intdigest, map(_id_slice(b >> 1), values)))
-        if len(ids) != len(values) or not self._seen.keys().isdisjoint(ids):
+        if not _all_new(
+            self._seen, map(xxh64_intdigest, map(_id_slice(b >> 1), values)), len(values)
+        ):
             return False
-        self._seen.update(ids)
         pending.update(zip(map(key_of, msgs), msgs, strict=True))
+        return True
+
+    def _scan_parts(
+        self,
+        msgs: list[Any],
+        parts: tuple[list[bytes], list[bytes], set[bytes]],
+        pending: dict[object, Any],
+        kinds: dict[bytes, bool],
+    ) -> bool:
+        """:meth:`_scan_batch` for messages whose keys, values and distinct record headers
+        the verifier already read (``ChainVerifier.fast_parts``): the same checks, the same
+        outcome, without reading the messages again."""
+        keys, values, headers = parts
+        if not msgs or len(keys) != len(msgs) or len(values) != len(msgs):
+            return False
+        try:
+            if not all(map(kinds.__getitem__, headers)):
+                return False
+            lengths = set(map(_ID_LENGTH, values))
+        except (KeyError, TypeError, IndexError):
+            return False
+        if len(lengths) != 1:
+            return False
+        b = lengths.pop()
+        if b >= 0x80:
+            return False
+        if not _all_new(
+            self._seen, map(xxh64_intdigest, map(_id_slice(b >> 1), values)), len(values)
+        ):
+            return False
+        pending.update(zip(keys, msgs, strict=True))
         return True
 
     def _flush(
