@@ -327,6 +327,75 @@ def test_kafka_fast_verification_decides_as_the_general_path(
         b.close()
 
 
+@pytest.mark.kafka
+@pytest.mark.parametrize("read_size", [7, 5000])
+def test_kafka_batch_sizes_are_hints_only(
+    kafka_broker: Any, writers: dict[str, Path], tmp_path: Path, read_size: int
+) -> None:
+    """Seal version 3: the size a batch's first record announces (``smc.batch``) is not
+    signed and decides nothing but how the batch is gathered. A size too large or too small,
+    a size removed, a stray seal or another session's writer header on a record inside a
+    batch: every batch is still applied (the head covers the records between first and
+    last); an edit is still refused; the fast path and the record-by-record path agree."""
+    import struct
+
+    from test_log_integrity import Row, kafka_copy, kafka_rows
+
+    from smc.events import KafkaLog
+
+    b = Backend("kafka", tmp_path, _Request(kafka_broker))
+    try:
+        log = b.log()
+        s1, s2 = Signer.from_dir(writers["operator"]), Signer.from_dir(writers["operator"])
+        for k in range(8):
+            log.append(same_aggregate(4, f"b{k}"), signer=(s1, s2)[k % 2])
+        rows = kafka_rows(log)  # type: ignore[arg-type]
+        ((stream, part), recs), *_ = [(tp, r) for tp, r in rows.items() if r]
+        starts = [i for i, r in enumerate(recs) if getattr(r, "batch", b"")]
+        assert starts == list(range(0, 32, 4))
+
+        def size(i: int, n: int) -> None:
+            row = Row(recs[i])
+            row.batch = struct.pack(">I", n)
+            recs[i] = row
+
+        size(starts[1], 6)  # too large: takes the next batch's first two records
+        key, value, w, _ = recs[starts[3] + 1]
+        recs[starts[3] + 1] = (key, value, w, recs[3][3])  # a stray seal (batch 0's)
+        key, value, _, seal = recs[starts[4] + 2]
+        recs[starts[4] + 2] = (key, value, b"\x07" * 24, seal)  # another session's header
+        recs[starts[5]] = tuple(recs[starts[5]])  # size removed
+        key, value, w, seal = recs[starts[6] + 1]
+        recs[starts[6] + 1] = (key, value.replace(b"svc1", b"svc7"), w, seal)  # edited
+        size(starts[7], 2)  # too small
+        tampered: KafkaLog = kafka_copy(kafka_broker, rows)
+        b.logs.append(tampered)
+
+        def rebuild_with(compact: bool) -> ProjectionRunner:
+            runner = ProjectionRunner(
+                log=KafkaLog(kafka_broker.bootstrap, topic_prefix=tampered.prefix),
+                projections=all_projections(), verifier=verifier(writers), batch=read_size,
+            )  # fmt: skip
+            runner.catch_up(compact=compact)
+            return runner
+
+        fast, general = rebuild_with(True), rebuild_with(False)
+        assert fast.verifier is not None and general.verifier is not None
+        assert fast.verifier.fast_released > 0 and general.verifier.fast_released == 0
+        found = sorted((f.where, f.kind) for f in fast.verifier.findings)
+        assert found == sorted((f.where, f.kind) for f in general.verifier.findings)
+        # the edited batch is refused; the batch after it followed its seal (a link to a
+        # seal that did not verify); nothing else is found
+        where = f"{stream}[{part}]@"
+        assert found == [(f"{where}{starts[6]}", "bad-signature"),
+                         (f"{where}{starts[7]}", "chain-break")], found  # fmt: skip
+        assert fast.verifier.verified == general.verifier.verified == 32 - 4
+        assert fast.digests() == general.digests()
+        assert fast.verifier.state() == general.verifier.state()
+    finally:
+        b.close()
+
+
 class _Request:
     """What Backend asks of pytest's request: the broker fixture."""
 
@@ -386,3 +455,26 @@ def test_version_1_seals_still_verify(writers: dict[str, Path], tmp_path: Path) 
     conn.close()
     assert [f.kind for f in verify_log(log, trust).findings] == ["bad-signature"]
     log.close()
+
+
+def test_seal_versions_are_not_interchangeable(writers: dict[str, Path]) -> None:
+    """Version 2 and 3 seals sign the same fields under distinct domains: a seal relabelled
+    as the other version no longer verifies (on SQLite, version 2 is what is written)."""
+    import dataclasses
+
+    from smc.events import WRITER, Seal, genesis
+
+    signer = Signer.from_dir(writers["operator"])
+    prev = genesis("smc.registry", 0, signer.session_id)
+    keys, values = [b"service/ns/a"], [b"\xc3\x01payload"]
+    for version, other in ((3, 2), (2, 3)):
+        seal, head = signer.seal(
+            stream="smc.registry", partition=0, mode=WRITER, prev=prev, keys=keys,
+            values=values, version=version,
+        )  # fmt: skip
+        again = Seal.decode(seal.encode())
+        assert again.version == version
+        pub = Signer.from_dir(writers["operator"])._key.public_key()
+        assert again.verify(pub, again.signed_bytes("smc.registry", 0, head))
+        relabelled = Seal.decode(dataclasses.replace(again, version=other).encode())
+        assert not relabelled.verify(pub, relabelled.signed_bytes("smc.registry", 0, head))

@@ -2,8 +2,9 @@
 
 Role: :class:`_SealedAppends`, the part of ``KafkaLog`` (mixed into it) that appends a batch
 sealed by a :class:`~smc.events.Signer` (``docs/log-integrity.md``): records grouped by
-partition, each group sealed in the signer session's chain (``WRITER`` mode) and linked to
-the partition's last seal as the broker has it (one ListOffsets request per append, then a
+partition, each group sealed (seal version 3: its first record names the group's size) in
+the signer session's chain (``WRITER`` mode) and linked to the partition's last seal as the
+broker has it (one ListOffsets request per append, then a
 read back of the partition's tail when another writer appended last). Split from
 :mod:`smc.events._kafka`.
 Concurrency: appends hold the log's lock (one producer), as unsealed ones do.

@@ -1,10 +1,12 @@
 """The fast path of :class:`smc.events.ChainVerifier` for consumed Kafka messages.
 
 Role: :class:`_FastPath`, the part of ``ChainVerifier`` (mixed into it) that takes whole
-sealed batches straight from confluent-kafka messages (:meth:`feed_messages`): one hash pass
-and one signature per batch, no Record per record. It releases a batch only when the
-record-by-record path (``ChainVerifier.feed``) would release it with no finding, checked
-before any state changes; everything else goes to that path unchanged, so both decide alike.
+sealed batches straight from confluent-kafka messages (:meth:`feed_messages`): version-3
+batches found by the size their first record announces, so only the first and last record
+of a batch have their headers read; one hash pass and one signature per batch, no Record per
+record. It releases a batch only when the record-by-record path (``ChainVerifier.feed``)
+would release it with no finding, checked before any state changes; everything else goes to
+that path unchanged, so both decide alike.
 Split from :mod:`smc.events._verify`.
 Concurrency: not thread-safe, like the verifier it is part of.
 """
@@ -146,9 +148,10 @@ class _FastPath:
             return False
         keys = list(map(_M_KEY, batch))
         values = list(map(_M_VALUE, batch))
-        if None in keys or None in values:
+        try:
+            head = batch_head_v2(seal.prev, keys, values)
+        except TypeError:  # a record without key or value: the general path reads it
             return False
-        head = batch_head_v2(seal.prev, keys, values)
         if head != seal.head:
             return False
         try:
