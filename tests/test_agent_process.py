@@ -257,6 +257,61 @@ async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
             group.remove()
 
 
+async def test_agent_process_writes_and_renews_pem_files_for_proxyless_grpc(
+    tmp_path: Path,
+) -> None:
+    """``python -m smc.agent --cert-dir D`` (a proxyless gRPC workload's ``file_watcher``
+    files): cert.pem (leaf and chain), key.pem (0600, the agent's key, matching the leaf) and
+    ca.pem (the mesh roots), replaced at each renewal; no key anywhere else but the proxy dir."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cp = ControlPlane(workdir=tmp_path, agents=True, proxy_cert_lifetime=timedelta(seconds=4))
+    await cp.start()
+    grpc_app = Sidecar(namespace="aproc", name="greeter-1", address="127.0.63.9", workdir=tmp_path)
+    files = tmp_path / "grpc-certs"
+    try:
+        await cp.apply("\n---\n".join([SETUP, vm_yaml(grpc_app, service_account="greeter")]))
+        await grpc_app.start_agent_process(
+            cp, service_account="greeter", wrap=lambda argv: [*argv, "--cert-dir", str(files)]
+        )
+        seen: set[int] = set()
+        deadline = time.monotonic() + 40
+        while len(seen) < 3:  # the first certificate and two renewals
+            assert time.monotonic() < deadline, grpc_app.agent_log.read_text()[-3000:]
+            try:
+                chain = x509.load_pem_x509_certificates((files / "cert.pem").read_bytes())
+                key = serialization.load_pem_private_key((files / "key.pem").read_bytes(), None)
+            except (OSError, ValueError):  # between the two renames of a renewal
+                await asyncio.sleep(0.05)
+                continue
+            leaf_key = (
+                chain[0]
+                .public_key()
+                .public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+            mine = key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            if leaf_key == mine:
+                seen.add(chain[0].serial_number)
+            await asyncio.sleep(0.05)
+        assert (files / "key.pem").stat().st_mode & 0o077 == 0
+        san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+            "spiffe://cluster.local/ns/aproc/sa/greeter"
+        ]
+        roots = x509.load_pem_x509_certificates((files / "ca.pem").read_bytes())
+        assert {r.subject for r in roots} >= {chain[-1].issuer}
+        assert int(str(_ready(grpc_app)["failures"])) == 0
+    finally:
+        await grpc_app.stop()
+        await cp.stop()
+        cp.close()
+
+
 @pytest.mark.parametrize("command", [["smc.agent"], ["smc.cli", "agent"]])
 def test_a_symlinked_sds_dir_is_refused(tmp_path: Path, command: list[str]) -> None:
     """Someone who may write the proxy dir points ``smc-sds`` elsewhere: the agent refuses to
