@@ -34,7 +34,7 @@ _EVP_PKEY_EC = 408  # NID_X9_62_id_ecPublicKey
 
 def _library_path() -> str | None:
     """The libcrypto this interpreter's ``_ssl`` loaded (from the process's own maps)."""
-    import _ssl  # noqa: F401  (loads libcrypto into the process)
+    import _ssl  # loads libcrypto into the process
 
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
@@ -46,7 +46,11 @@ def _library_path() -> str | None:
         pass
     import ctypes.util
 
-    return ctypes.util.find_library("crypto")
+    found = ctypes.util.find_library("crypto")
+    if found is None and getattr(_ssl, "__file__", None):
+        # libcrypto linked statically into _ssl (some standalone builds): its own symbols
+        return str(_ssl.__file__)
+    return found
 
 
 class _Lib:
