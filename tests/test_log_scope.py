@@ -207,6 +207,46 @@ def test_policy_counts_only_when_the_principals_grants_allow_it(
     same_from_a_checkpoint(log, writers, runner)
 
 
+def test_impersonation_rights_are_rechecked_on_the_log(
+    backend: Backend, writers: dict[str, Path]
+) -> None:
+    """Under version-3 seals a policy record the API wrote for ``REAL as TARGET`` counts
+    only when REAL may impersonate (an admin, or an AccessGrant allowing ``impersonate`` on
+    ``users`` recorded before) as well as TARGET's grants allowing the change; a seal that
+    does not vouch for REAL does not count either."""
+    log = backend.log()
+    api = Signer.from_dir(writers["api"])
+    api.vouch("local:admin", ["smc:admins", "system:authenticated"])
+    api.vouch("carol", ["system:authenticated"])
+    for real in ("carol", "local:admin", "erin"):  # erin herself is not vouched for
+        api.vouch(f"{real} as dave", ["system:authenticated"])
+    may_impersonate = make_event(
+        SmiResourceApplied, source="api", actor="local:admin", event_id=str(uuid.uuid4()),
+        kind="AccessGrant", api_version="smc.dev/v1alpha1", namespace="", name="carol-as",
+        manifest_json=Grant(
+            name="carol-as", subjects=("carol",), verbs=("impersonate",), resources=("users",),
+            namespaces=("*",),
+        ).manifest_json(),
+    )  # fmt: skip
+    log.append([grant("dave-shop", "dave", "shop")], signer=api)
+    log.append([traffic_target("shop", actor="carol as dave")], signer=api)  # no right yet
+    log.append([traffic_target("shop", actor="local:admin as dave")], signer=api)
+    log.append([traffic_target("shop", actor="erin as dave")], signer=api)
+    log.append([may_impersonate], signer=api)
+    log.append([traffic_target("shop", actor="carol as dave")], signer=api)
+    report = verify_log(log, load_trust(writers["operator"] / "trust.pem"))
+    assert [(f.kind, f.offset) for f in report.findings] == [
+        ("not-authorized", 1),
+        ("not-authorized", 3),
+    ], report.findings
+    assert "'carol'" in report.findings[0].detail and "impersonate" in report.findings[0].detail
+    assert "does not vouch for 'erin'" in report.findings[1].detail
+    assert report.verified == 4
+    runner = rebuild(log, writers)
+    assert runner.skipped == 2
+    same_from_a_checkpoint(log, writers, runner)
+
+
 def test_operators_write_policy_on_their_credential(
     backend: Backend, writers: dict[str, Path]
 ) -> None:

@@ -59,10 +59,11 @@ WRITER = 1
 
 _DOMAIN = b"smc.seal.v1\x00"
 _DOMAIN_V2 = b"smc.seal.v2\x00"
-#: Version 3 (Kafka): the fields of version 2; the batch is the records right before the seal
-#: when they hash to its head (see ``docs/log-integrity.md``), and the first record of the
-#: batch names its size (:data:`BATCH_HEADER`), so a reader finds seals without reading
-#: every record's headers. A distinct domain: a seal cannot be passed off as another version.
+#: Version 3: the fields of version 2. On Kafka the first record of a batch names its size
+#: (:data:`BATCH_HEADER`), so a reader finds seals without reading every record's headers; the
+#: principals include the real caller of every impersonated actor, whose right to
+#: impersonate readers re-check (see ``docs/log-integrity.md``). A distinct domain: a seal
+#: cannot be passed off as another version.
 _DOMAIN_V3 = b"smc.seal.v3\x00"
 _DOMAINS = {2: _DOMAIN_V2, 3: _DOMAIN_V3}
 #: Kafka header on the first record of a version-3 batch: the batch's size (big-endian u32).
@@ -71,7 +72,7 @@ _FIXED = struct.Struct(">BB16s8sI32sQ")  # version, mode, key id, session, n, pr
 #: Version 2 adds the batch head, the link (offset and head of the partition's last seal the
 #: writer saw before appending, -1 for none) and, after the certificates, the principals.
 _FIXED_V2 = struct.Struct(">BB16s8sI32sQq32s32s")
-_VERSION = 2
+_VERSION = 3
 _NO_LINK = bytes(32)
 #: A principal a seal vouches for: (actor, basis, groups).
 Principal = tuple[str, str, tuple[str, ...]]
@@ -358,9 +359,13 @@ class Signer:
                 del self._vouched[next(iter(self._vouched))]
 
     def principals_for(self, actors: Iterable[str]) -> tuple[Principal, ...]:
-        """The vouched principals among ``actors`` (sorted, for a seal)."""
+        """The vouched principals among ``actors`` (sorted, for a seal), and for an actor
+        ``REAL as TARGET`` also ``REAL`` (the caller whose right to impersonate readers
+        re-check)."""
+        wanted = set(actors)
+        wanted |= {a.partition(" as ")[0] for a in wanted if " as " in a}
         with self._lock:
-            got = {a: self._vouched[a] for a in set(actors) if a in self._vouched}
+            got = {a: self._vouched[a] for a in wanted if a in self._vouched}
         return tuple((a, basis, groups) for a, (basis, groups) in sorted(got.items()))
 
     def seal(

@@ -107,6 +107,9 @@ class ChainVerifier(_FastPath, _VerifierState):
         #: Offset of the seal that produced each head (checkpoints prove heads with it).
         self.head_at: dict[tuple[str, int, bytes], int] = {}
         self.pending: dict[tuple[str, int, bytes], list[Record]] = {}
+        #: (stream, partition, writer key id) that sealed a verified version-3 batch: a
+        #: later seal of an older version by that key there is refused (a downgrade).
+        self.sealed_v3: set[tuple[str, int, bytes]] = set()
         #: Per partition: the records of a version-3 batch read so far (``_feed_hinted``).
         self.opened: dict[tuple[str, int], list[Record]] = {}
         self.fast_parts: tuple[list[bytes], list[bytes], set[bytes]] = ([], [], set())
@@ -267,6 +270,13 @@ class ChainVerifier(_FastPath, _VerifierState):
                 self.pending.pop((stream, part, r.writer), []), r, BAD_SEAL, str(exc)
             )
             return
+        if seal.version < 3 and (stream, part, seal.key_id) in self.sealed_v3:
+            self._reject_batch(
+                self.pending.pop((stream, part, r.writer), []), r, BAD_SEAL,
+                f"a version-{seal.version} seal after version-3 seals of writer key "
+                f"{seal.key_id.hex()} in this partition (a downgrade)",
+            )  # fmt: skip
+            return
         if seal.mode == WRITER:
             sid = seal.key_id + seal.session
             if r.writer != sid:
@@ -337,6 +347,8 @@ class ChainVerifier(_FastPath, _VerifierState):
             return
         for x in extra:
             self._find(x, UNSIGNED, "no seal covers this record")
+        if seal.version >= 3:
+            self.sealed_v3.add((stream, part, seal.key_id))
         expected = self._expected_prev(seal, stream, part)
         if expected is not _RESYNC and expected != seal.prev:
             first = batch[0]
@@ -390,7 +402,7 @@ class ChainVerifier(_FastPath, _VerifierState):
                     )  # fmt: skip
                     continue
             if writer.role == "api" and stream == POLICY:
-                why = self._unauthorized(x, part, vouched)
+                why = self._unauthorized(x, part, vouched, seal.version)
                 if why:
                     self._find(x, NOT_AUTHORIZED, why)
                     continue
@@ -405,12 +417,18 @@ class ChainVerifier(_FastPath, _VerifierState):
             self.released_by.append(writer)
 
     def _unauthorized(
-        self, x: Record, part: int, vouched: dict[str, tuple[str, tuple[str, ...]]]
+        self,
+        x: Record,
+        part: int,
+        vouched: dict[str, tuple[str, tuple[str, ...]]],
+        version: int = 2,
     ) -> str:
         """Why the principal a policy record names may not make that change, as of this
         point of the partition ("" when allowed): its AccessGrants on the log, admins
         (``smc:admins``, not impersonated) allowed everything; a principal the writer
-        authorized by Kubernetes RBAC (``basis`` ``kubernetes``) is taken on its word."""
+        authorized by Kubernetes RBAC (``basis`` ``kubernetes``) is taken on its word.
+        Under a version-3 seal an impersonated actor (``REAL as TARGET``) also needs
+        ``REAL``'s right to impersonate, from the seal's principals and the grants."""
         try:
             event = self.codec.decode(x.value, where=f"{x.stream}[{x.partition}]@{x.offset}")
         except EventError as exc:
@@ -429,6 +447,10 @@ class ChainVerifier(_FastPath, _VerifierState):
             return ""
         real, sep, target = actor.partition(" as ")
         name = target if sep else real
+        if sep and version >= 3:
+            why = self._no_impersonation(real, target, x.stream, part, vouched)
+            if why:
+                return why
         if ADMINS_GROUP in groups and not sep:
             return ""
         for spec in self.grants.get((x.stream, part), {}).values():
@@ -438,6 +460,33 @@ class ChainVerifier(_FastPath, _VerifierState):
                 return ""
         where = f"namespace {ns!r}" if ns else "all namespaces"
         return f"principal {actor!r}: no AccessGrant on the log allows {verb} {resource} in {where}"
+
+    def _no_impersonation(
+        self,
+        real: str,
+        target: str,
+        stream: str,
+        part: int,
+        vouched: dict[str, tuple[str, tuple[str, ...]]],
+    ) -> str:
+        """Why ``real`` may not act as ``target`` ("" when it may): the seal must vouch for
+        ``real`` (its groups, how it was authorized); an admin may, a principal authorized
+        by Kubernetes RBAC is taken on the writer's word, anyone else needs an AccessGrant
+        on the log allowing ``impersonate`` on ``users`` (all namespaces), as the API
+        requires."""
+        got = vouched.get(real)
+        if got is None:
+            return f"the seal does not vouch for {real!r}, who acted as {target!r}"
+        basis, groups = got
+        if basis == "kubernetes" or ADMINS_GROUP in groups:
+            return ""
+        for spec in self.grants.get((stream, part), {}).values():
+            if spec is not None and grant_covers(
+                spec, name=real, groups=groups, verb="impersonate", resource="users",
+                namespace="",
+            ):  # fmt: skip
+                return ""
+        return f"principal {real!r}: no AccessGrant on the log allows impersonate users"
 
     def _track_grant(self, x: Record, part: int) -> None:
         """Follow the AccessGrants of a policy partition (applied, replaced, deleted)."""

@@ -46,6 +46,7 @@ class _FastPath:
     fast_released: int
     opened: dict[tuple[str, int], list[Record]]
     _owned: set[bytes]
+    sealed_v3: set[tuple[str, int, bytes]]
     #: The keys, values and distinct record headers (magic + fingerprint) of the messages
     #: the last :meth:`feed_messages` released by the fast path, in the same order.
     fast_parts: tuple[list[bytes], list[bytes], set[bytes]]
@@ -186,6 +187,7 @@ class _FastPath:
         except UnicodeDecodeError:
             return False
         at = last.offset()
+        self.sealed_v3.add((stream, part, seal.key_id))
         self._advance(seal, stream, part, head, at)
         self._keep_seal(stream, part, at, head)
         self.verified += len(batch)

@@ -38,6 +38,7 @@ class _VerifierState:
     verified: int
     rejected: int
     links_unchecked: int
+    sealed_v3: set[tuple[str, int, bytes]]
     seals: dict[tuple[str, int], dict[int, bytes]]
     seal_floor: dict[tuple[str, int], int]
     owners: dict[str, str]
@@ -79,6 +80,7 @@ class _VerifierState:
                 for (s, p), grants in sorted(self.grants.items())
             },
             "links_unchecked": self.links_unchecked,
+            "sealed_v3": sorted(f"{s}:{p}:{k.hex()}" for s, p, k in self.sealed_v3),
             "certs": {k.hex(): [enc(c).decode() for c in v] for k, v in self._certs.items()},
             "verified": self.verified,
             "rejected": self.rejected,
@@ -162,6 +164,11 @@ class _VerifierState:
                 for n, g in grants.items()
             }
         self.links_unchecked = int(data.get("links_unchecked", 0))
+        self.sealed_v3 = set()
+        for item in data.get("sealed_v3", []):
+            rest, _, kid = item.rpartition(":")
+            st, _, p = rest.rpartition(":")
+            self.sealed_v3.add((st, int(p), bytes.fromhex(kid)))
         self.verified = int(data["verified"])
         self.rejected = int(data["rejected"])
 
