@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import array
 import asyncio
-import fcntl
 import logging
 import socket
-import termios
 from collections.abc import Callable
 from typing import Any
+
+try:  # POSIX only; elsewhere nothing is coalesced
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = termios = None  # type: ignore[assignment]
 
 __all__ = ["coalesce_grpc_wakeups"]
 
@@ -59,6 +63,8 @@ def _poller_reader(loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, Call
 def coalesce_grpc_wakeups(loop: asyncio.AbstractEventLoop) -> bool:
     """Make ``loop`` handle all queued gRPC completions in one turn (see the module); returns
     whether it applied (False: nothing changed). Idempotent."""
+    if fcntl is None or termios is None:
+        return False
     try:
         sock, handle_events = _poller_reader(loop)
     except LookupError as exc:
