@@ -199,7 +199,7 @@ async def run_mode(
             docs += [vm_yaml(s, service_account="client") for s in sidecars]
             await cp.apply("\n---\n".join(docs))
             for s in sidecars:
-                s.start_envoy(ads_port=cp.port, delta=delta)
+                await cp.start_proxy(s, delta=delta)
             for s in sidecars:
                 assert s.envoy is not None
                 await s.envoy.wait_live(timeout=60)

@@ -83,7 +83,7 @@ async def mesh(tmp_path_factory: Any) -> AsyncIterator[tuple[ControlPlane, dict[
     ]
     await cp.apply("\n---\n".join(docs))
     for s in sidecars.values():
-        s.start_envoy(ads_port=cp.port, delta=False, stats_sink=True)
+        await cp.start_proxy(s, delta=False, stats_sink=True)
     for s in sidecars.values():
         assert s.envoy is not None
         await s.envoy.wait_live()

@@ -262,7 +262,7 @@ async def mesh(request: pytest.FixtureRequest, tmp_path_factory: Any) -> AsyncIt
     ]
     await cp.apply("\n---\n".join(docs))
     for n in accounts:
-        sidecars[n].start_envoy(ads_port=cp.port, delta=delta)
+        await cp.start_proxy(sidecars[n], delta=delta)
     m = Mesh(cp, sidecars, delta)
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(force_close=True),
@@ -374,7 +374,7 @@ async def test_endpoint_added_and_removed(mesh: Mesh) -> None:
     await mesh.cp.apply(SPLIT, delete=True)
     new = mesh.sc["server-3"]
     await mesh.cp.apply(vm_yaml(new, service_account="server", labels={"app": "server"}))
-    new.start_envoy(ads_port=mesh.cp.port, delta=mesh.delta)
+    await mesh.cp.start_proxy(new, delta=mesh.delta)
     assert new.envoy is not None
     await new.envoy.wait_live()
     failures: list[int] = []

@@ -239,7 +239,10 @@ class Traffic:
 async def make_mesh(
     workdir: Path, *, issuer: Issuer | None, octet: int
 ) -> tuple[Mesh, Callable[[], Awaitable[None]]]:
-    cp = ControlPlane(workdir=workdir, issuer=issuer, trust_interval=0.3, crl_refresh=0.3)
+    # the control-plane key mode (identity keys in the key directory) over mTLS ADS
+    cp = ControlPlane(
+        workdir=workdir, issuer=issuer, trust_interval=0.3, crl_refresh=0.3, agents=False
+    )
     await cp.start()
     client = Sidecar(namespace=NS, name="client-1", address=f"127.0.{octet}.1", workdir=workdir)
     server = Sidecar(namespace=NS, name="server-1", address=f"127.0.{octet}.2", workdir=workdir)
@@ -254,7 +257,7 @@ async def make_mesh(
     ]
     await cp.apply("\n---\n".join(docs))
     for s in (client, server):
-        s.start_envoy(ads_port=cp.port, delta=False)
+        await cp.start_proxy(s, delta=False)
     for s in (client, server):
         assert s.envoy is not None
         await s.envoy.wait_live()

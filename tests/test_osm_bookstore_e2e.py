@@ -227,7 +227,7 @@ async def test_osm_bookstore_in_reverse_order_with_real_envoys(tmp_path: Path) -
         for _ns, name, sa, labels in WORKLOADS:
             await cp.apply(vm_yaml(sidecars[name], service_account=sa, labels=labels))
         for i, s in enumerate(sidecars.values()):
-            s.start_envoy(ads_port=cp.port, delta=bool(i % 2))  # both protocols
+            await cp.start_proxy(s, delta=bool(i % 2))  # both protocols
         for s in sidecars.values():
             assert s.envoy is not None
             await s.envoy.wait_live()

@@ -309,7 +309,8 @@ async def mesh(request: pytest.FixtureRequest, tmp_path_factory: Any) -> AsyncIt
         logdir = net.workdir / "logs"  # the sidecars write here as the proxy's UID
         logdir.mkdir()
         logdir.chmod(0o777)
-        cp = ControlPlane(workdir=workdir, ads_host=net.gateway)
+        # control-plane key mode: its keys on mTLS ADS (a pod's Envoy runs as the proxy UID)
+        cp = ControlPlane(workdir=workdir, ads_host=net.gateway, agents=False)
         sc = {n: PodAppSidecar(net=net, namespace=NS, name=n, workdir=net.workdir) for n in NAMES}
     else:
         logdir = workdir
@@ -331,7 +332,7 @@ async def mesh(request: pytest.FixtureRequest, tmp_path_factory: Any) -> AsyncIt
         ]
         await cp.apply("\n---\n".join(docs))
         for s in sc.values():
-            s.start_envoy(ads_port=cp.port, delta=delta, runtime=TRACER_FLUSH, args=FILE_FLUSH)
+            await cp.start_proxy(s, delta=delta, runtime=TRACER_FLUSH, args=FILE_FLUSH)
         m = Mesh(cp, sc, logdir, net=net)
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),

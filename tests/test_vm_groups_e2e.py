@@ -94,10 +94,10 @@ class Fleet:
                 )
                 self.instances[iid] = sc
 
-    def start_envoys(self) -> None:
+    async def start_envoys(self) -> None:
         for sc in self.instances.values():
             if sc.envoy is None:
-                sc.start_envoy(ads_port=self.cp.port, delta=False)
+                await self.cp.start_proxy(sc, delta=False)
 
     def eds_hosts(self, sidecar: Sidecar) -> set[str]:
         """Addresses the Envoy of ``sidecar`` holds for service web (its /clusters)."""
@@ -133,7 +133,7 @@ async def fleet(tmp_path: Path, *, readiness: str = "proxy") -> AsyncIterator[Fl
         await client.start_app()
         mesh = MESH + f"  readiness: {readiness}\n"
         await cp.apply(mesh + "---\n" + vm_yaml(client, service_account="buyer"))
-        client.start_envoy(ads_port=cp.port, delta=False)
+        await cp.start_proxy(client, delta=False)
         assert client.envoy is not None
         await client.envoy.wait_listener("outbound")
         task = asyncio.create_task(groups.run(stop=stop))
@@ -190,7 +190,7 @@ async def test_scale_out_and_drained_scale_in_with_real_envoys(tmp_path: Path) -
         asg.set_desired_capacity(AutoScalingGroupName="web-asg", DesiredCapacity=3)
         first = f.asg_ids()
         await f.boot(first)
-        f.start_envoys()
+        await f.start_envoys()
         addresses = {sc.address for sc in f.instances.values()}
         await until(lambda: f.eds_hosts(f.client) == addresses, "3 instances in the client's EDS")
         load = Load()
@@ -202,7 +202,7 @@ async def test_scale_out_and_drained_scale_in_with_real_envoys(tmp_path: Path) -
         asg.set_desired_capacity(AutoScalingGroupName="web-asg", DesiredCapacity=5)
         new = sorted(set(f.asg_ids()) - set(first))
         await f.boot(new)
-        f.start_envoys()
+        await f.start_envoys()
         names = {workload_name("web", i) for i in f.asg_ids()}
         await until(
             lambda: set(load.answered) == names,

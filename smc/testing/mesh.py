@@ -3,10 +3,15 @@
 Role: :class:`ControlPlane` runs the real path of ``smc serve`` in-process: an event log (a
 :class:`SqliteLog` unless another is given, e.g. a KafkaLog), a :class:`ProjectionRunner`,
 :class:`LiveMeshChanges` (manifests in, events appended through the same code as the HTTP
-API), the CA (:func:`smc.ca.run_ca` with a :class:`~smc.ca.KeyStore` in
-``<workdir>/keys``: certificates issued as workloads join, renewed, revoked, recorded on the
-log), the SDS source over that key store (:class:`~smc.xds._certs.KeyStoreCertSource`, which
-adds the issuer's CRLs to the trust bundle), the :class:`XdsController` and its ADS server.
+API), the :class:`XdsController` and its ADS server (mTLS, node ids checked against client
+certificates) and, by default, the certificate service SMC agents beside the proxies send
+their CSRs to (keys made where each proxy runs: here the test process plays each workload's
+host, :meth:`ControlPlane.start_proxy`); ADS then carries roots and CRLs only
+(:func:`smc.identity.run_trust_only`). ``agents=False`` is the older control-plane key mode
+over mTLS ADS: the CA (:func:`smc.ca.run_ca` with a :class:`~smc.ca.KeyStore` in
+``<workdir>/keys``: identity certificates issued as workloads join, renewed, revoked,
+recorded on the log) and the SDS source over that key store
+(:class:`~smc.xds._certs.KeyStoreCertSource`, which adds the issuer's CRLs).
 The issuer is a :class:`LocalIssuer` in ``<workdir>/ca`` unless one is given (e.g. a
 :class:`~smc.ca.VaultIssuer`). ``restart()`` rebuilds everything but the log, the key directory
 and the issuer from scratch on the same ADS port, like a restarted process.
@@ -26,12 +31,13 @@ import json
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from smc.api import ChangeReport, LiveMeshChanges, MeshChanges
 from smc.auth import TokenReviewer
-from smc.ca import CsrSigner, Issuer, KeyStore, LocalIssuer, run_ca
+from smc.ca import CsrSigner, IssuedCertificate, Issuer, KeyStore, LocalIssuer, run_ca
 from smc.events import EventLog, SqliteLog
 from smc.identity import (
     AgentCertSource,
@@ -46,15 +52,21 @@ from smc.projections import (
     PolicyProjection,
     ProjectionRunner,
     RegistryProjection,
+    Workload,
     all_projections,
 )
 from smc.smi import load_documents
+from smc.testing.envoy import AdsTLS
 from smc.testing.ports import free_port
 from smc.testing.sidecar import Sidecar, vm_yaml, wait_reachable  # (moved there; kept here)
+from smc.testing.wait import wait_until
 from smc.xds import AdsServer, IssuingCertSource, XdsController
 from smc.xds._certs import IssuerCache, KeyStoreCertSource, local_issuer_of
 from smc.xds._metrics_sink import MetricsSink
 from smc.xds._server import ServerTLS, workload_authorizer
+
+if TYPE_CHECKING:
+    from smc.testing.podapps import PodAppSidecar
 
 __all__ = ["ControlPlane", "Sidecar", "vm_yaml", "wait_reachable"]
 
@@ -72,7 +84,7 @@ class ControlPlane:
         crl_refresh: float = 30.0,
         ca: bool = True,
         log: EventLog | None = None,
-        agents: bool = False,
+        agents: bool | None = None,
         revoke_grace: float = 120.0,
         reviewer: TokenReviewer | None = None,
         proxy_cert_lifetime: timedelta | None = None,
@@ -82,7 +94,11 @@ class ControlPlane:
         (issued in memory on first use, nothing on the log), for builder-level tests that
         need every certificate to exist as soon as a workload does. ``agents=True``: SMC
         agents beside the proxies make the keys (:mod:`smc.agent`); the control plane runs
-        the certificate service on :attr:`ca_port` and serves roots and CRLs only. ``log``: the event
+        the certificate service on :attr:`ca_port` and serves roots and CRLs only; the default
+        whenever ``ca`` is on. ``agents=False`` (with ``ca``): the older control-plane key mode
+        (``--workload-keys control-plane --xds-tls``), its keys on mTLS ADS only (each Envoy
+        presents its identity's certificate, :meth:`ads_client_tls`). Start proxies with
+        :meth:`start_proxy` (it does either). ``log``: the event
         log (e.g. a :class:`~smc.events.KafkaLog`; closed by :meth:`close`); default a fresh
         :class:`SqliteLog` in ``workdir``."""
         self.workdir = workdir
@@ -90,7 +106,7 @@ class ControlPlane:
         self.debounce = debounce
         self.trust_interval = trust_interval
         self.ca = ca
-        self.agents = agents
+        self.agents = ca if agents is None else agents
         self.revoke_grace = revoke_grace
         self.reviewer = reviewer  # TokenReview of pods' service-account tokens (agents=True)
         self.proxy_cert_lifetime = proxy_cert_lifetime  # None: the mesh config's lifetime
@@ -120,6 +136,8 @@ class ControlPlane:
         self.certs: KeyStoreCertSource | IssuingCertSource
         self.issuing = IssuingCertSource(issuer=self.issuer, trust_domain="cluster.local")
         self.metrics = CollectorRegistry()
+        self._ads_ca_pem = ""  # roots of the ADS server's certificate (mTLS ADS)
+        self._ads_clients: dict[str, IssuedCertificate] = {}  # control-plane key mode
 
     async def start(self) -> None:
         self._stop = asyncio.Event()
@@ -146,8 +164,11 @@ class ControlPlane:
             debounce=self.debounce,
         )
         source.add_listener(self.controller.on_certs_changed)
-        if self.agents:
-            # ADS over mTLS: each proxy presents its agent's certificate, matched to its node id
+        # ADS over mTLS whenever there are certificates (no private key on cleartext ADS):
+        # each proxy presents its agent's (or, control-plane mode, its identity's)
+        # certificate, matched to its node id; ca=False (no Envoys, builder tests) is cleartext
+        tls = self.ca or self.agents
+        if tls:
             self.server = self.controller.make_server(
                 authorize=workload_authorizer(workloads=lambda: registry.workloads)
             )
@@ -156,7 +177,7 @@ class ControlPlane:
         self.traffic = MetricsSink(authorize=self.server.check_peer)
         self.server.services.append(self.traffic.add_to)
         await self.server.start(
-            host=self.ads_host, port=self.port, tls=await self._ads_tls() if self.agents else None
+            host=self.ads_host, port=self.port, tls=await self._ads_tls() if tls else None
         )
         self._tasks = [
             asyncio.create_task(self.runner.run(stop=self._stop)),
@@ -233,17 +254,73 @@ class ControlPlane:
         self._tasks.append(asyncio.create_task(self.revoker.run(stop=self._stop)))
 
     async def _ads_tls(self) -> ServerTLS:
-        local = local_issuer_of(self.issuer)
-        assert local is not None, "agents=True needs a LocalIssuer (for the servers' TLS)"
-        served = await asyncio.to_thread(
-            issue_serving_certificate, local, ip_addresses=["127.0.0.1"], dns_names=["localhost"]
+        # the servers' own certificate: from the mesh CA when it is local, else (e.g. Vault)
+        # from a LocalIssuer of the test's own in <workdir>/ads-ca
+        local = local_issuer_of(self.issuer) or LocalIssuer(
+            directory=self.workdir / "ads-ca", trust_domain="cluster.local"
         )
+        served = await asyncio.to_thread(
+            issue_serving_certificate,
+            local,
+            ip_addresses=sorted({"127.0.0.1", self.ads_host}),
+            dns_names=["localhost"],
+        )
+        self._ads_ca_pem = "".join(local.trust_bundle())
         return ServerTLS.of(
             cert_pem=served.cert_pem + served.chain_pem,
             key_pem=served.private_key_pem,
             client_ca_pems=list(self.issuer.trust_bundle()),
             trust_domain="cluster.local",
         )
+
+    async def ads_client_tls(self, *, namespace: str, service_account: str) -> AdsTLS:
+        """Control-plane key mode: an mTLS ADS client certificate for a proxy of
+        ``namespace/service_account``, its key made here (the test process is the proxy's
+        host) and signed by the mesh issuer for the identity's SPIFFE id; not the identity's
+        workload certificate, which the proxy gets over that mTLS ADS."""
+        identity = f"spiffe://cluster.local/ns/{namespace}/sa/{service_account}"
+        found = self._ads_clients.get(identity)
+        if found is None:
+            found = await asyncio.to_thread(
+                self.issuer.issue, identity=identity, lifetime=timedelta(hours=6)
+            )
+            self._ads_clients[identity] = found
+        return AdsTLS(
+            cert_pem=found.cert_pem.rstrip("\n") + "\n" + found.chain_pem,
+            key_pem=found.private_key_pem,
+            ca_pem=self._ads_ca_pem,
+            server_san=self.ads_host,
+        )
+
+    async def start_proxy(
+        self, sidecar: Sidecar | PodAppSidecar, *, delta: bool, **envoy: Any
+    ) -> None:
+        """Start ``sidecar``'s Envoy against this control plane the way its mode wants: with
+        agents, an SMC agent beside it first (its key made there, the test process playing the
+        workload's host); in control-plane key mode, its identity's certificate for mTLS ADS.
+        The workload must be registered (its service account is read from the registry).
+        ``envoy``: more keyword arguments of ``start_envoy``."""
+        ref = (sidecar.namespace, sidecar.name)
+
+        def registered() -> Workload | None:
+            workloads = self._registry().workloads.values()
+            return next((w for w in workloads if (w.namespace, w.name) == ref), None)
+
+        workload = await wait_until(registered, what=f"workload {sidecar.node_id} registered")
+        sa = workload.service_account
+        if self.agents:
+            if not isinstance(sidecar, Sidecar):
+                raise ValueError("start_proxy: agents need a Sidecar (not a pod sidecar)")
+            if sidecar.agent is None and sidecar.agent_process is None:
+                await sidecar.start_agent(self, service_account=sa, kind=workload.kind)
+        else:
+            envoy["ads_tls"] = await self.ads_client_tls(
+                namespace=sidecar.namespace, service_account=sa
+            )
+        sidecar.start_envoy(ads_port=self.port, delta=delta, **envoy)
+
+    def _registry(self) -> RegistryProjection:
+        return next(p for p in self.runner.projections if isinstance(p, RegistryProjection))
 
     def ca_bundle(self) -> str:
         """PEM of the roots agents verify the certificate service with."""

@@ -26,12 +26,15 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from smc.testing.apps import MisbehavingApp
+
+if TYPE_CHECKING:
+    from smc.testing.envoy import AdsTLS
 
 __all__ = ["APP_PORT", "CONTROL_PORT", "SERVICE_VIP", "PodAppSidecar"]
 
@@ -107,9 +110,11 @@ class PodAppSidecar:
         delta: bool,
         runtime: dict[str, Any] | None = None,
         args: tuple[str, ...] = (),
+        ads_tls: AdsTLS | None = None,
     ) -> None:
         """Start the sidecar in the pod as the proxy's UID (admin on the pod's address);
-        ``runtime``: Envoy runtime keys; ``args``: more Envoy command-line options."""
+        ``runtime``: Envoy runtime keys; ``args``: more Envoy command-line options;
+        ``ads_tls``: mTLS to ADS with this client certificate (inline in the bootstrap)."""
         from smc.testing.envoy import EnvoyProcess, ads_bootstrap, envoy_binary
         from smc.testing.netns import world_readable_copy
 
@@ -121,6 +126,7 @@ class PodAppSidecar:
             delta=delta,
             admin_port=ADMIN_PORT,
             runtime=runtime,
+            tls=ads_tls,
         )
         boot["admin"] = {"address": {"socket_address": {"address": "0.0.0.0", "port_value": 15000}}}
         binary = world_readable_copy(envoy_binary(), self.net.workdir / "bin")
