@@ -146,6 +146,7 @@ class InboundParts(_PassBase):
                     port=port,
                     cluster=name,
                     node=node,
+                    sds_cert=self._sds_cert,
                 )
                 if ingress and ports[port] == "http"
                 else []

@@ -111,10 +111,13 @@ def ingress_chains(
     port: int,
     cluster: str,
     node: str,
+    sds_cert: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The ingress chains of a port besides its mTLS chain: plaintext for ``http`` backends
     and, for ``https`` backends with ``tls.skipClientCertValidation``, TLS without a client
-    certificate from the listed address ranges (and SNI hosts); both with RBAC by address."""
+    certificate from the listed address ranges (and SNI hosts); both with RBAC by address.
+    ``sds_cert``: where the proxy's certificate comes from (the builder's: ADS, or the SMC
+    agent's file beside the proxy); default ``default`` over ADS."""
     eps = list(endpoints)
     out: list[dict[str, Any]] = []
     plain = ingress_http_chain(tp, ingress, eps, port=port, cluster=cluster, node=node)
@@ -150,9 +153,8 @@ def ingress_chains(
             "@type": _DOWNSTREAM_TLS,
             "require_client_certificate": False,
             "common_tls_context": {
-                "tls_certificate_sds_secret_configs": [
-                    {"name": "default", "sds_config": {"ads": {}, "resource_api_version": "V3"}}
-                ]
+                "tls_certificate_sds_secret_configs": sds_cert
+                or [{"name": "default", "sds_config": {"ads": {}, "resource_api_version": "V3"}}]
             },
         },
     }
