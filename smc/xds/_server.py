@@ -92,6 +92,7 @@ from prometheus_client import CollectorRegistry
 
 from smc.ca import SpiffeId
 from smc.xds._cache import SnapshotSource
+from smc.xds._key_guard import KeyGuard
 from smc.xds._requests import RequestHead
 from smc.xds._server_checks import StreamChecks
 from smc.xds._server_delta import DeltaServer
@@ -199,6 +200,8 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         if metrics is None:
             metrics = XdsMetrics(registry if registry is not None else CollectorRegistry())
         self.metrics = metrics
+        # No private key on a stream without a verified client certificate of its node
+        self._key_guard = KeyGuard(refusals=self._refusals, metrics=metrics)
         self._ready = False
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
@@ -422,6 +425,8 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         stream.unplaced_since = None
         if not stream.authorized:
             await self._check_identity(stream, context)
+        if stream.identity is None or not stream.authorized:
+            snapshot = self._key_guard.guard(stream, snapshot)
         types = snapshot.types
         stream_types = stream.types
         for type_url in PUSH_ORDER:

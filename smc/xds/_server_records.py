@@ -53,7 +53,12 @@ Authorize = Callable[[str, SpiffeId], bool]
 Placement = Callable[[str], str | None]
 
 RefusalReason = Literal[
-    "no_client_certificate", "bad_identity", "identity_mismatch", "invalid_node_id", "unplaced"
+    "no_client_certificate",
+    "bad_identity",
+    "identity_mismatch",
+    "invalid_node_id",
+    "unplaced",
+    "key_withheld",  # a Secret with a private key not sent (stream not verified: _key_guard)
 ]
 #: How long a well-formed node id naming no workload waits (the workload may be joining) before
 #: its stream ends with NOT_FOUND.
