@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,23 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     await w.mtls.stop(grace=0)
 
 
+async def _until_quiet(call: Any, answer: Callable[[Any], None] | None = None) -> list[Any]:
+    """The responses of ``call`` until it is silent for 2 s (``answer`` hears each first)."""
+    got: list[Any] = []
+    try:
+        while True:
+            response = await asyncio.wait_for(call.read(), 2.0)
+            assert response is not grpc.aio.EOF
+            got.append(response)
+            if answer is not None:
+                answer(response)
+    except TimeoutError:
+        pass
+    finally:
+        call.cancel()
+    return got
+
+
 async def _sotw_secrets(chan: grpc.aio.Channel) -> list[discovery_pb2.DiscoveryResponse]:
     """Ask for both Secrets by name (SotW), ACK as Envoy does; every answer within 2 s."""
     stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(chan)
@@ -132,28 +149,21 @@ async def _sotw_secrets(chan: grpc.aio.Channel) -> list[discovery_pb2.DiscoveryR
         while (r := await requests.get()) is not None:
             yield r
 
-    call = stub.StreamAggregatedResources(gen())
-    got: list[discovery_pb2.DiscoveryResponse] = []
-    try:
-        while True:
-            response = await asyncio.wait_for(call.read(), 2.0)
-            assert response is not grpc.aio.EOF
-            got.append(response)
-            requests.put_nowait(
-                discovery_pb2.DiscoveryRequest(
-                    node=node,
-                    type_url=SECRET,
-                    resource_names=KEY_NAMES,
-                    version_info=response.version_info,
-                    response_nonce=response.nonce,
-                )
+    def ack(response: discovery_pb2.DiscoveryResponse) -> None:
+        requests.put_nowait(
+            discovery_pb2.DiscoveryRequest(
+                node=node,
+                type_url=SECRET,
+                resource_names=KEY_NAMES,
+                version_info=response.version_info,
+                response_nonce=response.nonce,
             )
-    except TimeoutError:
-        pass
+        )
+
+    try:
+        return await _until_quiet(stub.StreamAggregatedResources(gen()), ack)
     finally:
         requests.put_nowait(None)
-        call.cancel()
-    return got
 
 
 async def _delta_secrets(chan: grpc.aio.Channel) -> list[discovery_pb2.DeltaDiscoveryResponse]:
@@ -167,19 +177,10 @@ async def _delta_secrets(chan: grpc.aio.Channel) -> list[discovery_pb2.DeltaDisc
         yield first
         await done.wait()
 
-    call = stub.DeltaAggregatedResources(gen())
-    got: list[discovery_pb2.DeltaDiscoveryResponse] = []
     try:
-        while True:
-            response = await asyncio.wait_for(call.read(), 2.0)
-            assert response is not grpc.aio.EOF
-            got.append(response)
-    except TimeoutError:
-        pass
+        return await _until_quiet(stub.DeltaAggregatedResources(gen()))
     finally:
         done.set()
-        call.cancel()
-    return got
 
 
 def _names(responses: list[Any]) -> set[str]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -61,7 +60,13 @@ from smc.agent._files import (
     write_private,
     write_secret,
 )
-from smc.agent._protocol import SignRequest, SignResponse, renewal_message
+from smc.agent._protocol import (
+    SignRequest,
+    SignResponse,
+    first_proof,
+    renewal_message,
+    token_digest,
+)
 
 __all__ = ["Agent", "AgentConfig", "CertificateClient"]
 
@@ -93,10 +98,6 @@ class _Current:
     serial: str
     not_after: datetime
     renew_after: datetime
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
@@ -159,26 +160,11 @@ class Agent:
 
     def _first_proof(self) -> dict[str, str]:
         cfg = self.config
-        if cfg.token_file is not None:
-            try:
-                token = cfg.token_file.read_text("utf-8").strip()
-            except OSError as exc:
-                raise AgentError(f"cannot read the token file {cfg.token_file}: {exc}") from exc
-            if not token:
-                raise AgentError(f"the token file {cfg.token_file} is empty")
-            return {"token": token}
-        assert cfg.join_token_file is not None
-        try:
-            token = cfg.join_token_file.read_text("utf-8").strip()
-        except OSError as exc:
-            raise AgentError(f"cannot read the join token {cfg.join_token_file}: {exc}") from exc
-        if self._join_used and _digest(token) == self._join_used:
-            raise AgentError(
-                f"the join token in {cfg.join_token_file} was used already and the certificate "
-                "is no proof any more (expired or revoked): put a new one there (`smc vm "
-                "bootstrap` again)"
-            )
-        return {"join_token": token}
+        return first_proof(
+            token_file=cfg.token_file,
+            join_token_file=cfg.join_token_file,
+            join_used=self._join_used,
+        )
 
     async def request(self) -> SignResponse:
         """Make a key and CSR, prove, and serve the answer once it checks out."""
@@ -213,7 +199,7 @@ class Agent:
             raise
         self._cert_refused = False
         if "join_token" in proof:
-            self._join_used = _digest(proof["join_token"])
+            self._join_used = token_digest(proof["join_token"])
             write_private(
                 sds_dir(self.config.proxy_dir) / SPENT_JOIN_TOKEN,
                 self._join_used.encode("ascii"),

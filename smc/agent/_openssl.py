@@ -160,6 +160,24 @@ def csr_pem_of_der(der: bytes) -> str:
     )
 
 
+def _read_pem(o: _Lib, pem: bytes, reader: str, what: str) -> int:
+    """The object libcrypto's ``reader`` (a ``PEM_read_bio_*``) makes of ``pem``, through a
+    memory BIO; AgentError naming ``what`` when it cannot. The caller frees it."""
+    lib = o.lib
+    lib.ERR_clear_error()
+    buf = ctypes.create_string_buffer(pem, len(pem))
+    bio = lib.BIO_new_mem_buf(buf, len(pem))
+    if not bio:
+        raise o.fail("BIO_new_mem_buf")
+    try:
+        found = getattr(lib, reader)(bio, None, None, None)
+    finally:
+        lib.BIO_free(bio)
+    if not found:
+        raise o.fail(what)
+    return int(found)
+
+
 class EcKey:
     """An EC P-256 private key held by OpenSSL (freed by :meth:`close`; never in a repr)."""
 
@@ -219,17 +237,7 @@ class EcKey:
         """The key of a PKCS #8 (or SEC1) PEM; AgentError when it is not a P-256 key."""
         o = _lib()
         lib = o.lib
-        lib.ERR_clear_error()
-        buf = ctypes.create_string_buffer(pem, len(pem))
-        bio = lib.BIO_new_mem_buf(buf, len(pem))
-        if not bio:
-            raise o.fail("BIO_new_mem_buf")
-        try:
-            pkey = lib.PEM_read_bio_PrivateKey(bio, None, None, None)
-        finally:
-            lib.BIO_free(bio)
-        if not pkey:
-            raise o.fail("reading the private key")
+        pkey = _read_pem(o, pem, "PEM_read_bio_PrivateKey", "reading the private key")
         key = cls(pkey)
         if lib.EVP_PKEY_get_base_id(pkey) != _EVP_PKEY_EC or lib.EVP_PKEY_get_bits(pkey) != 256:
             key.close()
@@ -304,17 +312,7 @@ class EcKey:
         """Whether the first certificate of ``cert_pem`` carries this key's public key."""
         o = _lib()
         lib = o.lib
-        lib.ERR_clear_error()
-        buf = ctypes.create_string_buffer(cert_pem, len(cert_pem))
-        bio = lib.BIO_new_mem_buf(buf, len(cert_pem))
-        if not bio:
-            raise o.fail("BIO_new_mem_buf")
-        try:
-            cert = lib.PEM_read_bio_X509(bio, None, None, None)
-        finally:
-            lib.BIO_free(bio)
-        if not cert:
-            raise o.fail("reading the certificate")
+        cert = _read_pem(o, cert_pem, "PEM_read_bio_X509", "reading the certificate")
         try:
             return bool(lib.X509_check_private_key(cert, self._ptr()) == 1)
         finally:

@@ -21,11 +21,13 @@ Concurrency: pure functions and immutable values.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from smc.agent._errors import InvalidMessage
+from smc.agent._errors import AgentError, InvalidMessage
 
 __all__ = [
     "HTTP_STATUS",
@@ -163,3 +165,36 @@ class SignResponse:
             not_after=_str(obj, "not_after", what, required=True),
             renew_after=_str(obj, "renew_after", what, required=True),
         )
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 hex of a token: how a spent join token is remembered (never the token)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def first_proof(
+    *, token_file: Path | None, join_token_file: Path | None, join_used: str
+) -> dict[str, str]:
+    """The proof of a first certificate request: the pod's service-account token read from
+    ``token_file``, else the VM's join token from ``join_token_file`` unless its digest is
+    ``join_used`` (spent). Raises :class:`AgentError` naming the file."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text("utf-8").strip()
+        except OSError as exc:
+            raise AgentError(f"cannot read the token file {token_file}: {exc}") from exc
+        if not token:
+            raise AgentError(f"the token file {token_file} is empty")
+        return {"token": token}
+    assert join_token_file is not None
+    try:
+        token = join_token_file.read_text("utf-8").strip()
+    except OSError as exc:
+        raise AgentError(f"cannot read the join token {join_token_file}: {exc}") from exc
+    if join_used and token_digest(token) == join_used:
+        raise AgentError(
+            f"the join token in {join_token_file} was used already and the certificate "
+            "is no proof any more (expired or revoked): put a new one there (`smc vm "
+            "bootstrap` again)"
+        )
+    return {"join_token": token}

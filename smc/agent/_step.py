@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,7 +46,13 @@ from smc.agent._files import (
     write_secret,
 )
 from smc.agent._openssl import EcKey, csr_pem_of_der
-from smc.agent._protocol import SignRequest, SignResponse, renewal_message
+from smc.agent._protocol import (
+    SignRequest,
+    SignResponse,
+    first_proof,
+    renewal_message,
+    token_digest,
+)
 
 __all__ = ["StepSpec", "step"]
 
@@ -110,10 +115,6 @@ class _Held:
         return datetime.fromisoformat(self.resp.renew_after)
 
 
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
 def _restore(spec: StepSpec, now: datetime) -> _Held | None:
     """The certificate and key of ``smc-sds`` if the certificate is valid and carries the key."""
     folder = sds_dir(spec.proxy_dir)
@@ -161,29 +162,6 @@ def _restore(spec: StepSpec, now: datetime) -> _Held | None:
     return _Held(key=key, resp=resp)
 
 
-def _first_proof(spec: StepSpec, join_used: str) -> dict[str, str]:
-    if spec.token_file is not None:
-        try:
-            token = spec.token_file.read_text("utf-8").strip()
-        except OSError as exc:
-            raise AgentError(f"cannot read the token file {spec.token_file}: {exc}") from exc
-        if not token:
-            raise AgentError(f"the token file {spec.token_file} is empty")
-        return {"token": token}
-    assert spec.join_token_file is not None
-    try:
-        token = spec.join_token_file.read_text("utf-8").strip()
-    except OSError as exc:
-        raise AgentError(f"cannot read the join token {spec.join_token_file}: {exc}") from exc
-    if join_used and _digest(token) == join_used:
-        raise AgentError(
-            f"the join token in {spec.join_token_file} was used already and the certificate "
-            "is no proof any more (expired or revoked): put a new one there (`smc vm "
-            "bootstrap` again)"
-        )
-    return {"join_token": token}
-
-
 def _pending_key(spec: StepSpec) -> EcKey:
     path = sds_dir(spec.proxy_dir) / PENDING_KEY
     with contextlib.suppress(OSError, AgentError):
@@ -211,7 +189,11 @@ def _request(spec: StepSpec, held: _Held | None, state: _State, now: datetime) -
                 "signature": base64.b64encode(signature).decode("ascii"),
             }
         else:
-            proof = _first_proof(spec, state.join_used)
+            proof = first_proof(
+                token_file=spec.token_file,
+                join_token_file=spec.join_token_file,
+                join_used=state.join_used,
+            )
         req = SignRequest(proxy=spec.proxy, csr_pem=csr_pem_of_der(csr_der), **proof)
         try:
             resp = sign_over_https(
@@ -229,7 +211,7 @@ def _request(spec: StepSpec, held: _Held | None, state: _State, now: datetime) -
         state.cert_refused = False
         folder = sds_dir(spec.proxy_dir)
         if "join_token" in proof:
-            state.join_used = _digest(proof["join_token"])
+            state.join_used = token_digest(proof["join_token"])
             write_private(folder / SPENT_JOIN_TOKEN, state.join_used.encode("ascii"), mode=0o640)
         try:
             datetime.fromisoformat(resp.not_after)
