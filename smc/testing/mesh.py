@@ -138,6 +138,7 @@ class ControlPlane:
         self.metrics = CollectorRegistry()
         self._ads_ca_pem = ""  # roots of the ADS server's certificate (mTLS ADS)
         self._ads_clients: dict[str, IssuedCertificate] = {}  # control-plane key mode
+        self._ads_tls_kept: ServerTLS | None = None  # the first start's (control-plane mode)
 
     async def start(self) -> None:
         self._stop = asyncio.Event()
@@ -255,7 +256,20 @@ class ControlPlane:
 
     async def _ads_tls(self) -> ServerTLS:
         # the servers' own certificate: from the mesh CA when it is local, else (e.g. Vault)
-        # from a LocalIssuer of the test's own in <workdir>/ads-ca
+        # from a LocalIssuer of the test's own in <workdir>/ads-ca. Control-plane key mode
+        # keeps it across restart() (a restarted process with the same --xds-tls files: its
+        # Envoys' bootstraps trust the roots of the first), and accepts the client roots of
+        # every start (proxies' ADS certificates made before a CA rotation).
+        bundle = list(self.issuer.trust_bundle())
+        if self._ads_tls_kept is not None and not self.agents:
+            kept = self._ads_tls_kept
+            roots = list(dict.fromkeys([*kept.client_ca_pems, *bundle]))
+            return ServerTLS.of(
+                cert_pem=kept.cert_pem,
+                key_pem=kept.key_pem,
+                client_ca_pems=roots,
+                trust_domain="cluster.local",
+            )
         local = local_issuer_of(self.issuer) or LocalIssuer(
             directory=self.workdir / "ads-ca", trust_domain="cluster.local"
         )
@@ -266,12 +280,14 @@ class ControlPlane:
             dns_names=["localhost"],
         )
         self._ads_ca_pem = "".join(local.trust_bundle())
-        return ServerTLS.of(
+        tls = ServerTLS.of(
             cert_pem=served.cert_pem + served.chain_pem,
             key_pem=served.private_key_pem,
-            client_ca_pems=list(self.issuer.trust_bundle()),
+            client_ca_pems=bundle,
             trust_domain="cluster.local",
         )
+        self._ads_tls_kept = tls
+        return tls
 
     async def ads_client_tls(self, *, namespace: str, service_account: str) -> AdsTLS:
         """Control-plane key mode: an mTLS ADS client certificate for a proxy of
