@@ -6,10 +6,12 @@ clients claim the node id:
 
 - on a cleartext ADS server (no client certificates at all), SotW and delta: the stream gets
   the trust bundle and nothing else of SDS; no answer carries the key bytes; the refusal is
-  recorded (``refusals()``, reason ``key_withheld``), counted
+  recorded (``refusals()`` and ``/debug/proxies``, reason ``key_withheld``), counted
   (``smc_xds_refused_streams_total``) and logged, naming the Secret, never the key;
 - over mTLS with the node identity's certificate: the key Secret is served (that is the one
-  door the control-plane mode still has).
+  door the control-plane mode still has);
+- the in-process test harness (``ControlPlane``, agents or control-plane keys) does not
+  serve cleartext ADS at all.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from prometheus_client import CollectorRegistry
 from smc.ca import LocalIssuer
 from smc.injector._tls import issue_serving_certificate
 from smc.projections import Workload
+from smc.testing.mesh import ControlPlane
 from smc.xds import SECRET, AdsServer, Snapshot, SnapshotCache
+from smc.xds._debug import proxies_view
 from smc.xds._key_guard import carries_private_key
 from smc.xds._server import ServerTLS, workload_authorizer
 
@@ -218,6 +222,8 @@ async def test_cleartext_stream_claiming_the_node_gets_no_key(
     assert len(refusals) == 2  # one per stream
     assert all("default" in r.message and r.peer_identity == "" for r in refusals)
     assert _refused(world.plain) - before == 2
+    shown = [r for r in proxies_view(world.plain, None)["refused"] if r["reason"] == "key_withheld"]
+    assert len(shown) == 2 and all(r["node_id"] == NODE for r in shown)  # /debug/proxies
     logged = caplog.text
     assert "withheld" in logged and key_body[:64].decode() not in logged
     assert world.web.private_key_pem not in "".join(r.message for r in refusals)
@@ -249,3 +255,25 @@ async def test_which_secrets_carry_a_key() -> None:
     assert not carries_private_key(on_host.SerializeToString())
     assert not carries_private_key(roots.SerializeToString())
     assert carries_private_key(b"\xff\xff\xff")  # unparsable: withheld, not risked
+
+
+@pytest.mark.parametrize("agents", [True, False], ids=["agents", "control-plane-keys"])
+async def test_the_test_harness_serves_no_cleartext_ads(tmp_path: Path, agents: bool) -> None:
+    """smc.testing.mesh.ControlPlane, in both key modes: a cleartext client claiming a
+    registered node id cannot open an ADS stream (mTLS only), so no key can reach it."""
+    cp = ControlPlane(workdir=tmp_path, agents=agents)
+    await cp.start()
+    try:
+        await cp.apply(
+            "apiVersion: smc.dev/v1alpha1\nkind: VirtualMachine\n"
+            "metadata: {name: web-1, namespace: demo}\n"
+            "spec: {address: 127.0.0.1, serviceAccount: web}\n"
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.port}") as chan:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _sotw_secrets(chan)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert cp.server.proxies() == []
+    finally:
+        await cp.stop()
+        cp.close()
