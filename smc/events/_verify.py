@@ -23,13 +23,8 @@ from itertools import compress, count, groupby, repeat
 from typing import Any
 
 from smc.events._codec import MAGIC, Codec, default_codec
-from smc.events._errors import EventError
 from smc.events._grantcheck import (
-    ADMINS_GROUP,
     GrantSpec,
-    grant_covers,
-    grant_spec,
-    resource_of_kind,
 )
 from smc.events._integrity import (
     PARTITION,
@@ -43,11 +38,9 @@ from smc.events._integrity import (
 from smc.events._log import Record
 from smc.events._types import (
     POLICY,
-    MeshConfigChanged,
-    SmiResourceApplied,
-    SmiResourceDeleted,
 )
 from smc.events._verify_fast import _CHECKED_ROLES, _HEADER, _FastPath
+from smc.events._verify_policy import _PolicyChecks, _s
 from smc.events._verify_state import _RESYNC, _VerifierState
 from smc.events._writers import Writer, WriterTrust, entitled, ms_to_datetime
 
@@ -89,7 +82,7 @@ class Finding:
         return {"position": self.where, "kind": self.kind, "detail": self.detail}
 
 
-class ChainVerifier(_FastPath, _VerifierState):
+class ChainVerifier(_FastPath, _PolicyChecks, _VerifierState):
     """Streams records through the integrity checks; see the module docstring."""
 
     def __init__(
@@ -416,92 +409,6 @@ class ChainVerifier(_FastPath, _VerifierState):
             out.append(x)
             self.released_by.append(writer)
 
-    def _unauthorized(
-        self,
-        x: Record,
-        part: int,
-        vouched: dict[str, tuple[str, tuple[str, ...]]],
-        version: int = 2,
-    ) -> str:
-        """Why the principal a policy record names may not make that change, as of this
-        point of the partition ("" when allowed): its AccessGrants on the log, admins
-        (``smc:admins``, not impersonated) allowed everything; a principal the writer
-        authorized by Kubernetes RBAC (``basis`` ``kubernetes``) is taken on its word.
-        Under a version-3 seal an impersonated actor (``REAL as TARGET``) also needs
-        ``REAL``'s right to impersonate, from the seal's principals and the grants."""
-        try:
-            event = self.codec.decode(x.value, where=f"{x.stream}[{x.partition}]@{x.offset}")
-        except EventError as exc:
-            return f"cannot read the record to check its principal: {exc}"
-        if isinstance(event, SmiResourceApplied):
-            verb, resource, ns = "apply", resource_of_kind(event.kind), event.namespace
-        elif isinstance(event, SmiResourceDeleted):
-            verb, resource, ns = "delete", resource_of_kind(event.kind), event.namespace
-        elif isinstance(event, MeshConfigChanged):
-            verb, resource, ns = "apply", "meshconfigs", ""
-        else:
-            return f"{type(event).__name__} has no access rule"
-        actor = event.envelope.actor
-        basis, groups = vouched.get(actor, ("grants", ()))
-        if basis == "kubernetes":
-            return ""
-        real, sep, target = actor.partition(" as ")
-        name = target if sep else real
-        if sep and version >= 3:
-            why = self._no_impersonation(real, target, x.stream, part, vouched)
-            if why:
-                return why
-        if ADMINS_GROUP in groups and not sep:
-            return ""
-        for spec in self.grants.get((x.stream, part), {}).values():
-            if spec is not None and grant_covers(
-                spec, name=name, groups=groups, verb=verb, resource=resource, namespace=ns
-            ):
-                return ""
-        where = f"namespace {ns!r}" if ns else "all namespaces"
-        return f"principal {actor!r}: no AccessGrant on the log allows {verb} {resource} in {where}"
-
-    def _no_impersonation(
-        self,
-        real: str,
-        target: str,
-        stream: str,
-        part: int,
-        vouched: dict[str, tuple[str, tuple[str, ...]]],
-    ) -> str:
-        """Why ``real`` may not act as ``target`` ("" when it may): the seal must vouch for
-        ``real`` (its groups, how it was authorized); an admin may, a principal authorized
-        by Kubernetes RBAC is taken on the writer's word, anyone else needs an AccessGrant
-        on the log allowing ``impersonate`` on ``users`` (all namespaces), as the API
-        requires."""
-        got = vouched.get(real)
-        if got is None:
-            return f"the seal does not vouch for {real!r}, who acted as {target!r}"
-        basis, groups = got
-        if basis == "kubernetes" or ADMINS_GROUP in groups:
-            return ""
-        for spec in self.grants.get((stream, part), {}).values():
-            if spec is not None and grant_covers(
-                spec, name=real, groups=groups, verb="impersonate", resource="users",
-                namespace="",
-            ):  # fmt: skip
-                return ""
-        return f"principal {real!r}: no AccessGrant on the log allows impersonate users"
-
-    def _track_grant(self, x: Record, part: int) -> None:
-        """Follow the AccessGrants of a policy partition (applied, replaced, deleted)."""
-        grants = self.grants.setdefault((x.stream, part), {})
-        name = _s(x.key).rsplit("/", 1)[-1]
-        try:
-            event = self.codec.decode(x.value, where=f"{x.stream}[{x.partition}]@{x.offset}")
-        except EventError:
-            grants.pop(name, None)
-            return
-        if isinstance(event, SmiResourceApplied):
-            grants[name] = grant_spec(event.manifest_json)
-        else:
-            grants.pop(name, None)
-
     def _keep_seal(self, stream: str, part: int, offset: int, head: bytes) -> None:
         kept = self.seals.setdefault((stream, part), {})
         kept[offset] = head
@@ -605,12 +512,6 @@ def _namespace_claim(key: str) -> str | None:
 
 def _is_grant(key: Any) -> bool:
     return _s(key).startswith(_GRANT_PREFIX)
-
-
-def _s(key: Any) -> str:
-    if key.__class__ is bytes:
-        return key.decode()  # type: ignore[no-any-return]
-    return "" if key is None else key  # type: ignore[no-any-return]
 
 
 def _b(key: Any) -> bytes:
