@@ -1365,3 +1365,19 @@ async def test_sotw_streams_in_the_same_state_share_a_step_and_laggards_get_thei
         assert _cla_names(resp) == ["d"]
         for node in ("ns/x", "ns/y"):
             await clients[node].nothing(0.1)
+
+
+async def test_key_guard_passes_snapshots_without_secrets_untouched() -> None:
+    """The guard of unverified streams costs nothing per push for a snapshot with no Secret:
+    the snapshot itself, no view made or remembered."""
+    from collections import deque
+
+    from smc.xds._key_guard import KeyGuard
+    from smc.xds._server_records import XdsMetrics
+    from smc.xds._server_stream import _Stream
+
+    guard = KeyGuard(refusals=deque(), metrics=XdsMetrics(CollectorRegistry()))
+    snap = small_snapshot(a=(1,))
+    stream = _Stream(stream_id=1, kind="sotw", peer="ipv4:127.0.0.1:1")
+    assert guard.guard(stream, snap) is snap
+    assert not guard._views

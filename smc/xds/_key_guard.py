@@ -97,6 +97,8 @@ class KeyGuard:
     def guard(self, stream: _Stream, snapshot: Snapshot) -> Snapshot:
         """``snapshot`` as an unverified ``stream`` may see it; reports what it asked for and
         did not get."""
+        if SECRET not in snapshot.types:
+            return snapshot  # nothing to withhold (and no view to remember: most snapshots)
         view, withheld = self._view(snapshot)
         ts = stream.types.get(SECRET)
         if withheld and ts is not None:
