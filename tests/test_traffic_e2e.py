@@ -309,8 +309,7 @@ async def mesh(request: pytest.FixtureRequest, tmp_path_factory: Any) -> AsyncIt
         logdir = net.workdir / "logs"  # the sidecars write here as the proxy's UID
         logdir.mkdir()
         logdir.chmod(0o777)
-        # control-plane key mode: its keys on mTLS ADS (a pod's Envoy runs as the proxy UID)
-        cp = ControlPlane(workdir=workdir, ads_host=net.gateway, agents=False)
+        cp = ControlPlane(workdir=workdir, ads_host=net.gateway)
         sc = {n: PodAppSidecar(net=net, namespace=NS, name=n, workdir=net.workdir) for n in NAMES}
     else:
         logdir = workdir

@@ -325,9 +325,9 @@ class ControlPlane:
         workload = await wait_until(registered, what=f"workload {sidecar.node_id} registered")
         sa = workload.service_account
         if self.agents:
-            if not isinstance(sidecar, Sidecar):
-                raise ValueError("start_proxy: agents need a Sidecar (not a pod sidecar)")
-            if sidecar.agent is None and sidecar.agent_process is None:
+            if not isinstance(sidecar, Sidecar) or (
+                sidecar.agent is None and sidecar.agent_process is None
+            ):
                 await sidecar.start_agent(self, service_account=sa, kind=workload.kind)
         else:
             envoy["ads_tls"] = await self.ads_client_tls(

@@ -66,6 +66,10 @@ class PodAppSidecar:
         self.address = self.pod.address
         self.envoy: Any = None
         self._session: aiohttp.ClientSession | None = None
+        # The pod's SMC agent (in this process, the pod's host): see start_agent
+        self.proxy_dir = workdir / f"agent-{name}"
+        self._ca_pem: str | None = None
+        self._agent: tuple[Any, asyncio.Task[None], asyncio.Event] | None = None
 
     @property
     def node_id(self) -> str:
@@ -103,6 +107,27 @@ class PodAppSidecar:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"the driver of pod {self.name} did not answer in 30 s")
 
+    async def start_agent(self, cp: Any, *, service_account: str, kind: str = "vm") -> None:
+        """Run the pod's SMC agent (in this process, playing the pod's host): its key made here
+        and certified through ``cp``'s certificate service, written to :attr:`proxy_dir`, which
+        the proxy's group may read (its Envoy runs there as the proxy UID). Returns once it
+        serves."""
+        from smc.testing.sidecar import run_agent
+
+        self.proxy_dir.mkdir(mode=0o750, exist_ok=True)
+        self._ca_pem = cp.ca_bundle()
+        self._agent = await run_agent(
+            cp,
+            node_id=self.node_id,
+            namespace=self.namespace,
+            name=self.name,
+            service_account=service_account,
+            kind=kind,
+            proxy_dir=self.proxy_dir,
+        )
+        for path in [self.proxy_dir, *self.proxy_dir.rglob("*")]:
+            os.chown(path, 0, PROXY_UID)  # read by the proxy's group, written by the agent
+
     def start_envoy(
         self,
         *,
@@ -115,6 +140,7 @@ class PodAppSidecar:
         """Start the sidecar in the pod as the proxy's UID (admin on the pod's address);
         ``runtime``: Envoy runtime keys; ``args``: more Envoy command-line options;
         ``ads_tls``: mTLS to ADS with this client certificate (inline in the bootstrap)."""
+        from smc.agent import ads_tls_transport_socket
         from smc.testing.envoy import EnvoyProcess, ads_bootstrap, envoy_binary
         from smc.testing.netns import world_readable_copy
 
@@ -127,6 +153,11 @@ class PodAppSidecar:
             admin_port=ADMIN_PORT,
             runtime=runtime,
             tls=ads_tls,
+            transport_socket=(
+                ads_tls_transport_socket(ca_pem=self._ca_pem, server_san=self.net.gateway)
+                if self._ca_pem is not None and ads_tls is None
+                else None
+            ),
         )
         boot["admin"] = {"address": {"socket_address": {"address": "0.0.0.0", "port_value": 15000}}}
         binary = world_readable_copy(envoy_binary(), self.net.workdir / "bin")
@@ -142,6 +173,8 @@ class PodAppSidecar:
             wrap=lambda argv: pod.argv(argv, uid=PROXY_UID, gid=PROXY_UID),
             admin_host=self.address,
             args=args,
+            # the agent's file-based SDS paths are relative to the Envoy's working directory
+            cwd=self.proxy_dir if self._agent is not None else None,
         )
         self.envoy.start()
 
@@ -185,6 +218,12 @@ class PodAppSidecar:
         if self.envoy is not None:
             await asyncio.to_thread(self.envoy.stop)
             self.envoy = None
+        if self._agent is not None:
+            _, task, stop = self._agent
+            self._agent = None
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=5)
         await asyncio.to_thread(self.pod.stop_all)
         if self._session is not None:
             await self._session.close()

@@ -32,7 +32,7 @@ from smc.testing.ports import free_port
 if TYPE_CHECKING:
     from smc.testing.mesh import ControlPlane
 
-__all__ = ["Sidecar", "vm_yaml", "wait_reachable"]
+__all__ = ["Sidecar", "run_agent", "vm_yaml", "wait_reachable"]
 
 
 async def _echo(name: str, request: web.Request) -> web.Response:
@@ -115,33 +115,16 @@ class Sidecar:
         """Run an SMC agent for this registered sidecar (a VM, or a pod outside Kubernetes): a
         join token from ``cp``, the key made here, its certificate written to
         :attr:`proxy_dir`; its Envoy then speaks mTLS to ADS with it. Returns once it serves."""
-        folder = self.proxy_dir
         self._ca_pem = cp.ca_bundle()
-        token = await cp.join_token(
-            namespace=self.namespace, name=self.name, service_account=service_account, kind=kind
+        self.agent, self._agent_task, self._agent_stop = await run_agent(
+            cp,
+            node_id=self.node_id,
+            namespace=self.namespace,
+            name=self.name,
+            service_account=service_account,
+            kind=kind,
+            proxy_dir=self.proxy_dir,
         )
-        token_file = folder / "join-token"
-        token_file.write_text(token)
-        token_file.chmod(0o600)
-        self.agent = Agent(
-            AgentConfig(
-                proxy=self.node_id,
-                ca_address=f"127.0.0.1:{cp.ca_port}",
-                ca_bundle_pem=cp.ca_bundle(),
-                proxy_dir=self.proxy_dir,
-                join_token_file=token_file,
-                retry_initial=0.1,
-            )
-        )
-        self._agent_stop = asyncio.Event()
-        task = self._agent_task = asyncio.create_task(self.agent.run(stop=self._agent_stop))
-        ready = asyncio.ensure_future(self.agent.ready.wait())
-        await asyncio.wait({ready, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        if task.done():
-            task.result()  # raises what stopped the agent
-        if not self.agent.ready.is_set():
-            raise TimeoutError(f"agent of {self.node_id}: no certificate in 30s")
         return self.agent
 
     @property
@@ -300,6 +283,49 @@ class Sidecar:
         serves now)."""
         assert self.envoy is not None
         return self.envoy.cert_serials()
+
+
+async def run_agent(
+    cp: ControlPlane,
+    *,
+    node_id: str,
+    namespace: str,
+    name: str,
+    service_account: str,
+    kind: str,
+    proxy_dir: Path,
+) -> tuple[Agent, asyncio.Task[None], asyncio.Event]:
+    """An in-process SMC agent for registered workload ``kind/namespace/name``: a join token
+    from ``cp`` in ``proxy_dir``, the key made here, its certificate written there. Returns
+    once it serves: the agent, its task and the event that stops it."""
+    token_file = proxy_dir / "join-token"
+    token_file.write_text(
+        await cp.join_token(
+            namespace=namespace, name=name, service_account=service_account, kind=kind
+        )
+    )
+    token_file.chmod(0o600)
+    agent = Agent(
+        AgentConfig(
+            proxy=node_id,
+            ca_address=f"127.0.0.1:{cp.ca_port}",
+            ca_bundle_pem=cp.ca_bundle(),
+            proxy_dir=proxy_dir,
+            join_token_file=token_file,
+            retry_initial=0.1,
+        )
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop=stop))
+    ready = asyncio.ensure_future(agent.ready.wait())
+    await asyncio.wait({ready, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if task.done():
+        task.result()  # raises what stopped the agent
+    if not agent.ready.is_set():
+        stop.set()
+        raise TimeoutError(f"agent of {node_id}: no certificate in 30s")
+    return agent, task, stop
 
 
 async def wait_reachable(
