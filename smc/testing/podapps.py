@@ -117,13 +117,7 @@ class PodAppSidecar:
         self.proxy_dir.mkdir(mode=0o750, exist_ok=True)
         self._ca_pem = cp.ca_bundle()
         self._agent = await run_agent(
-            cp,
-            node_id=self.node_id,
-            namespace=self.namespace,
-            name=self.name,
-            service_account=service_account,
-            kind=kind,
-            proxy_dir=self.proxy_dir,
+            cp, self, service_account=service_account, kind=kind, proxy_dir=self.proxy_dir
         )
         for path in [self.proxy_dir, *self.proxy_dir.rglob("*")]:
             os.chown(path, 0, PROXY_UID)  # read by the proxy's group, written by the agent

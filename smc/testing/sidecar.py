@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -117,13 +117,7 @@ class Sidecar:
         :attr:`proxy_dir`; its Envoy then speaks mTLS to ADS with it. Returns once it serves."""
         self._ca_pem = cp.ca_bundle()
         self.agent, self._agent_task, self._agent_stop = await run_agent(
-            cp,
-            node_id=self.node_id,
-            namespace=self.namespace,
-            name=self.name,
-            service_account=service_account,
-            kind=kind,
-            proxy_dir=self.proxy_dir,
+            cp, self, service_account=service_account, kind=kind, proxy_dir=self.proxy_dir
         )
         return self.agent
 
@@ -285,19 +279,21 @@ class Sidecar:
         return self.envoy.cert_serials()
 
 
+class _Proxy(Protocol):
+    namespace: str
+    name: str
+
+    @property
+    def node_id(self) -> str: ...
+
+
 async def run_agent(
-    cp: ControlPlane,
-    *,
-    node_id: str,
-    namespace: str,
-    name: str,
-    service_account: str,
-    kind: str,
-    proxy_dir: Path,
+    cp: ControlPlane, proxy: _Proxy, *, service_account: str, kind: str, proxy_dir: Path
 ) -> tuple[Agent, asyncio.Task[None], asyncio.Event]:
-    """An in-process SMC agent for registered workload ``kind/namespace/name``: a join token
-    from ``cp`` in ``proxy_dir``, the key made here, its certificate written there. Returns
-    once it serves: the agent, its task and the event that stops it."""
+    """An in-process SMC agent for ``proxy``, registered workload ``kind/namespace/name``: a
+    join token from ``cp`` in ``proxy_dir``, the key made here, its certificate written
+    there. Returns once it serves: the agent, its task and the event that stops it."""
+    node_id, namespace, name = proxy.node_id, proxy.namespace, proxy.name
     token_file = proxy_dir / "join-token"
     token_file.write_text(
         await cp.join_token(
