@@ -271,6 +271,20 @@ async def probe_node(port: int, node_id: str, tls: AdsTLS, timeout: float = 20.0
     and read one CDS answer, so the replica builds (and from then on keeps current) that
     node's snapshot."""
     assert tls.cert_pem and tls.key_pem and tls.ca_pem
+    # /readyz says the replica caught up with the log, not that its ADS port is bound yet (serve
+    # binds it after starting the runner): wait until the port accepts connections.
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+        else:
+            writer.close()
+            await writer.wait_closed()
+            break
     creds = grpc.ssl_channel_credentials(
         root_certificates=tls.ca_pem.encode(),
         private_key=tls.key_pem.encode(),
