@@ -100,7 +100,9 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def serve(tmp_path: Path, *, start_runner: bool = True) -> AsyncIterator[Api]:
+async def serve(
+    tmp_path: Path, *, start_runner: bool = True, serving: asyncio.Event | None = None
+) -> AsyncIterator[Api]:
     log = SqliteLog(tmp_path / "smc.db")
     runner = ProjectionRunner(log=log, projections=all_projections())
     registry = next(p for p in runner.projections if isinstance(p, RegistryProjection))
@@ -112,7 +114,8 @@ async def serve(tmp_path: Path, *, start_runner: bool = True) -> AsyncIterator[A
     token = local.ensure()
     guard = Guard(authenticator=Authenticator(local=local), authorizer=GrantAuthorizer(policy))
     app = create_app(
-        ApiContext(live=live, runner=runner, registry=registry, policy=policy), guard=guard
+        ApiContext(live=live, runner=runner, registry=registry, policy=policy, serving=serving),
+        guard=guard,
     )
     material = ApiTLS(tmp_path / "auth", hosts=["127.0.0.1"]).ensure()
     server_ssl, _ = server_context(material)
@@ -153,6 +156,18 @@ async def test_readyz_until_caught_up_and_healthz(tmp_path: Path) -> None:
         assert status == 200 and body["status"] == "ready"
         api.stop.set()
         await task
+
+
+async def test_readyz_waits_for_the_proxies_doors(tmp_path: Path) -> None:
+    """Caught up is not enough while ADS does not listen yet (serve binds it after the runner
+    caught up): a readiness probe must not send proxies to a replica that refuses them."""
+    listening = asyncio.Event()
+    async with serve(tmp_path, serving=listening) as api:
+        status, body = await api.get("/readyz")
+        assert status == 503 and body["status"] == "starting xDS"
+        listening.set()
+        status, body = await api.get("/readyz")
+        assert status == 200 and body["status"] == "ready"
 
 
 async def test_hybrid_apply_then_get_sees_it_at_once(tmp_path: Path) -> None:

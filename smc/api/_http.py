@@ -121,8 +121,12 @@ class ApiContext:
         registry: RegistryProjection,
         policy: PolicyProjection,
         certs: CertsProjection | None = None,
+        serving: asyncio.Event | None = None,
     ) -> None:
         self.certs = certs
+        #: Set once the doors proxies use (ADS, the agents' certificate service) listen;
+        #: ``None``: this server has none, readiness is the log's alone.
+        self.serving = serving
         self.live = live
         self.runner = runner
         self.registry = registry
@@ -317,12 +321,21 @@ class HttpApi:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Readiness: 503 while catching up, or while the log cannot be read or written."""
+        """Readiness: 503 while catching up, while the log cannot be read or written, or
+        while the proxies' doors (ADS, certificate service) do not listen yet."""
         r = self.ctx.runner
         health = r.health
         caught = r.caught_up.is_set()
-        ready = caught and health.available
-        status = "ready" if ready else ("log unavailable" if caught else "catching up")
+        listening = self.ctx.serving is None or self.ctx.serving.is_set()
+        ready = caught and health.available and listening
+        if ready:
+            status = "ready"
+        elif not caught:
+            status = "catching up"
+        elif not health.available:
+            status = "log unavailable"
+        else:
+            status = "starting xDS"
         return web.json_response(
             {
                 "status": status,

@@ -101,7 +101,14 @@ async def _start_api(
         certs = next(p for p in runner.projections if isinstance(p, CertsProjection))
         door = start_api_auth(auth or ApiAuthOptions(), http=http, runner=runner, kube=kube)
         vouch_principals(door.guard, changes.log, basis="kubernetes" if kube else "grants")
-        ctx = ApiContext(live=live, runner=runner, registry=registry, policy=policy, certs=certs)
+        ctx = ApiContext(
+            live=live,
+            runner=runner,
+            registry=registry,
+            policy=policy,
+            certs=certs,
+            serving=xds.listening if xds is not None else None,
+        )
         app = create_app(ctx, guard=door.guard)
         app.router.add_get("/debug/state", _state_handler(runner))
         serve_metrics = ServeMetrics(runner)

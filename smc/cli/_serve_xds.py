@@ -180,6 +180,9 @@ class _Xds:
         self.tls = tls
         #: ``--xds-reuseport``: bind ADS with SO_REUSEPORT (replicas on one host share it).
         self.reuse_port = False
+        #: Set once ADS (and the certificate service, when there is one) listen: /readyz waits
+        #: for it, so a replica takes proxies only when they can connect.
+        self.listening = asyncio.Event()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if factory is None and not follow:
             self._tmp = tempfile.TemporaryDirectory(prefix="smc-ca-")
@@ -394,6 +397,7 @@ class _Xds:
             "(answers once the projections are current)",
             err=True,
         )
+        self.listening.set()
         return tasks
 
     async def close(self) -> None:
