@@ -38,7 +38,7 @@ from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
 from smc.events._health import StateChangeFilter
 from smc.events._integrity import BATCH_HEADER, Signer, batch_size
-from smc.events._kafka_seal import _SealedAppends
+from smc.events._kafka_seal import _SealedAppends, delivery_report
 from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
 
@@ -181,21 +181,6 @@ class KafkaLog(_SealedAppends):
         results: list[Appended | None] = [None] * len(events)
         failures: list[str] = []
 
-        def report(i: int, ev: Event) -> Any:
-            def cb(err: KafkaError | None, msg: Any) -> None:
-                if err is not None:
-                    failures.append(f"{ev.envelope.event_id}: {err}")
-                else:
-                    results[i] = Appended(
-                        event_id=ev.envelope.event_id,
-                        stream=(msg.topic() or "")[len(self.prefix) :],
-                        partition=msg.partition(),
-                        offset=msg.offset(),
-                        duplicate=False,
-                    )
-
-            return cb
-
         with self._lock:
             for i, ev in enumerate(events):
                 value = self.codec.encode(ev)
@@ -209,7 +194,7 @@ class KafkaLog(_SealedAppends):
                                 ("smc.event_id", ev.envelope.event_id.encode()),
                                 ("smc.type", type(ev).TYPE.encode()),
                             ],
-                            on_delivery=report(i, ev),
+                            on_delivery=delivery_report(results, failures, self.prefix, i, ev),
                         )
                         break
                     except BufferError:

@@ -30,6 +30,27 @@ from smc.events._log import Appended
 from smc.events._types import POLICY, Event
 
 
+def delivery_report(
+    results: list[Appended | None], failures: list[str], prefix: str, i: int, ev: Event
+) -> Callable[[KafkaError | None, Any], None]:
+    """The producer's delivery callback of ``ev``, the ``i``-th event of an append: its
+    :class:`Appended` goes to ``results[i]``, a failure (naming the event) to ``failures``."""
+
+    def cb(err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            failures.append(f"{ev.envelope.event_id}: {err}")
+        else:
+            results[i] = Appended(
+                event_id=ev.envelope.event_id,
+                stream=(msg.topic() or "")[len(prefix) :],
+                partition=msg.partition(),
+                offset=msg.offset(),
+                duplicate=False,
+            )
+
+    return cb
+
+
 class _SealedAppends:
     """Sealed appends (mixed into ``KafkaLog``)."""
 
@@ -64,20 +85,8 @@ class _SealedAppends:
         results: list[Appended | None] = [None] * len(events)
         failures: list[str] = []
 
-        def report(i: int, ev: Event) -> Any:
-            def cb(err: KafkaError | None, msg: Any) -> None:
-                if err is not None:
-                    failures.append(f"{ev.envelope.event_id}: {err}")
-                else:
-                    results[i] = Appended(
-                        event_id=ev.envelope.event_id,
-                        stream=(msg.topic() or "")[len(self.prefix) :],
-                        partition=msg.partition(),
-                        offset=msg.offset(),
-                        duplicate=False,
-                    )
-
-            return cb
+        def report(i: int, ev: Event) -> Callable[[KafkaError | None, Any], None]:
+            return delivery_report(results, failures, self.prefix, i, ev)
 
         heads: list[tuple[str, int, bytes, int]] = []
         principals = signer.principals_for(ev.envelope.actor for ev in events)
