@@ -26,28 +26,13 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from smc.testing.manifests import one_vm_service_yaml
 from smc.testing.serve import ServeProcess
 from smc.xds import CLUSTER, LISTENER, SECRET
 
 pytestmark = pytest.mark.timeout(180)
 
-VM = b"""
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: web, namespace: demo}
-spec:
-  backing: vm
-  selector: {app: web}
-  ports: [{name: http, port: 8080, protocol: http}]
----
-apiVersion: smc.dev/v1alpha1
-kind: VirtualMachine
-metadata: {name: web-1, namespace: demo, labels: {app: web}}
-spec:
-  address: 127.0.0.1
-  serviceAccount: web
-  ports: [{name: http, port: 8080, protocol: http}]
-"""
+VM = one_vm_service_yaml()
 NODE = "demo/web-1"
 SECRETS = ["default", "ROOTCA", "spiffe://cluster.local/ns/demo/sa/web"]
 

@@ -18,6 +18,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from smc.testing.manifests import one_vm_service_yaml
 from smc.testing.serve import ServeProcess
 from smc.xds import CLUSTER, AdsServer, Snapshot, SnapshotCache, make_entry
 
@@ -92,23 +93,7 @@ async def test_a_taken_port_is_an_error_without_reuse_port() -> None:
         await first.stop(grace=0)
 
 
-VM = b"""
-apiVersion: smc.dev/v1alpha1
-kind: MeshService
-metadata: {name: web, namespace: demo}
-spec:
-  backing: vm
-  selector: {app: web}
-  ports: [{name: http, port: 8080, protocol: http}]
----
-apiVersion: smc.dev/v1alpha1
-kind: VirtualMachine
-metadata: {name: web-1, namespace: demo, labels: {app: web}}
-spec:
-  address: 127.0.0.1
-  serviceAccount: web
-  ports: [{name: http, port: 8080, protocol: http}]
-"""
+VM = one_vm_service_yaml()
 
 
 async def test_serve_replicas_share_the_ads_port(tmp_path: Path) -> None:

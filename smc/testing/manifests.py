@@ -4,7 +4,8 @@ Role: small writers of YAML documents, so tests state only what differs between 
 matches, sources) instead of repeating whole manifests: :func:`mesh_service_yaml` (a
 ``MeshService``), :func:`route_group_yaml` (an SMI ``HTTPRouteGroup``),
 :func:`traffic_target_yaml` (an SMI ``TrafficTarget`` from service accounts to one service
-account) and :func:`client_server_yaml`, the three together: service ``server`` backed by VMs
+account), :func:`one_vm_service_yaml` (one service on one VM) and
+:func:`client_server_yaml`, the three together: service ``server`` backed by VMs
 labelled ``app: server`` on port 80 -> 8080, route group ``routes`` and TrafficTarget
 ``to-server`` letting ``client`` in. Documents are joined with ``---``; apply them with
 :meth:`smc.testing.mesh.ControlPlane.apply`, ``smc apply`` or the HTTP API.
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 __all__ = [
     "client_server_yaml",
     "mesh_service_yaml",
+    "one_vm_service_yaml",
     "route_group_yaml",
     "traffic_target_yaml",
 ]
@@ -109,3 +111,22 @@ def client_server_yaml(
             ),
         ]
     )
+
+
+def one_vm_service_yaml(
+    namespace: str = "demo", name: str = "web", *, address: str = "127.0.0.1", port: int = 8080
+) -> bytes:
+    """An HTTP ``MeshService`` ``namespace/name`` on port ``port`` and its one VM ``<name>-1``
+    (service account ``name``) at ``address``, serving the same port: the smallest mesh a proxy
+    has a place in."""
+    return (
+        "apiVersion: smc.dev/v1alpha1\nkind: MeshService\n"
+        f"metadata: {{name: {name}, namespace: {namespace}}}\n"
+        f"spec:\n  backing: vm\n  selector: {{app: {name}}}\n"
+        f"  ports: [{{name: http, port: {port}, protocol: http}}]\n"
+        "---\n"
+        "apiVersion: smc.dev/v1alpha1\nkind: VirtualMachine\n"
+        f"metadata: {{name: {name}-1, namespace: {namespace}, labels: {{app: {name}}}}}\n"
+        f"spec:\n  address: {address}\n  serviceAccount: {name}\n"
+        f"  ports: [{{name: http, port: {port}, protocol: http}}]\n"
+    ).encode()
