@@ -8,9 +8,9 @@ workload's node id, as an attacker would:
 - agents with ``--xds-plaintext`` (tests, isolated networks): the stream is served, and
   asking for every secret by name (``default``, ``ROOTCA``, the identity's SPIFFE id) plus
   listeners and clusters yields the roots only: no answer carries a private key;
-- the control plane's own keys (``--workload-keys control-plane``) are refused with
-  cleartext ADS (exit status 2, the reason named) and served on mTLS only, where a client
-  without a certificate gets nothing (``tests/test_serve_wiring.py``).
+- the control plane's own keys (``--workload-keys control-plane``) were removed: serve
+  refuses the option (exit status 2, the option and docs/identity.md named) before it makes
+  any key.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ async def test_default_serve_has_no_cleartext_ads_at_all(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "extra", [["--xds-plaintext"], ["--xds-plaintext", "--xds-tls"], []], ids=str
+    "extra", [["--xds-plaintext"], ["--xds-plaintext", "--xds-tls"], ["--xds-tls"], []], ids=str
 )
 def test_control_plane_keys_are_never_served_in_cleartext(tmp_path: Path, extra: list[str]) -> None:
     done = subprocess.run(
@@ -152,5 +152,5 @@ def test_control_plane_keys_are_never_served_in_cleartext(tmp_path: Path, extra:
         check=False,
     )
     assert done.returncode == 2, done.stderr
-    assert "--workload-keys" in done.stderr and "mTLS" in done.stderr, done.stderr
+    assert "--workload-keys" in done.stderr and "docs/identity.md" in done.stderr, done.stderr
     assert not (tmp_path / "keys").exists() or not any((tmp_path / "keys").iterdir())

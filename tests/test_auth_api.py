@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from smc.agent._files import read_secret
 from smc.events import Position, SqliteLog, default_codec
 from smc.testing.serve import ServeProcess, eventually, http_json
 
@@ -227,8 +228,8 @@ def admin_ca() -> OwnCA:
 def serve(tmp_path: Path, admin_ca: OwnCA) -> Iterator[ServeProcess]:
     bundle = tmp_path / "admin-ca.pem"
     bundle.write_text(admin_ca.pem())
-    # xDS, local CA and the older per-identity keys (on mTLS ADS only): the mesh certificate a
-    # test presents to the API comes from that key directory
+    # xDS over mTLS, local CA and the certificate service: the mesh certificate a test
+    # presents to the API is a VM's, made by its agent
     s = ServeProcess(tmp_path, args=["--admin-ca", str(bundle), "--xds-tls"])
     try:
         s.wait_ready()
@@ -387,19 +388,18 @@ def test_client_certificates_from_another_ca_or_expired_fail_the_handshake(
 def test_mesh_certificate_authenticates_until_revoked(serve: ServeProcess, tmp_path: Path) -> None:
     assert serve.request("/v1/apply", method="POST", body=SERVICE + b"---\n" + VM)[0] == 200
     spiffe = "spiffe://cluster.local/ns/shop/sa/web"
-
-    def mesh_cert() -> tuple[str, str] | None:
-        for crt in (tmp_path / "keys").glob("*.crt"):
-            cert = x509.load_pem_x509_certificate(crt.read_bytes())
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            if spiffe in san.get_values_for_type(x509.UniformResourceIdentifier):
-                return str(crt), str(crt.with_suffix(".key"))
-        return None
-
-    found = eventually(mesh_cert, what="the workload certificate", diag=serve.tail)
-    pair = (str(tmp_path / "stolen.crt"), str(tmp_path / "stolen.key"))  # kept after renewal
-    for src, dst in zip(found, pair, strict=True):
-        Path(dst).write_bytes(Path(src).read_bytes())
+    # the test as the VM's host: its agent makes the VM's key here and gets it certified
+    vm_dir = tmp_path / "vm-web-1"
+    agent = serve.start_vm_agent(namespace="shop", name="web-1", folder=vm_dir)
+    try:
+        held = read_secret(vm_dir)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=20)
+    assert held is not None
+    pair = (str(tmp_path / "stolen.crt"), str(tmp_path / "stolen.key"))  # kept after it left
+    for text, dst in zip(held, pair, strict=True):
+        Path(dst).write_text(text)
 
     def whoami() -> Any:
         try:
@@ -412,16 +412,10 @@ def test_mesh_certificate_authenticates_until_revoked(serve: ServeProcess, tmp_p
     assert me["name"] == spiffe and me["method"] == "client-certificate"
     status, body = call(serve, "/v1/apply", method="POST", body=PERMISSIVE, ctx=tls(serve, pair))
     assert status == 403 and body["errors"][0]["principal"] == spiffe
-    # the operator revokes the certificate (`smc certs revoke`): the API refuses it
     status, certs = serve.request("/v1/certs")
-    (row,) = [c for c in certs["items"] if c["identity"] == spiffe]
     assert "key" not in json.dumps(certs).lower().replace("keyusage", "")
-    out = subprocess.run(
-        [sys.executable, "-m", "smc.cli", "--log", f"sqlite:///{tmp_path / 'log.db'}",
-         "certs", "revoke", row["serial"], "--ca", f"local:{tmp_path / 'ca'}"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    # the VM is deleted: its certificate is revoked, and the API refuses it from then on
+    assert serve.request("/v1/delete", method="POST", body=VM)[0] == 200
 
     def refused() -> Any:
         status, body = call(serve, "/v1/whoami", ctx=tls(serve, pair))

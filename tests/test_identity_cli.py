@@ -1,6 +1,7 @@
 """``smc serve`` options of per-proxy identities: agents mean ADS over mTLS and a certificate
-service; plaintext ADS is only an explicit choice, and never with keys served on it (the
-control plane's own keys are refused with cleartext ADS, whatever flags are given)."""
+service; plaintext ADS is only an explicit choice, with no key served on it; the control
+plane's own keys (``--workload-keys control-plane``) were removed and are refused, whatever
+flags are given, with an error naming the option and docs/identity.md."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from smc.cli import cli
     ("args", "message"),
     [
         (["--workload-keys", "agent", "--ca-listen", "off"], "--ca-listen"),
-        # the control plane's keys would travel on ADS: only ever over mTLS, never cleartext
-        (["--workload-keys", "control-plane"], "keys travel on ADS"),
-        (["--workload-keys", "control-plane", "--xds-plaintext"], "never sent in cleartext"),
-        (["--workload-keys", "control-plane", "--xds-tls", "--xds-plaintext"], "cleartext"),
+        # the control plane's own keys were removed: refused whatever else is given, naming the
+        # option and where to read why
+        (["--workload-keys", "control-plane"], "--workload-keys"),
+        (["--workload-keys", "control-plane"], "docs/identity.md"),
+        (["--workload-keys", "control-plane", "--xds-tls"], "'control-plane' was removed"),
+        (["--workload-keys", "control-plane", "--xds-plaintext"], "'control-plane' was removed"),
         (["--ca-listen", "nope", "--workload-keys", "agent"], "--ca-listen"),
         (
             ["--ca-listen", "127.0.0.1:1", "--ca", "follow", "--keys", "k", "--xds-plaintext"],

@@ -10,16 +10,17 @@ revoked identity against the server sidecar's inbound listener. With the local i
 forced renewal under a steady request stream, revocation, root rotation (both roots trusted,
 leaves moved, old root retired) with traffic throughout, a control-plane restart that rebuilds
 the certificate state from the log without issuing anything, and a scan of every log record
-for key bytes. Finally ``smc serve`` as a real process restarted on the same log and --keys.
+for key bytes. This is the in-process harness's ``ControlPlane(agents=False)`` mode (one
+certificate per identity, made by the control plane), a test-harness mode only: ``smc serve``
+has no such mode (its proxies' keys are made by SMC agents, tested in tests/test_agent_e2e.py,
+tests/test_vm_bootstrap.py and tests/test_serve_wiring.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import ssl
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -44,11 +45,8 @@ from smc.events import (
     make_event,
 )
 from smc.projections import CertsProjection
-from smc.testing.envoy import AdsTLS
 from smc.testing.manifests import client_server_yaml
 from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
-from smc.testing.ports import free_port
-from smc.testing.serve import admin_session, key_directory_material
 from smc.testing.vault import OpenBaoServer, setup_pki
 from smc.testing.wait import wait_until
 from smc.xds import ROOT_SECRET, SECRET, WORKLOAD_SECRET
@@ -597,139 +595,3 @@ async def test_vault_issuer_mtls_renewal_and_revocation(vault: tuple[Mesh, str])
 
 
 # ---------------------------------------------------------------------- smc serve
-
-
-async def _start_serve(tmp_path: Path, http_port: int, xds_port: int) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).parent.parent),
-        "SMC_CONFIG_DIR": str(tmp_path / "cfg"),
-    }
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "from smc.cli import main; main()",
-        "--log",
-        f"sqlite:///{tmp_path / 'smc.db'}",
-        "serve",
-        "--http",
-        f"127.0.0.1:{http_port}",
-        "--xds",
-        f"127.0.0.1:{xds_port}",
-        "--ca",
-        f"local:{tmp_path / 'ca'}",
-        "--keys",
-        str(tmp_path / "keys"),
-        "--workload-keys",
-        "control-plane",
-        "--xds-tls",  # this mode's keys travel on ADS: over mTLS only (cleartext is refused)
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-
-
-async def _stop_serve(proc: asyncio.subprocess.Process) -> bytes:
-    proc.send_signal(signal.SIGTERM)
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    return err
-
-
-async def test_smc_serve_restart_same_keys_and_log_keeps_secrets(tmp_path: Path) -> None:
-    """``smc serve --ca local:DIR --keys DIR --workload-keys control-plane --xds-tls`` as a real
-    process: an Envoy (mTLS to ADS) gets a CA-issued certificate; after a restart on the same log and key directory it keeps exactly the same
-    secrets and nothing is issued again."""
-    http_port, xds_port = free_port(), free_port()
-    url = f"https://127.0.0.1:{http_port}"
-    client = Sidecar(namespace=NS, name="client-1", address="127.0.53.1", workdir=tmp_path)
-    server = Sidecar(namespace=NS, name="server-1", address="127.0.53.2", workdir=tmp_path)
-
-    async def secret_version(s: aiohttp.ClientSession) -> str | None:
-        try:
-            async with s.get(url + "/debug/proxies") as r:
-                view = await r.json()
-        except aiohttp.ClientError:
-            return None
-        for p in view.get("proxies", []):
-            if p["node_id"] == "demo/client-1":
-                t = p["types"].get("Secret", {})
-                if t.get("acked_version") and not t.get("pending"):
-                    return str(t["acked_version"])
-        return None
-
-    proc = await _start_serve(tmp_path, http_port, xds_port)
-    try:
-        async with await admin_session(
-            tmp_path / "cfg", http_port, timeout=aiohttp.ClientTimeout(total=5)
-        ) as s:
-            deadline = time.monotonic() + 30
-            while True:
-                assert time.monotonic() < deadline, "serve did not come up"
-                try:
-                    async with s.get(url + "/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            body = "\n---\n".join(
-                [
-                    SETUP,
-                    vm_yaml(client, service_account="client"),
-                    vm_yaml(server, service_account="server", labels={"app": "server"}),
-                ]
-            )
-            async with s.post(url + "/v1/apply", data=body) as r:
-                assert r.status == 200, await r.text()
-            # mTLS ADS: the proxy's client certificate is its identity's, from the key
-            # directory (what an operator gives a proxy in this older mode)
-            chain, key = await asyncio.to_thread(
-                key_directory_material, tmp_path / "keys", f"/ns/{NS}/sa/client"
-            )
-            roots = "".join(
-                p.read_text("ascii") for p in sorted((tmp_path / "ca" / "roots").glob("*.pem"))
-            )
-            client.start_envoy(
-                ads_port=xds_port,
-                delta=False,
-                ads_tls=AdsTLS(cert_pem=chain, key_pem=key, ca_pem=roots, server_san="127.0.0.1"),
-            )
-            assert client.envoy is not None
-            await client.envoy.wait_live()
-            first: str | None = None
-            while first is None:
-                assert time.monotonic() < deadline + 30, "no secret ACKed"
-                first = await secret_version(s)
-                await asyncio.sleep(0.1)
-            serials = client.cert_serials()
-            assert serials
-        await _stop_serve(proc)
-        log = SqliteLog(tmp_path / "smc.db")
-        try:
-            issued = _cert_events(log)
-        finally:
-            log.close()
-        assert issued == 2  # client and server identities
-        proc = await _start_serve(tmp_path, http_port, xds_port)
-        async with await admin_session(
-            tmp_path / "cfg", http_port, timeout=aiohttp.ClientTimeout(total=5)
-        ) as s:
-            deadline = time.monotonic() + 30
-            again: str | None = None
-            while again is None:
-                assert time.monotonic() < deadline, "Envoy did not come back"
-                again = await secret_version(s)
-                await asyncio.sleep(0.1)
-            assert again == first
-            await asyncio.sleep(1.0)
-            assert client.cert_serials() == serials
-            assert client.rejected() == {}
-    finally:
-        await client.stop()
-        if proc.returncode is None:
-            await _stop_serve(proc)
-    log = SqliteLog(tmp_path / "smc.db")
-    try:
-        assert _cert_events(log) == issued, "the restarted control plane issued certificates"
-    finally:
-        log.close()

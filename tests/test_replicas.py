@@ -1,13 +1,16 @@
 """Control-plane replicas on one Kafka log: identical snapshots, failover, crashes.
 
 Two real ``smc serve`` processes follow the same (freshly prefixed) topics of the session
-Kafka broker: replica 1 issues certificates (``--ca local:DIR --keys K``), replica 2 follows
-(``--ca follow --keys K``, the same key directory). A small mesh (client and server VMs, each a
-real Envoy sidecar with an aiohttp app behind it, a MeshService and an SMI TrafficTarget) is
-applied through replica 1's HTTP API. The tests, in file order on one module fixture:
+Kafka broker: replica 1 issues certificates (``--ca local:DIR --keys K``) and serves the
+certificate service, replica 2 follows (``--ca follow --keys K``, serving the issuer's ADS
+certificate). A small mesh (client and server VMs, each a real Envoy sidecar with an aiohttp
+app behind it, a MeshService and an SMI TrafficTarget) is applied through replica 1's HTTP API;
+each VM's real SMC agent (``smc vm bootstrap``, ``python -m smc.agent``, the test being the
+VM's host) makes its key and gets it signed by replica 1, and its Envoy uses that certificate
+for ADS over mTLS and reads its key from the agent's file. The tests, in file order on one module fixture:
 
 1. both replicas reach the same log position and serve, for each node, the same snapshot
-   (same per-type versions, same resources, same certificates);
+   (same per-type versions, same resources, same roots; no key in either);
 2. the Envoys (ADS cluster: replica 1 at priority 0, replica 2 at priority 1, TCP health
    checks) fail over to replica 2 when replica 1 is killed with SIGKILL, and get no config
    change (versions, ``last_updated`` and add/modify/remove counters unchanged); traffic keeps
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +44,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from smc.agent._files import read_secret
 from smc.api import LiveMeshChanges, MeshChanges
 from smc.auth import ClientCredentials, CredentialError, server_dir
 from smc.ca import KeyStore, LocalIssuer, run_ca
@@ -67,7 +72,7 @@ from smc.testing.kafka import KafkaBroker
 from smc.testing.manifests import client_server_yaml, mesh_service_yaml
 from smc.testing.mesh import Sidecar, vm_yaml
 from smc.testing.ports import free_port
-from smc.testing.serve import http_json, key_directory_material
+from smc.testing.serve import http_json, start_vm_agent
 from smc.xds import CLUSTER
 from tests.conftest import new_kafka_log
 
@@ -104,6 +109,7 @@ class Replica:
         self.tls_dir = workdir / "xds-tls"  # the issuer's ADS certificate, for the follower
         self.http_port = free_port()
         self.xds_port = free_port()
+        self.ca_port = free_port()  # the issuer's certificate service (agents' CSRs)
         self.out = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.config_dir = workdir / f"{name}-config"
@@ -146,10 +152,8 @@ class Replica:
             self.ca,
             "--keys",
             str(self.keys),
-            "--workload-keys",
-            "control-plane",
-            # this mode's keys travel on ADS: over mTLS only (cleartext is refused). The
-            # issuer writes its ADS certificate for the follower to serve with.
+            # ADS over mTLS (agents' certificates). The issuer writes its ADS certificate for
+            # the follower to serve with, and runs the certificate service.
             "--xds-tls",
             *(
                 [
@@ -159,7 +163,12 @@ class Replica:
                     str(self.tls_dir / "tls.key"),
                 ]
                 if self.ca == "follow"
-                else ["--xds-cert-out", str(self.tls_dir)]
+                else [
+                    "--xds-cert-out",
+                    str(self.tls_dir),
+                    "--ca-listen",
+                    f"127.0.0.1:{self.ca_port}",
+                ]
             ),
         ]
         with open(self.out, "ab") as out:
@@ -391,8 +400,10 @@ class Cluster:
     server: Sidecar
     session: aiohttp.ClientSession
     notes: dict[str, Any] = field(default_factory=dict)
-    #: each sidecar's mTLS to ADS (its identity's certificate from the key directory)
+    #: each sidecar's mTLS to ADS (the certificate its VM's agent got)
     tls: dict[str, AdsTLS] = field(default_factory=dict)
+    #: the VMs' SMC agents (stopped with the cluster)
+    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def sidecars(self) -> list[Sidecar]:
@@ -444,6 +455,7 @@ async def cluster(
     r2 = Replica(name="r2", log_url=url, ca="follow", keys=keys, workdir=workdir)
     client = Sidecar(namespace=NS, name="client-1", address="127.0.77.1", workdir=workdir)
     server = Sidecar(namespace=NS, name="server-1", address="127.0.77.2", workdir=workdir)
+    made: Cluster | None = None
     try:
         r1.start()
         await asyncio.to_thread(r1.wait_ready)
@@ -459,7 +471,7 @@ async def cluster(
             connector=aiohttp.TCPConnector(force_close=True),
             timeout=aiohttp.ClientTimeout(total=5),
         ) as session:
-            yield Cluster(
+            made = Cluster(
                 broker=kafka_broker,
                 log=log,
                 workdir=workdir,
@@ -469,9 +481,13 @@ async def cluster(
                 server=server,
                 session=session,
             )
+            yield made
     finally:
         for s in (client, server):
             await s.stop()
+        for agent in made.agents if made is not None else []:
+            agent.terminate()
+            agent.wait(timeout=20)
         for r in (r1, r2):
             await asyncio.to_thread(r.stop)
         log.close()
@@ -502,13 +518,29 @@ async def test_replicas_serve_identical_snapshots(cluster: Cluster) -> None:
     assert status == 200, body
     assert body["ok"] and body["events"] >= 5, body
 
-    # Envoys: ADS (mTLS, each with its identity's certificate) on replica 1 (priority 0),
-    # replica 2 as the backup (priority 1).
+    # Each VM's agent (the test as its host) makes its key and gets it signed by replica 1.
+    # Envoys: ADS (mTLS, each with its agent's certificate) on replica 1 (priority 0),
+    # replica 2 as the backup (priority 1); each reads its key from its agent's file.
     roots = "".join(
         p.read_text("ascii") for p in sorted((c.workdir / "ca" / "roots").glob("*.pem"))
     )
-    for s, sa in ((c.client, "client"), (c.server, "server")):
-        chain, key = await asyncio.to_thread(key_directory_material, c.r1.keys, f"/sa/{sa}")
+    vm_dirs: dict[str, Path] = {}
+    for s in c.sidecars:
+        vm_dirs[s.node_id] = c.workdir / f"vm-{s.name}"
+        agent = await asyncio.to_thread(
+            start_vm_agent,
+            log_url=c.r1.log_url,
+            env={**os.environ, "SMC_CONFIG_DIR": str(c.r1.config_dir)},
+            ads=f"127.0.0.1:{c.r1.xds_port}",
+            ca_address=f"127.0.0.1:{c.r1.ca_port}",
+            namespace=NS,
+            name=s.name,
+            folder=vm_dirs[s.node_id],
+        )
+        c.agents.append(agent)
+        held = read_secret(vm_dirs[s.node_id])
+        assert held is not None, s.node_id
+        chain, key = held
         c.tls[s.node_id] = AdsTLS(cert_pem=chain, key_pem=key, ca_pem=roots, server_san="127.0.0.1")
     for s, delta in ((c.client, True), (c.server, False)):
         boot = failover_bootstrap(
@@ -519,7 +551,9 @@ async def test_replicas_serve_identical_snapshots(cluster: Cluster) -> None:
             delta=delta,
             tls=c.tls[s.node_id],
         )
-        s.envoy = EnvoyProcess(bootstrap=boot, workdir=c.workdir / f"envoy-{s.name}")
+        s.envoy = EnvoyProcess(
+            bootstrap=boot, workdir=c.workdir / f"envoy-{s.name}", cwd=vm_dirs[s.node_id]
+        )
         s.envoy.start()
     # Replica 2 builds a node's snapshot once a proxy of that node asked it for config:
     # ask it as each node (a one-shot ADS stream), so both replicas build both nodes.
@@ -536,7 +570,8 @@ async def test_replicas_serve_identical_snapshots(cluster: Cluster) -> None:
     for node, dump in snaps.items():
         assert set(dump["versions"]) >= {"Cluster", "Listener", "Secret"}, (node, dump)
         secrets = {r["name"] for r in dump["resources"]["Secret"]}
-        assert secrets, node
+        assert secrets == {"ROOTCA"}, (node, secrets)  # the roots; the key is the agent's
+        assert "PRIVATE KEY" not in json.dumps(dump), node
     s1, s2 = c.r1.state(), c.r2.state()
     assert s1["digests"] == s2["digests"] and s1["position"] == s2["position"] == position
 

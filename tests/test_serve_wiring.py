@@ -3,8 +3,9 @@
 1. An unreachable log during ``POST /v1/apply`` answers 503 with a JSON error (the serve process
    is given a file-size limit of 0 bytes with ``prlimit``, so every SQLite write fails with
    EFBIG); once the limit is lifted the same apply succeeds.
-2. ``--xds-tls``: a real Envoy whose bootstrap carries the mesh certificate the serve CA issued
-   for its workload gets its listener over mTLS ADS; a raw gRPC client without a client
+2. ``--xds-tls``: a real Envoy whose bootstrap carries the certificate its VM's real SMC agent
+   got from the serve CA (its key made by the agent, on the test's host) gets its listener over
+   mTLS ADS, and the control plane's snapshot and key directory hold no key; a raw gRPC client without a client
    certificate cannot connect; a follower without ``--xds-cert`` is refused with a clear error.
 3. ``--kube KUBECONFIG`` against a real kube-apiserver: a Service in a labelled namespace shows in
    ``GET /v1/services``; SIGTERM stops serve (informers included) with exit status 0.
@@ -33,11 +34,12 @@ from cryptography import x509
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from smc.agent._files import read_secret
 from smc.ca import KeyStore, LocalIssuer
 from smc.testing.envoy import AdsTLS, EnvoyProcess, ads_bootstrap
 from smc.testing.kube import KubeAPIServer, KubeBuildError
 from smc.testing.ports import free_port
-from smc.testing.serve import ServeProcess, key_directory_material
+from smc.testing.serve import ServeProcess
 from smc.xds import CLUSTER
 from smc.xds._certs import KeyStoreCertSource
 
@@ -63,6 +65,15 @@ class Serve(ServeProcess):
 
     def stderr(self) -> str:
         return self.tail(None)
+
+
+@pytest.fixture
+def agents() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for a in started:
+        a.terminate()
+        a.wait(timeout=20)
 
 
 @pytest.fixture
@@ -122,7 +133,7 @@ async def first_cds(port: int, creds: grpc.ChannelCredentials, node_id: str) -> 
 
 @pytest.mark.envoy
 async def test_xds_tls_serves_envoy_with_mesh_certificate(
-    tmp_path: Path, serves: list[Serve]
+    tmp_path: Path, serves: list[Serve], agents: list[subprocess.Popen[bytes]]
 ) -> None:
     keys, ca_dir = tmp_path / "keys", tmp_path / "ca"
     xds_port = free_port()
@@ -140,7 +151,16 @@ async def test_xds_tls_serves_envoy_with_mesh_certificate(
     await asyncio.to_thread(s.wait_ready)
     status, body = s.request("/v1/apply", method="POST", body=VM.encode(), timeout=60)
     assert status == 200, body
-    chain, key = await asyncio.to_thread(key_directory_material, keys, "/ns/wire/sa/web")
+    # the test as the VM's host: its SMC agent makes the key here, the serve CA signs its CSR
+    s.xds_port = xds_port
+    vm_dir = tmp_path / "vm"
+    agent = await asyncio.to_thread(
+        s.start_vm_agent, namespace="wire", name="web-1", folder=vm_dir
+    )
+    agents.append(agent)
+    held = read_secret(vm_dir)
+    assert held is not None
+    chain, key = held
     roots = "".join(p.read_text("ascii") for p in sorted((ca_dir / "roots").glob("*.pem")))
     assert roots, "no CA root written"
     assert "over mTLS" in s.stderr()
@@ -169,19 +189,24 @@ async def test_xds_tls_serves_envoy_with_mesh_certificate(
         admin_port=free_port(),
         tls=AdsTLS(cert_pem=chain, key_pem=key, ca_pem=roots, server_san="127.0.0.1"),
     )
-    envoy = EnvoyProcess(bootstrap=boot, workdir=tmp_path / "envoy", log_level="warning")
+    # Envoy's working directory is the VM's: the listeners read its key from the agent's file
+    envoy = EnvoyProcess(
+        bootstrap=boot, workdir=tmp_path / "envoy", log_level="warning", cwd=vm_dir
+    )
     try:
         envoy.start()
         await envoy.wait_listener("outbound")
         stats = envoy.stats()
         assert stats.get("control_plane.connected_state") == 1
         assert stats.get("cluster.smc_xds.ssl.handshake", 0) >= 1
-        # the debug view of this (older, control-plane keys) mode never shows the key
+        # the control plane's snapshot of the proxy carries the roots and no key at all
         status, dump = s.request("/debug/config_dump?node=wire/web-1", timeout=60)
         assert status == 200, dump
-        secret = next(x for x in dump["resources"]["Secret"] if x["name"] == "default")
-        assert secret["resource"]["tlsCertificate"]["privateKey"] == "[redacted]"
-        assert "PRIVATE KEY" not in json.dumps(dump)
+        assert [x["name"] for x in dump["resources"].get("Secret", [])] == ["ROOTCA"], dump
+        assert "PRIVATE KEY" not in json.dumps(dump) and key not in json.dumps(dump)
+        assert not any(
+            key in p.read_text(errors="replace") for p in keys.rglob("*") if p.is_file()
+        )
     finally:
         envoy.close()
     assert s.stop() == 0

@@ -69,10 +69,14 @@ def open_door(
         creds.save(folder / "credentials.json")
 
     def revoked(identity: str, serial: str) -> bool:
-        """Whether the certificate events record ``serial`` of ``identity`` as revoked."""
+        """Whether the certificate events record ``serial`` of ``identity`` as revoked: an
+        identity's certificate, or a proxy's (its pod or VM left, or the operator revoked it)."""
         assert certs is not None
         rec = certs.certs.get(identity, {}).get(serial)
-        return rec is not None and rec.status == "revoked"
+        if rec is not None and rec.status == "revoked":
+            return True
+        mine = certs.proxy_serial(serial)
+        return mine is not None and mine.identity == identity and mine.status == "revoked"
 
     guard = Guard(
         authenticator=Authenticator(

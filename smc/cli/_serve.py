@@ -13,9 +13,11 @@ temporary directory, gone at exit. The key store is the SDS source of the xDS co
 the issuer's CRLs in the trust bundle), and its changes rebuild the affected proxies.
 Replicas: several ``smc serve`` on one Kafka log serve the same snapshots at the same offset
 (versions are content-derived). One replica issues; the others run with ``--ca follow`` and
-the issuing replica's ``--keys DIR`` (:func:`smc.ca._controller.follow_ca`): they never sign
-nor append, and serve the certificates and trust bundle the log records, keys read from the
-shared directory. ``GET /debug/state`` gives the runner's position and the projections'
+a ``--keys DIR`` of their own (:func:`smc.ca._controller.follow_ca`): they never sign
+nor append, and serve the trust bundle the log records. Workload keys are made by SMC agents
+beside the proxies only: ``--workload-keys control-plane`` (the control plane making one key per
+identity) was removed and is refused with an error naming the option and docs/identity.md;
+``--workload-keys agent`` is accepted as a no-op. ``GET /debug/state`` gives the runner's position and the projections'
 digests, to compare replicas.
 ``--xds-tls`` serves ADS over mTLS once the projections caught up (the trust domain and the
 mesh trust bundle come from the log): the server certificate is issued by the local CA (or
@@ -311,7 +313,7 @@ async def _serve(
     help="HOST:PORT of the certificate service SMC agents send CSRs to (HTTPS; "
     "the server certificate is issued for HOST, 127.0.0.1, localhost and every --xds-san, or "
     "read from --xds-cert/--xds-key); 'auto': the --xds host, port + 2 (15012 by default) "
-    "with --workload-keys agent on the issuing replica, else off; 'off' disables it.",
+    "on the issuing replica, else off; 'off' disables it.",
 )
 @click.option(
     "--token-audience",
@@ -323,8 +325,8 @@ async def _serve(
 @click.option(
     "--xds-plaintext",
     is_flag=True,
-    help="Serve ADS in cleartext (tests and isolated networks). Only with --workload-keys agent "
-    "(default), where no key travels on ADS; --workload-keys control-plane refuses it.",
+    help="Serve ADS in cleartext (tests and isolated networks): no key travels on ADS, "
+    "only roots and CRLs.",
 )
 @click.option(
     "--xds-reuseport",
@@ -339,10 +341,11 @@ async def _serve(
     type=click.Choice(["agent", "control-plane"]),
     default="agent",
     show_default=True,
-    help="Who makes workload keys: 'agent' (an SMC agent beside each proxy makes its key and "
-    "hands it to its Envoy in a local file; the control plane serves roots and CRLs only; ADS is then "
-    "mTLS, as with --xds-tls, and --ca-listen is needed) or 'control-plane' (older: one key per "
-    "identity, made here and served over SDS, on mTLS ADS only: needs --xds-tls).",
+    help="Who makes workload keys: always 'agent' (an SMC agent beside each proxy makes its key "
+    "and hands it to its Envoy in a local file; the control plane signs CSRs and serves roots and "
+    "CRLs only; ADS is mTLS and --ca-listen is needed). Kept so that existing scripts may say "
+    "it; 'control-plane' (one key per identity made here) was removed and is refused: see "
+    "docs/identity.md.",
 )
 @click.option(
     "--cloud",
@@ -404,10 +407,14 @@ def serve(
     \b
     Replicas: run several on one Kafka log (same --log); they serve identical
     snapshots at the same offset, so an Envoy may switch between them. Exactly one
-    replica issues certificates (--ca local:DIR or vault:URL, --keys DIR); the others
-    run with --ca follow and the same --keys DIR (a shared directory): they never
-    issue nor append, and serve the certificates and trust bundle the log records,
-    keys read from that directory.
+    replica issues certificates (--ca local:DIR or vault:URL) and serves the agents'
+    certificate service; the others run with --ca follow and the issuer's ADS
+    certificate (--xds-cert/--xds-key): they never issue nor append, and serve the
+    trust bundle the log records.
+
+    \b
+    Workload keys: an SMC agent beside each proxy makes its key and sends a CSR;
+    the control plane never makes, holds or sends one (see docs/identity.md).
     """
     http = None if http_addr == "off" else _parse_hostport(http_addr)
     xds = None if xds_addr == "off" else _parse_hostport(xds_addr, "--xds")
@@ -419,26 +426,25 @@ def serve(
             param_hint="--ca",
         )
     tls_opts: _XdsTLSOptions | None = None
-    agent_keys = workload_keys == "agent"
+    if workload_keys != "agent":
+        raise click.BadParameter(
+            "'control-plane' was removed: the control plane never makes, holds or sends a "
+            "workload key; every proxy's key is made beside it by an SMC agent (omit the option "
+            "or give --workload-keys agent; see docs/identity.md)",
+            param_hint="--workload-keys",
+        )
+    agent_keys = True
     if ca_listen == "auto":
         ca_listen = (
             f"{xds[0]}:{xds[1] + 2}"
-            if agent_keys and xds is not None and not follow and 0 < xds[1] < 65534
+            if xds is not None and not follow and 0 < xds[1] < 65534
             else "off"
         )
-    if agent_keys and xds is not None and not xds_plaintext:
+    if xds is not None and not xds_plaintext:
         xds_tls = True  # agents: ADS is mTLS unless --xds-plaintext says otherwise
-    if xds is not None and not agent_keys and (xds_plaintext or not xds_tls):
-        raise click.BadParameter(
-            "with --workload-keys control-plane the identities' keys travel on ADS, which must "
-            "then be mTLS: give --xds-tls (a key is never sent in cleartext; --xds-plaintext is "
-            "for --workload-keys agent only, where no key is on ADS)",
-            param_hint="--workload-keys",
-        )
     if agent_keys and xds is not None and ca_listen == "off" and not follow:
         raise click.BadParameter(
-            "with --workload-keys agent the agents need the certificate service: give "
-            "--ca-listen HOST:PORT",
+            "the agents need the certificate service: give --ca-listen HOST:PORT",
             param_hint="--ca-listen",
         )
     if xds_plaintext:
@@ -534,7 +540,7 @@ def serve(
                 tls_opts,
                 kube_endpoint,
                 identity_opts,
-                workload_keys == "agent",
+                agent_keys,
                 clouds=parse_clouds(clouds),
                 group_interval=vm_group_interval,
                 auth=options_from(auth_kwargs),

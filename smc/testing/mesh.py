@@ -95,9 +95,10 @@ class ControlPlane:
         need every certificate to exist as soon as a workload does. ``agents=True``: SMC
         agents beside the proxies make the keys (:mod:`smc.agent`); the control plane runs
         the certificate service on :attr:`ca_port` and serves roots and CRLs only; the default
-        whenever ``ca`` is on. ``agents=False`` (with ``ca``): the older control-plane key mode
-        (``--workload-keys control-plane --xds-tls``), its keys on mTLS ADS only (each Envoy
-        presents its identity's certificate, :meth:`ads_client_tls`). Start proxies with
+        whenever ``ca`` is on. ``agents=False`` (with ``ca``): a test-harness mode only (``smc
+        serve`` has no such mode): the CA library's per-identity certificates, their keys on
+        mTLS ADS only (each Envoy presents its identity's certificate, :meth:`ads_client_tls`),
+        for tests of that library. Start proxies with
         :meth:`start_proxy` (it does either). ``log``: the event
         log (e.g. a :class:`~smc.events.KafkaLog`; closed by :meth:`close`); default a fresh
         :class:`SqliteLog` in ``workdir``."""

@@ -3,7 +3,7 @@
 Role: :class:`ServeProcess` starts ``python -m smc.cli serve`` on a SQLite log in a work
 folder (or ``log_url``) with the HTTPS API on 127.0.0.1 and, unless told otherwise, a local
 CA and ADS on ``xds_host`` (free ports), plus any extra arguments (``--kube KUBECONFIG``,
-...). Workload keys are made by agents (serve's default; the control plane never makes one):
+...). Workload keys are made by agents (serve's only mode; the control plane never makes one):
 ADS is cleartext unless ``args`` asks for ``--xds-tls`` (no key is on it), and the certificate
 service listens on :attr:`ServeProcess.ca_port`. Output goes to ``serve-<http port>.log`` for diagnostics. Its SMC config folder
 (``$SMC_CONFIG_DIR``) is ``<work folder>/smc-config``, where serve writes the admin credential
@@ -44,7 +44,7 @@ __all__ = [
     "admin_session",
     "eventually",
     "http_json",
-    "key_directory_material",
+    "start_vm_agent",
 ]
 
 
@@ -127,29 +127,57 @@ def eventually(
         time.sleep(0.1)
 
 
-def key_directory_material(
-    keys: Path, identity_suffix: str, timeout: float = 60.0
-) -> tuple[str, str]:
-    """``(cert chain PEM, key PEM)`` of the certificate in the key directory ``keys`` of a
-    serve with ``--workload-keys control-plane`` whose SPIFFE id ends with
-    ``identity_suffix`` (waits for its CA controller to issue it): what an operator gives a
-    proxy for its mTLS ADS connection in that older mode."""
-    from cryptography import x509
-
+def start_vm_agent(
+    *,
+    log_url: str,
+    env: Mapping[str, str],
+    ads: str,
+    ca_address: str,
+    namespace: str,
+    name: str,
+    folder: Path,
+    timeout: float = 60.0,
+) -> subprocess.Popen[bytes]:
+    """The test as a VM's host: ``smc vm bootstrap`` for VirtualMachine ``namespace/name`` on
+    the log ``log_url`` (a one-time join token on the log, the mesh roots) into ``folder``,
+    then that VM's SMC agent (``python -m smc.agent``: its key made here, a CSR to the
+    certificate service at ``ca_address``); returns the agent once it holds its first
+    certificate (``folder/ready.json``; ``smc.agent._files.read_secret(folder)`` is its
+    chain and key, ``folder`` the working directory of its Envoy). Stop it with
+    ``terminate()``."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "smc.cli", "--log", log_url, "vm", "bootstrap", name,
+            "-n", namespace, "--out", str(folder), "--ads", ads, "--ca-address", ca_address,
+        ],
+        capture_output=True, text=True, timeout=60, check=False, env=dict(env),
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise AssertionError(f"smc vm bootstrap failed: {done.stderr}")
+    ready = folder / "ready.json"
+    with (folder / "agent.log").open("wb") as out:
+        agent = subprocess.Popen(
+            die_with_parent(
+                [
+                    sys.executable, "-m", "smc.agent", "--node-id", f"{namespace}/{name}",
+                    "--ca-address", ca_address,
+                    "--ca-bundle", str(folder / "ca.pem"), "--proxy-dir", str(folder),
+                    "--join-token-file", str(folder / "join-token"),
+                    "--ready-file", str(ready), "--retry-initial", "0.1",
+                ]
+            ),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for crt in sorted(keys.glob("*.crt")):
-            key = crt.with_suffix(".key")
-            if not key.exists():
-                continue
-            pem = crt.read_text("ascii")
-            leaf = x509.load_pem_x509_certificates(pem.encode())[0]
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-            if any(u.endswith(identity_suffix) for u in uris):
-                return pem, key.read_text("ascii")
-        time.sleep(0.2)
-    raise AssertionError(f"no certificate for {identity_suffix} in {keys}")
+    while not ready.exists():
+        if agent.poll() is not None or time.monotonic() > deadline:
+            agent.kill()
+            raise AssertionError(
+                "the agent got no certificate:\n"
+                + (folder / "agent.log").read_text(errors="replace")[-3000:]
+            )
+        time.sleep(0.05)
+    return agent
 
 
 class ServeProcess:
@@ -188,20 +216,16 @@ class ServeProcess:
                 str(tmp / "keys"),
             ]
         )
-        # serve's default, agents (the control plane makes no workload key). Its ADS is
-        # cleartext unless the test asks for TLS (no key travels on it: raw ADS clients and
-        # Envoys whose key the test makes, the test being their host); the certificate
-        # service on a free port of its own
-        # (a test that asks for --xds-tls without naming --workload-keys keeps the older
-        # control-plane keys, which serve sends on mTLS ADS only)
+        # serve's only mode, agents (the control plane makes no workload key). Its ADS is
+        # cleartext unless the test asks for TLS (``--xds-tls``; no key travels on it: raw ADS
+        # clients and Envoys whose key the test or a real agent makes, the test being their
+        # host); the certificate service on a free port of its own
         mode: list[str] = []
         given = list(args)
         xds_on = (
             given[given.index("--xds") + 1] != "off" if "--xds" in given else xds_host is not None
         )
-        if "--workload-keys" not in args and "--xds-tls" in args:
-            mode = ["--workload-keys", "control-plane"]
-        elif xds_on:
+        if xds_on:
             if "--xds-tls" not in args and "--workload-keys" not in args:
                 mode.append("--xds-plaintext")
             if "--ca-listen" not in args and "follow" not in args:  # a follower cannot sign
@@ -322,45 +346,18 @@ class ServeProcess:
     def start_vm_agent(
         self, *, namespace: str, name: str, folder: Path, timeout: float = 60.0
     ) -> subprocess.Popen[bytes]:
-        """The test as a VM's host: ``smc vm bootstrap`` for VirtualMachine
-        ``namespace/name`` (a one-time join token on the log, the mesh roots) into ``folder``,
-        then that VM's SMC agent (``python -m smc.agent``: its key made here, a CSR to this
-        serve's certificate service); returns the agent once it holds its first certificate
-        (``folder/ready.json``). Stop it with ``terminate()``."""
-        done = subprocess.run(
-            [
-                sys.executable, "-m", "smc.cli", "--log", self.log_url, "vm", "bootstrap", name,
-                "-n", namespace, "--out", str(folder), "--ads", f"127.0.0.1:{self.xds_port}",
-                "--ca-address", f"127.0.0.1:{self.ca_port}",
-            ],
-            capture_output=True, text=True, timeout=60, check=False, env=self.env(),
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise AssertionError(f"smc vm bootstrap failed: {done.stderr}")
-        ready = folder / "ready.json"
-        with (folder / "agent.log").open("wb") as out:
-            agent = subprocess.Popen(
-                die_with_parent(
-                    [
-                        sys.executable, "-m", "smc.agent", "--node-id", f"{namespace}/{name}",
-                        "--ca-address", f"127.0.0.1:{self.ca_port}",
-                        "--ca-bundle", str(folder / "ca.pem"), "--proxy-dir", str(folder),
-                        "--join-token-file", str(folder / "join-token"),
-                        "--ready-file", str(ready), "--retry-initial", "0.1",
-                    ]
-                ),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if agent.poll() is not None or time.monotonic() > deadline:
-                agent.kill()
-                raise AssertionError(
-                    "the agent got no certificate:\n"
-                    + (folder / "agent.log").read_text(errors="replace")[-3000:]
-                )
-            time.sleep(0.05)
-        return agent
+        """The test as a VM's host: :func:`start_vm_agent` against this serve (its log, its
+        ADS port and its certificate service). Stop it with ``terminate()``."""
+        return start_vm_agent(
+            log_url=self.log_url,
+            env=self.env(),
+            ads=f"127.0.0.1:{self.xds_port}",
+            ca_address=f"127.0.0.1:{self.ca_port}",
+            namespace=namespace,
+            name=name,
+            folder=folder,
+            timeout=timeout,
+        )
 
     def stop(self) -> int:
         """SIGTERM, then the exit code (killed after 20 s)."""
