@@ -29,6 +29,7 @@ from cryptography import x509
 
 from smc.ca import LocalIssuer, verify_certificate
 from smc.injector import (
+    AGENT_CONTAINER,
     ANNOTATION_BOOTSTRAP_SECRET,
     ANNOTATION_INJECT,
     ANNOTATION_NODE_ID,
@@ -770,8 +771,6 @@ def test_injector_process_registers_its_ca_bundle_and_mutates(
             "--kubeconfig",
             str(kube.kubeconfig_path),
             "--lookup-namespaces",
-            "--credentials",  # the older mode, explicitly (the default is agent)
-            "secret",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -807,13 +806,12 @@ def test_injector_process_registers_its_ca_bundle_and_mutates(
         sock = boot["static_resources"]["clusters"][0]
         assert sock["type"] == "STRICT_DNS"
         assert sock["transport_socket"]["typed_config"]["sni"] == "smc.smc-system.svc"
-        # With --credentials secret the bootstrap key is in a per-pod Secret, not the pod spec.
-        secret_name = got["metadata"]["annotations"][ANNOTATION_BOOTSTRAP_SECRET]
-        volumes = {v["name"]: v for v in got["spec"]["volumes"]}
-        assert volumes[BOOTSTRAP_VOLUME]["secret"]["secretName"] == secret_name
+        # The pod's key is made in the pod by its agent: no Secret, no key in the pod.
+        assert AGENT_CONTAINER in {c["name"] for c in got["spec"]["initContainers"]}
+        assert ANNOTATION_BOOTSTRAP_SECRET not in got["metadata"].get("annotations", {})
         assert "PRIVATE KEY" not in json.dumps(got)
-        stored: Any = client.CoreV1Api(api).read_namespaced_secret(secret_name, ns)
-        assert set(stored.data) == {CERT_SDS_FILE, CA_SDS_FILE}
+        listed: Any = client.CoreV1Api(api).list_namespaced_secret(ns)
+        assert [x.metadata.name for x in listed.items] == []
     finally:
         adm.delete_mutating_webhook_configuration(name)
         proc.terminate()

@@ -277,3 +277,28 @@ def test_default_injector_process_hands_out_nothing_secret(
         proc.terminate()
         proc.wait(timeout=15)
     assert "PRIVATE KEY" not in log_file.read_text()
+
+
+@pytest.mark.parametrize("mode", ["secret", "env"])
+def test_former_credential_modes_are_refused(issuer: LocalIssuer, mode: str) -> None:
+    """The modes in which the webhook made a pod's key (in a Secret, or inline in the pod
+    spec) are gone: asking for one stops the injector before it serves, naming the option."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smc.injector",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--ca",
+            f"local:{issuer.directory}",
+            "--credentials",
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"--credentials {mode!r} was removed" in proc.stderr
+    assert "docs/identity.md" in proc.stderr

@@ -11,9 +11,9 @@ from the apiserver instead of trusting the configuration's ``namespaceSelector``
 ``--credentials agent`` (the default) puts no credential in the pod: an SMC agent container
 makes the proxy's key in the pod and proves the pod with its projected service-account token
 (audience ``--token-audience``) to the certificate service ``--ca-address``; the webhook
-issues nothing and needs no access to Secrets. The older modes stay available explicitly:
-``secret`` keeps a bootstrap key per pod in a Secret (the webhook needs
-create/replace/list/delete on Secrets and list on Pods), ``env`` inlines it in the pod spec.
+issues nothing and needs no access to Secrets. The former modes that made a bootstrap key in
+the webhook (``secret``: in a per-pod Secret; ``env``: inline in the pod spec) are refused: a
+forged AdmissionReview must yield nothing secret (docs/identity.md).
 Concurrency: one asyncio loop; see :class:`~smc.injector.WebhookServer`.
 """
 
@@ -27,7 +27,6 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 from smc.ca import IssuedCertificate, LocalIssuer
@@ -35,12 +34,10 @@ from smc.errors import SMCError
 from smc.injector._bootstrap import parse_ads_address
 from smc.injector._errors import InjectorError
 from smc.injector._mutate import AgentSidecar, InjectorConfig
-from smc.injector._secrets import BootstrapSecrets
 from smc.injector._server import (
     NamespaceLabels,
     WebhookServer,
     assume_opted_in,
-    issuer_credentials,
     kube_namespace_labels,
 )
 from smc.injector._tls import issue_serving_certificate, server_ssl_context
@@ -69,14 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         default=InjectorConfig.__dataclass_fields__["init_install"].default,
         help="shell run before the iptables rules ('' when the init image has iptables)",
     )
-    p.add_argument("--bootstrap-hours", type=float, default=24.0)
     p.add_argument(
         "--credentials",
-        choices=("agent", "secret", "env"),
         default="agent",
-        help="agent (default): no credential in the pod: an SMC agent in the pod makes the "
-        "proxy's key and proves the pod with its projected service-account token; secret: a "
-        "bootstrap key in a per-pod Secret; env: inline in the pod spec",
+        help="agent (the default and only mode): no credential in the pod: an SMC agent in the "
+        "pod makes the proxy's key and proves the pod with its projected service-account "
+        "token. The former 'secret' and 'env' modes (a key made by the webhook) are refused",
     )
     p.add_argument("--agent-image", default="smc:latest", help="image of the SMC agent")
     p.add_argument(
@@ -85,12 +80,6 @@ def _parser() -> argparse.ArgumentParser:
         help="HOST:PORT of the control plane's certificate service (smc serve --ca-listen)",
     )
     p.add_argument("--token-audience", default="smc", help="audience of the pods' tokens")
-    p.add_argument(
-        "--secret-grace",
-        type=float,
-        default=600.0,
-        help="seconds before an unreferenced bootstrap Secret is deleted",
-    )
     p.add_argument("--register", metavar="NAME", help="MutatingWebhookConfiguration to patch")
     p.add_argument("--lookup-namespaces", action="store_true")
     p.add_argument("--kubeconfig", default=None)
@@ -139,7 +128,14 @@ async def _run(server: WebhookServer) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.credentials != "agent":
+        parser.error(
+            f"--credentials {args.credentials!r} was removed: the webhook makes no key and puts "
+            "no credential in a pod, a Secret or a patch; each pod's key is made in the pod by "
+            "its SMC agent (omit the option or give --credentials agent; see docs/identity.md)"
+        )
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2))
     try:
         kind, _, directory = args.ca.partition(":")
@@ -157,17 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             trust_domain=args.trust_domain,
             tls=not args.plaintext_ads,
             ads_server_name=args.ads_server_name,
-            bootstrap_lifetime=timedelta(hours=args.bootstrap_hours),
-            agent=(
-                AgentSidecar(
-                    image=args.agent_image,
-                    ca_address=args.ca_address,
-                    ca_pem="".join(issuer.trust_bundle()),
-                    audience=args.token_audience,
-                    server_name=args.ads_server_name,
-                )
-                if args.credentials == "agent"
-                else None
+            agent=AgentSidecar(
+                image=args.agent_image,
+                ca_address=args.ca_address,
+                ca_pem="".join(issuer.trust_bundle()),
+                audience=args.token_audience,
+                server_name=args.ads_server_name,
             ),
         )
 
@@ -181,8 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serving = reissue()
         labels: NamespaceLabels = assume_opted_in
         api = None
-        secrets_wanted = args.credentials == "secret" and not args.plaintext_ads
-        if args.register or args.lookup_namespaces or secrets_wanted:
+        if args.register or args.lookup_namespaces:
             api = _kube_client(args.kubeconfig)
         if args.register:
             n = register_ca_bundle(
@@ -193,25 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             labels = kube_namespace_labels(api)
         server = WebhookServer(
             config=config,
-            credentials=(
-                None
-                if config.agent is not None
-                else issuer_credentials(issuer, trust_domain=args.trust_domain, config=config)
-            ),
+            credentials=None,
             ssl_context=server_ssl_context(serving),
             namespace_labels=labels,
             host=host,
             port=int(port),
-            secrets=(
-                BootstrapSecrets(
-                    api,
-                    grace=timedelta(seconds=args.secret_grace),
-                    lifetime=timedelta(hours=args.bootstrap_hours),
-                )
-                if secrets_wanted
-                else None
-            ),
-            gc_interval=max(1.0, min(300.0, args.secret_grace / 2)),
             serving=serving,
             reissue_serving=reissue,
         )
