@@ -115,7 +115,6 @@ async def _serve(
     xds_tls: _XdsTLSOptions | None = None,
     kube: KubeEndpoint | None = None,
     identity: IdentityOptions | None = None,
-    agent_keys: bool = False,
     clouds: dict[str, dict[str, str]] | None = None,
     group_interval: float = 5.0,
     auth: ApiAuthOptions | None = None,
@@ -126,7 +125,7 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     xds = (
-        _Xds(runner, factory, keys_dir, xds_addr, follow, xds_tls, identity, agent_keys)
+        _Xds(runner, factory, keys_dir, xds_addr, follow, xds_tls, identity)
         if xds_addr is not None
         else None
     )
@@ -433,7 +432,6 @@ def serve(
             "or give --workload-keys agent; see docs/identity.md)",
             param_hint="--workload-keys",
         )
-    agent_keys = True
     if ca_listen == "auto":
         ca_listen = (
             f"{xds[0]}:{xds[1] + 2}"
@@ -442,7 +440,7 @@ def serve(
         )
     if xds is not None and not xds_plaintext:
         xds_tls = True  # agents: ADS is mTLS unless --xds-plaintext says otherwise
-    if agent_keys and xds is not None and ca_listen == "off" and not follow:
+    if xds is not None and ca_listen == "off" and not follow:
         raise click.BadParameter(
             "the agents need the certificate service: give --ca-listen HOST:PORT",
             param_hint="--ca-listen",
@@ -540,7 +538,6 @@ def serve(
                 tls_opts,
                 kube_endpoint,
                 identity_opts,
-                agent_keys,
                 clouds=parse_clouds(clouds),
                 group_interval=vm_group_interval,
                 auth=options_from(auth_kwargs),

@@ -165,7 +165,6 @@ class _Xds:
         follow: bool = False,
         tls: _XdsTLSOptions | None = None,
         identity: IdentityOptions | None = None,
-        agent_keys: bool = False,
     ) -> None:
         from prometheus_client import CollectorRegistry
 
@@ -202,9 +201,9 @@ class _Xds:
         self.addr = addr
         self.metrics = CollectorRegistry()
         # agents make the keys: the builder serves roots and CRLs only (see smc.identity)
-        self.agent_keys = agent_keys
-        built_from = AgentCertSource(self.certs) if agent_keys else self.certs
-        self.controller = XdsController(runner=runner, certs=built_from, registry=self.metrics)
+        self.controller = XdsController(
+            runner=runner, certs=AgentCertSource(self.certs), registry=self.metrics
+        )
         self.identity = (
             IdentityHook(
                 runner=runner,
@@ -336,23 +335,14 @@ class _Xds:
         self, stop: asyncio.Event, runner_task: asyncio.Task[None]
     ) -> list[asyncio.Task[None]]:
         from smc.api import ApiError
-        from smc.ca import run_ca
         from smc.ca._controller import follow_ca
         from smc.identity import run_trust_only
 
         if self.issuers is None:
             click.echo(f"CA: following the log (keys from {self.keystore.directory})", err=True)
             ca = follow_ca(runner=self.runner, keystore=self.keystore, stop=stop)
-        elif self.agent_keys:
-            ca = run_trust_only(
-                runner=self.runner,
-                log=for_role(self.runner.log, "ca"),
-                issuer=self.issuers,
-                keystore=self.keystore,
-                stop=stop,
-            )
         else:
-            ca = run_ca(
+            ca = run_trust_only(
                 runner=self.runner,
                 log=for_role(self.runner.log, "ca"),
                 issuer=self.issuers,
