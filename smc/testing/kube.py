@@ -24,8 +24,9 @@ killed at interpreter exit (``atexit``) and when the thread that started them en
 never through ``asyncio.to_thread`` or another short-lived worker.
 The build cache is guarded by a file lock so several processes may ask for it at once.
 Layout: the build and etcd install live in :mod:`smc.testing._kube_build`, the throwaway PKI in
-:mod:`smc.testing._kube_pki`, :class:`TcpCutter` in :mod:`smc.testing._kube_tcp`; every public
-name is re-exported here.
+:mod:`smc.testing._kube_pki`, :class:`TcpCutter` in :mod:`smc.testing._kube_tcp`,
+:func:`create_http_traffic_target` in :mod:`smc.testing._kube_smi`; every public name is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -59,6 +60,7 @@ from smc.testing._kube_build import (
     kube_apiserver_cache_dir,
 )
 from smc.testing._kube_pki import _SERVICE_CIDR, _write_pki
+from smc.testing._kube_smi import create_http_traffic_target
 from smc.testing._kube_tcp import TcpCutter
 from smc.testing._proc import die_with_parent
 from smc.testing.ports import free_port
@@ -513,58 +515,6 @@ class KubeAPIServer:
         if not paths:
             raise KubeHarnessError(f"no CRDs in {CRD_DIR}")
         return self.install_crds(paths, timeout=timeout)
-
-
-def create_http_traffic_target(
-    custom: Any,
-    namespace: str,
-    *,
-    name: str,
-    source: str,
-    destination: str,
-    matches: Sequence[Mapping[str, Any]],
-) -> None:
-    """Through a ``CustomObjectsApi``: an HTTPRouteGroup ``name`` with ``matches`` (each with a
-    ``name``) and a TrafficTarget ``name`` letting service account ``source`` call
-    ``destination`` (both of ``namespace``) on all of them."""
-    custom.create_namespaced_custom_object(
-        "specs.smi-spec.io",
-        "v1alpha4",
-        namespace,
-        "httproutegroups",
-        {
-            "apiVersion": "specs.smi-spec.io/v1alpha4",
-            "kind": "HTTPRouteGroup",
-            "metadata": {"name": name},
-            "spec": {"matches": [dict(m) for m in matches]},
-        },
-    )
-    custom.create_namespaced_custom_object(
-        "access.smi-spec.io",
-        "v1alpha3",
-        namespace,
-        "traffictargets",
-        {
-            "apiVersion": "access.smi-spec.io/v1alpha3",
-            "kind": "TrafficTarget",
-            "metadata": {"name": name},
-            "spec": {
-                "destination": {
-                    "kind": "ServiceAccount",
-                    "name": destination,
-                    "namespace": namespace,
-                },
-                "sources": [{"kind": "ServiceAccount", "name": source, "namespace": namespace}],
-                "rules": [
-                    {
-                        "kind": "HTTPRouteGroup",
-                        "name": name,
-                        "matches": [m["name"] for m in matches],
-                    }
-                ],
-            },
-        },
-    )
 
 
 def kube_apiserver_fixture(*, smi_crds: bool = True, **kwargs: Any) -> Iterator[KubeAPIServer]:
