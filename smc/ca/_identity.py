@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from smc.ca._errors import InvalidIdentity
 
-__all__ = ["SpiffeId", "format_spiffe_id", "parse_spiffe_id", "validate_trust_domain"]
+__all__ = [
+    "SpiffeId",
+    "format_spiffe_id",
+    "issuer_identity",
+    "parse_spiffe_id",
+    "validate_trust_domain",
+]
 
 _SCHEME = "spiffe://"
 _MAX_URI = 2048
@@ -149,3 +155,20 @@ def parse_spiffe_id(value: str, *, trust_domain: str | None = None) -> SpiffeId:
     _check_namespace(segments[1], value)
     _check_service_account(segments[3], value)
     return SpiffeId(trust_domain=td, namespace=segments[1], service_account=segments[3])
+
+
+def issuer_identity(identity: str | SpiffeId, *, trust_domain: str) -> SpiffeId:
+    """``identity`` parsed (when a string) and checked to belong to an issuer's
+    ``trust_domain``; raises :class:`InvalidIdentity` naming the trust domain otherwise."""
+    sid = (
+        identity
+        if isinstance(identity, SpiffeId)
+        else parse_spiffe_id(identity, trust_domain=trust_domain)
+    )
+    if sid.trust_domain != trust_domain:
+        raise InvalidIdentity(
+            sid.uri,
+            part="trust-domain",
+            reason=f"not the issuer's trust domain {trust_domain!r}",
+        )
+    return sid

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from smc.ca._csr import SignedCertificate, check_csr, signed_from
-from smc.ca._errors import CAStateError, InvalidIdentity, KeyFilePermissionError
-from smc.ca._identity import SpiffeId, parse_spiffe_id, validate_trust_domain
+from smc.ca._errors import CAStateError, KeyFilePermissionError
+from smc.ca._identity import SpiffeId, issuer_identity, validate_trust_domain
 from smc.ca._model import (
     IssuedCertificate,
     check_lifetime,
@@ -336,18 +336,7 @@ class LocalIssuer:
 
     # ------------------------------------------------------------------ Issuer
     def _identity(self, identity: str | SpiffeId) -> SpiffeId:
-        sid = (
-            identity
-            if isinstance(identity, SpiffeId)
-            else parse_spiffe_id(identity, trust_domain=self._trust_domain)
-        )
-        if sid.trust_domain != self._trust_domain:
-            raise InvalidIdentity(
-                sid.uri,
-                part="trust-domain",
-                reason=f"not the issuer's trust domain {self._trust_domain!r}",
-            )
-        return sid
+        return issuer_identity(identity, trust_domain=self._trust_domain)
 
     def _leaf(
         self, public_key: CertificatePublicKeyTypes, sid: SpiffeId, lifetime: timedelta

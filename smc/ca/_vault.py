@@ -38,9 +38,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from smc.ca._csr import SignedCertificate, check_csr, signed_from
-from smc.ca._errors import CAStateError, InvalidIdentity, IssuerRejected, IssuerUnavailable
+from smc.ca._errors import CAStateError, IssuerRejected, IssuerUnavailable
 from smc.ca._http import HttpClientSession, TransportError, TransportTimeout
-from smc.ca._identity import SpiffeId, parse_spiffe_id, validate_trust_domain
+from smc.ca._identity import SpiffeId, issuer_identity, validate_trust_domain
 from smc.ca._model import (
     IssuedCertificate,
     build_csr,
@@ -243,18 +243,7 @@ class VaultIssuer:
 
     # ------------------------------------------------------------------ Issuer
     def _identity(self, identity: str | SpiffeId) -> SpiffeId:
-        sid = (
-            identity
-            if isinstance(identity, SpiffeId)
-            else parse_spiffe_id(identity, trust_domain=self._trust_domain)
-        )
-        if sid.trust_domain != self._trust_domain:
-            raise InvalidIdentity(
-                sid.uri,
-                part="trust-domain",
-                reason=f"not the issuer's trust domain {self._trust_domain!r}",
-            )
-        return sid
+        return issuer_identity(identity, trust_domain=self._trust_domain)
 
     def _sign(
         self, csr: x509.CertificateSigningRequest, sid: SpiffeId, lifetime: timedelta
