@@ -41,7 +41,7 @@ from smc.events import ProxyCertificateRevoked, deterministic_id, make_event
 from smc.projections import CertsProjection
 from smc.testing import cgroup
 from smc.testing.manifests import client_server_yaml
-from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml
+from smc.testing.mesh import ControlPlane, Sidecar, vm_yaml, wait_reachable
 
 pytestmark = [pytest.mark.envoy]
 
@@ -118,15 +118,7 @@ async def test_agent_processes_renew_hitless_stay_small_and_keep_their_keys(
                     await resp.read()
                     return resp.status
 
-            deadline = time.monotonic() + 40
-            while True:
-                try:
-                    if await get() == 200:
-                        break
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                assert time.monotonic() < deadline, "no first request through the mesh"
-                await asyncio.sleep(0.1)
+            await wait_reachable(session, client, host="server.aproc", path="/x", timeout=40, cp=cp)
             first = {str(_ready(s)["serial"]) for s in (client, server)}
             statuses: list[int] = []
             rss: list[float] = []
