@@ -120,7 +120,7 @@ def test_bad_requests_get_clear_errors(issuer: LocalIssuer) -> None:
     with pytest.raises(InvalidIdentity, match="trust-domain"):
         issuer.issue(identity="spiffe://evil.example/ns/a/sa/b", lifetime=timedelta(hours=1))
     foreign = SpiffeId.of(trust_domain="evil.example", namespace="a", service_account="b")
-    with pytest.raises(InvalidIdentity, match="not the issuer's trust domain 'cluster.local'"):
+    with pytest.raises(InvalidIdentity, match=r"not the issuer's trust domain 'cluster\.local'"):
         issuer.issue(identity=foreign, lifetime=timedelta(hours=1))
     with pytest.raises(InvalidIdentity, match="namespace"):
         issuer.issue(identity=f"spiffe://{TD}/ns/Bad_NS/sa/b", lifetime=timedelta(hours=1))
