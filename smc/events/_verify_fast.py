@@ -47,8 +47,9 @@ class _FastPath:
     opened: dict[tuple[str, int], list[Record]]
     _owned: set[bytes]
     sealed_v3: set[tuple[str, int, bytes]]
-    #: The keys, values and distinct record headers (magic + fingerprint) of the messages
-    #: the last :meth:`feed_messages` released by the fast path, in the same order.
+    #: The keys, values (in the same order) and distinct record starts (magic, schema
+    #: fingerprint and the event id's length byte: each value's first 11 bytes) of the
+    #: messages the last :meth:`feed_messages` released by the fast path.
     fast_parts: tuple[list[bytes], list[bytes], set[bytes]]
     _carry: dict[tuple[str, int], list[Any]]
     seals: dict[tuple[str, int], dict[int, bytes]]
@@ -78,21 +79,14 @@ class _FastPath:
         self.fast_parts = ([], [], set())
         if not msgs:
             return fast, slow
-        i = 0
-        for (topic, part), grp in groupby(
-            zip(map(_M_TOPIC, msgs), map(_M_PARTITION, msgs), strict=True)
-        ):
-            j = i + len(list(grp))
+        runs = msgs if msgs.__class__ is list else list(msgs)
+        for topic, part, i, j in partition_runs(runs):
             stream = topic[cut:]
             carried = self._carry.pop((stream, part), None)
             if carried is None:
-                run = msgs[i:j]
-                self._fast_run(
-                    run if run.__class__ is list else list(run), stream, part, fast, slow
-                )
+                self._fast_run(runs[i:j], stream, part, fast, slow)
             else:
-                self._fast_run([*carried, *msgs[i:j]], stream, part, fast, slow)
-            i = j
+                self._fast_run([*carried, *runs[i:j]], stream, part, fast, slow)
         return fast, slow
 
     def _flush_carry(self) -> None:
@@ -176,7 +170,10 @@ class _FastPath:
         revoked = self.trust.revoked_at(writer.serial)
         if revoked is not None and ms_to_datetime(seal.signed_at_ms) >= revoked:
             return False
-        headers = set(map(_HEADER, values))
+        # each record's header (magic + schema fingerprint) and the length byte of its event
+        # id after it, in one pass (the runner's scan needs the lengths: ``fast_parts``)
+        starts = set(map(_START, values))
+        headers = set(map(_HEADER, starts))
         if not headers <= self._allowed_headers(writer.role):
             return False
         # the aggregates' first writers: only keys not seen before are decoded
@@ -195,14 +192,15 @@ class _FastPath:
         deque(map(self.owners.setdefault, names, repeat(writer.role)), maxlen=0)
         if fresh:
             owned |= fresh
-        got_keys, got_values, got_headers = self.fast_parts
+        got_keys, got_values, got_starts = self.fast_parts
         got_keys += keys
         got_values += values
-        got_headers |= headers
+        got_starts |= starts
         return True
 
 
 _HEADER = operator.itemgetter(slice(0, 10))
+_START = operator.itemgetter(slice(0, 11))  # the header and the event id's length byte
 _CHECKED_ROLES = frozenset({"informer", "api"})
 _M_TOPIC: Any = Message.topic  # confluent-kafka's C methods, mapped over a batch
 _M_PARTITION: Any = Message.partition
@@ -213,6 +211,35 @@ _WRITER_NAME = "smc.writer"
 _SEAL_NAME = "smc.seal"
 #: At most this many messages of a partition wait for the end of a batch in the fast path.
 _CARRY_MAX = 100_000
+
+
+def partition_runs(msgs: list[Any]) -> list[tuple[str, int, int, int]]:
+    """The runs of consecutive messages of one topic and partition: (topic, partition, start,
+    end). A read is mostly one or two long runs: C-level passes (``list.count``, ``groupby``
+    of ints) find them, rather than a comparison of (topic, partition) pairs per message."""
+    n = len(msgs)
+    if not n:
+        return []
+    ps: list[int] = list(map(_M_PARTITION, msgs))
+    ts: list[str] = list(map(_M_TOPIC, msgs))
+    p, t = ps[0], ts[0]
+    if ps.count(p) == n and ts.count(t) == n:  # the common case: one run
+        return [(t, p, 0, n)]
+    out: list[tuple[str, int, int, int]] = []
+    i = 0
+    for p, grp in groupby(ps):
+        j = i + len(list(grp))
+        t = ts[i]
+        if ts[i:j].count(t) == j - i:
+            out.append((t, p, i, j))
+        else:  # two topics' same partition number back to back: split by topic too
+            k = i
+            for (t2, _), g2 in groupby(zip(ts[i:j], ps[i:j], strict=True)):
+                e = k + len(list(g2))
+                out.append((t2, p, k, e))
+                k = e
+        i = j
+    return out
 
 
 def _records(msgs: Sequence[Any], stream: str) -> list[Record]:

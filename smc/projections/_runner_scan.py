@@ -285,16 +285,17 @@ class _CompactScan:
         pending: dict[object, Any],
         kinds: dict[bytes, bool],
     ) -> bool:
-        """:meth:`_scan_batch` for messages whose keys, values and distinct record headers
-        the verifier already read (``ChainVerifier.fast_parts``): the same checks, the same
-        outcome, without reading the messages again."""
-        keys, values, headers = parts
+        """:meth:`_scan_batch` for messages whose keys, values and distinct record starts
+        (header and event id length byte) the verifier already read
+        (``ChainVerifier.fast_parts``): the same checks, the same outcome, without reading
+        the messages again."""
+        keys, values, starts = parts
         if not msgs or len(keys) != len(msgs) or len(values) != len(msgs):
             return False
         try:
-            if not all(map(kinds.__getitem__, headers)):
+            if not all(map(kinds.__getitem__, map(_HEADER, starts))):
                 return False
-            lengths = set(map(_ID_LENGTH, values))
+            lengths = set(map(_ID_LENGTH, starts))
         except (KeyError, TypeError, IndexError):
             return False
         if len(lengths) != 1:
