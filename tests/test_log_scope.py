@@ -8,6 +8,7 @@ Refused records never change state, on every replica alike (from zero or a check
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,47 @@ def test_impersonation_rights_are_rechecked_on_the_log(
     runner = rebuild(log, writers)
     assert runner.skipped == 2
     same_from_a_checkpoint(log, writers, runner)
+
+
+class _Version2Signer(Signer):
+    """The attacker's modified SMC with a stolen writer key: seals with version 2, under
+    which impersonation was not re-checked."""
+
+    def seal(self, **kw: Any) -> Any:  # type: ignore[override]
+        return super().seal(**{**kw, "version": 2})
+
+
+def test_a_writer_key_issued_since_version_3_cannot_seal_version_2(
+    backend: Backend, writers: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stolen API writer key whose certificate was issued after version-3 seals existed
+    cannot fall back to version 2 (which skips the re-check of the impersonating caller):
+    its version-2 batch is refused (bad-seal, a downgrade) and never applied, from zero and
+    from a checkpoint; a writer certificate issued before keeps verifying the version-2
+    seals it made (then only the target's grants are checked, as before)."""
+    import smc.events._verify as verify_module
+
+    log = backend.log()
+    # dave's grant, by an operator: the API key never sealed version 3 in this partition
+    log.append([grant("dave-shop", "dave", "shop")], signer=Signer.from_dir(writers["operator"]))
+    stolen = _Version2Signer.from_dir(writers["api"])
+    stolen.vouch("carol as dave", ["system:authenticated"])  # carol may not impersonate
+    log.append([traffic_target("shop", actor="carol as dave")], signer=stolen)
+    trust = load_trust(writers["operator"] / "trust.pem")
+    report = verify_log(log, trust)
+    assert [(f.kind, f.offset) for f in report.findings] == [("bad-seal", 1)], report.findings
+    assert "version-2 seal by api.replica-0" in report.findings[0].detail
+    assert "downgrade" in report.findings[0].detail
+    runner = rebuild(log, writers)
+    policy = next(p for p in runner.projections if isinstance(p, PolicyProjection))
+    assert runner.skipped == 1 and not policy.of_kind("TrafficTarget")
+    same_from_a_checkpoint(log, writers, runner)
+    # the same key, had its certificate been issued before version 3 existed: its
+    # version-2 seals verify as they always did (dave's grant allows the change)
+    monkeypatch.setattr(
+        verify_module, "SEAL_V3_SINCE", datetime.now(UTC) + timedelta(days=1)
+    )
+    assert verify_log(log, trust).ok
 
 
 def test_operators_write_policy_on_their_credential(

@@ -42,7 +42,13 @@ from smc.events._types import (
 from smc.events._verify_fast import _CHECKED_ROLES, _HEADER, _FastPath
 from smc.events._verify_policy import _PolicyChecks, _s
 from smc.events._verify_state import _RESYNC, _VerifierState
-from smc.events._writers import Writer, WriterTrust, entitled, ms_to_datetime
+from smc.events._writers import (
+    SEAL_V3_SINCE,
+    Writer,
+    WriterTrust,
+    entitled,
+    ms_to_datetime,
+)
 
 __all__ = ["ChainVerifier", "Finding"]
 
@@ -358,6 +364,14 @@ class ChainVerifier(_FastPath, _PolicyChecks, _VerifierState):
             self._reject_batch(
                 batch[:-1], r, REVOKED, f"writer {writer.label} was revoked at {revoked}"
             )
+            return
+        if seal.version < 3 and writer.not_before >= SEAL_V3_SINCE:
+            self._reject_batch(
+                batch[:-1], r, BAD_SEAL,
+                f"a version-{seal.version} seal by {writer.label}, whose certificate was "
+                f"issued ({writer.not_before.isoformat()}) after version-3 seals existed "
+                f"({SEAL_V3_SINCE.isoformat()}): a downgrade",
+            )  # fmt: skip
             return
         allowed = self._allowed_headers(writer.role)
         keys = list(map(_KEY, batch))

@@ -29,6 +29,7 @@ from smc.events._types import CERTS, EVENT_TYPES, POLICY, REGISTRY
 __all__ = [
     "ENTITLEMENTS",
     "ROLES",
+    "SEAL_V3_SINCE",
     "WRITER_NAMESPACE",
     "Writer",
     "WriterTrust",
@@ -38,6 +39,11 @@ __all__ = [
 ]
 
 WRITER_NAMESPACE = "smc-writers"
+#: Since when SMC seals with version 3 (both backends). A writer certificate valid from this
+#: time on was issued for an SMC that seals with version 3 only, so a seal of an older
+#: version under it is a downgrade (refused: it would skip the impersonation re-check);
+#: certificates issued before keep verifying the older versions they sealed.
+SEAL_V3_SINCE = datetime(2026, 12, 7, 18, 15, tzinfo=UTC)
 ROLES = ("ca", "informer", "provider", "api", "operator")
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 _URI = re.compile(
