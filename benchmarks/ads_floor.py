@@ -43,6 +43,7 @@ from ads_streams import _cla, _cluster, _cpu, _listener, _route, _rss_bytes, _tu
 from envoy.service.discovery.v3 import discovery_pb2
 
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, make_entry
+from smc.xds._gc import tune_gc
 from smc.xds._grpc_wakeups import coalesce_grpc_wakeups
 from smc.xds._requests import RequestHead
 
@@ -108,7 +109,7 @@ def floor_main(conn: Connection, streams: int, services: int, endpoints: int, ki
 
 
 def _answer_stats(conn: Connection) -> None:
-    conn.send({"rss": _rss_bytes(), "cpu": _cpu(), "bytes_sent": 0})
+    conn.send({"rss": _rss_bytes(), "cpu": _cpu(), "loop_cpu": time.thread_time(), "bytes_sent": 0})
 
 
 async def _aio_main(conn: Connection, bodies: _Bodies, coalesce: bool = False) -> None:
@@ -168,6 +169,7 @@ async def _aio_main(conn: Connection, bodies: _Bodies, coalesce: bool = False) -
     if coalesce:  # as SMC's server does (smc.xds._grpc_wakeups)
         assert coalesce_grpc_wakeups(asyncio.get_running_loop())
     rss = _rss_bytes()
+    tune_gc()  # the garbage collector's settings of SMC's server (smc.xds._gc)
     _tune_gc()
     conn.send({"port": port, "rss_snapshots": rss, "rss_start": rss, "names": bodies.names})
     while True:

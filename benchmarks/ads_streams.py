@@ -364,6 +364,7 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
                 {
                     "rss": _rss_bytes(),
                     "cpu": _cpu(),
+                    "loop_cpu": time.thread_time(),  # the event loop's thread alone
                     "bytes_sent": bytes_sent,
                     "gc_s": _gc_seconds(),
                     "gc": {g: list(v) for g, v in GC_STATS.items()},

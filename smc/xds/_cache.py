@@ -64,7 +64,8 @@ class SnapshotCache:
         """
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
-        snapshot.check_consistency(node_id=node_id)
+        if not snapshot._consistent:  # (known consistent: most snapshots made by replace)
+            snapshot.check_consistency(node_id=node_id)
         with self._lock:
             if snapshot.same_content(self._snapshots.get(node_id)):
                 return False

@@ -330,9 +330,19 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         reader = asyncio.create_task(read())
         self._streams[stream.id] = stream
         self.metrics.connected.labels(kind).inc()
+        # The mailbox's wait, inlined (no coroutine per wake-up: one per stream per change).
+        items = queue.items
+        new_future = asyncio.get_running_loop().create_future
         try:
             while True:
-                item = await queue.get()
+                while not items:
+                    waiter = queue.waiter = new_future()
+                    try:
+                        await waiter
+                    finally:
+                        if queue.waiter is waiter:
+                            queue.waiter = None
+                item = items.popleft()
                 if item is _EOF:
                     return
                 if item is _CHANGED:  # (what _handle does with it, without a coroutine)
@@ -341,8 +351,8 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                     closed = False
                 else:
                     closed = await self._handle(stream, item, context)
-                while not closed and not queue.empty():
-                    item = queue.get_nowait()
+                while not closed and items:
+                    item = items.popleft()
                     if item is _EOF:
                         closed = True
                         break
@@ -350,7 +360,14 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                 if stream.due:
                     stream.pushing = True
                     try:
-                        await self._push_types(stream, context)
+                        # The common push (a ready server, an authorized stream with a
+                        # snapshot) is computed here, without a coroutine; the rest (checks
+                        # that may end the stream) goes through _push_types.
+                        responses = self._push_now(stream)
+                        if responses is None:
+                            await self._push_types(stream, context)
+                        elif responses:
+                            await self._write_all(stream, context, responses)
                     finally:
                         stream.pushing = False
                 if closed:
@@ -412,6 +429,21 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
 
     # ------------------------------------------------------------------ pushing
 
+    def _push_now(self, stream: _Stream) -> list[tuple[str, Any]] | None:
+        """The push of a stream that needs no check (ready server, node id known, snapshot
+        published, stream authorized): the responses to write, in push order. None: the push
+        needs :meth:`_push_types` (not ready, no snapshot, an identity to check)."""
+        if not self._ready or not stream.node_id or not stream.authorized:
+            return None
+        snapshot = self._cache.get(stream.node_id)
+        if snapshot is None:
+            return None
+        stream.due = stream.blocked = False
+        stream.unplaced_since = None
+        if stream.identity is None:
+            snapshot = self._key_guard.guard(stream, snapshot)
+        return self._responses(stream, snapshot)
+
     async def _push_types(self, stream: _Stream, context: grpc.aio.ServicerContext) -> None:
         """The push (``stream.pushing`` is set meanwhile: requests wait in the queue)."""
         stream.due = stream.blocked = False
@@ -427,8 +459,21 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
             await self._check_identity(stream, context)
         if stream.identity is None or not stream.authorized:
             snapshot = self._key_guard.guard(stream, snapshot)
+        responses = self._responses(stream, snapshot)
+        if responses:
+            await self._write_all(stream, context, responses)
+        elif not stream.blocked:
+            stream.since = None
+
+    def _responses(self, stream: _Stream, snapshot: Any) -> list[tuple[str, Any]]:
+        """Compute every response of a push, in push order, marking each pending (a push runs
+        with ``stream.pushing`` set, so no request is applied until its writes are done: the
+        responses may all be computed before the first write). Sets ``stream.blocked`` when a
+        type with something new is held (in flight, or make-before-break)."""
         types = snapshot.types
         stream_types = stream.types
+        sotw = stream.kind == "sotw"
+        out: list[tuple[str, Any]] = []
         for type_url in PUSH_ORDER:
             ts = stream_types.get(type_url)
             if ts is None:
@@ -448,7 +493,7 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                 # nothing new, above: its ACK needs no push).
                 stream.blocked = True
                 continue
-            if stream.kind == "sotw":
+            if sotw:
                 response: Any = self._sotw_response(stream, ts, type_url, snapshot)
             else:
                 response = self._delta_response(stream, ts, type_url, snapshot)
@@ -456,20 +501,36 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                 continue
             # Pending before the write completes: its ACK may be read (and applied by the
             # reader task) before this coroutine resumes.
-            now = time.monotonic()
             ts.pending = True
-            ts.sent_at = now
-            await context.write(response)
-            if _log.isEnabledFor(logging.DEBUG):
+            ts.sent_at = time.monotonic()
+            out.append((type_url, response))
+        if not out and not stream.blocked:
+            stream.since = None
+        return out
+
+    async def _write_all(
+        self,
+        stream: _Stream,
+        context: grpc.aio.ServicerContext,
+        responses: list[tuple[str, Any]],
+    ) -> None:
+        """Write the responses of one push, in order, and count them."""
+        write = context.write
+        metrics = self.metrics
+        sotw = stream.kind == "sotw"
+        debug = _log.isEnabledFor(logging.DEBUG)
+        for type_url, response in responses:
+            await write(response)
+            if debug:
                 _log.debug(
                     "sent %s %s nonce %s to %s",
                     stream.kind,
                     short_name(type_url),
-                    ts.nonce,
+                    stream.types[type_url].nonce,
                     stream.node_id,
                 )
-            tm = self.metrics.for_type(type_url)
-            (tm.pushes_sotw if stream.kind == "sotw" else tm.pushes_delta).inc()
+            tm = metrics.for_type(type_url)
+            (tm.pushes_sotw if sotw else tm.pushes_delta).inc()
             if stream.since is not None:
                 tm.push_latency.observe(time.monotonic() - stream.since)
         if not stream.blocked:

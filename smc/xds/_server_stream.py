@@ -100,37 +100,26 @@ class _TypeState:
 class _Mailbox:
     """The stream's queue (requests the reader could not apply itself, wake-ups, the end): a
     deque and at most one waiter, which is all the handler needs (asyncio.Queue's bookkeeping
-    of unfinished tasks, putters and size limits cost several calls per item)."""
+    of unfinished tasks, putters and size limits cost several calls per item). The handler
+    (:meth:`~smc.xds.AdsServer._serve`) waits on ``waiter`` itself when ``items`` is empty
+    (no coroutine per wake-up)."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("items", "waiter")
 
     def __init__(self) -> None:
-        self._items: deque[Any] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self.items: deque[Any] = deque()
+        self.waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
-        waiter = self._waiter
+        self.items.append(item)
+        waiter = self.waiter
         if waiter is not None:
-            self._waiter = None
+            self.waiter = None
             if not waiter.done():
                 waiter.set_result(None)
 
     def empty(self) -> bool:
-        return not self._items
-
-    def get_nowait(self) -> Any:
-        return self._items.popleft()
-
-    async def get(self) -> Any:
-        while not self._items:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                if self._waiter is waiter:
-                    self._waiter = None
-        return self._items.popleft()
+        return not self.items
 
 
 class _Stream:

@@ -88,6 +88,14 @@ class Snapshot:
         snapshot known to be consistent stays known consistent after a change that removes
         nothing still referenced and adds no dangling reference (checked in O(changes)), so
         :meth:`check_consistency` costs nothing per proxy for the common change."""
+        if not remove:
+            ups = upsert if isinstance(upsert, list) else list(upsert)
+            if not ups:
+                return self
+            first = ups[0].type_url
+            if len(ups) == 1 or all(e.type_url == first for e in ups):
+                return self._replace_type(first, [], ups)
+            upsert = ups
         per_type: dict[str, tuple[list[str], list[ResourceEntry]]] = {}
         for type_url, name in remove:
             per_type.setdefault(type_url, ([], []))[0].append(name)
@@ -117,6 +125,26 @@ class Snapshot:
         made = Snapshot(types=MappingProxyType(types), _refs=refs)
         if self._consistent and _still_consistent(made, refs, ref_updates, gone):
             object.__setattr__(made, "_consistent", True)
+        return made
+
+    def _replace_type(
+        self, type_url: str, removes: list[str], upserts: list[ResourceEntry]
+    ) -> Snapshot:
+        """:meth:`replace` of a change to one type (the common case: one endpoint, one
+        cluster), without grouping the change by type."""
+        derived = _derive(type_url, self.types.get(type_url), removes, upserts)
+        if derived is None:
+            return self
+        new_tr, ref_updates, gone = derived
+        # (always a MappingProxyType: copy() is a C-level dict copy, dict() iterates it)
+        types: dict[str, TypeResources] = self.types.copy()  # type: ignore[attr-defined]
+        types[type_url] = new_tr
+        refs = self._refs
+        if ref_updates:
+            refs = _update_refs_shared(refs, ref_updates)
+        made = _make(MappingProxyType(types), refs)
+        if self._consistent and _still_consistent(made, refs, ref_updates, gone):
+            _set_consistent(made, True)
         return made
 
     @classmethod
@@ -228,3 +256,21 @@ class Snapshot:
         missing = self.missing_references()
         if missing:
             raise InconsistentSnapshot(missing=missing, node_id=node_id)
+
+
+_new = object.__new__
+_set_types = Snapshot.__dict__["types"].__set__
+_set_refs = Snapshot.__dict__["_refs"].__set__
+_set_consistent = Snapshot.__dict__["_consistent"].__set__
+
+
+def _make(
+    types: Mapping[str, TypeResources], refs: Mapping[str, Mapping[str, tuple[str, ...]]]
+) -> Snapshot:
+    """``Snapshot(types=types, _refs=refs)`` through the slots (the frozen dataclass's
+    ``__init__`` costs twice as much, and :meth:`Snapshot.replace` runs per proxy)."""
+    made: Snapshot = _new(Snapshot)
+    _set_types(made, types)
+    _set_refs(made, refs)
+    _set_consistent(made, False)
+    return made

@@ -103,12 +103,18 @@ def _derive(
     ``(TypeResources, reference updates, (type, name) removed or replaced)``, or None when
     nothing changed. Memoised on the identity of ``old_tr`` and of the entries, so proxies
     sharing a type's content share the result."""
-    key = (type_url, id(old_tr), tuple(removes), tuple(map(id, upserts)))
-    with _memo_lock:
-        hit = _derived.get(key)
-        if hit is not None and hit[0] is old_tr:
+    if not removes and len(upserts) == 1:
+        key: tuple[Any, ...] = (type_url, id(old_tr), id(upserts[0]))
+    else:
+        key = (type_url, id(old_tr), tuple(removes), tuple(map(id, upserts)))
+    # The hit path takes no lock (dict reads are atomic; an entry evicted meanwhile is fine).
+    hit = _derived.get(key)
+    if hit is not None and hit[0] is old_tr:
+        try:  # noqa: SIM105  (contextlib.suppress costs more than the lookup)
             _derived.move_to_end(key)
-            return hit[2]
+        except KeyError:
+            pass
+        return hit[2]
     made = _derive_now(type_url, old_tr, removes, upserts)
     with _memo_lock:
         _derived[key] = (old_tr, tuple(upserts), made)
