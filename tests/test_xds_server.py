@@ -500,6 +500,55 @@ async def test_replace_shares_work_between_proxies_and_keeps_checking_consistenc
     assert back.consistent() and back.versions() == one.versions()
 
 
+async def test_proxies_sharing_a_type_then_diverging_each_get_their_own_content() -> None:
+    """Proxies that share a type's content share its derivation (one object) only while they
+    receive the same change: once their changes differ each gets its own, correct content, and
+    sharing resumes for a later common change without mixing their histories. One-type and
+    several-type changes, upserts and removals go through the same memo."""
+    one = mesh_snapshot(lport=1000, route_to="svc", endpoints={"svc": (1,), "old": (2,)})
+    two = one.replace(upsert=[make_entry(listener(name="other", port=2000, route="web"))])
+    one.check_consistency()
+    two.check_consistency()
+    common = [make_entry(cla("svc", 3))]
+    a1, b1 = one.replace(upsert=common), two.replace(upsert=list(common))
+    assert a1.types[ENDPOINT] is b1.types[ENDPOINT]
+    # Different changes: different content, each what a fresh build gives.
+    a2 = a1.replace(upsert=[make_entry(cla("svc", 4))])
+    b2 = b1.replace(upsert=[make_entry(cla("svc", 5)), make_entry(cla("old", 6))])
+    assert a2.types[ENDPOINT] is not b2.types[ENDPOINT]
+    want_a = mesh_snapshot(lport=1000, route_to="svc", endpoints={"svc": (4,), "old": (2,)})
+    want_b = mesh_snapshot(lport=1000, route_to="svc", endpoints={"svc": (5,), "old": (6,)})
+    assert a2.versions() == want_a.versions()
+    assert a2.version(ENDPOINT) != b2.version(ENDPOINT)
+    assert b2.version(ENDPOINT) == want_b.version(ENDPOINT)
+    assert a2.resource(ENDPOINT, "old") == cla("old", 2)
+    assert b2.resource(ENDPOINT, "old") == cla("old", 6)
+    # The same later change to the two diverged contents: derived separately, and each
+    # history leads back to its own previous version only.
+    later = [make_entry(cla("svc", 7))]
+    a3, b3 = a2.replace(upsert=later), b2.replace(upsert=later)
+    assert a3.types[ENDPOINT] is not b3.types[ENDPOINT]
+    assert a3.types[ENDPOINT].changes_since(a2.version(ENDPOINT)) == {
+        "svc": (a2.entries(ENDPOINT)["svc"].mix, later[0].mix)
+    }
+    assert a3.types[ENDPOINT].changes_since(b2.version(ENDPOINT)) is None
+    assert b3.resource(ENDPOINT, "old") == cla("old", 6)
+    assert a3.resource(ENDPOINT, "old") == cla("old", 2)
+    # Converging again (b drops its extra change): equal content, equal versions.
+    b4 = b3.replace(upsert=[make_entry(cla("old", 2))])
+    assert b4.version(ENDPOINT) == a3.version(ENDPOINT)
+    # Known consistent through one-type upserts; a removal that breaks it is still caught,
+    # and so is an upsert adding a dangling reference (the shortcut covers neither).
+    assert a3.missing_references() == {} and b4.missing_references() == {}
+    assert a3.replace(remove=[(ENDPOINT, "svc")]).missing_references() == {
+        ENDPOINT: {"svc": ("Cluster 'svc'",)}
+    }
+    dangling = a3.replace(upsert=[make_entry(eds_cluster("new"))])
+    assert dangling.missing_references() == {ENDPOINT: {"new": ("Cluster 'new'",)}}
+    with pytest.raises(InconsistentSnapshot):
+        SnapshotCache().set_snapshot(node_id=NODE, snapshot=dangling)
+
+
 async def test_inconsistent_snapshot_is_refused() -> None:
     cache = SnapshotCache()
     good = mesh_snapshot(lport=1000, route_to="svc", endpoints={"svc": (1,)})

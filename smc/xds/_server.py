@@ -366,6 +366,10 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                         responses = self._push_now(stream)
                         if responses is None:
                             await self._push_types(stream, context)
+                        elif len(responses) == 1:
+                            # (most pushes: one write, awaited here, one coroutine fewer)
+                            await context.write(responses[0][1])
+                            self._written(stream, responses)
                         elif responses:
                             await self._write_all(stream, context, responses)
                     finally:
@@ -516,12 +520,17 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
     ) -> None:
         """Write the responses of one push, in order, and count them."""
         write = context.write
-        metrics = self.metrics
-        sotw = stream.kind == "sotw"
-        debug = _log.isEnabledFor(logging.DEBUG)
-        for type_url, response in responses:
+        for i, (_, response) in enumerate(responses):
             await write(response)
-            if debug:
+            self._written(stream, responses[i : i + 1])
+
+    def _written(self, stream: _Stream, responses: list[tuple[str, Any]]) -> None:
+        """Count written ``responses`` (and log them at debug level)."""
+        now = time.monotonic()
+        since = stream.since
+        sotw = stream.kind == "sotw"
+        for type_url, _ in responses:
+            if _log.isEnabledFor(logging.DEBUG):
                 _log.debug(
                     "sent %s %s nonce %s to %s",
                     stream.kind,
@@ -529,9 +538,9 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                     stream.types[type_url].nonce,
                     stream.node_id,
                 )
-            tm = metrics.for_type(type_url)
-            (tm.pushes_sotw if sotw else tm.pushes_delta).inc()
-            if stream.since is not None:
-                tm.push_latency.observe(time.monotonic() - stream.since)
+            tm = self.metrics.for_type(type_url)
+            (tm.pushes_sotw if sotw else tm.pushes_delta).value += 1
+            if since is not None:
+                tm.push_latency.observe(now - since)
         if not stream.blocked:
             stream.since = None

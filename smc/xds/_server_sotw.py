@@ -317,8 +317,8 @@ class SotwServer(StreamBookkeeping):
         ts.ack_head = _version_field(version)
         ts.ack_tail = _type_field(type_url) + nonce_field
         tm = self.metrics.for_type(type_url)
-        tm.resources_sent.inc(count)
-        tm.bytes_sent.inc(size)
+        tm.resources_sent.value += count
+        tm.bytes_sent.value += size
         # A serialised message followed by more fields parses as their merge: append the nonce.
         return data + nonce_field
 

@@ -143,7 +143,12 @@ class Snapshot:
         if ref_updates:
             refs = _update_refs_shared(refs, ref_updates)
         made = _make(MappingProxyType(types), refs)
-        if self._consistent and _still_consistent(made, refs, ref_updates, gone):
+        if self._consistent and (
+            # Upserts that add no reference leave a consistent snapshot consistent (what
+            # they replace is still present): every endpoint change.
+            (not removes and not any(added for _, added in ref_updates))
+            or _still_consistent(made, refs, ref_updates, gone)
+        ):
             _set_consistent(made, True)
         return made
 
