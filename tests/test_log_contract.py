@@ -245,9 +245,10 @@ def test_kafka_batch_scan_and_per_record_scan_leave_the_same_state(
     kafka_log: EventLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The runner's whole-batch pass over Kafka messages (taken when a batch is all
-    state-replacing records with ids of one length and no duplicate) and its per-record loop
-    (every other batch) end in the same state; batches with a duplicate inside, a duplicate
-    of an earlier batch, or ids of two lengths fall back to the loop."""
+    state-replacing records with short ids, of one length or several, and no duplicate) and
+    its per-record loop (every other batch) end in the same state; batches with a duplicate
+    inside, a duplicate of an earlier batch, or a long id (its length a two-byte varint)
+    fall back to the loop."""
     import uuid
 
     def svc(i: int, name: int, *, eid: str | None = None) -> Event:
@@ -256,6 +257,7 @@ def test_kafka_batch_scan_and_per_record_scan_leave_the_same_state(
     events = [svc(i, i % 7) for i in range(40)]  # clean, uuid-shaped ids
     events += [events[3], svc(41, 2)]  # a duplicate of an earlier record
     events += [svc(42, 1), svc(43, 5, eid="short-id")]  # ids of two lengths
+    events += [svc(46, 6, eid="long-" + "x" * 70)]  # an id of 75 bytes: a long id
     dup = svc(44, 4)
     events += [dup, dup]  # a duplicate inside one batch
     events += [svc(i, i % 5) for i in range(45, 70)]
@@ -352,3 +354,23 @@ def test_sqlite_read_racing_a_multi_stream_append_skips_no_record(tmp_path) -> N
     finally:
         reader.close()
         writer.close()
+
+
+def test_batch_scan_reads_each_event_id_by_its_own_length() -> None:
+    """The whole-batch pass slices every record's event id by that record's length byte
+    (as the per-record loop does), for ids of one length or several; a long id (varint
+    length) is left to the loop."""
+    import uuid
+
+    from smc.events import default_codec
+    from smc.projections._runner_scan import _ID_LENGTH, _event_ids
+
+    codec = default_codec()
+    ids = ["a", "bench-7", "bench-12345", str(uuid.uuid4()), "x" * 63]
+    values = [codec.encode(service(i, event_id=eid)) for i, eid in enumerate(ids)]
+    for some in (values, values[1:2] * 3, values[2:]):
+        got = _event_ids(some, set(map(_ID_LENGTH, some)))
+        assert got is not None
+        assert [i.decode() for i in got] == [codec.decode(v).envelope.event_id for v in some]
+    long = codec.encode(service(9, event_id="y" * 64))
+    assert _event_ids([*values, long], set(map(_ID_LENGTH, [*values, long]))) is None
