@@ -324,7 +324,7 @@ class SotwServer(StreamBookkeeping):
 
     def _plain_ack(self, stream: _Stream, raw: bytes) -> bool:
         """Apply ``raw`` without parsing it when it is, byte for byte, a plain ACK of the last
-        response of one of the stream's types that repeats the subscription as it was: its
+        (unanswered) response of one of the stream's types that repeats the subscription as it was: its
         ``version_info`` field, then exactly the resource-name bytes of the previous request
         of that type (same xxh3-128 digest), then ``type_url`` and the last nonce (the field
         order every xDS client's serializer uses). Returns False (nothing applied) otherwise:
@@ -332,6 +332,9 @@ class SotwServer(StreamBookkeeping):
         ACK, ~9 KB): parsing it was a quarter of a change's CPU per stream."""
         size = len(raw)
         for type_url, ts in stream.types.items():
+            if not ts.pending:
+                # (an answer to a response already answered: rare, parsed as any request)
+                continue
             tail = ts.ack_tail
             if not tail or not raw.endswith(tail):
                 continue
@@ -347,9 +350,8 @@ class SotwServer(StreamBookkeeping):
                 return False
             # What _on_reply does with an ACK (no error_detail, the version sent), and
             # _subscription_changed with the same names, without building a request.
-            if ts.pending:
-                self.metrics.for_type(type_url).ack_latency.observe(time.monotonic() - ts.sent_at)
-                ts.pending = False
+            self.metrics.for_type(type_url).ack_latency.observe(time.monotonic() - ts.sent_at)
+            ts.pending = False
             self._record_ack(stream, ts, type_url)
             if type_url not in WILDCARD_TYPES and not ts.wildcard and not ts.names:
                 self._subscription_changed(stream, ts, type_url)
