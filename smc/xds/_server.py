@@ -374,6 +374,10 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                             await self._write_all(stream, context, responses)
                     finally:
                         stream.pushing = False
+                        # Written: let the responses go (each stream's last one would stay
+                        # referenced until its next push: the first LDS/RDS of a storm is
+                        # tens of KB per stream).
+                        responses = None
                 if closed:
                     return
         finally:
