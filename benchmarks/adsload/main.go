@@ -95,8 +95,11 @@ type state struct {
 	codes     map[string]int
 	sample    map[string]string // code -> one error message
 	names     []string
-	readyCh   chan struct{}
-	readyOnce sync.Once
+	// the resource_names of the EDS (names) and RDS ("outbound") requests, encoded once
+	encodedEDS   []byte
+	encodedRoute []byte
+	readyCh      chan struct{}
+	readyOnce    sync.Once
 }
 
 func (s *state) emit(v map[string]any) {
@@ -119,8 +122,10 @@ func nodeMsg(id string) []byte {
 
 // sotwRequest: DiscoveryRequest{version_info=1, node=2, resource_names=3, type_url=4,
 // response_nonce=5}.
-func sotwRequest(node, typeURL, version, nonce string, names []string) []byte {
-	var b []byte
+// names: the resource_names fields already encoded (encodeNames), so an ACK repeating 1,000
+// names is one copy, not 1,000 encodings (the load generator stays lighter than the server).
+func sotwRequest(node, typeURL, version, nonce string, names []byte) []byte {
+	b := make([]byte, 0, len(names)+len(version)+len(typeURL)+len(nonce)+64)
 	if version != "" {
 		b = appendString(b, 1, version)
 	}
@@ -128,12 +133,19 @@ func sotwRequest(node, typeURL, version, nonce string, names []string) []byte {
 		b = protowire.AppendTag(b, 2, protowire.BytesType)
 		b = protowire.AppendBytes(b, nodeMsg(node))
 	}
-	for _, n := range names {
-		b = appendString(b, 3, n)
-	}
+	b = append(b, names...)
 	b = appendString(b, 4, typeURL)
 	if nonce != "" {
 		b = appendString(b, 5, nonce)
+	}
+	return b
+}
+
+// encodeNames: resource_names (field 3) of a DiscoveryRequest, encoded.
+func encodeNames(names []string) []byte {
+	var b []byte
+	for _, n := range names {
+		b = appendString(b, 3, n)
 	}
 	return b
 }
@@ -387,8 +399,10 @@ func (s *state) once(ctx context.Context, cc *grpc.ClientConn, st *stream) error
 	defer s.live.Add(-1)
 	send := func(b []byte) error { return cs.SendMsg(&b) }
 	names := map[string][]string{typeEndpoint: s.names, typeRoute: {"outbound"}}
+	encoded := map[string][]byte{typeEndpoint: s.encodedEDS, typeRoute: s.encodedRoute}
 	if *learn {
 		names = map[string][]string{}
+		encoded = map[string][]byte{}
 	}
 	st.mu.Lock()
 	held := map[string]string{}
@@ -403,7 +417,7 @@ func (s *state) once(ctx context.Context, cc *grpc.ClientConn, st *stream) error
 		if *delta {
 			msg = deltaRequest(node, t, "", names[t])
 		} else {
-			msg = sotwRequest(node, t, held[t], nonces[t], names[t])
+			msg = sotwRequest(node, t, held[t], nonces[t], encoded[t])
 		}
 		return send(msg)
 	}
@@ -450,7 +464,7 @@ func (s *state) once(ctx context.Context, cc *grpc.ClientConn, st *stream) error
 		if *delta {
 			ack = deltaRequest("", typeURL, nonce, nil)
 		} else {
-			ack = sotwRequest("", typeURL, version, nonce, names[typeURL])
+			ack = sotwRequest("", typeURL, version, nonce, encoded[typeURL])
 		}
 		if err := send(ack); err != nil {
 			return err
@@ -464,6 +478,7 @@ func (s *state) once(ctx context.Context, cc *grpc.ClientConn, st *stream) error
 			}
 			if !equal(want, names[dep]) {
 				names[dep] = want
+				encoded[dep] = encodeNames(want)
 				if err := request(dep, ""); err != nil {
 					return err
 				}
@@ -550,6 +565,8 @@ func main() {
 		names[i] = "svc-" + strconv.Itoa(i)
 	}
 	s.names = names
+	s.encodedEDS = encodeNames(names)
+	s.encodedRoute = encodeNames([]string{"outbound"})
 	for i := 0; i < *streams; i++ {
 		node := *nodePrefix + strconv.Itoa(*nodeOffset+i)
 		if *nodeFormat != "" {
