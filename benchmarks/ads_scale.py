@@ -170,6 +170,12 @@ class _Servers:
         return {
             "cpu": sum(g["cpu"] for g in got),
             "loop_cpu": sum(g.get("loop_cpu", 0.0) for g in got),
+            # publish -> last EDS ACK of the latest change, per process (SMC's server only)
+            "cpu_to_last_ack": (
+                sum(g["cpu_to_last_ack"] for g in got)
+                if all(g.get("cpu_to_last_ack") is not None for g in got)
+                else None
+            ),
             "rss": sum(g["rss"] for g in got),
             "gc_s": sum(g.get("gc_s", 0.0) for g in got),
             "gc": got[0].get("gc"),
@@ -290,6 +296,8 @@ def run_size(binary: Path, n: int, procs: int, args: argparse.Namespace) -> dict
                         # of which the event loop's thread (SMC's Python work, gRPC's
                         # Python binding); the rest is gRPC core's I/O threads and the kernel
                         "server_loop_cpu_s": after["loop_cpu"] - pre["loop_cpu"],
+                        # from the publish to the last ACK applied (no idle, no stats calls)
+                        "server_cpu_to_last_ack_s": after["cpu_to_last_ack"],
                         "server_gc_s": after["gc_s"] - pre["gc_s"],
                         "loadgen_cpu_s": gen.cpu_s() - gcpu,
                     }
@@ -309,6 +317,11 @@ def run_size(binary: Path, n: int, procs: int, args: argparse.Namespace) -> dict
                     "change_p99_worst_s": max(c["p99_s"] for c in ok),
                     "change_server_cpu_s": cpu,
                     "server_cpu_ms_per_stream_per_change": cpu / n * 1000,
+                    "server_cpu_to_last_ack_ms_per_stream_per_change": (
+                        statistics.median(c["server_cpu_to_last_ack_s"] for c in ok) / n * 1000
+                        if all(c["server_cpu_to_last_ack_s"] is not None for c in ok)
+                        else None
+                    ),
                     "server_loop_cpu_ms_per_stream_per_change": statistics.median(
                         c["server_loop_cpu_s"] for c in ok
                     )
@@ -376,7 +389,13 @@ def main() -> None:
                     f", change p50 {r['change_p50_s'] * 1000:.0f} ms p99 "
                     f"{r['change_p99_s'] * 1000:.0f} ms, server CPU/stream/change "
                     f"{r['server_cpu_ms_per_stream_per_change']:.3f} ms (event loop's thread "
-                    f"{r['server_loop_cpu_ms_per_stream_per_change']:.3f} ms)"
+                    f"{r['server_loop_cpu_ms_per_stream_per_change']:.3f} ms"
+                    + (
+                        f"; publish -> last ACK {r['server_cpu_to_last_ack_ms_per_stream_per_change']:.3f} ms"
+                        if r.get("server_cpu_to_last_ack_ms_per_stream_per_change") is not None
+                        else ""
+                    )
+                    + ")"
                     if "change_p50_s" in r
                     else ""
                 ),
