@@ -53,8 +53,9 @@ Concurrency: everything runs on the one event loop of the grpc.aio server. Each 
 handler coroutine plus one reader task, which applies requests itself when nothing is queued
 ahead of them (they need no push, or it wakes the handler) and otherwise queues them for the
 handler; snapshot changes arrive as a callback from the cache that enqueues a single coalesced
-wake-up. A push marks a response pending before its write completes (its ACK may be applied by
-the reader first). ``start`` raises the garbage collector's young threshold
+wake-up. A push computes all its responses (each marked pending, so its ACK may be applied by
+the reader before the write's completion resumes the handler) and then writes them in order;
+requests wait while it writes, and the handler drops the responses once written. ``start`` raises the garbage collector's young threshold
 (:mod:`smc.xds._gc`) and, with ``reuse_port``, lets several server processes share the port. Per-stream state is a few slotted objects:
 per type the subscription (names interned), the last nonce, the version sent and ACKed, and (SotW)
 one content key or (delta) the ``name -> version`` map the client holds.
