@@ -52,18 +52,9 @@ from smc.xds import (  # noqa: E402
     make_entry,
 )
 from smc.xds._gc import tune_gc  # noqa: E402
+from smc.xds._server_stream import _string_field  # noqa: E402
 
 _CLIENT_CPU = [0.0]  # the stand-in clients' own CPU, subtracted
-
-
-def _field(number: int, data: bytes) -> bytes:
-    out = bytearray([(number << 3) | 2])
-    n = len(data)
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + data
 
 
 class _Client:
@@ -75,8 +66,8 @@ class _Client:
         self.names_field = {
             CLUSTER: b"",
             LISTENER: b"",
-            ENDPOINT: b"".join(_field(3, n.encode()) for n in names),
-            ROUTE: _field(3, b"outbound"),
+            ENDPOINT: b"".join(_string_field(3, n) for n in names),
+            ROUTE: _string_field(3, "outbound"),
         }
         self.versions: dict[str, str] = {}
         self.eds_version = ""
@@ -106,10 +97,10 @@ class _Client:
         if type_url == ENDPOINT:
             self.eds_version = version
         self.requests.append(
-            _field(1, version.encode())
+            _string_field(1, version)
             + self.names_field[type_url]
-            + _field(4, type_url.encode())
-            + _field(5, nonce.encode())
+            + _string_field(4, type_url)
+            + _string_field(5, nonce)
         )
         waiter = self.waiter
         if waiter is not None and not waiter.done():
