@@ -704,6 +704,16 @@ async def test_sotw_nonces_acks_and_named_subscriptions(ads: Ads) -> None:
         eds2 = await c.recv()
         c.send(type_url=CLUSTER, response_nonce=cds2.nonce, version_info=cds2.version_info)
         assert eds2.type_url == ENDPOINT
+
+        # Every response written has its push latency observed, the second of one push too.
+        def observed() -> bool:
+            return all(
+                ads.metric("smc_xds_push_latency_seconds_count", type=t)
+                == ads.metric("smc_xds_pushes_total", type=t, kind="sotw")
+                for t in ("Cluster", "ClusterLoadAssignment")
+            )
+
+        await wait_until(observed, what="a push latency per response written", timeout=2)
         names = sorted(
             endpoint_pb2.ClusterLoadAssignment.FromString(r.value).cluster_name
             for r in eds2.resources

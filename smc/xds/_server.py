@@ -471,8 +471,6 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         responses = self._responses(stream, snapshot)
         if responses:
             await self._write_all(stream, context, responses)
-        elif not stream.blocked:
-            stream.since = None
 
     def _responses(self, stream: _Stream, snapshot: Any) -> list[tuple[str, Any]]:
         """Compute every response of a push, in push order, marking each pending (a push runs
@@ -525,12 +523,17 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
     ) -> None:
         """Write the responses of one push, in order, and count them."""
         write = context.write
+        last = len(responses) - 1
         for i, (_, response) in enumerate(responses):
             await write(response)
-            self._written(stream, responses[i : i + 1])
+            self._written(stream, responses[i : i + 1], last=i == last)
 
-    def _written(self, stream: _Stream, responses: list[tuple[str, Any]]) -> None:
-        """Count written ``responses`` (and log them at debug level)."""
+    def _written(
+        self, stream: _Stream, responses: list[tuple[str, Any]], *, last: bool = True
+    ) -> None:
+        """Count written ``responses`` (and log them at debug level); the push's latency is
+        observed for each, from the change that made it due (``stream.since``), which is
+        cleared after the ``last`` write of the push."""
         now = time.monotonic()
         since = stream.since
         sotw = stream.kind == "sotw"
@@ -547,5 +550,5 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
             (tm.pushes_sotw if sotw else tm.pushes_delta).value += 1
             if since is not None:
                 tm.push_latency.observe(now - since)
-        if not stream.blocked:
+        if last and not stream.blocked:
             stream.since = None
