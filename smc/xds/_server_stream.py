@@ -173,13 +173,7 @@ class _Stream:
             self.changed = True
             if self.since is None:
                 self.since = time.monotonic()
-            queue = self.queue  # (put_nowait, inlined: once per stream per change)
-            queue.items.append(_CHANGED)
-            waiter = queue.waiter
-            if waiter is not None:
-                queue.waiter = None
-                if not waiter.done():
-                    waiter.set_result(None)
+            self.queue.put_nowait(_CHANGED)
 
     def next_nonce(self) -> str:
         self.nonces += 1
