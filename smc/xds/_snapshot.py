@@ -119,13 +119,8 @@ class Snapshot:
             changed = True
         if not changed:
             return self
-        refs = self._refs
-        if ref_updates:
-            refs = _update_refs_shared(refs, ref_updates)
-        made = Snapshot(types=MappingProxyType(types), _refs=refs)
-        if self._consistent and _still_consistent(made, refs, ref_updates, gone):
-            object.__setattr__(made, "_consistent", True)
-        return made
+        removed = any(removes for removes, _ in per_type.values())
+        return self._changed(types, ref_updates, gone, removed=removed)
 
     def _replace_type(
         self, type_url: str, removes: list[str], upserts: list[ResourceEntry]
@@ -139,6 +134,18 @@ class Snapshot:
         # (always a MappingProxyType: copy() is a C-level dict copy, dict() iterates it)
         types: dict[str, TypeResources] = self.types.copy()  # type: ignore[attr-defined]
         types[type_url] = new_tr
+        return self._changed(types, ref_updates, gone, removed=bool(removes))
+
+    def _changed(
+        self,
+        types: dict[str, TypeResources],
+        ref_updates: list[tuple[ResourceEntry, bool]],
+        gone: list[tuple[str, str]],
+        *,
+        removed: bool,
+    ) -> Snapshot:
+        """The snapshot of ``types`` (what :meth:`replace` derived), its references updated
+        by ``ref_updates``; known consistent when this one is and the change keeps it so."""
         refs = self._refs
         if ref_updates:
             refs = _update_refs_shared(refs, ref_updates)
@@ -146,7 +153,7 @@ class Snapshot:
         if self._consistent and (
             # Upserts that add no reference leave a consistent snapshot consistent (what
             # they replace is still present): every endpoint change.
-            (not removes and not any(added for _, added in ref_updates))
+            (not removed and not any(added for _, added in ref_updates))
             or _still_consistent(made, refs, ref_updates, gone)
         ):
             _set_consistent(made, True)
