@@ -85,6 +85,7 @@ _HEADER = operator.itemgetter(slice(0, 10))  # magic + schema fingerprint
 _REC_KEY = operator.itemgetter(4)  # a Record's key and value
 _REC_VALUE = operator.itemgetter(5)
 _ID_LENGTH = operator.itemgetter(10)  # the event id's zigzag length byte
+_START = operator.itemgetter(slice(0, 11))  # the header and the event id's length byte
 _id_slices: dict[int, Callable[[bytes], bytes]] = {}
 
 
@@ -276,16 +277,10 @@ class _CompactScan:
         value_of, key_of = (_REC_VALUE, _REC_KEY) if records else (cls.value, cls.key)
         values = list(map(value_of, msgs))
         try:
-            if not all(map(kinds.__getitem__, map(_HEADER, values))):
-                return False
-            lengths = set(map(_ID_LENGTH, values))
-        except (KeyError, TypeError, IndexError):
+            starts = set(map(_START, values))
+        except TypeError:  # a record without value
             return False
-        ids = _event_ids(values, lengths)
-        if ids is None or not _all_new(self._seen, map(xxh64_intdigest, ids), len(values)):
-            return False
-        pending.update(zip(map(key_of, msgs), msgs, strict=True))
-        return True
+        return self._scan_parts(msgs, (list(map(key_of, msgs)), values, starts), pending, kinds)
 
     def _scan_parts(
         self,
