@@ -178,7 +178,7 @@ async def _aio_main(conn: Connection, bodies: _Bodies, coalesce: bool = False) -
             await server.stop(0)
             conn.send("stopped")
             return
-        if cmd == "stats":
+        if cmd in ("stats", "cpu"):
             _answer_stats(conn)
         elif isinstance(cmd, tuple) and cmd[0] == "change":
             t_ns, t = time.time_ns(), time.monotonic()
@@ -252,7 +252,7 @@ def _sync_main(conn: Connection, bodies: _Bodies) -> None:
             server.stop(0)
             conn.send("stopped")
             return
-        if cmd == "stats":
+        if cmd in ("stats", "cpu"):
             _answer_stats(conn)
         elif isinstance(cmd, tuple) and cmd[0] == "change":
             t_ns, t = time.time_ns(), time.monotonic()

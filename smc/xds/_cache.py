@@ -121,12 +121,26 @@ class SnapshotCache:
 
     @staticmethod
     def _notify(watches: tuple[_Watch, ...]) -> None:
-        try:
-            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            current = None
+        me = threading.get_ident()
         for w in watches:
-            if w.loop is current:
+            if _runs_here(w.loop, me):
                 w.callback()
             elif not w.loop.is_closed():
                 w.loop.call_soon_threadsafe(w.callback)
+
+
+def _runs_here(loop: asyncio.AbstractEventLoop, thread: int) -> bool:
+    """Whether ``loop`` is the loop running on ``thread`` (the caller's). asyncio's own loops
+    keep the thread they run on (``_thread_id``, what ``call_soon`` checks in debug mode):
+    comparing it costs no system call, where ``asyncio.get_running_loop()`` makes one
+    (``getpid``, CPython 3.11) per call, i.e. per proxy published. Other loops: asked."""
+    running = getattr(loop, "_thread_id", _UNKNOWN)
+    if running is not _UNKNOWN:
+        return running == thread
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+_UNKNOWN = object()
