@@ -163,10 +163,13 @@ class _Servers:
                 port = info["port"]
             self.info_all = [info] if i == 0 else [*self.info_all, info]
 
-    def stats(self) -> dict[str, Any]:
+    def _ask(self, command: str) -> list[dict[str, Any]]:
         for c in self.conns:
-            c.send("stats")
-        got = [c.recv() for c in self.conns]
+            c.send(command)
+        return [c.recv() for c in self.conns]
+
+    @staticmethod
+    def _cpu_figures(got: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "cpu": sum(g["cpu"] for g in got),
             "loop_cpu": sum(g.get("loop_cpu", 0.0) for g in got),
@@ -176,27 +179,21 @@ class _Servers:
                 if all(g.get("cpu_to_last_ack") is not None for g in got)
                 else None
             ),
-            "rss": sum(g["rss"] for g in got),
             "gc_s": sum(g.get("gc_s", 0.0) for g in got),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        got = self._ask("stats")
+        return {
+            **self._cpu_figures(got),
+            "rss": sum(g["rss"] for g in got),
             "gc": got[0].get("gc"),
         }
 
     def cpu(self) -> dict[str, Any]:
         """The servers' CPU figures alone (what the polling of a change's window asks: a
         full :meth:`stats` collects the metrics registry, CPU the change would be charged)."""
-        for c in self.conns:
-            c.send("cpu")
-        got = [c.recv() for c in self.conns]
-        return {
-            "cpu": sum(g["cpu"] for g in got),
-            "loop_cpu": sum(g.get("loop_cpu", 0.0) for g in got),
-            "cpu_to_last_ack": (
-                sum(g["cpu_to_last_ack"] for g in got)
-                if all(g.get("cpu_to_last_ack") is not None for g in got)
-                else None
-            ),
-            "gc_s": sum(g.get("gc_s", 0.0) for g in got),
-        }
+        return self._cpu_figures(self._ask("cpu"))
 
     def change(self, index: int) -> dict[str, Any]:
         for c in self.conns:
