@@ -374,3 +374,22 @@ def test_batch_scan_reads_each_event_id_by_its_own_length() -> None:
         assert [i.decode() for i in got] == [codec.decode(v).envelope.event_id for v in some]
     long = codec.encode(service(9, event_id="y" * 64))
     assert _event_ids([*values, long], set(map(_ID_LENGTH, [*values, long]))) is None
+
+
+def test_all_new_registers_a_batch_only_when_every_id_is_new() -> None:
+    """The whole-batch de-duplication adds a batch's id hashes only when none was seen and
+    no two are alike; otherwise the seen ids are left exactly as they were, in the same
+    order (the per-record loop then decides each record), whichever way the batch is not
+    new."""
+    from smc.projections._runner_scan import _all_new
+
+    seen = dict.fromkeys([1, 2, 3])
+    assert not _all_new(seen, iter([4, 2, 5]), 3)  # one seen before
+    assert list(seen) == [1, 2, 3]
+    assert not _all_new(seen, iter([4, 5, 4]), 3)  # two alike inside the batch
+    assert list(seen) == [1, 2, 3]
+    assert not _all_new(seen, iter([6, 6, 1]), 3)  # both at once
+    assert list(seen) == [1, 2, 3]
+    assert _all_new(seen, iter([4, 5, 6]), 3)
+    assert list(seen) == [1, 2, 3, 4, 5, 6]
+    assert _all_new(seen, iter([]), 0) and list(seen) == [1, 2, 3, 4, 5, 6]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 from xxhash import xxh64_intdigest
@@ -119,10 +120,11 @@ def _message_raw(m: Any) -> _Raw:
 
 def _all_new(seen: dict[int, None], ids: Iterable[int], n: int) -> bool:
     """Add ``n`` id hashes to ``seen`` when they are all new (none seen, no two alike) and
-    return True; else leave ``seen`` as it was and return False. One insertion per id: the
-    new ones are the last ``seen`` holds, so they are taken back (LIFO) when any was not new."""
+    return True; else leave ``seen`` as it was and return False. One insertion per id, made
+    straight into ``seen`` (no dict of the batch first): the new ones are the last ``seen``
+    holds, so they are taken back (LIFO) when any was not new."""
     before = len(seen)
-    seen.update(dict.fromkeys(ids))
+    seen.update(zip(ids, repeat(None)))
     added = len(seen) - before
     if added == n:
         return True
