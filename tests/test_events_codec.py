@@ -97,6 +97,17 @@ def test_consumer_with_only_the_schemas_directory_decodes() -> None:
     assert rec["ports"][0]["target_port"] == 8080
 
 
+def test_generated_decoder_reads_long_and_non_ascii_strings() -> None:
+    """Strings of 64 characters and more (a length of two varint bytes or more) and
+    multi-byte characters decode as fastavro reads them."""
+    codec = default_codec()
+    for eid in ("x" * 63, "x" * 64, "é" * 40, "y" * 9000):
+        data = codec.encode(service(3, event_id=eid, actor="ü" * 70))
+        name, d = codec.decode_dict(data)
+        assert codec.decode(data) == codec._decoders[name](d)
+        assert codec.decode(data).envelope.event_id == eid
+
+
 @pytest.mark.parametrize(
     ("mangle", "err", "needle"),
     [
@@ -106,6 +117,12 @@ def test_consumer_with_only_the_schemas_directory_decodes() -> None:
         (lambda b: b + b"\x00\x00", DecodeError, "trailing"),
         (lambda b: b[:3], DecodeError, "bad magic"),
         (lambda b: b[:10] + b"\x80" * 20, DecodeError, "corrupt"),
+        # the event id's length (the body's first field): negative in one byte and in two,
+        # then past the record's end in one byte and in three
+        (lambda b: b[:10] + b"\x03" + b[11:], DecodeError, "string length out of range"),
+        (lambda b: b[:10] + b"\x81\x01" + b[11:], DecodeError, "string length out of range"),
+        (lambda b: b[:10] + b"\x7e" + b[11:20], DecodeError, "string length out of range"),
+        (lambda b: b[:10] + b"\xfe\xff\x03" + b[11:], DecodeError, "string length out of range"),
     ],
 )
 def test_bad_records_name_their_position(mangle, err, needle) -> None:  # type: ignore[no-untyped-def]

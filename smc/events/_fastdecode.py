@@ -39,7 +39,7 @@ def _long_slow(data: bytes, i: int) -> tuple[int, int]:
 
 
 def _ms(ms: int) -> datetime:
-    return _EPOCH + timedelta(milliseconds=ms)
+    return _EPOCH + timedelta(0, 0, 0, ms)  # days, seconds, microseconds, milliseconds
 
 
 class _Gen:
@@ -87,9 +87,20 @@ class _Gen:
             if logical == "timestamp-millis":
                 self.emit(depth, f"{target} = _ms({target})")
         elif t == "string":
+            # the length: a zigzag varint, one byte below 64 characters (an odd byte is a
+            # negative length); ``end`` is the record's length, read once per record
             n = self.var("n")
-            self.long(depth, n)
-            self.emit(depth, f"if {n} < 0 or i + {n} > len(data):")
+            self.emit(depth, f"{n} = data[i]")
+            self.emit(depth, f"if {n} < 0x80:")
+            self.emit(depth + 1, f"if {n} & 1:")
+            self.emit(depth + 2, "raise ValueError('string length out of range')")
+            self.emit(depth + 1, f"{n} >>= 1")
+            self.emit(depth + 1, "i += 1")
+            self.emit(depth, "else:")
+            self.emit(depth + 1, f"{n}, i = _long_slow(data, i)")
+            self.emit(depth + 1, f"if {n} < 0:")
+            self.emit(depth + 2, "raise ValueError('string length out of range')")
+            self.emit(depth, f"if i + {n} > end:")
             self.emit(depth + 1, "raise ValueError('string length out of range')")
             self.emit(depth, f"{target} = data[i:i + {n}].decode()")
             self.emit(depth, f"i += {n}")
@@ -159,6 +170,7 @@ def compile_decoder(
     """
     gen = _Gen(classes)
     gen.emit(0, "def decode(data, i):")
+    gen.emit(1, "end = len(data)")
     gen.record(schema, 1, "out")
     gen.emit(1, "return out, i")
     src = "\n".join(gen.lines)
