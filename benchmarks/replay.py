@@ -5,7 +5,10 @@ dedupe + apply), the peak memory of the rebuild (measured in a fresh process), a
 ratio to a raw confluent-kafka consume of the same records (kafka_raw.py's baseline: every value
 touched, with KafkaLog's consumer settings; a loop that only counts batches is reported too):
 the machine is shared, so rebuild and raw passes alternate (``--repeats``, 5) and the best pass
-of each is compared (the ratio of the medians is reported too). Writes benchmarks/results/replay.json.
+of each is compared (the ratio of the medians is reported too); each verified pass and raw
+consume also reports its minor page faults and system CPU time (memory taken fresh from the
+kernel: a rebuild grows its de-duplication set, a raw consume holds nothing). Writes
+benchmarks/results/replay.json.
 Not a test. Usage: python benchmarks/replay.py [--events N] [--backends sqlite,kafka]
 [--bootstrap HOST:PORT]  (without --bootstrap a real Kafka broker is started on 127.0.0.1).
 """
@@ -159,11 +162,21 @@ def rebuild_only_child(url: str, trust: str | None = None) -> None:
     """Run in a fresh process: the compacted rebuild alone, timed as in rebuild_child
     (verified against ``trust`` when given)."""
     log = open_log(url)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     runner, n, secs, cpu = timed_rebuild(log, trust)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     skipped = runner.skipped
     print(json.dumps({"events": n, "events_per_second": n / secs, "cpu_seconds": cpu,
-                      "skipped": skipped, "digests": runner.digests()}))
+                      "skipped": skipped, "digests": runner.digests(), **_faults(before, after)}))
     log.close()
+
+
+def _faults(before: Any, after: Any) -> dict[str, float]:
+    """Minor page faults and system CPU seconds between two ``getrusage`` readings: the
+    memory a pass takes fresh from the kernel (page faults cost 3-25 us each on this shared
+    machine, so they are a large part of the noise between passes)."""
+    return {"minor_page_faults": after.ru_minflt - before.ru_minflt,
+            "system_seconds": after.ru_stime - before.ru_stime}
 
 
 def rebuild_again(url: str, digests: dict[str, str], trust: str | None = None) -> float:
@@ -176,15 +189,23 @@ def rebuild_again_cpu(
 ) -> tuple[float, float]:
     """One more compacted rebuild in a fresh process (events/s); checks it ends in the same
     state (and, verified, that nothing was skipped)."""
+    again = rebuild_again_stats(url, digests, trust)
+    return float(again["events_per_second"]), again["events"] / again["cpu_seconds"]
+
+
+def rebuild_again_stats(
+    url: str, digests: dict[str, str], trust: str | None = None
+) -> dict[str, Any]:
+    """:func:`rebuild_again_cpu`'s pass, all its figures (page faults and system time too)."""
     out = subprocess.run(
         [sys.executable, __file__, "--rebuild-only-child", url,
          *(["--trust", trust] if trust else [])],
         check=True, capture_output=True, text=True,
     )
-    again = json.loads(out.stdout.strip().splitlines()[-1])
+    again: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     assert again["digests"] == digests, "a repeated rebuild ended in another state"
     assert again["skipped"] == 0, "a verified rebuild skipped records of a sealed log"
-    return float(again["events_per_second"]), again["events"] / again["cpu_seconds"]
+    return again
 
 
 def writer_credentials(tmp: str) -> tuple[Any, str]:
@@ -214,12 +235,17 @@ def bench_sealed(url: str, events: list[Event], signer: Any, trust: str,
     rates: list[float] = []
     cpu_rates: list[float] = []
     raws: list[float] = []
+    faults: list[tuple[int, float]] = []  # (minor page faults, system seconds) per pass
+    raw_faults: list[tuple[int, float]] = []
     for _ in range(max(1, repeats)):  # alternated with raw consumes of the same records
-        rate, cpu_rate = rebuild_again_cpu(url, digests, trust)
-        rates.append(rate)
-        cpu_rates.append(cpu_rate)
+        again = rebuild_again_stats(url, digests, trust)
+        rates.append(float(again["events_per_second"]))
+        cpu_rates.append(again["events"] / again["cpu_seconds"])
+        faults.append((again["minor_page_faults"], again["system_seconds"]))
         if url.startswith("kafka://"):
-            raws.append(raw_again(url, n)[0])
+            got = raw_again_stats(url, n)
+            raws.append(float(got["raw"]))
+            raw_faults.append((got["minor_page_faults"], got["system_seconds"]))
     out: dict[str, Any] = {
         "sealed_append_events_per_second": n / append_s,
         "sealed_vs_unsealed_append": (n / append_s) / unsealed["append_events_per_second"],
@@ -237,7 +263,13 @@ def bench_sealed(url: str, events: list[Event], signer: Any, trust: str,
           f"{max(cpu_rates):,.0f} ev/CPU-s "
           f"({out['verified_vs_unverified_rebuild_per_cpu_second']:.2f}x unverified per CPU "
           f"second); same digests")
+    out["verified_rebuild_passes_page_faults_system_seconds"] = faults
+    print("  verified rebuild passes: minor page faults (system CPU s) "
+          + ", ".join(f"{f:,} ({st:.2f})" for f, st in faults))
     if raws:
+        out["raw_consume_passes_page_faults_system_seconds"] = raw_faults
+        print("  raw consume passes: minor page faults (system CPU s) "
+              + ", ".join(f"{f:,} ({st:.2f})" for f, st in raw_faults))
         out["raw_consume_passes_events_per_second"] = raws
         out["verified_rebuild_vs_raw_consume"] = max(rates) / max(raws)
         out["verified_rebuild_vs_raw_consume_medians"] = statistics.median(
@@ -259,19 +291,28 @@ def raw_child(url: str, n: int) -> None:
     u = urlparse(url)
     prefix = parse_qs(u.query).get("prefix", [""])[0]
     topics = [prefix + s for s in STREAMS]
+    before = resource.getrusage(resource.RUSAGE_SELF)
     raw = raw_kafka_consume(u.netloc, topics, n)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     bare = raw_kafka_count_only(u.netloc, topics, n)
-    print(json.dumps({"raw": raw, "count_only": bare}))
+    print(json.dumps({"raw": raw, "count_only": bare, **_faults(before, after)}))
 
 
 def raw_again(url: str, n: int) -> tuple[float, float]:
     """Both raw consume loops over the ``n`` records at ``url``, in a fresh process."""
+    got = raw_again_stats(url, n)
+    return float(got["raw"]), float(got["count_only"])
+
+
+def raw_again_stats(url: str, n: int) -> dict[str, Any]:
+    """:func:`raw_again`'s pass, all its figures (the raw consume's page faults and system
+    time too)."""
     out = subprocess.run(
         [sys.executable, __file__, "--raw-child", url, "--events", str(n)],
         check=True, capture_output=True, text=True,
     )
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    return float(got["raw"]), float(got["count_only"])
+    got: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return got
 
 
 def bench_backend(url: str, events: list[Event]) -> dict[str, Any]:
