@@ -269,10 +269,10 @@ class _CompactScan:
     ) -> bool:
         """The common case of :meth:`_scan_messages` as C-level passes over the batch (about
         12% less CPU than the per-record loop): every record of a replacing type, every event
-        id short (its length in one byte; uuid-shaped ids are), no duplicate in the batch nor with what was
-        seen. Registers the batch and returns True exactly then; otherwise changes nothing
-        and returns False (the per-record loop runs, and raises the precise error for a bad
-        record). Both paths leave the same state (tests compare them)."""
+        id short (its length in one byte; uuid-shaped ids are), no duplicate in the batch nor
+        with what was seen. Registers the batch and returns True exactly then; otherwise
+        changes nothing and returns False (the per-record loop runs, and raises the precise
+        error for a bad record). Both paths leave the same state (tests compare them)."""
         if not msgs:
             return False
         cls = msgs[0].__class__  # the messages' C methods, mapped: no Python frame each

@@ -55,9 +55,10 @@ ahead of them (they need no push, or it wakes the handler) and otherwise queues 
 handler; snapshot changes arrive as a callback from the cache that enqueues a single coalesced
 wake-up. A push computes all its responses (each marked pending, so its ACK may be applied by
 the reader before the write's completion resumes the handler) and then writes them in order;
-requests wait while it writes, and the handler drops the responses once written. ``start`` raises the garbage collector's young threshold
-(:mod:`smc.xds._gc`) and, with ``reuse_port``, lets several server processes share the port. Per-stream state is a few slotted objects:
-per type the subscription (names interned), the last nonce, the version sent and ACKed, and (SotW)
+requests wait while it writes, and the handler drops the responses once written. ``start``
+raises the garbage collector's young threshold (:mod:`smc.xds._gc`) and, with ``reuse_port``,
+lets several server processes share the port. Per-stream state is a few slotted objects: per
+type the subscription (names interned), the last nonce, the version sent and ACKed, and (SotW)
 one content key or (delta) the ``name -> version`` map the client holds.
 
 Cost: a stream that follows a type through :meth:`Snapshot.replace` steps diffs in O(changes) via
@@ -370,7 +371,7 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
                         elif len(responses) == 1:
                             # (most pushes: one write, awaited here, one coroutine fewer)
                             await context.write(responses[0][1])
-                            self._written(stream, responses)
+                            self._written(stream, responses[0][0])
                         elif responses:
                             await self._write_all(stream, context, responses)
                     finally:
@@ -524,31 +525,25 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
         """Write the responses of one push, in order, and count them."""
         write = context.write
         last = len(responses) - 1
-        for i, (_, response) in enumerate(responses):
+        for i, (type_url, response) in enumerate(responses):
             await write(response)
-            self._written(stream, responses[i : i + 1], last=i == last)
+            self._written(stream, type_url, last=i == last)
 
-    def _written(
-        self, stream: _Stream, responses: list[tuple[str, Any]], *, last: bool = True
-    ) -> None:
-        """Count written ``responses`` (and log them at debug level); the push's latency is
-        observed for each, from the change that made it due (``stream.since``), which is
-        cleared after the ``last`` write of the push."""
-        now = time.monotonic()
-        since = stream.since
-        sotw = stream.kind == "sotw"
-        for type_url, _ in responses:
-            if _log.isEnabledFor(logging.DEBUG):
-                _log.debug(
-                    "sent %s %s nonce %s to %s",
-                    stream.kind,
-                    short_name(type_url),
-                    stream.types[type_url].nonce,
-                    stream.node_id,
-                )
-            tm = self.metrics.for_type(type_url)
-            (tm.pushes_sotw if sotw else tm.pushes_delta).value += 1
-            if since is not None:
-                tm.push_latency.observe(now - since)
+    def _written(self, stream: _Stream, type_url: str, *, last: bool = True) -> None:
+        """Count the response of ``type_url`` just written (and log it at debug level); the
+        push's latency is observed from the change that made it due (``stream.since``), which
+        is cleared after the ``last`` write of the push."""
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "sent %s %s nonce %s to %s",
+                stream.kind,
+                short_name(type_url),
+                stream.types[type_url].nonce,
+                stream.node_id,
+            )
+        tm = self.metrics.for_type(type_url)
+        (tm.pushes_sotw if stream.kind == "sotw" else tm.pushes_delta).value += 1
+        if stream.since is not None:
+            tm.push_latency.observe(time.monotonic() - stream.since)
         if last and not stream.blocked:
             stream.since = None

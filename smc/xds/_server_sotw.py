@@ -324,12 +324,12 @@ class SotwServer(StreamBookkeeping):
 
     def _plain_ack(self, stream: _Stream, raw: bytes) -> bool:
         """Apply ``raw`` without parsing it when it is, byte for byte, a plain ACK of the last
-        (unanswered) response of one of the stream's types that repeats the subscription as it was: its
-        ``version_info`` field, then exactly the resource-name bytes of the previous request
-        of that type (same xxh3-128 digest), then ``type_url`` and the last nonce (the field
-        order every xDS client's serializer uses). Returns False (nothing applied) otherwise:
-        the caller parses the request. A SotW ACK repeats every requested name (1,000 on an EDS
-        ACK, ~9 KB): parsing it was a quarter of a change's CPU per stream."""
+        (unanswered) response of one of the stream's types that repeats the subscription as it
+        was: its ``version_info`` field, then exactly the resource-name bytes of the previous
+        request of that type (same xxh3-128 digest), then ``type_url`` and the last nonce (the
+        field order every xDS client's serializer uses). Returns False (nothing applied)
+        otherwise: the caller parses the request. A SotW ACK repeats every requested name (1,000
+        on an EDS ACK, ~9 KB): parsing it was a quarter of a change's CPU per stream."""
         size = len(raw)
         for type_url, ts in stream.types.items():
             if not ts.pending:
