@@ -37,7 +37,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import grpc  # noqa: E402
-from ads_streams import _cla, _cluster, _listener, _route  # noqa: E402
+from ads_streams import _cla, _cluster, _listener, _publish_change, _route  # noqa: E402
 from envoy.config.core.v3 import base_pb2  # noqa: E402
 from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
 
@@ -155,10 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         entry = make_entry(_cla(names[index], index, args.endpoints, extra=k + 1))
         _CLIENT_CPU[0] = 0.0
         t0 = time.thread_time()
-        for node in nodes:
-            snap = cache.get(node)
-            assert snap is not None
-            cache.set_snapshot(node_id=node, snapshot=snap.replace(upsert=[entry]))
+        _publish_change(cache, nodes, entry)
         publish = time.thread_time() - t0
         version = cache.get(nodes[0]).version(ENDPOINT)  # type: ignore[union-attr]
         await settled(version)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
@@ -32,11 +33,22 @@ def _loops() -> list[Callable[[], asyncio.AbstractEventLoop]]:
     return makers
 
 
+_T = TypeVar("_T")
+
+
+def _run(make_loop: Callable[[], asyncio.AbstractEventLoop], main: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``main`` to its end on a fresh loop of ``make_loop``'s kind, then close it."""
+    loop = make_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("make_loop", _loops())
 def test_publish_on_the_loop_calls_the_watch_at_once(
     make_loop: Callable[[], asyncio.AbstractEventLoop],
 ) -> None:
-    loop = make_loop()
     cache = SnapshotCache()
     calls: list[str] = []
 
@@ -48,17 +60,13 @@ def test_publish_on_the_loop_calls_the_watch_at_once(
         await asyncio.sleep(0)
         return seen
 
-    try:
-        assert loop.run_until_complete(main()) == [threading.current_thread().name]
-    finally:
-        loop.close()
+    assert _run(make_loop, main()) == [threading.current_thread().name]
 
 
 @pytest.mark.parametrize("make_loop", _loops())
 def test_publish_from_another_thread_runs_the_watch_on_the_loop(
     make_loop: Callable[[], asyncio.AbstractEventLoop],
 ) -> None:
-    loop = make_loop()
     cache = SnapshotCache()
     on_loop_thread: list[bool] = []
 
@@ -78,10 +86,7 @@ def test_publish_from_another_thread_runs_the_watch_on_the_loop(
         await asyncio.wait_for(woken.wait(), 5)
         worker.join()
 
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(make_loop, main())
     assert on_loop_thread == [True]
 
 
