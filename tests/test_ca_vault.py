@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -424,3 +426,20 @@ def test_vault_signs_a_proxys_csr_for_the_proven_identity_only(
     private = format(key.private_numbers().private_value, "x")
     dump = repr(bao.client().secrets.pki.list_certificates(mount_point=pki.mount))
     assert private not in dump
+
+
+def test_health_waits_while_the_ca_file_is_still_being_written(tmp_path: Path) -> None:
+    """``bao server -dev-tls`` creates its CA file before it fills it: a health check that
+    finds it empty is "not up yet" (the harness keeps waiting), not an ssl.SSLError that
+    ends the start (seen once in a full run)."""
+    server = OpenBaoServer(tls=True, port=free_port())
+    server._dir = tempfile.TemporaryDirectory(dir=tmp_path)
+    try:
+        ca = server.ca_cert_path
+        assert ca is not None
+        Path(ca).write_bytes(b"")
+        assert server._health() is None
+        Path(ca).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n")
+        assert server._health() is None
+    finally:
+        server._dir.cleanup()

@@ -179,7 +179,10 @@ class OpenBaoServer:
             ca = self.ca_cert_path
             if ca is None or not os.path.exists(ca):
                 return None
-            ctx = ssl.create_default_context(cafile=ca)
+            try:
+                ctx = ssl.create_default_context(cafile=ca)
+            except ssl.SSLError:
+                return None  # bao is still writing its CA file (seen empty): not up yet
         try:
             with urllib.request.urlopen(
                 f"{self.url}/v1/sys/health", timeout=1.0, context=ctx
