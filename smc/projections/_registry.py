@@ -213,6 +213,8 @@ class RegistryProjection:
         out = self._plain_core()
         if self.vm_groups.groups:  # absent when empty: digests of logs without groups unchanged
             out["vm_groups"] = self.vm_groups.plain()
+        if self.vm_groups.removed:  # (likewise absent when none)
+            out["vm_groups_removed"] = self.vm_groups.plain_removed()
         return out
 
     def _plain_core(self) -> dict[str, Any]:
@@ -289,6 +291,7 @@ class RegistryProjection:
         self.service_accounts = sas
         self.generation += 1
         self.vm_groups.restore(data.get("vm_groups", {}))
+        self.vm_groups.restore_removed(data.get("vm_groups_removed", {}))
 
 
 def _out_of_rotation(w: Workload) -> bool:

@@ -5,6 +5,10 @@ Role: folds ``VmInstanceChanged`` (an instance joined, is draining, or left, and
 projection carries (``RegistryProjection.vm_groups``), for ``smc get vmgroups``, the metrics
 and the group controller (which resumes drains after a restart from it). Left instances and
 removed groups are dropped, so the table holds what is in the mesh now.
+The two event types are different aggregates, so they may sit in different partitions and be
+read in either order: the fold gives the same table in both. A group's removal is remembered
+(``removed``: its reason and time) until the group reports another status, so an instance
+event read after the removal finds the group removed, as it would read before it.
 Concurrency: single-threaded, like every projection (see :mod:`smc.projections._base`).
 """
 
@@ -59,6 +63,8 @@ class VmGroups:
 
     def __init__(self) -> None:
         self.groups: dict[tuple[str, str], GroupState] = {}
+        #: Groups whose latest status is "removed": ``(namespace, group) -> (reason, since)``.
+        self.removed: dict[tuple[str, str], tuple[str, str]] = {}
 
     def instance_changed(self, e: VmInstanceChanged) -> None:
         key = (e.namespace, e.group)
@@ -71,6 +77,10 @@ class VmGroups:
             return
         if g is None:
             g = self.groups[key] = GroupState()
+            gone = self.removed.get(key)
+            if gone is not None:  # the removal was read first (another partition)
+                g.status = "removed"
+                g.reason, g.since = gone
         g.instances[e.instance_id] = InstanceState(
             instance_id=e.instance_id,
             workload=e.workload,
@@ -84,12 +94,14 @@ class VmGroups:
     def status_changed(self, e: VmGroupStatusChanged) -> None:
         key = (e.namespace, e.group)
         if e.status == "removed":
+            self.removed[key] = (e.reason, _iso(e.envelope.occurred_at))
             g = self.groups.get(key)
             if g is not None and not g.instances:
                 del self.groups[key]
             elif g is not None:
                 g.status, g.reason, g.since = "removed", e.reason, _iso(e.envelope.occurred_at)
             return
+        self.removed.pop(key, None)
         g = self.groups.setdefault(key, GroupState())
         g.status, g.reason, g.since = e.status, e.reason, _iso(e.envelope.occurred_at)
 
@@ -107,6 +119,16 @@ class VmGroups:
             }
             for (ns, name), g in sorted(self.groups.items())
         }
+
+    def plain_removed(self) -> dict[str, list[str]]:
+        return {f"{ns}/{name}": list(v) for (ns, name), v in sorted(self.removed.items())}
+
+    def restore_removed(self, data: dict[str, list[str]]) -> None:
+        removed: dict[tuple[str, str], tuple[str, str]] = {}
+        for key, (reason, since) in data.items():
+            ns, name = key.split("/", 1)
+            removed[(ns, name)] = (reason, since)
+        self.removed = removed
 
     def restore(self, data: dict[str, Any]) -> None:
         groups: dict[tuple[str, str], GroupState] = {}
