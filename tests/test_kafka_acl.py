@@ -114,6 +114,30 @@ def test_writer_appends_integrator_reads_and_is_refused_by_kafka(
         again.close()
 
 
+def test_a_refused_producer_fails_with_a_clear_error_during_the_flush_too(
+    secured: tuple[KafkaBroker, Path],
+) -> None:
+    """The broker refuses the integrator's producer (its idempotent-write ACL) while the
+    append already waits for acknowledgements: the append is refused with the cause, as when
+    the refusal came first (confluent-kafka's long flush ended in SystemError here)."""
+    broker, folder = secured
+    for _ in range(3):
+        log = open_log(url(broker, folder, "integrator"))
+        try:
+            with pytest.raises(LogError) as refused:
+                log.append([service("forged-at-once")])
+            assert "refused the append" in str(refused.value)
+            assert "CLUSTER_AUTHORIZATION_FAILED" in str(refused.value)
+        finally:
+            log.close()
+    again = open_log(url(broker, folder, "smc-writer"))
+    try:
+        names = [r.key for r in again.read(start=Position(), max_records=100, timeout=5)]
+        assert "service/acl/forged-at-once" not in names
+    finally:
+        again.close()
+
+
 def test_no_credentials_or_a_wrong_password_get_nothing(
     secured: tuple[KafkaBroker, Path], tmp_path: Path
 ) -> None:

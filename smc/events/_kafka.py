@@ -38,7 +38,7 @@ from smc.events._codec import Codec, default_codec
 from smc.events._errors import LogError, LogUnavailable
 from smc.events._health import StateChangeFilter
 from smc.events._integrity import BATCH_HEADER, Signer, batch_size
-from smc.events._kafka_seal import _SealedAppends, delivery_report
+from smc.events._kafka_seal import _SealedAppends, delivery_report, flush
 from smc.events._log import Appended, Position, Record
 from smc.events._types import STREAMS, Event
 
@@ -201,7 +201,10 @@ class KafkaLog(_SealedAppends):
                         self._producer.poll(0.05)
                     except KafkaException as exc:
                         raise self._refused(exc) from exc
-            remaining = self._producer.flush(self.timeout)
+            try:
+                remaining = flush(self._producer, self.timeout)
+            except KafkaException as exc:
+                raise self._refused(exc) from exc
         if remaining:
             raise LogUnavailable(
                 f"Kafka at {self.bootstrap}: {remaining} records not acknowledged within "
@@ -489,7 +492,7 @@ class KafkaLog(_SealedAppends):
 
     def close(self) -> None:
         try:
-            self._producer.flush(min(self.timeout, 5.0))
+            flush(self._producer, min(self.timeout, 5.0))
         except KafkaException as exc:  # a fatal producer (e.g. refused by the authorizer)
             _rdlog.warning("Kafka at %s: producer closed with an error: %s", self.bootstrap, exc)
         finally:

@@ -24,10 +24,28 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin import OffsetSpec as _OffsetSpec  # type: ignore[attr-defined]
 
 from smc.events._codec import Codec
-from smc.events._errors import LogUnavailable
+from smc.events._errors import LogError, LogUnavailable
 from smc.events._integrity import BATCH_HEADER, WRITER, IntegrityError, Seal, Signer
 from smc.events._log import Appended
 from smc.events._types import POLICY, Event
+
+#: Longest single ``Producer.flush`` call. confluent-kafka (2.16) splits a longer flush into
+#: 200 ms chunks and starts the next chunk even after a callback raised, among them the
+#: fatal error of a producer the broker's authorizer refused: the next chunk's callbacks run
+#: with that exception pending and the flush ends in SystemError instead of KafkaException.
+#: Shorter calls are one librdkafka flush each, which stops at the first raise.
+FLUSH_CHUNK = 0.15
+
+
+def flush(producer: Producer, timeout: float) -> int:
+    """``producer.flush(timeout)`` in calls short enough to raise a fatal producer error as
+    :class:`KafkaException` (see :data:`FLUSH_CHUNK`). Returns the records still queued."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        remaining: int = producer.flush(max(0.0, min(FLUSH_CHUNK, left)))
+        if not remaining or left <= FLUSH_CHUNK:
+            return remaining
 
 
 def delivery_report(
@@ -69,6 +87,7 @@ class _SealedAppends:
     partitions: Callable[[], dict[str, list[int]]]
     partition_of: Callable[[str, bytes], int]
     _produce: Callable[[str, int, bytes, bytes, list[Any], Any], None]
+    _refused: Callable[[KafkaException], LogError]
     _high_watermark: Callable[..., int]
 
     def _append_sealed(self, events: Sequence[Event], signer: Signer) -> list[Appended]:
@@ -114,7 +133,11 @@ class _SealedAppends:
                     if j == last:
                         headers.append(("smc.seal", seal.encode()))
                     self._produce(self.prefix + stream, p, key, value, headers, report(i, ev))
-            remaining = self._producer.flush(self.timeout)
+            try:
+                remaining = flush(self._producer, self.timeout)
+            except KafkaException as exc:
+                signer.new_session()
+                raise self._refused(exc) from exc
         if remaining or failures:
             # Part of a batch may be on the log without its seal: a new session keeps the
             # chains of the next appends apart from it (the unsealed records are reported
