@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$("${PYTHON:-python3}" scripts/bootstrap.py --test --install-only)
 echo "== ruff"
-"$py" -m ruff check smc tests benchmarks deploy scripts
+"$py" -m ruff check smc tests benchmarks deploy scripts examples
 "$py" -m ruff format --check smc
 echo "== mypy"
 "$py" -m mypy
