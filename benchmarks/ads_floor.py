@@ -44,6 +44,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, make_entry
 from smc.xds._gc import tune_gc
+from smc.xds._grpc_threads import batch_grpc_io_threads
 from smc.xds._grpc_wakeups import coalesce_grpc_wakeups
 from smc.xds._requests import RequestHead
 
@@ -168,6 +169,8 @@ async def _aio_main(conn: Connection, bodies: _Bodies, coalesce: bool = False) -
     await server.start()
     if coalesce:  # as SMC's server does (smc.xds._grpc_wakeups)
         assert coalesce_grpc_wakeups(asyncio.get_running_loop())
+    if os.environ.get("SMC_BENCH_IO_THREADS", "batch") == "batch":
+        batch_grpc_io_threads()  # as SMC's server does (smc.xds._grpc_threads)
     rss = _rss_bytes()
     tune_gc()  # the garbage collector's settings of SMC's server (smc.xds._gc)
     _tune_gc()

@@ -266,6 +266,7 @@ def run_size(binary: Path, n: int, procs: int, args: argparse.Namespace) -> dict
             "server": args.server,
             "server_processes": procs,
             "pinned": bool(args.pin),
+            "io_threads": args.io_threads,
             "services": args.services,
             "endpoints": args.services * args.endpoints,
             "conns": args.conns,
@@ -379,8 +380,17 @@ def main() -> None:
         help="pin the server process(es) to the first CPU and the load generator to the others "
         "(threads started later inherit it)",
     )
+    parser.add_argument(
+        "--io-threads",
+        default="batch",
+        choices=["batch", "default"],
+        help="batch: the server's gRPC I/O threads run as SCHED_BATCH (what AdsServer.start "
+        "does; the floor servers get it too); default: the normal policy, for comparison",
+    )
     parser.add_argument("--out", default=str(BENCH / "results" / "ads_scale.json"))
     args = parser.parse_args()
+    # read by the server processes (spawned: they inherit the environment)
+    os.environ["SMC_BENCH_IO_THREADS"] = args.io_threads
     binary = build_loadgen()
     results = []
     for n in [int(x) for x in args.sizes.split(",") if x.strip()]:
@@ -394,7 +404,8 @@ def main() -> None:
             print(
                 f"{r['mode']} {n:>6} streams, {r['server_processes']} server process(es) "
                 f"({r['services']} services, {r['endpoints']} endpoints, "
-                f"{r['conns']} conns, load {load:.1f}{', pinned' if args.pin else ''}): "
+                f"{r['conns']} conns, load {load:.1f}{', pinned' if args.pin else ''}"
+                f"{', io threads ' + args.io_threads if args.io_threads != 'batch' else ''}): "
                 f"storm -> all ACKed "
                 f"{storm_text}, "
                 f"lost {r['streams_lost_total']} {r['loss_codes'] or ''}, mem/stream "

@@ -352,7 +352,12 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
 
     server = AdsServer(cache=cache, on_ack=on_ack)
     _track_gc()
-    port = await server.start(port=_PORT[0], reuse_port=_PORT[1])  # applies smc.xds.tune_gc()
+    port = await server.start(  # applies smc.xds.tune_gc()
+        port=_PORT[0],
+        reuse_port=_PORT[1],
+        # ads_scale.py --io-threads default: gRPC's I/O threads under the normal policy
+        batch_io_threads=os.environ.get("SMC_BENCH_IO_THREADS", "batch") == "batch",
+    )
     _tune_gc()
     server.mark_ready()
     rss_snapshots = _rss_bytes()

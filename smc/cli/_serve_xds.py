@@ -179,6 +179,8 @@ class _Xds:
         self.tls = tls
         #: ``--xds-reuseport``: bind ADS with SO_REUSEPORT (replicas on one host share it).
         self.reuse_port = False
+        #: ``--xds-io-threads``: gRPC core's I/O threads as SCHED_BATCH (smc.xds._grpc_threads).
+        self.batch_io_threads = True
         #: Set once ADS (and the certificate service, when there is one) listen: /readyz waits
         #: for it, so a replica takes proxies only when they can connect.
         self.listening = asyncio.Event()
@@ -363,6 +365,7 @@ class _Xds:
                     port=self.addr[1],
                     tls=server_tls,
                     reuse_port=self.reuse_port,
+                    batch_io_threads=self.batch_io_threads,
                 )
             except (OSError, RuntimeError) as exc:
                 raise ApiError(

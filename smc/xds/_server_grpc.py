@@ -20,6 +20,7 @@ import grpc
 from smc.ca import SpiffeId
 from smc.xds._errors import XdsError
 from smc.xds._gc import tune_gc
+from smc.xds._grpc_threads import IoThreadsKeeper
 from smc.xds._grpc_wakeups import coalesce_grpc_wakeups
 from smc.xds._server_records import Authorize
 from smc.xds._server_tls import ServerTLS, _peer_identity
@@ -49,6 +50,9 @@ class ServerLifecycle:
     add_to: Callable[[grpc.aio.Server], None]
     #: Whether start() made gRPC's completions wake the loop once per batch (smc.xds._grpc_wakeups).
     wakeups_coalesced = False
+    #: How many of gRPC core's I/O threads start() put under SCHED_BATCH (smc.xds._grpc_threads).
+    io_threads_batched = 0
+    _io_keeper: IoThreadsKeeper | None = None
 
     async def start(
         self,
@@ -57,6 +61,7 @@ class ServerLifecycle:
         port: int = 0,
         tls: ServerTLS | None = None,
         reuse_port: bool = False,
+        batch_io_threads: bool = True,
     ) -> int:
         """Start an own grpc.aio server on ``host:port`` (0: any free port); returns the port.
 
@@ -64,7 +69,9 @@ class ServerLifecycle:
         ``tls.client_ca_pems``; the server must have an ``authorize`` hook. With ``reuse_port``
         the socket is bound with SO_REUSEPORT, so several server processes of the same user
         (replicas of the log) can share one port and the kernel spreads new connections over
-        them (see docs/ads-scale.md); without it, a taken port is an error."""
+        them (see docs/ads-scale.md); without it, a taken port is an error. With
+        ``batch_io_threads`` (the default) gRPC core's I/O threads run as batch work, so they
+        do not preempt the loop's thread on every message (see smc.xds._grpc_threads)."""
         if self._server is not None:
             raise RuntimeError("AdsServer already started")
         tune_gc()  # see smc.xds._gc: the default threshold costs 15-40% of a change's CPU
@@ -108,6 +115,9 @@ class ServerLifecycle:
             await server.start()
             # one loop turn per batch of completions, not per completion (see the module)
             self.wakeups_coalesced = coalesce_grpc_wakeups(asyncio.get_running_loop())
+            if batch_io_threads:
+                self._io_keeper = IoThreadsKeeper()
+                self.io_threads_batched = self._io_keeper.start()
         except BaseException:
             await server.stop(None)  # not left for the garbage collector to shut down
             raise
@@ -168,6 +178,9 @@ class ServerLifecycle:
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop the own server; open streams end (Envoy keeps its config and reconnects)."""
         server, self._server = self._server, None
+        keeper, self._io_keeper = self._io_keeper, None
+        if keeper is not None:
+            await keeper.stop()
         if server is not None:
             await server.stop(grace)
 
