@@ -94,6 +94,7 @@ from prometheus_client import CollectorRegistry
 
 from smc.ca import SpiffeId
 from smc.xds._cache import SnapshotSource
+from smc.xds._gc import tune_gc_for_streams
 from smc.xds._key_guard import KeyGuard
 from smc.xds._requests import RequestHead
 from smc.xds._server_checks import StreamChecks
@@ -151,6 +152,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("smc.xds.server")
+# The collector's young threshold follows the open streams in steps of this many streams.
+_GC_STEP = 500
 
 _REFUSALS_KEPT = 256
 
@@ -331,6 +334,9 @@ class AdsServer(ServerLifecycle, StreamChecks, ServerStatus, SotwServer, DeltaSe
 
         reader = asyncio.create_task(read())
         self._streams[stream.id] = stream
+        if len(self._streams) >= self._gc_mark:  # (only once start() tuned the collector)
+            self._gc_mark = len(self._streams) + _GC_STEP
+            tune_gc_for_streams(len(self._streams))
         self.metrics.connected.labels(kind).inc()
         # The mailbox's wait, inlined (no coroutine per wake-up: one per stream per change).
         items = queue.items

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ import grpc
 
 from smc.ca import SpiffeId
 from smc.xds._errors import XdsError
-from smc.xds._gc import tune_gc
+from smc.xds._gc import YOUNG_PER_STREAM, YOUNG_THRESHOLD, tune_gc
 from smc.xds._grpc_threads import IoThreadsKeeper
 from smc.xds._grpc_wakeups import coalesce_grpc_wakeups
 from smc.xds._server_records import Authorize
@@ -53,6 +54,9 @@ class ServerLifecycle:
     #: How many of gRPC core's I/O threads start() put under SCHED_BATCH (smc.xds._grpc_threads).
     io_threads_batched = 0
     _io_keeper: IoThreadsKeeper | None = None
+    #: Open streams at which the collector's young threshold is raised next (smc.xds._gc);
+    #: never, until start() tuned the collector.
+    _gc_mark = sys.maxsize
 
     async def start(
         self,
@@ -75,6 +79,7 @@ class ServerLifecycle:
         if self._server is not None:
             raise RuntimeError("AdsServer already started")
         tune_gc()  # see smc.xds._gc: the default threshold costs 15-40% of a change's CPU
+        self._gc_mark = YOUNG_THRESHOLD // YOUNG_PER_STREAM  # then raised with the streams
         if tls is not None and self._authorize is None:
             raise XdsError(
                 "AdsServer.start(tls=...) needs an authorize hook: without it any mesh "
