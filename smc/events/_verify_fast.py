@@ -30,7 +30,7 @@ from smc.events._integrity import (
     batch_head_v2,
     batch_size,
 )
-from smc.events._log import Record
+from smc.events._log import Position, Record
 from smc.events._types import POLICY
 from smc.events._verify_state import _RESYNC
 from smc.events._writers import Writer, WriterTrust, ms_to_datetime
@@ -64,10 +64,18 @@ class _FastPath:
     _keep_seal: Callable[[str, int, int, bytes], None]
     _allowed_headers: Callable[[str], frozenset[bytes]]
 
-    def feed_messages(self, msgs: Sequence[Any], *, cut: int = 0) -> tuple[list[Any], list[Record]]:
+    def feed_messages(
+        self,
+        msgs: Sequence[Any],
+        *,
+        cut: int = 0,
+        span: tuple[Position, Position] | None = None,
+    ) -> tuple[list[Any], list[Record]]:
         """:meth:`feed` for consumed Kafka messages (topic names ``cut`` characters of
         prefix): returns the messages released, plus the Records released by :meth:`feed`
-        where the fast path does not apply. The fast path follows version-3 batches through
+        where the fast path does not apply. ``span``: the positions before and after the read
+        (``KafkaLog.scan_messages``), which let :func:`runs_by_position` find the partition
+        runs from a few messages instead of every one. The fast path follows version-3 batches through
         each partition run: the first record's ``smc.batch`` header gives the batch's size,
         the seal is on its last record, and no other record's headers are read. It releases
         a batch only when :meth:`feed` would settle it the same way (the same clean close,
@@ -80,11 +88,13 @@ class _FastPath:
         if not msgs:
             return fast, slow
         runs = msgs if msgs.__class__ is list else list(msgs)
-        for topic, part, i, j in partition_runs(runs):
+        found = None if span is None else runs_by_position(runs, span[0], span[1], cut)
+        n = len(runs)
+        for topic, part, i, j in partition_runs(runs) if found is None else found:
             stream = topic[cut:]
             carried = self._carry.pop((stream, part), None)
-            if carried is None:
-                self._fast_run(runs[i:j], stream, part, fast, slow)
+            if carried is None:  # a read of one run is passed as it is, not copied
+                self._fast_run(runs if j - i == n else runs[i:j], stream, part, fast, slow)
             else:
                 self._fast_run([*carried, *runs[i:j]], stream, part, fast, slow)
         return fast, slow
@@ -238,6 +248,53 @@ def partition_runs(msgs: list[Any]) -> list[tuple[str, int, int, int]]:
                 e = k + len(list(g2))
                 out.append((t2, p, k, e))
                 k = e
+        i = j
+    return out
+
+
+def runs_by_position(
+    msgs: list[Any], start: Position, after: Position, cut: int = 0
+) -> list[tuple[str, int, int, int]] | None:
+    """:func:`partition_runs` of a read from the positions before and after it, checked on
+    two messages per run instead of all; None when they do not settle it (the caller then
+    runs :func:`partition_runs`).
+
+    A consumer hands a partition's messages over in offset order from where it stood, and its
+    position afterwards is the offset after the last one: every message of a partition in
+    the read lies in [start, after). When the partitions' advances add up to the read's
+    length, no offset in any of those ranges is missing from the read, so each partition's
+    messages are exactly its advance in number. A run is then taken as settled when, from
+    where the last run ended, its first message is its partition's ``start`` offset and the
+    message its advance further back on is the same partition's ``after - 1``: the
+    partition's first and last message bound all of them, and that many fit between the two
+    only if nothing else does. Topics lose ``cut`` characters of prefix in positions."""
+    n = len(msgs)
+    advances: dict[tuple[str, int], int] = {}
+    total = 0
+    for tp, off in after.items():
+        d = off - start.get(tp)
+        if d < 0:
+            return None
+        if d:
+            advances[tp] = d
+            total += d
+    if total != n:
+        return None
+    out: list[tuple[str, int, int, int]] = []
+    i = 0
+    while i < n:
+        m = msgs[i]
+        topic, part = m.topic(), m.partition()
+        tp = (topic[cut:], part)
+        c = advances.pop(tp, 0)
+        first = m.offset()
+        if not c or first != start.get(tp):
+            return None
+        j = i + c  # at most n: the advances add up to n
+        last = msgs[j - 1]
+        if last.partition() != part or last.topic() != topic or last.offset() != first + c - 1:
+            return None
+        out.append((topic, part, i, j))
         i = j
     return out
 

@@ -262,7 +262,7 @@ class ProjectionRunner(_CompactScan):
                             )
                         continue
                     last_progress = time.monotonic()
-                    fast, held = verifier.feed_messages(msgs, cut=cut)
+                    fast, held = verifier.feed_messages(msgs, cut=cut, span=(scanned, after))
                     if not fast:
                         added = tails = 0
                     elif self._dedupe and self._scan_parts(
