@@ -112,6 +112,7 @@ class ChainVerifier(_FastPath, _PolicyChecks, _VerifierState):
         #: Per partition: the records of a version-3 batch read so far (``_feed_hinted``).
         self.opened: dict[tuple[str, int], list[Record]] = {}
         self.fast_parts: tuple[list[bytes], list[bytes], set[bytes]] = ([], [], set())
+        self.fast_at: tuple[list[str], list[int], list[int]] = ([], [], [])
         #: Aggregate keys (bytes) surely in ``owners`` (a cache of the fast path's).
         self._owned: set[bytes] = set()
         self.writers: dict[bytes, Writer] = {}

@@ -51,6 +51,10 @@ class _FastPath:
     #: fingerprint and the event id's length byte: each value's first 11 bytes) of the
     #: messages the last :meth:`feed_messages` released by the fast path.
     fast_parts: tuple[list[bytes], list[bytes], set[bytes]]
+    #: Where those messages sit, in the same order: stream (no prefix), partition, offset.
+    #: The runner keeps these (and each value) for the records it may apply, not the
+    #: messages: a message held past its read is freed later, cold, at several times the cost.
+    fast_at: tuple[list[str], list[int], list[int]]
     _carry: dict[tuple[str, int], list[Any]]
     seals: dict[tuple[str, int], dict[int, bytes]]
     owners: dict[str, str]
@@ -85,6 +89,7 @@ class _FastPath:
         fast: list[Any] = []
         slow: list[Record] = []
         self.fast_parts = ([], [], set())
+        self.fast_at = ([], [], [])
         if not msgs:
             return fast, slow
         runs = msgs if msgs.__class__ is list else list(msgs)
@@ -206,6 +211,14 @@ class _FastPath:
         got_keys += keys
         got_values += values
         got_starts |= starts
+        n = len(batch)
+        got_streams, got_parts, got_offsets = self.fast_at
+        got_streams += repeat(stream, n)
+        got_parts += repeat(part, n)
+        first = batch[0].offset()
+        # a partition's messages come in increasing offset order: n of them spanning n
+        # offsets are consecutive (else, e.g. a transaction marker between, each is read)
+        got_offsets += range(first, at + 1) if at - first == n - 1 else map(_M_OFFSET, batch)
         return True
 
 
@@ -215,6 +228,7 @@ _CHECKED_ROLES = frozenset({"informer", "api"})
 _M_TOPIC: Any = Message.topic  # confluent-kafka's C methods, mapped over a batch
 _M_PARTITION: Any = Message.partition
 _M_KEY: Any = Message.key
+_M_OFFSET: Any = Message.offset
 _M_VALUE: Any = Message.value
 _IS_GRANT = operator.methodcaller("startswith", b"AccessGrant/")
 _WRITER_NAME = "smc.writer"

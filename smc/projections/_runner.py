@@ -266,7 +266,7 @@ class ProjectionRunner(_CompactScan):
                     if not fast:
                         added = tails = 0
                     elif self._dedupe and self._scan_parts(
-                        fast, verifier.fast_parts, pending, kinds
+                        fast, verifier.fast_parts, pending, kinds, at=verifier.fast_at
                     ):
                         added, tails = len(fast), 0
                         self.applied += added

@@ -290,13 +290,20 @@ class _CompactScan:
         parts: tuple[list[bytes], list[bytes], set[bytes]],
         pending: dict[object, Any],
         kinds: dict[bytes, bool],
+        *,
+        at: tuple[list[str], list[int], list[int]] | None = None,
     ) -> bool:
         """:meth:`_scan_batch` for messages whose keys, values and distinct record starts
         (header and event id length byte) the verifier already read
         (``ChainVerifier.fast_parts``): the same checks, the same outcome, without reading
-        the messages again."""
+        the messages again. With ``at`` (``ChainVerifier.fast_at``: each message's stream,
+        partition and offset), ``pending`` keeps raw records (stream, partition, offset, no
+        key, value) instead of the messages, which are then freed with their read."""
         keys, values, starts = parts
-        if not msgs or len(keys) != len(msgs) or len(values) != len(msgs):
+        n = len(msgs)
+        if not n or len(keys) != n or len(values) != n:
+            return False
+        if at is not None and not len(at[0]) == len(at[1]) == len(at[2]) == n:
             return False
         try:
             if not all(map(kinds.__getitem__, map(_HEADER, starts))):
@@ -305,9 +312,13 @@ class _CompactScan:
         except (KeyError, TypeError, IndexError):
             return False
         ids = _event_ids(values, lengths)
-        if ids is None or not _all_new(self._seen, map(xxh64_intdigest, ids), len(values)):
+        if ids is None or not _all_new(self._seen, map(xxh64_intdigest, ids), n):
             return False
-        pending.update(zip(keys, msgs, strict=True))
+        if at is None:
+            pending.update(zip(keys, msgs, strict=True))
+        else:
+            raw = zip(at[0], at[1], at[2], repeat(None, n), values, strict=True)
+            pending.update(zip(keys, raw, strict=True))
         return True
 
     def _flush(
@@ -326,9 +337,11 @@ class _CompactScan:
         self.superseded += registered - len(survivors)
         if not survivors:
             return
-        if cut is not None:
+        if cut is not None:  # Records, messages, and raw records (see _scan_parts(at=))
             survivors = [
-                (r[0], r[1], r[2], r[4], r[5])
+                r
+                if r.__class__ is tuple
+                else (r[0], r[1], r[2], r[4], r[5])
                 if r.__class__ is Record
                 else (r.topic()[cut:], r.partition(), r.offset(), r.key(), r.value() or b"")
                 for r in survivors
