@@ -39,7 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc
-from ads_streams import _cla, _cluster, _cpu, _listener, _route, _rss_bytes, _tune_gc
+from ads_streams import (
+    _batch_io_threads,
+    _cla,
+    _cluster,
+    _cpu,
+    _listener,
+    _route,
+    _rss_bytes,
+    _tune_gc,
+)
 from envoy.service.discovery.v3 import discovery_pb2
 
 from smc.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, make_entry
@@ -169,7 +178,7 @@ async def _aio_main(conn: Connection, bodies: _Bodies, coalesce: bool = False) -
     await server.start()
     if coalesce:  # as SMC's server does (smc.xds._grpc_wakeups)
         assert coalesce_grpc_wakeups(asyncio.get_running_loop())
-    if os.environ.get("SMC_BENCH_IO_THREADS", "batch") == "batch":
+    if _batch_io_threads():
         batch_grpc_io_threads()  # as SMC's server does (smc.xds._grpc_threads)
     rss = _rss_bytes()
     tune_gc()  # the garbage collector's settings of SMC's server (smc.xds._gc)

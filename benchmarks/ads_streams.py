@@ -229,6 +229,12 @@ def _tune_gc() -> None:
             gc.set_threshold(*[int(x) for x in part[4:].split(":")])
 
 
+def _batch_io_threads() -> bool:
+    """Whether the server process runs gRPC's I/O threads as SCHED_BATCH, as AdsServer.start
+    does by default (``ads_scale.py --io-threads default``: the normal policy instead)."""
+    return os.environ.get("SMC_BENCH_IO_THREADS", "batch") == "batch"
+
+
 def _gc_seconds() -> float:
     return sum(v[1] for v in GC_STATS.values())
 
@@ -355,8 +361,7 @@ async def _serve(conn: Connection, streams: int, services: int, endpoints: int) 
     port = await server.start(  # applies smc.xds.tune_gc()
         port=_PORT[0],
         reuse_port=_PORT[1],
-        # ads_scale.py --io-threads default: gRPC's I/O threads under the normal policy
-        batch_io_threads=os.environ.get("SMC_BENCH_IO_THREADS", "batch") == "batch",
+        batch_io_threads=_batch_io_threads(),
     )
     _tune_gc()
     server.mark_ready()

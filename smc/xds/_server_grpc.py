@@ -51,8 +51,6 @@ class ServerLifecycle:
     add_to: Callable[[grpc.aio.Server], None]
     #: Whether start() made gRPC's completions wake the loop once per batch (smc.xds._grpc_wakeups).
     wakeups_coalesced = False
-    #: How many of gRPC core's I/O threads start() put under SCHED_BATCH (smc.xds._grpc_threads).
-    io_threads_batched = 0
     _io_keeper: IoThreadsKeeper | None = None
     #: Open streams at which the collector's young threshold is raised next (smc.xds._gc);
     #: never, until start() tuned the collector.
@@ -122,7 +120,7 @@ class ServerLifecycle:
             self.wakeups_coalesced = coalesce_grpc_wakeups(asyncio.get_running_loop())
             if batch_io_threads:
                 self._io_keeper = IoThreadsKeeper()
-                self.io_threads_batched = self._io_keeper.start()
+                self._io_keeper.start()
         except BaseException:
             await server.stop(None)  # not left for the garbage collector to shut down
             raise
@@ -188,6 +186,12 @@ class ServerLifecycle:
             await keeper.stop()
         if server is not None:
             await server.stop(grace)
+
+    @property
+    def io_threads_batched(self) -> int:
+        """How many of gRPC core's I/O threads the running server put under SCHED_BATCH so
+        far (smc.xds._grpc_threads); 0 when not started or started without it."""
+        return self._io_keeper.batched if self._io_keeper is not None else 0
 
     @property
     def port(self) -> int | None:
